@@ -10,6 +10,31 @@ from dataclasses import dataclass
 import torch
 
 
+@dataclass(frozen=True)
+class RunningMean:
+    """The mean of every value seen so far (cumulative, not an EMA): BCO's reward shift delta.
+
+    Losses that use it read the state before the batch and return the state after it in their metrics
+    ("bco/reward_shift", "bco/reward_shift_count"), so the loss stays a pure function and the loop keeps the state.
+    """
+
+    mean: float = 0.0
+    count: float = 0.0
+
+    def update(self, values: torch.Tensor) -> RunningMean:
+        """State after absorbing `values` (each counts once)."""
+        n = values.numel()
+        if n == 0:
+            return self
+        total = self.count + n
+        batch_mean = float(values.detach().double().mean())
+        return RunningMean(self.mean + (batch_mean - self.mean) * n / total, total)
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, torch.Tensor]) -> RunningMean:
+        return cls(float(metrics["bco/reward_shift"][0]), float(metrics["bco/reward_shift_count"][0]))
+
+
 @dataclass
 class LossInputs:
     logps: torch.Tensor  # [B, k] summed log-probs of each response under the policy
@@ -20,6 +45,14 @@ class LossInputs:
     token_mask: torch.Tensor | None = None  # [B, k, T] bool, True on response tokens
     labels: torch.Tensor | None = None  # [B] 1 desirable / 0 undesirable (unpaired data)
     scores: torch.Tensor | None = None  # [B, k] graded scores (listwise data)
+    # KTO's reference point: summed log-probs of mismatched (prompt_i, completion_j) pairs of the same batch
+    kl_logps: torch.Tensor | None = None  # [B] under the policy
+    ref_kl_logps: torch.Tensor | None = None  # [B] under the reference
+    # Token-level losses (SparsePO): per-position KL(pi_ref || pi_theta) over the full vocabulary, and mask values
+    token_kl: torch.Tensor | None = None  # [B, k, T] >= 0, 0 where masked
+    token_weights: torch.Tensor | None = None  # [B, k, T] mask m_t >= 0 on the log-ratio term
+    kl_token_weights: torch.Tensor | None = None  # [B, k, T] mask on the KL term; None = same as token_weights
+    reward_shift: RunningMean | None = None  # BCO's running mean of rewards before this batch (kept by the loop)
 
     @property
     def chosen_logps(self) -> torch.Tensor:
@@ -28,6 +61,14 @@ class LossInputs:
     @property
     def rejected_logps(self) -> torch.Tensor:
         return self.logps[:, 1]
+
+    @property
+    def chosen_lengths(self) -> torch.Tensor:
+        return self.lengths[:, 0].clamp(min=1)
+
+    @property
+    def rejected_lengths(self) -> torch.Tensor:
+        return self.lengths[:, 1].clamp(min=1)
 
     @property
     def ref_chosen_logps(self) -> torch.Tensor:
@@ -54,3 +95,15 @@ def pair_reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Te
         "rewards/margins": margins.detach(),
         "rewards/accuracy": accuracy.detach(),
     }
+
+
+def sft_nll(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor, token_mean: bool = False) -> torch.Tensor:
+    """Per-example NLL of the chosen response (the RPO / CPO / SimPO / ORPO regulariser).
+
+    token_mean=False: -l_w / n_w, each sequence normalised by its own length (Pang et al. 2404.19733).
+    token_mean=True: -l_w * B / sum(n_w), whose batch mean is the token-mean -sum(l_w) / sum(n_w) of a
+    cross-entropy over every chosen token of the batch (TRL's `sft` term, the CPO/SimPO/ORPO code).
+    """
+    if token_mean:
+        return -chosen_logps * chosen_logps.shape[0] / chosen_lengths.sum().clamp(min=1)
+    return -chosen_logps / chosen_lengths.clamp(min=1)

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from alignkit.errors import ConfigError
+from alignkit.losses import listwise, negatives, pairwise, reference_free, tokenlevel, unpaired
 from alignkit.losses.dpo import DPOOptions, dpo_loss
+from alignkit.losses.sft import SFTOptions, sft_loss
 
 # Data shapes: "pairs" (prompt, chosen, rejected), "unpaired" (prompt, completion, label),
 # "lists" (prompt, responses[k], scores[k]), "sft" (prompt, completion).
@@ -36,6 +38,29 @@ def register(spec: LossSpec) -> None:
 
 
 register(LossSpec("dpo", dpo_loss, DPOOptions, "pairs", True, "arXiv 2305.18290"))
+register(LossSpec("sft", sft_loss, SFTOptions, "sft", False, "supervised fine-tuning (NLL)"))
+# Offline catalogue (docs/losses.md): name, function, options, data shape, needs reference, paper.
+register(LossSpec("robust_dpo", pairwise.robust_dpo_loss, pairwise.RobustDPOOptions, "pairs", True, "arXiv 2403.00409"))
+register(LossSpec("ipo", pairwise.ipo_loss, pairwise.IPOOptions, "pairs", True, "arXiv 2310.12036"))
+register(LossSpec("hinge", pairwise.hinge_loss, pairwise.HingeOptions, "pairs", True, "arXiv 2309.06657"))
+register(LossSpec("slic", pairwise.slic_loss, pairwise.SLiCOptions, "pairs", False, "arXiv 2305.10425"))
+register(LossSpec("nca_pair", pairwise.nca_pair_loss, pairwise.NCAOptions, "pairs", True, "arXiv 2402.05369"))
+register(LossSpec("exo_pair", pairwise.exo_pair_loss, pairwise.EXOOptions, "pairs", True, "arXiv 2402.00856"))
+register(LossSpec("dpop", pairwise.dpop_loss, pairwise.DPOPOptions, "pairs", True, "arXiv 2402.13228"))
+register(LossSpec("rdpo", pairwise.rdpo_loss, pairwise.RDPOOptions, "pairs", True, "arXiv 2403.19159"))
+register(LossSpec("bco_pair", pairwise.bco_pair_loss, pairwise.BCOPairOptions, "pairs", True, "arXiv 2404.04656"))
+register(LossSpec("rpo", pairwise.rpo_loss, pairwise.RPOOptions, "pairs", True, "arXiv 2404.19733"))
+register(LossSpec("orpo", reference_free.orpo_loss, reference_free.ORPOOptions, "pairs", False, "arXiv 2403.07691"))
+register(LossSpec("simpo", reference_free.simpo_loss, reference_free.SimPOOptions, "pairs", False, "arXiv 2405.14734"))
+register(LossSpec("cpo", reference_free.cpo_loss, reference_free.CPOOptions, "pairs", False, "arXiv 2401.08417"))
+register(LossSpec("kto", unpaired.kto_loss, unpaired.KTOOptions, "unpaired", True, "arXiv 2402.01306"))
+register(LossSpec("bco", unpaired.bco_loss, unpaired.BCOOptions, "unpaired", True, "arXiv 2404.04656"))
+register(LossSpec("lipo", listwise.lipo_lambda_loss, listwise.LiPOOptions, "lists", True, "arXiv 2402.01878"))
+register(LossSpec("listmle", listwise.listmle_loss, listwise.ListMLEOptions, "lists", True, "arXiv 2305.18290 app. A.3"))
+register(LossSpec("sparsepo", tokenlevel.sparsepo_loss, tokenlevel.SparsePOOptions, "pairs", True, "arXiv 2410.05102",
+                  needs_token_logps=True))
+# D2O's list is (negative, K self-samples): column 0 is the negative; scores are not used.
+register(LossSpec("d2o", negatives.d2o_loss, negatives.D2OOptions, "lists", True, "arXiv 2403.03419"))
 
 
 def get_loss(name: str) -> LossSpec:

@@ -1,0 +1,17 @@
+"""Data: load + validate records, render chat templates, tokenise, pack."""
+
+from __future__ import annotations
+
+from alignkit.data.tokenize import TokenizedExample, tokenize_records
+
+
+def prepare_examples(source, tokenizer, shape: str, max_length: int, max_prompt_length: int | None = None,
+                     on_bad_record: str = "error") -> list[TokenizedExample]:
+    """records (file / dataset / list) -> validated -> tokenised examples."""
+    from alignkit.data.load import load_records
+
+    records = load_records(source, shape=shape, on_bad_record=on_bad_record)
+    return tokenize_records(tokenizer, records, shape, max_length, max_prompt_length, on_bad_record)
+
+
+__all__ = ["TokenizedExample", "prepare_examples"]

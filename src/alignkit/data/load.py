@@ -1,0 +1,354 @@
+"""Read records (JSONL, JSON, Parquet, a datasets.Dataset or a list of dicts) and validate them per data shape.
+
+Every bad record becomes a DataError naming source, 1-based row and field, so no later stage re-checks types.
+Returned records are the input's fields, unchanged, plus `_source` and `_row` for later error messages.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from alignkit.errors import ConfigError, DataError
+
+logger = logging.getLogger("alignkit.data")
+
+# Fields each data shape requires; any other field is kept as it is.
+SHAPES: dict[str, tuple[str, ...]] = {
+    "pairs": ("prompt", "chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
+    "lists": ("prompt", "responses", "scores"),
+    "sft": ("prompt", "completion"),
+    "prompts": ("prompt",),
+}
+ON_BAD_RECORD = ("error", "skip")
+PROMPT_ROLES = ("system", "user", "assistant")
+RESPONSE_ROLES = ("assistant",)
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+_FILE_HINT = "check the path and the file"
+_EMPTY_HINT = "the source holds no records; check the path or the split"
+
+
+class _Invalid(Exception):
+    """One bad field, before the source and row are attached."""
+
+    def __init__(self, field: str | None, reason: str):
+        super().__init__(reason)
+        self.field, self.reason = field, reason
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def load_records(
+    source: Any, shape: str = "pairs", on_bad_record: str = "error", max_report: int = 5
+) -> list[dict]:
+    """Read and validate every record of `source` for `shape`.
+
+    source: a path to .jsonl/.ndjson (row = line number; blank lines are skipped but counted), .json (a list;
+    row = 1-based index) or .parquet (row = 1-based index); a datasets.Dataset / IterableDataset; or a list
+    of dicts (row = 1-based index). on_bad_record "error" raises the first DataError; "skip" drops bad
+    records and logs one warning on logger "alignkit.data" with their count and the first `max_report`
+    reasons. Unreadable, empty or all-bad sources raise DataError in either mode.
+    """
+    if shape not in SHAPES:
+        raise ConfigError("shape", f"unknown data shape '{shape}'; known: {', '.join(SHAPES)}")
+    if on_bad_record not in ON_BAD_RECORD:
+        raise ConfigError("on_bad_record", f"must be 'error' or 'skip', got {on_bad_record!r}")
+    if isinstance(max_report, bool) or not isinstance(max_report, int) or max_report < 0:
+        raise ConfigError("max_report", f"must be an integer >= 0, got {max_report!r}")
+
+    name, rows = _open(source)
+    records: list[dict] = []
+    bad: list[DataError] = []
+    n_rows = 0
+    for row, value in rows:  # errors raised by the reader itself concern the whole source: never skipped
+        n_rows += 1
+        try:
+            if isinstance(value, DataError):  # a row the reader could not parse
+                raise value
+            records.append(validate_record(value, shape, name, row))
+        except DataError as err:
+            if on_bad_record == "error":
+                raise
+            bad.append(err)
+    if n_rows == 0:
+        raise DataError(name, None, None, "no records", hint=_EMPTY_HINT)
+    if bad:
+        reasons = "; ".join(_short(err) for err in bad[:max_report])
+        more = f" (and {len(bad) - max_report} more)" if len(bad) > max_report else ""
+        logger.warning(
+            "%s: skipped %d bad record(s) of %d: %s%s", name, len(bad), n_rows, reasons or "-", more
+        )
+        if not records:
+            raise DataError(
+                name,
+                None,
+                None,
+                f"all {n_rows} records are bad; first: {_short(bad[0])}",
+                hint="fix the records",
+            )
+    return records
+
+
+def validate_record(record: Any, shape: str, source: str = "<memory>", row: int | None = None) -> dict:
+    """One record checked against `shape`: a new dict with its fields plus `_source` and `_row`."""
+    if shape not in SHAPES:
+        raise ConfigError("shape", f"unknown data shape '{shape}'; known: {', '.join(SHAPES)}")
+    if not isinstance(record, dict):
+        raise DataError(source, row, None, f"record is not a JSON object (got {_kind(record)})")
+    try:
+        for field in SHAPES[shape]:
+            if field not in record:
+                raise _Invalid(field, "missing field")
+        _check_text(record["prompt"], "prompt", PROMPT_ROLES)
+        for field in ("chosen", "rejected", "completion"):
+            if field in SHAPES[shape]:
+                _check_text(record[field], field, RESPONSE_ROLES)
+        if shape == "unpaired":
+            _check_label(record["label"])
+        if shape == "lists":
+            _check_lists(record["responses"], record["scores"])
+    except _Invalid as bad:
+        raise DataError(source, row, bad.field, bad.reason) from None
+    return {**record, "_source": source, "_row": row}
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Write records as JSONL via a temporary file in the same folder and os.replace: never a partial file.
+
+    Returns the number of records written. Creates the parent folder if needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        n_written = 0
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
+            for record in records:
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                n_written += 1
+            out.flush()
+            os.fsync(out.fileno())
+        umask = os.umask(0)  # mkstemp makes the file 0600; give it the mode an ordinary open() would
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return n_written
+
+
+# ---------------------------------------------------------------------------------------------- readers
+# Each reader yields (row, value); a value that is a DataError is a row that could not be parsed.
+
+
+def _open(source: Any) -> tuple[str, Iterator[tuple[int, Any]]]:
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        suffix = Path(name).suffix.lower()
+        if suffix in JSONL_SUFFIXES:
+            return name, _read_jsonl_bytes(_read_bytes(name), name)
+        if suffix == ".json":
+            return name, _read_json(name)
+        if suffix == ".parquet":
+            return name, _read_parquet(name)
+        raise DataError(
+            name, None, None, f"unsupported file type '{suffix}'", hint="use .jsonl, .json or .parquet"
+        )
+    if isinstance(source, (list, tuple)):
+        return "<memory>", enumerate(source, start=1)
+    if type(source).__module__.startswith("datasets"):
+        import datasets
+
+        if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+            return "<dataset>", enumerate(source.with_format(None), start=1)
+        if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+            raise DataError(
+                "<dataset>", None, None, "got a DatasetDict", hint=f"pass one split, e.g. {list(source)[:3]}"
+            )
+    raise DataError(
+        "<source>",
+        None,
+        None,
+        f"cannot read records from a {type(source).__name__}",
+        hint="pass a .jsonl/.json/.parquet path, a datasets.Dataset or a list of dicts",
+    )
+
+
+def _read_bytes(name: str) -> bytes:
+    try:
+        return Path(name).read_bytes()
+    except OSError as err:
+        raise DataError(
+            name, None, None, f"cannot read file ({err.strerror or err})", hint=_FILE_HINT
+        ) from None
+
+
+def _read_jsonl_bytes(data: bytes, name: str) -> Iterator[tuple[int, Any]]:
+    # Split bytes on b"\n" (JSON escapes newlines inside strings) and decode each line alone, so a bad byte
+    # names its row and does not hide the rest of the file.
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    for row, line in enumerate(data.split(b"\n"), start=1):
+        if line.strip():
+            yield row, _parse_line(line, name, row)
+
+
+def _parse_line(line: bytes, name: str, row: int) -> Any:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad_byte = line[err.start]
+        return DataError(
+            name, row, None, f"not valid UTF-8 (byte 0x{bad_byte:02x} at column {err.start + 1})"
+        )
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        return DataError(name, row, None, f"malformed JSON ({err.msg} at column {err.colno})")
+    except (ValueError, RecursionError) as err:  # e.g. integers too long to convert, nesting too deep
+        return DataError(name, row, None, f"malformed JSON ({type(err).__name__}: {err})")
+
+
+def _read_json(name: str) -> Iterator[tuple[int, Any]]:
+    """A .json file holding a list of records; a file of one object per line is read as JSONL."""
+    data = _read_bytes(name)
+    body = data[len(codecs.BOM_UTF8) :] if data.startswith(codecs.BOM_UTF8) else data
+    if not body.lstrip().startswith(b"["):
+        yield from _read_jsonl_bytes(data, name)
+        return
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(name, None, None, f"not valid UTF-8 (byte offset {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(
+            name, None, None, f"malformed JSON ({err.msg} at line {err.lineno} column {err.colno})"
+        ) from None
+    except (ValueError, RecursionError) as err:
+        raise DataError(name, None, None, f"malformed JSON ({type(err).__name__}: {err})") from None
+    yield from enumerate(value, start=1)
+
+
+def _read_parquet(name: str) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        for batch in pq.ParquetFile(name).iter_batches():
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(name, None, None, f"cannot read Parquet ({err})", hint=_FILE_HINT) from None
+
+
+# ---------------------------------------------------------------------------------------------- field checks
+
+
+def _check_text(value: Any, field: str, roles: tuple[str, ...]) -> None:
+    """A non-empty string, or a non-empty list of chat messages {"role": one of roles, "content": str}."""
+    if isinstance(value, str):
+        _check_string(value, field)
+        return
+    if not isinstance(value, (list, tuple)):
+        raise _Invalid(field, f"expected a non-empty string or a list of chat messages, got {_kind(value)}")
+    if not value:
+        raise _Invalid(field, "empty list of chat messages")
+    for i, message in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise _Invalid(
+                where, f"chat message must be an object with 'role' and 'content', got {_kind(message)}"
+            )
+        for key in ("role", "content"):
+            if key not in message:
+                raise _Invalid(f"{where}.{key}", "missing field")
+        role = message["role"]
+        if not isinstance(role, str) or role not in roles:
+            allowed = " or ".join(repr(r) for r in roles)
+            got = repr(role) if isinstance(role, str) else _kind(role)
+            raise _Invalid(f"{where}.role", f"role must be {allowed} here, got {got}")
+        _check_string(message["content"], f"{where}.content")
+
+
+def _check_string(value: Any, field: str) -> None:
+    if not isinstance(value, str):
+        raise _Invalid(field, f"expected a non-empty string, got {_kind(value)}")
+    if not value.strip():
+        raise _Invalid(field, "empty string" if not value else "string is only whitespace")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON "\ud800" escapes decode to lone surrogates that tokenizers reject
+        raise _Invalid(field, "string holds an unpaired surrogate (not valid Unicode)") from None
+
+
+def _check_label(value: Any) -> None:
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return
+    raise _Invalid("label", f"expected true/false or 0/1, got {_kind(value)} {_preview(value)}")
+
+
+def _check_lists(responses: Any, scores: Any) -> None:
+    if not isinstance(responses, (list, tuple)):
+        raise _Invalid("responses", f"expected a list of responses, got {_kind(responses)}")
+    if len(responses) < 2:
+        raise _Invalid("responses", f"needs at least 2 responses, got {len(responses)}")
+    for i, response in enumerate(responses):
+        _check_text(response, f"responses[{i}]", RESPONSE_ROLES)
+    if not isinstance(scores, (list, tuple)):
+        raise _Invalid("scores", f"expected a list of numbers, got {_kind(scores)}")
+    for i, score in enumerate(scores):
+        if isinstance(score, bool) or not isinstance(score, numbers.Real):
+            raise _Invalid(f"scores[{i}]", f"expected a number, got {_kind(score)}")
+        try:
+            finite = math.isfinite(score)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
+            raise _Invalid(f"scores[{i}]", f"score must be a finite number, got {_preview(score)}")
+    if len(scores) != len(responses):
+        raise _Invalid(
+            "scores", f"has {len(scores)} scores for {len(responses)} responses; give one per response"
+        )
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, numbers.Number):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _preview(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(err: DataError) -> str:
+    where = f"row {err.row}" if err.row is not None else "source"
+    if err.field is not None:
+        where += f", field '{err.field}'"
+    return f"{where}: {err.reason}"

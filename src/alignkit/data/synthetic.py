@@ -1,0 +1,71 @@
+"""The quickstart's synthetic task, generated deterministically: review a topic; a response's reward is
+its share of positive minus negative sentiment words. Small enough for a tiny model to learn in seconds."""
+
+from __future__ import annotations
+
+import random
+
+POSITIVE = ["good", "great", "happy", "love", "nice", "wonderful", "excellent", "fine", "best", "bright"]
+NEGATIVE = ["bad", "awful", "sad", "hate", "poor", "terrible", "worst", "dull", "ugly", "wrong"]
+NEUTRAL = ["the", "a", "it", "was", "is", "this", "very", "really", "and", "so", "quite", "felt", "seemed"]
+TOPICS = ["movie", "food", "day", "book", "place", "service", "song", "game", "trip", "show"]
+PROMPT_WORDS = ["review", "describe", "rate", "tell", "about", "my", "your", "latest", ":"]
+VOCABULARY = POSITIVE + NEGATIVE + NEUTRAL + TOPICS + PROMPT_WORDS
+
+
+def sentiment_reward(text: str) -> float:
+    """(#positive - #negative) / #words, in [-1, 1]; 0 for an empty text."""
+    words = [w for w in text.split() if w.startswith("<") is False]
+    if not words:
+        return 0.0
+    positive = sum(w in POSITIVE for w in words)
+    negative = sum(w in NEGATIVE for w in words)
+    return (positive - negative) / len(words)
+
+
+def make_prompt(rng: random.Random) -> str:
+    verb = rng.choice(PROMPT_WORDS[:4])
+    return f"{verb} {rng.choice(['my', 'your', 'the', 'latest'])} {rng.choice(TOPICS)} :"
+
+
+def make_response(rng: random.Random, topic: str) -> str:
+    words = [rng.choice(["the", "this", "it"]), topic if rng.random() < 0.5 else "was"]
+    for _ in range(rng.randint(3, 6)):
+        r = rng.random()
+        if r < 0.25:
+            words.append(rng.choice(POSITIVE))
+        elif r < 0.5:
+            words.append(rng.choice(NEGATIVE))
+        else:
+            words.append(rng.choice(NEUTRAL))
+    return " ".join(words)
+
+
+def sft_records(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        prompt = make_prompt(rng)
+        records.append({"prompt": prompt, "completion": make_response(rng, prompt.split()[-2])})
+    return records
+
+
+def preference_records(n: int, seed: int) -> list[dict]:
+    """Pairs of two sampled responses; the one with the higher reward is chosen (ties are redrawn)."""
+    rng = random.Random(seed)
+    records = []
+    while len(records) < n:
+        prompt = make_prompt(rng)
+        topic = prompt.split()[-2]
+        a, b = make_response(rng, topic), make_response(rng, topic)
+        ra, rb = sentiment_reward(a), sentiment_reward(b)
+        if ra == rb:
+            continue
+        chosen, rejected = (a, b) if ra > rb else (b, a)
+        records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return records
+
+
+def prompt_records(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt": make_prompt(rng)} for _ in range(n)]

@@ -1,0 +1,43 @@
+"""Chat messages -> text segments (prompt text, response texts), through the tokenizer's chat template."""
+
+from __future__ import annotations
+
+from alignkit.errors import DataError
+
+# Used when a tokenizer has no chat template of its own.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def render(tokenizer, prompt, responses: list, source: str = "<memory>", row: int | None = None,
+           fields: list[str] | None = None) -> tuple[str, list[str]]:
+    """(prompt text, texts each response adds after the prompt).
+
+    All plain strings: used verbatim, EOS appended to each response (so the model learns to stop).
+    Any message list: the example is a chat; a string prompt becomes a user turn, a string response an
+    assistant turn; each response's text is its rendering after the prompt with the prompt's rendering
+    (including the generation prompt) cut off."""
+    fields = fields or [f"responses[{i}]" for i in range(len(responses))]
+    if isinstance(prompt, str) and all(isinstance(r, str) for r in responses):
+        eos = tokenizer.eos_token or ""
+        return prompt, [r + eos for r in responses]
+    prompt_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    head = render_chat(tokenizer, prompt_messages, add_generation_prompt=True)
+    texts = []
+    for response, field in zip(responses, fields):
+        turn = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
+        full = render_chat(tokenizer, [*prompt_messages, *turn], add_generation_prompt=False)
+        if not full.startswith(head):
+            raise DataError(source, row, field, "the chat template does not render the prompt as a prefix of "
+                            "prompt + response", hint="use a chat template whose generation prompt starts the assistant turn")
+        texts.append(full[len(head):])
+    return head, texts

@@ -1,0 +1,1 @@
+"""Generation: batched, seeded sampling."""

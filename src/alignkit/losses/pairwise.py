@@ -1,0 +1,197 @@
+"""Pairwise losses that keep DPO's data (prompt, chosen, rejected) but change its link, target or margin.
+
+Notation: r = l - l_ref (summed response log-probs), h = r_w - r_l, n = response token count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from alignkit.errors import ConfigError
+from alignkit.losses.base import LossInputs, RunningMean, pair_reward_metrics, sft_nll
+
+Losses = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
+def _logratios(inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    return inputs.chosen_logps - inputs.ref_chosen_logps, inputs.rejected_logps - inputs.ref_rejected_logps
+
+
+@dataclass
+class RobustDPOOptions:
+    beta: float = 0.1
+    label_smoothing: float = 0.1  # probability that a preference label was flipped
+
+
+def robust_dpo_loss(inputs: LossInputs, opts: RobustDPOOptions) -> Losses:
+    """l = [(1-e)(-log s(b h)) - e(-log s(-b h))] / (1 - 2e); unbiased under label flips with probability e.
+
+    rDPO, arXiv 2403.00409. A single example's loss can be negative.
+    """
+    chosen_logratio, rejected_logratio = _logratios(inputs)
+    logits = opts.beta * (chosen_logratio - rejected_logratio)
+    eps = opts.label_smoothing
+    losses = (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
+    return losses, pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
+
+
+@dataclass
+class IPOOptions:
+    beta: float = 0.1  # IPO's tau: the target margin is 1 / (2 tau)
+    length_normalize: bool = False  # True: per-token average log-ratios (TRL's form)
+
+
+def ipo_loss(inputs: LossInputs, opts: IPOOptions) -> Losses:
+    """l = (h - 1/(2 tau))^2 with h from summed log-probs; length_normalize uses r_w/n_w - r_l/n_l (TRL).
+
+    IPO, arXiv 2310.12036 eq. 17.
+    """
+    chosen_logratio, rejected_logratio = _logratios(inputs)
+    if opts.length_normalize:
+        margin = chosen_logratio / inputs.chosen_lengths - rejected_logratio / inputs.rejected_lengths
+    else:
+        margin = chosen_logratio - rejected_logratio
+    losses = (margin - 1 / (2 * opts.beta)) ** 2
+    return losses, pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
+
+
+@dataclass
+class HingeOptions:
+    beta: float = 0.1  # the margin is 1/beta nats of log-ratio
+
+
+def hinge_loss(inputs: LossInputs, opts: HingeOptions) -> Losses:
+    """l = max(0, 1 - b h): RSO's hinge-norm loss (TRL `hinge`). RSO, arXiv 2309.06657."""
+    chosen_logratio, rejected_logratio = _logratios(inputs)
+    losses = torch.relu(1 - opts.beta * (chosen_logratio - rejected_logratio))
+    return losses, pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
+
+
+@dataclass
+class SLiCOptions:
+    margin: float = 1.0  # delta: the calibration margin in nats of summed log-prob
+    nll_weight: float = 0.1  # lambda on the chosen response's summed NLL
+
+
+def slic_loss(inputs: LossInputs, opts: SLiCOptions) -> Losses:
+    """l = max(0, delta - l_w + l_l) - lambda l_w. No reference model. SLiC-HF, arXiv 2305.10425."""
+    calibration = torch.relu(opts.margin - inputs.chosen_logps + inputs.rejected_logps)
+    losses = calibration - opts.nll_weight * inputs.chosen_logps
+    metrics = pair_reward_metrics(inputs.chosen_logps, inputs.rejected_logps)
+    metrics["slic/calibration"] = calibration.detach()
+    return losses, metrics
+
+
+@dataclass
+class NCAOptions:
+    beta: float = 0.1
+
+
+def nca_pair_loss(inputs: LossInputs, opts: NCAOptions) -> Losses:
+    """l = -log s(b r_w) - 1/2 log s(-b r_w) - 1/2 log s(-b r_l). NCA, arXiv 2402.05369."""
+    chosen_logratio, rejected_logratio = _logratios(inputs)
+    chosen_rewards, rejected_rewards = opts.beta * chosen_logratio, opts.beta * rejected_logratio
+    losses = (
+        -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+    )
+    return losses, pair_reward_metrics(chosen_rewards, rejected_rewards)
+
+
+@dataclass
+class EXOOptions:
+    beta: float = 0.1
+    label_smoothing: float = 1e-3  # the target puts 1-e on chosen and e on rejected; must be > 0
+
+    def __post_init__(self) -> None:
+        if not self.label_smoothing > 0:
+            raise ConfigError("loss_options.label_smoothing", "EXO needs label_smoothing > 0 (e.g. 1e-3)")
+
+
+def exo_pair_loss(inputs: LossInputs, opts: EXOOptions) -> Losses:
+    """l = KL(q || p), q = softmax(b r_w, b r_l) = (s(b h), s(-b h)), p = (1-e, e). EXO, arXiv 2402.00856 eq. 16."""
+    chosen_logratio, rejected_logratio = _logratios(inputs)
+    logits = opts.beta * (chosen_logratio - rejected_logratio)
+    eps = torch.tensor(opts.label_smoothing, dtype=logits.dtype, device=logits.device)
+    log_q_chosen, log_q_rejected = F.logsigmoid(logits), F.logsigmoid(-logits)
+    losses = log_q_chosen.exp() * (log_q_chosen - torch.log1p(-eps)) + log_q_rejected.exp() * (
+        log_q_rejected - torch.log(eps)
+    )
+    return losses, pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
+
+
+@dataclass
+class DPOPOptions:
+    beta: float = 0.1
+    dpop_lambda: float = 50.0  # weight of the penalty for pushing the chosen log-prob below the reference
+
+
+def dpop_loss(inputs: LossInputs, opts: DPOPOptions) -> Losses:
+    """l = -log s(b [h - lambda max(0, -r_w)]). DPO-Positive (Smaug), arXiv 2402.13228 eq. 3."""
+    chosen_logratio, rejected_logratio = _logratios(inputs)
+    penalty = torch.relu(-chosen_logratio)
+    losses = -F.logsigmoid(opts.beta * (chosen_logratio - rejected_logratio - opts.dpop_lambda * penalty))
+    metrics = pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
+    metrics["dpop/penalty"] = penalty.detach()
+    return losses, metrics
+
+
+@dataclass
+class RDPOOptions:
+    beta: float = 0.1
+    alpha: float = 0.01  # reward per response token subtracted by the length regulariser
+
+
+def rdpo_loss(inputs: LossInputs, opts: RDPOOptions) -> Losses:
+    """l = -log s(b h + alpha (n_w - n_l)): DPO for the reward r - alpha |y|. R-DPO, arXiv 2403.19159."""
+    chosen_logratio, rejected_logratio = _logratios(inputs)
+    length_gap = inputs.lengths[:, 0] - inputs.lengths[:, 1]
+    losses = -F.logsigmoid(opts.beta * (chosen_logratio - rejected_logratio) + opts.alpha * length_gap)
+    return losses, pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
+
+
+@dataclass
+class BCOPairOptions:
+    beta: float = 0.1
+    use_reward_shift: bool = True  # False: TRL >= 0.29 `bco_pair`, which has no shift (delta = 0)
+
+
+def bco_pair_loss(inputs: LossInputs, opts: BCOPairOptions) -> Losses:
+    """l = -log s(b r_w - d) - log s(-(b r_l - d)); d = running mean of per-batch mean rewards (detached).
+
+    BCO, arXiv 2404.04656 (pairwise form from the authors' TRL PR 5999b1b). The state in
+    `inputs.reward_shift` is the one before this batch; the batch is absorbed (one value per batch) before
+    use, and the state after it is returned in the metrics.
+    """
+    chosen_logratio, rejected_logratio = _logratios(inputs)
+    chosen_rewards, rejected_rewards = opts.beta * chosen_logratio, opts.beta * rejected_logratio
+    metrics = pair_reward_metrics(chosen_rewards, rejected_rewards)
+    if opts.use_reward_shift:
+        batch_mean = torch.cat([chosen_rewards, rejected_rewards]).detach().mean().reshape(1)
+        state = (inputs.reward_shift or RunningMean()).update(batch_mean)
+        delta = state.mean
+        metrics["bco/reward_shift"] = torch.full_like(chosen_rewards, delta).detach()
+        metrics["bco/reward_shift_count"] = torch.full_like(chosen_rewards, state.count).detach()
+    else:
+        delta = 0.0
+    losses = -F.logsigmoid(chosen_rewards - delta) - F.logsigmoid(-(rejected_rewards - delta))
+    return losses, metrics
+
+
+@dataclass
+class RPOOptions:
+    beta: float = 0.1
+    nll_weight: float = 1.0  # alpha on the chosen response's NLL
+    nll_token_mean: bool = False  # True: token-mean NLL over the batch (TRL's loss_type=["sigmoid", "sft"])
+
+
+def rpo_loss(inputs: LossInputs, opts: RPOOptions) -> Losses:
+    """l = -log s(b h) - alpha l_w / n_w: DPO plus the chosen response's NLL. Iterative RPO, arXiv 2404.19733."""
+    chosen_logratio, rejected_logratio = _logratios(inputs)
+    nll = sft_nll(inputs.chosen_logps, inputs.lengths[:, 0], token_mean=opts.nll_token_mean)
+    losses = -F.logsigmoid(opts.beta * (chosen_logratio - rejected_logratio)) + opts.nll_weight * nll
+    metrics = pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
+    metrics["nll"] = nll.detach()
+    return losses, metrics

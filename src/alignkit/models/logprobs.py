@@ -1,0 +1,132 @@
+"""Log-probabilities of response tokens from a PackedBatch.
+
+The decoder runs once over the packed rows; only the hidden states that predict response tokens are
+projected to the vocabulary, in chunks of tokens, so the [tokens x vocab] logits are never materialised
+whole, neither in the forward nor in the backward pass (the backward recomputes each chunk's logits)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alignkit.data.pack import PackedBatch
+
+
+@dataclass
+class ResponseLogProbs:
+    token_logps: torch.Tensor  # [N] one per response token, in PackedBatch.token_* order
+    seq_logps: torch.Tensor  # [B, k] summed over each response's tokens
+    lengths: torch.Tensor  # [B, k] token counts
+
+    def padded(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs as [B, k, T_max] (0 where masked) and the bool mask."""
+        num_seq = batch.num_examples * batch.num_responses
+        counts = torch.bincount(batch.token_seq, minlength=num_seq)
+        T = int(counts.max()) if len(counts) else 0
+        starts = torch.cumsum(counts, 0) - counts
+        # token_seq is grouped by sequence in packing order, so position-in-sequence is an offset from its start.
+        offsets = torch.arange(len(batch.token_seq)) - starts[batch.token_seq]
+        values = self.token_logps.new_zeros(num_seq, T)
+        mask = torch.zeros(num_seq, T, dtype=torch.bool)
+        values = values.index_put((batch.token_seq, offsets), self.token_logps)
+        mask[batch.token_seq, offsets] = True
+        shape = (batch.num_examples, batch.num_responses, T)
+        return values.view(shape), mask.view(shape)
+
+
+def _compute_dtype(reference: torch.Tensor) -> torch.dtype:
+    device_type = reference.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return reference.dtype
+
+
+class ChunkedTokenLogps(torch.autograd.Function):
+    """log softmax(h W^T + b)[target], computed chunk by chunk over tokens; backward recomputes logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, compute_dtype):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_size):
+                logits = _chunk_logits(hidden[start:start + chunk_size], weight, bias, compute_dtype)
+                target = targets[start:start + chunk_size]
+                out[start:start + chunk_size] = logits.gather(1, target[:, None]).squeeze(1) - logits.logsumexp(1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        chunk_size, compute_dtype = ctx.chunk_size, ctx.compute_dtype
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_size):
+                h = hidden[start:start + chunk_size]
+                logits = _chunk_logits(h, weight, bias, compute_dtype)
+                g = grad_out[start:start + chunk_size].float()
+                # d/dlogits of (logit[target] - logsumexp) = onehot - softmax.
+                grad_logits = -torch.softmax(logits, 1) * g[:, None]
+                grad_logits[torch.arange(len(g)), targets[start:start + chunk_size]] += g
+                grad_logits = grad_logits.to(compute_dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start:start + chunk_size] = (grad_logits @ weight.to(compute_dtype)).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight += (grad_logits.T @ h.to(compute_dtype)).float()
+                if grad_bias is not None:
+                    grad_bias += grad_logits.float().sum(0)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _chunk_logits(h, weight, bias, compute_dtype):
+    logits = h.to(compute_dtype) @ weight.to(compute_dtype).T
+    if bias is not None:
+        logits = logits + bias.to(compute_dtype)
+    return logits.float()
+
+
+def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                        chunk_size: int = 1024) -> torch.Tensor:
+    return ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk_size, _compute_dtype(hidden))
+
+
+def backbone(model):
+    """The decoder without its LM head (works through a peft wrapper: LoRA layers live inside it)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(model, model.base_model_prefix)
+
+
+def packed_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    out = backbone(model)(
+        input_ids=batch.input_ids.to(device),
+        position_ids=batch.position_ids.to(device),
+        attention_mask=batch.attention_mask(dtype).to(device),
+        use_cache=False,
+    )
+    return out[0]
+
+
+def response_logprobs(model, batch: PackedBatch, chunk_size: int = 1024) -> ResponseLogProbs:
+    """Per-token and per-sequence log-probs of every response token in the batch (prompt tokens get none)."""
+    hidden = packed_hidden_states(model, batch)
+    device = hidden.device
+    rows, cols = batch.token_rows.to(device), batch.token_pred_positions.to(device)
+    selected = hidden[rows, cols]
+    head = model.get_output_embeddings()
+    token_logps = chunked_token_logps(selected, head.weight, head.bias, batch.token_targets.to(device), chunk_size)
+    num_seq = batch.num_examples * batch.num_responses
+    seq_logps = torch.zeros(num_seq, dtype=token_logps.dtype, device=device).index_add(
+        0, batch.token_seq.to(device), token_logps)
+    shape = (batch.num_examples, batch.num_responses)
+    return ResponseLogProbs(token_logps, seq_logps.view(shape), batch.seq_lengths.to(device))

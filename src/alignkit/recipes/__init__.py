@@ -1,0 +1,1 @@
+"""Recipes: whole jobs composed from the stages (quickstart, the real-model main job)."""

@@ -1,0 +1,1 @@
+"""Rewards: one interface over programmatic functions, trained reward models and combinations."""

@@ -1,0 +1,1 @@
+"""Training: the one loop, checkpoints, metrics, cached reference log-probs."""

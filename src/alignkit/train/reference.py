@@ -1,0 +1,90 @@
+"""Reference log-probs: computed once (no grad, eval mode) and cached on disk.
+
+The cache key is a fingerprint of the model weights, the tokenised examples and the settings that change
+the numbers (precision, chunking does not), so a changed model, dataset or tokenisation misses the cache."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from alignkit.data.pack import pack, token_budget_batches
+from alignkit.data.tokenize import TokenizedExample
+from alignkit.models.logprobs import response_logprobs
+
+log = logging.getLogger("alignkit.train")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit"))
+
+
+def weights_fingerprint(model) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def examples_fingerprint(examples: list[TokenizedExample]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for example in examples:
+        digest.update(repr((example.prompt_ids, example.response_ids)).encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def score_examples(model, examples: list[TokenizedExample], max_tokens_per_batch: int, max_tokens_per_row: int,
+                   pad_token_id: int, precision: str = "fp32", chunk_size: int = 1024):
+    """Per-sequence [n, k] and per-token (one flat tensor per example) log-probs, without gradients."""
+    was_training = model.training
+    model.eval()
+    k = len(examples[0].response_ids)
+    seq_logps = torch.zeros(len(examples), k)
+    token_logps: list[torch.Tensor] = [torch.empty(0)] * len(examples)
+    device = next(model.parameters()).device
+    for indices in token_budget_batches(examples, max_tokens_per_batch, seed=0, shuffle=False):
+        batch = pack([examples[i] for i in indices], indices, max_tokens_per_row, pad_token_id)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = response_logprobs(model, batch, chunk_size)
+        seq_logps[indices] = out.seq_logps.float().cpu()
+        flat = out.token_logps.float().cpu()
+        counts = out.lengths.sum(1).long().tolist()
+        for i, part in zip(indices, torch.split(flat, counts)):
+            token_logps[i] = part
+    model.train(was_training)
+    return seq_logps, token_logps
+
+
+def reference_logps(model, examples, max_tokens_per_batch, max_tokens_per_row, pad_token_id, precision="fp32",
+                    chunk_size=1024, use_cache=True):
+    """Reference log-probs of `examples` under `model`, from the disk cache when the fingerprint matches."""
+    if not use_cache:
+        return score_examples(model, examples, max_tokens_per_batch, max_tokens_per_row, pad_token_id, precision, chunk_size)
+    key = hashlib.blake2b(
+        f"{weights_fingerprint(model)}|{examples_fingerprint(examples)}|{precision}".encode(), digest_size=16
+    ).hexdigest()
+    path = cache_dir() / "ref_logps" / f"{key}.safetensors"
+    if path.exists():
+        try:
+            stored = load_file(path)
+            counts = stored["token_counts"].tolist()
+            log.info("reference log-probs: cache hit %s", path.name)
+            return stored["seq_logps"], list(torch.split(stored["token_logps"], counts))
+        except Exception as err:  # noqa: BLE001 - a broken cache file is recomputed, not fatal
+            log.warning("reference cache %s unreadable (%s); recomputing", path, err)
+    seq_logps, token_logps = score_examples(model, examples, max_tokens_per_batch, max_tokens_per_row, pad_token_id,
+                                            precision, chunk_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"seq_logps": seq_logps.contiguous(), "token_logps": torch.cat(token_logps).contiguous(),
+               "token_counts": torch.tensor([len(t) for t in token_logps])}, tmp)
+    os.replace(tmp, path)
+    return seq_logps, token_logps
