@@ -343,7 +343,10 @@ def _kind(value: Any) -> str:
 
 
 def _preview(value: Any, limit: int = 40) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's int-to-str digit limit
+        return "(too long to show)"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -30,7 +30,7 @@ def make_prompt(rng: random.Random) -> str:
 
 def make_response(rng: random.Random, topic: str) -> str:
     words = [rng.choice(["the", "this", "it"]), topic if rng.random() < 0.5 else "was"]
-    for _ in range(rng.randint(3, 6)):
+    for _ in range(5):  # fixed length: the reward's share of words is then a plain count
         r = rng.random()
         if r < 0.25:
             words.append(rng.choice(POSITIVE))
@@ -50,8 +50,9 @@ def sft_records(n: int, seed: int) -> list[dict]:
     return records
 
 
-def preference_records(n: int, seed: int) -> list[dict]:
-    """Pairs of two sampled responses; the one with the higher reward is chosen (ties are redrawn)."""
+def preference_records(n: int, seed: int, min_gap_words: int = 2) -> list[dict]:
+    """Pairs of two sampled responses; the one with the higher reward is chosen. Pairs whose rewards differ
+    by less than `min_gap_words` sentiment words are redrawn, as preference sets drop near-ties."""
     rng = random.Random(seed)
     records = []
     while len(records) < n:
@@ -59,7 +60,7 @@ def preference_records(n: int, seed: int) -> list[dict]:
         topic = prompt.split()[-2]
         a, b = make_response(rng, topic), make_response(rng, topic)
         ra, rb = sentiment_reward(a), sentiment_reward(b)
-        if ra == rb:
+        if abs(ra - rb) * (len(a.split())) < min_gap_words - 1e-9:
             continue
         chosen, rejected = (a, b) if ra > rb else (b, a)
         records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})

@@ -61,12 +61,16 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+def load_model_and_tokenizer(
+    name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+):
     """(model, tokenizer) for `name_or_path` (see `resolve_model`); the tokenizer always has a pad token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = resolve_model(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation=attn_implementation
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -98,6 +102,7 @@ def convert_gguf(gguf_path: str | os.PathLike) -> Path:
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=models_dir))
     try:
         _write_hf_directory(gguf_path, tmp_dir)
+        _make_world_readable(tmp_dir)
         record = {
             "source": str(gguf_path),
             "source_sha256": gguf_sha256(gguf_path),
@@ -107,12 +112,12 @@ def convert_gguf(gguf_path: str | os.PathLike) -> Path:
         (tmp_dir / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         try:
             os.rename(tmp_dir, final_dir)
-        except OSError:
-            # Another process finished first (rename refuses to replace a non-empty directory).
+        except OSError as error:
+            # Usually another process finished first (rename refuses to replace a non-empty directory).
             if not (final_dir / CONVERSION_RECORD).is_file():
                 raise AlignkitError(
-                    f"cannot place the converted model at {final_dir}: the path exists but holds no finished "
-                    f"conversion; delete it and run again"
+                    f"cannot place the converted model at {final_dir} ({error}); if that path exists it holds "
+                    f"no finished conversion: delete it and run again"
                 ) from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -157,6 +162,13 @@ def _write_hf_directory(gguf_path: Path, out_dir: Path) -> None:
     # and save_pretrained writes the shared tensor once.
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)  # also writes the chat template the GGUF carries
+
+
+def _make_world_readable(directory: Path) -> None:
+    """mkdtemp makes the directory 0700 and safetensors writes 0600; a cache may be shared by a team."""
+    directory.chmod(0o755)
+    for path in directory.iterdir():
+        path.chmod(0o644)
 
 
 def _forget_quantisation(model) -> None:

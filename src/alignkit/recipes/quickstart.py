@@ -23,12 +23,12 @@ from alignkit.train.loop import train
 
 @dataclass
 class QuickstartSize:
-    sft_examples: int = 3000
-    train_pairs: int = 1200
+    sft_examples: int = 2000
+    train_pairs: int = 2000
     eval_pairs: int = 200
     eval_prompts: int = 128
     sft_epochs: int = 2
-    dpo_epochs: int = 2
+    dpo_epochs: int = 1
     hidden: int = 96
     layers: int = 2
 

@@ -1,0 +1,34 @@
+"""The Python API: the same thing the CLI does, from a dict, a YAML file or keyword overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from alignkit.config import TrainConfig, load_config_file, make_config, set_dotted
+from alignkit.losses import get_loss
+
+
+def build_config(method: str | None = None, config: str | Path | dict | None = None,
+                 overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Config file (or dict) < overrides. `method` sets `loss`; an override naming one of the loss's options
+    (e.g. beta) goes to loss_options, so `--beta 0.2` works as well as `--loss_options.beta 0.2`."""
+    values = dict(load_config_file(config) if isinstance(config, (str, Path)) else (config or {}))
+    if method is not None:
+        values["loss"] = method
+    loss_name = values.get("loss", "dpo")
+    option_names = {f.name for f in dataclasses.fields(get_loss(loss_name).options)} if isinstance(loss_name, str) else set()
+    for key, value in (overrides or {}).items():
+        key = key.replace("-", "_")
+        if key in option_names and key not in TrainConfig.model_fields:
+            key = f"loss_options.{key}"
+        set_dotted(values, key, value)
+    return make_config(values)
+
+
+def train(method: str | None = None, config: str | Path | dict | None = None, **overrides):
+    """alignkit.api.train("dpo", "cfg.yaml", beta=0.2) -> TrainResult."""
+    from alignkit.train.loop import train as run
+
+    return run(build_config(method, config, overrides))

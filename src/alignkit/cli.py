@@ -1,0 +1,99 @@
+"""Command line: `alignkit <method> --config cfg.yaml --key value ...`, plus the quickstart and the main job."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+
+from rich.console import Console
+
+from alignkit.config import TrainConfig, parse_override
+from alignkit.errors import AlignkitError, ConfigError
+from alignkit.losses import LOSSES, get_loss
+
+console = Console(stderr=True)
+
+USAGE = """usage: alignkit <command> [--config cfg.yaml] [--key value ...]
+
+commands:
+  quickstart            tiny model, synthetic task: SFT then DPO, before/after table + curves (~1-3 min)
+  align                 the main job: align SmolLM2-135M-Instruct on CPU, report before/after
+  train                 train with the loss named in the config (`loss: dpo`)
+  <loss>                train with that loss: {losses}
+  <command> --help      the keys of a command
+"""
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
+    config, overrides = None, {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(arg, "expected --key value")
+        key, _, inline = arg[2:].partition("=")
+        if inline:
+            value, i = inline, i + 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(key, "missing a value")
+            value, i = argv[i + 1], i + 2
+        if key == "config":
+            config = value
+        else:
+            overrides[key] = parse_override(value)
+    return config, overrides
+
+
+def help_for(method: str) -> str:
+    lines = [f"alignkit {method} --config cfg.yaml [--key value ...]", "", "training keys:"]
+    for name, field in TrainConfig.model_fields.items():
+        default = "required" if field.is_required() else repr(field.default if field.default_factory is None else {})
+        lines.append(f"  --{name:<22} {default:<14} {field.description or ''}")
+    if method in LOSSES:
+        spec = get_loss(method)
+        lines += ["", f"options of '{method}' ({spec.paper}; data: {spec.data_shape}; reference model: "
+                  f"{'yes' if spec.needs_reference else 'no'}):"]
+        for f in dataclasses.fields(spec.options):
+            lines.append(f"  --{f.name:<22} {f.default!r}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(losses=", ".join(sorted(LOSSES))))
+        return 0
+    command, rest = argv[0], argv[1:]
+    if "--help" in rest or "-h" in rest:
+        print(help_for(command))
+        return 0
+    try:
+        config, overrides = parse_overrides(rest)
+        if command == "quickstart":
+            from alignkit.recipes.quickstart import run_quickstart
+
+            run_quickstart(overrides.get("out", "runs/quickstart"), seed=int(overrides.get("seed", 0)))
+        elif command == "align":
+            from alignkit.recipes.align import run_align
+
+            run_align(config, overrides)
+        elif command == "train" or command in LOSSES:
+            from alignkit.api import build_config
+            from alignkit.train.loop import train
+
+            cfg = build_config(None if command == "train" else command, config, overrides)
+            result = train(cfg)
+            console.print(f"saved {result.output_dir / 'final'}")
+        else:
+            raise ConfigError("<command>", f"unknown command '{command}'; run `alignkit --help`")
+    except AlignkitError as err:
+        console.print(f"[red]error:[/] {err}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
