@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+# What every loss returns: per-example losses [B] and per-example, detached metrics {name: [B]}
+LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
 
 @dataclass(frozen=True)
 class RunningMean:

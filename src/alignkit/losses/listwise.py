@@ -10,9 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from alignkit.losses.base import LossInputs
-
-Losses = tuple[torch.Tensor, dict[str, torch.Tensor]]
+from alignkit.losses.base import LossInputs, LossOutput
 
 
 def _rewards_and_scores(inputs: LossInputs, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +37,7 @@ class LiPOOptions:
     beta: float = 0.1
 
 
-def lipo_lambda_loss(inputs: LossInputs, opts: LiPOOptions) -> Losses:
+def lipo_lambda_loss(inputs: LossInputs, opts: LiPOOptions) -> LossOutput:
     """l = sum_{psi_i > psi_j} D_ij log(1 + exp(-(s_i - s_j))), D_ij = |G_i - G_j| |1/D(t_i) - 1/D(t_j)|.
 
     G = 2^psi - 1, D(t) = log2(1 + t), t = 1-based rank of s (descending); D_ij carries no gradient.
@@ -67,7 +65,7 @@ class ListMLEOptions:
     beta: float = 0.1
 
 
-def listmle_loss(inputs: LossInputs, opts: ListMLEOptions) -> Losses:
+def listmle_loss(inputs: LossInputs, opts: ListMLEOptions) -> LossOutput:
     """l = -sum_k [s_pi(k) - log sum_{j >= k} exp(s_pi(j))], pi sorting psi descending (ties: list order).
 
     Plackett-Luce DPO (arXiv 2305.18290 appendix A.3), i.e. ListMLE (Xia et al., ICML 2008) on DPO's rewards.

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
-from alignkit.losses.base import LossInputs
-
-Losses = tuple[torch.Tensor, dict[str, torch.Tensor]]
+from alignkit.losses.base import LossInputs, LossOutput
 
 
 @dataclass
@@ -23,7 +20,7 @@ class D2OOptions:
     alpha: float = 0.1  # weight of the negative's log-ratio
 
 
-def d2o_loss(inputs: LossInputs, opts: D2OOptions) -> Losses:
+def d2o_loss(inputs: LossInputs, opts: D2OOptions) -> LossOutput:
     """l = -log s((b/K) sum_i [l(y_i) - l_ref(y_i)] - alpha [l(y_l) - l_ref(y_l)]). D2O, arXiv 2403.03419."""
     logratios = inputs.logps - inputs._ref()
     if logratios.shape[1] < 2:

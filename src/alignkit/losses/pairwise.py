@@ -11,9 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.errors import ConfigError
-from alignkit.losses.base import LossInputs, RunningMean, pair_reward_metrics, sft_nll
-
-Losses = tuple[torch.Tensor, dict[str, torch.Tensor]]
+from alignkit.losses.base import LossInputs, LossOutput, RunningMean, pair_reward_metrics, sft_nll
 
 
 def _logratios(inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,7 +24,7 @@ class RobustDPOOptions:
     label_smoothing: float = 0.1  # probability that a preference label was flipped
 
 
-def robust_dpo_loss(inputs: LossInputs, opts: RobustDPOOptions) -> Losses:
+def robust_dpo_loss(inputs: LossInputs, opts: RobustDPOOptions) -> LossOutput:
     """l = [(1-e)(-log s(b h)) - e(-log s(-b h))] / (1 - 2e); unbiased under label flips with probability e.
 
     rDPO, arXiv 2403.00409. A single example's loss can be negative.
@@ -44,7 +42,7 @@ class IPOOptions:
     length_normalize: bool = False  # True: per-token average log-ratios (TRL's form)
 
 
-def ipo_loss(inputs: LossInputs, opts: IPOOptions) -> Losses:
+def ipo_loss(inputs: LossInputs, opts: IPOOptions) -> LossOutput:
     """l = (h - 1/(2 tau))^2 with h from summed log-probs; length_normalize uses r_w/n_w - r_l/n_l (TRL).
 
     IPO, arXiv 2310.12036 eq. 17.
@@ -63,7 +61,7 @@ class HingeOptions:
     beta: float = 0.1  # the margin is 1/beta nats of log-ratio
 
 
-def hinge_loss(inputs: LossInputs, opts: HingeOptions) -> Losses:
+def hinge_loss(inputs: LossInputs, opts: HingeOptions) -> LossOutput:
     """l = max(0, 1 - b h): RSO's hinge-norm loss (TRL `hinge`). RSO, arXiv 2309.06657."""
     chosen_logratio, rejected_logratio = _logratios(inputs)
     losses = torch.relu(1 - opts.beta * (chosen_logratio - rejected_logratio))
@@ -76,7 +74,7 @@ class SLiCOptions:
     nll_weight: float = 0.1  # lambda on the chosen response's summed NLL
 
 
-def slic_loss(inputs: LossInputs, opts: SLiCOptions) -> Losses:
+def slic_loss(inputs: LossInputs, opts: SLiCOptions) -> LossOutput:
     """l = max(0, delta - l_w + l_l) - lambda l_w. No reference model. SLiC-HF, arXiv 2305.10425."""
     calibration = torch.relu(opts.margin - inputs.chosen_logps + inputs.rejected_logps)
     losses = calibration - opts.nll_weight * inputs.chosen_logps
@@ -90,7 +88,7 @@ class NCAOptions:
     beta: float = 0.1
 
 
-def nca_pair_loss(inputs: LossInputs, opts: NCAOptions) -> Losses:
+def nca_pair_loss(inputs: LossInputs, opts: NCAOptions) -> LossOutput:
     """l = -log s(b r_w) - 1/2 log s(-b r_w) - 1/2 log s(-b r_l). NCA, arXiv 2402.05369."""
     chosen_logratio, rejected_logratio = _logratios(inputs)
     chosen_rewards, rejected_rewards = opts.beta * chosen_logratio, opts.beta * rejected_logratio
@@ -110,7 +108,7 @@ class EXOOptions:
             raise ConfigError("loss_options.label_smoothing", "EXO needs label_smoothing > 0 (e.g. 1e-3)")
 
 
-def exo_pair_loss(inputs: LossInputs, opts: EXOOptions) -> Losses:
+def exo_pair_loss(inputs: LossInputs, opts: EXOOptions) -> LossOutput:
     """l = KL(q || p), q = softmax(b r_w, b r_l) = (s(b h), s(-b h)), p = (1-e, e). EXO, arXiv 2402.00856 eq. 16."""
     chosen_logratio, rejected_logratio = _logratios(inputs)
     logits = opts.beta * (chosen_logratio - rejected_logratio)
@@ -128,7 +126,7 @@ class DPOPOptions:
     dpop_lambda: float = 50.0  # weight of the penalty for pushing the chosen log-prob below the reference
 
 
-def dpop_loss(inputs: LossInputs, opts: DPOPOptions) -> Losses:
+def dpop_loss(inputs: LossInputs, opts: DPOPOptions) -> LossOutput:
     """l = -log s(b [h - lambda max(0, -r_w)]). DPO-Positive (Smaug), arXiv 2402.13228 eq. 3."""
     chosen_logratio, rejected_logratio = _logratios(inputs)
     penalty = torch.relu(-chosen_logratio)
@@ -144,7 +142,7 @@ class RDPOOptions:
     alpha: float = 0.01  # reward per response token subtracted by the length regulariser
 
 
-def rdpo_loss(inputs: LossInputs, opts: RDPOOptions) -> Losses:
+def rdpo_loss(inputs: LossInputs, opts: RDPOOptions) -> LossOutput:
     """l = -log s(b h + alpha (n_w - n_l)): DPO for the reward r - alpha |y|. R-DPO, arXiv 2403.19159."""
     chosen_logratio, rejected_logratio = _logratios(inputs)
     length_gap = inputs.lengths[:, 0] - inputs.lengths[:, 1]
@@ -158,7 +156,7 @@ class BCOPairOptions:
     use_reward_shift: bool = True  # False: TRL >= 0.29 `bco_pair`, which has no shift (delta = 0)
 
 
-def bco_pair_loss(inputs: LossInputs, opts: BCOPairOptions) -> Losses:
+def bco_pair_loss(inputs: LossInputs, opts: BCOPairOptions) -> LossOutput:
     """l = -log s(b r_w - d) - log s(-(b r_l - d)); d = running mean of per-batch mean rewards (detached).
 
     BCO, arXiv 2404.04656 (pairwise form from the authors' TRL PR 5999b1b). The state in
@@ -187,7 +185,7 @@ class RPOOptions:
     nll_token_mean: bool = False  # True: token-mean NLL over the batch (TRL's loss_type=["sigmoid", "sft"])
 
 
-def rpo_loss(inputs: LossInputs, opts: RPOOptions) -> Losses:
+def rpo_loss(inputs: LossInputs, opts: RPOOptions) -> LossOutput:
     """l = -log s(b h) - alpha l_w / n_w: DPO plus the chosen response's NLL. Iterative RPO, arXiv 2404.19733."""
     chosen_logratio, rejected_logratio = _logratios(inputs)
     nll = sft_nll(inputs.chosen_logps, inputs.lengths[:, 0], token_mean=opts.nll_token_mean)

@@ -11,9 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from alignkit.losses.base import LossInputs, pair_reward_metrics, sft_nll
-
-Losses = tuple[torch.Tensor, dict[str, torch.Tensor]]
+from alignkit.losses.base import LossInputs, LossOutput, pair_reward_metrics, sft_nll
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -27,7 +25,7 @@ class ORPOOptions:
     nll_token_mean: bool = True  # False: each chosen response's NLL normalised by its own length
 
 
-def orpo_loss(inputs: LossInputs, opts: ORPOOptions) -> Losses:
+def orpo_loss(inputs: LossInputs, opts: ORPOOptions) -> LossOutput:
     """l = NLL(y_w) - lambda log s(log odds(a_w) - log odds(a_l)), log odds(a) = a - log(1 - e^a).
 
     ORPO, arXiv 2403.07691 eqs. 4 and 7. The NLL covers the response only (the official code also scores the prompt).
@@ -54,7 +52,7 @@ class SimPOOptions:
     nll_token_mean: bool = True
 
 
-def simpo_loss(inputs: LossInputs, opts: SimPOOptions) -> Losses:
+def simpo_loss(inputs: LossInputs, opts: SimPOOptions) -> LossOutput:
     """l = -log s(b (a_w - a_l) - gamma), a = average log-prob per response token. SimPO, arXiv 2405.14734."""
     chosen_avg = inputs.chosen_logps / inputs.chosen_lengths
     rejected_avg = inputs.rejected_logps / inputs.rejected_lengths
@@ -80,7 +78,7 @@ class CPOOptions:
     nll_token_mean: bool = True  # the CPO code's token-mean cross-entropy; False: per-sequence -l_w / n_w
 
 
-def cpo_loss(inputs: LossInputs, opts: CPOOptions) -> Losses:
+def cpo_loss(inputs: LossInputs, opts: CPOOptions) -> LossOutput:
     """l = -log s(b (l_w - l_l)) + alpha NLL(y_w), summed log-probs, no reference. CPO, arXiv 2401.08417 eq. 3."""
     logits = opts.beta * (inputs.chosen_logps - inputs.rejected_logps)
     eps = opts.label_smoothing

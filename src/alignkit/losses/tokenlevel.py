@@ -11,9 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from alignkit.losses.base import LossInputs, pair_reward_metrics
-
-Losses = tuple[torch.Tensor, dict[str, torch.Tensor]]
+from alignkit.losses.base import LossInputs, LossOutput, pair_reward_metrics
 
 
 def activation_token_weights(activations: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
@@ -42,7 +40,7 @@ class SparsePOOptions:
     kl_l1_weight: float = 0.0  # lambda_d on the KL mask's L1 norms
 
 
-def sparsepo_loss(inputs: LossInputs, opts: SparsePOOptions) -> Losses:
+def sparsepo_loss(inputs: LossInputs, opts: SparsePOOptions) -> LossOutput:
     """l = -log s(b (u - d)) + L1 terms; u = sum_t m_w d_w - sum_t m_l d_l (d_t = token log-ratio),
     d = sum_t m'_l KL_l - sum_t m'_w KL_w. SparsePO, arXiv 2410.05102."""
     for name in ("token_logps", "ref_token_logps", "token_mask", "token_weights"):

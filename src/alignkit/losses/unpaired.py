@@ -10,9 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from alignkit.losses.base import LossInputs, RunningMean
-
-Losses = tuple[torch.Tensor, dict[str, torch.Tensor]]
+from alignkit.losses.base import LossInputs, LossOutput, RunningMean
 
 
 def _labels_and_logratio(inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +40,7 @@ class KTOOptions:
     use_kl_estimate: bool = True  # False: reference point z0 = 0 (no mismatched pairs needed)
 
 
-def kto_loss(inputs: LossInputs, opts: KTOOptions) -> Losses:
+def kto_loss(inputs: LossInputs, opts: KTOOptions) -> LossOutput:
     """Desirable: lambda_D (1 - s(b (r - z0))); undesirable: lambda_U (1 - s(b (z0 - r))).
 
     z0 = sg(max(0, mean_j [l(y_j'|x_j) - l_ref(y_j'|x_j)])) over the batch's mismatched pairs
@@ -68,7 +66,7 @@ class BCOOptions:
     beta: float = 0.1
 
 
-def bco_loss(inputs: LossInputs, opts: BCOOptions) -> Losses:
+def bco_loss(inputs: LossInputs, opts: BCOOptions) -> LossOutput:
     """Desirable: -log s(r' - d); undesirable: -log s(-(r' - d)); r' = b r, d = running mean of every r' seen.
 
     BCO, arXiv 2404.04656. `inputs.reward_shift` is the state before this batch; every reward of the batch is

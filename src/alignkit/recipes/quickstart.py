@@ -64,7 +64,7 @@ def run_quickstart(out: str | Path = "runs/quickstart", size: QuickstartSize | N
 
     console.print("[bold]2/2 DPO[/] against the SFT model as reference")
     dpo_cfg = TrainConfig(model="tiny", train_data=str(data / "pairs_train.jsonl"), eval_data=str(data / "pairs_eval.jsonl"),
-                          loss="dpo", loss_options={"beta": 0.1}, learning_rate=1e-3, warmup_steps=2,
+                          loss="dpo", loss_options={"beta": 0.25}, learning_rate=5e-4, warmup_steps=2,
                           epochs=size.dpo_epochs, eval_every=5, ref_cache=False, output_dir=str(out / "dpo"), **common)
     result = train(dpo_cfg, model, tokenizer)
     dpo_reward, dpo_texts = mean_sample_reward(result.model, tokenizer, prompts, seed)
