@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.config import TrainConfig, load_config_file, make_config, set_dotted
-from alignkit.losses import get_loss
+from alignkit.losses import build_options, get_loss
 
 
 def build_config(method: str | None = None, config: str | Path | dict | None = None,
@@ -24,7 +24,9 @@ def build_config(method: str | None = None, config: str | Path | dict | None = N
         if key in option_names and key not in TrainConfig.model_fields:
             key = f"loss_options.{key}"
         set_dotted(values, key, value)
-    return make_config(values)
+    cfg = make_config(values)
+    build_options(get_loss(cfg.loss), cfg.loss_options)  # the loss and its options are checked at load too
+    return cfg
 
 
 def train(method: str | None = None, config: str | Path | dict | None = None, **overrides):

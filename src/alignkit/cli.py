@@ -7,6 +7,7 @@ import logging
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from alignkit.config import TrainConfig, parse_override
 from alignkit.errors import AlignkitError, ConfigError
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise ConfigError("<command>", f"unknown command '{command}'; run `alignkit --help`")
     except AlignkitError as err:
-        console.print(f"[red]error:[/] {err}")
+        # One line, whatever the terminal width; the message is plain text (it may quote user input with "[").
+        console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
         return 2
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,10 +85,19 @@ def make_config(values: dict[str, Any], cls: type[BaseModel] = TrainConfig) -> B
         raise _first_error(err) from None
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) reads 1e-4, with no dot, as a string; read it as the float everyone means."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
 def parse_override(raw: str) -> Any:
     """A --key value from the command line, read as YAML (so 0.1 is a float, true a bool, [1, 2] a list)."""
     try:
-        return yaml.safe_load(raw)
+        return yaml.load(raw, Loader=_YAMLLoader)
     except yaml.YAMLError:
         return raw
 
@@ -109,7 +119,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError("--config", f"cannot read {path}: {err}") from None
     try:
-        values = yaml.safe_load(text) or {}
+        values = yaml.load(text, Loader=_YAMLLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError("--config", f"{path} is not valid YAML: {err}") from None
     if not isinstance(values, dict):
