@@ -92,6 +92,18 @@ BAD_LINES = [
     ("lists", '{"prompt": "hi", "responses": "a b", "scores": [1, 2]}', "responses"),
     ("lists", '{"prompt": "hi", "responses": ["a", "b"], "scores": 3}', "scores"),
     ("sft", '{"prompt": "hi", "completion": false}', "completion"),
+    ("sft", '{"messages": [{"role": "user", "content": "hi"}]}', "messages"),  # a chat with no assistant turn
+    ("chat", '{"messages": "hi"}', "messages"),
+    ("chat", '{"messages": []}', "messages"),
+    ("chat", '{"prompt": "hi", "completion": "a"}', "messages"),
+    ("chat", '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}',
+     "messages[0].role"),
+    ("chat", '{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}', "messages[1].role"),
+    ("chat", '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]}',
+     "messages[1].content"),
+    ("chat", '{"messages": [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]}', "messages"),
+    ("pairs", '{"prompt": "hi", "chosen": "a", "rejected": "b", "margin": "big"}', "margin"),
+    ("pairs", '{"prompt": "hi", "chosen": "a", "rejected": "b", "margin": NaN}', "margin"),
     ("prompts", '{"promt": "typo"}', "prompt"),
 ]
 
@@ -101,6 +113,7 @@ GOOD = {
     "lists": {"prompt": "hi", "responses": ["a", "b", "c"], "scores": [1, 0.5, -2]},
     "sft": {"prompt": "hi", "completion": "a"},
     "prompts": {"prompt": "hi"},
+    "chat": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]},
 }
 
 
@@ -344,6 +357,11 @@ extras = st.dictionaries(st.sampled_from(["id", "meta", "source", "weight"]), pl
 @st.composite
 def valid_record(draw, shape: str) -> dict:
     record = draw(extras)
+    if shape == "chat":
+        opening = st.fixed_dictionaries({"role": st.sampled_from(["system", "user"]), "content": text})
+        reply = st.fixed_dictionaries({"role": st.just("assistant"), "content": text})
+        record["messages"] = [draw(opening), *draw(prompt_messages), draw(reply)]
+        return record
     record["prompt"] = draw(prompt)
     if shape == "pairs":
         record["chosen"], record["rejected"] = draw(response), draw(response)

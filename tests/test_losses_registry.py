@@ -28,6 +28,7 @@ def synthetic_inputs(data_shape: str, needs_token_logps: bool) -> LossInputs:
         scores=torch.rand(B, k, generator=generator),
         kl_logps=-torch.rand(B, generator=generator) * 5,
         ref_kl_logps=-torch.rand(B, generator=generator) * 5,
+        rewards=torch.randn(B, k, generator=generator).requires_grad_(),
     )
     if needs_token_logps:
         inputs.token_logps = token_logps.requires_grad_()
@@ -44,7 +45,7 @@ def test_registered_loss_runs_with_default_options(name):
     losses, metrics = spec.fn(inputs, build_options(spec, {}))
     assert losses.shape == (B,) and torch.isfinite(losses).all()
     losses.mean().backward()
-    policy = inputs.token_logps if spec.needs_token_logps else inputs.logps
+    policy = inputs.token_logps if spec.needs_token_logps else inputs.rewards if spec.output == "rewards" else inputs.logps
     assert policy.grad is not None and torch.isfinite(policy.grad).all()
     for key, value in metrics.items():
         assert value.shape == (B,) and not value.requires_grad and torch.isfinite(value).all(), key

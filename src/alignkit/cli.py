@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 
 from rich.console import Console
@@ -21,6 +22,13 @@ commands:
   quickstart            tiny model, synthetic task: SFT then DPO, before/after table + curves (~1-3 min)
   align                 the main job: align SmolLM2-135M-Instruct on CPU, report before/after
   train                 train with the loss named in the config (`loss: dpo`)
+  sft                   supervised fine-tuning (prompt/completion or `messages` chats; assistant tokens only)
+  rm                    train a reward model (Bradley–Terry on pairs); saves an HF sequence-classification model
+  rm-eval               --model DIR --data pairs.jsonl: a reward model's pairwise accuracy
+  generate              --model DIR --prompts p.jsonl --out out.jsonl [--num_samples N --stop ...]: sample
+  decode                --method bon|bon-calibrated|bonbon|args|deal|tq --model DIR --prompts p.jsonl --out o.jsonl
+  synth                 --method magpie|self-instruct|principles --model DIR --out data.jsonl: synthetic data
+  eval                  --model A [--baseline B] --prompts p.jsonl --out DIR: reward, judged win rate, KL, length
   <loss>                train with that loss: {losses}
   <command> --help      the keys of a command
 """
@@ -48,6 +56,14 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
 
 
 def help_for(method: str) -> str:
+    if method in ("generate", "decode", "synth", "eval"):
+        from alignkit.recipes.decoding import command_help
+
+        return command_help(method)
+    if method == "rm-eval":
+        return ("alignkit rm-eval --model DIR --data pairs.jsonl [--max_length 1024]\n\n"
+                "Scores chosen and rejected of every pair with the reward model in DIR (HF format, e.g. the final/\n"
+                "of `alignkit rm`) and prints the accuracy (chosen scored higher; ties count half) and mean margin.")
     lines = [f"alignkit {method} --config cfg.yaml [--key value ...]", "", "training keys:"]
     for name, field in TrainConfig.model_fields.items():
         default = "required" if field.is_required() else repr(field.default if field.default_factory is None else {})
@@ -59,6 +75,21 @@ def help_for(method: str) -> str:
         for f in dataclasses.fields(spec.options):
             lines.append(f"  --{f.name:<22} {f.default!r}")
     return "\n".join(lines)
+
+
+def run_rm_eval(overrides: dict) -> None:
+    from alignkit.rewards.model import RewardModelScorer, pair_accuracy
+
+    for key in ("model", "data"):
+        if key not in overrides:
+            raise ConfigError(key, "required: alignkit rm-eval --model DIR --data pairs.jsonl")
+    unknown = sorted(set(overrides) - {"model", "data", "max_length"})
+    if unknown:
+        raise ConfigError(unknown[0], "unknown key; rm-eval takes --model, --data and --max_length")
+    scorer = RewardModelScorer(str(overrides["model"]), max_length=int(overrides.get("max_length", 1024)))
+    result = pair_accuracy(scorer, str(overrides["data"]))
+    print(f"accuracy {result['accuracy']:.4f} on {result['pairs']} pairs (mean margin {result['margin']:+.4f}, "
+          f"chosen {result['chosen_reward']:+.4f}, rejected {result['rejected_reward']:+.4f})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +108,16 @@ def main(argv: list[str] | None = None) -> int:
             from alignkit.recipes.quickstart import run_quickstart
 
             run_quickstart(overrides.get("out", "runs/quickstart"), seed=int(overrides.get("seed", 0)))
+        elif command == "rm-eval":
+            run_rm_eval(overrides)
+        elif command in ("generate", "decode", "synth"):
+            from alignkit.recipes import decoding
+
+            getattr(decoding, "run_" + command)(config, overrides)  # logs what it wrote
+        elif command == "eval":
+            from alignkit.eval.evaluate import run_eval
+
+            console.print(f"report: {run_eval(config, overrides)['paths']['html']}")
         elif command == "align":
             from alignkit.recipes.align import run_align
 
@@ -87,12 +128,14 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = build_config(None if command == "train" else command, config, overrides)
             result = train(cfg)
-            console.print(f"saved {result.output_dir / 'final'}")
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per process
+                console.print(f"saved {result.output_dir / 'final'}")
         else:
             raise ConfigError("<command>", f"unknown command '{command}'; run `alignkit --help`")
     except AlignkitError as err:
         # One line, whatever the terminal width; the message is plain text (it may quote user input with "[").
-        console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
+        message = " ".join(part.strip() for part in str(err).splitlines() if part.strip())  # e.g. YAML errors
+        console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
         return 2
     return 0
 

@@ -13,6 +13,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from alignkit.errors import ConfigError
 
 
+class LoraOptions(BaseModel):
+    """LoRA adapters (peft) on the policy; the reference is the same model with the adapters disabled."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+    r: int = Field(8, gt=0, description="adapter rank")
+    alpha: float = Field(16.0, gt=0.0, description="scale alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", min_length=1, description="module names to adapt, or all-linear (every linear but the head)")
+    save: Literal["merged", "adapter"] = Field(
+        "merged", description="final save: the merged model (an ordinary HF dir) or the adapter only")
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
@@ -31,6 +45,7 @@ class TrainConfig(BaseModel):
     max_prompt_length: int | None = Field(None, gt=0, description="prompts keep their last this-many tokens")
     max_tokens_per_batch: int = Field(4096, gt=0, description="token budget of one micro-batch")
     max_tokens_per_row: int = Field(2048, gt=0, description="packed row length (examples per row up to this)")
+    sft_include_prompt: bool = Field(False, description="SFT: train on prompt (and non-assistant) tokens too")
     # Optimisation.
     learning_rate: float = Field(5e-6, gt=0.0)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -44,6 +59,14 @@ class TrainConfig(BaseModel):
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
     chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the vocabulary projection")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+    lora: LoraOptions | None = Field(None, description="train LoRA adapters: {r, alpha, dropout, target_modules, save}")
+    # Several processes (torchrun): how the model is spread; one process ignores it.
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a replica per rank; fsdp: FSDP2 sharding")
+    # Non-finite loss or gradients.
+    on_nonfinite: Literal["abort", "skip"] = Field("abort", description="abort, or skip the step (no update)")
+    max_skipped_steps: int = Field(10, ge=0, description="with on_nonfinite: skip, abort once more steps are skipped")
+    neftune_alpha: float = Field(0.0, ge=0.0, description="NEFTune embedding noise while training (0: off; paper: 5)")
     # Reference model.
     ref_cache: bool = Field(True, description="cache reference log-probs on disk, keyed by model+data+settings")
     # Bookkeeping.
@@ -63,7 +86,8 @@ class TrainConfig(BaseModel):
 
 def _first_error(err: ValidationError) -> ConfigError:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<config>"
+    # Unions add the member's type to the location ("lora.target_modules.list[str]"); keys never hold "[".
+    key = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and "[" in p)) or "<config>"
     if first["type"] == "extra_forbidden":
         return ConfigError(key, "unknown key (check the spelling; `alignkit <command> --help` lists the keys)")
     return ConfigError(key, f"{first['msg']} (got {first.get('input')!r})")
@@ -71,6 +95,8 @@ def _first_error(err: ValidationError) -> ConfigError:
 
 def _check_finite(values: dict[str, Any], prefix: str = "") -> None:
     for key, value in values.items():
+        if not isinstance(key, str):  # YAML allows `1: x` or `null: x`; a key is a name
+            raise ConfigError(prefix + repr(key), f"a key must be text, got {type(key).__name__}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(prefix + key, f"must be a finite number, got {value}")
         if isinstance(value, dict):
@@ -78,11 +104,13 @@ def _check_finite(values: dict[str, Any], prefix: str = "") -> None:
 
 
 def make_config(values: dict[str, Any], cls: type[BaseModel] = TrainConfig) -> BaseModel:
-    _check_finite(values)
     try:
+        _check_finite(values)
         return cls(**values)
     except ValidationError as err:
         raise _first_error(err) from None
+    except RecursionError:  # a YAML alias that contains itself (`a: &a [*a]`)
+        raise ConfigError("<config>", "a value refers to itself (YAML anchor inside its own alias)") from None
 
 
 class _YAMLLoader(yaml.SafeLoader):

@@ -28,6 +28,8 @@ SHAPES: dict[str, tuple[str, ...]] = {
     "lists": ("prompt", "responses", "scores"),
     "sft": ("prompt", "completion"),
     "prompts": ("prompt",),
+    # A whole conversation; every assistant turn is trained. An "sft" record may be a chat too (see fields_of).
+    "chat": ("messages",),
 }
 ON_BAD_RECORD = ("error", "skip")
 PROMPT_ROLES = ("system", "user", "assistant")
@@ -106,21 +108,34 @@ def validate_record(record: Any, shape: str, source: str = "<memory>", row: int 
         raise ConfigError("shape", f"unknown data shape '{shape}'; known: {', '.join(SHAPES)}")
     if not isinstance(record, dict):
         raise DataError(source, row, None, f"record is not a JSON object (got {_kind(record)})")
+    fields = fields_of(record, shape)
     try:
-        for field in SHAPES[shape]:
+        for field in fields:
             if field not in record:
                 raise _Invalid(field, "missing field")
-        _check_text(record["prompt"], "prompt", PROMPT_ROLES)
+        if "prompt" in fields:
+            _check_text(record["prompt"], "prompt", PROMPT_ROLES)
         for field in ("chosen", "rejected", "completion"):
-            if field in SHAPES[shape]:
+            if field in fields:
                 _check_text(record[field], field, RESPONSE_ROLES)
+        if "messages" in fields:
+            _check_chat(record["messages"])
         if shape == "unpaired":
             _check_label(record["label"])
         if shape == "lists":
             _check_lists(record["responses"], record["scores"])
+        if shape == "pairs" and "margin" in record:
+            _check_number(record["margin"], "margin")
     except _Invalid as bad:
         raise DataError(source, row, bad.field, bad.reason) from None
     return {**record, "_source": source, "_row": row}
+
+
+def fields_of(record: dict, shape: str) -> tuple[str, ...]:
+    """The fields `record` must have for `shape`: an "sft" record with `messages` and no `prompt` is a chat."""
+    if shape == "sft" and "messages" in record and "prompt" not in record:
+        return SHAPES["chat"]
+    return SHAPES[shape]
 
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
@@ -284,6 +299,17 @@ def _check_text(value: Any, field: str, roles: tuple[str, ...]) -> None:
         _check_string(message["content"], f"{where}.content")
 
 
+def _check_chat(messages: Any) -> None:
+    """A list of chat messages that opens with a system or user turn and holds at least one assistant turn."""
+    if not isinstance(messages, (list, tuple)):
+        raise _Invalid("messages", f"expected a list of chat messages, got {_kind(messages)}")
+    _check_text(messages, "messages", PROMPT_ROLES)
+    if messages[0]["role"] == "assistant":
+        raise _Invalid("messages[0].role", "a chat must open with a 'system' or 'user' turn, got 'assistant'")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise _Invalid("messages", "no 'assistant' turn: there is nothing to train on")
+
+
 def _check_string(value: Any, field: str) -> None:
     if not isinstance(value, str):
         raise _Invalid(field, f"expected a non-empty string, got {_kind(value)}")
@@ -299,6 +325,17 @@ def _check_label(value: Any) -> None:
     if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
         return
     raise _Invalid("label", f"expected true/false or 0/1, got {_kind(value)} {_preview(value)}")
+
+
+def _check_number(value: Any, field: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _Invalid(field, f"expected a number, got {_kind(value)}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
+        raise _Invalid(field, f"must be a finite number, got {_preview(value)}")
 
 
 def _check_lists(responses: Any, scores: Any) -> None:

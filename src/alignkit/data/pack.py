@@ -21,7 +21,8 @@ class PackedBatch:
     position_ids: torch.Tensor  # [R, T]
     example_ids: torch.Tensor  # [R, T] batch-local example index, -1 on padding
     segment_ids: torch.Tensor  # [R, T] 0 = prompt, i + 1 = response i, -1 on padding
-    # One entry per response token (flat, no padding):
+    # One entry per loss-carrying response token (flat, no padding; every response token unless the example
+    # has response_loss_masks):
     token_rows: torch.Tensor  # [N] row of the token
     token_pred_positions: torch.Tensor  # [N] column whose logits predict the token
     token_targets: torch.Tensor  # [N] the token id
@@ -38,6 +39,16 @@ class PackedBatch:
     @property
     def num_tokens(self) -> int:
         return int((self.example_ids >= 0).sum())
+
+    def response_last_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) of the last token of every response, [B * k] each, in sequence order (example * k + i):
+        where a sequence reward model reads its score."""
+        num_seq = self.num_examples * self.num_responses
+        rows, cols = (self.segment_ids > 0).nonzero(as_tuple=True)
+        seq = self.example_ids[rows, cols] * self.num_responses + self.segment_ids[rows, cols] - 1
+        last_cols = torch.full((num_seq,), -1, dtype=torch.long).scatter_reduce(0, seq, cols, "amax")
+        seq_rows = torch.zeros(num_seq, dtype=torch.long).scatter(0, seq, rows)
+        return seq_rows, last_cols
 
     def attention_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Additive 4-D mask [R, 1, T, T]: 0 where attention is allowed, the dtype's minimum elsewhere.
@@ -100,10 +111,15 @@ def pack(examples: list[TokenizedExample], example_indices: list[int] | None = N
                 segment_ids[r, col:col + n] = i + 1
                 # Token j of the response is predicted by the logits at the previous token:
                 # the prompt's last token for j = 0, else response token j - 1.
-                tok_pred.extend([prompt_last, *range(col, col + n - 1)])
-                tok_rows.extend([r] * n)
-                tok_target.extend(response)
-                tok_seq.extend([b * k + i] * n)
+                pred, targets = [prompt_last, *range(col, col + n - 1)], response
+                if example.response_loss_masks is not None:  # a chat: only assistant tokens carry loss
+                    trained = example.response_loss_masks[i]
+                    pred = [p for p, keep in zip(pred, trained) if keep]
+                    targets = [t for t, keep in zip(targets, trained) if keep]
+                tok_pred.extend(pred)
+                tok_rows.extend([r] * len(pred))
+                tok_target.extend(targets)
+                tok_seq.extend([b * k + i] * len(pred))
                 col += n
         # Padding continues positions so they stay within the model's range.
         position_ids[r, col:] = torch.arange(T - col)

@@ -41,3 +41,28 @@ def render(tokenizer, prompt, responses: list, source: str = "<memory>", row: in
                             "prompt + response", hint="use a chat template whose generation prompt starts the assistant turn")
         texts.append(full[len(head):])
     return head, texts
+
+
+def render_chat_turns(tokenizer, messages: list[dict], source: str = "<memory>", row: int | None = None,
+                      field: str = "messages") -> list[tuple[str, bool]]:
+    """A whole conversation as consecutive text pieces (text, trained): trained pieces are the assistant turns
+    (what each adds after the conversation so far, rendered with its generation prompt), every other piece is
+    the text between them (system and user turns, generation prompts). Messages after the last assistant turn
+    carry no loss and are dropped. The pieces concatenate to the template's rendering of the kept messages."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    pieces: list[tuple[str, bool]] = []
+    done = ""  # rendering of the conversation up to the end of the previous assistant turn
+    for i, message in enumerate(messages[:last + 1]):
+        if message["role"] != "assistant":
+            continue
+        head = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        full = render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False)
+        if not head.startswith(done) or not full.startswith(head):
+            raise DataError(source, row, f"{field}[{i}]", "the chat template does not render the conversation so far "
+                            "as a prefix of the conversation with this turn",
+                            hint="use a chat template that renders earlier turns the same way in every prefix")
+        if len(head) > len(done):
+            pieces.append((head[len(done):], False))
+        pieces.append((full[len(head):], True))
+        done = full
+    return pieces

@@ -34,3 +34,16 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
 
 def mean_words(texts: list[str]) -> float:
     return float(np.mean([len(t.split()) for t in texts])) if texts else 0.0
+
+
+def length_stats(texts: list[str], tokenizer=None) -> dict[str, float]:
+    """Words (and tokens, given a tokenizer) per text: mean, median, 90th percentile, max; share of empty texts."""
+    out: dict[str, float] = {"texts": len(texts), "empty_share": float(np.mean([not t.strip() for t in texts])) if texts else 0.0}
+    counts = {"words": [len(t.split()) for t in texts]}
+    if tokenizer is not None:
+        counts["tokens"] = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    for unit, values in counts.items():
+        values = np.asarray(values or [0], dtype=np.float64)
+        out.update({f"{unit}_mean": float(values.mean()), f"{unit}_median": float(np.median(values)),
+                    f"{unit}_p90": float(np.quantile(values, 0.9)), f"{unit}_max": float(values.max())})
+    return out

@@ -29,3 +29,41 @@ def plot_curves(runs: dict[str, list[dict]], keys: list[str], path: str | Path, 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_reward_histograms(rewards: dict[str, list[float]], path: str | Path, title: str = "") -> Path:
+    """Overlaid reward histograms, one per model (name -> rewards), with the mean in the legend."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    values = [v for series in rewards.values() for v in series]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    bins = [low + (high - low) * i / 20 for i in range(21)] if high > low else 20
+    for name, series in rewards.items():
+        mean = sum(series) / len(series) if series else float("nan")
+        ax.hist(series, bins=bins, alpha=0.55, label=f"{name} (mean {mean:+.3f})")
+    ax.set_xlabel("reward")
+    ax.set_ylabel("responses")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_table(rows: list[list[str]], path: str | Path, title: str = "") -> Path:
+    """A table (first row = header) drawn as a PNG: e.g. win rates raw / swapped / calibrated."""
+    fig, ax = plt.subplots(figsize=(1.9 * len(rows[0]), 0.45 * len(rows) + 0.8))
+    ax.axis("off")
+    table = ax.table(cellText=rows[1:], colLabels=rows[0], loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table.scale(1, 1.4)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

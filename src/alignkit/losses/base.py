@@ -40,8 +40,8 @@ class RunningMean:
 
 @dataclass
 class LossInputs:
-    logps: torch.Tensor  # [B, k] summed log-probs of each response under the policy
-    lengths: torch.Tensor  # [B, k] response token counts (float)
+    logps: torch.Tensor | None  # [B, k] summed log-probs of each response under the policy; None for reward models
+    lengths: torch.Tensor  # [B, k] response token counts (float; loss-carrying tokens only)
     ref_logps: torch.Tensor | None = None  # [B, k] same under the reference model
     token_logps: torch.Tensor | None = None  # [B, k, T] per-token policy log-probs, 0 where masked
     ref_token_logps: torch.Tensor | None = None  # [B, k, T]
@@ -56,6 +56,12 @@ class LossInputs:
     token_weights: torch.Tensor | None = None  # [B, k, T] mask m_t >= 0 on the log-ratio term
     kl_token_weights: torch.Tensor | None = None  # [B, k, T] mask on the KL term; None = same as token_weights
     reward_shift: RunningMean | None = None  # BCO's running mean of rewards before this batch (kept by the loop)
+    # Token-mean losses: mean of `lengths` over the examples of the whole optimizer step, per column [k]; dividing
+    # each example's summed loss by it makes the loop's mean over examples a token-mean over the step.
+    step_mean_lengths: torch.Tensor | None = None
+    # Reward models (LossSpec.output == "rewards"): one scalar per response instead of log-probs
+    rewards: torch.Tensor | None = None  # [B, k]
+    margins: torch.Tensor | None = None  # [B] per-pair margin from the data's optional "margin" field
 
     @property
     def chosen_logps(self) -> torch.Tensor:

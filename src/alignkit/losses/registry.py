@@ -9,7 +9,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from alignkit.errors import ConfigError
-from alignkit.losses import listwise, negatives, pairwise, reference_free, tokenlevel, unpaired
+from alignkit.losses import (
+    bonbon,
+    listwise,
+    negatives,
+    pairwise,
+    reference_free,
+    reward,
+    tokenlevel,
+    unpaired,
+)
 from alignkit.losses.dpo import DPOOptions, dpo_loss
 from alignkit.losses.sft import SFTOptions, sft_loss
 
@@ -27,6 +36,9 @@ class LossSpec:
     needs_reference: bool
     paper: str
     needs_token_logps: bool = False
+    # What the loop computes for the loss: "logps" (log-probs of a causal LM) or "rewards" (one scalar per
+    # response from a sequence-classification head: reward models).
+    output: str = "logps"
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -34,6 +46,7 @@ LOSSES: dict[str, LossSpec] = {}
 
 def register(spec: LossSpec) -> None:
     assert spec.data_shape in DATA_SHAPES, spec.data_shape
+    assert spec.output in ("logps", "rewards"), spec.output
     LOSSES[spec.name] = spec
 
 
@@ -61,6 +74,11 @@ register(LossSpec("sparsepo", tokenlevel.sparsepo_loss, tokenlevel.SparsePOOptio
                   needs_token_logps=True))
 # D2O's list is (negative, K self-samples): column 0 is the negative; scores are not used.
 register(LossSpec("d2o", negatives.d2o_loss, negatives.D2OOptions, "lists", True, "arXiv 2403.03419"))
+# BoNBoN: pairs are best vs worst of n samples (decode/bonbon.py makes them); beta = bonbon_beta(n).
+register(LossSpec("bonbon", bonbon.bonbon_loss, bonbon.BonBonOptions, "pairs", True, "arXiv 2406.00832"))
+# Reward model: Bradley–Terry on scalar rewards (`alignkit rm`); centering arXiv 2312.09244.
+register(LossSpec("rm", reward.bradley_terry_loss, reward.RewardModelOptions, "pairs", False, "arXiv 2203.02155",
+                  output="rewards"))
 
 
 def get_loss(name: str) -> LossSpec:

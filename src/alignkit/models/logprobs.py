@@ -51,8 +51,8 @@ class ChunkedTokenLogps(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
                 logits = _chunk_logits(hidden[start:start + chunk_size], weight, bias, compute_dtype)
-                target = targets[start:start + chunk_size]
-                out[start:start + chunk_size] = logits.gather(1, target[:, None]).squeeze(1) - logits.logsumexp(1)
+                target_logits = logits.gather(1, targets[start:start + chunk_size, None]).squeeze(1)
+                out[start:start + chunk_size] = target_logits - _logsumexp_(logits)
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
         return out
@@ -62,23 +62,25 @@ class ChunkedTokenLogps(torch.autograd.Function):
         hidden, weight, bias, targets = ctx.saved_tensors
         chunk_size, compute_dtype = ctx.chunk_size, ctx.compute_dtype
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        grad_weight = grad_bias = None  # fp32 sums over chunks; the first chunk's product starts them
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
                 h = hidden[start:start + chunk_size]
-                logits = _chunk_logits(h, weight, bias, compute_dtype)
                 g = grad_out[start:start + chunk_size].float()
-                # d/dlogits of (logit[target] - logsumexp) = onehot - softmax.
-                grad_logits = -torch.softmax(logits, 1) * g[:, None]
+                # d/dlogits of (logit[target] - logsumexp) = onehot - softmax, built in place in the logits
+                # buffer: one [chunk, vocab] buffer alive instead of three (backward starts at peak memory).
+                grad_logits = _softmax_(_chunk_logits(h, weight, bias, compute_dtype)).mul_(-g[:, None])
                 grad_logits[torch.arange(len(g)), targets[start:start + chunk_size]] += g
                 grad_logits = grad_logits.to(compute_dtype)
                 if grad_hidden is not None:
                     grad_hidden[start:start + chunk_size] = (grad_logits @ weight.to(compute_dtype)).to(hidden.dtype)
-                if grad_weight is not None:
-                    grad_weight += (grad_logits.T @ h.to(compute_dtype)).float()
-                if grad_bias is not None:
-                    grad_bias += grad_logits.float().sum(0)
+                if ctx.needs_input_grad[1]:
+                    part = (grad_logits.T @ h.to(compute_dtype)).float()
+                    grad_weight = part if grad_weight is None else grad_weight.add_(part)
+                if bias is not None and ctx.needs_input_grad[2]:
+                    part = grad_logits.float().sum(0)
+                    grad_bias = part if grad_bias is None else grad_bias.add_(part)
+                del grad_logits
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
@@ -89,8 +91,20 @@ class ChunkedTokenLogps(torch.autograd.Function):
 def _chunk_logits(h, weight, bias, compute_dtype):
     logits = h.to(compute_dtype) @ weight.to(compute_dtype).T
     if bias is not None:
-        logits = logits + bias.to(compute_dtype)
+        logits.add_(bias.to(compute_dtype))
     return logits.float()
+
+
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over dim 1, overwriting `logits` (torch.logsumexp would allocate a second [chunk, vocab])."""
+    maxes = logits.amax(1, keepdim=True)
+    return logits.sub_(maxes).exp_().sum(1).log_() + maxes.squeeze(1)
+
+
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over dim 1, in place."""
+    logits.sub_(logits.amax(1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(1, keepdim=True))
 
 
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
@@ -117,8 +131,28 @@ def packed_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
     return out[0]
 
 
+class PackedForward(torch.nn.Module):
+    """response_logprobs as a module's forward, so DDP and FSDP2 see (and hook) every training forward.
+    The output is a tuple (token_logps, seq_logps, lengths) so their hooks find the tensors."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: PackedBatch, chunk_size: int = 1024):
+        out = response_logprobs(self.model, batch, chunk_size)
+        return out.token_logps, out.seq_logps.clone(), out.lengths  # clone: FSDP2 hooks must not see a view
+
+
+def _wraps_packed_forward(model) -> bool:
+    return isinstance(model, PackedForward) or isinstance(getattr(model, "module", None), PackedForward)
+
+
 def response_logprobs(model, batch: PackedBatch, chunk_size: int = 1024) -> ResponseLogProbs:
-    """Per-token and per-sequence log-probs of every response token in the batch (prompt tokens get none)."""
+    """Per-token and per-sequence log-probs of every response token in the batch (prompt tokens get none).
+    `model` is a causal LM, a peft model, or a PackedForward (bare, DDP-wrapped or FSDP2-sharded)."""
+    if _wraps_packed_forward(model):
+        return ResponseLogProbs(*model(batch, chunk_size))
     hidden = packed_hidden_states(model, batch)
     device = hidden.device
     rows, cols = batch.token_rows.to(device), batch.token_pred_positions.to(device)

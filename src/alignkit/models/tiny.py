@@ -6,6 +6,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
     GPT2Config,
     LlamaConfig,
     PreTrainedTokenizerFast,
@@ -53,7 +55,13 @@ def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2,
             vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
             pad_token_id=0, bos_token_id=2, eos_token_id=3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         )
-    raise ValueError(f"unknown tiny model family '{family}' (llama, qwen2, gpt2)")
+    if family == "bert":  # an encoder, for reward models only
+        return BertConfig(
+            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=max_positions, pad_token_id=0,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0,
+        )
+    raise ValueError(f"unknown tiny model family '{family}' (llama, qwen2, gpt2, bert)")
 
 
 def build_tiny_model(family: str, vocab_size: int, seed: int = 0, attn_implementation: str = "sdpa", **sizes):
@@ -61,3 +69,12 @@ def build_tiny_model(family: str, vocab_size: int, seed: int = 0, attn_implement
     config = tiny_config(family, vocab_size, **sizes)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     return model
+
+
+def build_tiny_reward_model(family: str, vocab_size: int, seed: int = 0, attn_implementation: str = "sdpa", **sizes):
+    """A tiny AutoModelForSequenceClassification with one label (a reward model) on a decoder or BERT backbone."""
+    torch.manual_seed(seed)
+    config = tiny_config(family, vocab_size, **sizes)
+    config.num_labels = 1
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation,
+                                                          dtype=torch.float32)

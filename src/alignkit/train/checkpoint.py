@@ -1,45 +1,103 @@
-"""Checkpoints: HF-format weights (safetensors) + optimizer/scheduler/RNG state, written atomically.
+"""Checkpoints: HF-format weights (safetensors; the adapter only under LoRA) + optimizer, scheduler and the
+RNG states of every rank (torch, CUDA, Python, NumPy), written atomically.
 
-A checkpoint directory is built under a temporary name and renamed into place, so a run killed while
-saving never leaves a directory that looks complete. Loading walks back from the newest checkpoint and
-skips (with a message) any that fails to load."""
+A checkpoint directory is built under a temporary name and renamed into place, and trainer_state.json is
+written last, so a run killed while saving never leaves a directory that looks complete. Loading walks back
+from the newest checkpoint and skips (with a message) any that fails to load; nothing is unpickled but
+plain tensors and containers (torch.load(weights_only=True)), and weights are read from safetensors only."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from alignkit.errors import AlignkitError
+from alignkit.models.lora import is_peft, load_adapter_weights
+from alignkit.train.distributed import (
+    Dist,
+    barrier,
+    full_model_state,
+    full_optimizer_state,
+    gather_objects,
+    load_optimizer_state,
+)
+
 log = logging.getLogger("alignkit.train")
 STATE_FILE = "trainer_state.json"
+TRAINER_FILE = "trainer.pt"
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep_last: int) -> Path:
+def rng_state() -> dict:
+    """This process's random number generators, as tensors and plain values (loadable with weights_only)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep_last: int, *,
+                    rng_states: list[dict] | None = None, model_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
+    """Write checkpoint `step`. rng_states: one per rank (default: this process's); model_state and
+    optimizer_state: gathered full states where the live ones are sharded (FSDP2)."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    extra = {"state_dict": model_state} if model_state is not None else {}
+    model.save_pretrained(tmp, safe_serialization=True, **extra)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}))
+    torch.save({"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                "scheduler": scheduler.state_dict(), "rng": rng_states or [rng_state()]}, tmp / TRAINER_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}))  # last: the directory is complete
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(root.glob("step-*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@dataclass
+class Resumed:
+    path: Path
+    state: dict  # trainer_state.json: step, skipped_steps
+    optimizer: dict
+    scheduler: dict
+    rng: list[dict]  # one per rank of the run that saved it
+
+    @property
+    def step(self) -> int:
+        return self.state["step"]
+
+    def rng_for(self, rank: int) -> dict:
+        return self.rng[rank] if rank < len(self.rng) else self.rng[0]
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -52,25 +110,72 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def load_latest_checkpoint(output_dir, model, optimizer, scheduler) -> dict | None:
-    """Restore the newest loadable checkpoint into model/optimizer/scheduler; returns its state or None."""
+def _load_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    if is_peft(model):
+        load_adapter_weights(model, weights)
+        return
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # Tied weights are saved once; anything else missing means a broken checkpoint.
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or any(k not in tied and not k.endswith("lm_head.weight") for k in missing):
+        raise ValueError(f"weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def remove_partial_saves(output_dir) -> None:
+    """Delete the temporary directories of saves that were killed before their rename."""
+    for tmp in sorted(checkpoint_root(output_dir).glob(".tmp-step-*")):
+        log.warning("removing %s: a checkpoint save that did not finish (the run was stopped while saving)", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_latest_checkpoint(output_dir, model) -> Resumed | None:
+    """The newest readable checkpoint, with its weights loaded into `model` (the rest is returned to restore
+    once the optimizer exists); None when there is none. An unreadable checkpoint (truncated weights, no
+    trainer_state.json, a damaged trainer.pt) is skipped with a warning and the previous one is tried."""
     root = checkpoint_root(output_dir)
     for path in sorted(root.glob("step-*"), reverse=True):
         try:
             state = json.loads((path / STATE_FILE).read_text())
-            trainer = torch.load(path / "trainer.pt", weights_only=True)
-            weights = _weights(path)
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-            # Tied weights are saved once; anything else missing means a broken checkpoint.
-            tied = set(getattr(model, "_tied_weights_keys", None) or [])
-            if unexpected or any(k not in tied and not k.endswith("lm_head.weight") for k in missing):
-                raise ValueError(f"weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-            optimizer.load_state_dict(trainer["optimizer"])
-            scheduler.load_state_dict(trainer["scheduler"])
-            torch.set_rng_state(trainer["torch_rng"])
+            if not isinstance(state.get("step"), int):
+                raise ValueError(f"{STATE_FILE} has no step")
+            trainer = torch.load(path / TRAINER_FILE, weights_only=True)
+            resumed = Resumed(path, state, trainer["optimizer"], trainer["scheduler"], trainer["rng"])
+            _load_weights(model, _weights(path))
         except Exception as err:  # noqa: BLE001 - any failure means: fall back to the previous checkpoint
             log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, err)
             continue
-        log.info("resumed from %s (step %d)", path, state["step"])
-        return state
+        log.info("resumed from %s (step %d)", path, resumed.step)
+        return resumed
     return None
+
+
+def save_from_ranks(output_dir, step: int, model, tokenizer, optimizer, scheduler, train_model, ctx: Dist,
+                    state: dict, keep_last: int) -> None:
+    """Every rank calls this: the states are gathered (RNG of each rank; weights and optimizer under FSDP2),
+    rank 0 writes the checkpoint, and all wait for it."""
+    model_state = full_model_state(model, train_model)
+    optimizer_state = full_optimizer_state(model, optimizer, train_model)
+    rng_states = gather_objects(rng_state(), ctx)
+    if ctx.is_main:
+        save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, state, keep_last,
+                        rng_states=rng_states, model_state=model_state, optimizer_state=optimizer_state)
+    barrier(ctx)
+
+
+def restore_training_state(resumed: Resumed | None, model, optimizer, scheduler, train_model, ctx: Dist) -> tuple[int, int]:
+    """Load the optimizer, scheduler and this rank's RNG state of `resumed`; returns (first step to run,
+    steps skipped so far). Every rank must have found the same checkpoint."""
+    found = gather_objects(resumed.step if resumed else 0, ctx)
+    if len(set(found)) > 1:
+        raise AlignkitError(f"ranks found different checkpoints (steps {found}); output_dir must be one directory "
+                            "that every rank sees (a shared filesystem)")
+    if resumed is None:
+        return 0, 0
+    try:
+        load_optimizer_state(model, optimizer, train_model, resumed.optimizer)
+        scheduler.load_state_dict(resumed.scheduler)
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise AlignkitError(f"{resumed.path}: its optimizer state does not fit this run ({err}); resume with the "
+                            "settings it was saved with (model, lora, distributed), or use a new output_dir") from None
+    set_rng_state(resumed.rng_for(ctx.rank))
+    return resumed.step, int(resumed.state.get("skipped_steps", 0))

@@ -19,12 +19,34 @@ import torch
 from alignkit.config import TrainConfig
 from alignkit.data import TokenizedExample, prepare_examples
 from alignkit.data.pack import PackedBatch, pack, token_budget_batches
-from alignkit.errors import AlignkitError
+from alignkit.data.tokenize import train_on_prompt
+from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses import LossInputs, build_options, get_loss
 from alignkit.losses.sft import SFTOptions, sft_loss
 from alignkit.models.logprobs import response_logprobs
-from alignkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from alignkit.models.lora import apply_lora, merged_for_save
+from alignkit.models.reward import prepare_reward_examples, sequence_rewards
+from alignkit.train.checkpoint import (
+    load_latest_checkpoint,
+    remove_partial_saves,
+    restore_training_state,
+    save_from_ranks,
+)
+from alignkit.train.distributed import (
+    Dist,
+    barrier,
+    full_model_state,
+    gradient_sync,
+    init_distributed,
+    shard_steps,
+    shutdown,
+    sum_over_ranks,
+    total_norm,
+    wrap_model,
+)
+from alignkit.train.guards import nonfinite_reason, skip_or_abort
 from alignkit.train.logging import MetricsLog
+from alignkit.train.neftune import neftune
 from alignkit.train.reference import reference_logps, score_examples
 
 
@@ -79,11 +101,27 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return factor
 
 
+def mean_trained_lengths(examples: list[TokenizedExample], indices) -> torch.Tensor:
+    """[k] mean loss-carrying token count of each response column over examples[indices] (for token-means);
+    a column counts the examples that have it (list data may hold different k)."""
+    lengths = [examples[i].trained_lengths for i in indices]
+    totals, counts = torch.zeros(max(map(len, lengths))), torch.zeros(max(map(len, lengths)))
+    for row in lengths:
+        totals[:len(row)] += torch.tensor(row, dtype=torch.float32)
+        counts[:len(row)] += 1
+    return totals / counts.clamp(min=1)
+
+
 def compute_losses(model, batch: PackedBatch, examples: list[TokenizedExample], spec, opts, ref: Reference | None,
-                   cfg: TrainConfig):
-    """Per-example losses and metrics of one packed micro-batch."""
-    out = response_logprobs(model, batch, cfg.chunk_size)
-    inputs = LossInputs(logps=out.seq_logps.float(), lengths=out.lengths)
+                   cfg: TrainConfig, step_mean_lengths: torch.Tensor | None = None):
+    """Per-example losses and metrics of one packed micro-batch. step_mean_lengths: see LossInputs."""
+    if spec.output == "rewards":  # a reward model: one scalar per response instead of log-probs
+        rewards = sequence_rewards(model, batch).float()
+        inputs = LossInputs(logps=None, lengths=batch.seq_lengths.to(rewards.device), rewards=rewards)
+    else:
+        out = response_logprobs(model, batch, cfg.chunk_size)
+        inputs = LossInputs(logps=out.seq_logps.float(), lengths=out.lengths)
+    inputs.step_mean_lengths = step_mean_lengths
     if ref is not None:
         ref_seq, ref_tokens = ref.for_batch(batch)
         inputs.ref_logps = ref_seq.to(inputs.logps.device)
@@ -97,11 +135,14 @@ def compute_losses(model, batch: PackedBatch, examples: list[TokenizedExample], 
         inputs.labels = torch.tensor([float(e.extras["label"]) for e in chosen])
     if "scores" in chosen[0].extras:
         inputs.scores = torch.tensor([e.extras["scores"] for e in chosen], dtype=torch.float32)
+    if any("margin" in e.extras for e in chosen):
+        inputs.margins = torch.tensor([float(e.extras.get("margin", 0.0)) for e in chosen])
     losses, metrics = spec.fn(inputs, opts)
     metrics = dict(metrics)
-    metrics["logps/chosen"] = inputs.logps[:, 0].detach()
-    if inputs.logps.shape[1] > 1:
-        metrics["logps/rejected"] = inputs.logps[:, 1].detach()
+    if inputs.logps is not None:
+        metrics["logps/chosen"] = inputs.logps[:, 0].detach()
+        if inputs.logps.shape[1] > 1:
+            metrics["logps/rejected"] = inputs.logps[:, 1].detach()
     if cfg.sft_weight > 0:
         nll, _ = sft_loss(inputs, SFTOptions())
         losses = losses + cfg.sft_weight * nll
@@ -124,10 +165,11 @@ def evaluate(model, examples, spec, opts, ref: Reference | None, cfg: TrainConfi
     model.eval()
     sums: dict[str, float] = {}
     loss_sum = 0.0
+    mean_lengths = mean_trained_lengths(examples, range(len(examples)))
     for indices in token_budget_batches(examples, cfg.max_tokens_per_batch, seed=0, shuffle=False):
         batch = pack([examples[i] for i in indices], indices, cfg.max_tokens_per_row, pad_token_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            losses, metrics = compute_losses(model, batch, examples, spec, opts, ref, cfg)
+        with torch.autocast(_device_type(model), dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            losses, metrics = compute_losses(model, batch, examples, spec, opts, ref, cfg, mean_lengths)
         loss_sum += float(losses.sum())
         _accumulate(sums, metrics)
     model.train(was_training)
@@ -138,7 +180,8 @@ def evaluate(model, examples, spec, opts, ref: Reference | None, cfg: TrainConfi
 
 def load_data(cfg: TrainConfig, tokenizer, shape: str):
     def prep(source):
-        return prepare_examples(source, tokenizer, shape, cfg.max_length, cfg.max_prompt_length, cfg.on_bad_record)
+        examples = prepare_examples(source, tokenizer, shape, cfg.max_length, cfg.max_prompt_length, cfg.on_bad_record)
+        return [train_on_prompt(e) for e in examples] if cfg.sft_include_prompt else examples
 
     train_examples = prep(cfg.train_data)
     if cfg.eval_data is not None:
@@ -151,21 +194,85 @@ def load_data(cfg: TrainConfig, tokenizer, shape: str):
     return train_examples, []
 
 
+def _device_type(model) -> str:
+    return next(model.parameters()).device.type
+
+
+def prepare_model(model, cfg: TrainConfig, ctx: Dist, reward_model: bool):
+    """This rank's device (several processes), gradient checkpointing, LoRA adapters."""
+    if reward_model and (cfg.lora is not None or ctx.enabled):
+        key = "lora" if cfg.lora is not None else "distributed"
+        raise ConfigError(key, "reward-model training runs in one process without lora for now")
+    if ctx.device is not None:
+        model.to(ctx.device)
+    if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA), DDP and FSDP2
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return apply_lora(model, cfg.lora) if cfg.lora is not None else model
+
+
+def backward_micro_batches(train_model, model, micro_batches, n_examples: int, step_lengths, examples, spec, opts,
+                           ref, cfg: TrainConfig, pad_id: int, ctx: Dist) -> dict[str, float]:
+    """Forward + backward of this rank's micro-batches of one step; gradients are reduced over ranks on the
+    last one. Returns this rank's sums: '_loss' (its part of the step's mean loss), '_tokens', each metric."""
+    sums: dict[str, float] = {"_loss": 0.0, "_tokens": 0.0}
+    for i, indices in enumerate(micro_batches):
+        batch = pack([examples[j] for j in indices], indices, cfg.max_tokens_per_row, pad_id)
+        with gradient_sync(train_model, enabled=i == len(micro_batches) - 1):
+            with torch.autocast(_device_type(model), dtype=torch.bfloat16, enabled=cfg.precision == "bf16"), \
+                    neftune(model, batch, cfg.neftune_alpha):
+                losses, metrics = compute_losses(train_model, batch, examples, spec, opts, ref, cfg, step_lengths)
+            loss = losses.sum() / n_examples  # mean over the whole optimizer step (all ranks), whatever the split
+            (loss * ctx.world_size).backward()  # DDP / FSDP2 average gradients over ranks: this makes it the sum
+        sums["_loss"] += loss.item()
+        sums["_tokens"] += batch.num_tokens
+        _accumulate(sums, metrics)
+    return sums
+
+
 def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
+    """Train `model` (default: load cfg.model) with cfg.loss. Under torchrun every rank runs this same function
+    (see train/distributed.py); the results are the same as one process with the same global batches."""
+    ctx = init_distributed()
+    try:
+        return _train(cfg, model, tokenizer, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     set_seed(cfg.seed)
     spec = get_loss(cfg.loss)
     opts = build_options(spec, cfg.loss_options)
-    if model is None:
+    if cfg.sft_include_prompt and spec.data_shape != "sft":
+        raise ConfigError("sft_include_prompt", f"applies to SFT data only; loss '{cfg.loss}' trains on {spec.data_shape}")
+    if spec.output == "rewards" and cfg.sft_weight > 0:
+        raise ConfigError("sft_weight", f"loss '{cfg.loss}' trains a reward model, which has no log-probs; set 0")
+    if model is None and spec.output == "rewards":
+        from alignkit.models.reward import load_reward_model
+
+        model, tokenizer = load_reward_model(cfg.model)
+    elif model is None:
         from alignkit.models.resolve import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(cfg.model)
     if cfg.train_data is None:
         raise AlignkitError("config key 'train_data': required (a JSONL or Parquet file)")
     train_examples, eval_examples = load_data(cfg, tokenizer, spec.data_shape)
+    if spec.output == "rewards":  # encoders read [CLS] prompt [SEP] response [SEP]
+        train_examples = prepare_reward_examples(model, tokenizer, train_examples, cfg.max_length)
+        eval_examples = prepare_reward_examples(model, tokenizer, eval_examples, cfg.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    steps = plan_steps(train_examples, cfg)
+    local_steps = shard_steps(steps, ctx)  # this rank's micro-batches of each step (all of them in one process)
+    model = prepare_model(model, cfg, ctx, reward_model=spec.output == "rewards")
+    # Only now, with config, data and plan checked, is anything written.
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
 
     train_ref = eval_ref = None
     if spec.needs_reference:  # the reference is the starting policy: score once before any update
@@ -174,61 +281,69 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         if eval_examples:
             eval_ref = Reference(*reference_logps(model, eval_examples, *ref_args))
 
-    steps = plan_steps(train_examples, cfg)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+    if ctx.is_main:
+        remove_partial_saves(out_dir)
+    resumed = load_latest_checkpoint(out_dir, model)  # weights now; optimizer, scheduler and RNG once they exist
+    train_model = wrap_model(model, cfg.distributed, ctx, lora=cfg.lora is not None)  # the model, or DDP / FSDP2
+    optimizer = torch.optim.AdamW([p for p in train_model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(steps)))
-    resumed = load_latest_checkpoint(out_dir, model, optimizer, scheduler)
-    start = resumed["step"] if resumed else 0
-    _truncate_metrics(out_dir, start)
-    logger = MetricsLog(out_dir, len(steps), start, cfg.progress)
-    model.train()
+    start, skipped = restore_training_state(resumed, model, optimizer, scheduler, train_model, ctx)
+    logger = None
+    if ctx.is_main:
+        _truncate_metrics(out_dir, start)
+        logger = MetricsLog(out_dir, len(steps), start, cfg.progress)
+    train_model.train()
     metrics_out: dict[str, float] = {}
     try:
         for step in range(start, len(steps)):
             tic = time.perf_counter()
-            micro_batches = steps[step]
-            n_examples = sum(len(mb) for mb in micro_batches)
-            sums: dict[str, float] = {}
-            loss_total, tokens = 0.0, 0
-            for indices in micro_batches:
-                batch = pack([train_examples[i] for i in indices], indices, cfg.max_tokens_per_row, pad_id)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                    losses, metrics = compute_losses(model, batch, train_examples, spec, opts, train_ref, cfg)
-                loss = losses.sum() / n_examples  # mean over the whole optimizer step, whatever the split
-                if not torch.isfinite(loss):
-                    raise AlignkitError(f"step {step + 1}: loss is {float(loss)}; lower learning_rate or check the data")
-                loss.backward()
-                loss_total += loss.item()
-                tokens += batch.num_tokens
-                _accumulate(sums, metrics)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            if not torch.isfinite(grad_norm):
-                raise AlignkitError(f"step {step + 1}: gradient norm is {float(grad_norm)}; lower learning_rate")
-            optimizer.step()
+            n_examples = sum(len(mb) for mb in steps[step])  # the whole step, over all ranks
+            step_lengths = mean_trained_lengths(train_examples, [i for mb in steps[step] for i in mb])
+            sums = sum_over_ranks(backward_micro_batches(train_model, model, local_steps[step], n_examples, step_lengths,
+                                                         train_examples, spec, opts, train_ref, cfg, pad_id, ctx), ctx)
+            loss_total, tokens = sums.pop("_loss"), sums.pop("_tokens")
+            grad_norm = float(total_norm(torch.nn.utils.clip_grad_norm_(train_model.parameters(),
+                                                                        cfg.max_grad_norm or float("inf"))))
+            done = step + 1
+            problem = nonfinite_reason(loss_total, grad_norm)  # the same on every rank: both are global values
+            if problem is None:
+                optimizer.step()
+            else:
+                skipped = skip_or_abort(problem, done, skipped, cfg)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            metrics_out = {"loss": loss_total, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+            metrics_out = {"loss": loss_total, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                            "tokens_per_s": tokens / (time.perf_counter() - tic), "examples": n_examples,
                            **_mean_metrics(sums, n_examples)}
+            if problem is not None:  # no NaN in the log: the step's values are dropped
+                metrics_out = {"lr": metrics_out["lr"], "examples": n_examples, "skipped": 1, "skipped_steps": skipped}
             last = done == len(steps)
             if eval_examples and (last or cfg.eval_every and done % cfg.eval_every == 0):
-                metrics_out.update(evaluate(model, eval_examples, spec, opts, eval_ref, cfg, pad_id))
-            if done % cfg.log_every == 0 or last or "eval/loss" in metrics_out:
+                metrics_out.update(evaluate(train_model, eval_examples, spec, opts, eval_ref, cfg, pad_id))
+            if logger is not None and (done % cfg.log_every == 0 or last or "eval/loss" in metrics_out):
                 logger.write(done, metrics_out)
             if not last and cfg.save_every and done % cfg.save_every == 0:
-                save_checkpoint(out_dir, done, model, tokenizer, optimizer, scheduler, {}, cfg.keep_last)
+                save_from_ranks(out_dir, done, model, tokenizer, optimizer, scheduler, train_model, ctx,
+                                {"skipped_steps": skipped}, cfg.keep_last)
     finally:
-        logger.close()
-    save_final(model, tokenizer, out_dir / "final")
+        if logger is not None:
+            logger.close()
+    model_state = full_model_state(model, train_model)  # gathered to rank 0 under FSDP2 (every rank calls it)
+    model = merged_for_save(model, cfg.lora.save if cfg.lora is not None else "merged")
+    if ctx.is_main:
+        save_final(model, tokenizer, out_dir / "final", model_state)
+    barrier(ctx)
     return TrainResult(model, tokenizer, metrics_out, out_dir)
 
 
-def save_final(model, tokenizer, path: Path) -> None:
-    """HF-format model (safetensors) + tokenizer, loadable with AutoModelForCausalLM.from_pretrained."""
+def save_final(model, tokenizer, path: Path, state_dict: dict | None = None) -> None:
+    """HF-format model (safetensors) + tokenizer, loadable with AutoModelForCausalLM.from_pretrained (reward
+    models: AutoModelForSequenceClassification; LoRA with save: adapter: peft's adapter directory).
+    state_dict: the gathered weights where the model's own are sharded (FSDP2)."""
     tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed while saving
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
@@ -240,8 +355,16 @@ def _truncate_metrics(out_dir: Path, step: int) -> None:
     path = out_dir / "metrics.jsonl"
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
     path.write_text("".join(line + "\n" for line in keep))
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; infinite for a blank line or one cut short by a killed run (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 __all__ = ["TrainResult", "evaluate", "score_examples", "train"]

@@ -1,7 +1,8 @@
 """Reference log-probs: computed once (no grad, eval mode) and cached on disk.
 
 The cache key is a fingerprint of the model weights, the tokenised examples and the settings that change
-the numbers (precision, chunking does not), so a changed model, dataset or tokenisation misses the cache."""
+the numbers (precision, chunking does not), so a changed model, dataset or tokenisation misses the cache.
+Under LoRA the reference is the base model: the adapters are disabled (and left out of the fingerprint)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from alignkit.data.pack import pack, token_budget_batches
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.models.logprobs import response_logprobs
+from alignkit.models.lora import adapters_disabled
 
 log = logging.getLogger("alignkit.train")
 
@@ -27,6 +29,8 @@ def cache_dir() -> Path:
 def weights_fingerprint(model) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:  # adapters are off while scoring the reference: only the base weights count
+            continue
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
@@ -37,6 +41,8 @@ def examples_fingerprint(examples: list[TokenizedExample]) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for example in examples:
         digest.update(repr((example.prompt_ids, example.response_ids)).encode())
+        if example.response_loss_masks is not None:  # chats: which tokens carry loss changes the log-probs kept
+            digest.update(repr(example.response_loss_masks).encode())
     return digest.hexdigest()
 
 
@@ -65,7 +71,15 @@ def score_examples(model, examples: list[TokenizedExample], max_tokens_per_batch
 
 def reference_logps(model, examples, max_tokens_per_batch, max_tokens_per_row, pad_token_id, precision="fp32",
                     chunk_size=1024, use_cache=True):
-    """Reference log-probs of `examples` under `model`, from the disk cache when the fingerprint matches."""
+    """Reference log-probs of `examples` under `model` with any LoRA adapters disabled (so the reference
+    is the base model, with no second copy of it), from the disk cache when the fingerprint matches."""
+    with adapters_disabled(model):
+        return _reference_logps(model, examples, max_tokens_per_batch, max_tokens_per_row, pad_token_id, precision,
+                                chunk_size, use_cache)
+
+
+def _reference_logps(model, examples, max_tokens_per_batch, max_tokens_per_row, pad_token_id, precision, chunk_size,
+                     use_cache):
     if not use_cache:
         return score_examples(model, examples, max_tokens_per_batch, max_tokens_per_row, pad_token_id, precision, chunk_size)
     key = hashlib.blake2b(

@@ -1,0 +1,174 @@
+"""What every decoding-time method shares: its result with compute accounting, and token-level helpers
+(an incremental KV-cached decoder over a left-padded batch, greedy lookahead rollouts, candidate choice).
+
+Compute is counted in sequence-steps: one forward of one sequence by one token is one forward pass, whether
+it ran alone or in a batch; a prompt's prefill is counted with its first generated token. Scoring-only
+forwards (Transfer Q*'s log-probs of a continuation) count one pass per sequence scored."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from alignkit.generate.sample import prompt_texts
+
+
+@dataclass
+class Compute:
+    generated_tokens: int = 0  # tokens produced by any model: kept, discarded candidates and lookaheads
+    forward_passes: int = 0  # sequence-steps (see the module docstring)
+    reward_calls: int = 0  # (prompt, text) pairs scored by the reward
+
+    def add(self, tokens: int = 0, passes: int = 0, rewards: int = 0) -> None:
+        self.generated_tokens += tokens
+        self.forward_passes += passes
+        self.reward_calls += rewards
+
+
+@dataclass
+class DecodeResult:
+    method: str
+    prompts: list
+    responses: list[str]
+    rewards: list[float]  # the reward of each returned response
+    compute: Compute
+    details: list[dict] = field(default_factory=list)  # per prompt: candidates, their scores, ...
+    options: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        n = max(len(self.responses), 1)
+        mean_reward = sum(self.rewards) / n
+        tokens = self.compute.generated_tokens / n
+        return {
+            "method": self.method, "prompts": len(self.responses), "mean_reward": mean_reward,
+            "generated_tokens_per_prompt": tokens, "forward_passes_per_prompt": self.compute.forward_passes / n,
+            "reward_calls_per_prompt": self.compute.reward_calls / n,
+            "reward_per_1k_tokens": mean_reward * 1000 / tokens if tokens else 0.0,
+            "compute": asdict(self.compute), "options": self.options,
+        }
+
+    def records(self) -> list[dict]:
+        """One JSON-ready record per prompt: prompt, response, reward and the method's details."""
+        details = self.details or [{} for _ in self.responses]
+        return [{"prompt": p, "response": r, "reward": s, **d}
+                for p, r, s, d in zip(self.prompts, self.responses, self.rewards, details)]
+
+
+def efficiency(result: DecodeResult, baseline: DecodeResult) -> dict:
+    """Reward gained over a baseline (plain sampling) and what it cost: gain per 1k extra generated tokens."""
+    a, b = result.summary(), baseline.summary()
+    gain = a["mean_reward"] - b["mean_reward"]
+    extra_tokens = a["generated_tokens_per_prompt"] - b["generated_tokens_per_prompt"]
+    return {"method": result.method, "baseline_mean_reward": b["mean_reward"], "mean_reward": a["mean_reward"],
+            "reward_gain": gain, "compute_ratio_tokens": a["generated_tokens_per_prompt"] / max(b["generated_tokens_per_prompt"], 1e-9),
+            "compute_ratio_passes": a["forward_passes_per_prompt"] / max(b["forward_passes_per_prompt"], 1e-9),
+            "gain_per_1k_extra_tokens": gain * 1000 / extra_tokens if extra_tokens > 0 else None}
+
+
+# ---------------------------------------------------------------------------------------------- token level
+
+
+def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(tokenizer, prompts)]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of left-padded rows; positions start at 0 at each row's start."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            input_ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), mask.to(device), positions.to(device)
+
+
+class IncrementalLM:
+    """Next-token log-probs of a batch of sequences, extended one token per call with a KV cache."""
+
+    def __init__(self, model, sequences: list[list[int]], pad_id: int):
+        self.model = model
+        device = next(model.parameters()).device
+        input_ids, self.mask, positions = left_pad(sequences, pad_id, device)
+        out = model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions, use_cache=True)
+        self.past = out.past_key_values
+        self.next_position = positions[:, -1] + 1
+        self.logps = torch.log_softmax(out.logits[:, -1].float(), -1)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], 1)
+        out = self.model(input_ids=tokens[:, None].to(self.mask.device), attention_mask=self.mask,
+                         position_ids=self.next_position[:, None], past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        self.next_position = self.next_position + 1
+        self.logps = torch.log_softmax(out.logits[:, -1].float(), -1)
+        return self.logps
+
+
+def last_token_logps(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Next-token log-probs [B, V] after each sequence (one uncached forward of the batch)."""
+    device = next(model.parameters()).device
+    input_ids, mask, positions = left_pad(sequences, pad_id, device)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    return torch.log_softmax(logits[:, -1].float(), -1)
+
+
+def greedy_rollouts(model, sequences: list[list[int]], length: int, pad_id: int, end_ids: list[int],
+                    batch_size: int = 64) -> list[list[int]]:
+    """Greedy continuation of up to `length` tokens after each sequence (without the padding after an end token)."""
+    if length <= 0:
+        return [[] for _ in sequences]
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        input_ids, mask, _ = left_pad(chunk, pad_id, device)
+        generated = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=length,
+                                   pad_token_id=pad_id, eos_token_id=end_ids or None, temperature=None, top_p=None,
+                                   top_k=None)
+        for row in generated[:, input_ids.shape[1]:].tolist():
+            out.append(cut_at_end(row, end_ids))
+    return out
+
+
+def cut_at_end(ids: list[int], end_ids: list[int]) -> list[int]:
+    """ids up to and including the first end token."""
+    for i, token in enumerate(ids):
+        if token in end_ids:
+            return ids[:i + 1]
+    return ids
+
+
+def choose(scores: torch.Tensor, mode: str, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Index of the chosen candidate per row: argmax ('greedy'; ties -> first) or a draw from softmax(s / T)."""
+    if mode == "greedy":
+        return scores.argmax(-1)
+    if mode == "sample":
+        probs = torch.softmax(scores / temperature, -1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    raise ValueError(f"mode must be 'greedy' or 'sample', got {mode!r}")
+
+
+def decode_text(tokenizer, ids: list[int], end_ids: list[int]) -> str:
+    """The response text of generated ids (cut at the first end token, special tokens dropped)."""
+    for i, token in enumerate(ids):
+        if token in end_ids:
+            ids = ids[:i]
+            break
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+@contextmanager
+def eval_mode(model):
+    """The model in eval mode under no_grad; its training flag is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)

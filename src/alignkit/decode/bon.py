@@ -1,0 +1,47 @@
+"""Best-of-n: sample n responses per prompt from the policy and keep the one the reward scores highest
+(ties -> the first sampled). n = 1 is plain sampling, the baseline every other method is compared with."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from alignkit.decode.base import Compute, DecodeResult
+from alignkit.generate.sample import SamplingConfig, sample_with_counts
+
+
+def score_groups(reward, prompts: list, groups: list[list[str]]) -> list[list[float]]:
+    """reward of every response of every prompt, in one call of the reward."""
+    flat = reward([p for p, group in zip(prompts, groups) for _ in group], [r for group in groups for r in group])
+    out, i = [], 0
+    for group in groups:
+        out.append(flat[i:i + len(group)])
+        i += len(group)
+    return out
+
+
+def argmax_first(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def best_of_n(model, tokenizer, prompts: list, reward, n: int, cfg: SamplingConfig) -> DecodeResult:
+    """The highest-reward response of n samples per prompt; details keep every candidate and its reward."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    samples = sample_with_counts(model, tokenizer, prompts, cfg, n)
+    scores = score_groups(reward, prompts, samples.texts)
+    compute = Compute()
+    compute.add(tokens=samples.total_tokens, passes=samples.total_tokens, rewards=n * len(prompts))
+    picks = [argmax_first(s) for s in scores]
+    return DecodeResult(
+        method="sample" if n == 1 else f"bon-{n}", prompts=list(prompts),
+        responses=[group[i] for group, i in zip(samples.texts, picks)],
+        rewards=[s[i] for s, i in zip(scores, picks)], compute=compute,
+        details=[{"candidates": group, "candidate_rewards": s, "chosen_index": i}
+                 for group, s, i in zip(samples.texts, scores, picks)],
+        options={"n": n, **asdict(cfg)},
+    )
+
+
+def plain_sampling(model, tokenizer, prompts: list, reward, cfg: SamplingConfig) -> DecodeResult:
+    """One sample per prompt, scored: the baseline."""
+    return best_of_n(model, tokenizer, prompts, reward, 1, cfg)

@@ -1,0 +1,209 @@
+"""`alignkit eval`: model A against model B (or A alone) on a prompt set, written to JSON + HTML + PNG.
+
+Measures: mean reward of each with the paired gain and its bootstrap interval; win rate of A over B under a
+judge, in both orders, position-calibrated, with the positional consistency rate; KL of A to a reference on A's
+samples; length statistics; reward accuracy on a preference set. Every number in the HTML tables is the JSON's,
+formatted (`eval.json` holds them exactly)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from alignkit.config import load_config_file, make_config
+from alignkit.data.load import load_records
+from alignkit.errors import AlignkitError, ConfigError, DataError
+from alignkit.eval.judges import FunctionJudge, Judge, LLMJudge, RewardJudge, pairwise_win_rate
+from alignkit.eval.kl import kl_summary, sequence_log_ratios
+from alignkit.eval.metrics import bootstrap_mean_ci, length_stats, win_rate
+from alignkit.eval.plots import plot_reward_histograms, plot_table
+from alignkit.eval.report import write_html_report
+from alignkit.generate.sample import SamplingConfig, sample
+from alignkit.rewards.spec import load_object, load_reward
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: str | None = Field(None, description="model A (directory, alias or hub id); samples A's responses")
+    baseline: str | None = Field(None, description="model B; also the KL reference unless `reference` is set")
+    reference: str | None = Field(None, description="reference model for KL(A || reference)")
+    prompts: str | None = Field(None, description="JSONL of {'prompt': ...}")
+    responses: str | None = Field(None, description="A's responses: `alignkit generate` output, instead of sampling")
+    baseline_responses: str | None = Field(None, description="B's responses, the same way")
+    preferences: str | None = Field(None, description="pairs JSONL for reward accuracy")
+    reward: str = Field("synthetic", description="reward spec (see rewards/spec.py)")
+    judge: str = Field("reward", description="reward | llm:<model dir> | module:attr (a Judge or f(prompt, a, b))")
+    split_merge: bool = False
+    out: str = "runs/eval"
+    max_prompts: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(16, gt=0)
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------- measures
+
+
+def reward_accuracy(reward, records: list[dict]) -> dict:
+    """Share of preference pairs whose chosen response the reward scores higher (a tie counts half)."""
+    prompts = [r["prompt"] for r in records]
+    chosen, rejected = reward(prompts, [r["chosen"] for r in records]), reward(prompts, [r["rejected"] for r in records])
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    n = len(records)
+    return {"accuracy": sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / n,
+            "margin": sum(margins) / n, "chosen_reward": sum(chosen) / n, "rejected_reward": sum(rejected) / n,
+            "pairs": n}
+
+
+def evaluate(prompts: list, responses_a: list[str], reward, responses_b: list[str] | None = None,
+             judge: Judge | None = None, split_merge: bool = False, policy=None, reference=None, tokenizer=None,
+             preferences: list[dict] | None = None) -> dict:
+    """Every measure the inputs allow; sections are flat dicts of numbers (the report's tables)."""
+    rewards_a = reward(prompts, responses_a)
+    summary: dict[str, Any] = {"reward": {"name": getattr(reward, "name", "reward"),
+                                          "mean_a": sum(rewards_a) / len(rewards_a)}}
+    summary["length_a"] = length_stats(responses_a, tokenizer)
+    if responses_b is not None:
+        rewards_b = reward(prompts, responses_b)
+        gain, low, high = bootstrap_mean_ci([a - b for a, b in zip(rewards_a, rewards_b)])
+        summary["reward"].update({"mean_b": sum(rewards_b) / len(rewards_b), "gain": gain, "gain_ci_low": low,
+                                  "gain_ci_high": high, "win_rate": win_rate(rewards_a, rewards_b)})
+        summary["length_b"] = length_stats(responses_b, tokenizer)
+        summary["judge"] = pairwise_win_rate(judge or RewardJudge(reward), prompts, responses_a, responses_b, split_merge)
+        summary["rewards_b"] = rewards_b
+    if policy is not None and reference is not None:
+        summary["kl"] = kl_summary(sequence_log_ratios(policy, reference, tokenizer, prompts, responses_a))
+    if preferences:
+        summary["reward_accuracy"] = reward_accuracy(reward, preferences)
+    summary["rewards_a"] = rewards_a
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+SECTION_TITLES = {"reward": "Reward (A vs B)", "judge": "Win rate of A over B under the judge (both orders)",
+                  "kl": "KL(A || reference) on A's samples", "length_a": "Length of A's responses",
+                  "length_b": "Length of B's responses", "reward_accuracy": "Reward accuracy on the preference set"}
+
+
+def format_value(value) -> str:
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+
+def report_tables(summary: dict) -> dict[str, list[list[str]]]:
+    """caption -> rows [key, value]: every scalar of every section, under its JSON key."""
+    return {SECTION_TITLES[name]: [["key", "value"]] + [[k, format_value(v)] for k, v in summary[name].items()]
+            for name in SECTION_TITLES if name in summary}
+
+
+def write_eval_report(out: str | Path, summary: dict, names: tuple[str, str] = ("A", "B"),
+                      examples: list[dict] = ()) -> dict[str, Path]:
+    """eval.json (exact numbers), rewards.png, win_rate.png (when there is a B), report.html embedding both."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "eval.json"}
+    tmp = out / ".eval.json.tmp"
+    tmp.write_text(json.dumps({"names": {"a": names[0], "b": names[1]}, **summary}, indent=2))
+    tmp.replace(paths["json"])
+    series = {names[0]: summary["rewards_a"]}
+    if "rewards_b" in summary:
+        series[names[1]] = summary["rewards_b"]
+    paths["rewards_png"] = plot_reward_histograms(series, out / "rewards.png", f"reward: {summary['reward']['name']}")
+    images = [paths["rewards_png"]]
+    if "judge" in summary:
+        j = summary["judge"]
+        rows = [["judge", "raw (A first)", "swapped (B first)", "calibrated", "consistency"],
+                [j["judge"], *(f"{j[k]:.3f}" for k in ("win_rate_raw", "win_rate_swapped", "win_rate_calibrated",
+                                                       "consistency_rate"))],
+                ["reward", "", "", f"{summary['reward']['win_rate']:.3f}", ""]]
+        paths["win_rate_png"] = plot_table(rows, out / "win_rate.png", f"win rate of {names[0]} over {names[1]}")
+        images.append(paths["win_rate_png"])
+    paths["html"] = write_html_report(out / "report.html", f"alignkit eval: {names[0]} vs {names[1]}",
+                                      report_tables(summary), images, list(examples))
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def load_judge(spec: str, reward) -> Judge:
+    if spec == "reward":
+        return RewardJudge(reward)
+    if spec.startswith("llm:"):
+        from alignkit.models.resolve import load_model_and_tokenizer
+
+        return LLMJudge(*load_model_and_tokenizer(spec[4:]))
+    obj = load_object(spec, "judge")
+    if isinstance(obj, Judge):
+        return obj
+    if callable(obj):
+        return FunctionJudge(obj, name=spec)
+    raise ConfigError("judge", f"'{spec}' is neither a Judge nor a callable f(prompt, first, second)")
+
+
+def read_responses(path: str) -> tuple[list, list[str]]:
+    """(prompts, first response of each) from `alignkit generate` output (fields prompt + responses/completion)."""
+    records = load_records(path, shape="prompts")
+    prompts, responses = [], []
+    for record in records:
+        value = record.get("completion", (record.get("responses") or [None])[0])
+        if not isinstance(value, str):
+            raise DataError(path, record["_row"], "responses", "expected 'completion' or a non-empty 'responses' list "
+                            "of strings", hint="use the output of `alignkit generate`")
+        prompts.append(record["prompt"])
+        responses.append(value)
+    return prompts, responses
+
+
+def run_eval(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict:
+    values = load_config_file(config) if config else {}
+    values.update(overrides or {})
+    cfg: EvalConfig = make_config(values, EvalConfig)
+    from alignkit.models.resolve import load_model_and_tokenizer
+
+    reward = load_reward(cfg.reward)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                              batch_size=cfg.batch_size, seed=cfg.seed)
+    policy = baseline = tokenizer = None
+    if cfg.model:
+        policy, tokenizer = load_model_and_tokenizer(cfg.model)
+    if cfg.baseline:
+        baseline, tokenizer_b = load_model_and_tokenizer(cfg.baseline)
+        tokenizer = tokenizer or tokenizer_b
+
+    def responses_of(model, path, name):
+        if path:
+            return read_responses(path)
+        if model is None:
+            return None, None
+        if not cfg.prompts:
+            raise ConfigError("prompts", f"needed to sample {name}'s responses (or give {name}'s responses file)")
+        prompts = [r["prompt"] for r in load_records(cfg.prompts, shape="prompts")][:cfg.max_prompts]
+        return prompts, [s[0] for s in sample(model, tokenizer, prompts, sampling)]
+
+    prompts, responses_a = responses_of(policy, cfg.responses, "model")
+    if responses_a is None:
+        raise ConfigError("model", "give model A (`--model`) or its responses (`--responses`)")
+    prompts_b, responses_b = responses_of(baseline, cfg.baseline_responses, "baseline")
+    prompts, responses_a = prompts[:cfg.max_prompts], responses_a[:cfg.max_prompts]
+    if responses_b is not None:
+        prompts_b, responses_b = prompts_b[:cfg.max_prompts], responses_b[:cfg.max_prompts]
+        if prompts_b != prompts:
+            raise AlignkitError("A's and B's responses answer different prompts (or in a different order)")
+    reference = baseline
+    if cfg.reference:
+        reference, _ = load_model_and_tokenizer(cfg.reference)
+    preferences = load_records(cfg.preferences, shape="pairs") if cfg.preferences else None
+    summary = evaluate(prompts, responses_a, reward, responses_b, load_judge(cfg.judge, reward) if responses_b else None,
+                       cfg.split_merge, policy, reference, tokenizer, preferences)
+    names = (cfg.model or cfg.responses or "A", cfg.baseline or cfg.baseline_responses or "B")
+    examples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "A": a, **({"B": b} if responses_b else {})}
+                for p, a, b in list(zip(prompts, responses_a, responses_b or responses_a))[:8]]
+    paths = write_eval_report(cfg.out, summary, names, examples)
+    return {"summary": summary, "paths": {k: str(v) for k, v in paths.items()}}

@@ -1,0 +1,235 @@
+"""`alignkit generate`, `alignkit decode` and `alignkit synth`: sampling, decoding-time alignment and synthetic
+data from the command line. Each reads a prompts JSONL (validated: a bad row is a DataError naming file, row and
+field) and writes JSONL atomically; `decode` also writes <out>.summary.json with the compute accounting."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from alignkit.config import load_config_file, make_config
+from alignkit.data.load import load_records, write_jsonl_atomic
+from alignkit.errors import ConfigError
+from alignkit.generate.sample import SamplingConfig, sample
+
+log = logging.getLogger("alignkit.decode")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class SamplingOptions(_Strict):
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, ge=0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0: off")
+    batch_size: int = Field(16, gt=0)
+    seed: int = 0
+    stop: list[str] | str = Field(default_factory=list, description="stop strings (a string or a list)")
+
+    def sampling(self) -> SamplingConfig:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, batch_size=self.batch_size, seed=self.seed, stop=tuple(stop))
+
+
+class GenerateConfig(SamplingOptions):
+    model: str
+    prompts: str
+    out: str
+    num_samples: int = Field(1, gt=0)
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    on_bad_record: Literal["error", "skip"] = "error"
+
+
+class DecodeConfig(SamplingOptions):
+    method: Literal["sample", "bon", "bon-calibrated", "bonbon", "args", "deal", "tq"]
+    model: str
+    prompts: str
+    out: str
+    reward: str = "synthetic"
+    n: int = Field(8, gt=0, description="bon / bon-calibrated / bonbon: samples per prompt")
+    num_reference: int = Field(16, gt=0, description="bon-calibrated: reference samples per prompt")
+    reference_model: str | None = Field(None, description="bon-calibrated: reference policy (default: model)")
+    tie_weight: float = Field(0.5, ge=0, le=1)
+    min_gap: float = Field(0.0, ge=0, description="bonbon: smallest best-worst reward gap kept")
+    search_top_k: int = Field(10, gt=0, description="args / deal / tq: candidate tokens per step")
+    weight: float = Field(1.0, description="args / deal / tq: reward (or value) weight")
+    mode: Literal["greedy", "sample"] = "greedy"
+    search_temperature: float = Field(0.7, gt=0, description="args / tq with mode sample")
+    beams: int = Field(2, gt=0)
+    lookahead: int = Field(4, ge=0)
+    aligned: str | None = Field(None, description="tq: the aligned baseline model")
+    value: Literal["implicit", "reward"] = "implicit"
+    beta: float = Field(1.0, gt=0, description="tq: scale of the implicit reward")
+    baseline: bool = Field(True, description="also sample plainly and report gain per extra compute")
+    on_bad_record: Literal["error", "skip"] = "error"
+
+
+class SynthConfig(SamplingOptions):
+    method: Literal["magpie", "self-instruct", "principles"]
+    model: str
+    out: str
+    n: int = Field(100, gt=0, description="prompts to make (magpie / self-instruct)")
+    shape: Literal["prompts", "sft", "pairs"] = "prompts"
+    reward: str | None = Field(None, description="orders responses into pairs")
+    num_responses: int = Field(4, ge=2)
+    seeds: str | None = Field(None, description="self-instruct: prompts JSONL of seed tasks")
+    prompts: str | None = Field(None, description="principles: prompts JSONL to answer")
+    principles: list[str] = Field(default_factory=list)
+    contrast_principles: list[str] = Field(default_factory=list)
+    system: str | None = None
+
+
+def _config(cls, config, overrides):
+    values = load_config_file(config) if config else {}
+    values.update(overrides or {})
+    return make_config(values, cls)
+
+
+def _prompt_records(path: str, on_bad_record: str = "error") -> list[dict]:
+    return load_records(path, shape="prompts", on_bad_record=on_bad_record)
+
+
+def _carry(record: dict) -> dict:
+    """A record's own fields, without the loader's bookkeeping."""
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+def run_generate(config=None, overrides: dict[str, Any] | None = None) -> Path:
+    cfg: GenerateConfig = _config(GenerateConfig, config, overrides)
+    records = _prompt_records(cfg.prompts, cfg.on_bad_record)  # validate before loading a model
+    from alignkit.generate.vllm_backend import load_generator
+
+    model, tokenizer = load_generator(cfg.model, cfg.backend)
+    samples = sample(model, tokenizer, [r["prompt"] for r in records], cfg.sampling(), cfg.num_samples)
+    rows = [{**_carry(r), "responses": s, **({"completion": s[0]} if cfg.num_samples == 1 else {})}
+            for r, s in zip(records, samples)]
+    write_jsonl_atomic(cfg.out, rows)
+    log.info("wrote %d prompts x %d samples to %s", len(rows), cfg.num_samples, cfg.out)
+    return Path(cfg.out)
+
+
+def run_decode(config=None, overrides: dict[str, Any] | None = None) -> dict:
+    cfg: DecodeConfig = _config(DecodeConfig, config, overrides)
+    prompts = [r["prompt"] for r in _prompt_records(cfg.prompts, cfg.on_bad_record)]
+    from alignkit.models.resolve import load_model_and_tokenizer
+    from alignkit.rewards.spec import load_reward
+
+    reward = load_reward(cfg.reward)
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    result, extra = decode_with(cfg, model, tokenizer, prompts, reward)
+    summary = {**result.summary(), **extra}
+    if cfg.baseline and cfg.method != "sample":
+        from alignkit.decode.base import efficiency
+        from alignkit.decode.bon import plain_sampling
+
+        summary["efficiency"] = efficiency(result, plain_sampling(model, tokenizer, prompts, reward, cfg.sampling()))
+    if cfg.method == "bonbon":
+        write_jsonl_atomic(cfg.out, extra.pop("pairs"))
+        summary.pop("pairs", None)
+    else:
+        write_jsonl_atomic(cfg.out, result.records())
+    summary_path = Path(str(cfg.out) + ".summary.json")
+    summary_path.write_text(json.dumps(summary, indent=2))
+    line = f"{cfg.method}: mean reward {summary['mean_reward']:+.4f}, {summary['generated_tokens_per_prompt']:.1f} tokens/prompt"
+    if "efficiency" in summary:
+        e = summary["efficiency"]
+        line += f" (plain sampling {e['baseline_mean_reward']:+.4f}; x{e['compute_ratio_tokens']:.1f} tokens)"
+    log.info("%s; wrote %s and %s", line, cfg.out, summary_path)
+    return summary
+
+
+def decode_with(cfg: DecodeConfig, model, tokenizer, prompts: list, reward):
+    """(DecodeResult, extra summary fields) of the configured method."""
+    sampling = cfg.sampling()
+    if cfg.method in ("sample", "bon"):
+        from alignkit.decode.bon import best_of_n
+
+        return best_of_n(model, tokenizer, prompts, reward, 1 if cfg.method == "sample" else cfg.n, sampling), {}
+    if cfg.method == "bon-calibrated":
+        from alignkit.decode.calibrated import calibrated_best_of_n
+
+        reference = None
+        if cfg.reference_model:
+            from alignkit.models.resolve import load_model_and_tokenizer
+
+            reference, _ = load_model_and_tokenizer(cfg.reference_model)
+        return calibrated_best_of_n(model, tokenizer, prompts, reward, cfg.n, sampling, cfg.num_reference, reference,
+                                    cfg.tie_weight), {}
+    if cfg.method == "bonbon":
+        from alignkit.decode.bonbon import bonbon_pairs, recommended_options
+
+        pairs, result = bonbon_pairs(model, tokenizer, prompts, reward, cfg.n, sampling, cfg.min_gap)
+        return result, {"pairs": pairs, "pair_count": len(pairs), "train_with": {"loss": "bonbon",
+                                                                                  "loss_options": recommended_options(cfg.n)}}
+    if cfg.method == "args":
+        from alignkit.decode.args import ARGSConfig, args_decode
+
+        return args_decode(model, tokenizer, prompts, reward, ARGSConfig(
+            cfg.search_top_k, cfg.weight, cfg.mode, cfg.search_temperature, cfg.max_new_tokens, cfg.batch_size,
+            cfg.seed)), {}
+    if cfg.method == "deal":
+        from alignkit.decode.deal import DeALConfig, deal_decode
+
+        return deal_decode(model, tokenizer, prompts, reward, DeALConfig(
+            cfg.beams, cfg.search_top_k, cfg.lookahead, cfg.weight, cfg.max_new_tokens)), {}
+    from alignkit.decode.tq import TQConfig, tq_decode
+    from alignkit.models.resolve import load_model_and_tokenizer
+
+    if not cfg.aligned:
+        raise ConfigError("aligned", "method tq needs the aligned baseline model (--aligned DIR)")
+    aligned, _ = load_model_and_tokenizer(cfg.aligned)
+    return tq_decode(model, tokenizer, prompts, aligned, TQConfig(
+        top_k=cfg.search_top_k, weight=cfg.weight, beta=cfg.beta, value=cfg.value, lookahead=cfg.lookahead,
+        mode=cfg.mode, temperature=cfg.search_temperature, max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size, seed=cfg.seed), reward), {}
+
+
+def run_synth(config=None, overrides: dict[str, Any] | None = None) -> Path:
+    cfg: SynthConfig = _config(SynthConfig, config, overrides)
+    from alignkit.generate import synth
+    from alignkit.models.resolve import load_model_and_tokenizer
+    from alignkit.rewards.spec import load_reward
+
+    if cfg.shape == "pairs" and cfg.reward is None and not (cfg.method == "principles" and cfg.contrast_principles):
+        raise ConfigError("reward", "shape pairs needs a reward to order the responses")
+    reward = load_reward(cfg.reward) if cfg.reward else None
+    seeds = [r["prompt"] for r in _prompt_records(cfg.seeds)] if cfg.seeds else None
+    questions = [r["prompt"] for r in _prompt_records(cfg.prompts)] if cfg.prompts else None
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    sampling = cfg.sampling()
+    if cfg.method == "principles":
+        if not questions or not cfg.principles:
+            raise ConfigError("principles", "method principles needs --prompts FILE and --principles '[...]'")
+        records = synth.principle_driven(model, tokenizer, questions, cfg.principles, sampling,
+                                         cfg.contrast_principles or None, reward)
+    else:
+        if cfg.method == "magpie":
+            records = synth.magpie_prompts(model, tokenizer, cfg.n, sampling, cfg.system)
+        else:
+            if not seeds:
+                raise ConfigError("seeds", "method self-instruct needs --seeds FILE (prompts JSONL of seed tasks)")
+            records = synth.self_instruct_prompts(model, tokenizer, seeds, cfg.n, sampling, seed=cfg.seed)
+        if cfg.shape != "prompts":
+            records = synth.respond(model, tokenizer, records, cfg.shape, None, reward, cfg.num_responses)
+    write_jsonl_atomic(cfg.out, records)
+    log.info("wrote %d %s records (%s) to %s", len(records), cfg.shape, cfg.method, cfg.out)
+    return Path(cfg.out)
+
+
+def command_help(command: str) -> str:
+    """The keys of generate / decode / synth / eval with their defaults and descriptions."""
+    from alignkit.eval.evaluate import EvalConfig
+
+    cls = {"generate": GenerateConfig, "decode": DecodeConfig, "synth": SynthConfig, "eval": EvalConfig}[command]
+    lines = [f"alignkit {command} [--config cfg.yaml] [--key value ...]", "", "keys:"]
+    for name, field in cls.model_fields.items():
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        lines.append(f"  --{name:<20} {default:<12} {field.description or ''}")
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""A reward named on the command line: `--reward <spec>`.
+
+  synthetic        the quickstart task's sentiment-word share (data.synthetic.sentiment_reward)
+  vader | length | format | align
+                   VADER sentiment, length penalty, ends-cleanly, and the main job's sum of the three
+  module:attr      a Reward instance or class, or a callable f(prompt, response) -> float
+  <directory>      a trained reward model (sequence classification, e.g. `alignkit rm`'s final/)
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from alignkit.errors import ConfigError
+from alignkit.rewards.base import FunctionReward, Reward
+
+NAMED = ("synthetic", "vader", "length", "format", "align")
+
+
+def load_reward(spec: str, key: str = "reward") -> Reward:
+    """The Reward a spec names; a ConfigError naming `key` if it names none."""
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(key, f"expected a reward spec ({', '.join(NAMED)}, module:attr or a directory), got {spec!r}")
+    if spec == "synthetic":
+        from alignkit.data.synthetic import sentiment_reward
+
+        return FunctionReward(lambda prompt, response: sentiment_reward(response), name="synthetic")
+    if spec in NAMED:
+        from alignkit.rewards.text import EndsCleanly, LengthPenalty, VaderSentiment
+
+        if spec == "align":
+            from alignkit.recipes.align import default_reward
+
+            return default_reward()
+        return {"vader": VaderSentiment, "length": LengthPenalty, "format": EndsCleanly}[spec]()
+    if Path(spec).is_dir():
+        from alignkit.rewards.model import RewardModelScorer
+
+        return RewardModelScorer(spec)
+    obj = load_object(spec, key)
+    if isinstance(obj, Reward):
+        return obj
+    if callable(obj):
+        return FunctionReward(obj, name=spec)
+    raise ConfigError(key, f"'{spec}' is neither a Reward nor a callable f(prompt, response)")
+
+
+def load_object(spec: str, key: str):
+    """module:attr -> the attribute; a class is instantiated with no arguments."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        raise ConfigError(key, f"'{spec}' is not a known name ({', '.join(NAMED)}), a directory, or module:attr")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(key, f"cannot import '{spec}': {err}") from None
+    return obj() if isinstance(obj, type) else obj

@@ -1,0 +1,183 @@
+"""Several processes (torchrun, gloo on CPU): DDP and FSDP2 give the per-step losses and final weights of one
+process on the same global batches; steps are shared out evenly across ranks; an FSDP2 run interrupted after a
+checkpoint resumes to the same end; in one process every distributed helper is a no-op."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from alignkit.api import build_config
+from alignkit.data.load import write_jsonl_atomic
+from alignkit.data.synthetic import VOCABULARY, preference_records
+from alignkit.errors import AlignkitError
+from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
+from alignkit.train import distributed, loop
+from alignkit.train.logging import read_metrics
+
+# Runs each config in the same two processes; "cfg.yaml@3" raises inside the 3rd micro-batch forward (the
+# 3rd step: one micro-batch per rank per step), as a crash would, and the next config resumes that run.
+WORKER = '''
+import sys
+import torch.distributed as dist
+from alignkit.api import build_config
+from alignkit.cli import main
+from alignkit.train import loop
+
+class Crash(Exception):
+    pass
+
+def crash_at(call, real=loop.compute_losses):
+    calls = [0]
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            raise Crash
+        return real(*args, **kwargs)
+    return counting
+
+dist.init_process_group("gloo")
+for arg in sys.argv[1:]:
+    path, _, crash = arg.partition("@")
+    if crash:
+        real, loop.compute_losses = loop.compute_losses, crash_at(int(crash))
+        try:
+            loop.train(build_config(config=path))
+            raise SystemExit("the crash did not happen")
+        except Crash:
+            pass
+        loop.compute_losses = real
+    elif main(["train", "--config", path]) != 0:
+        raise SystemExit(f"{path} failed")
+dist.destroy_process_group()
+'''
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    tokenizer = build_word_tokenizer(VOCABULARY)
+    model = build_tiny_model("llama", len(tokenizer), seed=0, hidden=32, layers=2, heads=4)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    write_jsonl_atomic(root / "pairs.jsonl", preference_records(32, seed=1))  # 20 tokens per pair
+    return root
+
+
+def write_config(root: Path, name: str, **values) -> str:
+    # 4 pairs per 80-token micro-batch, 2 micro-batches (8 pairs) per step, 4 steps.
+    base = dict(model=str(root / "model"), train_data=str(root / "pairs.jsonl"), loss="dpo", learning_rate=2e-3,
+                ref_cache=False, max_length=64, max_tokens_per_row=512, max_tokens_per_batch=80, grad_accum=2,
+                max_steps=4, progress=False)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**base, "output_dir": str(root / name), **values}))
+    return str(path)
+
+
+def one_process(config: str):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process: the same kernels, so the same rounding
+    try:
+        return loop.train(build_config(config=config))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_run(root: Path, name: str, reference: str, atol: float) -> None:
+    ours, theirs = read_metrics(root / name), read_metrics(root / reference)
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == [1, 2, 3, 4]
+    for a, b in zip(ours, theirs):
+        assert a["loss"] == pytest.approx(b["loss"], abs=atol), (name, a["step"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4, abs=atol), (name, a["step"])
+        assert a["examples"] == b["examples"] == 8
+    final, expected = load_file(root / name / "final" / "model.safetensors"), \
+        load_file(root / reference / "final" / "model.safetensors")
+    assert sorted(final) == sorted(expected)
+    for key in expected:
+        torch.testing.assert_close(final[key], expected[key], rtol=0, atol=atol, msg=f"{name}: {key}")
+
+
+def test_two_processes_equal_one(setup, monkeypatch):
+    root = setup
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(root / "cache"))
+    configs = [
+        write_config(root, "ddp"),  # each rank runs one of the step's two micro-batches
+        write_config(root, "ddp_split", grad_accum=1, max_tokens_per_batch=160),  # one 8-pair batch, halved
+        write_config(root, "fsdp", distributed="fsdp", save_every=1) + "@3",  # crashes in step 3 ...
+        write_config(root, "fsdp", distributed="fsdp", save_every=1),  # ... and resumes from step 2
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    (root / "worker.py").write_text(WORKER)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(root / "worker.py"), *configs], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert run.stderr.count("resumed from") == 2 and "step-00000002 (step 2)" in run.stderr  # both ranks
+
+    one_process(write_config(root, "single"))
+    one_process(write_config(root, "single_split", grad_accum=1, max_tokens_per_batch=160))
+    # Same micro-batches, loss scaled by world size, gradients averaged: the same arithmetic, bit for bit in
+    # practice; 1e-5 leaves room for a different reduction order.
+    assert_same_run(root, "ddp", "single", atol=1e-5)
+    assert_same_run(root, "fsdp", "single", atol=1e-5)
+    # Halving a micro-batch changes the packing, not the maths.
+    assert_same_run(root, "ddp_split", "single_split", atol=1e-5)
+    assert run.stderr.count("saved ") == 3  # rank 0 only (the console writes to stderr)
+    assert not list((root / "fsdp" / "checkpoints").glob(".tmp*"))
+
+
+# ---- sharding a step ----
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=7), st.integers(1, 5))
+def test_split_for_ranks_is_even_and_loses_nothing(sizes, world_size):
+    micro_batches, start = [], 0
+    for size in sizes:
+        micro_batches.append(list(range(start, start + size)))
+        start += size
+    if start < world_size:
+        with pytest.raises(AlignkitError, match="for .* ranks"):
+            distributed.split_for_ranks(micro_batches, world_size, step=4)
+        return
+    per_rank = distributed.split_for_ranks(micro_batches, world_size)
+    counts = {len(mbs) for mbs in per_rank}
+    assert len(counts) == 1 and counts.pop() >= 1  # the same number of forward/backward passes per rank
+    assert all(mb for mbs in per_rank for mb in mbs)  # no empty micro-batch
+    assert sorted(i for mbs in per_rank for mb in mbs for i in mb) == list(range(start))
+    if len(micro_batches) % world_size == 0:  # nothing to split: the micro-batches are kept as they are
+        assert sorted(map(tuple, (mb for mbs in per_rank for mb in mbs))) == sorted(map(tuple, micro_batches))
+
+
+def test_too_few_examples_for_the_ranks_is_a_clear_error():
+    with pytest.raises(AlignkitError) as err:
+        distributed.shard_steps([[[0, 1, 2, 3]], [[4]]], distributed.Dist(rank=1, world_size=2))
+    assert "step 2 has 1 example(s) for 2 ranks" in str(err.value) and "max_tokens_per_batch" in str(err.value)
+
+
+def test_one_process_is_a_no_op(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = distributed.init_distributed()
+    assert ctx == distributed.Dist() and not ctx.enabled and ctx.is_main and ctx.device is None
+    model = torch.nn.Linear(2, 2)
+    assert distributed.wrap_model(model, "fsdp", ctx) is model
+    assert distributed.sum_over_ranks({"a": 1.0}, ctx) == {"a": 1.0}
+    assert distributed.gather_objects(3, ctx) == [3]
+    steps = [[[0, 1], [2]], [[3]]]
+    assert distributed.shard_steps(steps, ctx) == steps
+    assert distributed.full_model_state(model, model) is None
+
+
+def test_world_size_without_rank_says_to_use_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(AlignkitError, match="torchrun"):
+        distributed.init_distributed()

@@ -1,0 +1,175 @@
+"""Generation (generate/sample.py, vllm_backend.py, `alignkit generate`) and synthetic data (generate/synth.py) on
+the synthetic task: seeds reproduce samples, stop strings cut, the CLI writes JSONL and names bad prompt rows,
+Magpie elicits prompts from a tiny chat template, self-instruct and principle-driven data are valid records."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from synthetic_task import SENTIMENT, prompts, single_thread, trained_task
+
+from alignkit.cli import main
+from alignkit.data.load import load_records, write_jsonl_atomic
+from alignkit.data.synthetic import TOPICS
+from alignkit.errors import AlignkitError, DataError
+from alignkit.generate.sample import SamplingConfig, sample, sample_with_counts, truncate_at_stop
+from alignkit.generate.synth import (
+    dedupe,
+    magpie_prompts,
+    pre_query_template,
+    principle_driven,
+    respond,
+    rouge_l,
+    self_instruct_prompts,
+)
+from alignkit.generate.vllm_backend import load_generator, vllm_available
+from alignkit.recipes.decoding import run_generate
+
+PROMPT_PATTERN = re.compile(rf"^(review|describe|rate|tell) (my|your|the|latest) ({'|'.join(TOPICS)}) :$")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def task():
+    return trained_task()
+
+
+def test_same_seed_same_samples_other_seed_other_samples(task):
+    cfg = SamplingConfig(max_new_tokens=10, batch_size=8, seed=5)
+    questions = prompts(16)
+    before = torch.get_rng_state()
+    first = sample(task.model, task.tokenizer, questions, cfg, num_samples=3)
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG is left alone
+    again = sample(task.model, task.tokenizer, questions, cfg, num_samples=3)
+    other = sample(task.model, task.tokenizer, questions, SamplingConfig(max_new_tokens=10, batch_size=8, seed=6), 3)
+    assert first == again
+    assert first != other
+    assert sum(a != b for x, y in zip(first, other) for a, b in zip(x, y)) > 24  # most of the 48 samples differ
+
+
+def test_stop_strings_cut_the_same_samples(task):
+    questions = prompts(16)
+    plain = sample_with_counts(task.model, task.tokenizer, questions, SamplingConfig(max_new_tokens=10, seed=1), 2)
+    stopped = sample(task.model, task.tokenizer, questions, SamplingConfig(max_new_tokens=10, seed=1,
+                                                                          stop=("good", "bad")), 2)
+    expected = [[truncate_at_stop(t, ("good", "bad")).strip() for t in group] for group in plain.texts]
+    assert stopped == expected
+    assert any(a != b for x, y in zip(plain.texts, stopped) for a, b in zip(x, y))  # some sample was cut
+    assert all(1 <= n <= 10 for row in plain.num_tokens for n in row)
+
+
+def test_truncate_at_stop():
+    assert truncate_at_stop("one\ntwo", ("\n",)) == "one"
+    assert truncate_at_stop("a STOP b END c", ("END", "STOP")) == "a "  # the earliest occurrence wins
+    assert truncate_at_stop("no stop here", ("", "zzz")) == "no stop here"
+
+
+def test_top_k_one_is_greedy(task):
+    questions = prompts(8)
+    greedy = sample(task.model, task.tokenizer, questions, SamplingConfig(max_new_tokens=8, temperature=0.0))
+    top1 = sample(task.model, task.tokenizer, questions, SamplingConfig(max_new_tokens=8, top_k=1, seed=3))
+    assert greedy == top1
+
+
+def test_generate_cli_writes_jsonl_atomically(task, tmp_path):
+    questions = prompts(6)
+    write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": q, "id": i} for i, q in enumerate(questions)])
+    out = tmp_path / "out" / "samples.jsonl"
+    code = main(["generate", "--model", str(task.model_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
+                 "--out", str(out), "--num_samples", "2", "--max_new_tokens", "8", "--seed", "4", "--backend", "hf"])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == questions and [r["id"] for r in rows] == list(range(6))
+    expected = sample(task.model, task.tokenizer, questions, SamplingConfig(max_new_tokens=8, seed=4), 2)
+    assert [r["responses"] for r in rows] == expected  # the CLI samples what the Python API samples
+    assert sorted(p.name for p in out.parent.iterdir()) == ["samples.jsonl"]  # no temporary file left
+
+
+def test_generate_bad_prompts_file_is_a_named_data_error(task, tmp_path, capsys):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "review my movie :"}\n{"question": "no prompt field"}\n')
+    out = tmp_path / "out.jsonl"
+    args = {"model": str(task.model_dir), "prompts": str(bad), "out": str(out)}
+    with pytest.raises(DataError) as err:
+        run_generate(overrides=args)
+    assert (err.value.row, err.value.field) == (2, "prompt")
+    assert main(["generate", *[x for k, v in args.items() for x in (f"--{k}", v)]]) == 2
+    assert "row 2, field 'prompt': missing field" in capsys.readouterr().err
+    bad.write_text('{"prompt": "   "}\n')
+    with pytest.raises(DataError, match="row 1, field 'prompt': string is only whitespace"):
+        run_generate(overrides=args)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(vllm_available(), reason="vllm and CUDA are available here: the fallback is not what runs")
+def test_vllm_backend_is_guarded(task):
+    model, tokenizer = load_generator(str(task.model_dir), "auto")
+    assert not getattr(model, "is_vllm", False) and isinstance(model, torch.nn.Module)
+    with pytest.raises(AlignkitError, match="vllm"):
+        load_generator(str(task.model_dir), "vllm")
+
+
+# ---- synthetic data ----
+
+
+def test_magpie_elicits_prompts_from_the_pre_query_template(task):
+    assert pre_query_template(task.tokenizer) == ("<|user|> ", "<|end|>")
+    assert pre_query_template(task.tokenizer, system="be kind")[0] == "<|system|> be kind <|end|> <|user|> "
+    records = magpie_prompts(task.model, task.tokenizer, 40, SamplingConfig(max_new_tokens=12, seed=0))
+    texts = [r["prompt"] for r in records]
+    assert 20 <= len(texts) <= 40 and len(set(texts)) == len(texts)
+    assert all("<|" not in t for t in texts)  # cut at the end-of-turn token, special tokens dropped
+    well_formed = sum(bool(PROMPT_PATTERN.match(t)) for t in texts) / len(texts)
+    assert well_formed >= 0.5, texts  # the model writes user turns of the task's form
+    assert len(load_records(records, shape="prompts")) == len(records)
+
+
+def test_magpie_responses_as_sft_and_pairs(task):
+    records = magpie_prompts(task.model, task.tokenizer, 12, SamplingConfig(max_new_tokens=12, seed=1))
+    sft = respond(task.model, task.tokenizer, records, "sft", SamplingConfig(max_new_tokens=8, temperature=0.0))
+    assert sft and load_records(sft, shape="sft")
+    assert all(r["prompt"][0]["role"] == "user" for r in sft)
+    pairs = respond(task.model, task.tokenizer, records, "pairs", SamplingConfig(max_new_tokens=8, seed=2), SENTIMENT,
+                    num_responses=4)
+    assert pairs and load_records(pairs, shape="pairs")
+    assert all(p["chosen_reward"] > p["rejected_reward"] for p in pairs)
+    with pytest.raises(AlignkitError, match="reward"):
+        respond(task.model, task.tokenizer, records, "pairs")
+
+
+def test_dedupe_and_rouge_l():
+    assert dedupe(["Rate my game :", "rate  my GAME :", "", "tell the day :"]) == ["Rate my game :", "tell the day :"]
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(2 * 3 / 8)  # LCS "a c d"
+    assert rouge_l("x", "") == 0.0 and rouge_l("same words", "same words") == 1.0
+
+
+def test_self_instruct_keeps_new_dissimilar_tasks(task):
+    seeds = prompts(6, seed=21)
+    records = self_instruct_prompts(task.model, task.tokenizer, seeds, 5, SamplingConfig(max_new_tokens=8, seed=0),
+                                    example_format="{task}", separator=" ")
+    assert 1 <= len(records) <= 5
+    texts = [r["prompt"] for r in records]
+    pool = list(seeds)
+    for text in texts:  # each kept task is unlike every task in the pool when it was made
+        assert all(rouge_l(text, other) < 0.7 for other in pool)
+        pool.append(text)
+    assert load_records(records, shape="prompts")
+
+
+def test_principle_driven_sft_and_contrast_pairs(task):
+    questions = prompts(10, seed=31)
+    sft = principle_driven(task.model, task.tokenizer, questions, ["be positive"], SamplingConfig(max_new_tokens=8))
+    assert sft and load_records(sft, shape="sft")
+    assert all("principle" not in json.dumps(r["prompt"]) for r in sft)  # stored without the principles
+    pairs = principle_driven(task.model, task.tokenizer, questions, ["be positive"], SamplingConfig(max_new_tokens=8),
+                             contrast_principles=["be negative"], reward=SENTIMENT)
+    assert pairs and load_records(pairs, shape="pairs")
+    assert all(SENTIMENT([p["prompt"]], [p["chosen"]])[0] > SENTIMENT([p["prompt"]], [p["rejected"]])[0] for p in pairs)
