@@ -132,12 +132,14 @@ class Probe:
 
     def __init__(self):
         self.step_ends: list[float] = []
+        self.step_cpu: list[float] = []  # process CPU seconds (all threads) at each step end
         self.losses: list[float] = []
         self.peak_before_reset_kb = 0
         self.train_peak_kb = None
 
     def step_end(self, loss: float) -> None:
         self.step_ends.append(time.perf_counter())
+        self.step_cpu.append(time.process_time())
         self.losses.append(float(loss))
         if len(self.step_ends) == 1:
             self.peak_before_reset_kb = _status_kb("VmHWM")
@@ -151,7 +153,8 @@ class Probe:
         hwm = _status_kb("VmHWM")
         self.train_peak_kb = hwm if getattr(self, "reset_ok", False) else None
         process_peak_kb = max(self.peak_before_reset_kb, hwm, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-        return {"step_ends": self.step_ends, "losses": self.losses, "peak_rss_kb": process_peak_kb,
+        return {"step_ends": self.step_ends, "step_cpu": self.step_cpu, "losses": self.losses,
+                "peak_rss_kb": process_peak_kb,
                 "train_peak_rss_kb": self.train_peak_kb}
 
 
@@ -162,8 +165,9 @@ class Probe:
 def run_trl(spec: dict, variant: str) -> dict:
     """TRL's DPOTrainer. 'defaults': DPOConfig as a user gets it (gradient checkpointing on, a reference model
     copy run every step), except fp32 and the run-length settings every contender shares. 'fastest': no gradient
-    checkpointing and reference log-probs precomputed once (no reference model in memory while training).
-    padding_free is left off: TRL 1.16 disables it with a warning ("temporarily unavailable"), see README."""
+    checkpointing, reference log-probs precomputed once (no reference model in memory while training), and
+    padding_free=True asked for: TRL 1.16 turns it off again with a warning ("temporarily unavailable after a
+    refactor"), recorded as padding_free_effective."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -183,7 +187,9 @@ def run_trl(spec: dict, variant: str) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             probe.step_end(trainer.step_loss)
 
-    options = dict(gradient_checkpointing=False, precompute_ref_log_probs=True) if variant.startswith("fastest") else {}
+    options = {}
+    if variant.startswith("fastest"):
+        options = dict(gradient_checkpointing=False, precompute_ref_log_probs=True, padding_free=True)
     out_dir = tempfile.mkdtemp(prefix="bench_trl_")
     args = DPOConfig(
         output_dir=out_dir, per_device_train_batch_size=spec["pairs_per_step"], gradient_accumulation_steps=1,
@@ -199,7 +205,9 @@ def run_trl(spec: dict, variant: str) -> dict:
     data = trainer.train_dataset
     fingerprint = tokens_fingerprint(zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]))
     trainer.train()
-    return {**probe.finish(), "tokens_fingerprint": fingerprint}
+    return {**probe.finish(), "tokens_fingerprint": fingerprint, "padding_free_effective": trainer.padding_free,
+            "gradient_checkpointing": args.gradient_checkpointing, "optimizer": type(trainer.optimizer).__name__,
+            "optim": str(args.optim)}
 
 
 def run_alignkit(spec: dict, precision: str) -> dict:

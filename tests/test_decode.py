@@ -12,7 +12,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from synthetic_task import SENTIMENT, aligned_model, prompts, single_thread, trained_task
 
 from alignkit.cli import main
 from alignkit.data.load import load_records, write_jsonl_atomic
@@ -30,6 +29,7 @@ from alignkit.losses.base import LossInputs
 from alignkit.losses.bonbon import BonBonOptions, bonbon_beta, bonbon_loss
 from alignkit.losses.pairwise import IPOOptions, ipo_loss
 from alignkit.rewards.base import FunctionReward, WeightedSum
+from synthetic_task import SENTIMENT, aligned_model, prompts, single_thread, trained_task
 
 SAMPLING = SamplingConfig(max_new_tokens=10, batch_size=32, seed=0)
 

@@ -11,7 +11,6 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import torch
-from synthetic_task import SENTIMENT, aligned_model, prompts, single_thread, trained_task
 
 from alignkit.cli import main
 from alignkit.data.load import write_jsonl_atomic
@@ -32,6 +31,7 @@ from alignkit.eval.metrics import length_stats, win_rate
 from alignkit.generate.sample import SamplingConfig, sample
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
 from alignkit.rewards.base import FunctionReward
+from synthetic_task import SENTIMENT, aligned_model, prompts, single_thread, trained_task
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,14 +84,16 @@ def test_position_bias_on_model_answers(task):
     tie_bias = pairwise_win_rate(first_position_bias(1e-9), questions, better, plain)
     assert tie_bias["win_rate_raw"] > truth + 0.05
     assert tie_bias["win_rate_calibrated"] == pytest.approx(truth)
-    # A soft judge with a strong first-position bias: calibration removes most of the error.
+    # A soft judge, P(first) = sigmoid(margin / 0.1 + 2), biased by +2 logits towards the first shown. Averaging
+    # the orders gives (s(d + 2) + s(d - 2)) / 2, above 1/2 exactly when d > 0: the verdicts are the truth's.
     def soft(prompt, first, second):
         margin = SENTIMENT([prompt], [first])[0] - SENTIMENT([prompt], [second])[0]
-        return float(torch.sigmoid(torch.tensor(margin / 0.05 + 1.5)))
+        return float(torch.sigmoid(torch.tensor(margin / 0.1 + 2.0)))
     biased = pairwise_win_rate(FunctionJudge(soft), questions, better, plain)
-    assert biased["win_rate_raw"] - truth > 0.1
-    assert abs(biased["win_rate_calibrated"] - truth) < (biased["win_rate_raw"] - truth) / 2
-    assert biased["consistency_rate"] < 1.0
+    assert biased["win_rate_raw"] - truth > 0.1  # measured: 0.80 against 0.65
+    assert biased["win_rate_swapped"] < truth - 0.1
+    assert biased["win_rate_calibrated"] == pytest.approx(truth)
+    assert biased["consistency_rate"] < 0.8
 
 
 def test_llm_judge_and_split_and_merge():

@@ -9,7 +9,6 @@ import re
 
 import pytest
 import torch
-from synthetic_task import SENTIMENT, prompts, single_thread, trained_task
 
 from alignkit.cli import main
 from alignkit.data.load import load_records, write_jsonl_atomic
@@ -27,6 +26,7 @@ from alignkit.generate.synth import (
 )
 from alignkit.generate.vllm_backend import load_generator, vllm_available
 from alignkit.recipes.decoding import run_generate
+from synthetic_task import SENTIMENT, prompts, single_thread, trained_task
 
 PROMPT_PATTERN = re.compile(rf"^(review|describe|rate|tell) (my|your|the|latest) ({'|'.join(TOPICS)}) :$")
 
@@ -173,3 +173,15 @@ def test_principle_driven_sft_and_contrast_pairs(task):
                              contrast_principles=["be negative"], reward=SENTIMENT)
     assert pairs and load_records(pairs, shape="pairs")
     assert all(SENTIMENT([p["prompt"]], [p["chosen"]])[0] > SENTIMENT([p["prompt"]], [p["rejected"]])[0] for p in pairs)
+
+
+def test_synth_cli_writes_magpie_prompts_and_pairs(task, tmp_path):
+    out = tmp_path / "magpie.jsonl"
+    assert main(["synth", "--method", "magpie", "--model", str(task.model_dir), "--out", str(out), "--n", "12",
+                 "--max_new_tokens", "12"]) == 0
+    assert 6 <= len(load_records(out, shape="prompts")) <= 12
+    assert main(["synth", "--method", "magpie", "--model", str(task.model_dir), "--out", str(out), "--n", "12",
+                 "--max_new_tokens", "12", "--shape", "pairs", "--reward", "synthetic"]) == 0
+    assert load_records(out, shape="pairs")
+    assert main(["synth", "--method", "magpie", "--model", str(task.model_dir), "--out", str(out),
+                 "--shape", "pairs"]) == 2  # pairs need a reward

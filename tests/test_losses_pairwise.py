@@ -172,7 +172,7 @@ def test_bco_pair_gradient_treats_the_shift_as_a_constant():
     opts = pw.BCOPairOptions(beta=0.3)
     state = RunningMean(mean=0.4, count=5)
     inputs = as_inputs(logps, ref_logps, lengths, requires_grad=True)
-    inputs.reward_shift = state
+    inputs.loss_state = state
     pw.bco_pair_loss(inputs, opts)[0].sum().backward()
 
     naive_logps = torch.tensor(logps, requires_grad=True)
@@ -263,7 +263,7 @@ def test_bco_pair_shift_is_the_running_mean_of_batch_means():
     for _, _, logps, ref_logps, lengths in batches:
         batch_means.append((0.3 * (logps - ref_logps)).mean())
         inputs = as_inputs(logps, ref_logps, lengths)
-        inputs.reward_shift = state
+        inputs.loss_state = state
         _, metrics = pw.bco_pair_loss(inputs, opts)
         state = RunningMean.from_metrics(metrics)
         # the batch is absorbed before use: the shift already includes it

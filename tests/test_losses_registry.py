@@ -10,7 +10,7 @@ import torch
 from alignkit.losses import LOSSES, LossInputs, build_options
 
 B, T = 4, 6
-COLUMNS = {"pairs": 2, "unpaired": 1, "lists": 4, "sft": 1}
+COLUMNS = {"pairs": 2, "unpaired": 1, "lists": 4, "sft": 1, "rollouts": 4}
 
 
 def synthetic_inputs(data_shape: str, needs_token_logps: bool) -> LossInputs:
@@ -29,6 +29,12 @@ def synthetic_inputs(data_shape: str, needs_token_logps: bool) -> LossInputs:
         kl_logps=-torch.rand(B, generator=generator) * 5,
         ref_kl_logps=-torch.rand(B, generator=generator) * 5,
         rewards=torch.randn(B, k, generator=generator).requires_grad_(),
+        # Online losses (rollouts): PPO's advantages, value targets and value-head outputs; CREAM's pair weights.
+        advantages=torch.randn(B, k, T, generator=generator) * token_mask,
+        returns=torch.randn(B, k, T, generator=generator) * token_mask,
+        values=torch.randn(B, k, T, generator=generator) * token_mask,
+        old_values=torch.randn(B, k, T, generator=generator) * token_mask,
+        consistency=torch.rand(B, generator=generator),
     )
     if needs_token_logps:
         inputs.token_logps = token_logps.requires_grad_()

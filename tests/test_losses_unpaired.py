@@ -85,7 +85,7 @@ def test_kto_reference_point_is_clamped_at_zero():
 def test_bco_value_matches_numpy_formula():
     logps, ref_logps, _, _, labels = make_batch(seed=2)
     inputs = as_inputs(logps, ref_logps, labels=labels)
-    inputs.reward_shift = RunningMean(mean=0.3, count=20)
+    inputs.loss_state = RunningMean(mean=0.3, count=20)
     losses, metrics = up.bco_loss(inputs, up.BCOOptions(beta=0.2))
     np.testing.assert_allclose(losses.numpy(), np_bco(logps, ref_logps, labels, 0.2, 0.3, 20), rtol=1e-12)
     assert all(m.shape == (B,) and not m.requires_grad for m in metrics.values())
@@ -156,7 +156,7 @@ def test_bco_shift_is_the_running_mean_of_every_reward():
         logps, ref_logps, _, _, labels = make_batch(seed=seed)
         seen.extend(0.2 * (logps - ref_logps))
         inputs = as_inputs(logps, ref_logps, labels=labels)
-        inputs.reward_shift = state
+        inputs.loss_state = state
         _, metrics = up.bco_loss(inputs, up.BCOOptions(beta=0.2))
         state = RunningMean.from_metrics(metrics)
         assert state.mean == pytest.approx(np.mean(seen), rel=1e-12)

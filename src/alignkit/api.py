@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.config import TrainConfig, load_config_file, make_config, set_dotted
+from alignkit.errors import ConfigError
 from alignkit.losses import build_options, get_loss
 
 
@@ -25,6 +26,8 @@ def build_config(method: str | None = None, config: str | Path | dict | None = N
             key = f"loss_options.{key}"
         set_dotted(values, key, value)
     cfg = make_config(values)
+    if get_loss(cfg.loss).data_shape == "rollouts":  # GRPO, RLOO, PPO train on the policy's own samples
+        raise ConfigError("loss", f"'{cfg.loss}' is an online method: run `alignkit online --method {cfg.loss}`")
     build_options(get_loss(cfg.loss), cfg.loss_options)  # the loss and its options are checked at load too
     return cfg
 

@@ -6,7 +6,9 @@ import dataclasses
 import logging
 import os
 import sys
+import typing
 
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 
@@ -29,6 +31,7 @@ commands:
   decode                --method bon|bon-calibrated|bonbon|args|deal|tq --model DIR --prompts p.jsonl --out o.jsonl
   synth                 --method magpie|self-instruct|principles --model DIR --out data.jsonl: synthetic data
   eval                  --model A [--baseline B] --prompts p.jsonl --out DIR: reward, judged win rate, KL, length
+  online                --method grpo|rloo|ppo|online-dpo|self-reward --model DIR --prompts p.jsonl: online RL
   <loss>                train with that loss: {losses}
   <command> --help      the keys of a command
 """
@@ -55,7 +58,19 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
     return config, overrides
 
 
+def _nested_fields(annotation) -> list:
+    """The fields of a config section (a pydantic model, possibly Optional), for --help."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return list(candidate.model_fields.items())
+    return []
+
+
 def help_for(method: str) -> str:
+    if method == "online":
+        from alignkit.online.run import command_help
+
+        return command_help()
     if method in ("generate", "decode", "synth", "eval"):
         from alignkit.recipes.decoding import command_help
 
@@ -68,6 +83,9 @@ def help_for(method: str) -> str:
     for name, field in TrainConfig.model_fields.items():
         default = "required" if field.is_required() else repr(field.default if field.default_factory is None else {})
         lines.append(f"  --{name:<22} {default:<14} {field.description or ''}")
+        for sub_name, sub_field in _nested_fields(field.annotation):  # lora.r, ref_update.mode, ...
+            sub_default = "required" if sub_field.is_required() else repr(sub_field.default)
+            lines.append(f"  --{name + '.' + sub_name:<22} {sub_default:<14} {sub_field.description or ''}")
     if method in LOSSES:
         spec = get_loss(method)
         lines += ["", f"options of '{method}' ({spec.paper}; data: {spec.data_shape}; reference model: "
@@ -96,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE.format(losses=", ".join(sorted(LOSSES))))
+        print(USAGE.format(losses=", ".join(sorted(n for n, s in LOSSES.items() if s.data_shape != "rollouts"))))
         return 0
     command, rest = argv[0], argv[1:]
     if "--help" in rest or "-h" in rest:
@@ -118,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             from alignkit.eval.evaluate import run_eval
 
             console.print(f"report: {run_eval(config, overrides)['paths']['html']}")
+        elif command == "online":
+            from alignkit.online.run import run_online_cli
+
+            run_online_cli(config, overrides)  # logs the reward gain and where it wrote
         elif command == "align":
             from alignkit.recipes.align import run_align
 

@@ -27,6 +27,17 @@ class LoraOptions(BaseModel):
         "merged", description="final save: the merged model (an ordinary HF dir) or the adapter only")
 
 
+class RefUpdateOptions(BaseModel):
+    """TR-DPO (arXiv 2404.09656): the reference follows the policy during training."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+    mode: Literal["soft", "hard"] = Field(
+        "soft", description="soft: ref <- alpha * policy + (1 - alpha) * ref; hard: ref <- policy (alpha unused)")
+    every: int = Field(512, gt=0, description="tau: optimizer steps between updates")
+    alpha: float = Field(0.6, gt=0.0, le=1.0, description="weight of the policy in a soft update")
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
@@ -69,6 +80,8 @@ class TrainConfig(BaseModel):
     neftune_alpha: float = Field(0.0, ge=0.0, description="NEFTune embedding noise while training (0: off; paper: 5)")
     # Reference model.
     ref_cache: bool = Field(True, description="cache reference log-probs on disk, keyed by model+data+settings")
+    ref_update: RefUpdateOptions | None = Field(
+        None, description="TR-DPO: update the reference every `every` steps, {mode: soft|hard, every, alpha}")
     # Bookkeeping.
     eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations (0: only at the end)")
     save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints (0: only at the end)")

@@ -27,6 +27,8 @@ SHAPES: dict[str, tuple[str, ...]] = {
     "unpaired": ("prompt", "completion", "label"),
     "lists": ("prompt", "responses", "scores"),
     "sft": ("prompt", "completion"),
+    # D2O: a human-labelled negative and K samples of the starting model for the same prompt (K the same everywhere).
+    "negatives": ("prompt", "rejected", "samples"),
     "prompts": ("prompt",),
     # A whole conversation; every assistant turn is trained. An "sft" record may be a chat too (see fields_of).
     "chat": ("messages",),
@@ -73,12 +75,15 @@ def load_records(
     records: list[dict] = []
     bad: list[DataError] = []
     n_rows = 0
+    counts: dict[str, tuple[int | None, int | None]] = {}  # list field -> (length in the first good record, its row)
     for row, value in rows:  # errors raised by the reader itself concern the whole source: never skipped
         n_rows += 1
         try:
             if isinstance(value, DataError):  # a row the reader could not parse
                 raise value
-            records.append(validate_record(value, shape, name, row))
+            record = validate_record(value, shape, name, row)
+            _check_same_counts(record, shape, counts, name, row)
+            records.append(record)
         except DataError as err:
             if on_bad_record == "error":
                 raise
@@ -126,6 +131,10 @@ def validate_record(record: Any, shape: str, source: str = "<memory>", row: int 
             _check_lists(record["responses"], record["scores"])
         if shape == "pairs" and "margin" in record:
             _check_number(record["margin"], "margin")
+        if shape == "pairs" and "other_rewards" in record:
+            _check_other_rewards(record["other_rewards"])
+        if shape == "negatives":
+            _check_samples(record["samples"])
     except _Invalid as bad:
         raise DataError(source, row, bad.field, bad.reason) from None
     return {**record, "_source": source, "_row": row}
@@ -360,6 +369,50 @@ def _check_lists(responses: Any, scores: Any) -> None:
         raise _Invalid(
             "scores", f"has {len(scores)} scores for {len(responses)} responses; give one per response"
         )
+
+
+def _check_samples(samples: Any) -> None:
+    if not isinstance(samples, (list, tuple)):
+        raise _Invalid("samples", f"expected a list of the model's own responses, got {_kind(samples)}")
+    if not samples:
+        raise _Invalid("samples", "needs at least 1 sample of the starting model")
+    for i, sample in enumerate(samples):
+        _check_text(sample, f"samples[{i}]", RESPONSE_ROLES)
+
+
+def _check_other_rewards(value: Any) -> None:
+    """MODPO: {"chosen": [r_1..r_K], "rejected": [r_1..r_K]}, the other objectives' rewards of each response."""
+    if not isinstance(value, dict):
+        raise _Invalid("other_rewards", 'expected an object {"chosen": [...], "rejected": [...]}, '
+                                        f"got {_kind(value)}")
+    for side in ("chosen", "rejected"):
+        rewards = value.get(side)
+        if not isinstance(rewards, (list, tuple)) or not rewards:
+            raise _Invalid(f"other_rewards.{side}", f"expected a non-empty list of numbers, got {_kind(rewards)}")
+        for i, reward in enumerate(rewards):
+            _check_number(reward, f"other_rewards.{side}[{i}]")
+    if len(value["chosen"]) != len(value["rejected"]):
+        raise _Invalid("other_rewards", f"has {len(value['chosen'])} chosen and {len(value['rejected'])} rejected "
+                                        "rewards; give one per objective for each")
+
+
+# List fields whose length must be the same in every record of a data set (a batch packs a fixed number of
+# responses per example; a loss weights a fixed number of objectives).
+_SAME_COUNT_FIELDS = {"negatives": ("samples",), "pairs": ("other_rewards",)}
+
+
+def _check_same_counts(record: dict, shape: str, counts: dict[str, tuple[int | None, int | None]], source: str,
+                       row: int | None) -> None:
+    """A list field that one record has, every record has, with as many entries (None: the field is absent)."""
+    for field in _SAME_COUNT_FIELDS.get(shape, ()):
+        value = record.get(field)
+        n = None if value is None else len(value["chosen"]) if isinstance(value, dict) else len(value)
+        first, first_row = counts.setdefault(field, (n, row))
+        if n != first:
+            have = "is missing" if n is None else f"has {n} entries"
+            other = "has it" if n is None else "has none" if first is None else f"has {first}"
+            raise DataError(source, row, field, f"{have} but row {first_row} {other}; every record needs the same "
+                            "number")
 
 
 def _kind(value: Any) -> str:

@@ -8,7 +8,7 @@ Rows of one batch are right-padded to the longest row; padding is only ever at t
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -130,6 +130,30 @@ def pack(examples: list[TokenizedExample], example_indices: list[int] | None = N
         num_examples=len(examples), num_responses=k,
         example_indices=list(example_indices) if example_indices is not None else list(range(len(examples))),
     )
+
+
+def mismatched_partners(num_examples: int) -> list[int]:
+    """KTO's mismatched pairs within a batch: example i's prompt goes with the completion of example (i + 1) mod B
+    (HALOs' pairing; TRL uses i - 1). A batch of one example pairs it with itself."""
+    return [(i + 1) % num_examples for i in range(num_examples)]
+
+
+def with_mismatched_completions(examples: list[TokenizedExample], max_length: int | None = None) -> list[TokenizedExample]:
+    """The batch's examples, each with one more response: its partner's first response (mismatched_partners), cut
+    to fit max_length after this example's prompt. Packed prefix-shared like any other response, so the KL
+    log-probs come from the same forward pass as the example's own, with no second loop or padding."""
+    extended = []
+    for example, partner_index in zip(examples, mismatched_partners(len(examples))):
+        partner = examples[partner_index]
+        room = None if max_length is None else max(1, max_length - len(example.prompt_ids))
+        completion = partner.response_ids[0][:room]
+        masks = None
+        if example.response_loss_masks is not None or partner.response_loss_masks is not None:
+            own = example.response_loss_masks or [[True] * len(r) for r in example.response_ids]
+            theirs = partner.response_loss_masks[0] if partner.response_loss_masks else [True] * len(completion)
+            masks = [*own, theirs[:len(completion)]]
+        extended.append(replace(example, response_ids=[*example.response_ids, completion], response_loss_masks=masks))
+    return extended
 
 
 def token_budget_batches(examples: list[TokenizedExample], max_tokens_per_batch: int, seed: int, epoch: int = 0,

@@ -22,6 +22,7 @@ RESPONSE_FIELDS = {
     "unpaired": lambda r: ["completion"],
     "sft": lambda r: ["completion"],
     "lists": lambda r: [f"responses[{i}]" for i in range(len(r["responses"]))],
+    "negatives": lambda r: ["rejected", *(f"samples[{i}]" for i in range(len(r["samples"])))],
 }
 
 
@@ -60,6 +61,8 @@ def _response_values(record: dict, shape: str) -> tuple[list, list[str]]:
     fields = RESPONSE_FIELDS[shape](record)
     if shape == "lists":
         return list(record["responses"]), fields
+    if shape == "negatives":
+        return [record["rejected"], *record["samples"]], fields
     return [record[f] for f in fields], fields
 
 
@@ -83,7 +86,7 @@ def tokenize_record(tokenizer, record: dict, shape: str, max_length: int,
         if not ids:
             raise DataError(source, row, name, "response tokenizes to zero tokens")
         response_ids.append(ids)
-    extras = {k: record[k] for k in ("label", "scores", "margin") if k in record}
+    extras = {k: record[k] for k in ("label", "scores", "margin", "other_rewards") if k in record}
     return TokenizedExample(prompt_ids, response_ids, source, row, extras)
 
 

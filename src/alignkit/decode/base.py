@@ -57,14 +57,23 @@ class DecodeResult:
 
 
 def efficiency(result: DecodeResult, baseline: DecodeResult) -> dict:
-    """Reward gained over a baseline (plain sampling) and what it cost: gain per 1k extra generated tokens."""
+    """Reward gained over a baseline (plain sampling) and what it cost, on each axis of compute: the ratios to the
+    baseline, and the gain per 1k extra generated tokens and per extra reward call (None where less than one per
+    prompt was spent: token-level search spends reward calls, not tokens)."""
     a, b = result.summary(), baseline.summary()
     gain = a["mean_reward"] - b["mean_reward"]
     extra_tokens = a["generated_tokens_per_prompt"] - b["generated_tokens_per_prompt"]
+    extra_calls = a["reward_calls_per_prompt"] - b["reward_calls_per_prompt"]
+
+    def ratio(key):
+        return a[key] / b[key] if b[key] else None
+
     return {"method": result.method, "baseline_mean_reward": b["mean_reward"], "mean_reward": a["mean_reward"],
-            "reward_gain": gain, "compute_ratio_tokens": a["generated_tokens_per_prompt"] / max(b["generated_tokens_per_prompt"], 1e-9),
-            "compute_ratio_passes": a["forward_passes_per_prompt"] / max(b["forward_passes_per_prompt"], 1e-9),
-            "gain_per_1k_extra_tokens": gain * 1000 / extra_tokens if extra_tokens > 0 else None}
+            "reward_gain": gain, "compute_ratio_tokens": ratio("generated_tokens_per_prompt"),
+            "compute_ratio_passes": ratio("forward_passes_per_prompt"),
+            "compute_ratio_reward_calls": ratio("reward_calls_per_prompt"),
+            "gain_per_1k_extra_tokens": gain * 1000 / extra_tokens if extra_tokens >= 1 else None,
+            "gain_per_extra_reward_call": gain / extra_calls if extra_calls >= 1 else None}
 
 
 # ---------------------------------------------------------------------------------------------- token level

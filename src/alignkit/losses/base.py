@@ -17,8 +17,9 @@ LossOutput = tuple[torch.Tensor, dict[str, torch.Tensor]]
 class RunningMean:
     """The mean of every value seen so far (cumulative, not an EMA): BCO's reward shift delta.
 
-    Losses that use it read the state before the batch and return the state after it in their metrics
-    ("bco/reward_shift", "bco/reward_shift_count"), so the loss stays a pure function and the loop keeps the state.
+    Losses that use it read the state before the batch (`LossInputs.loss_state`) and return the state after it in
+    their metrics ("bco/reward_shift", "bco/reward_shift_count"), so the loss stays a pure function and the loop
+    keeps the state (LossSpec.state: updated in training only, saved in checkpoints).
     """
 
     mean: float = 0.0
@@ -34,8 +35,31 @@ class RunningMean:
         return RunningMean(self.mean + (batch_mean - self.mean) * n / total, total)
 
     @classmethod
-    def from_metrics(cls, metrics: dict[str, torch.Tensor]) -> RunningMean:
+    def from_metrics(cls, metrics: dict[str, torch.Tensor]) -> RunningMean | None:
+        """The state a loss returned in its metrics; None when it returned none (e.g. use_reward_shift: false)."""
+        if "bco/reward_shift" not in metrics:
+            return None
         return cls(float(metrics["bco/reward_shift"][0]), float(metrics["bco/reward_shift_count"][0]))
+
+    # What the loop needs to carry any loss state (LossSpec.state): save it, load it, merge ranks' updates.
+    def to_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "count": self.count}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, float]) -> RunningMean:
+        return cls(float(values["mean"]), float(values["count"]))
+
+    @classmethod
+    def merge(cls, start: RunningMean | None, ends: list[RunningMean | None]) -> RunningMean | None:
+        """One state from several processes that each began a step at `start` and absorbed their own batches:
+        start plus every process's increment (so each value still counts once)."""
+        start = start or cls()
+        total, count = start.mean * start.count, start.count
+        for end in ends:
+            if end is not None:
+                total += end.mean * end.count - start.mean * start.count
+                count += end.count - start.count
+        return cls(total / count, count) if count > 0 else None
 
 
 @dataclass
@@ -55,13 +79,25 @@ class LossInputs:
     token_kl: torch.Tensor | None = None  # [B, k, T] >= 0, 0 where masked
     token_weights: torch.Tensor | None = None  # [B, k, T] mask m_t >= 0 on the log-ratio term
     kl_token_weights: torch.Tensor | None = None  # [B, k, T] mask on the KL term; None = same as token_weights
-    reward_shift: RunningMean | None = None  # BCO's running mean of rewards before this batch (kept by the loop)
+    # A stateful loss's state before this batch (LossSpec.state; BCO's RunningMean reward shift), kept by the loop
+    loss_state: RunningMean | None = None
     # Token-mean losses: mean of `lengths` over the examples of the whole optimizer step, per column [k]; dividing
     # each example's summed loss by it makes the loop's mean over examples a token-mean over the step.
     step_mean_lengths: torch.Tensor | None = None
     # Reward models (LossSpec.output == "rewards"): one scalar per response instead of log-probs
     rewards: torch.Tensor | None = None  # [B, k]
     margins: torch.Tensor | None = None  # [B] per-pair margin from the data's optional "margin" field
+    # MODPO: rewards of each response under the other objectives' reward models, from the data's "other_rewards"
+    other_rewards: torch.Tensor | None = None  # [B, k, K]
+    # Online methods (losses/online.py), filled by online/ from a rollout. The behaviour policy pi_old sampled it;
+    # None: the policy itself, detached (one update per rollout: every ratio is 1).
+    old_logps: torch.Tensor | None = None  # [B, k] summed log-probs under pi_old
+    old_token_logps: torch.Tensor | None = None  # [B, k, T]
+    advantages: torch.Tensor | None = None  # [B, k, T] per-token advantages (PPO's GAE)
+    returns: torch.Tensor | None = None  # [B, k, T] value targets
+    values: torch.Tensor | None = None  # [B, k, T] value-head predictions (with gradient)
+    old_values: torch.Tensor | None = None  # [B, k, T] the value head's predictions at rollout time
+    consistency: torch.Tensor | None = None  # [B] CREAM: how far two judges agree on a pair's order, in [0, 1]
 
     @property
     def chosen_logps(self) -> torch.Tensor:

@@ -160,7 +160,7 @@ def bco_pair_loss(inputs: LossInputs, opts: BCOPairOptions) -> LossOutput:
     """l = -log s(b r_w - d) - log s(-(b r_l - d)); d = running mean of per-batch mean rewards (detached).
 
     BCO, arXiv 2404.04656 (pairwise form from the authors' TRL PR 5999b1b). The state in
-    `inputs.reward_shift` is the one before this batch; the batch is absorbed (one value per batch) before
+    `inputs.loss_state` is the one before this batch; the batch is absorbed (one value per batch) before
     use, and the state after it is returned in the metrics.
     """
     chosen_logratio, rejected_logratio = _logratios(inputs)
@@ -168,7 +168,7 @@ def bco_pair_loss(inputs: LossInputs, opts: BCOPairOptions) -> LossOutput:
     metrics = pair_reward_metrics(chosen_rewards, rejected_rewards)
     if opts.use_reward_shift:
         batch_mean = torch.cat([chosen_rewards, rejected_rewards]).detach().mean().reshape(1)
-        state = (inputs.reward_shift or RunningMean()).update(batch_mean)
+        state = (inputs.loss_state or RunningMean()).update(batch_mean)
         delta = state.mean
         metrics["bco/reward_shift"] = torch.full_like(chosen_rewards, delta).detach()
         metrics["bco/reward_shift_count"] = torch.full_like(chosen_rewards, state.count).detach()

@@ -12,19 +12,24 @@ from alignkit.errors import ConfigError
 from alignkit.losses import (
     bonbon,
     listwise,
+    multiobjective,
     negatives,
+    online,
     pairwise,
     reference_free,
     reward,
     tokenlevel,
     unpaired,
 )
+from alignkit.losses.base import RunningMean
 from alignkit.losses.dpo import DPOOptions, dpo_loss
 from alignkit.losses.sft import SFTOptions, sft_loss
 
 # Data shapes: "pairs" (prompt, chosen, rejected), "unpaired" (prompt, completion, label),
-# "lists" (prompt, responses[k], scores[k]), "sft" (prompt, completion).
-DATA_SHAPES = ("pairs", "unpaired", "lists", "sft")
+# "lists" (prompt, responses[k], scores[k]), "sft" (prompt, completion); "rollouts": a prompt with k responses sampled
+# by the policy and their rewards, made by alignkit.online (`alignkit online`), never read from a file.
+# "negatives" (prompt, rejected, samples[K]: the starting model's own samples; D2O).
+DATA_SHAPES = ("pairs", "unpaired", "lists", "sft", "rollouts", "negatives")
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,15 @@ class LossSpec:
     # What the loop computes for the loss: "logps" (log-probs of a causal LM) or "rewards" (one scalar per
     # response from a sequence-classification head: reward models).
     output: str = "logps"
+    # KTO's reference point: the loop adds a mismatched completion per example (LossInputs.kl_logps, ref_kl_logps).
+    needs_kl_pairs: bool = False
+    # Per-token reference distributions and activations (SparsePO's token KL and masks): a frozen reference model
+    # runs beside the policy (the cached reference log-probs cannot give them).
+    needs_ref_model: bool = False
+    # State carried between training batches (BCO's reward shift): its type, with from_metrics / to_dict /
+    # from_dict / merge (base.RunningMean). The loop passes it as LossInputs.loss_state, takes the new one from the
+    # loss's metrics, in training only, and saves it in checkpoints.
+    state: type | None = None
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -61,30 +75,55 @@ register(LossSpec("nca_pair", pairwise.nca_pair_loss, pairwise.NCAOptions, "pair
 register(LossSpec("exo_pair", pairwise.exo_pair_loss, pairwise.EXOOptions, "pairs", True, "arXiv 2402.00856"))
 register(LossSpec("dpop", pairwise.dpop_loss, pairwise.DPOPOptions, "pairs", True, "arXiv 2402.13228"))
 register(LossSpec("rdpo", pairwise.rdpo_loss, pairwise.RDPOOptions, "pairs", True, "arXiv 2403.19159"))
-register(LossSpec("bco_pair", pairwise.bco_pair_loss, pairwise.BCOPairOptions, "pairs", True, "arXiv 2404.04656"))
+register(LossSpec("bco_pair", pairwise.bco_pair_loss, pairwise.BCOPairOptions, "pairs", True, "arXiv 2404.04656",
+                  state=RunningMean))
 register(LossSpec("rpo", pairwise.rpo_loss, pairwise.RPOOptions, "pairs", True, "arXiv 2404.19733"))
 register(LossSpec("orpo", reference_free.orpo_loss, reference_free.ORPOOptions, "pairs", False, "arXiv 2403.07691"))
 register(LossSpec("simpo", reference_free.simpo_loss, reference_free.SimPOOptions, "pairs", False, "arXiv 2405.14734"))
 register(LossSpec("cpo", reference_free.cpo_loss, reference_free.CPOOptions, "pairs", False, "arXiv 2401.08417"))
-register(LossSpec("kto", unpaired.kto_loss, unpaired.KTOOptions, "unpaired", True, "arXiv 2402.01306"))
-register(LossSpec("bco", unpaired.bco_loss, unpaired.BCOOptions, "unpaired", True, "arXiv 2404.04656"))
+register(LossSpec("kto", unpaired.kto_loss, unpaired.KTOOptions, "unpaired", True, "arXiv 2402.01306",
+                  needs_kl_pairs=True))
+register(LossSpec("bco", unpaired.bco_loss, unpaired.BCOOptions, "unpaired", True, "arXiv 2404.04656",
+                  state=RunningMean))
 register(LossSpec("lipo", listwise.lipo_lambda_loss, listwise.LiPOOptions, "lists", True, "arXiv 2402.01878"))
 register(LossSpec("listmle", listwise.listmle_loss, listwise.ListMLEOptions, "lists", True, "arXiv 2305.18290 app. A.3"))
 register(LossSpec("sparsepo", tokenlevel.sparsepo_loss, tokenlevel.SparsePOOptions, "pairs", True, "arXiv 2410.05102",
-                  needs_token_logps=True))
-# D2O's list is (negative, K self-samples): column 0 is the negative; scores are not used.
-register(LossSpec("d2o", negatives.d2o_loss, negatives.D2OOptions, "lists", True, "arXiv 2403.03419"))
+                  needs_token_logps=True, needs_ref_model=True))
+# D2O's responses are (rejected, samples[0..K-1]): column 0 is the negative.
+register(LossSpec("d2o", negatives.d2o_loss, negatives.D2OOptions, "negatives", True, "arXiv 2403.03419"))
+# MODPO: pairs carry the other objectives' rewards ("other_rewards") or their weighted margin ("margin").
+register(LossSpec("modpo", multiobjective.modpo_loss, multiobjective.MODPOOptions, "pairs", True, "arXiv 2310.03708"))
 # BoNBoN: pairs are best vs worst of n samples (decode/bonbon.py makes them); beta = bonbon_beta(n).
 register(LossSpec("bonbon", bonbon.bonbon_loss, bonbon.BonBonOptions, "pairs", True, "arXiv 2406.00832"))
 # Reward model: Bradley–Terry on scalar rewards (`alignkit rm`); centering arXiv 2312.09244.
 register(LossSpec("rm", reward.bradley_terry_loss, reward.RewardModelOptions, "pairs", False, "arXiv 2203.02155",
                   output="rewards"))
+# Online RL (docs/online.md): trained by `alignkit online --method grpo|rloo|ppo`, on rollouts of the policy itself.
+register(LossSpec("grpo", online.grpo_loss, online.GRPOOptions, "rollouts", True, "arXiv 2402.03300",
+                  needs_token_logps=True))
+register(LossSpec("rloo", online.rloo_loss, online.RLOOOptions, "rollouts", True, "arXiv 2402.14740"))
+register(LossSpec("ppo", online.ppo_loss, online.PPOOptions, "rollouts", True, "arXiv 1707.06347, 2307.04964",
+                  needs_token_logps=True))
+# CREAM: DPO weighted by the consistency of two iterations' rankings (`alignkit online --method self-reward`).
+register(LossSpec("cream", online.cream_loss, online.CREAMOptions, "pairs", True, "arXiv 2410.12735"))
 
 
 def get_loss(name: str) -> LossSpec:
     if name not in LOSSES:
         raise ConfigError("loss", f"unknown loss '{name}'; known: {', '.join(sorted(LOSSES))}")
     return LOSSES[name]
+
+
+def uses_kl_pairs(spec: LossSpec, opts: Any) -> bool:
+    """Whether the loop must build mismatched pairs (KTO with its KL estimate on)."""
+    return spec.needs_kl_pairs and getattr(opts, "use_kl_estimate", True)
+
+
+def uses_ref_model(spec: LossSpec, opts: Any) -> bool:
+    """Whether the options ask for what only a live reference model gives (SparsePO: token KL or activation masks)."""
+    if not spec.needs_ref_model:
+        return False
+    return getattr(opts, "use_token_kl", False) or getattr(opts, "token_weights", "") == "activations"
 
 
 def build_options(spec: LossSpec, values: dict[str, Any]) -> Any:
@@ -95,7 +134,14 @@ def build_options(spec: LossSpec, values: dict[str, Any]) -> Any:
             known = ", ".join(fields) or "none"
             raise ConfigError(f"loss_options.{key}", f"unknown option for loss '{spec.name}'; known: {known}")
         default = fields[key].default
-        if isinstance(default, bool):
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise ConfigError(f"loss_options.{key}", f"must be text, got {value!r}")
+        elif isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)) or not all(_finite_number(v) for v in value):
+                raise ConfigError(f"loss_options.{key}", f"must be a list of finite numbers, got {value!r}")
+            values = {**values, key: tuple(float(v) for v in value)}
+        elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"loss_options.{key}", f"must be true or false, got {value!r}")
         elif isinstance(default, (int, float)):
@@ -103,10 +149,14 @@ def build_options(spec: LossSpec, values: dict[str, Any]) -> Any:
                 raise ConfigError(f"loss_options.{key}", f"must be a number, got {value!r}")
             if not math.isfinite(value):
                 raise ConfigError(f"loss_options.{key}", f"must be a finite number, got {value}")
-    opts = spec.options(**values)
+    opts = spec.options(**values)  # an options class may check more in __post_init__ (ConfigError)
     if getattr(opts, "beta", 1.0) <= 0:
         raise ConfigError("loss_options.beta", f"must be > 0, got {opts.beta}")
     eps = getattr(opts, "label_smoothing", 0.0)
     if not 0 <= eps < 0.5:
         raise ConfigError("loss_options.label_smoothing", f"must be in [0, 0.5), got {eps}")
     return opts
+
+
+def _finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)

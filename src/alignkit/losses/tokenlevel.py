@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from alignkit.errors import ConfigError
 from alignkit.losses.base import LossInputs, LossOutput, pair_reward_metrics
 
 
@@ -32,12 +33,23 @@ def activation_token_weights(activations: torch.Tensor, token_mask: torch.Tensor
     return (rescaled * mask).mean(dim=-1)
 
 
+TOKEN_WEIGHTS = ("activations", "uniform")
+
+
 @dataclass
 class SparsePOOptions:
     beta: float = 0.1
     use_token_kl: bool = True  # False: drop the KL term (a masked token-level DPO)
     l1_weight: float = 0.0  # lambda_u on ||m_w||_1 + ||m_l||_1 of the log-ratio mask
     kl_l1_weight: float = 0.0  # lambda_d on the KL mask's L1 norms
+    # How the loop makes the mask m: "activations" (the reference's activations, activation_token_weights; the
+    # code's mapo) or "uniform" (1 on every token: token-level DPO with the KL term)
+    token_weights: str = "activations"
+
+    def __post_init__(self) -> None:
+        if self.token_weights not in TOKEN_WEIGHTS:
+            raise ConfigError("loss_options.token_weights", f"must be one of {', '.join(TOKEN_WEIGHTS)}, "
+                                                            f"got {self.token_weights!r}")
 
 
 def sparsepo_loss(inputs: LossInputs, opts: SparsePOOptions) -> LossOutput:

@@ -69,13 +69,13 @@ class BCOOptions:
 def bco_loss(inputs: LossInputs, opts: BCOOptions) -> LossOutput:
     """Desirable: -log s(r' - d); undesirable: -log s(-(r' - d)); r' = b r, d = running mean of every r' seen.
 
-    BCO, arXiv 2404.04656. `inputs.reward_shift` is the state before this batch; every reward of the batch is
+    BCO, arXiv 2404.04656. `inputs.loss_state` is the state before this batch; every reward of the batch is
     absorbed before use (as in TRL's BCOTrainer), and the state after it is returned in the metrics
     ("bco/reward_shift", "bco/reward_shift_count"). The UDM density-ratio weights are not implemented.
     """
     desirable, logratio = _labels_and_logratio(inputs)
     rewards = opts.beta * logratio
-    state = (inputs.reward_shift or RunningMean()).update(rewards.detach())
+    state = (inputs.loss_state or RunningMean()).update(rewards.detach())
     shifted = rewards - state.mean
     losses = torch.where(desirable, -F.logsigmoid(shifted), -F.logsigmoid(-shifted))
     metrics = _unpaired_metrics(desirable, rewards)

@@ -35,13 +35,6 @@ def merged_for_save(model, save: str):
     return model
 
 
-def adapter_state_dict(model) -> dict:
-    """The adapter weights only, named as peft saves them (adapter_model.safetensors)."""
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(model)
-
-
 def load_adapter_weights(model, weights: dict) -> None:
     """Load saved adapter weights; raises ValueError unless they cover exactly the model's adapters."""
     from peft import set_peft_model_state_dict

@@ -39,9 +39,9 @@ class SamplingOptions(_Strict):
 
 
 class GenerateConfig(SamplingOptions):
-    model: str
-    prompts: str
-    out: str
+    model: str = Field(description="model directory, alias or hub id")
+    prompts: str = Field(description="JSONL of {'prompt': ...} (other fields are carried to the output)")
+    out: str = Field(description="output JSONL: each prompt record + 'responses' (+ 'completion' when n = 1)")
     num_samples: int = Field(1, gt=0)
     backend: Literal["auto", "hf", "vllm"] = "auto"
     on_bad_record: Literal["error", "skip"] = "error"
@@ -49,9 +49,9 @@ class GenerateConfig(SamplingOptions):
 
 class DecodeConfig(SamplingOptions):
     method: Literal["sample", "bon", "bon-calibrated", "bonbon", "args", "deal", "tq"]
-    model: str
-    prompts: str
-    out: str
+    model: str = Field(description="the policy (for tq: the base / reference model)")
+    prompts: str = Field(description="JSONL of {'prompt': ...}")
+    out: str = Field(description="output JSONL (bonbon: pairs); the summary goes to <out>.summary.json")
     reward: str = "synthetic"
     n: int = Field(8, gt=0, description="bon / bon-calibrated / bonbon: samples per prompt")
     num_reference: int = Field(16, gt=0, description="bon-calibrated: reference samples per prompt")
@@ -73,8 +73,8 @@ class DecodeConfig(SamplingOptions):
 
 class SynthConfig(SamplingOptions):
     method: Literal["magpie", "self-instruct", "principles"]
-    model: str
-    out: str
+    model: str = Field(description="an instruct model with a chat template (magpie), or any model")
+    out: str = Field(description="output JSONL of prompts / sft / pairs records")
     n: int = Field(100, gt=0, description="prompts to make (magpie / self-instruct)")
     shape: Literal["prompts", "sft", "pairs"] = "prompts"
     reward: str | None = Field(None, description="orders responses into pairs")
@@ -140,7 +140,8 @@ def run_decode(config=None, overrides: dict[str, Any] | None = None) -> dict:
     line = f"{cfg.method}: mean reward {summary['mean_reward']:+.4f}, {summary['generated_tokens_per_prompt']:.1f} tokens/prompt"
     if "efficiency" in summary:
         e = summary["efficiency"]
-        line += f" (plain sampling {e['baseline_mean_reward']:+.4f}; x{e['compute_ratio_tokens']:.1f} tokens)"
+        line += (f" (plain sampling {e['baseline_mean_reward']:+.4f}; x{e['compute_ratio_tokens'] or 0:.1f} tokens, "
+                 f"x{e['compute_ratio_reward_calls'] or 0:.1f} reward calls)")
     log.info("%s; wrote %s and %s", line, cfg.out, summary_path)
     return summary
 

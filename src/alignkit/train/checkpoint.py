@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_model
 
 from alignkit.errors import AlignkitError
 from alignkit.models.lora import is_peft, load_adapter_weights
@@ -62,9 +62,10 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep_last: int, *,
                     rng_states: list[dict] | None = None, model_state: dict | None = None,
-                    optimizer_state: dict | None = None) -> Path:
+                    optimizer_state: dict | None = None, extra_models: dict | None = None) -> Path:
     """Write checkpoint `step`. rng_states: one per rank (default: this process's); model_state and
-    optimizer_state: gathered full states where the live ones are sharded (FSDP2)."""
+    optimizer_state: gathered full states where the live ones are sharded (FSDP2); extra_models: file name ->
+    module saved with safetensors (TR-DPO's moving reference)."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -76,6 +77,8 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, schedule
         tokenizer.save_pretrained(tmp)
     torch.save({"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
                 "scheduler": scheduler.state_dict(), "rng": rng_states or [rng_state()]}, tmp / TRAINER_FILE)
+    for name, module in (extra_models or {}).items():
+        save_model(module, str(tmp / name))
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}))  # last: the directory is complete
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -150,7 +153,7 @@ def load_latest_checkpoint(output_dir, model) -> Resumed | None:
 
 
 def save_from_ranks(output_dir, step: int, model, tokenizer, optimizer, scheduler, train_model, ctx: Dist,
-                    state: dict, keep_last: int) -> None:
+                    state: dict, keep_last: int, extra_models: dict | None = None) -> None:
     """Every rank calls this: the states are gathered (RNG of each rank; weights and optimizer under FSDP2),
     rank 0 writes the checkpoint, and all wait for it."""
     model_state = full_model_state(model, train_model)
@@ -158,7 +161,8 @@ def save_from_ranks(output_dir, step: int, model, tokenizer, optimizer, schedule
     rng_states = gather_objects(rng_state(), ctx)
     if ctx.is_main:
         save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, state, keep_last,
-                        rng_states=rng_states, model_state=model_state, optimizer_state=optimizer_state)
+                        rng_states=rng_states, model_state=model_state, optimizer_state=optimizer_state,
+                        extra_models=extra_models)
     barrier(ctx)
 
 

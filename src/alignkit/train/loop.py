@@ -18,12 +18,11 @@ import torch
 
 from alignkit.config import TrainConfig
 from alignkit.data import TokenizedExample, prepare_examples
-from alignkit.data.pack import PackedBatch, pack, token_budget_batches
+from alignkit.data.pack import PackedBatch, token_budget_batches
 from alignkit.data.tokenize import train_on_prompt
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses import LossInputs, build_options, get_loss
 from alignkit.losses.sft import SFTOptions, sft_loss
-from alignkit.models.logprobs import response_logprobs
 from alignkit.models.lora import apply_lora, merged_for_save
 from alignkit.models.reward import prepare_reward_examples, sequence_rewards
 from alignkit.train.checkpoint import (
@@ -46,8 +45,25 @@ from alignkit.train.distributed import (
 )
 from alignkit.train.guards import nonfinite_reason, skip_or_abort
 from alignkit.train.logging import MetricsLog
+from alignkit.train.loss_inputs import (
+    CarriedState,
+    add_record_fields,
+    check_method_setup,
+    eval_batches,
+    logprob_inputs,
+    pack_batch,
+    score_references,
+)
 from alignkit.train.neftune import neftune
-from alignkit.train.reference import reference_logps, score_examples
+from alignkit.train.ref_update import (
+    checkpoint_models,
+    reference_due,
+    reference_model,
+    restore_reference,
+    update_alpha,
+    update_reference,
+)
+from alignkit.train.reference import Reference, score_examples
 
 
 @dataclass
@@ -56,16 +72,6 @@ class TrainResult:
     tokenizer: object
     final_metrics: dict[str, float]
     output_dir: Path
-
-
-@dataclass
-class Reference:
-    seq_logps: torch.Tensor  # [n, k]
-    token_logps: list[torch.Tensor]  # per example, flat over its responses
-
-    def for_batch(self, batch: PackedBatch):
-        idx = batch.example_indices
-        return self.seq_logps[idx], torch.cat([self.token_logps[i] for i in idx])
 
 
 def set_seed(seed: int) -> None:
@@ -113,30 +119,17 @@ def mean_trained_lengths(examples: list[TokenizedExample], indices) -> torch.Ten
 
 
 def compute_losses(model, batch: PackedBatch, examples: list[TokenizedExample], spec, opts, ref: Reference | None,
-                   cfg: TrainConfig, step_mean_lengths: torch.Tensor | None = None):
-    """Per-example losses and metrics of one packed micro-batch. step_mean_lengths: see LossInputs."""
+                   cfg: TrainConfig, step_mean_lengths: torch.Tensor | None = None, loss_state=None):
+    """Per-example losses and metrics of one packed micro-batch. step_mean_lengths: see LossInputs; loss_state:
+    what a stateful loss carried over from the training batches before (LossSpec.state)."""
     if spec.output == "rewards":  # a reward model: one scalar per response instead of log-probs
         rewards = sequence_rewards(model, batch).float()
         inputs = LossInputs(logps=None, lengths=batch.seq_lengths.to(rewards.device), rewards=rewards)
-    else:
-        out = response_logprobs(model, batch, cfg.chunk_size)
-        inputs = LossInputs(logps=out.seq_logps.float(), lengths=out.lengths)
+    else:  # policy and reference log-probs (and KTO's mismatched pairs, SparsePO's token KL and masks)
+        inputs = logprob_inputs(model, batch, spec, opts, ref, cfg.chunk_size)
     inputs.step_mean_lengths = step_mean_lengths
-    if ref is not None:
-        ref_seq, ref_tokens = ref.for_batch(batch)
-        inputs.ref_logps = ref_seq.to(inputs.logps.device)
-        if spec.needs_token_logps:
-            ref_out = type(out)(ref_tokens.to(out.token_logps.device), ref_seq, out.lengths)
-            inputs.ref_token_logps, _ = ref_out.padded(batch)
-    if spec.needs_token_logps:
-        inputs.token_logps, inputs.token_mask = out.padded(batch)
-    chosen = [examples[i] for i in batch.example_indices]
-    if "label" in chosen[0].extras:
-        inputs.labels = torch.tensor([float(e.extras["label"]) for e in chosen])
-    if "scores" in chosen[0].extras:
-        inputs.scores = torch.tensor([e.extras["scores"] for e in chosen], dtype=torch.float32)
-    if any("margin" in e.extras for e in chosen):
-        inputs.margins = torch.tensor([float(e.extras.get("margin", 0.0)) for e in chosen])
+    inputs.loss_state = loss_state
+    add_record_fields(inputs, [examples[i] for i in batch.example_indices])
     losses, metrics = spec.fn(inputs, opts)
     metrics = dict(metrics)
     if inputs.logps is not None:
@@ -160,16 +153,17 @@ def _accumulate(sums: dict[str, float], metrics: dict[str, torch.Tensor]) -> Non
 
 
 @torch.no_grad()
-def evaluate(model, examples, spec, opts, ref: Reference | None, cfg: TrainConfig, pad_token_id: int) -> dict[str, float]:
+def evaluate(model, examples, spec, opts, ref: Reference | None, cfg: TrainConfig, pad_token_id: int,
+             loss_state=None) -> dict[str, float]:
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
     loss_sum = 0.0
     mean_lengths = mean_trained_lengths(examples, range(len(examples)))
-    for indices in token_budget_batches(examples, cfg.max_tokens_per_batch, seed=0, shuffle=False):
-        batch = pack([examples[i] for i in indices], indices, cfg.max_tokens_per_row, pad_token_id)
+    for indices in eval_batches(examples, cfg):
+        batch = pack_batch(examples, indices, cfg, pad_token_id, spec, opts)
         with torch.autocast(_device_type(model), dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            losses, metrics = compute_losses(model, batch, examples, spec, opts, ref, cfg, mean_lengths)
+            losses, metrics = compute_losses(model, batch, examples, spec, opts, ref, cfg, mean_lengths, loss_state)
         loss_sum += float(losses.sum())
         _accumulate(sums, metrics)
     model.train(was_training)
@@ -213,17 +207,31 @@ def prepare_model(model, cfg: TrainConfig, ctx: Dist, reward_model: bool):
     return apply_lora(model, cfg.lora) if cfg.lora is not None else model
 
 
+def make_optimizer(params: list, cfg: TrainConfig, ctx: Dist) -> torch.optim.AdamW:
+    """AdamW, with torch's fused kernel where it applies (CPU/CUDA tensors; FSDP2's sharded parameters keep the
+    default): one pass over each parameter and no temporaries, where the default CPU path makes ~6 passes and
+    allocates two parameter-sized temporaries, which made the optimizer step ~5x slower on CPU."""
+    fused = not (ctx.enabled and cfg.distributed == "fsdp") and all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
+                             fused=fused or None)
+
+
 def backward_micro_batches(train_model, model, micro_batches, n_examples: int, step_lengths, examples, spec, opts,
-                           ref, cfg: TrainConfig, pad_id: int, ctx: Dist) -> dict[str, float]:
+                           ref, cfg: TrainConfig, pad_id: int, ctx: Dist,
+                           carried: CarriedState | None = None) -> dict[str, float]:
     """Forward + backward of this rank's micro-batches of one step; gradients are reduced over ranks on the
-    last one. Returns this rank's sums: '_loss' (its part of the step's mean loss), '_tokens', each metric."""
+    last one. Returns this rank's sums: '_loss' (its part of the step's mean loss), '_tokens', each metric.
+    carried: a stateful loss's state, passed from micro-batch to micro-batch."""
     sums: dict[str, float] = {"_loss": 0.0, "_tokens": 0.0}
     for i, indices in enumerate(micro_batches):
-        batch = pack([examples[j] for j in indices], indices, cfg.max_tokens_per_row, pad_id)
+        batch = pack_batch(examples, indices, cfg, pad_id, spec, opts)
         with gradient_sync(train_model, enabled=i == len(micro_batches) - 1):
             with torch.autocast(_device_type(model), dtype=torch.bfloat16, enabled=cfg.precision == "bf16"), \
                     neftune(model, batch, cfg.neftune_alpha):
-                losses, metrics = compute_losses(train_model, batch, examples, spec, opts, ref, cfg, step_lengths)
+                losses, metrics = compute_losses(train_model, batch, examples, spec, opts, ref, cfg, step_lengths,
+                                                 carried.current() if carried is not None else None)
+            if carried is not None:
+                carried.absorb(metrics)
             loss = losses.sum() / n_examples  # mean over the whole optimizer step (all ranks), whatever the split
             (loss * ctx.world_size).backward()  # DDP / FSDP2 average gradients over ranks: this makes it the sum
         sums["_loss"] += loss.item()
@@ -250,6 +258,7 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
         raise ConfigError("sft_include_prompt", f"applies to SFT data only; loss '{cfg.loss}' trains on {spec.data_shape}")
     if spec.output == "rewards" and cfg.sft_weight > 0:
         raise ConfigError("sft_weight", f"loss '{cfg.loss}' trains a reward model, which has no log-probs; set 0")
+    check_method_setup(spec, opts, cfg, ctx)
     if model is None and spec.output == "rewards":
         from alignkit.models.reward import load_reward_model
 
@@ -274,21 +283,21 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
 
-    train_ref = eval_ref = None
-    if spec.needs_reference:  # the reference is the starting policy: score once before any update
-        ref_args = (cfg.max_tokens_per_batch, cfg.max_tokens_per_row, pad_id, cfg.precision, cfg.chunk_size, cfg.ref_cache)
-        train_ref = Reference(*reference_logps(model, train_examples, *ref_args))
-        if eval_examples:
-            eval_ref = Reference(*reference_logps(model, eval_examples, *ref_args))
+    ref_model = reference_model(model, spec, opts, cfg)  # a frozen copy, only where a method needs a live reference
+    ref_inputs = (model, ref_model, train_examples, eval_examples, local_steps, spec, opts, cfg, pad_id)
+    train_ref, eval_ref = score_references(*ref_inputs)  # the starting policy: scored once before any update
 
     if ctx.is_main:
         remove_partial_saves(out_dir)
     resumed = load_latest_checkpoint(out_dir, model)  # weights now; optimizer, scheduler and RNG once they exist
     train_model = wrap_model(model, cfg.distributed, ctx, lora=cfg.lora is not None)  # the model, or DDP / FSDP2
-    optimizer = torch.optim.AdamW([p for p in train_model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer([p for p in train_model.parameters() if p.requires_grad], cfg, ctx)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(steps)))
     start, skipped = restore_training_state(resumed, model, optimizer, scheduler, train_model, ctx)
+    carried = CarriedState(spec)  # a stateful loss's state (BCO's reward shift), saved with each checkpoint
+    carried.restore(resumed.state if resumed is not None else {})
+    if restore_reference(ref_model, resumed, cfg):  # TR-DPO: the reference as it was at the checkpoint
+        train_ref, eval_ref = score_references(*ref_inputs, use_cache=False)
     logger = None
     if ctx.is_main:
         _truncate_metrics(out_dir, start)
@@ -301,7 +310,8 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
             n_examples = sum(len(mb) for mb in steps[step])  # the whole step, over all ranks
             step_lengths = mean_trained_lengths(train_examples, [i for mb in steps[step] for i in mb])
             sums = sum_over_ranks(backward_micro_batches(train_model, model, local_steps[step], n_examples, step_lengths,
-                                                         train_examples, spec, opts, train_ref, cfg, pad_id, ctx), ctx)
+                                                         train_examples, spec, opts, train_ref, cfg, pad_id, ctx,
+                                                         carried), ctx)
             loss_total, tokens = sums.pop("_loss"), sums.pop("_tokens")
             grad_norm = float(total_norm(torch.nn.utils.clip_grad_norm_(train_model.parameters(),
                                                                         cfg.max_grad_norm or float("inf"))))
@@ -313,6 +323,10 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
                 skipped = skip_or_abort(problem, done, skipped, cfg)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            carried.end_step(applied=problem is None, ctx=ctx)
+            if reference_due(cfg, done):  # TR-DPO: the reference moves towards the policy; its values are recomputed
+                update_reference(ref_model, model, update_alpha(cfg))
+                train_ref, eval_ref = score_references(*ref_inputs, use_cache=False)
             metrics_out = {"loss": loss_total, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                            "tokens_per_s": tokens / (time.perf_counter() - tic), "examples": n_examples,
                            **_mean_metrics(sums, n_examples)}
@@ -320,12 +334,14 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
                 metrics_out = {"lr": metrics_out["lr"], "examples": n_examples, "skipped": 1, "skipped_steps": skipped}
             last = done == len(steps)
             if eval_examples and (last or cfg.eval_every and done % cfg.eval_every == 0):
-                metrics_out.update(evaluate(train_model, eval_examples, spec, opts, eval_ref, cfg, pad_id))
+                metrics_out.update(evaluate(train_model, eval_examples, spec, opts, eval_ref, cfg, pad_id,
+                                            carried.value))
             if logger is not None and (done % cfg.log_every == 0 or last or "eval/loss" in metrics_out):
                 logger.write(done, metrics_out)
             if not last and cfg.save_every and done % cfg.save_every == 0:
                 save_from_ranks(out_dir, done, model, tokenizer, optimizer, scheduler, train_model, ctx,
-                                {"skipped_steps": skipped}, cfg.keep_last)
+                                {"skipped_steps": skipped, **carried.checkpoint()}, cfg.keep_last,
+                                checkpoint_models(ref_model, cfg))
     finally:
         if logger is not None:
             logger.close()

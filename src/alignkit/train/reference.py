@@ -9,17 +9,73 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from alignkit.data.pack import pack, token_budget_batches
+from alignkit.data.pack import mismatched_partners, pack, token_budget_batches, with_mismatched_completions
 from alignkit.data.tokenize import TokenizedExample
+from alignkit.errors import AlignkitError
 from alignkit.models.logprobs import response_logprobs
 from alignkit.models.lora import adapters_disabled
 
 log = logging.getLogger("alignkit.train")
+
+
+@dataclass
+class Reference:
+    """The reference's values for one data set, by example index, and the live reference model where a method needs
+    more than cached log-probs (SparsePO's per-token distributions, TR-DPO's moving reference)."""
+
+    seq_logps: torch.Tensor  # [n, k]
+    token_logps: list[torch.Tensor]  # per example, flat over its responses
+    # KTO's mismatched pairs: (example whose prompt, example whose completion) -> summed log-prob, for every pair
+    # the run's batches form (pack.mismatched_partners)
+    pair_logps: dict[tuple[int, int], float] = field(default_factory=dict)
+    model: object | None = None
+
+    def for_batch(self, batch):
+        idx = batch.example_indices
+        return self.seq_logps[idx], torch.cat([self.token_logps[i] for i in idx])
+
+    def kl_for(self, batch) -> torch.Tensor:
+        """[B] reference log-probs of the batch's mismatched completions."""
+        idx = batch.example_indices
+        pairs = [(idx[b], idx[p]) for b, p in enumerate(mismatched_partners(len(idx)))]
+        missing = [pair for pair in pairs if pair not in self.pair_logps]
+        if missing:
+            raise AlignkitError(f"no reference log-prob for the mismatched pair {missing[0]} (prompt, completion): "
+                                "the batch is not one the reference was scored for")
+        return torch.tensor([self.pair_logps[pair] for pair in pairs])
+
+
+def mismatched_examples(examples: list[TokenizedExample], pairs: list[tuple[int, int]],
+                        max_length: int | None) -> list[TokenizedExample]:
+    """One single-response example per (i, j): prompt i with completion j, tokens exactly as the packed batch
+    holds them (pack.with_mismatched_completions), so scoring it alone gives the same log-prob."""
+    out = []
+    for i, j in pairs:
+        extended = with_mismatched_completions([examples[i], examples[j]] if i != j else [examples[i]], max_length)[0]
+        masks = None if extended.response_loss_masks is None else extended.response_loss_masks[-1:]
+        out.append(TokenizedExample(extended.prompt_ids, extended.response_ids[-1:], extended.source, extended.row,
+                                    response_loss_masks=masks))
+    return out
+
+
+def build_reference(model, examples: list[TokenizedExample], cfg, pad_token_id: int, batches=None,
+                    use_cache: bool | None = None) -> Reference:
+    """Reference values of `examples` under `model` (cfg: a TrainConfig). batches: the micro-batches (example
+    indices) the run will pack with mismatched completions (KTO); their pairs are scored too."""
+    args = (cfg.max_tokens_per_batch, cfg.max_tokens_per_row, pad_token_id, cfg.precision, cfg.chunk_size,
+            cfg.ref_cache if use_cache is None else use_cache)
+    ref = Reference(*reference_logps(model, examples, *args))
+    if batches is not None:
+        pairs = sorted({(mb[b], mb[p]) for mb in batches for b, p in enumerate(mismatched_partners(len(mb)))})
+        pair_seq, _ = reference_logps(model, mismatched_examples(examples, pairs, cfg.max_length), *args)
+        ref.pair_logps = dict(zip(pairs, pair_seq[:, 0].tolist()))
+    return ref
 
 
 def cache_dir() -> Path:

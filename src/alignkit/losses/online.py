@@ -1,0 +1,238 @@
+"""Online RL losses: GRPO, RLOO, PPO (clipped policy + clipped value), and CREAM's consistency-weighted DPO.
+
+Pure functions of log-probabilities like every other loss; what a rollout adds (the rewards of k samples of one
+prompt in `scores`, behaviour-policy log-probs, PPO's advantages, returns and values) arrives in LossInputs, filled by
+alignkit.online. Formulas and sources: shared/methods/online-decoding-eval.md (sections 1-3, 7) and docs/online.md.
+
+Per-token losses are aggregated to one value per example (a prompt and its k samples) such that the learner's mean
+over the examples of an optimizer step is the method's aggregate:
+  seq-mean-token-mean  mean over each response's tokens, then over responses (GRPO paper; TRL loss_type "grpo")
+  token-mean           sum over every token of the step / their number (TRL "bnpo", "dapo"; OpenRLHF, TRL PPO)
+  const-norm           sum over tokens / (responses x max_completion_length) (Dr. GRPO; TRL "dr_grpo")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from alignkit.errors import ConfigError
+from alignkit.losses.base import LossInputs, LossOutput, pair_reward_metrics
+
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "const-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"loss_options.{key}", f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) on tokens sampled from pi, with d = log pi - log pi_ref:
+    k1 = d, k2 = d^2 / 2, k3 = exp(-d) - 1 + d (>= 0; Schulman's estimator, as in GRPO's loss)."""
+    log_ratio = logps - ref_logps
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return log_ratio.pow(2) / 2
+    if estimator == "k3":
+        return torch.exp(-log_ratio) - 1 + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; known: {', '.join(KL_ESTIMATORS)}")
+
+
+def group_advantages(scores: torch.Tensor, scale_rewards: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's outcome advantage of each of a prompt's k samples: A_i = (r_i - mean(r)) / (std(r) + eps), with the
+    Bessel-corrected std of the group (TRL); scale_rewards "none": A_i = r_i - mean(r) (Dr. GRPO, arXiv 2503.20783).
+    scores: [B, k]."""
+    centred = scores - scores.mean(1, keepdim=True)
+    if scale_rewards == "none":
+        return centred
+    return centred / (scores.std(1, keepdim=True) + eps)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """RLOO: A_i = R_i - (1 / (k - 1)) sum_{j != i} R_j (arXiv 2402.14740). rewards: [B, k], k >= 2."""
+    k = rewards.shape[1]
+    if k < 2:
+        raise ValueError("leave-one-out baselines need at least 2 samples per prompt")
+    return rewards - (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+
+
+def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
+    """PPO's clipped objective as a loss: -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) (arXiv 1707.06347)."""
+    return -torch.min(ratio * advantages, ratio.clamp(1 - eps_low, 1 + eps_high) * advantages)
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip: float) -> torch.Tensor:
+    """1/2 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2) per token (2307.04964 sec. 3.2)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * torch.max((values - returns).pow(2), (clipped - returns).pow(2))
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, step_mean_lengths: torch.Tensor | None = None,
+              max_completion_length: int = 0) -> torch.Tensor:
+    """[B, k, T] per-token losses -> [B] per-example losses whose mean over a step's examples is `how` (see above).
+    step_mean_lengths [k]: mean tokens of each response column over the step (token-mean is then exact under
+    gradient accumulation); default: this batch's."""
+    weights = mask.to(per_token.dtype)
+    per_response = (per_token * weights).sum(-1)  # [B, k]
+    if how == "seq-mean-token-mean":
+        return (per_response / weights.sum(-1).clamp(min=1)).mean(1)
+    if how == "token-mean":
+        mean_tokens = step_mean_lengths.sum() if step_mean_lengths is not None else weights.sum((1, 2)).mean()
+        return per_response.sum(1) / mean_tokens.clamp(min=1)
+    if how == "const-norm":
+        length = max_completion_length or per_token.shape[-1]
+        return per_response.sum(1) / (per_token.shape[1] * length)
+    raise ValueError(f"unknown aggregation {how!r}; known: {', '.join(AGGREGATIONS)}")
+
+
+def _per_example_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, k, T] -> [B]: mean over every masked token of the example (metrics)."""
+    weights = mask.to(values.dtype)
+    return ((values * weights).sum((1, 2)) / weights.sum((1, 2)).clamp(min=1)).detach()
+
+
+def _sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor | None, mask: torch.Tensor, estimator: str) -> torch.Tensor:
+    """[B]: the mean over an example's responses of the summed per-token KL estimate (0 without a reference)."""
+    if ref_logps is None:
+        return torch.zeros(logps.shape[0])
+    return (kl_estimate(logps, ref_logps, estimator) * mask).sum(-1).mean(1).detach()
+
+
+@dataclass
+class GRPOOptions:
+    epsilon: float = 0.2  # clip range below 1
+    epsilon_high: float = 0.0  # clip range above 1; 0: epsilon (DAPO: 0.28)
+    kl_coef: float = 0.04  # beta of the k3 KL to the reference in the loss; 0: no KL term (TRL's default)
+    scale_rewards: str = "group"  # "group": divide by the group's std; "none": Dr. GRPO
+    loss_aggregation: str = "seq-mean-token-mean"
+    max_completion_length: int = 0  # const-norm's length; 0: the longest response of the micro-batch
+
+    def __post_init__(self):
+        _check_choice("scale_rewards", self.scale_rewards, ("group", "none"))
+        _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS)
+
+
+def grpo_loss(inputs: LossInputs, opts: GRPOOptions) -> LossOutput:
+    """l_{i,t} = -min(rho A_i, clip(rho, 1-e, 1+e_high) A_i) + kl_coef * k3_t, rho = pi / pi_old per token,
+    A_i = group-relative advantage of sample i among its prompt's k samples; aggregated per `loss_aggregation`.
+    DeepSeekMath, arXiv 2402.03300 (objective as transcribed in TRL's docs); Dr. GRPO, arXiv 2503.20783."""
+    logps, mask = inputs.token_logps, inputs.token_mask
+    old = inputs.old_token_logps if inputs.old_token_logps is not None else logps.detach()
+    advantages = group_advantages(inputs.scores.to(logps.device), opts.scale_rewards)
+    ratio = torch.exp(logps - old)
+    eps_high = opts.epsilon_high or opts.epsilon
+    per_token = clipped_surrogate(ratio, advantages[..., None], opts.epsilon, eps_high)
+    if opts.kl_coef > 0:
+        if inputs.ref_token_logps is None:
+            raise ValueError("grpo with kl_coef > 0 needs reference per-token log-probs")
+        per_token = per_token + opts.kl_coef * kl_estimate(logps, inputs.ref_token_logps, "k3")
+    losses = aggregate(per_token, mask, opts.loss_aggregation, inputs.step_mean_lengths, opts.max_completion_length)
+    clipped = ((ratio < 1 - opts.epsilon) | (ratio > 1 + eps_high)).float()
+    return losses, {
+        "reward": inputs.scores.mean(1).detach(),
+        "clip_fraction": _per_example_mean(clipped, mask),
+        "kl": _sequence_kl(logps.detach(), inputs.ref_token_logps, mask, "k1"),
+        "kl_k3": _sequence_kl(logps.detach(), inputs.ref_token_logps, mask, "k3"),
+    }
+
+
+@dataclass
+class RLOOOptions:
+    kl_coef: float = 0.05  # beta: R_i = r_i - beta * (log pi_old(y_i) - log pi_ref(y_i)), summed over the sequence
+    epsilon: float = 0.2  # sequence-level ratio clip (inactive with one update per rollout)
+    normalize_advantages: bool = False  # divide by the micro-batch's std after centring (TRL's option)
+
+
+def rloo_loss(inputs: LossInputs, opts: RLOOOptions) -> LossOutput:
+    """REINFORCE leave-one-out: R_i = r_i - beta KL_i (sequence k1 of the behaviour policy, not differentiated),
+    A_i = R_i - mean_{j != i} R_j, l_i = -min(rho_i A_i, clip(rho_i) A_i), rho_i = pi(y_i) / pi_old(y_i) over the
+    whole sequence; mean over the k samples. Ahmadian et al., arXiv 2402.14740; TRL's RLOOTrainer for the ratio."""
+    logps = inputs.logps
+    old = inputs.old_logps if inputs.old_logps is not None else logps.detach()
+    sequence_kl = old - inputs.ref_logps if inputs.ref_logps is not None else torch.zeros_like(old)
+    rewards = inputs.scores.to(logps.device) - opts.kl_coef * sequence_kl
+    advantages = leave_one_out_advantages(rewards)
+    if opts.normalize_advantages:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-4)
+    ratio = torch.exp(logps - old)
+    losses = clipped_surrogate(ratio, advantages, opts.epsilon, opts.epsilon).mean(1)
+    return losses, {
+        "reward": inputs.scores.mean(1).detach(),
+        "kl": sequence_kl.mean(1).detach(),
+        "advantage_abs": advantages.abs().mean(1).detach(),
+    }
+
+
+@dataclass
+class PPOOptions:
+    # The loss.
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1  # weight of the value loss (the value head shares the policy's backbone)
+    loss_aggregation: str = "token-mean"
+    kl_loss_coef: float = 0.0  # weight of a k3 KL-to-reference term in the loss (the alternative to kl_coef)
+    # The rollout's advantages (online/advantages.py reads these when it scores a rollout).
+    kl_coef: float = 0.05  # eta: per-token reward -eta * KL_t, the score added at the last token (PPO-max)
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    reward_norm: str = "normalize"  # scores vs running moments: "normalize" (r - mu) / sigma, "scale" r / sigma, "none"
+    reward_clip: float = 10.0  # |normalised score| <= this; 0: no clipping
+    whiten_advantages: bool = True  # over the whole rollout (TRL, OpenRLHF); PPO-max whitens per minibatch
+    advantage_clip: float = 0.0  # |A| <= this after whitening (MOSS-RLHF code: 0.5); 0: none
+
+    def __post_init__(self):
+        _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS)
+        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _check_choice("reward_norm", self.reward_norm, ("normalize", "scale", "none"))
+
+
+def ppo_loss(inputs: LossInputs, opts: PPOOptions) -> LossOutput:
+    """l_t = max(-A_t rho_t, -A_t clip(rho_t, 1-e, 1+e)) + c_v * 1/2 max((V_t - R_t)^2, (V_old,t + clip(V_t - V_old,t,
+    -e_v, e_v) - R_t)^2) [+ kl_loss_coef * k3_t], with A_t, R_t from GAE on the KL-shaped reward (online/advantages.py).
+    Schulman et al. arXiv 1707.06347; Zheng et al. ("Secrets of RLHF" I, PPO-max) arXiv 2307.04964 eq. 8-17."""
+    if inputs.values is None or inputs.advantages is None or inputs.returns is None:
+        raise ValueError("ppo needs values (a value head), advantages and returns")
+    logps, mask = inputs.token_logps, inputs.token_mask
+    old = inputs.old_token_logps if inputs.old_token_logps is not None else logps.detach()
+    old_values = inputs.old_values if inputs.old_values is not None else inputs.values.detach()
+    ratio = torch.exp(logps - old)
+    policy_loss = clipped_surrogate(ratio, inputs.advantages, opts.cliprange, opts.cliprange)
+    value_loss = clipped_value_loss(inputs.values, old_values, inputs.returns, opts.cliprange_value)
+    per_token = policy_loss + opts.vf_coef * value_loss
+    if opts.kl_loss_coef > 0:
+        per_token = per_token + opts.kl_loss_coef * kl_estimate(logps, inputs.ref_token_logps, "k3")
+    losses = aggregate(per_token, mask, opts.loss_aggregation, inputs.step_mean_lengths)
+    clipped = ((ratio < 1 - opts.cliprange) | (ratio > 1 + opts.cliprange)).float()
+    return losses, {
+        "policy_loss": _per_example_mean(policy_loss, mask),
+        "value_loss": _per_example_mean(value_loss, mask),
+        "clip_fraction": _per_example_mean(clipped, mask),
+        "kl": _sequence_kl(logps.detach(), inputs.ref_token_logps, mask, "k1"),
+    }
+
+
+@dataclass
+class CREAMOptions:
+    beta: float = 0.1
+
+
+def cream_loss(inputs: LossInputs, opts: CREAMOptions) -> LossOutput:
+    """l = -C log s(b h) - (1 - C) log s(-b h), h = (lw - lw_ref) - (ll - ll_ref), C = inputs.consistency in [0, 1]
+    (1 where absent: DPO): DPO whose label is trusted as far as two consecutive iterations' rankings agree.
+    CREAM, Wang et al. arXiv 2410.12735 (official code: sft_dpo_trainer.py, `dpo_consistency_dynamic`)."""
+    chosen_logratio = inputs.chosen_logps - inputs.ref_chosen_logps
+    rejected_logratio = inputs.rejected_logps - inputs.ref_rejected_logps
+    logits = opts.beta * (chosen_logratio - rejected_logratio)
+    consistency = inputs.consistency if inputs.consistency is not None else torch.ones_like(logits)
+    consistency = consistency.to(logits.device, logits.dtype)
+    losses = -consistency * F.logsigmoid(logits) - (1 - consistency) * F.logsigmoid(-logits)
+    metrics = pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
+    metrics["consistency"] = consistency.detach()
+    return losses, metrics

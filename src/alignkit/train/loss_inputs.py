@@ -1,0 +1,155 @@
+"""From a packed micro-batch to a loss's LossInputs: the policy's log-probs, the reference's values, the record fields
+(labels, scores, margins, other objectives' rewards), and what some methods need beyond them — KTO's mismatched
+pairs (an extra response column of the same packed rows), SparsePO's token KL and masks (a live reference model).
+Also the state a loss carries between training batches (BCO's reward shift)."""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.data.pack import PackedBatch, pack, token_budget_batches, with_mismatched_completions
+from alignkit.data.tokenize import TokenizedExample
+from alignkit.errors import ConfigError
+from alignkit.losses import LossInputs
+from alignkit.losses.registry import LossSpec, uses_kl_pairs, uses_ref_model
+from alignkit.losses.tokenlevel import activation_token_weights
+from alignkit.models.logprobs import ResponseLogProbs, response_logprobs
+from alignkit.models.token_kl import logprobs_and_token_kl, pad_tokens, reference_forward
+from alignkit.train.distributed import Dist, gather_objects
+from alignkit.train.reference import Reference, build_reference
+
+
+def pack_batch(examples: list[TokenizedExample], indices: list[int], cfg, pad_token_id: int, spec: LossSpec,
+               opts) -> PackedBatch:
+    """examples[indices] packed; for KTO each example also gets the next one's completion as a last response."""
+    chosen = [examples[i] for i in indices]
+    if uses_kl_pairs(spec, opts):
+        chosen = with_mismatched_completions(chosen, cfg.max_length)
+    return pack(chosen, indices, cfg.max_tokens_per_row, pad_token_id)
+
+
+def eval_batches(examples: list[TokenizedExample], cfg) -> list[list[int]]:
+    """The micro-batches of an evaluation (fixed: the reference of KTO's mismatched pairs is scored for them)."""
+    return token_budget_batches(examples, cfg.max_tokens_per_batch, seed=0, shuffle=False)
+
+
+def score_references(model, ref_model, train_examples, eval_examples, local_steps, spec: LossSpec, opts, cfg,
+                     pad_token_id: int, use_cache: bool | None = None) -> tuple[Reference | None, Reference | None]:
+    """The reference's values for the training and evaluation sets (None, None for a reference-free loss), from
+    `ref_model` where there is one, else from `model` (the starting policy, before any update). KTO's mismatched
+    pairs are scored for exactly the micro-batches this rank will pack (local_steps; eval_batches)."""
+    if not spec.needs_reference:
+        return None, None
+    source = ref_model if ref_model is not None else model
+    kl_pairs = uses_kl_pairs(spec, opts)
+    train_batches = [mb for step in local_steps for mb in step] if kl_pairs else None
+    train_ref = build_reference(source, train_examples, cfg, pad_token_id, train_batches, use_cache)
+    eval_ref = None
+    if eval_examples:
+        eval_batches_ = eval_batches(eval_examples, cfg) if kl_pairs else None
+        eval_ref = build_reference(source, eval_examples, cfg, pad_token_id, eval_batches_, use_cache)
+    for ref in (train_ref, eval_ref):
+        if ref is not None:
+            ref.model = ref_model
+    return train_ref, eval_ref
+
+
+def logprob_inputs(model, batch: PackedBatch, spec: LossSpec, opts, ref: Reference | None,
+                   chunk_size: int) -> LossInputs:
+    """The policy's (and reference's) log-probs of the batch, split into the loss's fields."""
+    live_ref = ref is not None and ref.model is not None and uses_ref_model(spec, opts)
+    if live_ref:  # SparsePO: the reference runs on the same rows; the KL comes out of the policy's chunked pass
+        ref_forward = reference_forward(ref.model, batch)
+        out, token_kl = logprobs_and_token_kl(model, batch, ref_forward, chunk_size)
+    else:
+        out = response_logprobs(model, batch, chunk_size)
+    seq_logps = out.seq_logps.float()
+    kl_pairs = uses_kl_pairs(spec, opts)
+    if kl_pairs:  # the last column is the mismatched completion (pack_batch)
+        inputs = LossInputs(logps=seq_logps[:, :-1], lengths=out.lengths[:, :-1], kl_logps=seq_logps[:, -1])
+    else:
+        inputs = LossInputs(logps=seq_logps, lengths=out.lengths)
+    if ref is not None:
+        ref_seq, ref_tokens = ref.for_batch(batch)
+        inputs.ref_logps = ref_seq.to(seq_logps.device)
+        if kl_pairs:
+            inputs.ref_kl_logps = ref.kl_for(batch).to(seq_logps.device)
+        if spec.needs_token_logps:
+            ref_out = ResponseLogProbs(ref_tokens.to(out.token_logps.device), ref_seq, out.lengths)
+            inputs.ref_token_logps, _ = ref_out.padded(batch)
+    if spec.needs_token_logps:
+        inputs.token_logps, inputs.token_mask = out.padded(batch)
+    if spec.needs_ref_model:
+        if live_ref and getattr(opts, "use_token_kl", False):
+            inputs.token_kl = pad_tokens(token_kl, batch)
+        if getattr(opts, "token_weights", "uniform") == "activations":
+            activations = pad_tokens(ref_forward.activations, batch)
+            inputs.token_weights = activation_token_weights(activations, inputs.token_mask.to(activations.device))
+        else:
+            inputs.token_weights = inputs.token_mask.to(inputs.token_logps.dtype)
+    return inputs
+
+
+def add_record_fields(inputs: LossInputs, examples: list[TokenizedExample]) -> None:
+    """Fields the data carries to the loss (each example's `extras`): labels, scores, margins, other rewards."""
+    if "label" in examples[0].extras:
+        inputs.labels = torch.tensor([float(e.extras["label"]) for e in examples])
+    if "scores" in examples[0].extras:
+        inputs.scores = torch.tensor([e.extras["scores"] for e in examples], dtype=torch.float32)
+    if any("margin" in e.extras for e in examples):
+        inputs.margins = torch.tensor([float(e.extras.get("margin", 0.0)) for e in examples])
+    if "other_rewards" in examples[0].extras:  # data.load checks that every pair has them, as many each
+        inputs.other_rewards = torch.tensor(
+            [[e.extras["other_rewards"]["chosen"], e.extras["other_rewards"]["rejected"]] for e in examples],
+            dtype=torch.float32)
+
+
+class CarriedState:
+    """The state a stateful loss (LossSpec.state; BCO's running mean) carries from one training batch to the next.
+
+    Micro-batches of a step see the state left by the ones before; the step's result is kept only if the
+    optimizer step is taken (a skipped, non-finite step leaves it as it was). With several processes each rank
+    starts the step from the same state and the ranks' increments are merged at its end."""
+
+    def __init__(self, spec: LossSpec):
+        self.type = spec.state
+        self.value = None  # after the last completed step
+        self._pending = None  # within the current step
+
+    def current(self):
+        return self._pending if self._pending is not None else self.value
+
+    def absorb(self, metrics: dict[str, torch.Tensor]) -> None:
+        if self.type is not None:
+            new = self.type.from_metrics(metrics)
+            if new is not None:
+                self._pending = new
+
+    def end_step(self, applied: bool, ctx: Dist) -> None:
+        pending, self._pending = self._pending, None
+        if self.type is None:
+            return
+        ends = gather_objects(pending, ctx)  # every rank calls this (a collective under torchrun)
+        if applied and any(end is not None for end in ends):
+            self.value = pending if len(ends) == 1 else self.type.merge(self.value, ends)
+
+    def checkpoint(self) -> dict:
+        return {} if self.value is None else {"loss_state": self.value.to_dict()}
+
+    def restore(self, saved: dict) -> None:
+        if self.type is not None and saved.get("loss_state") is not None:
+            self.value = self.type.from_dict(saved["loss_state"])
+
+
+def check_method_setup(spec: LossSpec, opts, cfg, ctx: Dist) -> None:
+    """What the loop cannot do for a method with these settings, said before anything runs."""
+    if cfg.ref_update is not None:
+        if not spec.needs_reference:
+            raise ConfigError("ref_update", f"loss '{spec.name}' has no reference model to update")
+        if cfg.lora is not None:
+            raise ConfigError("ref_update", "cannot be combined with lora (the reference is the frozen base model)")
+        if ctx.enabled and cfg.distributed == "fsdp":
+            raise ConfigError("ref_update", "needs an unsharded reference; use distributed: ddp")
+    if uses_ref_model(spec, opts) and ctx.enabled:
+        raise ConfigError("distributed", f"loss '{spec.name}' with a live reference model (token KL or activation "
+                                         "masks) runs in one process for now")
