@@ -112,6 +112,7 @@ GOOD = {
     "unpaired": {"prompt": "hi", "completion": "a", "label": True},
     "lists": {"prompt": "hi", "responses": ["a", "b", "c"], "scores": [1, 0.5, -2]},
     "sft": {"prompt": "hi", "completion": "a"},
+    "negatives": {"prompt": "hi", "rejected": "a", "samples": ["b", "c"]},
     "prompts": {"prompt": "hi"},
     "chat": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]},
 }
@@ -374,6 +375,9 @@ def valid_record(draw, shape: str) -> dict:
         record["responses"] = draw(st.lists(response, min_size=k, max_size=k))
         numbers = st.integers(-(10**6), 10**6) | st.floats(allow_nan=False, allow_infinity=False)
         record["scores"] = draw(st.lists(numbers, min_size=k, max_size=k))
+    elif shape == "negatives":  # K = 2 samples in every record: a data set holds one K
+        record["rejected"] = draw(response)
+        record["samples"] = draw(st.lists(response, min_size=2, max_size=2))
     return record
 
 

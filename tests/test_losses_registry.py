@@ -10,7 +10,7 @@ import torch
 from alignkit.losses import LOSSES, LossInputs, build_options
 
 B, T = 4, 6
-COLUMNS = {"pairs": 2, "unpaired": 1, "lists": 4, "sft": 1, "rollouts": 4}
+COLUMNS = {"pairs": 2, "unpaired": 1, "lists": 4, "sft": 1, "rollouts": 4, "negatives": 4}
 
 
 def synthetic_inputs(data_shape: str, needs_token_logps: bool) -> LossInputs:
@@ -35,6 +35,7 @@ def synthetic_inputs(data_shape: str, needs_token_logps: bool) -> LossInputs:
         values=torch.randn(B, k, T, generator=generator) * token_mask,
         old_values=torch.randn(B, k, T, generator=generator) * token_mask,
         consistency=torch.rand(B, generator=generator),
+        other_rewards=torch.randn(B, k, 2, generator=generator),  # MODPO: two other objectives' rewards
     )
     if needs_token_logps:
         inputs.token_logps = token_logps.requires_grad_()

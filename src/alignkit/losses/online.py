@@ -97,11 +97,15 @@ def _per_example_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((values * weights).sum((1, 2)) / weights.sum((1, 2)).clamp(min=1)).detach()
 
 
-def _sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor | None, mask: torch.Tensor, estimator: str) -> torch.Tensor:
-    """[B]: the mean over an example's responses of the summed per-token KL estimate (0 without a reference)."""
+def _kl_metrics(logps: torch.Tensor, ref_logps: torch.Tensor | None, mask: torch.Tensor,
+                estimators: tuple[str, ...] = ("k1",)) -> dict[str, torch.Tensor]:
+    """{"kl": [B], "kl_k3": ...}: the mean over an example's responses of the summed per-token KL estimate (k1 is
+    "kl"); none without reference log-probs."""
     if ref_logps is None:
-        return torch.zeros(logps.shape[0])
-    return (kl_estimate(logps, ref_logps, estimator) * mask).sum(-1).mean(1).detach()
+        return {}
+    logps = logps.detach()
+    return {("kl" if e == "k1" else f"kl_{e}"): (kl_estimate(logps, ref_logps, e) * mask).sum(-1).mean(1)
+            for e in estimators}
 
 
 @dataclass
@@ -137,8 +141,7 @@ def grpo_loss(inputs: LossInputs, opts: GRPOOptions) -> LossOutput:
     return losses, {
         "reward": inputs.scores.mean(1).detach(),
         "clip_fraction": _per_example_mean(clipped, mask),
-        "kl": _sequence_kl(logps.detach(), inputs.ref_token_logps, mask, "k1"),
-        "kl_k3": _sequence_kl(logps.detach(), inputs.ref_token_logps, mask, "k3"),
+        **_kl_metrics(logps, inputs.ref_token_logps, mask, ("k1", "k3")),
     }
 
 
@@ -155,18 +158,19 @@ def rloo_loss(inputs: LossInputs, opts: RLOOOptions) -> LossOutput:
     whole sequence; mean over the k samples. Ahmadian et al., arXiv 2402.14740; TRL's RLOOTrainer for the ratio."""
     logps = inputs.logps
     old = inputs.old_logps if inputs.old_logps is not None else logps.detach()
-    sequence_kl = old - inputs.ref_logps if inputs.ref_logps is not None else torch.zeros_like(old)
-    rewards = inputs.scores.to(logps.device) - opts.kl_coef * sequence_kl
+    rewards = inputs.scores.to(logps.device)
+    metrics = {"reward": inputs.scores.mean(1).detach()}
+    if inputs.ref_logps is not None:
+        sequence_kl = old - inputs.ref_logps
+        rewards = rewards - opts.kl_coef * sequence_kl
+        metrics["kl"] = sequence_kl.mean(1).detach()
     advantages = leave_one_out_advantages(rewards)
     if opts.normalize_advantages:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-4)
     ratio = torch.exp(logps - old)
     losses = clipped_surrogate(ratio, advantages, opts.epsilon, opts.epsilon).mean(1)
-    return losses, {
-        "reward": inputs.scores.mean(1).detach(),
-        "kl": sequence_kl.mean(1).detach(),
-        "advantage_abs": advantages.abs().mean(1).detach(),
-    }
+    metrics["advantage_abs"] = advantages.abs().mean(1).detach()
+    return losses, metrics
 
 
 @dataclass
@@ -214,7 +218,7 @@ def ppo_loss(inputs: LossInputs, opts: PPOOptions) -> LossOutput:
         "policy_loss": _per_example_mean(policy_loss, mask),
         "value_loss": _per_example_mean(value_loss, mask),
         "clip_fraction": _per_example_mean(clipped, mask),
-        "kl": _sequence_kl(logps.detach(), inputs.ref_token_logps, mask, "k1"),
+        **_kl_metrics(logps, inputs.ref_token_logps, mask),
     }
 
 

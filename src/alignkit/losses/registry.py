@@ -53,6 +53,8 @@ class LossSpec:
     # from_dict / merge (base.RunningMean). The loop passes it as LossInputs.loss_state, takes the new one from the
     # loss's metrics, in training only, and saves it in checkpoints.
     state: type | None = None
+    # Record fields beyond the data shape's: every record must carry one of them (MODPO's other objectives).
+    record_fields: tuple[str, ...] = ()
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -92,7 +94,8 @@ register(LossSpec("sparsepo", tokenlevel.sparsepo_loss, tokenlevel.SparsePOOptio
 # D2O's responses are (rejected, samples[0..K-1]): column 0 is the negative.
 register(LossSpec("d2o", negatives.d2o_loss, negatives.D2OOptions, "negatives", True, "arXiv 2403.03419"))
 # MODPO: pairs carry the other objectives' rewards ("other_rewards") or their weighted margin ("margin").
-register(LossSpec("modpo", multiobjective.modpo_loss, multiobjective.MODPOOptions, "pairs", True, "arXiv 2310.03708"))
+register(LossSpec("modpo", multiobjective.modpo_loss, multiobjective.MODPOOptions, "pairs", True, "arXiv 2310.03708",
+                  record_fields=("other_rewards", "margin")))
 # BoNBoN: pairs are best vs worst of n samples (decode/bonbon.py makes them); beta = bonbon_beta(n).
 register(LossSpec("bonbon", bonbon.bonbon_loss, bonbon.BonBonOptions, "pairs", True, "arXiv 2406.00832"))
 # Reward model: Bradley–Terry on scalar rewards (`alignkit rm`); centering arXiv 2312.09244.

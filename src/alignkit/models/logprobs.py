@@ -81,6 +81,10 @@ class ChunkedTokenLogps(torch.autograd.Function):
                     part = grad_logits.float().sum(0)
                     grad_bias = part if grad_bias is None else grad_bias.add_(part)
                 del grad_logits
+        if ctx.needs_input_grad[1] and grad_weight is None:  # no tokens: a zero gradient, not None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        if bias is not None and ctx.needs_input_grad[2] and grad_bias is None:
+            grad_bias = torch.zeros_like(bias, dtype=torch.float32)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:

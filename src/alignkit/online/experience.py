@@ -25,19 +25,23 @@ def reference_scores(model, examples: list[TokenizedExample], learner: Learner):
 
 def rl_experience(rollout: Rollout, learner: Learner, reference, method: str, opts,
                   moments: RunningMoments | None = None) -> Experience:
-    """GRPO / RLOO / PPO: the rollout's rewards as `scores`, the reference's log-probs, and the behaviour policy's
-    wherever the ratio is not trivially 1 (PPO always: its KL-shaped reward and value clipping read them);
-    PPO adds advantages, returns and the value head's predictions at rollout time."""
+    """GRPO / RLOO / PPO: the rollout's rewards as `scores`, the reference's log-probs (unless the loss has no KL
+    term: GRPO / RLOO with kl_coef 0, as TRL then loads no reference), and the behaviour policy's wherever the ratio
+    is not trivially 1 (PPO always: its KL-shaped reward and value clipping read them); PPO adds advantages, returns
+    and the value head's predictions at rollout time."""
     examples = rollout.examples
     experience = Experience(examples, per_response={"scores": rollout.rewards})
-    ref_seq, ref_tokens = reference_scores(reference, examples, learner)
-    experience.per_response["ref_logps"] = ref_seq
-    experience.per_token["ref_token_logps"] = ref_tokens
+    ref_seq = ref_tokens = None
+    if method == "ppo" or opts.kl_coef > 0:
+        ref_seq, ref_tokens = reference_scores(reference, examples, learner)
+        experience.per_response["ref_logps"] = ref_seq
+        experience.per_token["ref_token_logps"] = ref_tokens
     if method == "ppo" or learner.cfg.updates_per_rollout > 1:
         old_seq, old_tokens, old_values = learner.score(examples)
         experience.per_response["old_logps"] = old_seq
         experience.per_token["old_token_logps"] = old_tokens
-        experience.metrics["kl"] = float((old_seq - ref_seq).mean())
+        if ref_seq is not None:
+            experience.metrics["kl"] = float((old_seq - ref_seq).mean())
         if method == "ppo":
             values, mask = pad_flat(old_values, examples)
             old_logps, _ = pad_flat(old_tokens, examples)

@@ -35,17 +35,17 @@ class AlignConfig(BaseModel):
     model: str = "smollm2-135m-instruct"
     prompts: str | None = Field(None, description="JSONL of {'prompt': ...}; default: the shipped prompts")
     out: str = "runs/align"
-    train_prompts: int = Field(96, gt=0)
+    train_prompts: int = Field(128, gt=0)
     eval_prompts: int = Field(64, gt=0)
     samples_per_prompt: int = Field(4, ge=2)
-    max_new_tokens: int = Field(40, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
     temperature: float = Field(0.8, gt=0)
     top_p: float = Field(0.95, gt=0, le=1)
     sample_batch_size: int = Field(48, gt=0)
     min_reward_gap: float = Field(0.1, ge=0, description="pairs whose best-worst gap is smaller are dropped")
     beta: float = Field(0.1, gt=0)
-    learning_rate: float = Field(2e-5, gt=0)
-    epochs: int = Field(2, gt=0)
+    learning_rate: float = Field(3e-5, gt=0)
+    epochs: int = Field(3, gt=0)
     max_tokens_per_batch: int = Field(1200, gt=0)
     precision: str = Field("bf16", pattern="^(fp32|bf16)$")
     seed: int = 0

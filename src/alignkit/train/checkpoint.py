@@ -77,7 +77,8 @@ def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, schedule
         tokenizer.save_pretrained(tmp)
     torch.save({"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
                 "scheduler": scheduler.state_dict(), "rng": rng_states or [rng_state()]}, tmp / TRAINER_FILE)
-    for name, module in (extra_models or {}).items():
+    for name, module in (extra_models or {}).items():  # in a sub-folder: the policy's weights are *.safetensors
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         save_model(module, str(tmp / name))
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}))  # last: the directory is complete
     shutil.rmtree(final, ignore_errors=True)

@@ -49,6 +49,7 @@ from alignkit.train.loss_inputs import (
     CarriedState,
     add_record_fields,
     check_method_setup,
+    check_record_fields,
     eval_batches,
     logprob_inputs,
     pack_batch,
@@ -270,6 +271,7 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     if cfg.train_data is None:
         raise AlignkitError("config key 'train_data': required (a JSONL or Parquet file)")
     train_examples, eval_examples = load_data(cfg, tokenizer, spec.data_shape)
+    check_record_fields(spec, train_examples + eval_examples)  # e.g. MODPO's other objectives' rewards
     if spec.output == "rewards":  # encoders read [CLS] prompt [SEP] response [SEP]
         train_examples = prepare_reward_examples(model, tokenizer, train_examples, cfg.max_length)
         eval_examples = prepare_reward_examples(model, tokenizer, eval_examples, cfg.max_length)

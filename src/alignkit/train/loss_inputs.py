@@ -9,7 +9,7 @@ import torch
 
 from alignkit.data.pack import PackedBatch, pack, token_budget_batches, with_mismatched_completions
 from alignkit.data.tokenize import TokenizedExample
-from alignkit.errors import ConfigError
+from alignkit.errors import ConfigError, DataError
 from alignkit.losses import LossInputs
 from alignkit.losses.registry import LossSpec, uses_kl_pairs, uses_ref_model
 from alignkit.losses.tokenlevel import activation_token_weights
@@ -102,6 +102,18 @@ def add_record_fields(inputs: LossInputs, examples: list[TokenizedExample]) -> N
         inputs.other_rewards = torch.tensor(
             [[e.extras["other_rewards"]["chosen"], e.extras["other_rewards"]["rejected"]] for e in examples],
             dtype=torch.float32)
+
+
+def check_record_fields(spec: LossSpec, examples: list[TokenizedExample]) -> None:
+    """Every example carries one of the fields the loss needs beyond its data shape (LossSpec.record_fields)."""
+    if not spec.record_fields:
+        return
+    for example in examples:
+        if not any(name in example.extras for name in spec.record_fields):
+            names = " or ".join(f"'{name}'" for name in spec.record_fields)
+            raise DataError(example.source, example.row, spec.record_fields[0],
+                            f"missing: loss '{spec.name}' needs {names} on every record",
+                            hint="add the field (see docs/losses.md), or choose a loss for this data shape")
 
 
 class CarriedState:

@@ -15,7 +15,8 @@ from safetensors.torch import load_model
 from alignkit.errors import AlignkitError
 from alignkit.losses.registry import uses_ref_model
 
-REFERENCE_FILE = "reference.safetensors"
+# In a checkpoint, beside (not among) the policy's *.safetensors, which are all loaded as the policy.
+REFERENCE_FILE = "reference/model.safetensors"
 
 
 def reference_model(model, spec, opts, cfg):
