@@ -11,7 +11,6 @@ import copy
 import json
 import math
 import random
-import shutil
 
 import pytest
 import torch
@@ -116,12 +115,12 @@ def method_config(task, name: str, data: str, loss: str, **values) -> TrainConfi
 
 FAMILIES = [  # (family, data file, loss, options, extra config)
     ("pairwise with reference (stateful BCO)", "pairs", "bco_pair", {}, {}),
-    ("pairwise with a moving reference (TR-DPO)", "pairs", "dpo", {}, {"ref_update": {"every": 4, "alpha": 0.5}}),
+    ("pairwise, moving reference (TR-DPO)", "pairs", "dpo", {}, {"ref_update": {"every": 4, "alpha": 0.5}}),
     ("reference-free", "pairs", "simpo", {}, {}),
     ("unpaired (KTO, KL from mismatched pairs)", "unpaired", "kto", {}, {}),
     ("unpaired (BCO)", "unpaired", "bco", {}, {}),
     ("listwise", "lists", "lipo", {}, {}),
-    ("token level (token KL, activation masks)", "lists", "sparsepo", {}, {}),
+    ("token level (token KL, activation masks)", "pairs", "sparsepo", {}, {}),
     ("negatives only", "negatives", "d2o", {}, {}),
     ("multi-objective", "modpo", "modpo", {}, {}),
 ]
@@ -130,8 +129,6 @@ FAMILIES = [  # (family, data file, loss, options, extra config)
 @pytest.mark.parametrize("family, data, loss, options, extra", FAMILIES, ids=[f[2] + "-" + f[1] for f in FAMILIES])
 def test_each_family_learns_heldout_preferences(task, family, data, loss, options, extra):
     start, heldout, _, root = task
-    if loss == "sparsepo":
-        data = "pairs"
     name = f"{loss}-{data}"
     cfg = method_config(task, name, data, loss, loss_options=options, **extra)
     result = loop.train(cfg, copy.deepcopy(start).train(), TOKENIZER)
@@ -224,13 +221,12 @@ def test_trdpo_hard_update_recomputes_the_reference(task, tmp_path, monkeypatch)
     monkeypatch.setattr(loop, "score_references", recording)
     cfg = method_config(task, str(tmp_path / "hard"), "pairs", "dpo", max_steps=5, max_tokens_per_batch=200,
                         ref_update={"mode": "hard", "every": 2})
-    result = loop.train(cfg, copy.deepcopy(start).train(), TOKENIZER)
+    loop.train(cfg, copy.deepcopy(start).train(), TOKENIZER)
     rows = read_metrics(tmp_path / "hard")
     # after the hard updates of steps 2 and 4 the reference is the policy: the next step's DPO loss is log 2
     assert [r["loss"] == pytest.approx(math.log(2), abs=1e-6) for r in rows] == [True, False, True, False, True]
     assert [use_cache for use_cache, _ in scored] == [None, False, False]  # the disk cache is never used again
     assert not torch.equal(scored[0][1], scored[1][1]) and not torch.equal(scored[1][1], scored[2][1])
-    assert result.model is not None
 
 
 # ---- the command line ----
@@ -292,4 +288,3 @@ def test_impossible_reference_settings_are_refused(task, tmp_path):
     with pytest.raises(ConfigError, match="lora"):
         loop.train(method_config(task, str(tmp_path / "b"), "pairs", "dpo", ref_update={"every": 2}, lora={"r": 2}),
                    copy.deepcopy(task[0]), TOKENIZER)
-    shutil.rmtree(tmp_path, ignore_errors=True)

@@ -96,7 +96,8 @@ def test_sparsepo_inputs_from_a_live_reference(tmp_path):
     examples, batch = pairs_batch(tmp_path)
     policy, reference = tiny_llama(0), tiny_llama(1).eval()
     spec = get_loss("sparsepo")
-    seq, _ = response_logprobs(reference, batch).seq_logps.detach(), None
+    with torch.no_grad():
+        seq = response_logprobs(reference, batch).seq_logps
     ref = Reference(seq, [torch.zeros(sum(len(r) for r in e.response_ids)) for e in examples], model=reference)
     inputs = logprob_inputs(policy, batch, spec, build_options(spec, {}), ref, chunk_size=7)
     shape = inputs.token_mask.shape
