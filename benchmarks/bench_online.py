@@ -14,6 +14,7 @@ import copy
 import json
 import platform
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -68,6 +69,7 @@ def run_method(method: str, model, tokenizer, args, work: Path) -> dict:
     s = result.summary
     return {"method": method, "wall_s": time.perf_counter() - tic, "rounds_s": s["seconds"],
             "samples": s["samples"], "samples_per_s": s["samples_per_s"], "time_split": s["time_split"],
+            "cpu_ms_per_sample": 1000 * s["cpu_seconds"] / s["samples"],
             "generated_tokens": sum(r["generated_tokens"] for r in result.rounds),
             "reward_start": s["reward_start"], "reward_final": s["reward_final"], "kl_to_start": s["kl_to_start"]}
 
@@ -76,11 +78,12 @@ def markdown(rows: list[dict], header: dict) -> str:
     lines = [f"model: tiny Llama hidden {header['hidden']}, {header['layers']} layers ({header['params']:,} params), "
              f"{header['rounds']} rounds x {header['prompts_per_round']} prompts x {header['samples']} samples, "
              f"max 16 new tokens, torch threads {header['threads']}", "",
-             "| method | samples/s | generate | reward | scoring | learner | reward start → final | KL to start |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | samples/s | CPU ms/sample | generate | reward | scoring | learner | reward start → final "
+             "| KL to start |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         split = r["time_split"]
-        lines.append(f"| {r['method']} | {r['samples_per_s']:.0f} | {split['generate']:.0%} | {split['reward']:.0%} | "
+        lines.append(f"| {r['method']} | {r['samples_per_s']:.0f} | {r['cpu_ms_per_sample']:.1f} | "
+                     f"{split['generate']:.0%} | {split['reward']:.0%} | "
                      f"{split['score']:.0%} | {split['learner']:.0%} | {r['reward_start']:+.3f} → "
                      f"{r['reward_final']:+.3f} | {r['kl_to_start']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -116,6 +119,7 @@ def main() -> None:
     stem.with_suffix(".md").write_text(markdown(rows, header))
     print(markdown(rows, header))
     print(f"wrote {stem}.json and .md")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -203,7 +203,8 @@ class Learner:
                 inputs = LossInputs(logps=out.seq_logps.float(), lengths=out.lengths, values=values,
                                     step_mean_lengths=step_lengths)
                 if spec.needs_token_logps:
-                    inputs.token_logps, inputs.token_mask = out.padded(batch)
+                    token_logps, token_mask = out.padded(batch)
+                    inputs.token_logps, inputs.token_mask = token_logps, token_mask.to(token_logps.device)
                 losses, metrics = spec.fn(experience.fill(inputs, batch, out), opts)
             loss = losses.sum() / len(part)
             loss.backward()

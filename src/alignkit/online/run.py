@@ -206,7 +206,7 @@ def run_online(cfg: OnlineConfig, model=None, tokenizer=None, *, prompts: list |
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     value_head = ValueHead(model.get_output_embeddings().weight.shape[1]) if cfg.method == "ppo" else None
     learner = Learner(model, cfg.learner(), pad_id, value_head)
-    snapshots = _Snapshots(model, cfg.reference_every, keep_previous=cfg.method in PAIRWISE)
+    snapshots = _Snapshots(model, cfg.reference_every, keep_previous=cfg.apo_alpha > 0 or cfg.method == "self-reward")
     moments = RunningMoments()
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -240,6 +240,7 @@ def _round(cfg: OnlineConfig, spec, opts, model, tokenizer, prompts: list, rewar
            snapshots: _Snapshots, moments: RunningMoments, round_index: int) -> dict:
     """One rollout -> experience -> learner round; its metrics, with the seconds each part took."""
     sampling = cfg.sampling(cfg.seed + 10_007 * (round_index + 1))
+    cpu = time.process_time()
     rollout_reward = judge_for(model) if judge_for is not None else reward
     rollout = generate_rollout(model, tokenizer, prompts, rollout_reward, cfg.num_samples, sampling, cfg.max_length,
                                cfg.missing_eos_penalty)
@@ -260,7 +261,8 @@ def _round(cfg: OnlineConfig, spec, opts, model, tokenizer, prompts: list, rewar
         **{f"rollout_{k}": v for k, v in experience.metrics.items()},
         "examples": len(experience.examples), "generated_tokens": rollout.generated_tokens,
         "time/generate_s": rollout.generate_seconds, "time/reward_s": rollout.reward_seconds,
-        "time/score_s": scored - tic, "time/learner_s": learned - scored, "samples_per_s": rollout.num_samples / total,
+        "time/score_s": scored - tic, "time/learner_s": learned - scored, "time/cpu_s": time.process_time() - cpu,
+        "samples_per_s": rollout.num_samples / total,
         **metrics,
     }
 
@@ -327,6 +329,7 @@ def _summary(cfg: OnlineConfig, before: dict, after: dict, rows: list[dict]) -> 
         "reward_start": before["reward"], "reward_final": after["reward"], "reward_gain": after["reward"] - before["reward"],
         "kl_to_start": after.get("kl"), "kl_to_start_sem": after.get("kl_sem"),
         "seconds": seconds, "samples_per_s": samples / seconds if seconds else None,
+        "cpu_seconds": total("time/cpu_s"),  # process CPU time (all threads): steadier than wall time when shared
         "time_split": {key: total(f"time/{key}_s") / seconds if seconds else None
                        for key in ("generate", "reward", "score", "learner")},
     }
