@@ -76,6 +76,10 @@ def run_worker(name: str, spec_path: Path, log_dir: Path) -> dict:
 
 def worker_main(name: str, spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
     result = contenders.run_loss_check(spec) if name == "loss_check" else contenders.CONTENDERS[name](spec)
     Path(result_path).write_text(json.dumps(result))
 
@@ -263,7 +267,7 @@ def base_spec(args, model_ref: str, data: Path) -> dict:
     alignkit_options = {} if args.alignkit_row_tokens is None else {"max_tokens_per_row": args.alignkit_row_tokens}
     return {"model": model_ref, "data": str(data), "pairs_per_step": args.pairs_per_step, "warmup": args.warmup,
             "steps": args.steps, "max_length": args.max_length, "lr": args.lr, "beta": args.beta,
-            "alignkit_options": alignkit_options, "repeats": args.repeats}
+            "alignkit_options": alignkit_options, "repeats": args.repeats, "threads": args.threads}
 
 
 def run_contenders(names, repeats: int, spec, spec_path, log_dir, lengths, prefix: str) -> list[dict]:
@@ -313,8 +317,9 @@ def headline(args, model_ref: str) -> None:
         if "error" not in r and r["tokens_fingerprint"] != fingerprint:
             print(f"WARNING: {r['contender']} tokenised the data differently", file=sys.stderr)
     machine = {**machine_info(), "command": command_line()}
+    machine["torch_threads"] = args.threads or machine["torch_threads"]
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS_DIR / args.model
+    stem = RESULTS_DIR / (args.model + (f"_threads{args.threads}" if args.threads else ""))
     stem.with_suffix(".json").write_text(json.dumps(
         {"model": args.model, "spec": spec, "lengths": lengths, "loss_check": check, "rows": rows, "machine": machine},
         indent=2))
@@ -348,8 +353,9 @@ def sweep(args, model_ref: str) -> None:
         add_ratios(group)
         rows += group
     machine = {**machine_info(), "command": command_line()}
+    machine["torch_threads"] = args.threads or machine["torch_threads"]
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS_DIR / f"{args.model}_prompt_sweep"
+    stem = RESULTS_DIR / (f"{args.model}_prompt_sweep" + (f"_threads{args.threads}" if args.threads else ""))
     stem.with_suffix(".json").write_text(json.dumps({"model": args.model, "specs": specs, "rows": rows,
                                                      "machine": machine}, indent=2))
     out = [f"# DPO time per pair vs prompt length: {args.model}", "",
@@ -408,6 +414,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--skip-check", action="store_true", help="skip the loss-equality check")
     parser.add_argument("--repeats", type=int, default=1, help="runs per contender (round-robin); the fastest is kept")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per contender (default: torch's, one per core); 1 is robust on a busy machine")
     parser.add_argument("--alignkit-row-tokens", type=int, default=None,
                         help="alignkit's max_tokens_per_row (default: alignkit's own default)")
     parser.add_argument("--prompt-lengths", type=lambda s: [int(x) for x in s.split(",")], default=None,
