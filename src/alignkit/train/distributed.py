@@ -71,14 +71,21 @@ def barrier(ctx: Dist) -> None:
 
 def split_for_ranks(micro_batches: list[list[int]], world_size: int, step: int = 0) -> list[list[list[int]]]:
     """One step's micro-batches shared out so every rank runs the same number of forward/backward passes.
-    The largest micro-batches are halved until their count is a multiple of world_size; rank r then gets
+    The largest micro-batches are halved until their count is a multiple of world_size (or, when there are too
+    few examples for that, the smallest neighbours are merged down to one); rank r then gets
     micro-batches r, r + W, r + 2W, ... (no example is dropped or repeated)."""
     n_examples = sum(len(mb) for mb in micro_batches)
     if n_examples < world_size:
         raise AlignkitError(f"step {step + 1} has {n_examples} example(s) for {world_size} ranks; every rank needs "
                             "one: raise max_tokens_per_batch or grad_accum, or launch fewer processes")
     batches = [list(mb) for mb in micro_batches]
-    while len(batches) % world_size:
+    target = -(-len(batches) // world_size) * world_size
+    if target > n_examples:  # too few examples to split that far: merge neighbours down to a multiple instead
+        target = (n_examples // world_size) * world_size
+    while len(batches) > target:
+        i = min(range(len(batches) - 1), key=lambda j: len(batches[j]) + len(batches[j + 1]))
+        batches[i:i + 2] = [batches[i] + batches[i + 1]]
+    while len(batches) < target:
         largest = max(range(len(batches)), key=lambda i: len(batches[i]))
         half = (len(batches[largest]) + 1) // 2
         batches[largest:largest + 1] = [batches[largest][:half], batches[largest][half:]]
