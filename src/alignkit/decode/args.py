@@ -16,6 +16,7 @@ from alignkit.decode.base import (
     DecodeResult,
     IncrementalLM,
     choose,
+    commit_tokens,
     decode_text,
     encode_prompts,
     eval_mode,
@@ -74,12 +75,5 @@ def _decode_batch(model, tokenizer, prompts, prompt_ids, reward, cfg: ARGSConfig
             compute.add(rewards=len(texts))
             scores = top_logps + cfg.weight * torch.tensor(values, dtype=top_logps.dtype).view(len(active), k)
         picked = top_ids.gather(1, choose(scores, cfg.mode, cfg.temperature, generator)[:, None]).squeeze(1)
-        next_tokens = torch.full((len(prompts),), pad_id, dtype=torch.long)
-        for row, token in zip(active, picked.tolist()):
-            generated[row].append(token)
-            next_tokens[row] = token
-            finished[row] = token in end_ids
-        compute.add(tokens=len(active), passes=len(active))
-        if not all(finished):
-            lm.step(next_tokens)
+        commit_tokens(lm, generated, finished, active, picked, end_ids, pad_id, compute)
     return [decode_text(tokenizer, ids, end_ids) for ids in generated]

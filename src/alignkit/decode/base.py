@@ -162,6 +162,19 @@ def choose(scores: torch.Tensor, mode: str, temperature: float, generator: torch
     raise ValueError(f"mode must be 'greedy' or 'sample', got {mode!r}")
 
 
+def commit_tokens(lm: IncrementalLM, generated: list[list[int]], finished: list[bool], active: list[int],
+                  picked: torch.Tensor, end_ids: list[int], pad_id: int, compute: Compute) -> None:
+    """Append each active row's picked token, mark rows that ended, and advance the KV cache by one step."""
+    next_tokens = torch.full((len(generated),), pad_id, dtype=torch.long)
+    for row, token in zip(active, picked.tolist()):
+        generated[row].append(token)
+        next_tokens[row] = token
+        finished[row] = token in end_ids
+    compute.add(tokens=len(active), passes=len(active))
+    if not all(finished):
+        lm.step(next_tokens)
+
+
 def decode_text(tokenizer, ids: list[int], end_ids: list[int]) -> str:
     """The response text of generated ids (cut at the first end token, special tokens dropped)."""
     for i, token in enumerate(ids):

@@ -25,6 +25,7 @@ from alignkit.decode.base import (
     DecodeResult,
     IncrementalLM,
     choose,
+    commit_tokens,
     decode_text,
     encode_prompts,
     eval_mode,
@@ -113,14 +114,7 @@ def _decode_batch(model, aligned_model, tokenizer, prompts, prompt_ids, reward, 
                           end_ids, pad_id, compute)
             scores = top_logps + cfg.weight * q.view(len(active), k)
         picked = top_ids.gather(1, choose(scores, cfg.mode, cfg.temperature, generator)[:, None]).squeeze(1)
-        next_tokens = torch.full((len(prompts),), pad_id, dtype=torch.long)
-        for row, token in zip(active, picked.tolist()):
-            generated[row].append(token)
-            next_tokens[row] = token
-            finished[row] = token in end_ids
-        compute.add(tokens=len(active), passes=len(active))
-        if not all(finished):
-            lm.step(next_tokens)
+        commit_tokens(lm, generated, finished, active, picked, end_ids, pad_id, compute)
     return generated
 
 
