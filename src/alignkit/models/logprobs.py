@@ -71,15 +71,8 @@ class ChunkedTokenLogps(torch.autograd.Function):
                 # buffer: one [chunk, vocab] buffer alive instead of three (backward starts at peak memory).
                 grad_logits = _softmax_(_chunk_logits(h, weight, bias, compute_dtype)).mul_(-g[:, None])
                 grad_logits[torch.arange(len(g)), targets[start:start + chunk_size]] += g
-                grad_logits = grad_logits.to(compute_dtype)
-                if grad_hidden is not None:
-                    grad_hidden[start:start + chunk_size] = (grad_logits @ weight.to(compute_dtype)).to(hidden.dtype)
-                if ctx.needs_input_grad[1]:
-                    part = (grad_logits.T @ h.to(compute_dtype)).float()
-                    grad_weight = part if grad_weight is None else grad_weight.add_(part)
-                if bias is not None and ctx.needs_input_grad[2]:
-                    part = grad_logits.float().sum(0)
-                    grad_bias = part if grad_bias is None else grad_bias.add_(part)
+                grad_weight, grad_bias = backprop_chunk(ctx, grad_logits, h, weight, bias, compute_dtype, grad_hidden,
+                                                        slice(start, start + chunk_size), grad_weight, grad_bias)
                 del grad_logits
         if ctx.needs_input_grad[1] and grad_weight is None:  # no tokens: a zero gradient, not None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32)
@@ -90,6 +83,22 @@ class ChunkedTokenLogps(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def backprop_chunk(ctx, grad_logits, h, weight, bias, compute_dtype, grad_hidden, rows: slice, grad_weight,
+                   grad_bias):
+    """Chain one chunk's logit gradient through the head: fills grad_hidden[rows], accumulates the weight and
+    bias gradients (fp32) and returns them. Shared by every chunked head function."""
+    grad_logits = grad_logits.to(compute_dtype)
+    if grad_hidden is not None:
+        grad_hidden[rows] = (grad_logits @ weight.to(compute_dtype)).to(grad_hidden.dtype)
+    if ctx.needs_input_grad[1]:
+        part = (grad_logits.T @ h.to(compute_dtype)).float()
+        grad_weight = part if grad_weight is None else grad_weight.add_(part)
+    if bias is not None and ctx.needs_input_grad[2]:
+        part = grad_logits.float().sum(0)
+        grad_bias = part if grad_bias is None else grad_bias.add_(part)
+    return grad_weight, grad_bias
 
 
 def _chunk_logits(h, weight, bias, compute_dtype):

@@ -19,6 +19,7 @@ from alignkit.models.logprobs import (
     _compute_dtype,
     _softmax_,
     backbone,
+    backprop_chunk,
     packed_hidden_states,
 )
 
@@ -92,15 +93,8 @@ class ChunkedLogpsAndKL(torch.autograd.Function):
                 grad_logits.sub_(ref_probs.mul_(g_kl[:, None]))
                 del ref_probs
                 grad_logits[torch.arange(len(g_lp)), targets[start:end]] += g_lp
-                grad_logits = grad_logits.to(compute_dtype)
-                if grad_hidden is not None:
-                    grad_hidden[start:end] = (grad_logits @ weight.to(compute_dtype)).to(hidden.dtype)
-                if ctx.needs_input_grad[1]:
-                    part = (grad_logits.T @ h.to(compute_dtype)).float()
-                    grad_weight = part if grad_weight is None else grad_weight.add_(part)
-                if bias is not None and ctx.needs_input_grad[2]:
-                    part = grad_logits.float().sum(0)
-                    grad_bias = part if grad_bias is None else grad_bias.add_(part)
+                grad_weight, grad_bias = backprop_chunk(ctx, grad_logits, h, weight, bias, compute_dtype, grad_hidden,
+                                                        slice(start, end), grad_weight, grad_bias)
                 del grad_logits
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
