@@ -71,6 +71,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the vocabulary projection")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+    attention: Literal["sdpa", "eager", "flex_attention"] = Field(
+        "sdpa", description="attention kernel over packed rows: sdpa with a dense block mask, or flex_attention's "
+                            "block-sparse mask (GPU; compiled on first use)")
     lora: LoraOptions | None = Field(None, description="train LoRA adapters: {r, alpha, dropout, target_modules, save}")
     # Several processes (torchrun): how the model is spread; one process ignores it.
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a replica per rank; fsdp: FSDP2 sharding")

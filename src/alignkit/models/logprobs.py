@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.data.pack import PackedBatch
+from alignkit.models.attention import packed_attention_mask
 
 
 @dataclass
@@ -134,11 +135,10 @@ def backbone(model):
 
 def packed_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     out = backbone(model)(
         input_ids=batch.input_ids.to(device),
         position_ids=batch.position_ids.to(device),
-        attention_mask=batch.attention_mask(dtype).to(device),
+        attention_mask=packed_attention_mask(model, batch, device),
         use_cache=False,
     )
     return out[0]

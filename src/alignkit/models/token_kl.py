@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.data.pack import PackedBatch
+from alignkit.models.attention import packed_attention_mask
 from alignkit.models.logprobs import (
     ResponseLogProbs,
     _chunk_logits,
@@ -37,11 +38,10 @@ def reference_forward(ref_model, batch: PackedBatch) -> ReferenceForward:
     """One no-grad forward of the reference over the packed batch. Activations are read at the position whose
     logits predict the token (the SparsePO code shifts them the same way, activations[:, :-1] with labels[:, 1:])."""
     device = next(ref_model.parameters()).device
-    dtype = next(ref_model.parameters()).dtype
     out = backbone(ref_model)(
         input_ids=batch.input_ids.to(device),
         position_ids=batch.position_ids.to(device),
-        attention_mask=batch.attention_mask(dtype).to(device),
+        attention_mask=packed_attention_mask(ref_model, batch, device),
         use_cache=False,
         output_hidden_states=True,
     )

@@ -23,6 +23,7 @@ from alignkit.data.tokenize import train_on_prompt
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses import LossInputs, build_options, get_loss
 from alignkit.losses.sft import SFTOptions, sft_loss
+from alignkit.models.attention import set_attention
 from alignkit.models.lora import apply_lora, merged_for_save
 from alignkit.models.reward import prepare_reward_examples, sequence_rewards
 from alignkit.train.checkpoint import (
@@ -200,6 +201,8 @@ def prepare_model(model, cfg: TrainConfig, ctx: Dist, reward_model: bool):
         raise ConfigError(key, "reward-model training runs in one process without lora for now")
     if ctx.device is not None:
         model.to(ctx.device)
+    if not reward_model:
+        set_attention(model, cfg.attention)
     if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA), DDP and FSDP2
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -267,7 +270,11 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     elif model is None:
         from alignkit.models.resolve import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer(cfg.model)
+        model, tokenizer = load_model_and_tokenizer(cfg.model, attn_implementation=cfg.attention)
+    device = ctx.device if ctx.device is not None else next(model.parameters()).device
+    if cfg.attention == "flex_attention" and torch.device(device).type == "cpu":
+        raise ConfigError("attention", "flex_attention trains on GPU only (torch has no CPU backward for it); "
+                                       "use sdpa on CPU")
     if cfg.train_data is None:
         raise AlignkitError("config key 'train_data': required (a JSONL or Parquet file)")
     train_examples, eval_examples = load_data(cfg, tokenizer, spec.data_shape)
