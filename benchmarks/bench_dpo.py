@@ -25,7 +25,7 @@ import dpo_contenders as contenders
 
 RESULTS_DIR = contenders.BENCH_DIR / "results"
 MODELS = {"llama58m": None, "smollm2": "smollm2-135m-instruct"}
-HEADLINE = ["trl_defaults", "trl_fastest", "alignkit_fp32", "alignkit_bf16"]
+HEADLINE = ["trl_defaults", "trl_fastest", "alignkit_fp32", "alignkit_bf16", "alignkit_fp32_gc"]
 SWEEP = ["trl_fastest", "alignkit_fp32", "alignkit_bf16"]
 BASELINE = "trl_fastest"
 LABELS = {
@@ -34,6 +34,7 @@ LABELS = {
     "trl_fastest_bf16": ("TRL DPOTrainer, fastest, bf16=True", "bf16 autocast"),
     "alignkit_fp32": ("alignkit train()", "fp32"),
     "alignkit_bf16": ("alignkit train(), precision: bf16", "bf16 autocast"),
+    "alignkit_fp32_gc": ("alignkit train(), gradient_checkpointing: true", "fp32"),
 }
 
 

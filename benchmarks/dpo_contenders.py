@@ -210,7 +210,7 @@ def run_trl(spec: dict, variant: str) -> dict:
             "optim": str(args.optim)}
 
 
-def run_alignkit(spec: dict, precision: str) -> dict:
+def run_alignkit(spec: dict, precision: str, **options) -> dict:
     """alignkit's one loop, `train(cfg, model, tokenizer)`, unmodified except what the benchmark must fix:
     the step plan (the same consecutive pairs per step as TRL's sequential sampler, instead of alignkit's
     token-budget batches), no final save (TRL is run with save_strategy='no'), and a probe on the metrics log."""
@@ -238,7 +238,7 @@ def run_alignkit(spec: dict, precision: str) -> dict:
         model=spec["model"], train_data=spec["data"], output_dir=tempfile.mkdtemp(prefix="bench_alignkit_"),
         loss="dpo", loss_options={"beta": spec["beta"]}, max_length=spec["max_length"],
         learning_rate=spec["lr"], lr_schedule="linear", max_steps=n_steps, precision=precision,
-        ref_cache=False, progress=False, **spec.get("alignkit_options", {}),
+        ref_cache=False, progress=False, **{**spec.get("alignkit_options", {}), **options},
     )
     loop.train(cfg, model, tokenizer)
     fingerprint = tokens_fingerprint((e.prompt_ids, *e.response_ids) for e in seen["examples"])
@@ -251,6 +251,7 @@ CONTENDERS = {
     "trl_fastest_bf16": lambda spec: run_trl(spec, "fastest_bf16"),
     "alignkit_fp32": lambda spec: run_alignkit(spec, "fp32"),
     "alignkit_bf16": lambda spec: run_alignkit(spec, "bf16"),
+    "alignkit_fp32_gc": lambda spec: run_alignkit(spec, "fp32", gradient_checkpointing=True),
 }
 
 

@@ -11,13 +11,14 @@ import torch
 
 from alignkit.data.pack import block_mask, pack, token_budget_batches
 from alignkit.data.tokenize import TokenizedExample
+from alignkit.models.attention import loadable_attention, set_attention
 from alignkit.models.logprobs import chunked_token_logps, response_logprobs
 from alignkit.models.tiny import build_tiny_model
 
 VOCAB = 61
 PAD_ID = 0
 FAMILIES = ["llama", "qwen2", "gpt2"]
-ATTENTION = ["sdpa", "eager"]
+ATTENTION = ["packed_sdpa", "sdpa", "eager"]
 
 
 def random_examples(n: int, k: int, seed: int, max_prompt: int = 7, max_response: int = 6) -> list[TokenizedExample]:
@@ -54,8 +55,9 @@ def tiny_models():
 
     def get(family: str, attn: str):
         if (family, attn) not in cache:
-            cache[family, attn] = build_tiny_model(family, VOCAB, seed=1, attn_implementation=attn, hidden=32,
-                                                   layers=2, heads=4).eval()
+            cache[family, attn] = build_tiny_model(family, VOCAB, seed=1, attn_implementation=loadable_attention(attn),
+                                                   hidden=32, layers=2, heads=4).eval()
+            set_attention(cache[family, attn], attn)
         return cache[family, attn]
 
     return get
@@ -95,10 +97,11 @@ def test_packed_logps_equal_separate_runs(tiny_models, family, attn, k):
             assert (padded[b, i, n:] == 0).all()
 
 
+@pytest.mark.parametrize("attn", ["packed_sdpa", "sdpa"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_gradient_equals_separate_runs(tiny_models, family):
+def test_packed_gradient_equals_separate_runs(tiny_models, family, attn):
     """The chunked head's custom backward, through the packed decoder, gives the separate runs' gradient."""
-    model = tiny_models(family, "sdpa")
+    model = tiny_models(family, attn)
     examples = random_examples(4, 2, seed=3)
     batch = pack(examples, max_tokens_per_row=2 * max(e.num_tokens for e in examples), pad_token_id=PAD_ID)
     weights = torch.linspace(0.5, 1.5, 2 * len(examples)).view(len(examples), 2)

@@ -55,7 +55,9 @@ class TrainConfig(BaseModel):
     max_length: int = Field(1024, gt=1, description="max tokens of prompt + one response")
     max_prompt_length: int | None = Field(None, gt=0, description="prompts keep their last this-many tokens")
     max_tokens_per_batch: int = Field(4096, gt=0, description="token budget of one micro-batch")
-    max_tokens_per_row: int = Field(2048, gt=0, description="packed row length (examples per row up to this)")
+    max_tokens_per_row: int | None = Field(
+        None, gt=0, description="packed row length (examples per row up to this); default: one row per micro-batch "
+                                "(packed_sdpa, flex_attention), the micro-batch's longest example (sdpa, eager)")
     sft_include_prompt: bool = Field(False, description="SFT: train on prompt (and non-assistant) tokens too")
     # Optimisation.
     learning_rate: float = Field(5e-6, gt=0.0)
@@ -71,9 +73,10 @@ class TrainConfig(BaseModel):
     seed: int = 0
     chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the vocabulary projection")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
-    attention: Literal["sdpa", "eager", "flex_attention"] = Field(
-        "sdpa", description="attention kernel over packed rows: sdpa with a dense block mask, or flex_attention's "
-                            "block-sparse mask (GPU; compiled on first use)")
+    attention: Literal["packed_sdpa", "sdpa", "eager", "flex_attention"] = Field(
+        "packed_sdpa", description="attention over packed rows: packed_sdpa runs SDPA per example span (no cost for "
+                                   "long rows); sdpa/eager use a dense block mask per row; flex_attention a "
+                                   "block-sparse mask (GPU; compiled on first use)")
     lora: LoraOptions | None = Field(None, description="train LoRA adapters: {r, alpha, dropout, target_modules, save}")
     # Several processes (torchrun): how the model is spread; one process ignores it.
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a replica per rank; fsdp: FSDP2 sharding")

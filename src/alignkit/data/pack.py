@@ -72,12 +72,16 @@ def block_mask(example_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Te
 
 
 def pack(examples: list[TokenizedExample], example_indices: list[int] | None = None,
-         max_tokens_per_row: int = 4096, pad_token_id: int = 0) -> PackedBatch:
+         max_tokens_per_row: int | None = 4096, pad_token_id: int = 0) -> PackedBatch:
     """Pack examples greedily (in order) into rows of at most max_tokens_per_row tokens.
-    An example longer than max_tokens_per_row gets a row of its own."""
+    An example longer than max_tokens_per_row gets a row of its own. None: rows no longer than the longest
+    example (short examples still share a row). With a dense mask every row pays T^2 attention, all of it
+    spent on pairs of tokens that may not see each other beyond one example, so short rows are cheaper."""
     k = len(examples[0].response_ids)
     if any(len(e.response_ids) != k for e in examples):
         raise ValueError("all examples of a batch must have the same number of responses")
+    if max_tokens_per_row is None:
+        max_tokens_per_row = max(e.num_tokens for e in examples)
     rows: list[list[tuple[int, TokenizedExample]]] = [[]]
     used = 0
     for b, example in enumerate(examples):

@@ -1,9 +1,12 @@
-"""The attention mask a packed batch hands to the model, in the form its attention implementation wants.
+"""The attention a packed batch runs with, and the mask in the form that attention wants.
 
-sdpa / eager: the dense additive [R, 1, T, T] mask (built once per batch, shared by every layer).
-flex_attention: a FlexAttention BlockMask built from the same rule; blocks where no query may see any key
-(other examples in the row, a sibling response) are skipped rather than computed and masked, so a long row
-of many examples costs about what its examples cost separately. Meant for GPUs, where HF compiles the kernel.
+packed_sdpa (default): SDPA run once per example span of each row (a CPU "varlen" attention), each with its
+  block of the dense mask: attention costs what the examples cost separately, however many share a row, so
+  rows can be long and need no padding. Without the spans (generation, plain HF calls) it is HF's sdpa.
+sdpa / eager: the dense additive [R, 1, T, T] mask over whole rows (built once per batch, shared by every
+  layer); every row pays T^2, so keep rows short.
+flex_attention: a FlexAttention BlockMask built from the same rule; blocks where no query may see any key are
+  skipped. Meant for GPUs, where HF compiles the kernel (torch has no CPU backward for it).
 """
 
 from __future__ import annotations
@@ -12,7 +15,73 @@ import torch
 
 from alignkit.data.pack import PackedBatch
 
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+ATTENTION_IMPLEMENTATIONS = ("packed_sdpa", "sdpa", "eager", "flex_attention")
+SPANS_KWARG = "alignkit_spans"
+
+
+def packed_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
+    """HF attention function: SDPA over each example span of each row (spans from `example_spans`, passed by
+    packed_hidden_states as a keyword HF forwards to every attention call); padding positions output zeros."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    spans = kwargs.pop(SPANS_KWARG, None)
+    if spans is None or attention_mask is None or attention_mask.dim() != 4:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows = []
+    length = query.shape[2]
+    for r, row_spans in enumerate(spans):
+        pieces = []
+        for start, end in row_spans:
+            block = attention_mask[r:r + 1, :, start:end, start:end]
+            out, _ = sdpa_attention_forward(module, query[r:r + 1, :, start:end], key[r:r + 1, :, start:end],
+                                            value[r:r + 1, :, start:end], block, **kwargs)
+            pieces.append(out)
+        used = row_spans[-1][1] if row_spans else 0
+        if used < length:
+            pieces.append(query.new_zeros(1, length - used, query.shape[1], query.shape[3]))
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.cat(rows, dim=0), None
+
+
+def example_spans(batch: PackedBatch) -> list[list[tuple[int, int]]]:
+    """Per row, the (start, end) columns of each example (the packer writes examples contiguously)."""
+    spans = []
+    for row in batch.example_ids.tolist():
+        row_spans, start = [], 0
+        for col in range(1, len(row) + 1):
+            if col == len(row) or row[col] != row[start]:
+                if row[start] >= 0:
+                    row_spans.append((start, col))
+                start = col
+        spans.append(row_spans)
+    return spans
+
+
+def register_packed_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("packed_sdpa", packed_sdpa_forward)
+    AttentionMaskInterface.register("packed_sdpa", sdpa_mask)  # generation's 2-D masks: built as for sdpa
+
+
+def loadable_attention(implementation: str) -> str:
+    """The name from_pretrained gets (packed_sdpa is switched on after loading, by set_attention)."""
+    return "sdpa" if implementation == "packed_sdpa" else implementation
+
+
+def default_row_tokens(cfg_max_tokens_per_row: int | None, implementation: str, max_tokens_per_batch: int) -> int | None:
+    """Rows of one micro-batch: long rows are free where attention skips other examples (packed_sdpa, flex);
+    under a dense mask (None) the packer keeps rows to the longest example."""
+    if cfg_max_tokens_per_row is not None:
+        return cfg_max_tokens_per_row
+    return max_tokens_per_batch if implementation in ("packed_sdpa", "flex_attention") else None
+
+
+def packed_attention_kwargs(model, batch: PackedBatch) -> dict:
+    if attention_implementation(model) == "packed_sdpa":
+        return {SPANS_KWARG: example_spans(batch)}
+    return {}
 
 
 def attention_implementation(model) -> str:
@@ -53,5 +122,7 @@ def set_attention(model, implementation: str) -> None:
     """Switch a loaded model's attention implementation (a no-op when it already uses it)."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention '{implementation}': expected one of {ATTENTION_IMPLEMENTATIONS}")
+    if implementation == "packed_sdpa":
+        register_packed_sdpa()
     if attention_implementation(model) != implementation:
         model.set_attn_implementation(implementation)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.data.pack import PackedBatch
-from alignkit.models.attention import packed_attention_mask
+from alignkit.models.attention import packed_attention_kwargs, packed_attention_mask
 
 
 @dataclass
@@ -139,6 +139,7 @@ def packed_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
         input_ids=batch.input_ids.to(device),
         position_ids=batch.position_ids.to(device),
         attention_mask=packed_attention_mask(model, batch, device),
+        **packed_attention_kwargs(model, batch),
         use_cache=False,
     )
     return out[0]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.data.pack import PackedBatch
-from alignkit.models.attention import packed_attention_mask
+from alignkit.models.attention import packed_attention_kwargs, packed_attention_mask
 from alignkit.models.logprobs import (
     ResponseLogProbs,
     _chunk_logits,
@@ -42,6 +42,7 @@ def reference_forward(ref_model, batch: PackedBatch) -> ReferenceForward:
         input_ids=batch.input_ids.to(device),
         position_ids=batch.position_ids.to(device),
         attention_mask=packed_attention_mask(ref_model, batch, device),
+        **packed_attention_kwargs(ref_model, batch),
         use_cache=False,
         output_hidden_states=True,
     )

@@ -29,7 +29,7 @@ class LearnerConfig:
     epochs: int = 1  # passes over each rollout (PPO's ppo_epochs, GRPO's num_iterations)
     minibatches: int = 1  # optimizer steps per pass
     max_tokens_per_batch: int = 4096  # micro-batch budget: a minibatch over it accumulates gradients
-    max_tokens_per_row: int = 2048
+    max_tokens_per_row: int | None = None  # None: rows no longer than the longest example
     chunk_size: int = 1024
     precision: str = "fp32"
     seed: int = 0

@@ -68,7 +68,7 @@ class OnlineConfig(BaseModel):
     epochs: int = Field(1, gt=0, description="passes over each rollout (PPO epochs / GRPO iterations)")
     minibatches: int = Field(1, gt=0, description="optimizer steps per pass")
     max_tokens_per_batch: int = Field(4096, gt=0)
-    max_tokens_per_row: int = Field(2048, gt=0)
+    max_tokens_per_row: int | None = Field(None, gt=0, description="default: the longest example of a micro-batch")
     chunk_size: int = Field(1024, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"
     loss: str | None = Field(None, description="online-dpo / self-reward: the pairwise loss (dpo; cream with consistency)")

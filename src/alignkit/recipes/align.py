@@ -111,7 +111,7 @@ def run_align(config: str | Path | None = None, overrides: dict[str, Any] | None
     train_cfg = TrainConfig(
         model=cfg.model, train_data=str(out / "pairs.jsonl"), loss="dpo", loss_options={"beta": cfg.beta},
         learning_rate=cfg.learning_rate, warmup_steps=2, lr_schedule="cosine", epochs=cfg.epochs, max_length=256,
-        max_tokens_per_batch=cfg.max_tokens_per_batch, max_tokens_per_row=cfg.max_tokens_per_batch,
+        max_tokens_per_batch=cfg.max_tokens_per_batch,
         precision=cfg.precision, seed=cfg.seed, output_dir=str(out / "dpo"), ref_cache=False,
     )
     timed("DPO", lambda: train(train_cfg, model, tokenizer))

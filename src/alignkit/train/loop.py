@@ -23,7 +23,12 @@ from alignkit.data.tokenize import train_on_prompt
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses import LossInputs, build_options, get_loss
 from alignkit.losses.sft import SFTOptions, sft_loss
-from alignkit.models.attention import set_attention
+from alignkit.models.attention import (
+    attention_implementation,
+    default_row_tokens,
+    loadable_attention,
+    set_attention,
+)
 from alignkit.models.lora import apply_lora, merged_for_save
 from alignkit.models.reward import prepare_reward_examples, sequence_rewards
 from alignkit.train.checkpoint import (
@@ -270,13 +275,16 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     elif model is None:
         from alignkit.models.resolve import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer(cfg.model, attn_implementation=cfg.attention)
+        model, tokenizer = load_model_and_tokenizer(cfg.model, attn_implementation=loadable_attention(cfg.attention))
     device = ctx.device if ctx.device is not None else next(model.parameters()).device
     if cfg.attention == "flex_attention" and torch.device(device).type == "cpu":
         raise ConfigError("attention", "flex_attention trains on GPU only (torch has no CPU backward for it); "
                                        "use sdpa on CPU")
     if cfg.train_data is None:
         raise AlignkitError("config key 'train_data': required (a JSONL or Parquet file)")
+    attention = cfg.attention if spec.output != "rewards" else attention_implementation(model)
+    cfg = cfg.model_copy(update={"max_tokens_per_row": default_row_tokens(cfg.max_tokens_per_row, attention,
+                                                                          cfg.max_tokens_per_batch)})
     train_examples, eval_examples = load_data(cfg, tokenizer, spec.data_shape)
     check_record_fields(spec, train_examples + eval_examples)  # e.g. MODPO's other objectives' rewards
     if spec.output == "rewards":  # encoders read [CLS] prompt [SEP] response [SEP]

@@ -103,7 +103,7 @@ def examples_fingerprint(examples: list[TokenizedExample]) -> str:
 
 
 @torch.no_grad()
-def score_examples(model, examples: list[TokenizedExample], max_tokens_per_batch: int, max_tokens_per_row: int,
+def score_examples(model, examples: list[TokenizedExample], max_tokens_per_batch: int, max_tokens_per_row: int | None,
                    pad_token_id: int, precision: str = "fp32", chunk_size: int = 1024):
     """Per-sequence [n, k] and per-token (one flat tensor per example) log-probs, without gradients."""
     was_training = model.training

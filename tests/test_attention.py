@@ -1,5 +1,7 @@
-"""The FlexAttention path for packed rows: its mask is the packer's rule element for element, it skips the
-blocks no query may see, and (run through HF's flex_attention) it gives the same log-probs as sdpa."""
+"""Attention over packed rows. packed_sdpa: SDPA per example span, fed the spans by the packed forward (the
+per-span calls are counted), equal to sdpa over the whole row. FlexAttention: its mask is the packer's rule
+element for element, it skips the blocks no query may see, and through HF's flex_attention it gives the same
+log-probs as sdpa. (Equality with separate unpacked runs, for every implementation: test_pack_logprobs.py.)"""
 
 from __future__ import annotations
 
@@ -7,12 +9,76 @@ import pytest
 import torch
 
 from alignkit.data.pack import block_mask, pack
-from alignkit.models.attention import flex_block_mask, packed_mask_mod, set_attention
+from alignkit.models.attention import (
+    default_row_tokens,
+    example_spans,
+    flex_block_mask,
+    packed_mask_mod,
+    set_attention,
+)
 from alignkit.models.logprobs import response_logprobs
 from alignkit.models.tiny import build_tiny_model
 from test_pack_logprobs import VOCAB, random_examples
 
 flex = pytest.importorskip("torch.nn.attention.flex_attention")
+
+
+def test_example_spans_follow_the_rows():
+    examples = random_examples(7, 2, seed=5)
+    batch = pack(examples, max_tokens_per_row=3 * max(e.num_tokens for e in examples))
+    spans = example_spans(batch)
+    assert sum(len(row) for row in spans) == len(examples)
+    for r, row in enumerate(spans):
+        for start, end in row:
+            ids = batch.example_ids[r, start:end]
+            assert (ids == ids[0]).all() and ids[0] >= 0
+            assert end - start == examples[int(ids[0])].num_tokens
+        used = row[-1][1]
+        assert (batch.example_ids[r, used:] < 0).all()  # only padding after the last span
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_packed_sdpa_runs_per_span_and_equals_sdpa(family, monkeypatch):
+    import transformers.integrations.sdpa_attention as hf_sdpa
+
+    calls = []
+    original = hf_sdpa.sdpa_attention_forward
+
+    def counted(module, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return original(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(hf_sdpa, "sdpa_attention_forward", counted)
+    model = build_tiny_model(family, VOCAB, seed=1, hidden=32, layers=2, heads=4).eval()
+    examples = random_examples(6, 2, seed=3, max_prompt=20, max_response=12)
+    batch = pack(examples, max_tokens_per_row=96)
+    assert batch.input_ids.shape[0] < len(examples)  # several examples share a row
+
+    def logps_and_grads():
+        model.zero_grad()
+        logps = response_logprobs(model, batch).token_logps
+        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
+        return logps.detach(), [p.grad.clone() for p in model.parameters()]
+
+    expected, expected_grads = logps_and_grads()
+    calls.clear()
+    set_attention(model, "packed_sdpa")
+    got, grads = logps_and_grads()
+    assert sorted(calls) == sorted(e.num_tokens for e in examples for _ in range(2))  # one call per span and layer
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+
+
+def test_row_length_policy():
+    assert default_row_tokens(None, "packed_sdpa", 4096) == 4096  # long rows cost nothing extra
+    assert default_row_tokens(None, "flex_attention", 4096) == 4096
+    assert default_row_tokens(None, "sdpa", 4096) is None  # the packer keeps rows to the longest example
+    assert default_row_tokens(300, "packed_sdpa", 4096) == 300
+    examples = random_examples(6, 2, seed=2)
+    longest = max(e.num_tokens for e in examples)
+    batch = pack(examples, max_tokens_per_row=None)
+    assert batch.input_ids.shape[1] == longest
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
