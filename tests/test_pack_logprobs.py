@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+import alignkit.models.logprobs as logprobs_module
 from alignkit.data.pack import block_mask, pack, token_budget_batches
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.models.attention import loadable_attention, set_attention
@@ -257,9 +258,10 @@ def naive_token_logps(hidden, weight, bias, targets):
     return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
+@pytest.mark.parametrize("keep_bytes", [0, 2**20], ids=["recompute", "keep-probs"])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 23, 64])
-def test_chunked_logps_values_and_gradients(chunk_size, with_bias):
+def test_chunked_logps_values_and_gradients(chunk_size, with_bias, keep_bytes, monkeypatch):
     N, H, V = 23, 16, 37  # chunk sizes 4 and 7 do not divide N; 64 > N is a single chunk
     gen = torch.Generator().manual_seed(chunk_size)
     hidden = torch.randn(N, H, generator=gen)
@@ -269,8 +271,14 @@ def test_chunked_logps_values_and_gradients(chunk_size, with_bias):
     upstream = torch.randn(N, generator=gen)  # a non-uniform dL/dlogp exercises the per-token scaling
 
     leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
-    chunked = chunked_token_logps(leaves[0], leaves[1], leaves[2] if with_bias else None, targets, chunk_size)
+    chunked = chunked_token_logps(leaves[0], leaves[1], leaves[2] if with_bias else None, targets, chunk_size,
+                                  keep_bytes=keep_bytes)
+    projections = []
+    original = logprobs_module._chunk_logits
+    monkeypatch.setattr(logprobs_module, "_chunk_logits", lambda *a: projections.append(1) or original(*a))
     (chunked * upstream).sum().backward()
+    # kept probabilities: the backward never recomputes the vocabulary projection; otherwise once per chunk
+    assert len(projections) == (0 if keep_bytes else -(-N // chunk_size))
 
     ref_leaves = [t.clone().requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
     naive = naive_token_logps(ref_leaves[0], ref_leaves[1], ref_leaves[2] if with_bias else None, targets)

@@ -43,17 +43,29 @@ def _compute_dtype(reference: torch.Tensor) -> torch.dtype:
     return reference.dtype
 
 
+# Up to this many bytes of response-token probabilities are kept from forward to backward, so the backward
+# does not recompute the vocabulary projection (one matmul of three); larger batches recompute chunk by chunk.
+KEEP_PROBS_BYTES = 256 * 2**20
+
+
 class ChunkedTokenLogps(torch.autograd.Function):
-    """log softmax(h W^T + b)[target], computed chunk by chunk over tokens; backward recomputes logits."""
+    """log softmax(h W^T + b)[target], computed chunk by chunk over tokens; the backward reuses the forward's
+    softmax when all of it fits in keep_bytes, else recomputes each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, compute_dtype):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, compute_dtype, keep_bytes: int):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        keep = any(ctx.needs_input_grad[:3]) and hidden.shape[0] * weight.shape[0] * 4 <= keep_bytes
+        ctx.probs = [] if keep else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
                 logits = _chunk_logits(hidden[start:start + chunk_size], weight, bias, compute_dtype)
                 target_logits = logits.gather(1, targets[start:start + chunk_size, None]).squeeze(1)
-                out[start:start + chunk_size] = target_logits - _logsumexp_(logits)
+                maxes = logits.amax(1, keepdim=True)
+                sums = logits.sub_(maxes).exp_().sum(1)  # in place: one [chunk, vocab] buffer
+                out[start:start + chunk_size] = target_logits - sums.log() - maxes.squeeze(1)
+                if keep:
+                    ctx.probs.append(logits.div_(sums[:, None]))
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
         return out
@@ -62,19 +74,23 @@ class ChunkedTokenLogps(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, bias, targets = ctx.saved_tensors
         chunk_size, compute_dtype = ctx.chunk_size, ctx.compute_dtype
+        kept, ctx.probs = ctx.probs, None  # consumed in place below; a second backward recomputes
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = grad_bias = None  # fp32 sums over chunks; the first chunk's product starts them
         with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], chunk_size):
+            for i, start in enumerate(range(0, hidden.shape[0], chunk_size)):
                 h = hidden[start:start + chunk_size]
                 g = grad_out[start:start + chunk_size].float()
-                # d/dlogits of (logit[target] - logsumexp) = onehot - softmax, built in place in the logits
-                # buffer: one [chunk, vocab] buffer alive instead of three (backward starts at peak memory).
-                grad_logits = _softmax_(_chunk_logits(h, weight, bias, compute_dtype)).mul_(-g[:, None])
+                # d/dlogits of (logit[target] - logsumexp) = onehot - softmax, built in place in the softmax
+                # buffer: one [chunk, vocab] buffer alive instead of three.
+                probs = kept[i] if kept is not None else _softmax_(_chunk_logits(h, weight, bias, compute_dtype))
+                grad_logits = probs.mul_(-g[:, None])
                 grad_logits[torch.arange(len(g)), targets[start:start + chunk_size]] += g
                 grad_weight, grad_bias = backprop_chunk(ctx, grad_logits, h, weight, bias, compute_dtype, grad_hidden,
                                                         slice(start, start + chunk_size), grad_weight, grad_bias)
-                del grad_logits
+                del grad_logits, probs
+                if kept is not None:
+                    kept[i] = None
         if ctx.needs_input_grad[1] and grad_weight is None:  # no tokens: a zero gradient, not None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         if bias is not None and ctx.needs_input_grad[2] and grad_bias is None:
@@ -83,7 +99,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def backprop_chunk(ctx, grad_logits, h, weight, bias, compute_dtype, grad_hidden, rows: slice, grad_weight,
@@ -109,12 +125,6 @@ def _chunk_logits(h, weight, bias, compute_dtype):
     return logits.float()
 
 
-def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
-    """logsumexp over dim 1, overwriting `logits` (torch.logsumexp would allocate a second [chunk, vocab])."""
-    maxes = logits.amax(1, keepdim=True)
-    return logits.sub_(maxes).exp_().sum(1).log_() + maxes.squeeze(1)
-
-
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:
     """softmax over dim 1, in place."""
     logits.sub_(logits.amax(1, keepdim=True)).exp_()
@@ -122,8 +132,9 @@ def _softmax_(logits: torch.Tensor) -> torch.Tensor:
 
 
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                        chunk_size: int = 1024) -> torch.Tensor:
-    return ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk_size, _compute_dtype(hidden))
+                        chunk_size: int = 1024, keep_bytes: int | None = None) -> torch.Tensor:
+    keep_bytes = KEEP_PROBS_BYTES if keep_bytes is None else keep_bytes
+    return ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk_size, _compute_dtype(hidden), keep_bytes)
 
 
 def backbone(model):
