@@ -144,16 +144,22 @@ def backbone(model):
     return getattr(model, model.base_model_prefix)
 
 
-def packed_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
+def packed_decoder_outputs(model, batch: PackedBatch, **options):
+    """The decoder's outputs over the packed rows (positions restart per response; the packer's mask in the
+    form the model's attention wants). `options` go to the decoder, e.g. output_hidden_states=True."""
     device = next(model.parameters()).device
-    out = backbone(model)(
+    return backbone(model)(
         input_ids=batch.input_ids.to(device),
         position_ids=batch.position_ids.to(device),
         attention_mask=packed_attention_mask(model, batch, device),
         **packed_attention_kwargs(model, batch),
         use_cache=False,
+        **options,
     )
-    return out[0]
+
+
+def packed_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
+    return packed_decoder_outputs(model, batch)[0]
 
 
 class PackedForward(torch.nn.Module):

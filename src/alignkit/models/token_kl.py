@@ -13,14 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.data.pack import PackedBatch
-from alignkit.models.attention import packed_attention_kwargs, packed_attention_mask
 from alignkit.models.logprobs import (
     ResponseLogProbs,
     _chunk_logits,
     _compute_dtype,
     _softmax_,
-    backbone,
     backprop_chunk,
+    packed_decoder_outputs,
     packed_hidden_states,
 )
 
@@ -38,14 +37,7 @@ def reference_forward(ref_model, batch: PackedBatch) -> ReferenceForward:
     """One no-grad forward of the reference over the packed batch. Activations are read at the position whose
     logits predict the token (the SparsePO code shifts them the same way, activations[:, :-1] with labels[:, 1:])."""
     device = next(ref_model.parameters()).device
-    out = backbone(ref_model)(
-        input_ids=batch.input_ids.to(device),
-        position_ids=batch.position_ids.to(device),
-        attention_mask=packed_attention_mask(ref_model, batch, device),
-        **packed_attention_kwargs(ref_model, batch),
-        use_cache=False,
-        output_hidden_states=True,
-    )
+    out = packed_decoder_outputs(ref_model, batch, output_hidden_states=True)
     rows, cols = batch.token_rows.to(device), batch.token_pred_positions.to(device)
     layers = out.hidden_states[1:]  # the embeddings are not a layer's activation
     activations = torch.stack([h[rows, cols].float().mean(-1) for h in layers], dim=-1)
