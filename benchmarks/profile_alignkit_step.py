@@ -1,6 +1,6 @@
 """Where alignkit's DPO step spends its time: torch.profiler over forward + backward of one packed batch.
 
-    python benchmarks/profile_alignkit_step.py --model llama58m --precision bf16 [--max-tokens-per-row 512]
+    python benchmarks/profile_alignkit_step.py --model llama58m --precision bf16 [--attention sdpa --max-tokens-per-row 512]
 
 Uses the headline benchmark's data (run bench_dpo.py once first) and its first `--pairs` pairs."""
 
@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from alignkit.data import prepare_examples
 from alignkit.data.pack import pack
 from alignkit.losses import build_options, get_loss
+from alignkit.models.attention import set_attention
 from alignkit.models.logprobs import response_logprobs
 from alignkit.train.loop import Reference
 
@@ -26,7 +27,8 @@ def main() -> None:
     parser.add_argument("--model", choices=["llama58m", "smollm2"], default="llama58m")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--pairs", type=int, default=4)
-    parser.add_argument("--max-tokens-per-row", type=int, default=2048)
+    parser.add_argument("--max-tokens-per-row", type=int, default=4096)
+    parser.add_argument("--attention", default="packed_sdpa", help="alignkit's `attention:` (packed_sdpa, sdpa, ...)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25, help="rows of the operator table")
     args = parser.parse_args()
@@ -34,6 +36,7 @@ def main() -> None:
     model_ref = str(contenders.LLAMA58M_DIR) if args.model == "llama58m" else "smollm2-135m-instruct"
     model, tokenizer = contenders.load_model(model_ref)
     model.train()
+    set_attention(model, args.attention)
     data = contenders.WORK_DIR / "data" / f"{args.model}_headline.jsonl"
     records = [json.loads(line) for line in data.read_text().splitlines()][:args.pairs]
     examples = prepare_examples(records, tokenizer, "pairs", 4096)
