@@ -70,6 +70,22 @@ def test_packed_sdpa_runs_per_span_and_equals_sdpa(family, monkeypatch):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
 
 
+def test_packed_sdpa_without_spans_refuses_the_placeholder_mask():
+    """A model whose layers drop the spans must fail loudly, not attend without a mask."""
+    from alignkit.models.attention import packed_sdpa_forward
+
+    model = build_tiny_model("llama", VOCAB, seed=1, hidden=16, layers=1, heads=2)
+    attention, config = model.model.layers[0].self_attn, model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    q = torch.randn(1, config.num_attention_heads, 5, head_dim)
+    kv = torch.randn(1, config.num_key_value_heads, 5, head_dim)
+    placeholder = torch.zeros(()).expand(1, 1, 5, 5)
+    with pytest.raises(RuntimeError, match="spans"):
+        packed_sdpa_forward(attention, q, kv, kv, placeholder)
+    out, _ = packed_sdpa_forward(attention, q, kv, kv, torch.zeros(1, 1, 5, 5))  # a real mask: plain sdpa
+    assert out.shape == (1, 5, config.num_attention_heads, head_dim)
+
+
 def test_row_length_policy():
     assert default_row_tokens(None, "packed_sdpa", 4096) == 4096  # long rows cost nothing extra
     assert default_row_tokens(None, "flex_attention", 4096) == 4096

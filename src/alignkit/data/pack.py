@@ -53,10 +53,14 @@ class PackedBatch:
     def attention_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Additive 4-D mask [R, 1, T, T]: 0 where attention is allowed, the dtype's minimum elsewhere.
         (A boolean 4-D mask is silently wrong under HF's eager attention, so the float form is used.)"""
-        allowed = block_mask(self.example_ids, self.segment_ids)
-        mask = torch.zeros(allowed.shape, dtype=dtype)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask[:, None]
+        return additive_mask(block_mask(self.example_ids, self.segment_ids), dtype)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[R, T, T] bool -> [R, 1, T, T] additive float: 0 where allowed, the dtype's minimum elsewhere."""
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
 
 
 def block_mask(example_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:

@@ -13,26 +13,28 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.data.pack import PackedBatch
+from alignkit.data.pack import PackedBatch, additive_mask, block_mask
 
 ATTENTION_IMPLEMENTATIONS = ("packed_sdpa", "sdpa", "eager", "flex_attention")
 SPANS_KWARG = "alignkit_spans"
 
 
 def packed_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
-    """HF attention function: SDPA over each example span of each row (spans from `example_spans`, passed by
-    packed_hidden_states as a keyword HF forwards to every attention call); padding positions output zeros."""
+    """HF attention function: SDPA over each example span of each row, with the span's own mask (from
+    `packed_attention_kwargs`, a keyword HF forwards to every attention call); padding positions output zeros."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     spans = kwargs.pop(SPANS_KWARG, None)
-    if spans is None or attention_mask is None or attention_mask.dim() != 4:
+    if spans is None:
+        if attention_mask is not None and attention_mask.dim() == 4 and not any(attention_mask.stride()):
+            raise RuntimeError("packed_sdpa: this model's attention layers were not given the example spans "
+                               "(they do not pass keyword arguments on); use attention: sdpa")
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     rows = []
     length = query.shape[2]
     for r, row_spans in enumerate(spans):
         pieces = []
-        for start, end in row_spans:
-            block = attention_mask[r:r + 1, :, start:end, start:end]
+        for start, end, block in row_spans:
             out, _ = sdpa_attention_forward(module, query[r:r + 1, :, start:end], key[r:r + 1, :, start:end],
                                             value[r:r + 1, :, start:end], block, **kwargs)
             pieces.append(out)
@@ -79,9 +81,15 @@ def default_row_tokens(cfg_max_tokens_per_row: int | None, implementation: str, 
 
 
 def packed_attention_kwargs(model, batch: PackedBatch) -> dict:
-    if attention_implementation(model) == "packed_sdpa":
-        return {SPANS_KWARG: example_spans(batch)}
-    return {}
+    """packed_sdpa: per row, (start, end, the span's own additive mask [1, 1, L, L]) of each example."""
+    if attention_implementation(model) != "packed_sdpa":
+        return {}
+    param = next(model.parameters())
+    spans = [[(start, end, additive_mask(block_mask(batch.example_ids[r:r + 1, start:end],
+                                                    batch.segment_ids[r:r + 1, start:end]), param.dtype)
+               .to(param.device)) for start, end in row]
+             for r, row in enumerate(example_spans(batch))]
+    return {SPANS_KWARG: spans}
 
 
 def attention_implementation(model) -> str:
@@ -112,9 +120,15 @@ def packed_mask_mod(batch: PackedBatch, device: torch.device | str):
 
 
 def packed_attention_mask(model, batch: PackedBatch, device: torch.device | str):
-    if attention_implementation(model) == "flex_attention":
+    implementation = attention_implementation(model)
+    if implementation == "flex_attention":
         return flex_block_mask(batch, device)
     dtype = next(model.parameters()).dtype
+    if implementation == "packed_sdpa":
+        # The spans carry their own masks (packed_attention_kwargs); HF only needs a 4-D mask to take it as
+        # prepared. A zero-stride placeholder, never the dense [R, 1, T, T]: O(sum L^2) memory, not O(T^2).
+        rows, length = batch.input_ids.shape
+        return torch.zeros((), dtype=dtype, device=device).expand(rows, 1, length, length)
     return batch.attention_mask(dtype).to(device)
 
 
