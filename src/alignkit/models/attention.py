@@ -1,8 +1,8 @@
 """The attention a packed batch runs with, and the mask in the form that attention wants.
 
 packed_sdpa (default): SDPA run once per example span of each row (a CPU "varlen" attention), each with its
-  block of the dense mask: attention costs what the examples cost separately, however many share a row, so
-  rows can be long and need no padding. Without the spans (generation, plain HF calls) it is HF's sdpa.
+  own small mask: attention costs what the examples cost separately, however many share a row, so rows can
+  be long and need no padding. Without the spans (generation, plain HF calls) it is HF's sdpa.
 sdpa / eager: the dense additive [R, 1, T, T] mask over whole rows (built once per batch, shared by every
   layer); every row pays T^2, so keep rows short.
 flex_attention: a FlexAttention BlockMask built from the same rule; blocks where no query may see any key are

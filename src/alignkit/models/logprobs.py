@@ -61,8 +61,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_size):
                 logits = _chunk_logits(hidden[start:start + chunk_size], weight, bias, compute_dtype)
                 target_logits = logits.gather(1, targets[start:start + chunk_size, None]).squeeze(1)
-                maxes = logits.amax(1, keepdim=True)
-                sums = logits.sub_(maxes).exp_().sum(1)  # in place: one [chunk, vocab] buffer
+                maxes, sums = _shifted_exp_(logits)
                 out[start:start + chunk_size] = target_logits - sums.log() - maxes.squeeze(1)
                 if keep:
                     ctx.probs.append(logits.div_(sums[:, None]))
@@ -125,10 +124,17 @@ def _chunk_logits(h, weight, bias, compute_dtype):
     return logits.float()
 
 
+def _shifted_exp_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits <- exp(logits - row max), in place (one [chunk, vocab] buffer); returns (row max [n, 1], row sums
+    [n]), so logsumexp = log(sums) + max and softmax = logits / sums."""
+    maxes = logits.amax(1, keepdim=True)
+    return maxes, logits.sub_(maxes).exp_().sum(1)
+
+
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:
     """softmax over dim 1, in place."""
-    logits.sub_(logits.amax(1, keepdim=True)).exp_()
-    return logits.div_(logits.sum(1, keepdim=True))
+    _, sums = _shifted_exp_(logits)
+    return logits.div_(sums[:, None])
 
 
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
