@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_model
 
 from alignkit.cli import main
 from alignkit.data.load import write_jsonl_atomic
@@ -19,12 +20,16 @@ from alignkit.data.synthetic import sentiment_reward
 from alignkit.errors import ConfigError
 from alignkit.generate.sample import SamplingConfig
 from alignkit.losses import build_options, get_loss
-from alignkit.online import OnlineConfig, run_online
+from alignkit.models.value_head import PolicyWithValueHead, ValueHead
+from alignkit.online import online_config as load_online_config
+from alignkit.online import run_online
 from alignkit.online.advantages import RunningMoments
-from alignkit.online.experience import rl_experience
-from alignkit.online.learner import Learner, LearnerConfig, ValueHead, pad_flat, split_flat
+from alignkit.online.config import method_loss
+from alignkit.online.experience import RoundContext, Scorer, pad_flat, ppo_experience, rl_experience, split_flat
 from alignkit.online.rollout import generate_rollout
-from alignkit.online.run import _Snapshots, method_loss
+from alignkit.online.run import Snapshots, _learn
+from alignkit.train.distributed import Dist
+from alignkit.train.step import Stepper
 from alignkit.rewards.base import Reward
 from synthetic_task import SENTIMENT, prompts, single_thread, trained_task
 
@@ -45,11 +50,11 @@ def task():
     return trained_task()
 
 
-def online_config(method: str, out, **overrides) -> OnlineConfig:
+def online_config(method: str, out, **overrides):
     values = dict(method=method, model="tiny", prompts="-", output_dir=str(out), rounds=10, prompts_per_round=16,
                   num_samples=4, max_new_tokens=12, max_length=64, max_tokens_per_batch=2048, max_tokens_per_row=512,
                   learning_rate=1e-3, eval_samples=2, progress=False)
-    return OnlineConfig(**{**values, **overrides})
+    return load_online_config({**values, **overrides})
 
 
 def run(task, method: str, out, judge=None, **overrides):
@@ -77,7 +82,8 @@ def test_online_method_raises_reward_with_bounded_kl(task, tmp_path, method):
     assert (tmp_path / "final" / "config.json").exists()
     if method == "ppo":
         head = ValueHead(task.model.config.hidden_size)
-        head.load_state_dict(torch.load(tmp_path / "final" / "value_head.pt"))
+        load_model(head, str(tmp_path / "final" / "value_head.safetensors"))
+        assert torch.equal(head.linear.weight, result.value_head.linear.weight)
 
 
 class NoisyJudge(Reward):
@@ -114,7 +120,7 @@ def test_iterative_dpo_with_apo_runs_and_extrapolates_the_reference(task, tmp_pa
 
 def test_reference_snapshots(task):
     model = copy.deepcopy(task.model)
-    snapshots = _Snapshots(model, every=1, keep_previous=True)
+    snapshots = Snapshots(model, every=1, keep_previous=True, lora=False)
     first = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -144,22 +150,30 @@ def test_rollout_tokens_and_learner_bookkeeping(task):
             assert [ids[-1] == eos for ids in example.response_ids] == done
             assert [task.tokenizer.decode(ids, skip_special_tokens=True) for ids in example.response_ids] == texts
     # PPO's experience: per-token tensors round-trip, and the first update's ratios are 1 (behaviour = policy)
-    cfg = LearnerConfig(learning_rate=1e-3, epochs=2, minibatches=2, max_tokens_per_batch=256, max_tokens_per_row=128)
-    spec, opts = get_loss("ppo"), build_options(get_loss("ppo"), {})
-    learner = Learner(model, cfg, task.tokenizer.pad_token_id, ValueHead(model.config.hidden_size))
-    experience = rl_experience(rollout, learner, copy.deepcopy(model).eval(), "ppo", opts, RunningMoments())
+    cfg = online_config("ppo", "unused", learning_rate=1e-3, epochs=2, minibatches=2, max_tokens_per_batch=256,
+                        max_tokens_per_row=128)
+    spec, opts = method_loss(cfg)
+    trained = PolicyWithValueHead(model)
+    snapshots = Snapshots(model, 0, False, lora=False)
+    round_ctx = RoundContext(cfg, opts, Scorer(trained, model, cfg, task.tokenizer.pad_token_id), snapshots,
+                             RunningMoments(), None)
+    experience = ppo_experience(rollout, round_ctx)
     advantages = experience.per_token["advantages"]
     padded, mask = pad_flat(advantages, rollout.examples)
     assert all(torch.equal(a, b) for a, b in zip(split_flat(padded, rollout.examples), advantages))
     assert abs(float(padded[mask].mean())) < 1e-5  # whitened over the rollout
     assert experience.metrics["kl"] == pytest.approx(0.0, abs=1e-5)  # the reference is the policy
-    metrics = learner.update(experience, spec, opts)
-    assert metrics["updates"] == 4 and learner.updates == 4
+    stepper = Stepper.build(trained, cfg, Dist(), cfg.rounds * cfg.updates_per_round,
+                            trained.parameter_groups(cfg.value_learning_rate))
+    metrics = _learn(cfg, spec, opts, stepper, experience, 0, task.tokenizer.pad_token_id)
+    assert metrics["updates"] == 4 and stepper.steps_done == 4
     assert metrics["grad_norm"] > 0 and metrics["value_loss"] > 0
+    assert stepper.optimizer.param_groups[1]["params"] == list(trained.value_head.parameters())
     # GRPO without a KL term and one update per rollout needs neither the reference nor the behaviour policy's pass
-    learner = Learner(model, LearnerConfig(), task.tokenizer.pad_token_id)
-    grpo = rl_experience(rollout, learner, None, "grpo", build_options(get_loss("grpo"), {"kl_coef": 0.0}))
-    assert set(grpo.per_response) == {"scores"} and not grpo.per_token
+    grpo_cfg = online_config("grpo", "unused", kl_coef=0.0)
+    _, grpo_opts = method_loss(grpo_cfg)
+    grpo = rl_experience(rollout, RoundContext(grpo_cfg, grpo_opts, None, snapshots, RunningMoments(), None))
+    assert set(grpo.per_response) == {"scores"} and not grpo.per_token and grpo.reference is None
 
 
 def test_llm_judge_without_a_parsable_score_makes_no_pairs(task, tmp_path):

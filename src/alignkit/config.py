@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import typing
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -38,39 +39,44 @@ class RefUpdateOptions(BaseModel):
     alpha: float = Field(0.6, gt=0.0, le=1.0, description="weight of the policy in a soft update")
 
 
-class TrainConfig(BaseModel):
+class Strict(BaseModel):
+    """Every config section: unknown keys and non-finite numbers are errors naming the key."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
-    # What to train and on what.
-    model: str = Field(description="model alias (smollm2-135m-instruct), HF hub id or local directory")
-    train_data: str | None = Field(None, description="JSONL / Parquet file of training records")
-    eval_data: str | None = Field(None, description="held-out records; if absent, eval_fraction of train_data")
-    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+
+class SamplingOptions(Strict):
+    """The `sampling:` section of every command that samples (online, align, generate, decode, synth, eval). Its
+    keys may also be given at the top level (`--temperature 0.7` = `--sampling.temperature 0.7`)."""
+
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, ge=0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0: off")
+    batch_size: int = Field(16, gt=0, description="prompts per generate call (each with all its samples)")
+    stop: list[str] | str = Field(default_factory=list, description="stop strings (a string or a list)")
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class OptimConfig(Strict):
+    """The keys of the shared optimizer step (train/step.py): every training command has them, offline and online."""
+
     output_dir: str = "runs/alignkit"
-    loss: str = "dpo"
-    loss_options: dict[str, Any] = Field(default_factory=dict, description="options of the loss, e.g. beta")
-    sft_weight: float = Field(0.0, ge=0.0, description="weight of an NLL term on the first response (RPO-style)")
-    # Data.
-    on_bad_record: Literal["error", "skip"] = "error"
-    max_length: int = Field(1024, gt=1, description="max tokens of prompt + one response")
-    max_prompt_length: int | None = Field(None, gt=0, description="prompts keep their last this-many tokens")
-    max_tokens_per_batch: int = Field(4096, gt=0, description="token budget of one micro-batch")
-    max_tokens_per_row: int | None = Field(
-        None, gt=0, description="packed row length (examples per row up to this); default: one row per micro-batch "
-                                "(packed_sdpa, flex_attention), the micro-batch's longest example (sdpa, eager)")
-    sft_include_prompt: bool = Field(False, description="SFT: train on prompt (and non-assistant) tokens too")
-    # Optimisation.
     learning_rate: float = Field(5e-6, gt=0.0)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
-    grad_accum: int = Field(1, gt=0)
-    epochs: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
+    max_tokens_per_batch: int = Field(4096, gt=0, description="token budget of one micro-batch")
+    max_tokens_per_row: int | None = Field(
+        None, gt=0, description="packed row length (examples per row up to this); default: one row per micro-batch "
+                                "(packed_sdpa, flex_attention), the micro-batch's longest example (sdpa, eager)")
     chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the vocabulary projection")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     attention: Literal["packed_sdpa", "sdpa", "eager", "flex_attention"] = Field(
@@ -84,13 +90,8 @@ class TrainConfig(BaseModel):
     on_nonfinite: Literal["abort", "skip"] = Field("abort", description="abort, or skip the step (no update)")
     max_skipped_steps: int = Field(10, ge=0, description="with on_nonfinite: skip, abort once more steps are skipped")
     neftune_alpha: float = Field(0.0, ge=0.0, description="NEFTune embedding noise while training (0: off; paper: 5)")
-    # Reference model.
-    ref_cache: bool = Field(True, description="cache reference log-probs on disk, keyed by model+data+settings")
-    ref_update: RefUpdateOptions | None = Field(
-        None, description="TR-DPO: update the reference every `every` steps, {mode: soft|hard, every, alpha}")
     # Bookkeeping.
-    eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations (0: only at the end)")
-    save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints (0: only at the end)")
+    save_every: int = Field(0, ge=0, description="steps (online: rounds) between checkpoints (0: only at the end)")
     keep_last: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
     progress: bool = True
@@ -101,6 +102,53 @@ class TrainConfig(BaseModel):
         if not all(0.0 <= b < 1.0 for b in value):
             raise ValueError("each beta must be in [0, 1)")
         return value
+
+
+class TrainConfig(OptimConfig):
+    # What to train and on what.
+    model: str = Field(description="model alias (smollm2-135m-instruct), HF hub id or local directory")
+    train_data: str | None = Field(None, description="JSONL / Parquet file of training records")
+    eval_data: str | None = Field(None, description="held-out records; if absent, eval_fraction of train_data")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    loss: str = "dpo"
+    loss_options: dict[str, Any] = Field(default_factory=dict, description="options of the loss, e.g. beta")
+    sft_weight: float = Field(0.0, ge=0.0, description="weight of an NLL term on the first response (RPO-style)")
+    # Data.
+    on_bad_record: Literal["error", "skip"] = "error"
+    max_length: int = Field(1024, gt=1, description="max tokens of prompt + one response")
+    max_prompt_length: int | None = Field(None, gt=0, description="prompts keep their last this-many tokens")
+    sft_include_prompt: bool = Field(False, description="SFT: train on prompt (and non-assistant) tokens too")
+    # Steps.
+    grad_accum: int = Field(1, gt=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    # Reference model.
+    ref_cache: bool = Field(True, description="cache reference log-probs on disk, keyed by model+data+settings")
+    ref_update: RefUpdateOptions | None = Field(
+        None, description="TR-DPO: update the reference every `every` steps, {mode: soft|hard, every, alpha}")
+    eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations (0: only at the end)")
+
+
+# Keys a resumed run may change: they do not change what is trained (the rest must equal the saved config).
+RESUMABLE_KEYS = frozenset({"output_dir", "progress", "log_every", "save_every", "keep_last", "eval_every"})
+
+
+def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two dumped configs, except RESUMABLE_KEYS."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if not prefix and key in RESUMABLE_KEYS:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, prefix + key + ".")
+        elif _normalised(a) != _normalised(b):
+            out.append(prefix + key)
+    return out
+
+
+def _normalised(value):
+    return [_normalised(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _first_error(err: ValidationError) -> ConfigError:
@@ -172,3 +220,69 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError("--config", f"{path} must hold a mapping of keys to values")
     return values
+
+
+def _sections(cls: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """The nested config sections of cls (fields whose type is a pydantic model, possibly Optional)."""
+    out = {}
+    for name, field in cls.model_fields.items():
+        for candidate in (field.annotation, *typing.get_args(field.annotation)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                out[name] = candidate
+    return out
+
+
+def route_key(key: str, cls: type[BaseModel], option_names: set[str] = frozenset()) -> str:
+    """Where a top-level key goes: a field of cls stays; one of the loss's options goes to loss_options; a key of
+    exactly one nested section (sampling.temperature) goes there. Anything else stays (and is named as unknown)."""
+    key = key.replace("-", "_")
+    if "." in key or key in cls.model_fields:
+        return key
+    if key in option_names and "loss_options" in cls.model_fields:
+        return f"loss_options.{key}"
+    owners = [name for name, section in _sections(cls).items() if key in section.model_fields]
+    return f"{owners[0]}.{key}" if len(owners) == 1 else key
+
+
+def load_command_config(cls: type[BaseModel], config: str | Path | dict | None = None,
+                        overrides: dict[str, Any] | None = None,
+                        option_names: typing.Callable[[dict], set[str]] | None = None) -> BaseModel:
+    """The one loader of every command: a YAML file (or dict), then --key value overrides (dotted keys set nested
+    sections), each key routed by route_key; option_names(raw values) names the loss options that may be given at
+    the top level (so `--kl_coef 0.1` works for GRPO exactly as `--beta 0.1` for DPO)."""
+    base = dict(load_config_file(config) if isinstance(config, (str, Path)) else (config or {}))
+    overrides = {str(k).replace("-", "_"): v for k, v in (overrides or {}).items()}
+    _check_finite(base)
+    names = option_names({**base, **overrides}) if option_names is not None else set()
+    values: dict[str, Any] = {}
+    for source in (base, overrides):
+        for key, value in source.items():
+            dotted = route_key(key, cls, names) if isinstance(key, str) else key
+            if isinstance(dotted, str) and isinstance(value, dict) and isinstance(values.get(dotted), dict):
+                values[dotted] = {**values[dotted], **value}  # a section given twice: merged, later keys win
+            elif isinstance(dotted, str):
+                set_dotted(values, dotted, value)
+            else:
+                values[dotted] = value
+    return make_config(values, cls)
+
+
+def render_help(cls: type[BaseModel], usage: str, notes: list[str] = ()) -> str:
+    """`alignkit <command> --help`: the usage line, every key (nested sections as dotted keys) with its default
+    and description, then notes."""
+    lines = [usage, "", "keys:"]
+    for name, field in cls.model_fields.items():
+        lines.append(_help_line(name, field))
+        section = _sections(cls).get(name)
+        for sub_name, sub_field in (section.model_fields.items() if section else ()):
+            lines.append(_help_line(f"{name}.{sub_name}", sub_field))
+    return "\n".join([*lines, *(["", *notes] if notes else [])])
+
+
+def _help_line(name: str, field) -> str:
+    if field.is_required():
+        default = "required"
+    else:
+        value = field.get_default(call_default_factory=True)
+        default = type(value).__name__ if isinstance(value, BaseModel) else repr(value)
+    return f"  --{name:<26} {default:<16} {field.description or ''}".rstrip()

@@ -5,6 +5,7 @@ prefix-shared batches; responses are re-tokenised from their text, with EOS appe
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -13,6 +14,7 @@ from alignkit.data.pack import pack, token_budget_batches
 from alignkit.data.tokenize import tokenize_records
 from alignkit.decode.base import eval_mode
 from alignkit.models.logprobs import response_logprobs
+from alignkit.models.lora import adapters_disabled
 
 
 def sequence_logps(model, examples, pad_token_id: int, max_tokens_per_batch: int = 4096,
@@ -28,12 +30,15 @@ def sequence_logps(model, examples, pad_token_id: int, max_tokens_per_batch: int
 
 def sequence_log_ratios(policy, reference, tokenizer, prompts: list, responses: list[str], max_length: int = 1024,
                         max_tokens_per_batch: int = 4096, max_tokens_per_row: int = 1024) -> list[float]:
-    """log pi(y|x) - log pi_ref(y|x) per (prompt, response); both models share the tokenizer."""
+    """log pi(y|x) - log pi_ref(y|x) per (prompt, response); both models share the tokenizer. reference None: the
+    policy's LoRA base (its adapters disabled)."""
     records = [{"prompt": p, "completion": r, "_row": i + 1} for i, (p, r) in enumerate(zip(prompts, responses))]
     examples = tokenize_records(tokenizer, records, "sft", max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     policy_logps = sequence_logps(policy, examples, pad, max_tokens_per_batch, max_tokens_per_row)
-    reference_logps = sequence_logps(reference, examples, pad, max_tokens_per_batch, max_tokens_per_row)
+    with adapters_disabled(policy) if reference is None else contextlib.nullcontext():
+        reference_logps = sequence_logps(reference if reference is not None else policy, examples, pad,
+                                         max_tokens_per_batch, max_tokens_per_row)
     return (policy_logps - reference_logps).tolist()
 
 

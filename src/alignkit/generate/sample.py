@@ -23,6 +23,12 @@ class SamplingConfig:
     seed: int = 0
     stop: tuple[str, ...] = ()  # a sample is cut before the first occurrence of any of these strings
 
+    @classmethod
+    def from_options(cls, options, seed: int) -> SamplingConfig:
+        """From a command's `sampling:` section (config.SamplingOptions) and the seed of this use."""
+        return cls(max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
+                   top_k=options.top_k, batch_size=options.batch_size, seed=seed, stop=options.stop_strings)
+
 
 @dataclass
 class Samples:

@@ -152,3 +152,11 @@ def sft_nll(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor, token_mean
     if token_mean:
         return -chosen_logps * chosen_logps.shape[0] / chosen_lengths.sum().clamp(min=1)
     return -chosen_logps / chosen_lengths.clamp(min=1)
+
+
+def needs(opts) -> frozenset[str]:
+    """What the loop must compute for a loss with these options, as its options class declares in needs():
+    "kl_pairs" (KTO's mismatched completions), "token_kl" / "activations" (a live reference model: SparsePO),
+    "reference" (reference log-probs: online losses with a KL term), "values" (a value head: PPO)."""
+    declared = getattr(opts, "needs", None)
+    return frozenset(declared()) if declared is not None else frozenset()

@@ -117,6 +117,9 @@ class GRPOOptions:
     loss_aggregation: str = "seq-mean-token-mean"
     max_completion_length: int = 0  # const-norm's length; 0: the longest response of the micro-batch
 
+    def needs(self) -> set[str]:  # no KL term, no reference (TRL then loads none)
+        return {"reference"} if self.kl_coef > 0 else set()
+
     def __post_init__(self):
         _check_choice("scale_rewards", self.scale_rewards, ("group", "none"))
         _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS)
@@ -150,6 +153,9 @@ class RLOOOptions:
     kl_coef: float = 0.05  # beta: R_i = r_i - beta * (log pi_old(y_i) - log pi_ref(y_i)), summed over the sequence
     epsilon: float = 0.2  # sequence-level ratio clip (inactive with one update per rollout)
     normalize_advantages: bool = False  # divide by the micro-batch's std after centring (TRL's option)
+
+    def needs(self) -> set[str]:
+        return {"reference"} if self.kl_coef > 0 else set()
 
 
 def rloo_loss(inputs: LossInputs, opts: RLOOOptions) -> LossOutput:
@@ -190,6 +196,9 @@ class PPOOptions:
     reward_clip: float = 10.0  # |normalised score| <= this; 0: no clipping
     whiten_advantages: bool = True  # over the whole rollout (TRL, OpenRLHF); PPO-max whitens per minibatch
     advantage_clip: float = 0.0  # |A| <= this after whitening (MOSS-RLHF code: 0.5); 0: none
+
+    def needs(self) -> set[str]:  # the KL-shaped reward reads the reference; GAE the value head
+        return {"reference", "values"}
 
     def __post_init__(self):
         _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS)

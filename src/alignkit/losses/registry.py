@@ -21,7 +21,7 @@ from alignkit.losses import (
     tokenlevel,
     unpaired,
 )
-from alignkit.losses.base import RunningMean
+from alignkit.losses.base import RunningMean, needs
 from alignkit.losses.dpo import DPOOptions, dpo_loss
 from alignkit.losses.sft import SFTOptions, sft_loss
 
@@ -119,14 +119,12 @@ def get_loss(name: str) -> LossSpec:
 
 def uses_kl_pairs(spec: LossSpec, opts: Any) -> bool:
     """Whether the loop must build mismatched pairs (KTO with its KL estimate on)."""
-    return spec.needs_kl_pairs and getattr(opts, "use_kl_estimate", True)
+    return spec.needs_kl_pairs and "kl_pairs" in needs(opts)
 
 
 def uses_ref_model(spec: LossSpec, opts: Any) -> bool:
     """Whether the options ask for what only a live reference model gives (SparsePO: token KL or activation masks)."""
-    if not spec.needs_ref_model:
-        return False
-    return getattr(opts, "use_token_kl", False) or getattr(opts, "token_weights", "") == "activations"
+    return spec.needs_ref_model and bool(needs(opts) & {"token_kl", "activations"})
 
 
 def build_options(spec: LossSpec, values: dict[str, Any]) -> Any:

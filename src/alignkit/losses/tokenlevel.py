@@ -46,6 +46,10 @@ class SparsePOOptions:
     # code's mapo) or "uniform" (1 on every token: token-level DPO with the KL term)
     token_weights: str = "activations"
 
+    def needs(self) -> set[str]:
+        return {name for name, on in (("token_kl", self.use_token_kl),
+                                      ("activations", self.token_weights == "activations")) if on}
+
     def __post_init__(self) -> None:
         if self.token_weights not in TOKEN_WEIGHTS:
             raise ConfigError("loss_options.token_weights", f"must be one of {', '.join(TOKEN_WEIGHTS)}, "

@@ -39,6 +39,9 @@ class KTOOptions:
     undesirable_weight: float = 1.0  # lambda_U
     use_kl_estimate: bool = True  # False: reference point z0 = 0 (no mismatched pairs needed)
 
+    def needs(self) -> set[str]:
+        return {"kl_pairs"} if self.use_kl_estimate else set()
+
 
 def kto_loss(inputs: LossInputs, opts: KTOOptions) -> LossOutput:
     """Desirable: lambda_D (1 - s(b (r - z0))); undesirable: lambda_U (1 - s(b (z0 - r))).

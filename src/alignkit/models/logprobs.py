@@ -12,6 +12,7 @@ import torch
 
 from alignkit.data.pack import PackedBatch
 from alignkit.models.attention import packed_attention_kwargs, packed_attention_mask
+from alignkit.models.value_head import PolicyWithValueHead
 
 
 @dataclass
@@ -19,6 +20,7 @@ class ResponseLogProbs:
     token_logps: torch.Tensor  # [N] one per response token, in PackedBatch.token_* order
     seq_logps: torch.Tensor  # [B, k] summed over each response's tokens
     lengths: torch.Tensor  # [B, k] token counts
+    values: torch.Tensor | None = None  # [N] a value head's V(s_t) per response token, in the same order
 
     def padded(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs as [B, k, T_max] (0 where masked) and the bool mask."""
@@ -178,7 +180,8 @@ class PackedForward(torch.nn.Module):
 
     def forward(self, batch: PackedBatch, chunk_size: int = 1024):
         out = response_logprobs(self.model, batch, chunk_size)
-        return out.token_logps, out.seq_logps.clone(), out.lengths  # clone: FSDP2 hooks must not see a view
+        # clone: FSDP2 hooks must not see a view
+        return out.token_logps, out.seq_logps.clone(), out.lengths, out.values
 
 
 def _wraps_packed_forward(model) -> bool:
@@ -187,9 +190,12 @@ def _wraps_packed_forward(model) -> bool:
 
 def response_logprobs(model, batch: PackedBatch, chunk_size: int = 1024) -> ResponseLogProbs:
     """Per-token and per-sequence log-probs of every response token in the batch (prompt tokens get none).
-    `model` is a causal LM, a peft model, or a PackedForward (bare, DDP-wrapped or FSDP2-sharded)."""
+    `model` is a causal LM, a peft model, a PolicyWithValueHead (values from the same hidden states), or a
+    PackedForward around one of them (bare, DDP-wrapped or FSDP2-sharded)."""
     if _wraps_packed_forward(model):
         return ResponseLogProbs(*model(batch, chunk_size))
+    value_head = model.value_head if isinstance(model, PolicyWithValueHead) else None
+    model = model.policy if value_head is not None else model
     hidden = packed_hidden_states(model, batch)
     device = hidden.device
     rows, cols = batch.token_rows.to(device), batch.token_pred_positions.to(device)
@@ -200,4 +206,5 @@ def response_logprobs(model, batch: PackedBatch, chunk_size: int = 1024) -> Resp
     seq_logps = torch.zeros(num_seq, dtype=token_logps.dtype, device=device).index_add(
         0, batch.token_seq.to(device), token_logps)
     shape = (batch.num_examples, batch.num_responses)
-    return ResponseLogProbs(token_logps, seq_logps.view(shape), batch.seq_lengths.to(device))
+    values = value_head(selected) if value_head is not None else None
+    return ResponseLogProbs(token_logps, seq_logps.view(shape), batch.seq_lengths.to(device), values)

@@ -1,7 +1,10 @@
-"""Online and iterative alignment: a rollout (sample k responses per prompt with the current policy, score them) and a
-learner (the registered loss on packed log-probs) per round. GRPO, RLOO, PPO, online / iterative DPO (with APO) and
-self-rewarding (with CREAM). See docs/online.md."""
+"""Online and iterative alignment: rounds of rollout (sample k responses per prompt with the current policy, score
+them) -> experience (ONLINE_METHODS' builder) -> the shared optimizer step of train/step.py. GRPO, RLOO, PPO, online /
+iterative DPO (with APO) and self-rewarding (with CREAM). See docs/online.md."""
 
-from alignkit.online.run import METHODS, OnlineConfig, OnlineResult, evaluate_policy, run_online
+from alignkit.online.config import OnlineConfig, online_config
+from alignkit.online.methods import ONLINE_METHODS, OnlineMethod
+from alignkit.online.run import METHODS, OnlineResult, evaluate_policy, run_online
 
-__all__ = ["METHODS", "OnlineConfig", "OnlineResult", "evaluate_policy", "run_online"]
+__all__ = ["METHODS", "ONLINE_METHODS", "OnlineConfig", "OnlineMethod", "OnlineResult", "evaluate_policy",
+           "online_config", "run_online"]

@@ -1,56 +1,173 @@
-"""From a rollout to an Experience the learner trains on: the reference's (and, where more than one update uses the
-rollout, the behaviour policy's) log-probs for GRPO / RLOO / PPO, PPO's advantages, or preference pairs for online
-DPO, with APO's extrapolated reference and CREAM's consistency weights."""
+"""From a rollout to an Experience the shared step trains on: one builder per kind of method (ONLINE_METHODS picks
+it). GRPO / RLOO: the rollout's rewards, the reference's log-probs (only where the loss has a KL term) and the
+behaviour policy's (only where a rollout feeds more than one update); PPO adds advantages, returns and the value
+head's predictions at rollout time; online DPO / self-rewarding: preference pairs of the samples, with APO's
+extrapolated reference and CREAM's consistency weights. All scoring goes through train/reference.score_examples."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
+from alignkit.data.pack import PackedBatch
 from alignkit.data.tokenize import TokenizedExample
+from alignkit.losses import LossInputs
+from alignkit.losses.base import needs
+from alignkit.models.lora import adapters_disabled
+from alignkit.models.token_kl import pad_tokens
 from alignkit.online.advantages import RunningMoments, ppo_advantages
-from alignkit.online.learner import Experience, Learner, pad_flat, split_flat
 from alignkit.online.rollout import Rollout
+from alignkit.online.self_reward import consistency_weights, implicit_reward_agreement
 from alignkit.train.apo import extrapolated_logps
-from alignkit.train.reference import score_examples
+from alignkit.train.reference import Reference, score_examples
 
 
-def reference_scores(model, examples: list[TokenizedExample], learner: Learner):
-    """Summed [n, k] and per-example flat per-token log-probs of `model` (no gradients, eval mode)."""
-    cfg = learner.cfg
-    return score_examples(model, examples, cfg.max_tokens_per_batch, cfg.max_tokens_per_row, learner.pad_token_id,
-                          cfg.precision, cfg.chunk_size)
+@dataclass
+class Experience:
+    """A rollout made ready for a loss: examples (a prompt and its responses), the reference's values (a Reference,
+    as offline) and, by LossInputs field name, what the loss reads of each example: per_response [n, k] (scores,
+    old_logps), per_token (one flat tensor per example over its responses' tokens in packing order, as score_examples
+    returns them: old_token_logps, advantages, returns, old_values) and per_example [n] (consistency)."""
+
+    examples: list[TokenizedExample]
+    reference: Reference | None = None
+    per_response: dict[str, torch.Tensor] = field(default_factory=dict)
+    per_token: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    per_example: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # of the rollout: mean reward, KL, ...
+
+    def fill(self, inputs: LossInputs, batch: PackedBatch) -> None:
+        """Set the batch's rows of every field on `inputs` (compute_losses calls this for online batches)."""
+        idx = batch.example_indices
+        device = inputs.logps.device
+        for name, values in {**self.per_response, **self.per_example}.items():
+            setattr(inputs, name, values[idx].to(device))
+        for name, flat in self.per_token.items():
+            setattr(inputs, name, pad_tokens(torch.cat([flat[i] for i in idx]).to(device), batch))
 
 
-def rl_experience(rollout: Rollout, learner: Learner, reference, method: str, opts,
-                  moments: RunningMoments | None = None) -> Experience:
-    """GRPO / RLOO / PPO: the rollout's rewards as `scores`, the reference's log-probs (unless the loss has no KL
-    term: GRPO / RLOO with kl_coef 0, as TRL then loads no reference), and the behaviour policy's wherever the ratio
-    is not trivially 1 (PPO always: its KL-shaped reward and value clipping read them); PPO adds advantages, returns
-    and the value head's predictions at rollout time."""
+@dataclass
+class Scorer:
+    """Scores examples without gradients, in the learner's batching: the behaviour policy (the module the step
+    trains: with PPO's value head, its values too) and the reference (a frozen model, or, under LoRA, the policy
+    with its adapters disabled)."""
+
+    trained: torch.nn.Module  # the policy, or a PolicyWithValueHead
+    policy: torch.nn.Module
+    cfg: object  # OnlineConfig
+    pad_token_id: int
+
+    def score(self, model, examples: list[TokenizedExample], with_values: bool = False):
+        cfg = self.cfg
+        return score_examples(model, examples, cfg.max_tokens_per_batch, cfg.max_tokens_per_row, self.pad_token_id,
+                              cfg.precision, cfg.chunk_size, with_values)
+
+    def reference(self, model, examples: list[TokenizedExample]):
+        """(seq [n, k], flat token log-probs) of `model`; None: the policy's base (LoRA adapters off)."""
+        if model is not None:
+            return self.score(model, examples)
+        with adapters_disabled(self.policy):
+            return self.score(self.policy, examples)
+
+    def behaviour(self, examples: list[TokenizedExample], with_values: bool = False):
+        return self.score(self.trained, examples, with_values)
+
+
+@dataclass
+class RoundContext:
+    """What an experience builder may read in a round."""
+
+    cfg: object  # OnlineConfig
+    opts: object  # the loss's options
+    scorer: Scorer
+    snapshots: object  # online/run.Snapshots: reference, previous, initial
+    moments: RunningMoments
+    judge_for: Callable | None  # model -> Reward (self-rewarding: the previous iteration's judge)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _scored(rollout: Rollout, round_ctx: RoundContext, behaviour: bool, with_values: bool = False):
+    """Experience with scores, the reference where the loss reads it, the behaviour policy's log-probs if asked."""
     examples = rollout.examples
     experience = Experience(examples, per_response={"scores": rollout.rewards})
-    ref_seq = ref_tokens = None
-    if method == "ppo" or opts.kl_coef > 0:
-        ref_seq, ref_tokens = reference_scores(reference, examples, learner)
-        experience.per_response["ref_logps"] = ref_seq
-        experience.per_token["ref_token_logps"] = ref_tokens
-    if method == "ppo" or learner.cfg.updates_per_rollout > 1:
-        old_seq, old_tokens, old_values = learner.score(examples)
-        experience.per_response["old_logps"] = old_seq
-        experience.per_token["old_token_logps"] = old_tokens
-        if ref_seq is not None:
-            experience.metrics["kl"] = float((old_seq - ref_seq).mean())
-        if method == "ppo":
-            values, mask = pad_flat(old_values, examples)
-            old_logps, _ = pad_flat(old_tokens, examples)
-            ref_logps, _ = pad_flat(ref_tokens, examples)
-            out = ppo_advantages(rollout.rewards, old_logps, ref_logps, values, mask, opts, moments)
-            experience.per_token.update(old_values=old_values, advantages=split_flat(out["advantages"], examples),
-                                        returns=split_flat(out["returns"], examples))
-            experience.metrics["value_mean"] = float(values[mask].mean())
-            experience.metrics["return_mean"] = float(out["returns"][mask].mean())
+    if "reference" in needs(round_ctx.opts):
+        experience.reference = Reference(*round_ctx.scorer.reference(round_ctx.snapshots.reference, examples))
+    if behaviour:
+        old = round_ctx.scorer.behaviour(examples, with_values)
+        experience.per_response["old_logps"] = old[0]
+        experience.per_token["old_token_logps"] = old[1]
+        if experience.reference is not None:
+            experience.metrics["kl"] = float((old[0] - experience.reference.seq_logps).mean())
+        if with_values:
+            experience.per_token["old_values"] = old[2]
+    return experience
+
+
+def rl_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
+    """GRPO / RLOO: behaviour log-probs only where a rollout feeds several updates (else the ratio is 1 and the
+    policy's own detached log-probs stand in, as TRL does)."""
+    return _scored(rollout, round_ctx, behaviour=round_ctx.cfg.updates_per_round > 1)
+
+
+def ppo_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
+    """PPO: behaviour log-probs and values always (the KL-shaped reward and value clipping read them), then GAE."""
+    experience = _scored(rollout, round_ctx, behaviour=True, with_values=True)
+    examples = experience.examples
+    values, mask = pad_flat(experience.per_token["old_values"], examples)
+    old_logps, _ = pad_flat(experience.per_token["old_token_logps"], examples)
+    ref_logps, _ = pad_flat(experience.reference.token_logps, examples)
+    out = ppo_advantages(rollout.rewards, old_logps, ref_logps, values, mask, round_ctx.opts, round_ctx.moments)
+    experience.per_token.update(advantages=split_flat(out["advantages"], examples),
+                                returns=split_flat(out["returns"], examples))
+    experience.metrics["value_mean"] = float(values[mask].mean())
+    experience.metrics["return_mean"] = float(out["returns"][mask].mean())
+    return experience
+
+
+def pair_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
+    """Online DPO / self-rewarding: (chosen, rejected) pairs of the rollout's samples for a pairwise loss, the
+    reference's log-probs scored once per rollout, APO's extrapolated reference (arXiv 2410.06293: with apo_alpha > 0,
+    log pi_ref <- (1 + a) log pi_t - a log pi_{t-1}, whose normaliser cancels in every pairwise loss), CREAM's
+    consistency weights from the previous iteration's judge, and the implicit reward's agreement with the judge."""
+    cfg, snapshots, metrics = round_ctx.cfg, round_ctx.snapshots, round_ctx.metrics
+    triples = preference_pairs(rollout.rewards, cfg.pairs)
+    ref_seq, _ = round_ctx.scorer.reference(snapshots.reference, rollout.examples)
+    previous = snapshots.last
+    previous_seq = round_ctx.scorer.reference(previous, rollout.examples)[0] if previous is not None else None
+    consistency = None
+    if cfg.consistency != "none" and previous is not None:
+        flat_prompts = [p for p, group in zip(rollout.prompts, rollout.texts) for _ in group]
+        flat_texts = [t for group in rollout.texts for t in group]
+        earlier = torch.tensor(round_ctx.judge_for(previous)(flat_prompts, flat_texts), dtype=torch.float32)
+        consistency = consistency_weights(rollout.rewards, earlier.view_as(rollout.rewards), cfg.consistency)
+        metrics["consistency"] = float(consistency.mean())
+    if previous_seq is not None and round_ctx.judge_for is not None:
+        # The implicit reward of the policy at this round's start (the reference) against its own reference.
+        metrics["implicit_judge_agreement"] = implicit_reward_agreement(ref_seq - previous_seq, triples)
+    metrics["pairs"] = len(triples)
+    return pairs_of(rollout, triples, ref_seq, previous_seq, cfg.apo_alpha, consistency)
+
+
+def pairs_of(rollout: Rollout, triples: list[tuple[int, int, int]], ref_seq: torch.Tensor,
+             previous_ref_seq: torch.Tensor | None = None, apo_alpha: float = 0.0,
+             consistency: torch.Tensor | None = None) -> Experience:
+    """The Experience of (prompt, chosen, rejected) triples; ref_seq [B, k]: the reference's log-probs of every
+    sample; consistency [B]: CREAM's per-prompt weight, carried to the loss."""
+    if apo_alpha > 0 and previous_ref_seq is not None:
+        ref_seq = extrapolated_logps(ref_seq, previous_ref_seq, apo_alpha)
+    examples = [TokenizedExample(rollout.examples[b].prompt_ids,
+                                 [rollout.examples[b].response_ids[i], rollout.examples[b].response_ids[j]])
+                for b, i, j in triples]
+    prompt_idx = torch.tensor([b for b, _, _ in triples], dtype=torch.long)
+    chosen = torch.tensor([i for _, i, _ in triples], dtype=torch.long)
+    rejected = torch.tensor([j for _, _, j in triples], dtype=torch.long)
+    pair_ref = torch.stack([ref_seq[prompt_idx, chosen], ref_seq[prompt_idx, rejected]], 1)
+    experience = Experience(examples, Reference(pair_ref, [torch.empty(0)] * len(examples)))
+    if consistency is not None:
+        experience.per_example["consistency"] = consistency[prompt_idx]
     return experience
 
 
@@ -72,24 +189,22 @@ def preference_pairs(rewards: torch.Tensor, mode: str = "best-worst") -> list[tu
     return triples
 
 
-def pair_experience(rollout: Rollout, triples: list[tuple[int, int, int]], ref_seq: torch.Tensor,
-                    previous_ref_seq: torch.Tensor | None = None, apo_alpha: float = 0.0,
-                    consistency: torch.Tensor | None = None) -> Experience:
-    """Pairs (chosen, rejected) of the rollout's samples for a pairwise loss (dpo, cream, ...). ref_seq [B, k]: the
-    reference's summed log-probs of every sample, scored once per rollout. APO (arXiv 2410.06293): with apo_alpha > 0
-    the reference is extrapolated from the previous round's, log pi_ref <- (1 + a) log pi_t - a log pi_{t-1}
-    (train/apo.py's extrapolated_logps: the paper's form, whose normaliser cancels in every pairwise loss).
-    consistency [B]: CREAM's per-prompt weight, carried to the loss."""
-    if apo_alpha > 0 and previous_ref_seq is not None:
-        ref_seq = extrapolated_logps(ref_seq, previous_ref_seq, apo_alpha)
-    examples = [TokenizedExample(rollout.examples[b].prompt_ids,
-                                 [rollout.examples[b].response_ids[i], rollout.examples[b].response_ids[j]])
-                for b, i, j in triples]
-    prompt_idx = torch.tensor([b for b, _, _ in triples], dtype=torch.long)
-    chosen = torch.tensor([i for _, i, _ in triples], dtype=torch.long)
-    rejected = torch.tensor([j for _, _, j in triples], dtype=torch.long)
-    experience = Experience(examples, per_response={
-        "ref_logps": torch.stack([ref_seq[prompt_idx, chosen], ref_seq[prompt_idx, rejected]], 1)})
-    if consistency is not None:
-        experience.per_example["consistency"] = consistency[prompt_idx]
-    return experience
+def split_flat(values: torch.Tensor, examples: list[TokenizedExample]) -> list[torch.Tensor]:
+    """A [B, k, T] tensor back to one flat tensor per example (its responses' tokens in order), the Experience form."""
+    out = []
+    for b, example in enumerate(examples):
+        out.append(torch.cat([values[b, i, :n] for i, n in enumerate(example.trained_lengths)]))
+    return out
+
+
+def pad_flat(flat: list[torch.Tensor], examples: list[TokenizedExample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One flat tensor per example -> ([B, k, T] zero-padded, bool mask): the inverse of split_flat."""
+    lengths = [e.trained_lengths for e in examples]
+    k, T = len(lengths[0]), max(max(row) for row in lengths)
+    values = torch.zeros(len(examples), k, T)
+    mask = torch.zeros(len(examples), k, T, dtype=torch.bool)
+    for b, (row, counts) in enumerate(zip(flat, lengths)):
+        for i, part in enumerate(torch.split(row, counts)):
+            values[b, i, :len(part)] = part
+            mask[b, i, :len(part)] = True
+    return values, mask

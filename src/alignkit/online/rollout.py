@@ -34,6 +34,15 @@ class Rollout:
         return sum(len(group) for group in self.texts)
 
 
+def join_rollouts(parts: list[Rollout]) -> Rollout:
+    """Several ranks' rollouts (in rank order) as one: the round's prompts in their order; the seconds are the
+    slowest rank's (they ran side by side)."""
+    return Rollout([p for r in parts for p in r.prompts], [t for r in parts for t in r.texts],
+                   [e for r in parts for e in r.examples], torch.cat([r.rewards for r in parts]),
+                   torch.cat([r.finished for r in parts]), sum(r.generated_tokens for r in parts),
+                   max(r.generate_seconds for r in parts), max(r.reward_seconds for r in parts))
+
+
 def response_ids(tokenizer, prompt, text: str, finished: bool, max_length: int) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) of one sample, tokenised as training does (plain prompts: the text + EOS; chats: the
     template's assistant turn). A sample cut at max_new_tokens keeps no EOS: the policy never produced one."""

@@ -1,11 +1,13 @@
-"""`alignkit online --method grpo|rloo|ppo|online-dpo|self-reward`: rounds of rollout -> experience -> learner.
+"""`alignkit online --method grpo|rloo|ppo|online-dpo|self-reward`: rounds of rollout -> experience -> the shared step.
 
-Each round samples k responses for a batch of prompts with the current policy (rollout.py), scores them with the
-reward (or, self-reward, with the policy as judge), turns them into an Experience (experience.py) and runs the learner
-(learner.py) with the method's registered loss. The reference is a frozen copy of the starting policy, or of the
-policy at the start of every ref_update_every-th round. Writes metrics.jsonl (one line per round, with the time split
-between rollout, scoring and learner), final/ (HF format; PPO adds value_head.pt) and summary.json (reward of the
-starting and final policy on held-out prompts, and the final policy's KL to the starting one)."""
+Each round samples k responses for a batch of prompts with the current policy (rollout.py; under torchrun each rank
+samples its share of the prompts and the ranks exchange the results), scores them with the reward (or, self-reward,
+with the policy as judge), turns them into an Experience with the method's builder (ONLINE_METHODS) and trains on it
+with train/step.py's Stepper, the same optimizer step offline training uses. The reference is a frozen copy of the
+starting policy (under LoRA: the policy with its adapters off), or of the policy at the start of every
+ref_update_every-th round. Checkpoints every save_every rounds resume exactly. Writes metrics.jsonl and rollouts.jsonl
+(one line per round), final/ (HF format; PPO adds value_head.safetensors) and summary.json (reward of the starting
+and final policy on held-out prompts, and the final policy's KL to the starting one)."""
 
 from __future__ import annotations
 
@@ -14,94 +16,44 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_model, save_model
 
-from alignkit.config import load_config_file, make_config
 from alignkit.errors import ConfigError
 from alignkit.generate.sample import SamplingConfig, sample
-from alignkit.losses import build_options, get_loss
+from alignkit.models.value_head import PolicyWithValueHead
 from alignkit.online.advantages import RunningMoments
-from alignkit.online.experience import pair_experience, preference_pairs, reference_scores, rl_experience
-from alignkit.online.learner import Learner, LearnerConfig, ValueHead
-from alignkit.online.rollout import generate_rollout
-from alignkit.online.self_reward import LLMJudge, consistency_weights, implicit_reward_agreement
+from alignkit.online.config import OnlineConfig, command_help, method_loss, online_config
+from alignkit.online.experience import RoundContext, Scorer
+from alignkit.online.methods import ONLINE_METHODS
+from alignkit.online.rollout import Rollout, generate_rollout, join_rollouts
+from alignkit.online.self_reward import LLMJudge
+from alignkit.train.checkpoint import (
+    check_resume,
+    load_latest_checkpoint,
+    remove_partial_saves,
+    restore_training_state,
+    save_from_ranks,
+)
+from alignkit.train.distributed import gather_objects, init_distributed, shutdown, split_for_ranks, wrap_model
 from alignkit.train.logging import MetricsLog
-from alignkit.train.loop import save_final, set_seed
+from alignkit.train.loop import (
+    _truncate_metrics,
+    compute_losses,
+    mean_trained_lengths,
+    save_final,
+    set_seed,
+)
+from alignkit.train.step import Stepper, prepare_model
 
 log = logging.getLogger("alignkit.online")
 
-METHODS = ("grpo", "rloo", "ppo", "online-dpo", "self-reward")
-PAIRWISE = ("online-dpo", "self-reward")
-
-
-class OnlineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    method: Literal["grpo", "rloo", "ppo", "online-dpo", "self-reward"]
-    model: str = Field(description="the starting policy (usually SFT'd): alias, HF hub id or local directory")
-    prompts: str = Field(description="prompts JSONL (a `prompt` per row), cycled through in seeded order")
-    eval_prompts: str | None = Field(None, description="held-out prompts for summary.json (default: 64 of prompts)")
-    reward: str = Field("synthetic", description="reward spec (rewards/spec.py); self-reward reports it only")
-    output_dir: str = "runs/online"
-    rounds: int = Field(20, gt=0, description="rollout + learner iterations")
-    prompts_per_round: int = Field(16, gt=0)
-    num_samples: int = Field(4, ge=2, description="samples per prompt (k; GRPO's G)")
-    # Sampling (temperature 1, no top-p / top-k: the log-probs trained are of the untempered policy).
-    max_new_tokens: int = Field(64, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    generation_batch_size: int = Field(16, gt=0, description="prompts per generate call")
-    stop: list[str] = Field(default_factory=list)
-    max_length: int = Field(1024, gt=1, description="max tokens of prompt + response when tokenising samples")
-    missing_eos_penalty: float | None = Field(None, description="subtracted from the reward of samples cut short")
-    # Learner.
-    learning_rate: float = Field(1e-6, gt=0)
-    value_learning_rate: float | None = Field(None, gt=0, description="ppo: the value head's (default learning_rate)")
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    epochs: int = Field(1, gt=0, description="passes over each rollout (PPO epochs / GRPO iterations)")
-    minibatches: int = Field(1, gt=0, description="optimizer steps per pass")
-    max_tokens_per_batch: int = Field(4096, gt=0)
-    max_tokens_per_row: int | None = Field(None, gt=0, description="default: the longest example of a micro-batch")
-    chunk_size: int = Field(1024, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    loss: str | None = Field(None, description="online-dpo / self-reward: the pairwise loss (dpo; cream with consistency)")
-    loss_options: dict[str, Any] = Field(default_factory=dict, description="options of the method's loss")
-    # Reference and pairs.
-    pairs: Literal["best-worst", "all"] = Field("best-worst", description="online-dpo / self-reward pairs per prompt")
-    ref_update_every: int | None = Field(None, ge=0, description="rounds between reference <- policy; 0: never "
-                                         "(default: 1 for self-reward, else 0)")
-    apo_alpha: float = Field(0.0, ge=0, description="APO momentum: reference extrapolated from the previous round's")
-    # Self-reward.
-    judge: str = Field("self", description="self: the policy judges (LLM-as-judge prompt); else a reward spec")
-    judge_samples: int = Field(3, gt=0, description="judgements averaged per sample")
-    judge_max_new_tokens: int = Field(128, gt=0)
-    consistency: Literal["none", "kendall", "toporder"] = Field("none", description="CREAM weights (loss cream)")
-    # Report.
-    eval_samples: int = Field(4, gt=0, description="samples per held-out prompt for summary.json")
-    seed: int = 0
-    progress: bool = True
-
-    def sampling(self, seed: int) -> SamplingConfig:
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, batch_size=self.generation_batch_size, seed=seed, stop=tuple(self.stop))
-
-    def learner(self) -> LearnerConfig:
-        return LearnerConfig(self.learning_rate, self.value_learning_rate, self.weight_decay, self.max_grad_norm,
-                             self.epochs, self.minibatches, self.max_tokens_per_batch, self.max_tokens_per_row,
-                             self.chunk_size, self.precision, self.seed)
-
-    @property
-    def reference_every(self) -> int:
-        if self.ref_update_every is not None:
-            return self.ref_update_every
-        return 1 if self.method == "self-reward" else 0
+METHODS = tuple(ONLINE_METHODS)
+VALUE_HEAD_FILE, REFERENCE_FILE, PREVIOUS_FILE = "value_head.safetensors", "reference.safetensors", "previous.safetensors"
 
 
 @dataclass
@@ -114,29 +66,6 @@ class OnlineResult:
     value_head: torch.nn.Module | None = None
 
 
-def method_loss(cfg: OnlineConfig):
-    """(LossSpec, options) of the method: grpo / rloo / ppo train with their own loss; online-dpo and self-reward with
-    a pairwise loss on sequence log-probs (default dpo, cream when consistency weights are on)."""
-    if cfg.method in PAIRWISE:
-        name = cfg.loss or ("cream" if cfg.consistency != "none" else "dpo")
-        spec = get_loss(name)
-        if spec.data_shape != "pairs" or spec.output != "logps" or spec.needs_token_logps:
-            raise ConfigError("loss", f"{cfg.method} trains with a pairwise loss on sequence log-probs (dpo, ipo, cream, "
-                              f"...), not '{name}'")
-        if cfg.consistency != "none" and name != "cream":
-            raise ConfigError("consistency", f"consistency weights are read by the cream loss only, not '{name}'")
-    else:
-        name = cfg.method
-        if cfg.loss not in (None, name):
-            raise ConfigError("loss", f"method {cfg.method} trains with its own loss '{name}'; leave loss unset")
-        spec = get_loss(name)
-    if (cfg.apo_alpha > 0 or cfg.consistency != "none") and cfg.reference_every == 0:
-        raise ConfigError("ref_update_every", "apo_alpha and consistency compare consecutive rounds' models: set >= 1")
-    if cfg.method != "self-reward" and cfg.consistency != "none":
-        raise ConfigError("consistency", "CREAM consistency applies to method self-reward")
-    return spec, build_options(spec, cfg.loss_options)
-
-
 def frozen_copy(model):
     copied = copy.deepcopy(model).eval()
     copied.requires_grad_(False)
@@ -144,9 +73,9 @@ def frozen_copy(model):
 
 
 def evaluate_policy(model, tokenizer, prompts: list, reward, sampling: SamplingConfig, num_samples: int,
-                    reference=None, max_length: int = 1024) -> dict:
-    """Mean reward of num_samples samples per prompt and, given a reference, the KL estimate mean_y log pi(y)/pi_ref(y)
-    on those samples (eval/kl.py: unbiased at temperature 1)."""
+                    reference=None, max_length: int = 1024, kl: bool = False) -> dict:
+    """Mean reward of num_samples samples per prompt and, with kl, the KL estimate mean_y log pi(y)/pi_ref(y) on
+    those samples (eval/kl.py: unbiased at temperature 1; reference None: the model's LoRA base)."""
     from alignkit.eval.kl import kl_summary, sequence_log_ratios
 
     texts = sample(model, tokenizer, prompts, sampling, num_samples)
@@ -154,17 +83,18 @@ def evaluate_policy(model, tokenizer, prompts: list, reward, sampling: SamplingC
     flat_texts = [t for group in texts for t in group]
     rewards = reward(flat_prompts, flat_texts)
     result = {"reward": sum(rewards) / len(rewards), "samples": len(rewards)}
-    if reference is not None:
+    if kl:
         summary = kl_summary(sequence_log_ratios(model, reference, tokenizer, flat_prompts, flat_texts, max_length))
         result.update(kl=summary["kl"], kl_sem=summary["kl_sem"])
     return result
 
 
-class _Snapshots:
-    """The reference (and the previous round's reference, for APO and CREAM) as frozen copies of the policy."""
+class Snapshots:
+    """The reference (and the previous round's reference, for APO and CREAM) as frozen copies of the policy; under
+    LoRA none (the reference is the base: adapters off). `initial` is the starting policy, for the summary's KL."""
 
-    def __init__(self, model, every: int, keep_previous: bool):
-        self.reference = frozen_copy(model)
+    def __init__(self, model, every: int, keep_previous: bool, lora: bool):
+        self.reference = None if lora else frozen_copy(model)
         self.initial = frozen_copy(model) if every else self.reference
         self.previous = frozen_copy(model) if every and keep_previous else None
         self.every, self.has_previous = every, False
@@ -182,14 +112,39 @@ class _Snapshots:
         """The previous round's reference, once there is one."""
         return self.previous if self.has_previous else None
 
+    def checkpoint_models(self) -> dict:
+        """Moving references are saved with a checkpoint (a fixed one is the starting model, rebuilt on resume)."""
+        if not self.every:
+            return {}
+        return {REFERENCE_FILE: self.reference, **({PREVIOUS_FILE: self.previous} if self.previous is not None else {})}
+
+    def restore(self, path: Path, has_previous: bool) -> None:
+        for name, module in self.checkpoint_models().items():
+            load_model(module, str(path / name))
+        self.has_previous = has_previous
+
 
 def run_online(cfg: OnlineConfig, model=None, tokenizer=None, *, prompts: list | None = None,
                eval_prompts: list | None = None, reward=None, judge=None) -> OnlineResult:
     """Run cfg.rounds rounds. model/tokenizer: the starting policy (default: load cfg.model); prompts / eval_prompts:
     lists (default: read cfg.prompts / cfg.eval_prompts); reward: a Reward (default: cfg.reward); judge (self-reward):
-    a Reward, or a function model -> Reward, standing in for the LLM judge (default: cfg.judge)."""
+    a Reward, or a function model -> Reward, standing in for the LLM judge (default: cfg.judge). Under torchrun every
+    rank runs this; the result equals one process on the same rollouts."""
+    ctx = init_distributed()
+    try:
+        return _run(cfg, model, tokenizer, prompts, eval_prompts, reward, judge, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, judge, ctx) -> OnlineResult:
     set_seed(cfg.seed)
+    method = ONLINE_METHODS[cfg.method]
     spec, opts = method_loss(cfg)
+    if ctx.enabled and (cfg.distributed == "fsdp" or cfg.prompts_per_round % ctx.world_size):
+        raise ConfigError("distributed" if cfg.distributed == "fsdp" else "prompts_per_round",
+                          "online runs ddp (every rank samples with whole weights), with prompts_per_round a multiple "
+                          f"of the {ctx.world_size} processes")
     prompts = prompts if prompts is not None else _read_prompts(cfg.prompts)
     if eval_prompts is None:
         eval_prompts = _read_prompts(cfg.eval_prompts) if cfg.eval_prompts else random.Random(cfg.seed).sample(
@@ -202,57 +157,87 @@ def run_online(cfg: OnlineConfig, model=None, tokenizer=None, *, prompts: list |
         from alignkit.models.resolve import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(cfg.model)
-    judge_for = _judge_factory(cfg, tokenizer, judge) if cfg.method == "self-reward" else None
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    value_head = ValueHead(model.get_output_embeddings().weight.shape[1]) if cfg.method == "ppo" else None
-    learner = Learner(model, cfg.learner(), pad_id, value_head)
-    snapshots = _Snapshots(model, cfg.reference_every, keep_previous=cfg.apo_alpha > 0 or cfg.method == "self-reward")
-    moments = RunningMoments()
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
-    eval_sampling = cfg.sampling(cfg.seed + 999_983)
-    before = evaluate_policy(model, tokenizer, eval_prompts, reward, eval_sampling, cfg.eval_samples)
+    check_resume(out_dir, cfg)  # before anything is written
+    judge_for = _judge_factory(cfg, tokenizer, judge) if method.self_judge else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if ctx.device is not None:
+        model.to(ctx.device)  # before the reference copies are made
+    snapshots = Snapshots(model, cfg.reference_every, cfg.apo_alpha > 0 or method.self_judge, cfg.lora is not None)
+    policy = prepare_model(model, cfg, ctx)  # device, attention, gradient checkpointing, LoRA
+    trained = PolicyWithValueHead(policy) if method.value_head else policy
+    train_model = wrap_model(trained, cfg.distributed, ctx, lora=cfg.lora is not None)
+    groups = trained.parameter_groups(cfg.value_learning_rate) if method.value_head else None
+    stepper = Stepper.build(train_model, cfg, ctx, cfg.rounds * cfg.updates_per_round, groups)
+    moments = RunningMoments()
+    if ctx.is_main:
+        remove_partial_saves(out_dir)
+    resumed = load_latest_checkpoint(out_dir, policy)
+    start, stepper.skipped = restore_training_state(resumed, policy, stepper.optimizer, stepper.scheduler,
+                                                    train_model, ctx)
+    eval_sampling = SamplingConfig.from_options(cfg.sampling, cfg.seed + 999_983)
+    if resumed is not None:
+        state = resumed.state
+        stepper.steps_done, moments = state["steps_done"], RunningMoments(**state["moments"])
+        if method.value_head:
+            load_model(trained.value_head, str(resumed.path / VALUE_HEAD_FILE))
+        snapshots.restore(resumed.path, state["has_previous"])
+        before = state["before"]
+    else:
+        before = evaluate_policy(policy, tokenizer, eval_prompts, reward, eval_sampling, cfg.eval_samples)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+        for name in ("metrics.jsonl", "rollouts.jsonl"):
+            _truncate_metrics(out_dir, start, name)
     order = _prompt_order(len(prompts), cfg.rounds * cfg.prompts_per_round, cfg.seed)
-    logger = MetricsLog(out_dir, cfg.rounds, 0, cfg.progress)
+    scorer = Scorer(trained, policy, cfg, pad_id)
+    logger = MetricsLog(out_dir, cfg.rounds, start, cfg.progress) if ctx.is_main else None
     rows = []
     try:
-        for round_index in range(cfg.rounds):
-            snapshots.start_round(round_index, model)
+        for round_index in range(start, cfg.rounds):
+            snapshots.start_round(round_index, policy)
             batch = order[round_index * cfg.prompts_per_round:(round_index + 1) * cfg.prompts_per_round]
-            row = _round(cfg, spec, opts, model, tokenizer, [prompts[i] for i in batch], reward, judge_for, learner,
-                         snapshots, moments, round_index)
+            round_ctx = RoundContext(cfg, opts, scorer, snapshots, moments, judge_for)
+            row, rollout = _round(cfg, spec, opts, method, stepper, policy, tokenizer, [prompts[i] for i in batch],
+                                  reward, round_ctx, round_index, pad_id)
             rows.append(row)
-            logger.write(round_index + 1, row)
+            if logger is not None:
+                logger.write(round_index + 1, row)
+                _append_rollouts(out_dir, round_index + 1, rollout)
+            done = round_index + 1
+            if done < cfg.rounds and cfg.save_every and done % cfg.save_every == 0:
+                extra = {**snapshots.checkpoint_models(), **({VALUE_HEAD_FILE: trained.value_head}
+                                                             if method.value_head else {})}
+                state = {"skipped_steps": stepper.skipped, "steps_done": stepper.steps_done, "before": before,
+                         "moments": asdict(moments), "has_previous": snapshots.has_previous}
+                save_from_ranks(out_dir, done, policy, tokenizer, stepper.optimizer, stepper.scheduler, train_model,
+                                ctx, state, cfg.keep_last, extra)
     finally:
-        logger.close()
-    after = evaluate_policy(model, tokenizer, eval_prompts, reward, eval_sampling, cfg.eval_samples, snapshots.initial,
-                            cfg.max_length)
+        if logger is not None:
+            logger.close()
+    after = evaluate_policy(policy, tokenizer, eval_prompts, reward, eval_sampling, cfg.eval_samples,
+                            snapshots.initial, cfg.max_length, kl=True)
     summary = _summary(cfg, before, after, rows)
-    save_final(model, tokenizer, out_dir / "final")
-    if value_head is not None:
-        torch.save(value_head.state_dict(), out_dir / "final" / "value_head.pt")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return OnlineResult(model, tokenizer, summary, rows, out_dir, value_head)
+    if ctx.is_main:
+        save_final(policy, tokenizer, out_dir / "final")
+        if method.value_head:
+            save_model(trained.value_head, str(out_dir / "final" / VALUE_HEAD_FILE))
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return OnlineResult(policy, tokenizer, summary, rows, out_dir, trained.value_head if method.value_head else None)
 
 
-def _round(cfg: OnlineConfig, spec, opts, model, tokenizer, prompts: list, reward, judge_for, learner: Learner,
-           snapshots: _Snapshots, moments: RunningMoments, round_index: int) -> dict:
-    """One rollout -> experience -> learner round; its metrics, with the seconds each part took."""
-    sampling = cfg.sampling(cfg.seed + 10_007 * (round_index + 1))
+def _round(cfg: OnlineConfig, spec, opts, method, stepper: Stepper, policy, tokenizer, prompts: list, reward,
+           round_ctx: RoundContext, round_index: int, pad_id: int) -> tuple[dict, Rollout]:
+    """One rollout -> experience -> shared-step round; its metrics, with the seconds each part took."""
     cpu = time.process_time()
-    rollout_reward = judge_for(model) if judge_for is not None else reward
-    rollout = generate_rollout(model, tokenizer, prompts, rollout_reward, cfg.num_samples, sampling, cfg.max_length,
-                               cfg.missing_eos_penalty)
+    rollout = _sharded_rollout(cfg, policy, tokenizer, prompts, reward, round_ctx, round_index, stepper.ctx)
     tic = time.perf_counter()
-    metrics: dict[str, float] = {}
-    if cfg.method in PAIRWISE:
-        experience = _pair_round(cfg, rollout, learner, snapshots, judge_for, metrics)
-    else:
-        experience = rl_experience(rollout, learner, snapshots.reference, cfg.method, opts, moments)
+    experience = method.experience(rollout, round_ctx)
     scored = time.perf_counter()
+    metrics = dict(round_ctx.metrics)
     if experience.examples:
-        metrics.update(learner.update(experience, spec, opts))
+        metrics.update(_learn(cfg, spec, opts, stepper, experience, round_index, pad_id))
     learned = time.perf_counter()
     rewards = rollout.rewards[~rollout.rewards.isnan()]
     total = rollout.generate_seconds + rollout.reward_seconds + (learned - tic)
@@ -262,30 +247,64 @@ def _round(cfg: OnlineConfig, spec, opts, model, tokenizer, prompts: list, rewar
         "examples": len(experience.examples), "generated_tokens": rollout.generated_tokens,
         "time/generate_s": rollout.generate_seconds, "time/reward_s": rollout.reward_seconds,
         "time/score_s": scored - tic, "time/learner_s": learned - scored, "time/cpu_s": time.process_time() - cpu,
-        "samples_per_s": rollout.num_samples / total,
-        **metrics,
-    }
+        "samples_per_s": rollout.num_samples / total, **metrics,
+    }, rollout
 
 
-def _pair_round(cfg: OnlineConfig, rollout, learner: Learner, snapshots: _Snapshots, judge_for, metrics: dict):
-    """Online DPO / self-reward: pairs of the rollout's samples, the reference's log-probs (APO-extrapolated if set),
-    CREAM weights from the previous round's judge, and the implicit reward's agreement with the judge."""
-    triples = preference_pairs(rollout.rewards, cfg.pairs)
-    ref_seq, _ = reference_scores(snapshots.reference, rollout.examples, learner)
-    previous = snapshots.last
-    previous_seq = reference_scores(previous, rollout.examples, learner)[0] if previous is not None else None
-    consistency = None
-    if cfg.consistency != "none" and previous is not None:
-        flat_prompts = [p for p, group in zip(rollout.prompts, rollout.texts) for _ in group]
-        flat_texts = [t for group in rollout.texts for t in group]
-        earlier = torch.tensor(judge_for(previous)(flat_prompts, flat_texts), dtype=torch.float32)
-        consistency = consistency_weights(rollout.rewards, earlier.view_as(rollout.rewards), cfg.consistency)
-        metrics["consistency"] = float(consistency.mean())
-    if previous_seq is not None and cfg.method == "self-reward":
-        # The implicit reward of the policy at this round's start (the reference) against its own reference.
-        metrics["implicit_judge_agreement"] = implicit_reward_agreement(ref_seq - previous_seq, triples)
-    metrics["pairs"] = len(triples)
-    return pair_experience(rollout, triples, ref_seq, previous_seq, cfg.apo_alpha, consistency)
+def _sharded_rollout(cfg: OnlineConfig, policy, tokenizer, prompts: list, reward, round_ctx: RoundContext,
+                     round_index: int, ctx) -> Rollout:
+    """This rank's contiguous share of the prompts, sampled and scored, then every rank's shares joined in order.
+    Each generate call is seeded by its first prompt's place in the round, so the samples are those one process
+    draws (when the share is a multiple of sampling.batch_size)."""
+    share = len(prompts) // ctx.world_size
+    first = ctx.rank * share
+    sampling = SamplingConfig.from_options(cfg.sampling, cfg.seed + 10_007 * (round_index + 1) + first)
+    rollout_reward = round_ctx.judge_for(policy) if round_ctx.judge_for is not None else reward
+    local = generate_rollout(policy, tokenizer, prompts[first:first + share], rollout_reward, cfg.num_samples,
+                             sampling, cfg.max_length, cfg.missing_eos_penalty)
+    return join_rollouts(gather_objects(local, ctx)) if ctx.enabled else local
+
+
+def _learn(cfg: OnlineConfig, spec, opts, stepper: Stepper, experience, round_index: int, pad_id: int) -> dict:
+    """cfg.epochs passes over the experience, each in cfg.minibatches optimizer steps of the shared step (examples
+    shuffled, seeded by the round); a minibatch over max_tokens_per_batch accumulates over micro-batches, which are
+    shared out over the ranks. Returns the loss metrics averaged over the round's steps."""
+    from alignkit.data.pack import pack, token_budget_batches
+
+    examples, ctx = experience.examples, stepper.ctx
+    rng = random.Random(cfg.seed * 1_000_003 + round_index)
+    totals: dict[str, float] = {}
+    steps = 0
+    stepper.train_model.train()
+    for _ in range(cfg.epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for part in (order[i::cfg.minibatches] for i in range(cfg.minibatches)):
+            if not part:
+                continue
+            step_lengths = mean_trained_lengths(examples, part)
+            micro = [[part[j] for j in mb] for mb in token_budget_batches([examples[i] for i in part],
+                                                                          cfg.max_tokens_per_batch, 0, shuffle=False)]
+            local = split_for_ranks(micro, ctx.world_size, stepper.steps_done)[ctx.rank]
+
+            def forward(indices, step_lengths=step_lengths):
+                batch = pack([examples[i] for i in indices], indices, cfg.max_tokens_per_row, pad_id)
+                losses, metrics = compute_losses(stepper.train_model, batch, examples, spec, opts,
+                                                 experience.reference, cfg, step_lengths, experience=experience)
+                return losses, metrics, batch.num_tokens
+
+            for key, value in stepper.step(local, len(part), forward).items():
+                totals[key] = totals.get(key, 0.0) + value
+            steps += 1
+    averaged = {key: value / steps for key, value in totals.items() if key not in ("examples", "skipped_steps")}
+    return {**averaged, "updates": steps, "skipped_steps": stepper.skipped}
+
+
+def _append_rollouts(out_dir: Path, round_number: int, rollout: Rollout) -> None:
+    """rollouts.jsonl: each round's prompts, sampled texts and rewards (what was trained on, for reading back)."""
+    with (out_dir / "rollouts.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": round_number, "prompts": rollout.prompts, "texts": rollout.texts,
+                            "rewards": rollout.rewards.tolist()}) + "\n")
 
 
 def _judge_factory(cfg: OnlineConfig, tokenizer, judge):
@@ -298,7 +317,7 @@ def _judge_factory(cfg: OnlineConfig, tokenizer, judge):
         fixed = load_reward(cfg.judge, key="judge")
         return lambda model: fixed
     sampling = SamplingConfig(max_new_tokens=cfg.judge_max_new_tokens, temperature=0.7, top_p=0.9,
-                              batch_size=cfg.generation_batch_size, seed=cfg.seed)
+                              batch_size=cfg.sampling.batch_size, seed=cfg.seed)
     return lambda model: LLMJudge(model=model, tokenizer=tokenizer, sampling=sampling, num_judgements=cfg.judge_samples)
 
 
@@ -323,7 +342,7 @@ def _summary(cfg: OnlineConfig, before: dict, after: dict, rows: list[dict]) -> 
         return sum(r.get(key, 0.0) for r in rows)
 
     seconds = total("time/generate_s") + total("time/reward_s") + total("time/score_s") + total("time/learner_s")
-    samples = cfg.rounds * cfg.prompts_per_round * cfg.num_samples
+    samples = len(rows) * cfg.prompts_per_round * cfg.num_samples
     return {
         "method": cfg.method, "rounds": cfg.rounds, "samples": samples,
         "reward_start": before["reward"], "reward_final": after["reward"], "reward_gain": after["reward"] - before["reward"],
@@ -336,9 +355,7 @@ def _summary(cfg: OnlineConfig, before: dict, after: dict, rows: list[dict]) -> 
 
 
 def run_online_cli(config=None, overrides: dict[str, Any] | None = None) -> OnlineResult:
-    values = load_config_file(config) if config else {}
-    values.update(overrides or {})
-    cfg = make_config(values, OnlineConfig)
+    cfg = online_config(config, overrides)
     result = run_online(cfg)
     s = result.summary
     log.info("%s: reward %+.4f -> %+.4f (KL to the start %.3f) in %.0f s; wrote %s", cfg.method, s["reward_start"],
@@ -346,11 +363,4 @@ def run_online_cli(config=None, overrides: dict[str, Any] | None = None) -> Onli
     return result
 
 
-def command_help() -> str:
-    lines = ["alignkit online --method grpo|rloo|ppo|online-dpo|self-reward [--config cfg.yaml] [--key value ...]", "",
-             "keys:"]
-    for name, field in OnlineConfig.model_fields.items():
-        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        lines.append(f"  --{name:<22} {default:<14} {field.description or ''}")
-    lines += ["", "loss_options: those of the method's loss (`alignkit grpo --help`, rloo, ppo, dpo, cream)."]
-    return "\n".join(lines)
+__all__ = ["METHODS", "OnlineConfig", "OnlineResult", "command_help", "evaluate_policy", "run_online"]

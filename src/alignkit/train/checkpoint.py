@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_model
 
-from alignkit.errors import AlignkitError
+from alignkit.config import changed_keys
+from alignkit.errors import AlignkitError, ConfigError
 from alignkit.models.lora import is_peft, load_adapter_weights
 from alignkit.train.distributed import (
     Dist,
@@ -123,6 +124,25 @@ def _load_weights(model, weights: dict[str, torch.Tensor]) -> None:
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or any(k not in tied and not k.endswith("lm_head.weight") for k in missing):
         raise ValueError(f"weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def check_resume(output_dir, cfg) -> None:
+    """A run that will resume from output_dir's checkpoints must be the run that saved them: keys that change what
+    is trained (data, seed, batch plan, loss, ...) must equal the saved config.json (config.RESUMABLE_KEYS may
+    differ). Called before anything is written, so the saved config is the old run's."""
+    saved_path = Path(output_dir) / "config.json"
+    if not any(checkpoint_root(output_dir).glob("step-*")) or not saved_path.exists():
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except ValueError:
+        raise ConfigError("output_dir", f"{saved_path} is not readable JSON; cannot check that this run may resume "
+                                        "from its checkpoints (use a new output_dir)") from None
+    changed = changed_keys(saved, json.loads(json.dumps(cfg.model_dump())))
+    if changed:
+        raise ConfigError(changed[0], f"differs from the run saved in {output_dir} (changed: {', '.join(changed)}); "
+                                      "resuming would not continue that run: restore the saved values "
+                                      "(config.json there) or use a new output_dir")
 
 
 def remove_partial_saves(output_dir) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 
-from alignkit.config import TrainConfig
+from alignkit.config import OptimConfig
 from alignkit.errors import AlignkitError
 
 log = logging.getLogger("alignkit.train")
@@ -23,7 +23,7 @@ def nonfinite_reason(step_loss: float, grad_norm: float) -> str | None:
     return None
 
 
-def skip_or_abort(reason: str, step: int, skipped: int, cfg: TrainConfig) -> int:
+def skip_or_abort(reason: str, step: int, skipped: int, cfg: OptimConfig) -> int:
     """Raise AlignkitError (on_nonfinite: abort, or too many skips); else log the skip and return the new count."""
     if cfg.on_nonfinite == "abort":
         raise AlignkitError(f"step {step}: {reason}; lower learning_rate or check the data "

@@ -1,7 +1,8 @@
-"""The one training loop. Every offline method runs through it: a method is only a loss in the registry.
+"""The offline training loop. Every offline method runs through it: a method is only a loss in the registry.
 
-build -> (reference log-probs, cached) -> for each step: micro-batches -> forward -> loss -> backward
--> clip -> step -> log -> eval -> checkpoint.   Resumes exactly from the newest checkpoint in output_dir."""
+build -> (reference log-probs, cached) -> for each step: the shared optimizer step (train/step.py: micro-batches
+-> forward -> loss -> backward -> clip -> step) -> log -> eval -> checkpoint. Resumes exactly from the newest
+checkpoint in output_dir, and refuses a resume whose config changes the run (train/checkpoint.check_resume)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import json
 import math
 import random
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,15 +23,11 @@ from alignkit.data.tokenize import train_on_prompt
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses import LossInputs, build_options, get_loss
 from alignkit.losses.sft import SFTOptions, sft_loss
-from alignkit.models.attention import (
-    attention_implementation,
-    default_row_tokens,
-    loadable_attention,
-    set_attention,
-)
-from alignkit.models.lora import apply_lora, merged_for_save
+from alignkit.models.attention import attention_implementation, default_row_tokens, loadable_attention
+from alignkit.models.lora import merged_for_save
 from alignkit.models.reward import prepare_reward_examples, sequence_rewards
 from alignkit.train.checkpoint import (
+    check_resume,
     load_latest_checkpoint,
     remove_partial_saves,
     restore_training_state,
@@ -41,15 +37,11 @@ from alignkit.train.distributed import (
     Dist,
     barrier,
     full_model_state,
-    gradient_sync,
     init_distributed,
     shard_steps,
     shutdown,
-    sum_over_ranks,
-    total_norm,
     wrap_model,
 )
-from alignkit.train.guards import nonfinite_reason, skip_or_abort
 from alignkit.train.logging import MetricsLog
 from alignkit.train.loss_inputs import (
     CarriedState,
@@ -71,6 +63,7 @@ from alignkit.train.ref_update import (
     update_reference,
 )
 from alignkit.train.reference import Reference, score_examples
+from alignkit.train.step import Stepper, accumulate, autocast, mean_metrics, prepare_model
 
 
 @dataclass
@@ -101,19 +94,6 @@ def plan_steps(examples, cfg: TrainConfig) -> list[list[list[int]]]:
     return steps[:cfg.max_steps] if cfg.max_steps is not None else steps
 
 
-def lr_lambda(cfg: TrainConfig, total_steps: int):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        if cfg.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        if cfg.lr_schedule == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
-    return factor
-
-
 def mean_trained_lengths(examples: list[TokenizedExample], indices) -> torch.Tensor:
     """[k] mean loss-carrying token count of each response column over examples[indices] (for token-means);
     a column counts the examples that have it (list data may hold different k)."""
@@ -126,9 +106,10 @@ def mean_trained_lengths(examples: list[TokenizedExample], indices) -> torch.Ten
 
 
 def compute_losses(model, batch: PackedBatch, examples: list[TokenizedExample], spec, opts, ref: Reference | None,
-                   cfg: TrainConfig, step_mean_lengths: torch.Tensor | None = None, loss_state=None):
+                   cfg, step_mean_lengths: torch.Tensor | None = None, loss_state=None, experience=None):
     """Per-example losses and metrics of one packed micro-batch. step_mean_lengths: see LossInputs; loss_state:
-    what a stateful loss carried over from the training batches before (LossSpec.state)."""
+    what a stateful loss carried over from the training batches before (LossSpec.state); experience: what an
+    online rollout adds per example (online/experience.Experience: rewards, behaviour log-probs, advantages)."""
     if spec.output == "rewards":  # a reward model: one scalar per response instead of log-probs
         rewards = sequence_rewards(model, batch).float()
         inputs = LossInputs(logps=None, lengths=batch.seq_lengths.to(rewards.device), rewards=rewards)
@@ -137,26 +118,19 @@ def compute_losses(model, batch: PackedBatch, examples: list[TokenizedExample], 
     inputs.step_mean_lengths = step_mean_lengths
     inputs.loss_state = loss_state
     add_record_fields(inputs, [examples[i] for i in batch.example_indices])
+    if experience is not None:
+        experience.fill(inputs, batch)
     losses, metrics = spec.fn(inputs, opts)
     metrics = dict(metrics)
     if inputs.logps is not None:
         metrics["logps/chosen"] = inputs.logps[:, 0].detach()
         if inputs.logps.shape[1] > 1:
             metrics["logps/rejected"] = inputs.logps[:, 1].detach()
-    if cfg.sft_weight > 0:
+    if getattr(cfg, "sft_weight", 0) > 0:
         nll, _ = sft_loss(inputs, SFTOptions())
         losses = losses + cfg.sft_weight * nll
         metrics["nll"] = nll.detach()
     return losses, metrics
-
-
-def _mean_metrics(sums: dict[str, float], count: int) -> dict[str, float]:
-    return {key: value / max(count, 1) for key, value in sums.items()}
-
-
-def _accumulate(sums: dict[str, float], metrics: dict[str, torch.Tensor]) -> None:
-    for key, value in metrics.items():
-        sums[key] = sums.get(key, 0.0) + float(value.float().sum())
 
 
 @torch.no_grad()
@@ -169,12 +143,12 @@ def evaluate(model, examples, spec, opts, ref: Reference | None, cfg: TrainConfi
     mean_lengths = mean_trained_lengths(examples, range(len(examples)))
     for indices in eval_batches(examples, cfg):
         batch = pack_batch(examples, indices, cfg, pad_token_id, spec, opts)
-        with torch.autocast(_device_type(model), dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with autocast(cfg, model):
             losses, metrics = compute_losses(model, batch, examples, spec, opts, ref, cfg, mean_lengths, loss_state)
         loss_sum += float(losses.sum())
-        _accumulate(sums, metrics)
+        accumulate(sums, metrics)
     model.train(was_training)
-    result = {"eval/" + k: v for k, v in _mean_metrics(sums, len(examples)).items()}
+    result = {"eval/" + k: v for k, v in mean_metrics(sums, len(examples)).items()}
     result["eval/loss"] = loss_sum / len(examples)
     return result
 
@@ -195,58 +169,16 @@ def load_data(cfg: TrainConfig, tokenizer, shape: str):
     return train_examples, []
 
 
-def _device_type(model) -> str:
-    return next(model.parameters()).device.type
-
-
-def prepare_model(model, cfg: TrainConfig, ctx: Dist, reward_model: bool):
-    """This rank's device (several processes), gradient checkpointing, LoRA adapters."""
-    if reward_model and (cfg.lora is not None or ctx.enabled):
-        key = "lora" if cfg.lora is not None else "distributed"
-        raise ConfigError(key, "reward-model training runs in one process without lora for now")
-    if ctx.device is not None:
-        model.to(ctx.device)
-    if not reward_model:
-        set_attention(model, cfg.attention)
-    if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA), DDP and FSDP2
-        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return apply_lora(model, cfg.lora) if cfg.lora is not None else model
-
-
-def make_optimizer(params: list, cfg: TrainConfig, ctx: Dist) -> torch.optim.AdamW:
-    """AdamW, with torch's fused kernel where it applies (CPU/CUDA tensors; FSDP2's sharded parameters keep the
-    default): one pass over each parameter and no temporaries, where the default CPU path makes ~6 passes and
-    allocates two parameter-sized temporaries, which made the optimizer step ~5x slower on CPU."""
-    fused = not (ctx.enabled and cfg.distributed == "fsdp") and all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
-                             fused=fused or None)
-
-
-def backward_micro_batches(train_model, model, micro_batches, n_examples: int, step_lengths, examples, spec, opts,
-                           ref, cfg: TrainConfig, pad_id: int, ctx: Dist,
-                           carried: CarriedState | None = None) -> dict[str, float]:
-    """Forward + backward of this rank's micro-batches of one step; gradients are reduced over ranks on the
-    last one. Returns this rank's sums: '_loss' (its part of the step's mean loss), '_tokens', each metric.
-    carried: a stateful loss's state, passed from micro-batch to micro-batch."""
-    sums: dict[str, float] = {"_loss": 0.0, "_tokens": 0.0}
-    for i, indices in enumerate(micro_batches):
+def offline_forward(train_model, model, examples, step_lengths, spec, opts, ref, cfg: TrainConfig, pad_id: int,
+                    carried: CarriedState | None = None):
+    """The step's forward for one offline micro-batch (example indices): pack, NEFTune noise, losses."""
+    def forward(indices):
         batch = pack_batch(examples, indices, cfg, pad_id, spec, opts)
-        with gradient_sync(train_model, enabled=i == len(micro_batches) - 1):
-            with torch.autocast(_device_type(model), dtype=torch.bfloat16, enabled=cfg.precision == "bf16"), \
-                    neftune(model, batch, cfg.neftune_alpha):
-                losses, metrics = compute_losses(train_model, batch, examples, spec, opts, ref, cfg, step_lengths,
-                                                 carried.current() if carried is not None else None)
-            if carried is not None:
-                carried.absorb(metrics)
-            loss = losses.sum() / n_examples  # mean over the whole optimizer step (all ranks), whatever the split
-            (loss * ctx.world_size).backward()  # DDP / FSDP2 average gradients over ranks: this makes it the sum
-        sums["_loss"] += loss.item()
-        sums["_tokens"] += batch.num_tokens
-        _accumulate(sums, metrics)
-    return sums
+        with neftune(model, batch, cfg.neftune_alpha):
+            losses, metrics = compute_losses(train_model, batch, examples, spec, opts, ref, cfg, step_lengths,
+                                             carried.current() if carried is not None else None)
+        return losses, metrics, batch.num_tokens
+    return forward
 
 
 def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
@@ -294,8 +226,9 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     steps = plan_steps(train_examples, cfg)
     local_steps = shard_steps(steps, ctx)  # this rank's micro-batches of each step (all of them in one process)
     model = prepare_model(model, cfg, ctx, reward_model=spec.output == "rewards")
-    # Only now, with config, data and plan checked, is anything written.
+    # Only now, with config, data and plan checked, is anything written (a resume is checked first).
     out_dir = Path(cfg.output_dir)
+    check_resume(out_dir, cfg)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
@@ -308,9 +241,10 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
         remove_partial_saves(out_dir)
     resumed = load_latest_checkpoint(out_dir, model)  # weights now; optimizer, scheduler and RNG once they exist
     train_model = wrap_model(model, cfg.distributed, ctx, lora=cfg.lora is not None)  # the model, or DDP / FSDP2
-    optimizer = make_optimizer([p for p in train_model.parameters() if p.requires_grad], cfg, ctx)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, len(steps)))
-    start, skipped = restore_training_state(resumed, model, optimizer, scheduler, train_model, ctx)
+    stepper = Stepper.build(train_model, cfg, ctx, len(steps))
+    start, stepper.skipped = restore_training_state(resumed, model, stepper.optimizer, stepper.scheduler,
+                                                    train_model, ctx)
+    stepper.steps_done = start
     carried = CarriedState(spec)  # a stateful loss's state (BCO's reward shift), saved with each checkpoint
     carried.restore(resumed.state if resumed is not None else {})
     if restore_reference(ref_model, resumed, cfg):  # TR-DPO: the reference as it was at the checkpoint
@@ -323,32 +257,15 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     metrics_out: dict[str, float] = {}
     try:
         for step in range(start, len(steps)):
-            tic = time.perf_counter()
             n_examples = sum(len(mb) for mb in steps[step])  # the whole step, over all ranks
             step_lengths = mean_trained_lengths(train_examples, [i for mb in steps[step] for i in mb])
-            sums = sum_over_ranks(backward_micro_batches(train_model, model, local_steps[step], n_examples, step_lengths,
-                                                         train_examples, spec, opts, train_ref, cfg, pad_id, ctx,
-                                                         carried), ctx)
-            loss_total, tokens = sums.pop("_loss"), sums.pop("_tokens")
-            grad_norm = float(total_norm(torch.nn.utils.clip_grad_norm_(train_model.parameters(),
-                                                                        cfg.max_grad_norm or float("inf"))))
+            forward = offline_forward(train_model, model, train_examples, step_lengths, spec, opts, train_ref, cfg,
+                                      pad_id, carried)
+            metrics_out = stepper.step(local_steps[step], n_examples, forward, carried)
             done = step + 1
-            problem = nonfinite_reason(loss_total, grad_norm)  # the same on every rank: both are global values
-            if problem is None:
-                optimizer.step()
-            else:
-                skipped = skip_or_abort(problem, done, skipped, cfg)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            carried.end_step(applied=problem is None, ctx=ctx)
             if reference_due(cfg, done):  # TR-DPO: the reference moves towards the policy; its values are recomputed
                 update_reference(ref_model, model, update_alpha(cfg))
                 train_ref, eval_ref = score_references(*ref_inputs, use_cache=False)
-            metrics_out = {"loss": loss_total, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                           "tokens_per_s": tokens / (time.perf_counter() - tic), "examples": n_examples,
-                           **_mean_metrics(sums, n_examples)}
-            if problem is not None:  # no NaN in the log: the step's values are dropped
-                metrics_out = {"lr": metrics_out["lr"], "examples": n_examples, "skipped": 1, "skipped_steps": skipped}
             last = done == len(steps)
             if eval_examples and (last or cfg.eval_every and done % cfg.eval_every == 0):
                 metrics_out.update(evaluate(train_model, eval_examples, spec, opts, eval_ref, cfg, pad_id,
@@ -356,8 +273,8 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
             if logger is not None and (done % cfg.log_every == 0 or last or "eval/loss" in metrics_out):
                 logger.write(done, metrics_out)
             if not last and cfg.save_every and done % cfg.save_every == 0:
-                save_from_ranks(out_dir, done, model, tokenizer, optimizer, scheduler, train_model, ctx,
-                                {"skipped_steps": skipped, **carried.checkpoint()}, cfg.keep_last,
+                save_from_ranks(out_dir, done, model, tokenizer, stepper.optimizer, stepper.scheduler, train_model,
+                                ctx, {"skipped_steps": stepper.skipped, **carried.checkpoint()}, cfg.keep_last,
                                 checkpoint_models(ref_model, cfg))
     finally:
         if logger is not None:
@@ -383,9 +300,9 @@ def save_final(model, tokenizer, path: Path, state_dict: dict | None = None) -> 
     tmp.rename(path)
 
 
-def _truncate_metrics(out_dir: Path, step: int) -> None:
+def _truncate_metrics(out_dir: Path, step: int, name: str = "metrics.jsonl") -> None:
     """On resume, drop metric lines logged after the checkpoint, so the log has each step once."""
-    path = out_dir / "metrics.jsonl"
+    path = out_dir / name
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]

@@ -11,6 +11,7 @@ from alignkit.data.pack import PackedBatch, pack, token_budget_batches, with_mis
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError, DataError
 from alignkit.losses import LossInputs
+from alignkit.losses.base import needs
 from alignkit.losses.registry import LossSpec, uses_kl_pairs, uses_ref_model
 from alignkit.losses.tokenlevel import activation_token_weights
 from alignkit.models.logprobs import ResponseLogProbs, response_logprobs
@@ -79,10 +80,12 @@ def logprob_inputs(model, batch: PackedBatch, spec: LossSpec, opts, ref: Referen
             inputs.ref_token_logps, _ = ref_out.padded(batch)
     if spec.needs_token_logps:
         inputs.token_logps, inputs.token_mask = out.padded(batch)
+    if out.values is not None:  # a policy with a value head (PPO): V(s_t) from the same forward
+        inputs.values = pad_tokens(out.values, batch)
     if spec.needs_ref_model:
-        if live_ref and getattr(opts, "use_token_kl", False):
+        if live_ref and "token_kl" in needs(opts):
             inputs.token_kl = pad_tokens(token_kl, batch)
-        if getattr(opts, "token_weights", "uniform") == "activations":
+        if "activations" in needs(opts):
             activations = pad_tokens(ref_forward.activations, batch)
             inputs.token_weights = activation_token_weights(activations, inputs.token_mask.to(activations.device))
         else:

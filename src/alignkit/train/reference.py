@@ -104,25 +104,29 @@ def examples_fingerprint(examples: list[TokenizedExample]) -> str:
 
 @torch.no_grad()
 def score_examples(model, examples: list[TokenizedExample], max_tokens_per_batch: int, max_tokens_per_row: int | None,
-                   pad_token_id: int, precision: str = "fp32", chunk_size: int = 1024):
-    """Per-sequence [n, k] and per-token (one flat tensor per example) log-probs, without gradients."""
+                   pad_token_id: int, precision: str = "fp32", chunk_size: int = 1024, with_values: bool = False):
+    """Per-sequence [n, k] and per-token (one flat tensor per example) log-probs, without gradients, in eval mode;
+    with_values (a PolicyWithValueHead: PPO's behaviour policy): also its per-token values, flat per example."""
     was_training = model.training
     model.eval()
     k = len(examples[0].response_ids)
     seq_logps = torch.zeros(len(examples), k)
     token_logps: list[torch.Tensor] = [torch.empty(0)] * len(examples)
+    values: list[torch.Tensor] = [torch.empty(0)] * len(examples)
     device = next(model.parameters()).device
     for indices in token_budget_batches(examples, max_tokens_per_batch, seed=0, shuffle=False):
         batch = pack([examples[i] for i in indices], indices, max_tokens_per_row, pad_token_id)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = response_logprobs(model, batch, chunk_size)
         seq_logps[indices] = out.seq_logps.float().cpu()
-        flat = out.token_logps.float().cpu()
         counts = out.lengths.sum(1).long().tolist()
-        for i, part in zip(indices, torch.split(flat, counts)):
+        for i, part in zip(indices, torch.split(out.token_logps.float().cpu(), counts)):
             token_logps[i] = part
+        if with_values:
+            for i, part in zip(indices, torch.split(out.values.float().cpu(), counts)):
+                values[i] = part
     model.train(was_training)
-    return seq_logps, token_logps
+    return (seq_logps, token_logps, values) if with_values else (seq_logps, token_logps)
 
 
 def reference_logps(model, examples, max_tokens_per_batch, max_tokens_per_row, pad_token_id, precision="fp32",

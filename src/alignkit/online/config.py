@@ -1,0 +1,116 @@
+"""`alignkit online`'s config: the shared optimisation keys (config.OptimConfig: the same step as offline), the
+shared `sampling:` section, and what a round needs (prompts, reward, samples per prompt, the method's options)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from pydantic import Field
+
+from alignkit.config import OptimConfig, SamplingOptions, load_command_config, render_help
+from alignkit.errors import ConfigError
+from alignkit.losses import build_options, get_loss
+from alignkit.online.methods import ONLINE_METHODS
+
+
+class OnlineConfig(OptimConfig):
+    method: Literal["grpo", "rloo", "ppo", "online-dpo", "self-reward"]
+    model: str = Field(description="the starting policy (usually SFT'd): alias, HF hub id or local directory")
+    prompts: str = Field(description="prompts JSONL (a `prompt` per row), cycled through in seeded order")
+    eval_prompts: str | None = Field(None, description="held-out prompts for summary.json (default: 64 of prompts)")
+    reward: str = Field("synthetic", description="reward spec (rewards/spec.py); self-reward reports it only")
+    output_dir: str = "runs/online"
+    rounds: int = Field(20, gt=0, description="rollout + learner iterations")
+    prompts_per_round: int = Field(16, gt=0, description="under torchrun: split evenly over the ranks")
+    num_samples: int = Field(4, ge=2, description="samples per prompt (k; GRPO's G)")
+    # Temperature 1, no top-p / top-k by default: the log-probs trained are of the untempered policy.
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions, description="how rollouts are sampled")
+    max_length: int = Field(1024, gt=1, description="max tokens of prompt + response when tokenising samples")
+    missing_eos_penalty: float | None = Field(None, description="subtracted from the reward of samples cut short")
+    # The learner: the shared step's keys (learning_rate, lr_schedule, warmup_steps, ...) plus these.
+    learning_rate: float = Field(1e-6, gt=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "constant", description="over rounds x epochs x minibatches optimizer steps")
+    value_learning_rate: float | None = Field(None, gt=0, description="ppo: the value head's (default learning_rate)")
+    epochs: int = Field(1, gt=0, description="passes over each rollout (PPO epochs / GRPO iterations)")
+    minibatches: int = Field(1, gt=0, description="optimizer steps per pass")
+    loss: str | None = Field(None, description="online-dpo / self-reward: the pairwise loss (dpo; cream with consistency)")
+    loss_options: dict[str, Any] = Field(default_factory=dict, description="options of the method's loss; each may "
+                                         "also be given at the top level (--kl_coef 0.1)")
+    # Reference and pairs.
+    pairs: Literal["best-worst", "all"] = Field("best-worst", description="online-dpo / self-reward pairs per prompt")
+    ref_update_every: int | None = Field(None, ge=0, description="rounds between reference <- policy; 0: never "
+                                         "(default: 1 for self-reward, else 0)")
+    apo_alpha: float = Field(0.0, ge=0, description="APO momentum: reference extrapolated from the previous round's")
+    # Self-reward.
+    judge: str = Field("self", description="self: the policy judges (LLM-as-judge prompt); else a reward spec")
+    judge_samples: int = Field(3, gt=0, description="judgements averaged per sample")
+    judge_max_new_tokens: int = Field(128, gt=0)
+    consistency: Literal["none", "kendall", "toporder"] = Field("none", description="CREAM weights (loss cream)")
+    # Report.
+    eval_samples: int = Field(4, gt=0, description="samples per held-out prompt for summary.json")
+
+    @property
+    def updates_per_round(self) -> int:
+        return self.epochs * self.minibatches
+
+    @property
+    def reference_every(self) -> int:
+        if self.ref_update_every is not None:
+            return self.ref_update_every
+        return ONLINE_METHODS[self.method].reference_every
+
+    @property
+    def loss_name(self) -> str:
+        method = ONLINE_METHODS[self.method]
+        if method.pairs:
+            return self.loss or ("cream" if self.consistency != "none" else method.loss)
+        return method.loss
+
+
+def method_loss(cfg: OnlineConfig):
+    """(LossSpec, options) of the method, with the checks of what a method can be combined with."""
+    method, name = ONLINE_METHODS[cfg.method], cfg.loss_name
+    spec = get_loss(name)
+    if method.pairs and (spec.data_shape != "pairs" or spec.output != "logps" or spec.needs_token_logps):
+        raise ConfigError("loss", f"{cfg.method} trains with a pairwise loss on sequence log-probs (dpo, ipo, cream, "
+                          f"...), not '{name}'")
+    if not method.pairs and cfg.loss not in (None, name):
+        raise ConfigError("loss", f"method {cfg.method} trains with its own loss '{name}'; leave loss unset")
+    if cfg.consistency != "none" and name != "cream":
+        raise ConfigError("consistency", f"consistency weights are read by the cream loss only, not '{name}'")
+    if (cfg.apo_alpha > 0 or cfg.consistency != "none") and cfg.reference_every == 0:
+        raise ConfigError("ref_update_every", "apo_alpha and consistency compare consecutive rounds' models: set >= 1")
+    if not method.self_judge and cfg.consistency != "none":
+        raise ConfigError("consistency", "CREAM consistency applies to method self-reward")
+    if cfg.lora is not None and cfg.reference_every:
+        raise ConfigError("ref_update_every", "cannot be combined with lora (the reference is the base model with the "
+                                              "adapters off); set 0")
+    return spec, build_options(spec, cfg.loss_options)
+
+
+def _loss_option_names(values: dict) -> set[str]:
+    method = values.get("method")
+    if method not in ONLINE_METHODS:
+        return set()
+    name = values.get("loss") or ONLINE_METHODS[method].loss
+    if ONLINE_METHODS[method].pairs and not values.get("loss") and values.get("consistency", "none") != "none":
+        name = "cream"
+    try:
+        return {f.name for f in dataclasses.fields(get_loss(name).options)}
+    except ConfigError:
+        return set()
+
+
+def online_config(config=None, overrides: dict[str, Any] | None = None) -> OnlineConfig:
+    """The one loader (config.load_command_config), with the method's loss options at the top level."""
+    return load_command_config(OnlineConfig, config, overrides, _loss_option_names)
+
+
+def command_help() -> str:
+    methods = "|".join(ONLINE_METHODS)
+    notes = ["loss options: those of the method's loss (`alignkit grpo --help`, rloo, ppo, dpo, cream), given as "
+             "--loss_options.NAME or just --NAME.",
+             "methods: " + ", ".join(f"{n} ({m.paper})" for n, m in ONLINE_METHODS.items())]
+    return render_help(OnlineConfig, f"alignkit online --method {methods} [--config cfg.yaml] [--key value ...]", notes)

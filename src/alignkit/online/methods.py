@@ -1,0 +1,32 @@
+"""The online methods, one line each: the loss they train with (a registry name), the function that turns a rollout
+into an Experience, whether they need a value head, whether they train on preference pairs of the samples, whether
+the policy judges its own samples, and how often the reference follows the policy by default. Adding a method is a
+loss in the registry, perhaps an experience builder, and one line here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from alignkit.online.experience import pair_experience, ppo_experience, rl_experience
+
+
+@dataclass(frozen=True)
+class OnlineMethod:
+    loss: str  # the default loss (online-dpo / self-reward: any pairwise loss on sequence log-probs, via `loss`)
+    experience: Callable  # (Rollout, RoundContext) -> Experience
+    paper: str
+    value_head: bool = False  # PPO's critic: a PolicyWithValueHead is trained, its head in its own parameter group
+    pairs: bool = False  # trains on (chosen, rejected) pairs of a prompt's samples
+    self_judge: bool = False  # the policy (or `judge`) scores the samples; CREAM compares consecutive iterations
+    reference_every: int = 0  # default ref_update_every (0: the reference stays the starting policy)
+
+
+ONLINE_METHODS: dict[str, OnlineMethod] = {
+    "grpo": OnlineMethod("grpo", rl_experience, "arXiv 2402.03300"),
+    "rloo": OnlineMethod("rloo", rl_experience, "arXiv 2402.14740"),
+    "ppo": OnlineMethod("ppo", ppo_experience, "arXiv 1707.06347, 2307.04964", value_head=True),
+    "online-dpo": OnlineMethod("dpo", pair_experience, "arXiv 2402.04792", pairs=True),
+    "self-reward": OnlineMethod("dpo", pair_experience, "arXiv 2401.10020", pairs=True, self_judge=True,
+                                reference_every=1),
+}
