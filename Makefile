@@ -14,10 +14,10 @@ $(BIN)/alignkit:
 setup: $(BIN)/alignkit
 
 quickstart: setup
-	$(BIN)/alignkit quickstart --out runs/quickstart
+	$(BIN)/alignkit quickstart --output_dir runs/quickstart
 
 align: setup
-	$(BIN)/alignkit align --out runs/align
+	$(BIN)/alignkit align --output_dir runs/align
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -60,7 +60,7 @@ def test_run_align_end_to_end_on_a_tiny_model(tmp_path):
     tokenizer.save_pretrained(tmp_path / "model")
     prompts = tmp_path / "prompts.jsonl"
     write_jsonl_atomic(prompts, prompt_records(12, seed=0))
-    summary = run_align(overrides={"model": str(tmp_path / "model"), "prompts": str(prompts), "out": str(tmp_path / "run"),
+    summary = run_align(overrides={"model": str(tmp_path / "model"), "prompts": str(prompts), "output_dir": str(tmp_path / "run"),
                                    "train_prompts": 6, "eval_prompts": 4, "samples_per_prompt": 2, "max_new_tokens": 5,
                                    "epochs": 1, "min_reward_gap": 0.0, "precision": "fp32"})
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())

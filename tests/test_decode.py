@@ -289,15 +289,15 @@ def test_decode_cli_writes_records_and_compute_summary(task, tmp_path):
     write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": q} for q in prompts(6)])
     common = ["--model", str(task.model_dir), "--prompts", str(tmp_path / "prompts.jsonl"), "--reward", "synthetic",
               "--max_new_tokens", "8"]
-    assert main(["decode", "--method", "args", "--weight", "4", *common, "--out", str(tmp_path / "args.jsonl")]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "args.jsonl").read_text().splitlines()]
-    summary = json.loads((tmp_path / "args.jsonl.summary.json").read_text())
+    assert main(["decode", "--method", "args", "--weight", "4", *common, "--output_dir", str(tmp_path / "args")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "args" / "decoded.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "args" / "summary.json").read_text())
     assert len(rows) == 6 and summary["mean_reward"] == pytest.approx(mean([r["reward"] for r in rows]))
     assert summary["efficiency"]["reward_gain"] == pytest.approx(
         summary["mean_reward"] - summary["efficiency"]["baseline_mean_reward"])
     assert summary["compute"]["generated_tokens"] > 0 and summary["compute"]["reward_calls"] > 0
-    assert main(["decode", "--method", "bonbon", "--n", "4", *common, "--out", str(tmp_path / "pairs.jsonl")]) == 0
-    assert load_records(tmp_path / "pairs.jsonl", shape="pairs")
-    bonbon_summary = json.loads((tmp_path / "pairs.jsonl.summary.json").read_text())
+    assert main(["decode", "--method", "bonbon", "--n", "4", *common, "--output_dir", str(tmp_path / "bonbon")]) == 0
+    assert load_records(tmp_path / "bonbon" / "pairs.jsonl", shape="pairs")
+    bonbon_summary = json.loads((tmp_path / "bonbon" / "summary.json").read_text())
     assert bonbon_summary["train_with"] == {"loss": "bonbon", "loss_options": recommended_options(4)}
-    assert main(["decode", "--method", "tq", *common, "--out", str(tmp_path / "tq.jsonl")]) == 2  # needs --aligned
+    assert main(["decode", "--method", "tq", *common, "--output_dir", str(tmp_path / "tq")]) == 2  # needs --aligned

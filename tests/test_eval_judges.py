@@ -244,7 +244,7 @@ def test_eval_cli(task, tmp_path):
     task.tokenizer.save_pretrained(aligned_dir)
     out = tmp_path / "eval"
     code = main(["eval", "--model", str(aligned_dir), "--baseline", str(task.model_dir), "--prompts",
-                 str(tmp_path / "prompts.jsonl"), "--preferences", str(tmp_path / "prefs.jsonl"), "--out", str(out),
+                 str(tmp_path / "prompts.jsonl"), "--preferences", str(tmp_path / "prefs.jsonl"), "--output_dir", str(out),
                  "--max_new_tokens", "8", "--seed", "5"])
     assert code == 0
     saved = json.loads((out / "eval.json").read_text())
@@ -255,4 +255,4 @@ def test_eval_cli(task, tmp_path):
     assert saved["reward_accuracy"]["accuracy"] == 1.0 and saved["judge"]["consistency_rate"] == 1.0
     assert saved["kl"]["samples"] == 8
     assert all((out / name).exists() for name in ("report.html", "rewards.png", "win_rate.png"))
-    assert main(["eval", "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(out)]) == 2  # no model A
+    assert main(["eval", "--prompts", str(tmp_path / "prompts.jsonl"), "--output_dir", str(out)]) == 2  # no model A

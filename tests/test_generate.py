@@ -84,7 +84,7 @@ def test_generate_cli_writes_jsonl_atomically(task, tmp_path):
     write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": q, "id": i} for i, q in enumerate(questions)])
     out = tmp_path / "out" / "samples.jsonl"
     code = main(["generate", "--model", str(task.model_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
-                 "--out", str(out), "--num_samples", "2", "--max_new_tokens", "8", "--seed", "4", "--backend", "hf"])
+                 "--output_dir", str(out.parent), "--num_samples", "2", "--max_new_tokens", "8", "--seed", "4", "--backend", "hf"])
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == questions and [r["id"] for r in rows] == list(range(6))
@@ -97,7 +97,7 @@ def test_generate_bad_prompts_file_is_a_named_data_error(task, tmp_path, capsys)
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "review my movie :"}\n{"question": "no prompt field"}\n')
     out = tmp_path / "out.jsonl"
-    args = {"model": str(task.model_dir), "prompts": str(bad), "out": str(out)}
+    args = {"model": str(task.model_dir), "prompts": str(bad), "output_dir": str(out.parent / "gen")}
     with pytest.raises(DataError) as err:
         run_generate(overrides=args)
     assert (err.value.row, err.value.field) == (2, "prompt")
@@ -176,12 +176,12 @@ def test_principle_driven_sft_and_contrast_pairs(task):
 
 
 def test_synth_cli_writes_magpie_prompts_and_pairs(task, tmp_path):
-    out = tmp_path / "magpie.jsonl"
-    assert main(["synth", "--method", "magpie", "--model", str(task.model_dir), "--out", str(out), "--n", "12",
+    out = tmp_path / "magpie" / "data.jsonl"
+    assert main(["synth", "--method", "magpie", "--model", str(task.model_dir), "--output_dir", str(out.parent), "--n", "12",
                  "--max_new_tokens", "12"]) == 0
     assert 6 <= len(load_records(out, shape="prompts")) <= 12
-    assert main(["synth", "--method", "magpie", "--model", str(task.model_dir), "--out", str(out), "--n", "12",
+    assert main(["synth", "--method", "magpie", "--model", str(task.model_dir), "--output_dir", str(out.parent), "--n", "12",
                  "--max_new_tokens", "12", "--shape", "pairs", "--reward", "synthetic"]) == 0
     assert load_records(out, shape="pairs")
-    assert main(["synth", "--method", "magpie", "--model", str(task.model_dir), "--out", str(out),
+    assert main(["synth", "--method", "magpie", "--model", str(task.model_dir), "--output_dir", str(out.parent),
                  "--shape", "pairs"]) == 2  # pairs need a reward

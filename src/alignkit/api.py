@@ -6,26 +6,25 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import TrainConfig, load_config_file, make_config, set_dotted
+from alignkit.config import TrainConfig, load_command_config
 from alignkit.errors import ConfigError
 from alignkit.losses import build_options, get_loss
 
 
+def _loss_option_names(values: dict) -> set[str]:
+    loss_name = values.get("loss", "dpo")
+    return {f.name for f in dataclasses.fields(get_loss(loss_name).options)} if isinstance(loss_name, str) else set()
+
+
 def build_config(method: str | None = None, config: str | Path | dict | None = None,
                  overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Config file (or dict) < overrides. `method` sets `loss`; an override naming one of the loss's options
-    (e.g. beta) goes to loss_options, so `--beta 0.2` works as well as `--loss_options.beta 0.2`."""
-    values = dict(load_config_file(config) if isinstance(config, (str, Path)) else (config or {}))
+    """The one loader (config.load_command_config): config file (or dict) < overrides. `method` sets `loss`; a key
+    naming one of the loss's options (e.g. beta) goes to loss_options, so `--beta 0.2` works as well as
+    `--loss_options.beta 0.2`."""
+    overrides = dict(overrides or {})
     if method is not None:
-        values["loss"] = method
-    loss_name = values.get("loss", "dpo")
-    option_names = {f.name for f in dataclasses.fields(get_loss(loss_name).options)} if isinstance(loss_name, str) else set()
-    for key, value in (overrides or {}).items():
-        key = key.replace("-", "_")
-        if key in option_names and key not in TrainConfig.model_fields:
-            key = f"loss_options.{key}"
-        set_dotted(values, key, value)
-    cfg = make_config(values)
+        overrides["loss"] = method
+    cfg = load_command_config(TrainConfig, config, overrides, _loss_option_names)
     if get_loss(cfg.loss).data_shape == "rollouts":  # GRPO, RLOO, PPO train on the policy's own samples
         raise ConfigError("loss", f"'{cfg.loss}' is an online method: run `alignkit online --method {cfg.loss}`")
     build_options(get_loss(cfg.loss), cfg.loss_options)  # the loss and its options are checked at load too

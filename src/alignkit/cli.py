@@ -6,13 +6,11 @@ import dataclasses
 import logging
 import os
 import sys
-import typing
 
-from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 
-from alignkit.config import TrainConfig, parse_override
+from alignkit.config import TrainConfig, parse_override, render_help
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses import LOSSES, get_loss
 
@@ -21,16 +19,16 @@ console = Console(stderr=True)
 USAGE = """usage: alignkit <command> [--config cfg.yaml] [--key value ...]
 
 commands:
-  quickstart            tiny model, synthetic task: SFT then DPO, before/after table + curves (~1-3 min)
+  quickstart            [--output_dir DIR] tiny model, synthetic task: SFT then DPO, before/after table + curves (~1-3 min)
   align                 the main job: align SmolLM2-135M-Instruct on CPU, report before/after
   train                 train with the loss named in the config (`loss: dpo`)
   sft                   supervised fine-tuning (prompt/completion or `messages` chats; assistant tokens only)
   rm                    train a reward model (Bradley–Terry on pairs); saves an HF sequence-classification model
   rm-eval               --model DIR --data pairs.jsonl: a reward model's pairwise accuracy
-  generate              --model DIR --prompts p.jsonl --out out.jsonl [--num_samples N --stop ...]: sample
-  decode                --method bon|bon-calibrated|bonbon|args|deal|tq --model DIR --prompts p.jsonl --out o.jsonl
-  synth                 --method magpie|self-instruct|principles --model DIR --out data.jsonl: synthetic data
-  eval                  --model A [--baseline B] --prompts p.jsonl --out DIR: reward, judged win rate, KL, length
+  generate              --model DIR --prompts p.jsonl --output_dir DIR [--num_samples N --stop ...]: sample
+  decode                --method bon|bon-calibrated|bonbon|args|deal|tq --model DIR --prompts p.jsonl --output_dir DIR
+  synth                 --method magpie|self-instruct|principles --model DIR --output_dir DIR: synthetic data
+  eval                  --model A [--baseline B] --prompts p.jsonl --output_dir DIR: reward, judged win rate, KL, length
   online                --method grpo|rloo|ppo|online-dpo|self-reward --model DIR --prompts p.jsonl: online RL
   <loss>                train with that loss: {losses}
   <command> --help      the keys of a command
@@ -58,41 +56,31 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
     return config, overrides
 
 
-def _nested_fields(annotation) -> list:
-    """The fields of a config section (a pydantic model, possibly Optional), for --help."""
-    for candidate in (annotation, *typing.get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return list(candidate.model_fields.items())
-    return []
-
-
 def help_for(method: str) -> str:
+    """Every command's --help, through the one renderer (config.render_help)."""
     if method == "online":
-        from alignkit.online.run import command_help
+        from alignkit.online.config import command_help
 
         return command_help()
     if method in ("generate", "decode", "synth", "eval"):
         from alignkit.recipes.decoding import command_help
 
         return command_help(method)
+    if method == "align":
+        from alignkit.recipes.align import AlignConfig
+
+        return render_help(AlignConfig, "alignkit align [--config cfg.yaml] [--key value ...]")
     if method == "rm-eval":
         return ("alignkit rm-eval --model DIR --data pairs.jsonl [--max_length 1024]\n\n"
                 "Scores chosen and rejected of every pair with the reward model in DIR (HF format, e.g. the final/\n"
                 "of `alignkit rm`) and prints the accuracy (chosen scored higher; ties count half) and mean margin.")
-    lines = [f"alignkit {method} --config cfg.yaml [--key value ...]", "", "training keys:"]
-    for name, field in TrainConfig.model_fields.items():
-        default = "required" if field.is_required() else repr(field.default if field.default_factory is None else {})
-        lines.append(f"  --{name:<22} {default:<14} {field.description or ''}")
-        for sub_name, sub_field in _nested_fields(field.annotation):  # lora.r, ref_update.mode, ...
-            sub_default = "required" if sub_field.is_required() else repr(sub_field.default)
-            lines.append(f"  --{name + '.' + sub_name:<22} {sub_default:<14} {sub_field.description or ''}")
+    notes = []
     if method in LOSSES:
         spec = get_loss(method)
-        lines += ["", f"options of '{method}' ({spec.paper}; data: {spec.data_shape}; reference model: "
-                  f"{'yes' if spec.needs_reference else 'no'}):"]
-        for f in dataclasses.fields(spec.options):
-            lines.append(f"  --{f.name:<22} {f.default!r}")
-    return "\n".join(lines)
+        notes = [f"options of '{method}' ({spec.paper}; data: {spec.data_shape}; reference model: "
+                 f"{'yes' if spec.needs_reference else 'no'}), as --loss_options.NAME or just --NAME:"]
+        notes += [f"  --{f.name:<26} {f.default!r}" for f in dataclasses.fields(spec.options)]
+    return render_help(TrainConfig, f"alignkit {method} --config cfg.yaml [--key value ...]", notes)
 
 
 def run_rm_eval(overrides: dict) -> None:
@@ -125,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         if command == "quickstart":
             from alignkit.recipes.quickstart import run_quickstart
 
-            run_quickstart(overrides.get("out", "runs/quickstart"), seed=int(overrides.get("seed", 0)))
+            unknown = sorted(set(overrides) - {"output_dir", "seed"})
+            if unknown:
+                raise ConfigError(unknown[0], "unknown key; quickstart takes --output_dir and --seed")
+            run_quickstart(overrides.get("output_dir", "runs/quickstart"), seed=int(overrides.get("seed", 0)))
         elif command == "rm-eval":
             run_rm_eval(overrides)
         elif command in ("generate", "decode", "synth"):

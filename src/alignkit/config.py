@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-import typing
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -232,12 +232,19 @@ def _sections(cls: type[BaseModel]) -> dict[str, type[BaseModel]]:
     return out
 
 
+# Keys of earlier versions: named with their new place instead of "unknown key".
+RENAMED = {"out": "output_dir", "generation_batch_size": "sampling.batch_size",
+           "sample_batch_size": "sampling.batch_size"}
+
+
 def route_key(key: str, cls: type[BaseModel], option_names: set[str] = frozenset()) -> str:
     """Where a top-level key goes: a field of cls stays; one of the loss's options goes to loss_options; a key of
     exactly one nested section (sampling.temperature) goes there. Anything else stays (and is named as unknown)."""
     key = key.replace("-", "_")
     if "." in key or key in cls.model_fields:
         return key
+    if key in RENAMED:
+        raise ConfigError(key, f"renamed: use {RENAMED[key]}")
     if key in option_names and "loss_options" in cls.model_fields:
         return f"loss_options.{key}"
     owners = [name for name, section in _sections(cls).items() if key in section.model_fields]

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from alignkit.config import load_config_file, make_config
+from alignkit.config import SamplingOptions, Strict, load_command_config
 from alignkit.data.load import load_records
 from alignkit.errors import AlignkitError, ConfigError, DataError
 from alignkit.eval.judges import FunctionJudge, Judge, LLMJudge, RewardJudge, pairwise_win_rate
@@ -25,9 +25,7 @@ from alignkit.generate.sample import SamplingConfig, sample
 from alignkit.rewards.spec import load_object, load_reward
 
 
-class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
+class EvalConfig(Strict):
     model: str | None = Field(None, description="model A (directory, alias or hub id); samples A's responses")
     baseline: str | None = Field(None, description="model B; also the KL reference unless `reference` is set")
     reference: str | None = Field(None, description="reference model for KL(A || reference)")
@@ -38,12 +36,9 @@ class EvalConfig(BaseModel):
     reward: str = Field("synthetic", description="reward spec (see rewards/spec.py)")
     judge: str = Field("reward", description="reward | llm:<model dir> | module:attr (a Judge or f(prompt, a, b))")
     split_merge: bool = False
-    out: str = "runs/eval"
+    output_dir: str = "runs/eval"
     max_prompts: int | None = Field(None, gt=0)
-    max_new_tokens: int = Field(64, gt=0)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    batch_size: int = Field(16, gt=0)
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions, description="how responses are sampled")
     seed: int = 0
 
 
@@ -162,14 +157,11 @@ def read_responses(path: str) -> tuple[list, list[str]]:
 
 
 def run_eval(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict:
-    values = load_config_file(config) if config else {}
-    values.update(overrides or {})
-    cfg: EvalConfig = make_config(values, EvalConfig)
+    cfg: EvalConfig = load_command_config(EvalConfig, config, overrides)
     from alignkit.models.resolve import load_model_and_tokenizer
 
     reward = load_reward(cfg.reward)
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              batch_size=cfg.batch_size, seed=cfg.seed)
+    sampling = SamplingConfig.from_options(cfg.sampling, cfg.seed)
     policy = baseline = tokenizer = None
     if cfg.model:
         policy, tokenizer = load_model_and_tokenizer(cfg.model)
@@ -205,5 +197,5 @@ def run_eval(config: str | Path | None = None, overrides: dict[str, Any] | None 
     names = (cfg.model or cfg.responses or "A", cfg.baseline or cfg.baseline_responses or "B")
     examples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "A": a, **({"B": b} if responses_b else {})}
                 for p, a, b in list(zip(prompts, responses_a, responses_b or responses_a))[:8]]
-    paths = write_eval_report(cfg.out, summary, names, examples)
+    paths = write_eval_report(cfg.output_dir, summary, names, examples)
     return {"summary": summary, "paths": {k: str(v) for k, v in paths.items()}}

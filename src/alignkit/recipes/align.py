@@ -13,11 +13,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from rich.console import Console
 from rich.table import Table
 
-from alignkit.config import TrainConfig, load_config_file, make_config
+from alignkit.config import SamplingOptions, Strict, TrainConfig, load_command_config
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.eval.metrics import bootstrap_mean_ci, distinct_n, mean_words, win_rate
 from alignkit.eval.plots import plot_curves
@@ -29,19 +29,16 @@ from alignkit.train.logging import read_metrics
 from alignkit.train.loop import train
 
 
-class AlignConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
+class AlignConfig(Strict):
     model: str = "smollm2-135m-instruct"
     prompts: str | None = Field(None, description="JSONL of {'prompt': ...}; default: the shipped prompts")
-    out: str = "runs/align"
+    output_dir: str = "runs/align"
     train_prompts: int = Field(128, gt=0)
     eval_prompts: int = Field(64, gt=0)
     samples_per_prompt: int = Field(4, ge=2)
-    max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(0.8, gt=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    sample_batch_size: int = Field(48, gt=0)
+    sampling: SamplingOptions = Field(
+        default_factory=lambda: SamplingOptions(max_new_tokens=32, temperature=0.8, top_p=0.95, batch_size=48),
+        description="how the answers are sampled")
     min_reward_gap: float = Field(0.1, ge=0, description="pairs whose best-worst gap is smaller are dropped")
     beta: float = Field(0.1, gt=0)
     learning_rate: float = Field(3e-5, gt=0)
@@ -73,11 +70,9 @@ def build_pairs(prompts: list, samples: list[list[str]], reward, min_gap: float)
 
 def run_align(config: str | Path | None = None, overrides: dict[str, Any] | None = None,
               console: Console | None = None) -> dict:
-    values = load_config_file(config) if config else {}
-    values.update(overrides or {})
-    cfg: AlignConfig = make_config(values, AlignConfig)
+    cfg: AlignConfig = load_command_config(AlignConfig, config, overrides)
     console = console or Console()
-    out = Path(cfg.out)
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     tic = time.perf_counter()
@@ -92,8 +87,7 @@ def run_align(config: str | Path | None = None, overrides: dict[str, Any] | None
         raise ValueError(f"{source} has {len(prompts)} prompts; need train_prompts + eval_prompts")
     eval_prompts, train_prompts = prompts[:cfg.eval_prompts], prompts[cfg.eval_prompts:cfg.eval_prompts + cfg.train_prompts]
     reward = default_reward()
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              batch_size=cfg.sample_batch_size, seed=cfg.seed)
+    sampling = SamplingConfig.from_options(cfg.sampling, cfg.seed)
 
     def timed(name, fn):
         start = time.perf_counter()

@@ -9,9 +9,9 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from alignkit.config import load_config_file, make_config
+from alignkit.config import SamplingOptions, Strict, load_command_config, render_help
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.errors import ConfigError
 from alignkit.generate.sample import SamplingConfig, sample
@@ -19,39 +19,32 @@ from alignkit.generate.sample import SamplingConfig, sample
 log = logging.getLogger("alignkit.decode")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class _Sampled(Strict):
+    """What generate / decode / synth share: the `sampling:` section, the seed, the output directory."""
 
-
-class SamplingOptions(_Strict):
-    max_new_tokens: int = Field(64, gt=0)
-    temperature: float = Field(1.0, ge=0, description="0: greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="0: off")
-    batch_size: int = Field(16, gt=0)
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions, description="how responses are sampled")
     seed: int = 0
-    stop: list[str] | str = Field(default_factory=list, description="stop strings (a string or a list)")
+    output_dir: str = Field(description="where the command writes (see the command's own line)")
 
-    def sampling(self) -> SamplingConfig:
-        stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, batch_size=self.batch_size, seed=self.seed, stop=tuple(stop))
+    def sampling_config(self) -> SamplingConfig:
+        return SamplingConfig.from_options(self.sampling, self.seed)
 
 
-class GenerateConfig(SamplingOptions):
+class GenerateConfig(_Sampled):
     model: str = Field(description="model directory, alias or hub id")
     prompts: str = Field(description="JSONL of {'prompt': ...} (other fields are carried to the output)")
-    out: str = Field(description="output JSONL: each prompt record + 'responses' (+ 'completion' when n = 1)")
+    output_dir: str = Field(description="writes samples.jsonl: each prompt record + 'responses' (+ 'completion' "
+                                        "when n = 1)")
     num_samples: int = Field(1, gt=0)
     backend: Literal["auto", "hf", "vllm"] = "auto"
     on_bad_record: Literal["error", "skip"] = "error"
 
 
-class DecodeConfig(SamplingOptions):
+class DecodeConfig(_Sampled):
     method: Literal["sample", "bon", "bon-calibrated", "bonbon", "args", "deal", "tq"]
     model: str = Field(description="the policy (for tq: the base / reference model)")
     prompts: str = Field(description="JSONL of {'prompt': ...}")
-    out: str = Field(description="output JSONL (bonbon: pairs); the summary goes to <out>.summary.json")
+    output_dir: str = Field(description="writes decoded.jsonl (bonbon: pairs.jsonl) and summary.json")
     reward: str = "synthetic"
     n: int = Field(8, gt=0, description="bon / bon-calibrated / bonbon: samples per prompt")
     num_reference: int = Field(16, gt=0, description="bon-calibrated: reference samples per prompt")
@@ -71,10 +64,10 @@ class DecodeConfig(SamplingOptions):
     on_bad_record: Literal["error", "skip"] = "error"
 
 
-class SynthConfig(SamplingOptions):
+class SynthConfig(_Sampled):
     method: Literal["magpie", "self-instruct", "principles"]
     model: str = Field(description="an instruct model with a chat template (magpie), or any model")
-    out: str = Field(description="output JSONL of prompts / sft / pairs records")
+    output_dir: str = Field(description="writes data.jsonl: prompts / sft / pairs records")
     n: int = Field(100, gt=0, description="prompts to make (magpie / self-instruct)")
     shape: Literal["prompts", "sft", "pairs"] = "prompts"
     reward: str | None = Field(None, description="orders responses into pairs")
@@ -87,9 +80,7 @@ class SynthConfig(SamplingOptions):
 
 
 def _config(cls, config, overrides):
-    values = load_config_file(config) if config else {}
-    values.update(overrides or {})
-    return make_config(values, cls)
+    return load_command_config(cls, config, overrides)
 
 
 def _prompt_records(path: str, on_bad_record: str = "error") -> list[dict]:
@@ -107,12 +98,13 @@ def run_generate(config=None, overrides: dict[str, Any] | None = None) -> Path:
     from alignkit.generate.vllm_backend import load_generator
 
     model, tokenizer = load_generator(cfg.model, cfg.backend)
-    samples = sample(model, tokenizer, [r["prompt"] for r in records], cfg.sampling(), cfg.num_samples)
+    samples = sample(model, tokenizer, [r["prompt"] for r in records], cfg.sampling_config(), cfg.num_samples)
     rows = [{**_carry(r), "responses": s, **({"completion": s[0]} if cfg.num_samples == 1 else {})}
             for r, s in zip(records, samples)]
-    write_jsonl_atomic(cfg.out, rows)
-    log.info("wrote %d prompts x %d samples to %s", len(rows), cfg.num_samples, cfg.out)
-    return Path(cfg.out)
+    out = Path(cfg.output_dir) / "samples.jsonl"
+    write_jsonl_atomic(out, rows)
+    log.info("wrote %d prompts x %d samples to %s", len(rows), cfg.num_samples, out)
+    return out
 
 
 def run_decode(config=None, overrides: dict[str, Any] | None = None) -> dict:
@@ -129,26 +121,29 @@ def run_decode(config=None, overrides: dict[str, Any] | None = None) -> dict:
         from alignkit.decode.base import efficiency
         from alignkit.decode.bon import plain_sampling
 
-        summary["efficiency"] = efficiency(result, plain_sampling(model, tokenizer, prompts, reward, cfg.sampling()))
+        summary["efficiency"] = efficiency(result, plain_sampling(model, tokenizer, prompts, reward,
+                                                                  cfg.sampling_config()))
+    out_dir = Path(cfg.output_dir)
+    out = out_dir / ("pairs.jsonl" if cfg.method == "bonbon" else "decoded.jsonl")
     if cfg.method == "bonbon":
-        write_jsonl_atomic(cfg.out, extra.pop("pairs"))
+        write_jsonl_atomic(out, extra.pop("pairs"))
         summary.pop("pairs", None)
     else:
-        write_jsonl_atomic(cfg.out, result.records())
-    summary_path = Path(str(cfg.out) + ".summary.json")
+        write_jsonl_atomic(out, result.records())
+    summary_path = out_dir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2))
     line = f"{cfg.method}: mean reward {summary['mean_reward']:+.4f}, {summary['generated_tokens_per_prompt']:.1f} tokens/prompt"
     if "efficiency" in summary:
         e = summary["efficiency"]
         line += (f" (plain sampling {e['baseline_mean_reward']:+.4f}; x{e['compute_ratio_tokens'] or 0:.1f} tokens, "
                  f"x{e['compute_ratio_reward_calls'] or 0:.1f} reward calls)")
-    log.info("%s; wrote %s and %s", line, cfg.out, summary_path)
+    log.info("%s; wrote %s and %s", line, out, summary_path)
     return summary
 
 
 def decode_with(cfg: DecodeConfig, model, tokenizer, prompts: list, reward):
     """(DecodeResult, extra summary fields) of the configured method."""
-    sampling = cfg.sampling()
+    sampling = cfg.sampling_config()
     if cfg.method in ("sample", "bon"):
         from alignkit.decode.bon import best_of_n
 
@@ -173,13 +168,14 @@ def decode_with(cfg: DecodeConfig, model, tokenizer, prompts: list, reward):
         from alignkit.decode.args import ARGSConfig, args_decode
 
         return args_decode(model, tokenizer, prompts, reward, ARGSConfig(
-            cfg.search_top_k, cfg.weight, cfg.mode, cfg.search_temperature, cfg.max_new_tokens, cfg.batch_size,
+            cfg.search_top_k, cfg.weight, cfg.mode, cfg.search_temperature, cfg.sampling.max_new_tokens,
+            cfg.sampling.batch_size,
             cfg.seed)), {}
     if cfg.method == "deal":
         from alignkit.decode.deal import DeALConfig, deal_decode
 
         return deal_decode(model, tokenizer, prompts, reward, DeALConfig(
-            cfg.beams, cfg.search_top_k, cfg.lookahead, cfg.weight, cfg.max_new_tokens)), {}
+            cfg.beams, cfg.search_top_k, cfg.lookahead, cfg.weight, cfg.sampling.max_new_tokens)), {}
     from alignkit.decode.tq import TQConfig, tq_decode
     from alignkit.models.resolve import load_model_and_tokenizer
 
@@ -188,8 +184,8 @@ def decode_with(cfg: DecodeConfig, model, tokenizer, prompts: list, reward):
     aligned, _ = load_model_and_tokenizer(cfg.aligned)
     return tq_decode(model, tokenizer, prompts, aligned, TQConfig(
         top_k=cfg.search_top_k, weight=cfg.weight, beta=cfg.beta, value=cfg.value, lookahead=cfg.lookahead,
-        mode=cfg.mode, temperature=cfg.search_temperature, max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size, seed=cfg.seed), reward), {}
+        mode=cfg.mode, temperature=cfg.search_temperature, max_new_tokens=cfg.sampling.max_new_tokens,
+        batch_size=cfg.sampling.batch_size, seed=cfg.seed), reward), {}
 
 
 def run_synth(config=None, overrides: dict[str, Any] | None = None) -> Path:
@@ -204,7 +200,7 @@ def run_synth(config=None, overrides: dict[str, Any] | None = None) -> Path:
     seeds = [r["prompt"] for r in _prompt_records(cfg.seeds)] if cfg.seeds else None
     questions = [r["prompt"] for r in _prompt_records(cfg.prompts)] if cfg.prompts else None
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    sampling = cfg.sampling()
+    sampling = cfg.sampling_config()
     if cfg.method == "principles":
         if not questions or not cfg.principles:
             raise ConfigError("principles", "method principles needs --prompts FILE and --principles '[...]'")
@@ -219,9 +215,10 @@ def run_synth(config=None, overrides: dict[str, Any] | None = None) -> Path:
             records = synth.self_instruct_prompts(model, tokenizer, seeds, cfg.n, sampling, seed=cfg.seed)
         if cfg.shape != "prompts":
             records = synth.respond(model, tokenizer, records, cfg.shape, None, reward, cfg.num_responses)
-    write_jsonl_atomic(cfg.out, records)
-    log.info("wrote %d %s records (%s) to %s", len(records), cfg.shape, cfg.method, cfg.out)
-    return Path(cfg.out)
+    out = Path(cfg.output_dir) / "data.jsonl"
+    write_jsonl_atomic(out, records)
+    log.info("wrote %d %s records (%s) to %s", len(records), cfg.shape, cfg.method, out)
+    return out
 
 
 def command_help(command: str) -> str:
@@ -229,8 +226,5 @@ def command_help(command: str) -> str:
     from alignkit.eval.evaluate import EvalConfig
 
     cls = {"generate": GenerateConfig, "decode": DecodeConfig, "synth": SynthConfig, "eval": EvalConfig}[command]
-    lines = [f"alignkit {command} [--config cfg.yaml] [--key value ...]", "", "keys:"]
-    for name, field in cls.model_fields.items():
-        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        lines.append(f"  --{name:<20} {default:<12} {field.description or ''}")
-    return "\n".join(lines)
+    return render_help(cls, f"alignkit {command} [--config cfg.yaml] [--key value ...]",
+                       ["sampling keys may also be given at the top level (--temperature 0.7)."])
