@@ -21,6 +21,7 @@ align: setup
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/pytest tests
 
 bench: setup

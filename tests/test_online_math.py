@@ -15,14 +15,12 @@ import torch
 from alignkit.losses import LossInputs, build_options, get_loss
 from alignkit.losses.dpo import DPOOptions, dpo_loss
 from alignkit.losses.online import (
-    CREAMOptions,
     GRPOOptions,
     PPOOptions,
     RLOOOptions,
     aggregate,
     clipped_surrogate,
     clipped_value_loss,
-    cream_loss,
     group_advantages,
     grpo_loss,
     kl_estimate,
@@ -30,6 +28,7 @@ from alignkit.losses.online import (
     ppo_loss,
     rloo_loss,
 )
+from alignkit.losses.pairwise import CREAMOptions, cream_loss
 from alignkit.online.advantages import (
     RunningMoments,
     gae,

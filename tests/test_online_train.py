@@ -19,18 +19,24 @@ from alignkit.data.load import write_jsonl_atomic
 from alignkit.data.synthetic import sentiment_reward
 from alignkit.errors import ConfigError
 from alignkit.generate.sample import SamplingConfig
-from alignkit.losses import build_options, get_loss
 from alignkit.models.value_head import PolicyWithValueHead, ValueHead
 from alignkit.online import online_config as load_online_config
 from alignkit.online import run_online
 from alignkit.online.advantages import RunningMoments
 from alignkit.online.config import method_loss
-from alignkit.online.experience import RoundContext, Scorer, pad_flat, ppo_experience, rl_experience, split_flat
+from alignkit.online.experience import (
+    RoundContext,
+    Scorer,
+    pad_flat,
+    ppo_experience,
+    rl_experience,
+    split_flat,
+)
 from alignkit.online.rollout import generate_rollout
 from alignkit.online.run import Snapshots, _learn
+from alignkit.rewards.base import Reward
 from alignkit.train.distributed import Dist
 from alignkit.train.step import Stepper
-from alignkit.rewards.base import Reward
 from synthetic_task import SENTIMENT, prompts, single_thread, trained_task
 
 # Measured with these settings (fixed seeds, one thread): reward 0.029 at the start; after 10 rounds of 16 prompts x 4

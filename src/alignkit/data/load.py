@@ -33,6 +33,9 @@ SHAPES: dict[str, tuple[str, ...]] = {
     # A whole conversation; every assistant turn is trained. An "sft" record may be a chat too (see fields_of).
     "chat": ("messages",),
 }
+# The shapes a loss may train on: the record shapes above but prompts and chat (read as sft), plus "rollouts": a
+# prompt with k responses sampled by the policy and their rewards, made by alignkit.online, never read from a file.
+DATA_SHAPES = ("pairs", "unpaired", "lists", "sft", "rollouts", "negatives")
 ON_BAD_RECORD = ("error", "skip")
 PROMPT_ROLES = ("system", "user", "assistant")
 RESPONSE_ROLES = ("assistant",)

@@ -7,12 +7,12 @@ forwards (Transfer Q*'s log-probs of a continuation) count one pass per sequence
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from alignkit.generate.sample import prompt_texts
+from alignkit.models.inference import eval_mode, left_pad  # noqa: F401 - decode's helpers
 
 
 @dataclass
@@ -81,19 +81,6 @@ def efficiency(result: DecodeResult, baseline: DecodeResult) -> dict:
 
 def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(tokenizer, prompts)]
-
-
-def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, position_ids) of left-padded rows; positions start at 0 at each row's start."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if s:
-            input_ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids.to(device), mask.to(device), positions.to(device)
 
 
 class IncrementalLM:
@@ -184,13 +171,3 @@ def decode_text(tokenizer, ids: list[int], end_ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-@contextmanager
-def eval_mode(model):
-    """The model in eval mode under no_grad; its training flag is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)

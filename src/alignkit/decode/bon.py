@@ -7,16 +7,7 @@ from dataclasses import asdict
 
 from alignkit.decode.base import Compute, DecodeResult
 from alignkit.generate.sample import SamplingConfig, sample_with_counts
-
-
-def score_groups(reward, prompts: list, groups: list[list[str]]) -> list[list[float]]:
-    """reward of every response of every prompt, in one call of the reward."""
-    flat = reward([p for p, group in zip(prompts, groups) for _ in group], [r for group in groups for r in group])
-    out, i = [], 0
-    for group in groups:
-        out.append(flat[i:i + len(group)])
-        i += len(group)
-    return out
+from alignkit.rewards.base import score_groups  # noqa: F401 - decode's scorer
 
 
 def argmax_first(values: list[float]) -> int:

@@ -4,28 +4,11 @@ alpha * SFT on the best + (1 - alpha) * IPO at the best-of-n matching beta) or a
 
 from __future__ import annotations
 
+from alignkit.data.pairs import best_worst_pairs  # noqa: F401 - BoNBoN's pairs
 from alignkit.decode.base import DecodeResult
 from alignkit.decode.bon import best_of_n
 from alignkit.generate.sample import SamplingConfig
 from alignkit.losses.bonbon import bonbon_beta
-
-
-def best_worst_pairs(prompts: list, groups: list[list[str]], scores: list[list[float]], min_gap: float = 0.0,
-                     n: int | None = None) -> list[dict]:
-    """{prompt, chosen, rejected, chosen_reward, rejected_reward, n} per prompt whose best and worst differ by
-    at least min_gap and by more than 0 (a tie says nothing), skipping empty responses (not valid pair records)."""
-    pairs = []
-    for prompt, group, values in zip(prompts, groups, scores):
-        kept = [i for i, text in enumerate(group) if text.strip()]
-        if len(kept) < 2:
-            continue
-        best = max(kept, key=lambda i: (values[i], -i))
-        worst = min(kept, key=lambda i: (values[i], i))
-        gap = values[best] - values[worst]
-        if gap > 0 and gap >= min_gap:
-            pairs.append({"prompt": prompt, "chosen": group[best], "rejected": group[worst],
-                          "chosen_reward": values[best], "rejected_reward": values[worst], "n": n or len(group)})
-    return pairs
 
 
 def bonbon_pairs(model, tokenizer, prompts: list, reward, n: int, cfg: SamplingConfig,

@@ -19,10 +19,9 @@ import json
 from dataclasses import asdict
 
 from alignkit.decode.base import Compute, DecodeResult
-from alignkit.decode.bon import score_groups
 from alignkit.errors import AlignkitError
 from alignkit.generate.sample import SamplingConfig, sample_with_counts
-from alignkit.rewards.base import Reward, WeightedSum
+from alignkit.rewards.base import Reward, WeightedSum, score_groups
 
 REFERENCE_SEED_OFFSET = 1_000_003  # reference samples use a seed stream apart from the candidates'
 

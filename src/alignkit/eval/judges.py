@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.data.template import render_chat
-from alignkit.decode.base import eval_mode, left_pad
 from alignkit.errors import AlignkitError
+from alignkit.models.inference import eval_mode, left_pad
 
 
 class Judge:

@@ -12,7 +12,7 @@ import torch
 
 from alignkit.data.pack import pack, token_budget_batches
 from alignkit.data.tokenize import tokenize_records
-from alignkit.decode.base import eval_mode
+from alignkit.models.inference import eval_mode
 from alignkit.models.logprobs import response_logprobs
 from alignkit.models.lora import adapters_disabled
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from alignkit.data.template import render_chat
+from alignkit.models.inference import eval_mode
 
 
 @dataclass
@@ -80,8 +81,6 @@ def sample_with_counts(model, tokenizer, prompts: list, cfg: SamplingConfig, num
     the same samples; the global torch RNG is left as it was."""
     if getattr(model, "is_vllm", False):
         return model.sample(tokenizer, prompts, cfg, num_samples)
-    was_training = model.training
-    model.eval()
     texts = prompt_texts(tokenizer, prompts)
     end_ids = stop_token_ids(tokenizer, cfg.stop)
     padding_side = tokenizer.padding_side
@@ -90,7 +89,7 @@ def sample_with_counts(model, tokenizer, prompts: list, cfg: SamplingConfig, num
     device = next(model.parameters()).device
     do_sample = cfg.temperature > 0
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for start in range(0, len(texts), cfg.batch_size):
                 chunk = texts[start:start + cfg.batch_size]
                 enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -108,7 +107,6 @@ def sample_with_counts(model, tokenizer, prompts: list, cfg: SamplingConfig, num
                     out.num_tokens[start + j // num_samples].append(length)
     finally:
         tokenizer.padding_side = padding_side
-        model.train(was_training)
     return out
 
 

@@ -18,11 +18,11 @@ import random
 import re
 from dataclasses import replace
 
+from alignkit.data.pairs import best_worst_pairs
 from alignkit.data.template import render_chat
-from alignkit.decode.bon import score_groups
-from alignkit.decode.bonbon import best_worst_pairs
 from alignkit.errors import AlignkitError
 from alignkit.generate.sample import SamplingConfig, sample
+from alignkit.rewards.base import score_groups
 
 QUERY_MARKER = "ALIGNKIT_USER_QUERY_MARKER"
 

@@ -160,3 +160,8 @@ def needs(opts) -> frozenset[str]:
     "reference" (reference log-probs: online losses with a KL term), "values" (a value head: PPO)."""
     declared = getattr(opts, "needs", None)
     return frozenset(declared()) if declared is not None else frozenset()
+
+
+def logratios(inputs) -> tuple:
+    """(log pi/pi_ref of chosen, of rejected): the implicit rewards / beta of every pairwise loss."""
+    return inputs.chosen_logps - inputs.ref_chosen_logps, inputs.rejected_logps - inputs.ref_rejected_logps

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alignkit.errors import ConfigError
-from alignkit.losses.base import LossInputs, LossOutput, pair_reward_metrics
+from alignkit.losses.base import LossInputs, LossOutput, logratios, pair_reward_metrics
 
 
 def bonbon_beta(n: int) -> float:
@@ -35,8 +35,7 @@ def bonbon_loss(inputs: LossInputs, opts: BonBonOptions) -> LossOutput:
     from the intended formula: the released code's `bonbon` branch calls its preference loss without ipo=True
     (a DPO log-sigmoid term logged as IPO), and its config name `combined` never matches the trainer's `bonbon`.
     """
-    chosen_logratio = inputs.chosen_logps - inputs.ref_chosen_logps
-    rejected_logratio = inputs.rejected_logps - inputs.ref_rejected_logps
+    chosen_logratio, rejected_logratio = logratios(inputs)
     margin = chosen_logratio - rejected_logratio
     ipo = (margin - 1 / (2 * opts.beta)) ** 2
     sft = -inputs.chosen_logps

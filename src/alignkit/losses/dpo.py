@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from alignkit.losses.base import LossInputs, pair_reward_metrics
+from alignkit.losses.base import LossInputs, logratios, pair_reward_metrics
 
 
 @dataclass
@@ -21,8 +21,7 @@ def dpo_loss(inputs: LossInputs, opts: DPOOptions) -> tuple[torch.Tensor, dict[s
 
     DPO: arXiv 2305.18290 eq. 7; cDPO (label smoothing e): Mitchell 2023, "A note on DPO with noisy preferences".
     """
-    chosen_logratio = inputs.chosen_logps - inputs.ref_chosen_logps
-    rejected_logratio = inputs.rejected_logps - inputs.ref_rejected_logps
+    chosen_logratio, rejected_logratio = logratios(inputs)
     logits = opts.beta * (chosen_logratio - rejected_logratio)
     eps = opts.label_smoothing
     losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.errors import ConfigError
-from alignkit.losses.base import LossInputs, LossOutput, pair_reward_metrics
+from alignkit.losses.base import LossInputs, LossOutput, logratios, pair_reward_metrics
 
 
 @dataclass
@@ -50,8 +50,7 @@ def modpo_loss(inputs: LossInputs, opts: MODPOOptions) -> LossOutput:
     MODPO, arXiv 2310.03708 (official modpo_trainer.py::modpo_loss). With no other objective (margin 0, w0 = 1) it
     is DPO.
     """
-    chosen_logratio = inputs.chosen_logps - inputs.ref_chosen_logps
-    rejected_logratio = inputs.rejected_logps - inputs.ref_rejected_logps
+    chosen_logratio, rejected_logratio = logratios(inputs)
     margin = margin_from_other_rewards(inputs, opts).to(chosen_logratio.dtype)
     z = (opts.beta * (chosen_logratio - rejected_logratio) - margin) / opts.weight
     losses = torch.relu(1 - z) if opts.hinge else -F.logsigmoid(z)

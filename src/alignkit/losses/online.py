@@ -1,4 +1,4 @@
-"""Online RL losses: GRPO, RLOO, PPO (clipped policy + clipped value), and CREAM's consistency-weighted DPO.
+"""Online RL losses: GRPO, RLOO, PPO (clipped policy + clipped value).
 
 Pure functions of log-probabilities like every other loss; what a rollout adds (the rewards of k samples of one
 prompt in `scores`, behaviour-policy log-probs, PPO's advantages, returns and values) arrives in LossInputs, filled by
@@ -16,10 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from alignkit.errors import ConfigError
-from alignkit.losses.base import LossInputs, LossOutput, pair_reward_metrics
+from alignkit.losses.base import LossInputs, LossOutput
 
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "const-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -229,23 +228,3 @@ def ppo_loss(inputs: LossInputs, opts: PPOOptions) -> LossOutput:
         "clip_fraction": _per_example_mean(clipped, mask),
         **_kl_metrics(logps, inputs.ref_token_logps, mask),
     }
-
-
-@dataclass
-class CREAMOptions:
-    beta: float = 0.1
-
-
-def cream_loss(inputs: LossInputs, opts: CREAMOptions) -> LossOutput:
-    """l = -C log s(b h) - (1 - C) log s(-b h), h = (lw - lw_ref) - (ll - ll_ref), C = inputs.consistency in [0, 1]
-    (1 where absent: DPO): DPO whose label is trusted as far as two consecutive iterations' rankings agree.
-    CREAM, Wang et al. arXiv 2410.12735 (official code: sft_dpo_trainer.py, `dpo_consistency_dynamic`)."""
-    chosen_logratio = inputs.chosen_logps - inputs.ref_chosen_logps
-    rejected_logratio = inputs.rejected_logps - inputs.ref_rejected_logps
-    logits = opts.beta * (chosen_logratio - rejected_logratio)
-    consistency = inputs.consistency if inputs.consistency is not None else torch.ones_like(logits)
-    consistency = consistency.to(logits.device, logits.dtype)
-    losses = -consistency * F.logsigmoid(logits) - (1 - consistency) * F.logsigmoid(-logits)
-    metrics = pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
-    metrics["consistency"] = consistency.detach()
-    return losses, metrics

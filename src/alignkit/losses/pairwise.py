@@ -11,11 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.errors import ConfigError
-from alignkit.losses.base import LossInputs, LossOutput, RunningMean, pair_reward_metrics, sft_nll
-
-
-def _logratios(inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    return inputs.chosen_logps - inputs.ref_chosen_logps, inputs.rejected_logps - inputs.ref_rejected_logps
+from alignkit.losses.base import LossInputs, LossOutput, RunningMean, logratios, pair_reward_metrics, sft_nll
 
 
 @dataclass
@@ -29,7 +25,7 @@ def robust_dpo_loss(inputs: LossInputs, opts: RobustDPOOptions) -> LossOutput:
 
     rDPO, arXiv 2403.00409. A single example's loss can be negative.
     """
-    chosen_logratio, rejected_logratio = _logratios(inputs)
+    chosen_logratio, rejected_logratio = logratios(inputs)
     logits = opts.beta * (chosen_logratio - rejected_logratio)
     eps = opts.label_smoothing
     losses = (-(1 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1 - 2 * eps)
@@ -47,7 +43,7 @@ def ipo_loss(inputs: LossInputs, opts: IPOOptions) -> LossOutput:
 
     IPO, arXiv 2310.12036 eq. 17.
     """
-    chosen_logratio, rejected_logratio = _logratios(inputs)
+    chosen_logratio, rejected_logratio = logratios(inputs)
     if opts.length_normalize:
         margin = chosen_logratio / inputs.chosen_lengths - rejected_logratio / inputs.rejected_lengths
     else:
@@ -63,7 +59,7 @@ class HingeOptions:
 
 def hinge_loss(inputs: LossInputs, opts: HingeOptions) -> LossOutput:
     """l = max(0, 1 - b h): RSO's hinge-norm loss (TRL `hinge`). RSO, arXiv 2309.06657."""
-    chosen_logratio, rejected_logratio = _logratios(inputs)
+    chosen_logratio, rejected_logratio = logratios(inputs)
     losses = torch.relu(1 - opts.beta * (chosen_logratio - rejected_logratio))
     return losses, pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
 
@@ -90,7 +86,7 @@ class NCAOptions:
 
 def nca_pair_loss(inputs: LossInputs, opts: NCAOptions) -> LossOutput:
     """l = -log s(b r_w) - 1/2 log s(-b r_w) - 1/2 log s(-b r_l). NCA, arXiv 2402.05369."""
-    chosen_logratio, rejected_logratio = _logratios(inputs)
+    chosen_logratio, rejected_logratio = logratios(inputs)
     chosen_rewards, rejected_rewards = opts.beta * chosen_logratio, opts.beta * rejected_logratio
     losses = (
         -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
@@ -110,7 +106,7 @@ class EXOOptions:
 
 def exo_pair_loss(inputs: LossInputs, opts: EXOOptions) -> LossOutput:
     """l = KL(q || p), q = softmax(b r_w, b r_l) = (s(b h), s(-b h)), p = (1-e, e). EXO, arXiv 2402.00856 eq. 16."""
-    chosen_logratio, rejected_logratio = _logratios(inputs)
+    chosen_logratio, rejected_logratio = logratios(inputs)
     logits = opts.beta * (chosen_logratio - rejected_logratio)
     eps = torch.tensor(opts.label_smoothing, dtype=logits.dtype, device=logits.device)
     log_q_chosen, log_q_rejected = F.logsigmoid(logits), F.logsigmoid(-logits)
@@ -128,7 +124,7 @@ class DPOPOptions:
 
 def dpop_loss(inputs: LossInputs, opts: DPOPOptions) -> LossOutput:
     """l = -log s(b [h - lambda max(0, -r_w)]). DPO-Positive (Smaug), arXiv 2402.13228 eq. 3."""
-    chosen_logratio, rejected_logratio = _logratios(inputs)
+    chosen_logratio, rejected_logratio = logratios(inputs)
     penalty = torch.relu(-chosen_logratio)
     losses = -F.logsigmoid(opts.beta * (chosen_logratio - rejected_logratio - opts.dpop_lambda * penalty))
     metrics = pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
@@ -144,7 +140,7 @@ class RDPOOptions:
 
 def rdpo_loss(inputs: LossInputs, opts: RDPOOptions) -> LossOutput:
     """l = -log s(b h + alpha (n_w - n_l)): DPO for the reward r - alpha |y|. R-DPO, arXiv 2403.19159."""
-    chosen_logratio, rejected_logratio = _logratios(inputs)
+    chosen_logratio, rejected_logratio = logratios(inputs)
     length_gap = inputs.lengths[:, 0] - inputs.lengths[:, 1]
     losses = -F.logsigmoid(opts.beta * (chosen_logratio - rejected_logratio) + opts.alpha * length_gap)
     return losses, pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
@@ -163,7 +159,7 @@ def bco_pair_loss(inputs: LossInputs, opts: BCOPairOptions) -> LossOutput:
     `inputs.loss_state` is the one before this batch; the batch is absorbed (one value per batch) before
     use, and the state after it is returned in the metrics.
     """
-    chosen_logratio, rejected_logratio = _logratios(inputs)
+    chosen_logratio, rejected_logratio = logratios(inputs)
     chosen_rewards, rejected_rewards = opts.beta * chosen_logratio, opts.beta * rejected_logratio
     metrics = pair_reward_metrics(chosen_rewards, rejected_rewards)
     if opts.use_reward_shift:
@@ -187,9 +183,28 @@ class RPOOptions:
 
 def rpo_loss(inputs: LossInputs, opts: RPOOptions) -> LossOutput:
     """l = -log s(b h) - alpha l_w / n_w: DPO plus the chosen response's NLL. Iterative RPO, arXiv 2404.19733."""
-    chosen_logratio, rejected_logratio = _logratios(inputs)
+    chosen_logratio, rejected_logratio = logratios(inputs)
     nll = sft_nll(inputs.chosen_logps, inputs.lengths[:, 0], token_mean=opts.nll_token_mean)
     losses = -F.logsigmoid(opts.beta * (chosen_logratio - rejected_logratio)) + opts.nll_weight * nll
     metrics = pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
     metrics["nll"] = nll.detach()
+    return losses, metrics
+
+
+@dataclass
+class CREAMOptions:
+    beta: float = 0.1
+
+
+def cream_loss(inputs: LossInputs, opts: CREAMOptions) -> LossOutput:
+    """l = -C log s(b h) - (1 - C) log s(-b h), h = (lw - lw_ref) - (ll - ll_ref), C = inputs.consistency in [0, 1]
+    (1 where absent: DPO): DPO whose label is trusted as far as two consecutive iterations' rankings agree.
+    CREAM, Wang et al. arXiv 2410.12735 (official code: sft_dpo_trainer.py, `dpo_consistency_dynamic`)."""
+    chosen_logratio, rejected_logratio = logratios(inputs)
+    logits = opts.beta * (chosen_logratio - rejected_logratio)
+    consistency = inputs.consistency if inputs.consistency is not None else torch.ones_like(logits)
+    consistency = consistency.to(logits.device, logits.dtype)
+    losses = -consistency * F.logsigmoid(logits) - (1 - consistency) * F.logsigmoid(-logits)
+    metrics = pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
+    metrics["consistency"] = consistency.detach()
     return losses, metrics

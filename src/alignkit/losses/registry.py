@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from alignkit.data.load import DATA_SHAPES
 from alignkit.errors import ConfigError
 from alignkit.losses import (
     bonbon,
@@ -24,12 +25,6 @@ from alignkit.losses import (
 from alignkit.losses.base import RunningMean, needs
 from alignkit.losses.dpo import DPOOptions, dpo_loss
 from alignkit.losses.sft import SFTOptions, sft_loss
-
-# Data shapes: "pairs" (prompt, chosen, rejected), "unpaired" (prompt, completion, label),
-# "lists" (prompt, responses[k], scores[k]), "sft" (prompt, completion); "rollouts": a prompt with k responses sampled
-# by the policy and their rewards, made by alignkit.online (`alignkit online`), never read from a file.
-# "negatives" (prompt, rejected, samples[K]: the starting model's own samples; D2O).
-DATA_SHAPES = ("pairs", "unpaired", "lists", "sft", "rollouts", "negatives")
 
 
 @dataclass(frozen=True)
@@ -108,7 +103,7 @@ register(LossSpec("rloo", online.rloo_loss, online.RLOOOptions, "rollouts", True
 register(LossSpec("ppo", online.ppo_loss, online.PPOOptions, "rollouts", True, "arXiv 1707.06347, 2307.04964",
                   needs_token_logps=True))
 # CREAM: DPO weighted by the consistency of two iterations' rankings (`alignkit online --method self-reward`).
-register(LossSpec("cream", online.cream_loss, online.CREAMOptions, "pairs", True, "arXiv 2410.12735"))
+register(LossSpec("cream", pairwise.cream_loss, pairwise.CREAMOptions, "pairs", True, "arXiv 2410.12735"))
 
 
 def get_loss(name: str) -> LossSpec:

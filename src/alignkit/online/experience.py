@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from alignkit.data.pack import PackedBatch
+from alignkit.data.pairs import best_worst
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.losses import LossInputs
 from alignkit.losses.base import needs
@@ -178,12 +179,8 @@ def preference_pairs(rewards: torch.Tensor, mode: str = "best-worst") -> list[tu
     for b, row in enumerate(rewards.tolist()):
         valid = [i for i, r in enumerate(row) if not math.isnan(r)]
         if mode == "best-worst":
-            if len(valid) < 2:
-                continue
-            best = max(valid, key=lambda i: (row[i], -i))
-            worst = min(valid, key=lambda i: (row[i], i))
-            if row[best] > row[worst]:
-                triples.append((b, best, worst))
+            chosen = best_worst(row)
+            triples += [(b, *chosen)] if chosen is not None else []
         else:
             triples += [(b, i, j) for i in valid for j in valid if row[i] > row[j]]
     return triples

@@ -19,12 +19,14 @@ from rich.table import Table
 
 from alignkit.config import SamplingOptions, Strict, TrainConfig, load_command_config
 from alignkit.data.load import load_records, write_jsonl_atomic
+from alignkit.data.pairs import best_worst_pairs
 from alignkit.eval.metrics import bootstrap_mean_ci, distinct_n, mean_words, win_rate
 from alignkit.eval.plots import plot_curves
 from alignkit.eval.report import write_html_report
 from alignkit.generate.sample import SamplingConfig, sample
-from alignkit.rewards.base import WeightedSum
-from alignkit.rewards.text import EndsCleanly, LengthPenalty, VaderSentiment
+from alignkit.rewards.base import score_groups
+from alignkit.rewards.spec import default_reward  # noqa: F401 - the main job's reward, importable from here
+from alignkit.rewards.text import VaderSentiment
 from alignkit.train.logging import read_metrics
 from alignkit.train.loop import train
 
@@ -48,24 +50,11 @@ class AlignConfig(Strict):
     seed: int = 0
 
 
-def default_reward() -> WeightedSum:
-    return WeightedSum([(VaderSentiment(), 1.0), (LengthPenalty(max_words=30, per_word=0.05), 1.0), (EndsCleanly(), 0.25)])
-
-
 def build_pairs(prompts: list, samples: list[list[str]], reward, min_gap: float) -> tuple[list[dict], list[float]]:
-    """Best vs worst of each prompt's samples, by reward; prompts whose gap is below min_gap give no pair."""
-    flat_prompts = [p for p, group in zip(prompts, samples) for _ in group]
-    flat_scores = reward(flat_prompts, [s for group in samples for s in group])
-    pairs, i = [], 0
-    for prompt, group in zip(prompts, samples):
-        scores = flat_scores[i:i + len(group)]
-        i += len(group)
-        best = max(range(len(group)), key=scores.__getitem__)
-        worst = min(range(len(group)), key=scores.__getitem__)
-        if scores[best] - scores[worst] >= min_gap and group[best].strip() and group[worst].strip():
-            pairs.append({"prompt": prompt, "chosen": group[best], "rejected": group[worst],
-                          "chosen_reward": scores[best], "rejected_reward": scores[worst]})
-    return pairs, flat_scores
+    """Best vs worst of each prompt's samples, by reward; prompts whose gap is below min_gap (or 0) give no pair."""
+    scores = score_groups(reward, prompts, samples)
+    pairs = [{k: v for k, v in p.items() if k != "n"} for p in best_worst_pairs(prompts, samples, scores, min_gap)]
+    return pairs, [s for group in scores for s in group]
 
 
 def run_align(config: str | Path | None = None, overrides: dict[str, Any] | None = None,

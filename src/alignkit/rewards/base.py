@@ -48,3 +48,13 @@ class WeightedSum(Reward):
 
     def components(self, prompts, responses) -> dict[str, list[float]]:
         return {reward.name: reward(prompts, responses) for reward, _ in self.parts}
+
+
+def score_groups(reward, prompts: list, groups: list[list[str]]) -> list[list[float]]:
+    """reward of every response of every prompt, in one call of the reward."""
+    flat = reward([p for p, group in zip(prompts, groups) for _ in group], [r for group in groups for r in group])
+    out, i = [], 0
+    for group in groups:
+        out.append(flat[i:i + len(group)])
+        i += len(group)
+    return out

@@ -11,6 +11,7 @@ from alignkit.data.load import load_records
 from alignkit.data.pack import pack, token_budget_batches
 from alignkit.data.tokenize import TokenizedExample, tokenize_record, tokenize_records
 from alignkit.losses.base import pair_reward_metrics
+from alignkit.models.inference import eval_mode
 from alignkit.models.reward import load_reward_model, prepare_reward_examples, sequence_rewards
 from alignkit.rewards.base import Reward
 
@@ -53,14 +54,12 @@ class RewardModelScorer(Reward):
     def score_examples(self, examples: list[TokenizedExample]) -> torch.Tensor:
         """[n, k] rewards of tokenised examples (k responses each), without gradients, in eval mode."""
         examples = prepare_reward_examples(self.model, self.tokenizer, examples, self.max_length)
-        was_training = self.model.training
-        self.model.eval()
         rewards = torch.zeros(len(examples), len(examples[0].response_ids))
-        for indices in token_budget_batches(examples, self.max_tokens_per_batch, seed=0, shuffle=False):
-            batch = pack([examples[i] for i in indices], indices, max_tokens_per_row=self.max_tokens_per_row,
-                         pad_token_id=self.pad_token_id)
-            rewards[indices] = sequence_rewards(self.model, batch).float().cpu()
-        self.model.train(was_training)
+        with eval_mode(self.model):
+            for indices in token_budget_batches(examples, self.max_tokens_per_batch, seed=0, shuffle=False):
+                batch = pack([examples[i] for i in indices], indices, max_tokens_per_row=self.max_tokens_per_row,
+                             pad_token_id=self.pad_token_id)
+                rewards[indices] = sequence_rewards(self.model, batch).float().cpu()
         return rewards
 
 

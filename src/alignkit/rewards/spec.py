@@ -30,8 +30,6 @@ def load_reward(spec: str, key: str = "reward") -> Reward:
         from alignkit.rewards.text import EndsCleanly, LengthPenalty, VaderSentiment
 
         if spec == "align":
-            from alignkit.recipes.align import default_reward
-
             return default_reward()
         return {"vader": VaderSentiment, "length": LengthPenalty, "format": EndsCleanly}[spec]()
     if Path(spec).is_dir():
@@ -56,3 +54,11 @@ def load_object(spec: str, key: str):
     except (ImportError, AttributeError) as err:
         raise ConfigError(key, f"cannot import '{spec}': {err}") from None
     return obj() if isinstance(obj, type) else obj
+
+
+def default_reward():
+    """The main job's reward (`align`): VADER sentiment, a length penalty past 30 words, a bonus for ending cleanly."""
+    from alignkit.rewards.base import WeightedSum
+    from alignkit.rewards.text import EndsCleanly, LengthPenalty, VaderSentiment
+
+    return WeightedSum([(VaderSentiment(), 1.0), (LengthPenalty(max_words=30, per_word=0.05), 1.0), (EndsCleanly(), 0.25)])

@@ -24,6 +24,7 @@ from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses import LossInputs, build_options, get_loss
 from alignkit.losses.sft import SFTOptions, sft_loss
 from alignkit.models.attention import attention_implementation, default_row_tokens, loadable_attention
+from alignkit.models.inference import eval_mode
 from alignkit.models.lora import merged_for_save
 from alignkit.models.reward import prepare_reward_examples, sequence_rewards
 from alignkit.train.checkpoint import (
@@ -136,18 +137,17 @@ def compute_losses(model, batch: PackedBatch, examples: list[TokenizedExample], 
 @torch.no_grad()
 def evaluate(model, examples, spec, opts, ref: Reference | None, cfg: TrainConfig, pad_token_id: int,
              loss_state=None) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
     sums: dict[str, float] = {}
     loss_sum = 0.0
     mean_lengths = mean_trained_lengths(examples, range(len(examples)))
-    for indices in eval_batches(examples, cfg):
-        batch = pack_batch(examples, indices, cfg, pad_token_id, spec, opts)
-        with autocast(cfg, model):
-            losses, metrics = compute_losses(model, batch, examples, spec, opts, ref, cfg, mean_lengths, loss_state)
-        loss_sum += float(losses.sum())
-        accumulate(sums, metrics)
-    model.train(was_training)
+    with eval_mode(model):
+        for indices in eval_batches(examples, cfg):
+            batch = pack_batch(examples, indices, cfg, pad_token_id, spec, opts)
+            with autocast(cfg, model):
+                losses, metrics = compute_losses(model, batch, examples, spec, opts, ref, cfg, mean_lengths,
+                                                 loss_state)
+            loss_sum += float(losses.sum())
+            accumulate(sums, metrics)
     result = {"eval/" + k: v for k, v in mean_metrics(sums, len(examples)).items()}
     result["eval/loss"] = loss_sum / len(examples)
     return result

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from alignkit.data.pack import mismatched_partners, pack, token_budget_batches, with_mismatched_completions
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import AlignkitError
+from alignkit.models.inference import eval_mode
 from alignkit.models.logprobs import response_logprobs
 from alignkit.models.lora import adapters_disabled
 
@@ -107,25 +108,23 @@ def score_examples(model, examples: list[TokenizedExample], max_tokens_per_batch
                    pad_token_id: int, precision: str = "fp32", chunk_size: int = 1024, with_values: bool = False):
     """Per-sequence [n, k] and per-token (one flat tensor per example) log-probs, without gradients, in eval mode;
     with_values (a PolicyWithValueHead: PPO's behaviour policy): also its per-token values, flat per example."""
-    was_training = model.training
-    model.eval()
     k = len(examples[0].response_ids)
     seq_logps = torch.zeros(len(examples), k)
     token_logps: list[torch.Tensor] = [torch.empty(0)] * len(examples)
     values: list[torch.Tensor] = [torch.empty(0)] * len(examples)
     device = next(model.parameters()).device
-    for indices in token_budget_batches(examples, max_tokens_per_batch, seed=0, shuffle=False):
-        batch = pack([examples[i] for i in indices], indices, max_tokens_per_row, pad_token_id)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = response_logprobs(model, batch, chunk_size)
-        seq_logps[indices] = out.seq_logps.float().cpu()
-        counts = out.lengths.sum(1).long().tolist()
-        for i, part in zip(indices, torch.split(out.token_logps.float().cpu(), counts)):
-            token_logps[i] = part
-        if with_values:
-            for i, part in zip(indices, torch.split(out.values.float().cpu(), counts)):
-                values[i] = part
-    model.train(was_training)
+    with eval_mode(model):
+        for indices in token_budget_batches(examples, max_tokens_per_batch, seed=0, shuffle=False):
+            batch = pack([examples[i] for i in indices], indices, max_tokens_per_row, pad_token_id)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                out = response_logprobs(model, batch, chunk_size)
+            seq_logps[indices] = out.seq_logps.float().cpu()
+            counts = out.lengths.sum(1).long().tolist()
+            for i, part in zip(indices, torch.split(out.token_logps.float().cpu(), counts)):
+                token_logps[i] = part
+            if with_values:
+                for i, part in zip(indices, torch.split(out.values.float().cpu(), counts)):
+                    values[i] = part
     return (seq_logps, token_logps, values) if with_values else (seq_logps, token_logps)
 
 
