@@ -25,6 +25,7 @@ from safetensors.torch import load_model, save_model
 
 from alignkit.errors import ConfigError
 from alignkit.generate.sample import SamplingConfig, sample
+from alignkit.models.lora import merged_for_save
 from alignkit.models.value_head import PolicyWithValueHead
 from alignkit.online.advantages import RunningMoments
 from alignkit.online.config import OnlineConfig, command_help, method_loss, online_config
@@ -53,7 +54,9 @@ from alignkit.train.step import Stepper, prepare_model
 log = logging.getLogger("alignkit.online")
 
 METHODS = tuple(ONLINE_METHODS)
-VALUE_HEAD_FILE, REFERENCE_FILE, PREVIOUS_FILE = "value_head.safetensors", "reference.safetensors", "previous.safetensors"
+# In a checkpoint, in sub-folders: its top-level *.safetensors are all loaded as the policy.
+VALUE_HEAD_FILE, REFERENCE_FILE, PREVIOUS_FILE = ("value_head/model.safetensors", "reference/model.safetensors",
+                                                  "previous_reference/model.safetensors")
 
 
 @dataclass
@@ -219,10 +222,11 @@ def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, jud
     after = evaluate_policy(policy, tokenizer, eval_prompts, reward, eval_sampling, cfg.eval_samples,
                             snapshots.initial, cfg.max_length, kl=True)
     summary = _summary(cfg, before, after, rows)
+    policy = merged_for_save(policy, cfg.lora.save if cfg.lora is not None else "merged")
     if ctx.is_main:
         save_final(policy, tokenizer, out_dir / "final")
         if method.value_head:
-            save_model(trained.value_head, str(out_dir / "final" / VALUE_HEAD_FILE))
+            save_model(trained.value_head, str(out_dir / "final" / "value_head.safetensors"))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return OnlineResult(policy, tokenizer, summary, rows, out_dir, trained.value_head if method.value_head else None)
 

@@ -1,0 +1,343 @@
+"""Online training has what offline training has, through the same step (train/step.py): LR warmup and schedule, the
+fused AdamW, on_nonfinite abort|skip, bf16 autocast, gradient checkpointing, LoRA (reference = adapters off), torchrun
+DDP equal to one process, checkpoints every N rounds that resume exactly after a SIGKILL, and a resume with a changed
+config refused, naming the keys. Also: loss options and dotted keys on `alignkit online`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from alignkit.cli import main
+from alignkit.data.load import write_jsonl_atomic
+from alignkit.errors import AlignkitError, ConfigError
+from alignkit.generate.sample import SamplingConfig
+from alignkit.models.lora import is_peft
+from alignkit.online import online_config, run_online
+from alignkit.online import run as online_run
+from alignkit.online.experience import Scorer
+from alignkit.online.rollout import generate_rollout
+from alignkit.rewards.base import Reward
+from alignkit.train.distributed import Dist
+from alignkit.train.logging import read_metrics
+from alignkit.train.reference import score_examples
+from alignkit.train.step import Stepper, lr_lambda
+from synthetic_task import SENTIMENT, prompts, single_thread, trained_task
+
+TIMING = ("time/", "samples_per_s", "tokens_per_s")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def task():
+    return trained_task()
+
+
+def values(method: str, out, **overrides) -> dict:
+    base = dict(method=method, model="tiny", prompts="-", output_dir=str(out), rounds=4, prompts_per_round=8,
+                num_samples=4, max_new_tokens=10, max_length=64, max_tokens_per_batch=1024, max_tokens_per_row=512,
+                learning_rate=1e-3, eval_samples=1, progress=False)
+    return {**base, **overrides}
+
+
+def run(task, method: str, out, model=None, reward=SENTIMENT, **overrides):
+    cfg = online_config(values(method, out, **overrides))
+    return run_online(cfg, model if model is not None else copy.deepcopy(task.model), task.tokenizer,
+                      prompts=prompts(64, seed=31), eval_prompts=prompts(8, seed=32), reward=reward)
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in rows]
+
+
+def rollout_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+
+
+# ---- the schedule, the optimizer, the guards, precision, checkpointing ----
+
+
+def test_online_steps_follow_the_warmup_and_schedule_with_the_fused_adamw(task, tmp_path):
+    result = run(task, "grpo", tmp_path, rounds=4, epochs=2, lr_schedule="linear", warmup_steps=2)
+    cfg = online_config(values("grpo", tmp_path, rounds=4, epochs=2, lr_schedule="linear", warmup_steps=2))
+    factor = lr_lambda(cfg, 8)
+    # each round runs 2 steps; a round logs the mean of its steps' rates (each the next step's, as offline)
+    expected = [1e-3 * (factor(2 * r + 1) + factor(2 * r + 2)) / 2 for r in range(4)]
+    assert [row["lr"] for row in result.rounds] == pytest.approx(expected, rel=1e-9)
+    assert [row["updates"] for row in result.rounds] == [2, 2, 2, 2]
+    stepper = Stepper.build(task.model, cfg, Dist(), 8)
+    assert stepper.optimizer.defaults["fused"] is True  # the offline loop's fused AdamW, not the default one
+
+
+class NaNOnce(Reward):
+    """The task's reward, but NaN for every sample of the `bad`-th rollout (call 1 is the starting evaluation)."""
+
+    def __init__(self, bad: int):
+        self.calls, self.bad = 0, bad
+
+    def score(self, prompts, responses):
+        self.calls += 1
+        return [math.nan if self.calls == self.bad else r for r in SENTIMENT(prompts, responses)]
+
+
+def test_online_non_finite_step_is_skipped_or_aborts(task, tmp_path):
+    with pytest.raises(AlignkitError, match="loss is nan"):
+        run(task, "rloo", tmp_path / "abort", reward=NaNOnce(bad=3), rounds=3)
+    model = copy.deepcopy(task.model)
+    seen = []
+    real = online_run._round
+
+    def spy(*args, **kwargs):  # the weights before each round
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real(*args, **kwargs)
+
+    online_run._round = spy
+    try:
+        result = run(task, "rloo", tmp_path / "skip", model=model, reward=NaNOnce(bad=3), rounds=3,
+                     on_nonfinite="skip")
+    finally:
+        online_run._round = real
+    rows = result.rounds
+    assert rows[1]["skipped"] == 1 and "loss" not in rows[1] and rows[2]["skipped_steps"] == 1
+    assert all(torch.equal(seen[1][k], seen[2][k]) for k in seen[1])  # round 2 changed nothing
+    assert not all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])  # round 1 did train
+
+
+def test_bf16_and_gradient_checkpointing_online(task, tmp_path):
+    plain = run(task, "grpo", tmp_path / "fp32", rounds=2)
+    checkpointed = run(task, "grpo", tmp_path / "gc", rounds=2, gradient_checkpointing=True)
+    # recomputing activations changes nothing but memory: the same rollouts, losses and gradients
+    assert rollout_lines(tmp_path / "gc") == rollout_lines(tmp_path / "fp32")
+    for a, b in zip(checkpointed.rounds, plain.rounds):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                    rel=1e-4)
+    bf16 = run(task, "grpo", tmp_path / "bf16", rounds=1, precision="bf16")
+    first = bf16.rounds[0]
+    # the same first rollout (sampling is not autocast), and a loss close to fp32's on it
+    assert rollout_lines(tmp_path / "bf16")[0] == rollout_lines(tmp_path / "fp32")[0]
+    assert math.isfinite(first["loss"]) and first["loss"] == pytest.approx(plain.rounds[0]["loss"], abs=0.02)
+    assert first["grad_norm"] == pytest.approx(plain.rounds[0]["grad_norm"], rel=0.1)
+
+
+# ---- LoRA ----
+
+
+def test_lora_online_trains_adapters_against_the_base_as_reference(task, tmp_path):
+    start = copy.deepcopy(task.model)
+    result = run(task, "grpo", tmp_path, rounds=3, lora={"r": 4, "alpha": 8, "save": "adapter"}, kl_coef=0.1,
+                 learning_rate=5e-3)
+    policy = result.model
+    assert is_peft(policy)
+    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+            for k, v in policy.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(base[k], v) for k, v in start.state_dict().items())  # the base never moved
+    assert any(float(p.abs().sum()) > 0 for n, p in policy.named_parameters() if "lora_B" in n)  # adapters did
+    # the reference of a LoRA run is the policy with its adapters off: exactly the starting model's log-probs
+    cfg = online_config(values("grpo", tmp_path, lora={"r": 4}))
+    rollout = generate_rollout(start, task.tokenizer, prompts(4, seed=5), SENTIMENT, 2,
+                               SamplingConfig(max_new_tokens=8, seed=1), max_length=64)
+    scorer = Scorer(policy, policy, cfg, task.tokenizer.pad_token_id)
+    ref_seq, _ = scorer.reference(None, rollout.examples)
+    start_seq, _ = score_examples(start, rollout.examples, 1024, 512, task.tokenizer.pad_token_id)
+    torch.testing.assert_close(ref_seq, start_seq, rtol=0, atol=1e-5)
+    policy_seq, _ = scorer.behaviour(rollout.examples)
+    assert not torch.allclose(policy_seq, start_seq, atol=1e-3)
+    assert result.summary["kl_to_start"] > 0
+    assert (tmp_path / "final" / "adapter_model.safetensors").exists()
+    with pytest.raises(ConfigError, match="ref_update_every"):
+        run(task, "online-dpo", tmp_path / "x", lora={"r": 4}, ref_update_every=1)
+
+
+# ---- resume ----
+
+
+def test_ppo_crash_and_resume_restores_value_head_moments_and_optimizer(task, tmp_path):
+    common = dict(rounds=4, save_every=1, epochs=2, keep_last=5)
+    straight = run(task, "ppo", tmp_path / "straight", **common)
+    real, calls = online_run._learn, [0]
+
+    def crash_in_round_3(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    online_run._learn = crash_in_round_3
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(task, "ppo", tmp_path / "crashed", **common)
+    finally:
+        online_run._learn = real
+    assert sorted(p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir()) == ["step-00000001",
+                                                                                       "step-00000002"]
+    resumed = run(task, "ppo", tmp_path / "crashed", **common)
+    assert [r["round"] for r in resumed.rounds] == [3, 4]
+    assert without_timing(read_metrics(tmp_path / "crashed")) == without_timing(read_metrics(tmp_path / "straight"))
+    assert rollout_lines(tmp_path / "crashed") == rollout_lines(tmp_path / "straight")
+    assert torch.equal(resumed.value_head.linear.weight, straight.value_head.linear.weight)
+    final, expected = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("crashed", "straight"))
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    assert resumed.summary["reward_start"] == straight.summary["reward_start"]  # the saved starting evaluation
+
+
+def write_online_config(root: Path, task, name: str, **overrides) -> str:
+    settings = {"rounds": 8, "prompts_per_round": 16, "save_every": 1, "epochs": 2, **overrides}
+    config = values("grpo", root / name, model=str(root / "model"), prompts=str(root / "prompts.jsonl"),
+                    reward="synthetic", **settings)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_online_sigkill_at_a_random_round_then_resume_is_exact(task, tmp_path):
+    model = copy.deepcopy(task.model)
+    model.config.attention_dropout = 0.1  # training draws random numbers: resuming must restore the RNG too
+    model.save_pretrained(tmp_path / "model")
+    task.tokenizer.save_pretrained(tmp_path / "model")
+    write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts(64, seed=31)])
+    kill_after = random.randint(2, 5)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    config = write_online_config(tmp_path, task, "killed")
+    job = subprocess.Popen([sys.executable, "-m", "alignkit.cli", "online", "--config", config], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+
+    def logged():
+        try:
+            return sum(1 for line in metrics.read_text().splitlines() if line.endswith("}"))
+        except FileNotFoundError:
+            return 0
+
+    while logged() < kill_after and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    job.send_signal(signal.SIGKILL)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == -signal.SIGKILL, f"the run ended before the kill (round {kill_after}):\n{stderr[-3000:]}"
+    killed_at = logged()
+    assert kill_after <= killed_at < 8 and not (tmp_path / "killed" / "final").exists()
+
+    assert main(["online", "--config", config]) == 0  # resumes
+    assert main(["online", "--config", write_online_config(tmp_path, task, "straight", save_every=0)]) == 0
+    resumed, straight = read_metrics(tmp_path / "killed"), read_metrics(tmp_path / "straight")
+    assert [r["step"] for r in resumed] == list(range(1, 9)), f"killed after round {killed_at}"
+    assert without_timing(resumed) == without_timing(straight), f"killed after round {killed_at}"
+    assert rollout_lines(tmp_path / "killed") == rollout_lines(tmp_path / "straight")  # the same sampled texts
+    final, expected = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("killed", "straight"))
+    assert all(torch.equal(final[k], expected[k]) for k in expected), f"killed after round {killed_at}"
+
+
+def test_a_resume_with_a_changed_config_is_refused_naming_the_keys(task, tmp_path, capsys):
+    model = copy.deepcopy(task.model)
+    model.save_pretrained(tmp_path / "model")
+    task.tokenizer.save_pretrained(tmp_path / "model")
+    write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts(64, seed=31)])
+    config = write_online_config(tmp_path, task, "run", rounds=3, prompts_per_round=4)
+    assert main(["online", "--config", config]) == 0  # leaves the checkpoints of rounds 1 and 2
+    saved = (tmp_path / "run" / "config.json").read_text()
+    assert main(["online", "--config", config, "--kl_coef", "0.2", "--seed", "3", "--progress", "true"]) == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "changed: loss_options.kl_coef, seed" in err and "progress" not in err.split("changed:")[1]
+    assert (tmp_path / "run" / "config.json").read_text() == saved  # nothing rewritten
+    assert main(["online", "--config", config, "--log_every", "2"]) == 0  # bookkeeping keys may change
+
+
+def test_an_offline_resume_with_a_changed_config_is_refused(tmp_path, capsys):
+    from alignkit.data.synthetic import VOCABULARY, preference_records
+    from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(VOCABULARY)
+    build_tiny_model("llama", len(tokenizer), hidden=32, layers=1).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    write_jsonl_atomic(tmp_path / "pairs.jsonl", preference_records(16, seed=1))
+    args = ["dpo", "--model", str(tmp_path / "model"), "--train_data", str(tmp_path / "pairs.jsonl"), "--output_dir",
+            str(tmp_path / "run"), "--max_steps", "3", "--save_every", "1", "--max_tokens_per_batch", "80",
+            "--ref_cache", "false", "--progress", "false"]
+    assert main(args) == 0
+    assert main([*args, "--beta", "0.3", "--max_tokens_per_batch", "160"]) == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "changed: loss_options.beta, max_tokens_per_batch" in err
+
+
+# ---- the config vocabulary ----
+
+
+def test_loss_options_and_dotted_keys_on_alignkit_online(tmp_path, capsys):
+    cfg = online_config(None, {"method": "grpo", "model": "m", "prompts": "p", "kl_coef": 0.1, "epsilon_high": 0.28,
+                               "sampling.temperature": 0.7, "top_p": 0.9, "lora.r": 4})
+    assert cfg.loss_options == {"kl_coef": 0.1, "epsilon_high": 0.28}
+    assert (cfg.sampling.temperature, cfg.sampling.top_p, cfg.lora.r) == (0.7, 0.9, 4)
+    # ppo's options are ppo's, not grpo's
+    assert online_config(None, {"method": "ppo", "model": "m", "prompts": "p", "vf_coef": 0.5}).loss_options == {
+        "vf_coef": 0.5}
+    common = ["online", "--method", "grpo", "--model", "m", "--prompts", "p", "--output_dir", str(tmp_path / "o")]
+    assert main([*common, "--vf_coef", "0.5"]) == 2  # a ppo option is unknown to grpo
+    assert "'vf_coef': unknown key" in capsys.readouterr().err
+    assert main([*common, "--sampling.temprature", "0.5"]) == 2
+    assert "'sampling.temprature': unknown key" in capsys.readouterr().err
+    assert main([*common, "--generation_batch_size", "4"]) == 2
+    assert "renamed: use sampling.batch_size" in capsys.readouterr().err
+    assert main([*common, "--kl_coef", "nan"]) == 2
+    assert "kl_coef" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main(["online", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--sampling.temperature" in out and "--lr_schedule" in out and "--lora" in out
+
+
+# ---- several processes ----
+
+WORKER = '''
+import sys
+import torch.distributed as dist
+from alignkit.cli import main
+
+dist.init_process_group("gloo")
+if main(["online", "--config", sys.argv[1]]) != 0:
+    raise SystemExit("online failed")
+dist.destroy_process_group()
+'''
+
+
+def test_online_ddp_two_processes_equal_one(task, tmp_path):
+    model = copy.deepcopy(task.model)
+    model.save_pretrained(tmp_path / "model")
+    task.tokenizer.save_pretrained(tmp_path / "model")
+    write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts(64, seed=31)])
+    # each rank samples 4 of the round's 8 prompts, in generate calls of 2 prompts seeded by their place in the round
+    common = dict(rounds=3, prompts_per_round=8, epochs=1, minibatches=2, save_every=0, max_tokens_per_batch=200,
+                  sampling={"batch_size": 2})
+    ddp = write_online_config(tmp_path, task, "ddp", **common)
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(tmp_path / "worker.py"), ddp], env=env, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]
+    assert main(["online", "--config", write_online_config(tmp_path, task, "single", **common)]) == 0
+    assert rollout_lines(tmp_path / "ddp") == rollout_lines(tmp_path / "single")  # the same rollouts
+    ours, theirs = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "single")
+    assert len(ours) == len(theirs) == 3
+    for a, b in zip(ours, theirs):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4, abs=1e-5)
+    final, expected = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("ddp", "single"))
+    for key in expected:
+        torch.testing.assert_close(final[key], expected[key], rtol=0, atol=1e-5)
