@@ -25,7 +25,7 @@ from alignkit.config import TrainConfig
 from alignkit.data.load import write_jsonl_atomic
 from alignkit.data.synthetic import VOCABULARY, prompt_records, sentiment_reward, sft_records
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
-from alignkit.online import OnlineConfig, run_online
+from alignkit.online import online_config, run_online
 from alignkit.rewards.base import FunctionReward, Reward
 from alignkit.train.loop import train
 
@@ -56,10 +56,10 @@ def sft_model(args, work: Path):
 
 def run_method(method: str, model, tokenizer, args, work: Path) -> dict:
     options = {"self-reward": {"consistency": "kendall", "epochs": 2, "learning_rate": args.lr / 2}}.get(method, {})
-    cfg = OnlineConfig(**{
+    cfg = online_config({
         "method": method, "model": "tiny", "prompts": "-", "output_dir": str(work / method), "rounds": args.rounds,
         "prompts_per_round": args.prompts_per_round, "num_samples": args.samples, "max_new_tokens": 16,
-        "max_length": 64, "learning_rate": args.lr, "generation_batch_size": args.prompts_per_round,
+        "max_length": 64, "learning_rate": args.lr, "sampling.batch_size": args.prompts_per_round,
         "max_tokens_per_batch": 4096, "max_tokens_per_row": 1024, "eval_samples": 2, "progress": False, **options})
     reward = FunctionReward(lambda prompt, response: sentiment_reward(response), name="synthetic")
     tic = time.perf_counter()

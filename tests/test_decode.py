@@ -29,20 +29,12 @@ from alignkit.losses.base import LossInputs
 from alignkit.losses.bonbon import BonBonOptions, bonbon_beta, bonbon_loss
 from alignkit.losses.pairwise import IPOOptions, ipo_loss
 from alignkit.rewards.base import FunctionReward, WeightedSum
-from synthetic_task import SENTIMENT, aligned_model, prompts, single_thread, trained_task
+from synthetic_task import SENTIMENT, aligned_model, prompts
 
 SAMPLING = SamplingConfig(max_new_tokens=10, batch_size=32, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def task():
-    return trained_task()
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny models run on one thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -31,18 +31,9 @@ from alignkit.eval.metrics import length_stats, win_rate
 from alignkit.generate.sample import SamplingConfig, sample
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
 from alignkit.rewards.base import FunctionReward
-from synthetic_task import SENTIMENT, aligned_model, prompts, single_thread, trained_task
+from synthetic_task import SENTIMENT, aligned_model, prompts
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def task():
-    return trained_task()
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny models run on one thread (tests/conftest.py)
 
 
 def first_position_bias(bonus: float):

@@ -26,20 +26,12 @@ from alignkit.generate.synth import (
 )
 from alignkit.generate.vllm_backend import load_generator, vllm_available
 from alignkit.recipes.decoding import run_generate
-from synthetic_task import SENTIMENT, prompts, single_thread, trained_task
+from synthetic_task import SENTIMENT, prompts
 
 PROMPT_PATTERN = re.compile(rf"^(review|describe|rate|tell) (my|your|the|latest) ({'|'.join(TOPICS)}) :$")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def task():
-    return trained_task()
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny models run on one thread (tests/conftest.py)
 
 
 def test_same_seed_same_samples_other_seed_other_samples(task):

@@ -35,20 +35,12 @@ from alignkit.train.distributed import Dist
 from alignkit.train.logging import read_metrics
 from alignkit.train.reference import score_examples
 from alignkit.train.step import Stepper, lr_lambda
-from synthetic_task import SENTIMENT, prompts, single_thread, trained_task
+from synthetic_task import SENTIMENT, prompts
 
 TIMING = ("time/", "samples_per_s", "tokens_per_s")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def task():
-    return trained_task()
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny models run on one thread (tests/conftest.py)
 
 
 def values(method: str, out, **overrides) -> dict:

@@ -37,7 +37,7 @@ from alignkit.online.run import Snapshots, _learn
 from alignkit.rewards.base import Reward
 from alignkit.train.distributed import Dist
 from alignkit.train.step import Stepper
-from synthetic_task import SENTIMENT, prompts, single_thread, trained_task
+from synthetic_task import SENTIMENT, prompts
 
 # Measured with these settings (fixed seeds, one thread): reward 0.029 at the start; after 10 rounds of 16 prompts x 4
 # samples, lr 1e-3: grpo 0.248 (KL 0.94 nats), rloo 0.255 (0.76), ppo 0.241 (0.96), online-dpo 0.228 (0.94).
@@ -45,15 +45,7 @@ MIN_GAIN = 0.1
 MAX_KL = 2.5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def task():
-    return trained_task()
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny models run on one thread (tests/conftest.py)
 
 
 def online_config(method: str, out, **overrides):

@@ -2,7 +2,7 @@
 
 Pure functions of log-probabilities like every other loss; what a rollout adds (the rewards of k samples of one
 prompt in `scores`, behaviour-policy log-probs, PPO's advantages, returns and values) arrives in LossInputs, filled by
-alignkit.online. Formulas and sources: shared/methods/online-decoding-eval.md (sections 1-3, 7) and docs/online.md.
+alignkit.online. Formulas and sources: docs/online.md.
 
 Per-token losses are aggregated to one value per example (a prompt and its k samples) such that the learner's mean
 over the examples of an optimizer step is the method's aggregate:

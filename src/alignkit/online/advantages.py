@@ -1,6 +1,6 @@
 """PPO's advantages, computed once per rollout (not differentiated): the KL-shaped per-token reward, reward
 normalisation against running moments, GAE and whitening. Tensors are [B, k, T] with a bool mask of response tokens
-(a prefix of each row: responses start at t = 0). Formulas: shared/methods/online-decoding-eval.md section 1."""
+(a prefix of each row: responses start at t = 0). Formulas: docs/online.md (PPO)."""
 
 from __future__ import annotations
 

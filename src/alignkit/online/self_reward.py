@@ -14,7 +14,7 @@ from alignkit.generate.sample import SamplingConfig, sample
 from alignkit.rewards.base import Reward
 
 # The additive 5-point prompt as several reimplementations give it (lucidrains/self-rewarding-lm-pytorch, Oxen-AI);
-# UNVERIFIED against the paper's PDF (shared/methods/online-decoding-eval.md section 6).
+# UNVERIFIED against the paper's PDF (docs/online.md, self-rewarding).
 JUDGE_TEMPLATE = """Review the user's question and the corresponding response using the additive 5-point scoring \
 system described below. Points are accumulated based on the satisfaction of each criterion:
 - Add 1 point if the response is relevant and provides some information related to the user's inquiry, even if it \
