@@ -98,6 +98,8 @@ class LossInputs:
     values: torch.Tensor | None = None  # [B, k, T] value-head predictions (with gradient)
     old_values: torch.Tensor | None = None  # [B, k, T] the value head's predictions at rollout time
     consistency: torch.Tensor | None = None  # [B] CREAM: how far two judges agree on a pair's order, in [0, 1]
+    # The rollout engine's log-probs of the sampled tokens (generate/engines), for the engine/trainer gap and TIS.
+    engine_token_logps: torch.Tensor | None = None  # [B, k, T]
 
     @property
     def chosen_logps(self) -> torch.Tensor:

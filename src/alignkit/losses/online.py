@@ -72,6 +72,14 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return 0.5 * torch.max((values - returns).pow(2), (clipped - returns).pow(2))
 
 
+def truncated_is_weights(trainer_logps: torch.Tensor, engine_logps: torch.Tensor, mask: torch.Tensor,
+                         cap: float) -> torch.Tensor:
+    """TIS (Yao et al.; TRL token_truncate): w_t = min(exp(log pi_trainer - log pi_engine), cap) on the sampled tokens,
+    1 off the mask; a constant (no gradient), multiplying the surrogate before any KL term is added."""
+    diff = torch.where(mask, trainer_logps.detach() - engine_logps.to(trainer_logps.device), torch.zeros_like(trainer_logps))
+    return torch.exp(diff).clamp(max=cap)
+
+
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, step_mean_lengths: torch.Tensor | None = None,
               max_completion_length: int = 0) -> torch.Tensor:
     """[B, k, T] per-token losses -> [B] per-example losses whose mean over a step's examples is `how` (see above).
@@ -115,6 +123,9 @@ class GRPOOptions:
     scale_rewards: str = "group"  # "group": divide by the group's std; "none": Dr. GRPO
     loss_aggregation: str = "seq-mean-token-mean"
     max_completion_length: int = 0  # const-norm's length; 0: the longest response of the micro-batch
+    # Truncated importance sampling (TRL's vllm_importance_sampling_correction, token_truncate): each token's
+    # surrogate is weighted by min(pi_old / pi_engine, tis_cap), a constant; 0: off.
+    tis_cap: float = 0.0
 
     def needs(self) -> set[str]:  # no KL term, no reference (TRL then loads none)
         return {"reference"} if self.kl_coef > 0 else set()
@@ -134,6 +145,10 @@ def grpo_loss(inputs: LossInputs, opts: GRPOOptions) -> LossOutput:
     ratio = torch.exp(logps - old)
     eps_high = opts.epsilon_high or opts.epsilon
     per_token = clipped_surrogate(ratio, advantages[..., None], opts.epsilon, eps_high)
+    if opts.tis_cap > 0:
+        if inputs.engine_token_logps is None:
+            raise ValueError("grpo with tis_cap needs the rollout engine's per-token log-probs")
+        per_token = per_token * truncated_is_weights(old, inputs.engine_token_logps, mask, opts.tis_cap)
     if opts.kl_coef > 0:
         if inputs.ref_token_logps is None:
             raise ValueError("grpo with kl_coef > 0 needs reference per-token log-probs")

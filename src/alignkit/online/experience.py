@@ -94,6 +94,8 @@ def _scored(rollout: Rollout, round_ctx: RoundContext, behaviour: bool, with_val
     """Experience with scores, the reference where the loss reads it, the behaviour policy's log-probs if asked."""
     examples = rollout.examples
     experience = Experience(examples, per_response={"scores": rollout.rewards})
+    if rollout.engine_logps is not None:
+        experience.per_token["engine_token_logps"] = rollout.engine_logps
     if "reference" in needs(round_ctx.opts):
         experience.reference = Reference(*round_ctx.scorer.reference(round_ctx.snapshots.reference, examples))
     if behaviour:

@@ -1,10 +1,11 @@
-"""The rollout: k responses per prompt sampled from the current policy, scored with a Reward, and returned as
-tokenised examples (each prompt once, its k responses after it: the packer's prefix-shared layout).
+"""The rollout: k responses per prompt sampled from the current policy by a rollout engine (generate/engines), scored
+with a Reward, and returned as tokenised examples (each prompt once, its k responses after it: the packer's
+prefix-shared layout).
 
-This side only needs texts back from generate.sample.sample_with_counts, which accepts a vLLM engine in place of the
-HF model: generation can move to another engine or process as long as its weights are synced after each learner
-update (not done here: on one CPU the HF model is the generator). Responses are re-tokenised from their text the way
-training tokenises them (data.tokenize), with the end token kept only where the sample really stopped."""
+Token-exact: the examples hold the engine's prompt ids and the ids it sampled, never text re-tokenised; an end token
+is in a response exactly when the sampler emitted it. Text is decoded only for the reward and the reports. The
+engine's per-token log-probs ride along (engine_logps), so the learner can measure and correct any gap between the
+engine's distribution and the trainer's."""
 
 from __future__ import annotations
 
@@ -14,20 +15,23 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.data.tokenize import TokenizedExample, tokenize_record
-from alignkit.generate.sample import SamplingConfig, sample_with_counts
+from alignkit.data.tokenize import TokenizedExample
+from alignkit.errors import ConfigError
+from alignkit.generate.engines import HFEngine
+from alignkit.generate.sample import SamplingConfig, encode_prompts
 
 
 @dataclass
 class Rollout:
     prompts: list
-    texts: list[list[str]]  # [prompt][sample]
-    examples: list[TokenizedExample]  # one per prompt: its k responses in sample order
+    texts: list[list[str]]  # [prompt][sample], for the reward and reports
+    examples: list[TokenizedExample]  # one per prompt: its k sampled responses (token ids) in sample order
     rewards: torch.Tensor  # [B, k] (NaN where the reward could not score a sample, e.g. an unparsed judgement)
-    finished: torch.Tensor  # [B, k] bool: the sample ended with an end token, not at max_new_tokens
+    finished: torch.Tensor  # [B, k] bool: the sampler stopped the sample (end token / stop string), not max_new_tokens
     generated_tokens: int
     generate_seconds: float
     reward_seconds: float
+    engine_logps: list[torch.Tensor] | None = None  # per example, flat over its responses' tokens: the engine's
 
     @property
     def num_samples(self) -> int:
@@ -37,43 +41,47 @@ class Rollout:
 def join_rollouts(parts: list[Rollout]) -> Rollout:
     """Several ranks' rollouts (in rank order) as one: the round's prompts in their order; the seconds are the
     slowest rank's (they ran side by side)."""
+    engine = None if any(r.engine_logps is None for r in parts) else [t for r in parts for t in r.engine_logps]
     return Rollout([p for r in parts for p in r.prompts], [t for r in parts for t in r.texts],
                    [e for r in parts for e in r.examples], torch.cat([r.rewards for r in parts]),
                    torch.cat([r.finished for r in parts]), sum(r.generated_tokens for r in parts),
-                   max(r.generate_seconds for r in parts), max(r.reward_seconds for r in parts))
+                   max(r.generate_seconds for r in parts), max(r.reward_seconds for r in parts), engine)
 
 
-def response_ids(tokenizer, prompt, text: str, finished: bool, max_length: int) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids) of one sample, tokenised as training does (plain prompts: the text + EOS; chats: the
-    template's assistant turn). A sample cut at max_new_tokens keeps no EOS: the policy never produced one."""
-    example = tokenize_record(tokenizer, {"prompt": prompt, "completion": text}, "sft", max_length)
-    ids = example.response_ids[0]
-    if not finished and len(ids) > 1 and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]
-    return example.prompt_ids, ids
+def as_engine(generator, tokenizer):
+    """An engine (anything with generate and update_weights), or a model for the hf engine."""
+    return generator if hasattr(generator, "update_weights") else HFEngine(generator, tokenizer)
 
 
 def generate_rollout(generator, tokenizer, prompts: list, reward, num_samples: int, sampling: SamplingConfig,
                      max_length: int = 1024, missing_eos_penalty: float | None = None) -> Rollout:
-    """Sample num_samples responses per prompt with `generator` (the policy, or a vLLM engine holding its weights),
-    score them with `reward` (a Reward: reward(prompts, responses) -> floats) and tokenise them.
-    missing_eos_penalty: subtracted from the reward of samples cut at max_new_tokens (TRL's option)."""
+    """Sample num_samples responses per prompt with `generator` (an engine, or the policy for the hf engine), score
+    them with `reward` (reward(prompts, responses) -> floats) and keep their token ids. A response is cut to fit
+    max_length with its prompt (and then counts as cut). missing_eos_penalty: subtracted from the reward of samples
+    cut at max_new_tokens (TRL's option)."""
     tic = time.perf_counter()
-    samples = sample_with_counts(generator, tokenizer, prompts, sampling, num_samples)
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    too_long = next((i for i, ids in enumerate(prompt_ids) if len(ids) >= max_length), None)
+    if too_long is not None:
+        raise ConfigError("max_length", f"prompt {too_long + 1} of the round has {len(prompt_ids[too_long])} tokens, "
+                                        f"leaving no room for a response within max_length {max_length}")
+    generation = as_engine(generator, tokenizer).generate(prompt_ids, sampling, num_samples)
     generated = time.perf_counter() - tic
-    # A sample stopped on an end token iff it used fewer than max_new_tokens (one that ends exactly on the limit
-    # counts as cut: its EOS is then not trained, which is harmless).
-    finished = torch.tensor([[n < sampling.max_new_tokens for n in row] for row in samples.num_tokens])
-    examples = []
-    for prompt, texts, done in zip(prompts, samples.texts, finished.tolist()):
-        pairs = [response_ids(tokenizer, prompt, text, stop, max_length) for text, stop in zip(texts, done)]
-        examples.append(TokenizedExample(pairs[0][0], [ids for _, ids in pairs]))
+    examples, engine_logps, finished = [], [], []
+    for ids, samples, logps, reasons in zip(prompt_ids, generation.ids, generation.logprobs,
+                                            generation.finish_reasons):
+        room = max_length - len(ids)
+        examples.append(TokenizedExample(list(ids), [s[:room] for s in samples]))
+        engine_logps.append(torch.tensor([lp for row in logps for lp in row[:room]], dtype=torch.float32))
+        finished.append([r == "stop" and len(s) <= room for r, s in zip(reasons, samples)])
+    finished = torch.tensor(finished, dtype=torch.bool)
     tic = time.perf_counter()
-    flat = reward([p for p, group in zip(prompts, samples.texts) for _ in group],
-                  [text for group in samples.texts for text in group])
+    flat = reward([p for p, group in zip(prompts, generation.texts) for _ in group],
+                  [text for group in generation.texts for text in group])
     rewards = torch.tensor([math.nan if r is None else float(r) for r in flat], dtype=torch.float32)
     rewards = rewards.view(len(prompts), num_samples)
     if missing_eos_penalty:
         rewards = rewards - missing_eos_penalty * (~finished).float()
-    return Rollout(list(prompts), samples.texts, examples, rewards, finished, samples.total_tokens, generated,
-                   time.perf_counter() - tic)
+    total = sum(len(s) for example in examples for s in example.response_ids)
+    return Rollout(list(prompts), generation.texts, examples, rewards, finished, total, generated,
+                   time.perf_counter() - tic, engine_logps)

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError
-from alignkit.generate.sample import SamplingConfig, sample
+from alignkit.generate.sample import SamplingConfig
 from alignkit.models.lora import merged_for_save
 from alignkit.models.value_head import PolicyWithValueHead
 from alignkit.online.advantages import RunningMoments
@@ -78,18 +79,31 @@ def frozen_copy(model):
 def evaluate_policy(model, tokenizer, prompts: list, reward, sampling: SamplingConfig, num_samples: int,
                     reference=None, max_length: int = 1024, kl: bool = False) -> dict:
     """Mean reward of num_samples samples per prompt and, with kl, the KL estimate mean_y log pi(y)/pi_ref(y) on
-    those samples (eval/kl.py: unbiased at temperature 1; reference None: the model's LoRA base)."""
-    from alignkit.eval.kl import kl_summary, sequence_log_ratios
+    exactly the sampled tokens (unbiased at temperature 1; reference None: the model's LoRA base)."""
+    from alignkit.eval.kl import kl_summary
 
-    texts = sample(model, tokenizer, prompts, sampling, num_samples)
-    flat_prompts = [p for p, group in zip(prompts, texts) for _ in group]
-    flat_texts = [t for group in texts for t in group]
-    rewards = reward(flat_prompts, flat_texts)
-    result = {"reward": sum(rewards) / len(rewards), "samples": len(rewards)}
+    rollout = generate_rollout(model, tokenizer, prompts, reward, num_samples, sampling, max_length)
+    rewards = rollout.rewards[~rollout.rewards.isnan()]
+    result = {"reward": float(rewards.mean()) if len(rewards) else float("nan"), "samples": rollout.num_samples}
     if kl:
-        summary = kl_summary(sequence_log_ratios(model, reference, tokenizer, flat_prompts, flat_texts, max_length))
+        singles = [TokenizedExample(e.prompt_ids, [ids]) for e in rollout.examples for ids in e.response_ids]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        scorer = Scorer(model, model, _Batching(), pad)
+        policy_seq, _ = scorer.score(model, singles)
+        reference_seq, _ = scorer.reference(reference, singles)
+        summary = kl_summary((policy_seq - reference_seq)[:, 0].tolist())
         result.update(kl=summary["kl"], kl_sem=summary["kl_sem"])
     return result
+
+
+@dataclass
+class _Batching:
+    """Scoring settings of the held-out evaluation."""
+
+    max_tokens_per_batch: int = 4096
+    max_tokens_per_row: int | None = None
+    precision: str = "fp32"
+    chunk_size: int = 1024
 
 
 class Snapshots:
@@ -278,6 +292,7 @@ def _learn(cfg: OnlineConfig, spec, opts, stepper: Stepper, experience, round_in
     examples, ctx = experience.examples, stepper.ctx
     rng = random.Random(cfg.seed * 1_000_003 + round_index)
     totals: dict[str, float] = {}
+    gap = {"sum": 0.0, "tokens": 0.0, "max": 0.0}
     steps = 0
     stepper.train_model.train()
     for _ in range(cfg.epochs):
@@ -291,16 +306,22 @@ def _learn(cfg: OnlineConfig, spec, opts, stepper: Stepper, experience, round_in
                                                                           cfg.max_tokens_per_batch, 0, shuffle=False)]
             local = split_for_ranks(micro, ctx.world_size, stepper.steps_done)[ctx.rank]
 
-            def forward(indices, step_lengths=step_lengths):
+            def forward(indices, step_lengths=step_lengths, first=steps == 0):
                 batch = pack([examples[i] for i in indices], indices, cfg.max_tokens_per_row, pad_id)
                 losses, metrics = compute_losses(stepper.train_model, batch, examples, spec, opts,
                                                  experience.reference, cfg, step_lengths, experience=experience)
-                return losses, metrics, batch.num_tokens
+                if first and "engine_gap/sum" in metrics:  # before any update: the engine against the trainer
+                    gap["sum"] += float(metrics["engine_gap/sum"].sum())
+                    gap["tokens"] += float(metrics["engine_gap/tokens"].sum())
+                    gap["max"] = max(gap["max"], float(metrics["engine_gap/max"].max()))
+                return losses, {k: v for k, v in metrics.items() if not k.startswith("engine_gap/")}, batch.num_tokens
 
             for key, value in stepper.step(local, len(part), forward).items():
                 totals[key] = totals.get(key, 0.0) + value
             steps += 1
     averaged = {key: value / steps for key, value in totals.items() if key not in ("examples", "skipped_steps")}
+    if gap["tokens"]:  # mean and max |log pi_engine - log pi_trainer| over the sampled tokens of the first step
+        averaged.update({"engine_gap_mean": gap["sum"] / gap["tokens"], "engine_gap_max": gap["max"]})
     return {**averaged, "updates": steps, "skipped_steps": stepper.skipped}
 
 

@@ -123,6 +123,8 @@ def compute_losses(model, batch: PackedBatch, examples: list[TokenizedExample], 
         experience.fill(inputs, batch)
     losses, metrics = spec.fn(inputs, opts)
     metrics = dict(metrics)
+    if inputs.engine_token_logps is not None and inputs.token_logps is not None:
+        metrics.update(engine_gap(inputs))
     if inputs.logps is not None:
         metrics["logps/chosen"] = inputs.logps[:, 0].detach()
         if inputs.logps.shape[1] > 1:
@@ -132,6 +134,14 @@ def compute_losses(model, batch: PackedBatch, examples: list[TokenizedExample], 
         losses = losses + cfg.sft_weight * nll
         metrics["nll"] = nll.detach()
     return losses, metrics
+
+
+def engine_gap(inputs) -> dict[str, torch.Tensor]:
+    """Per example: the sum and count of |log pi_engine - log pi_trainer| over its sampled tokens, and the largest."""
+    gap = (inputs.token_logps.detach() - inputs.engine_token_logps.to(inputs.token_logps.device)).abs()
+    gap = torch.where(inputs.token_mask, gap, torch.zeros_like(gap)).flatten(1)
+    return {"engine_gap/sum": gap.sum(1), "engine_gap/tokens": inputs.token_mask.flatten(1).sum(1).float(),
+            "engine_gap/max": gap.max(1).values}
 
 
 @torch.no_grad()

@@ -1,0 +1,51 @@
+"""What every rollout engine returns, and the one rule for where a sample ends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass
+class Generation:
+    """[prompt][sample] results of one generate call. ids: the sampled tokens, up to and including the end token
+    when the sampler emitted one (or the token that completed a stop string); logprobs: one per id, under the
+    distribution it was sampled from (temperature / top-k / top-p applied; greedy: the untempered policy);
+    finish_reasons: "stop" (an end token or stop string) or "length" (cut at max_new_tokens); texts: the decoded
+    answers (special tokens dropped, cut before a stop string, stripped), for rewards and reports only."""
+
+    prompt_ids: list[list[int]]
+    ids: list[list[list[int]]]
+    logprobs: list[list[list[float]]]
+    finish_reasons: list[list[str]]
+    texts: list[list[str]]
+    generated: list[list[int]]  # tokens each sample cost, up to its first end token (compute accounting)
+
+
+class Engine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], sampling, num_samples: int = 1) -> Generation: ...
+
+    def update_weights(self, model) -> None:
+        """Called after every optimizer step with the trained policy."""
+
+
+def cut_at_stop(tokenizer, ids: list[int], end_ids: list[int], stop) -> tuple[list[int], str, bool]:
+    """(ids kept, text, stopped) of one sample's new tokens: up to and including the first end token, or the token
+    that completes a stop string; the text is decoded without special tokens, cut before the stop string, stripped."""
+    for i, token in enumerate(ids):
+        if token in end_ids:
+            ids, stopped = ids[:i + 1], True
+            break
+    else:
+        stopped = False
+    body = ids[:-1] if stopped else ids
+    text = tokenizer.decode(body, skip_special_tokens=True)
+    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    if cuts:
+        cut = min(cuts)
+        for n in range(1, len(body) + 1):  # the first token whose text reaches past the stop string's start
+            if len(tokenizer.decode(body[:n], skip_special_tokens=True)) > cut:
+                ids, stopped = body[:n], True
+                break
+        text = text[:cut]
+    return ids, text.strip(), stopped

@@ -1,0 +1,101 @@
+"""The reference engine: HF generate on the training model itself (its weights are the policy's, so
+update_weights has nothing to copy). Each token's log-prob is read from the final processed scores, after
+temperature, top-k and top-p, which this engine applies itself so that they run before the recorder."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from alignkit.generate.engines.base import Generation, cut_at_stop
+from alignkit.models.inference import eval_mode, left_pad
+
+
+class _LogprobRecorder(LogitsProcessor):
+    """Keeps the log-softmax of the last step's scores; at the next step (or at the end) gathers the log-prob of
+    the token that was sampled from them. One [rows, vocab] tensor alive at a time."""
+
+    def __init__(self):
+        self.previous, self.steps = None, []
+
+    def __call__(self, input_ids, scores):
+        self._take(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _take(self, tokens):
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(1, tokens[:, None].to(self.previous.device))[:, 0].cpu())
+            self.previous = None
+
+    def finish(self, last_tokens) -> torch.Tensor:
+        self._take(last_tokens)
+        return torch.stack(self.steps, 1) if self.steps else torch.zeros(len(last_tokens), 0)
+
+
+def end_token_ids(tokenizer, stop) -> list[int]:
+    """Ids of the EOS token and of every stop string that is itself a special token."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    special = set(tokenizer.all_special_tokens)
+    ids += [tokenizer.convert_tokens_to_ids(s) for s in stop if s in special]
+    return list(dict.fromkeys(ids))
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def update_weights(self, model) -> None:
+        self.model = model  # the same module: nothing to copy
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], sampling, num_samples: int = 1) -> Generation:
+        """num_samples samples per prompt; each generate call of sampling.batch_size prompts is seeded by
+        sampling.seed + its first prompt's index, so the same prompts give the same samples; the global RNG is left
+        as it was."""
+        model, tokenizer = self.model, self.tokenizer
+        end_ids = end_token_ids(tokenizer, sampling.stop)
+        device = next(model.parameters()).device
+        do_sample = sampling.temperature > 0
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (end_ids or [0])[0]
+        out = Generation(list(prompt_ids), [], [], [], [], [])
+        with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for start in range(0, len(prompt_ids), sampling.batch_size):
+                chunk = prompt_ids[start:start + sampling.batch_size]
+                input_ids, mask, _ = left_pad(chunk, pad_id, device)
+                recorder = _LogprobRecorder()
+                processors = [recorder]
+                if do_sample:  # warpers first, so the recorder sees the distribution actually sampled from
+                    warpers = [TemperatureLogitsWarper(sampling.temperature)] if sampling.temperature != 1 else []
+                    warpers += [TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []
+                    warpers += [TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1 else []
+                    processors = [*warpers, recorder]
+                torch.manual_seed(sampling.seed + start)
+                generated = model.generate(
+                    input_ids=input_ids, attention_mask=mask, do_sample=do_sample,
+                    max_new_tokens=sampling.max_new_tokens, num_return_sequences=num_samples,
+                    temperature=1.0 if do_sample else None, top_p=1.0 if do_sample else None, top_k=0 if do_sample else None,
+                    logits_processor=LogitsProcessorList(processors), pad_token_id=pad_id, eos_token_id=end_ids or None)
+                new = generated[:, input_ids.shape[1]:]
+                logps = recorder.finish(new[:, -1]) if new.shape[1] else torch.zeros(len(new), 0)
+                for j, (row, row_logps) in enumerate(zip(new.tolist(), logps.tolist())):
+                    b = start + j // num_samples
+                    if j % num_samples == 0:
+                        for field in (out.ids, out.logprobs, out.finish_reasons, out.texts, out.generated):
+                            field.append([])
+                    ids, text, stopped = cut_at_stop(tokenizer, row, end_ids, sampling.stop)
+                    out.ids[b].append(ids)
+                    out.logprobs[b].append(row_logps[:len(ids)])
+                    out.finish_reasons[b].append("stop" if stopped else "length")
+                    out.texts[b].append(text)
+                    first_end = next((i + 1 for i, t in enumerate(row) if t in end_ids), len(row))
+                    out.generated[b].append(first_end)
+        return out

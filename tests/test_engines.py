@@ -1,0 +1,154 @@
+"""Token-exact rollouts: the hf engine returns the sampled ids, each token's log-prob under the distribution it was
+sampled from (equal to the trainer's log-softmax on those tokens), and why each sample ended; every online method
+trains exactly those ids; a perturbed engine shows its gap to the trainer, and truncated importance sampling (TIS)
+weights the GRPO surrogate by min(pi_trainer / pi_engine, C) as NumPy computes it."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from alignkit.generate.engines import HFEngine
+from alignkit.generate.sample import SamplingConfig, encode_prompts
+from alignkit.losses import LossInputs
+from alignkit.losses.online import GRPOOptions, grpo_loss
+from alignkit.online import online_config, run_online
+from alignkit.online import run as online_run
+from alignkit.online.rollout import generate_rollout
+from alignkit.train.reference import score_examples
+from synthetic_task import SENTIMENT, prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny models run on one thread (tests/conftest.py)
+
+
+def test_hf_engine_ids_logprobs_and_finish_reasons(task):
+    questions = prompts(8, seed=4)
+    for max_new_tokens in (5, 12):
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, seed=3)
+        rollout = generate_rollout(task.model, task.tokenizer, questions, SENTIMENT, 3, cfg, max_length=64)
+        generation = HFEngine(task.model, task.tokenizer).generate(encode_prompts(task.tokenizer, questions), cfg, 3)
+        eos = task.tokenizer.eos_token_id
+        for example, ids, reasons, done in zip(rollout.examples, generation.ids, generation.finish_reasons,
+                                              rollout.finished.tolist()):
+            assert example.response_ids == ids  # the trained ids are the sampled ids
+            assert [r == "stop" for r in reasons] == done == [s[-1] == eos for s in ids]  # EOS iff the sampler emitted it
+            assert all(len(s) == max_new_tokens for s, r in zip(ids, reasons) if r == "length")
+        # the engine's log-probs are the trainer's log-softmax on the same tokens (fp32)
+        _, trainer = score_examples(task.model, rollout.examples, 1024, 512, task.tokenizer.pad_token_id)
+        for engine, ours in zip(rollout.engine_logps, trainer):
+            torch.testing.assert_close(engine, ours, rtol=0, atol=1e-4)
+
+
+def test_engine_logprobs_are_of_the_distribution_sampled_from(task):
+    ids = encode_prompts(task.tokenizer, prompts(4, seed=5))
+    engine = HFEngine(task.model, task.tokenizer)
+    top1 = engine.generate(ids, SamplingConfig(max_new_tokens=6, temperature=0.7, top_k=1, seed=1), 2)
+    assert all(lp == pytest.approx(0.0, abs=1e-6) for row in top1.logprobs for s in row for lp in s)  # p = 1
+    greedy = engine.generate(ids, SamplingConfig(max_new_tokens=6, temperature=0, seed=1), 1)
+    assert [row[0] for row in greedy.ids] == [s[0] for s in top1.ids]  # top-1 sampling is greedy decoding
+    hot = engine.generate(ids, SamplingConfig(max_new_tokens=6, temperature=2.0, seed=1), 2)
+    examples = generate_rollout(engine, task.tokenizer, prompts(4, seed=5), SENTIMENT, 2,
+                                SamplingConfig(max_new_tokens=6, temperature=2.0, seed=1), 64).examples
+    _, trainer = score_examples(task.model, examples, 1024, 512, task.tokenizer.pad_token_id)
+    flat_hot = torch.tensor([lp for row in hot.logprobs for s in row for lp in s])
+    assert not torch.allclose(flat_hot, torch.cat(trainer), atol=1e-3)  # tempered: not the policy's own log-probs
+
+
+class Perturbed:
+    """An engine whose log-probs are off by `shift` (what a real engine's kernels or precision can do)."""
+
+    def __init__(self, model, tokenizer, shift: float):
+        self.inner, self.shift = HFEngine(model, tokenizer), shift
+
+    def update_weights(self, model):
+        self.inner.update_weights(model)
+
+    def generate(self, prompt_ids, sampling, num_samples=1):
+        out = self.inner.generate(prompt_ids, sampling, num_samples)
+        out.logprobs = [[[lp + self.shift for lp in s] for s in row] for row in out.logprobs]
+        return out
+
+
+def one_round(task, tmp_path, method: str, engine_shift: float | None = None, **overrides):
+    cfg = online_config(dict(method=method, model="tiny", prompts="-", output_dir=str(tmp_path / method), rounds=1,
+                             prompts_per_round=8, num_samples=4, max_new_tokens=10, max_length=64,
+                             max_tokens_per_row=512, learning_rate=1e-3, eval_samples=1, progress=False, **overrides))
+    seen, real_learn, real_rollout = {}, online_run._learn, online_run.generate_rollout
+
+    def learn(cfg_, spec, opts, stepper, experience, *args):
+        seen["experience"] = experience
+        return real_learn(cfg_, spec, opts, stepper, experience, *args)
+
+    calls = [0]
+
+    def rollout(generator, *args, **kwargs):  # call 1 is the starting evaluation, call 2 the round's rollout
+        calls[0] += 1
+        if engine_shift is not None and calls[0] == 2:
+            generator = Perturbed(generator, task.tokenizer, engine_shift)
+        result = real_rollout(generator, *args, **kwargs)
+        if calls[0] == 2:
+            seen["rollout"] = result
+        return result
+
+    online_run._learn, online_run.generate_rollout = learn, rollout
+    try:
+        result = run_online(cfg, copy.deepcopy(task.model), task.tokenizer, prompts=prompts(32, seed=9),
+                            eval_prompts=prompts(4, seed=10), reward=SENTIMENT)
+    finally:
+        online_run._learn, online_run.generate_rollout = real_learn, real_rollout
+    return result, seen
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo", "ppo", "online-dpo"])
+def test_every_online_method_trains_the_sampled_ids(task, tmp_path, method):
+    result, seen = one_round(task, tmp_path, method)
+    rollout, trained = seen["rollout"], seen["experience"].examples
+    if method == "online-dpo":  # pairs of a prompt's own samples
+        assert trained and all(any(t.prompt_ids == e.prompt_ids and all(r in e.response_ids for r in t.response_ids)
+                                   for e in rollout.examples) for t in trained)
+    else:
+        assert [(t.prompt_ids, t.response_ids) for t in trained] == [(e.prompt_ids, e.response_ids)
+                                                                      for e in rollout.examples]
+    if method in ("grpo", "ppo"):  # the first step is on-policy: no ratio clipped, engine == trainer
+        row = result.rounds[0]
+        assert row["engine_gap_mean"] < 1e-4 and row["engine_gap_max"] < 1e-4
+        if method == "grpo":
+            assert row["clip_fraction"] == 0.0
+
+
+def test_a_perturbed_engine_shows_its_gap(task, tmp_path):
+    result, _ = one_round(task, tmp_path, "grpo", engine_shift=0.3)
+    row = result.rounds[0]
+    assert row["engine_gap_mean"] == pytest.approx(0.3, abs=1e-4) and row["engine_gap_max"] == pytest.approx(0.3,
+                                                                                                            abs=1e-4)
+    # TIS: every token's weight is min(pi_trainer / pi_engine, C) = exp(-0.3); on-policy the KL term has no
+    # gradient yet, so the whole gradient scales by it
+    corrected, _ = one_round(task, tmp_path / "tis", "grpo", engine_shift=0.3, tis_cap=2.0)
+    assert corrected.rounds[0]["grad_norm"] == pytest.approx(np.exp(-0.3) * row["grad_norm"], rel=1e-4)
+    capped, _ = one_round(task, tmp_path / "cap", "grpo", engine_shift=-0.3, tis_cap=1.2)  # exp(0.3) > 1.2
+    assert capped.rounds[0]["grad_norm"] == pytest.approx(1.2 * row["grad_norm"], rel=1e-4)
+
+
+def test_tis_weights_match_numpy():
+    rng = np.random.default_rng(0)
+    B, k, T = 2, 3, 4
+    logps = torch.tensor(rng.normal(-2, 0.5, (B, k, T)), dtype=torch.float64, requires_grad=True)
+    engine = torch.tensor(rng.normal(-2, 0.5, (B, k, T)), dtype=torch.float64)
+    mask = torch.tensor(rng.random((B, k, T)) > 0.2)
+    mask[..., 0] = True
+    scores = torch.tensor(rng.normal(0, 1, (B, k)), dtype=torch.float64)
+    inputs = LossInputs(logps=(logps * mask).sum(-1), lengths=mask.sum(-1).double(), token_logps=logps * mask,
+                        token_mask=mask, scores=scores, engine_token_logps=engine)
+    cap = 1.5
+    losses, _ = grpo_loss(inputs, GRPOOptions(kl_coef=0.0, tis_cap=cap))
+    # NumPy: ratio 1 on-policy, so the surrogate is -A per token, weighted by min(exp(l - l_engine), cap)
+    lp, en, m = logps.detach().numpy(), engine.numpy(), mask.numpy()
+    s = scores.numpy()
+    adv = (s - s.mean(1, keepdims=True)) / (s.std(1, ddof=1, keepdims=True) + 1e-4)
+    w = np.minimum(np.exp(np.where(m, lp - en, 0.0)), cap)
+    per_token = -adv[..., None] * w * m
+    expected = (per_token.sum(-1) / m.sum(-1)).mean(1)
+    np.testing.assert_allclose(losses.detach().numpy(), expected, rtol=1e-10, atol=1e-12)
