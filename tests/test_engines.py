@@ -17,7 +17,7 @@ from alignkit.losses import LossInputs
 from alignkit.losses.online import GRPOOptions, grpo_loss
 from alignkit.online import online_config, run_online
 from alignkit.online import run as online_run
-from alignkit.online.rollout import generate_rollout
+from alignkit.online.rollout import as_engine, generate_rollout
 from alignkit.train.reference import score_examples
 from synthetic_task import SENTIMENT, prompts
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny models run on one
 def test_hf_engine_ids_logprobs_and_finish_reasons(task):
     questions = prompts(8, seed=4)
     for max_new_tokens in (5, 12):
-        cfg = SamplingConfig(max_new_tokens=max_new_tokens, seed=3)
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, seed=3, engine="hf")
         rollout = generate_rollout(task.model, task.tokenizer, questions, SENTIMENT, 3, cfg, max_length=64)
         generation = HFEngine(task.model, task.tokenizer).generate(encode_prompts(task.tokenizer, questions), cfg, 3)
         eos = task.tokenizer.eos_token_id
@@ -51,7 +51,7 @@ def test_engine_logprobs_are_of_the_distribution_sampled_from(task):
     assert [row[0] for row in greedy.ids] == [s[0] for s in top1.ids]  # top-1 sampling is greedy decoding
     hot = engine.generate(ids, SamplingConfig(max_new_tokens=6, temperature=2.0, seed=1), 2)
     examples = generate_rollout(engine, task.tokenizer, prompts(4, seed=5), SENTIMENT, 2,
-                                SamplingConfig(max_new_tokens=6, temperature=2.0, seed=1), 64).examples
+                                SamplingConfig(max_new_tokens=6, temperature=2.0, seed=1, engine="hf"), 64).examples
     _, trainer = score_examples(task.model, examples, 1024, 512, task.tokenizer.pad_token_id)
     flat_hot = torch.tensor([lp for row in hot.logprobs for s in row for lp in s])
     assert not torch.allclose(flat_hot, torch.cat(trainer), atol=1e-3)  # tempered: not the policy's own log-probs
@@ -60,8 +60,8 @@ def test_engine_logprobs_are_of_the_distribution_sampled_from(task):
 class Perturbed:
     """An engine whose log-probs are off by `shift` (what a real engine's kernels or precision can do)."""
 
-    def __init__(self, model, tokenizer, shift: float):
-        self.inner, self.shift = HFEngine(model, tokenizer), shift
+    def __init__(self, engine, tokenizer, shift: float):
+        self.inner, self.shift = as_engine(engine, tokenizer), shift
 
     def update_weights(self, model):
         self.inner.update_weights(model)
@@ -152,3 +152,81 @@ def test_tis_weights_match_numpy():
     per_token = -adv[..., None] * w * m
     expected = (per_token.sum(-1) / m.sum(-1)).mean(1)
     np.testing.assert_allclose(losses.detach().numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+# ---- the fast engine ----
+
+
+def test_fast_engine_greedy_is_hf_greedy_and_its_logprobs_are_the_trainers(task):
+    from alignkit.generate.engines import FastEngine
+
+    ids = encode_prompts(task.tokenizer, prompts(12, seed=6))
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0, batch_size=5)
+    assert FastEngine(task.model, task.tokenizer).generate(ids, greedy).ids == \
+        HFEngine(task.model, task.tokenizer).generate(ids, greedy).ids
+    # sampled: most samples end at the 8th token, so finished rows leave the batch mid-way; every row's log-probs
+    # must still be the trainer's on that row's tokens
+    cfg = SamplingConfig(max_new_tokens=12, seed=2, batch_size=6, engine="fast")
+    rollout = generate_rollout(task.model, task.tokenizer, prompts(12, seed=6), SENTIMENT, 4, cfg, max_length=64)
+    assert 0 < float(rollout.finished.float().mean()) < 1 or bool(rollout.finished.all())
+    _, trainer = score_examples(task.model, rollout.examples, 1024, 512, task.tokenizer.pad_token_id)
+    for engine, ours in zip(rollout.engine_logps, trainer):
+        torch.testing.assert_close(engine, ours, rtol=0, atol=1e-4)
+    again = generate_rollout(task.model, task.tokenizer, prompts(12, seed=6), SENTIMENT, 4, cfg, max_length=64)
+    assert [e.response_ids for e in again.examples] == [e.response_ids for e in rollout.examples]  # seeded
+    # bf16 weights: the stated bound on the log-prob gap to the fp32 trainer
+    bf16 = generate_rollout(task.model, task.tokenizer, prompts(12, seed=6), SENTIMENT, 4,
+                            SamplingConfig(max_new_tokens=12, seed=2, engine="fast", engine_precision="bf16"), 64)
+    _, trainer = score_examples(task.model, bf16.examples, 1024, 512, task.tokenizer.pad_token_id)
+    assert max(float((e - t).abs().max()) for e, t in zip(bf16.engine_logps, trainer)) < 0.1
+
+
+def test_fast_engine_top_k_top_p_and_temperature(task):
+    from alignkit.generate.engines import FastEngine
+
+    engine = FastEngine(task.model, task.tokenizer)
+    ids = encode_prompts(task.tokenizer, prompts(4, seed=5))
+    top1 = engine.generate(ids, SamplingConfig(max_new_tokens=6, temperature=0.7, top_k=1, seed=1), 2)
+    assert all(lp == pytest.approx(0.0, abs=1e-6) for row in top1.logprobs for s in row for lp in s)
+    greedy = engine.generate(ids, SamplingConfig(max_new_tokens=6, temperature=0), 1)
+    assert [row[0] for row in greedy.ids] == [row[0] for row in top1.ids]
+    # top-p: every sampled token lies in the smallest set of mass >= p, and its log-prob is renormalised over it
+    nucleus = engine.generate(ids, SamplingConfig(max_new_tokens=1, top_p=0.5, seed=3), 8)
+    logits = task.model(torch.tensor([ids[0]])).logits[0, -1].double()
+    probs = logits.softmax(-1)
+    order = probs.argsort(descending=True)
+    kept = order[:int((probs[order].cumsum(0) < 0.5).sum()) + 1]
+    for token, lp in zip((s[0] for s in nucleus.ids[0]), (s[0] for s in nucleus.logprobs[0])):
+        assert token in kept.tolist()
+        assert lp == pytest.approx(float(probs[token].log() - probs[kept].sum().log()), abs=1e-4)
+
+
+def test_fast_engine_weight_push_equals_reloading(task):
+    from alignkit.generate.engines import FastEngine
+
+    model = copy.deepcopy(task.model)
+    engine = FastEngine(model, task.tokenizer)
+    ids = encode_prompts(task.tokenizer, prompts(6, seed=7))
+    cfg = SamplingConfig(max_new_tokens=10, seed=4)
+    before = engine.generate(ids, cfg, 3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert engine.generate(ids, cfg, 3).ids == before.ids  # the engine holds its own copy until pushed
+    engine.update_weights(model)
+    pushed = engine.generate(ids, cfg, 3)
+    reloaded = FastEngine(copy.deepcopy(model), task.tokenizer).generate(ids, cfg, 3)
+    assert pushed.ids == reloaded.ids and pushed.logprobs == reloaded.logprobs and pushed.ids != before.ids
+
+
+def test_auto_engine_falls_back_to_hf_for_lora_and_fast_refuses_it(task):
+    from alignkit.config import LoraOptions
+    from alignkit.errors import ConfigError
+    from alignkit.generate.engines import FastEngine, make_engine
+    from alignkit.models.lora import apply_lora
+
+    assert isinstance(make_engine(task.model, task.tokenizer, SamplingConfig(engine="auto")), FastEngine)
+    peft_model = apply_lora(copy.deepcopy(task.model), LoraOptions(r=2))
+    assert isinstance(make_engine(peft_model, task.tokenizer, SamplingConfig(engine="auto")), HFEngine)
+    with pytest.raises(ConfigError, match="sampling.engine"):
+        make_engine(peft_model, task.tokenizer, SamplingConfig(engine="fast"))

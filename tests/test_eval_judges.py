@@ -133,11 +133,13 @@ def test_reward_accuracy_on_a_preference_set():
 
 def test_kl_to_reference(task):
     aligned = aligned_model()
-    questions = prompts(16, seed=8)
+    questions = prompts(128, seed=8)
     answers = [s[0] for s in sample(aligned, task.tokenizer, questions, SamplingConfig(max_new_tokens=10, seed=2))]
-    assert sequence_log_ratios(task.model, task.model, task.tokenizer, questions, answers) == [0.0] * 16
+    assert sequence_log_ratios(task.model, task.model, task.tokenizer, questions, answers) == [0.0] * 128
     ratios = sequence_log_ratios(aligned, task.model, task.tokenizer, questions, answers)
-    assert kl_summary(ratios)["kl"] > 0.2  # the aligned model's samples are likelier under it (measured: 0.48)
+    # the aligned model's samples are likelier under it: measured 0.23-0.30 nats (standard error ~0.08) over seeds
+    summary = kl_summary(ratios)
+    assert summary["kl"] > 0.1 and summary["kl"] > summary["kl_sem"]
 
     def direct(model, prompt, answer):  # one unpacked forward per sequence, EOS appended as in training
         prompt_ids = task.tokenizer(prompt, add_special_tokens=False)["input_ids"]

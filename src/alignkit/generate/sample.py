@@ -22,12 +22,15 @@ class SamplingConfig:
     batch_size: int = 16  # prompts per generate call (each with num_samples sequences)
     seed: int = 0
     stop: tuple[str, ...] = ()  # a sample is cut before the first occurrence of any of these strings
+    engine: str = "auto"  # hf (the reference), fast, or auto: fast where it runs (generate/engines)
+    engine_precision: str = "fp32"  # the fast engine's weights: fp32 or bf16
 
     @classmethod
     def from_options(cls, options, seed: int) -> SamplingConfig:
         """From a command's `sampling:` section (config.SamplingOptions) and the seed of this use."""
         return cls(max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
-                   top_k=options.top_k, batch_size=options.batch_size, seed=seed, stop=options.stop_strings)
+                   top_k=options.top_k, batch_size=options.batch_size, seed=seed, stop=options.stop_strings,
+                   engine=options.engine, engine_precision=options.engine_precision)
 
 
 @dataclass
@@ -72,9 +75,9 @@ def sample_with_counts(model, tokenizer, prompts: list, cfg: SamplingConfig, num
     log-probs and finish reasons (generate/engines)."""
     if getattr(model, "is_vllm", False):
         return model.sample(tokenizer, prompts, cfg, num_samples)
-    from alignkit.generate.engines.hf import HFEngine
+    from alignkit.generate.engines import make_engine
 
-    generation = HFEngine(model, tokenizer).generate(encode_prompts(tokenizer, prompts), cfg, num_samples)
+    generation = make_engine(model, tokenizer, cfg).generate(encode_prompts(tokenizer, prompts), cfg, num_samples)
     return Samples(generation.texts, generation.generated, {"generation": generation})
 
 

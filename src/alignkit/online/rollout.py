@@ -17,7 +17,7 @@ import torch
 
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError
-from alignkit.generate.engines import HFEngine
+from alignkit.generate.engines import make_engine
 from alignkit.generate.sample import SamplingConfig, encode_prompts
 
 
@@ -48,9 +48,9 @@ def join_rollouts(parts: list[Rollout]) -> Rollout:
                    max(r.generate_seconds for r in parts), max(r.reward_seconds for r in parts), engine)
 
 
-def as_engine(generator, tokenizer):
-    """An engine (anything with generate and update_weights), or a model for the hf engine."""
-    return generator if hasattr(generator, "update_weights") else HFEngine(generator, tokenizer)
+def as_engine(generator, tokenizer, sampling=None):
+    """An engine (anything with generate and update_weights), or a model for the engine sampling.engine names."""
+    return generator if hasattr(generator, "update_weights") else make_engine(generator, tokenizer, sampling)
 
 
 def generate_rollout(generator, tokenizer, prompts: list, reward, num_samples: int, sampling: SamplingConfig,
@@ -65,7 +65,7 @@ def generate_rollout(generator, tokenizer, prompts: list, reward, num_samples: i
     if too_long is not None:
         raise ConfigError("max_length", f"prompt {too_long + 1} of the round has {len(prompt_ids[too_long])} tokens, "
                                         f"leaving no room for a response within max_length {max_length}")
-    generation = as_engine(generator, tokenizer).generate(prompt_ids, sampling, num_samples)
+    generation = as_engine(generator, tokenizer, sampling).generate(prompt_ids, sampling, num_samples)
     generated = time.perf_counter() - tic
     examples, engine_logps, finished = [], [], []
     for ids, samples, logps, reasons in zip(prompt_ids, generation.ids, generation.logprobs,

@@ -25,6 +25,7 @@ from safetensors.torch import load_model, save_model
 
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError
+from alignkit.generate.engines import make_engine
 from alignkit.generate.sample import SamplingConfig
 from alignkit.models.lora import merged_for_save
 from alignkit.models.value_head import PolicyWithValueHead
@@ -77,12 +78,14 @@ def frozen_copy(model):
 
 
 def evaluate_policy(model, tokenizer, prompts: list, reward, sampling: SamplingConfig, num_samples: int,
-                    reference=None, max_length: int = 1024, kl: bool = False) -> dict:
+                    reference=None, max_length: int = 1024, kl: bool = False, policy=None) -> dict:
     """Mean reward of num_samples samples per prompt and, with kl, the KL estimate mean_y log pi(y)/pi_ref(y) on
-    exactly the sampled tokens (unbiased at temperature 1; reference None: the model's LoRA base)."""
+    exactly the sampled tokens (unbiased at temperature 1; reference None: the model's LoRA base). model: the policy,
+    or an engine holding its weights (then `policy` is the policy, for the KL)."""
     from alignkit.eval.kl import kl_summary
 
     rollout = generate_rollout(model, tokenizer, prompts, reward, num_samples, sampling, max_length)
+    model = policy if policy is not None else model
     rewards = rollout.rewards[~rollout.rewards.isnan()]
     result = {"reward": float(rewards.mean()) if len(rewards) else float("nan"), "samples": rollout.num_samples}
     if kl:
@@ -193,6 +196,7 @@ def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, jud
     start, stepper.skipped = restore_training_state(resumed, policy, stepper.optimizer, stepper.scheduler,
                                                     train_model, ctx)
     eval_sampling = SamplingConfig.from_options(cfg.sampling, cfg.seed + 999_983)
+    engine = make_engine(policy, tokenizer, eval_sampling)  # updated with the policy's weights after every round
     if resumed is not None:
         state = resumed.state
         stepper.steps_done, moments = state["steps_done"], RunningMoments(**state["moments"])
@@ -201,7 +205,8 @@ def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, jud
         snapshots.restore(resumed.path, state["has_previous"])
         before = state["before"]
     else:
-        before = evaluate_policy(policy, tokenizer, eval_prompts, reward, eval_sampling, cfg.eval_samples)
+        before = evaluate_policy(engine, tokenizer, eval_prompts, reward, eval_sampling, cfg.eval_samples,
+                                 policy=policy)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
@@ -216,8 +221,8 @@ def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, jud
             snapshots.start_round(round_index, policy)
             batch = order[round_index * cfg.prompts_per_round:(round_index + 1) * cfg.prompts_per_round]
             round_ctx = RoundContext(cfg, opts, scorer, snapshots, moments, judge_for)
-            row, rollout = _round(cfg, spec, opts, method, stepper, policy, tokenizer, [prompts[i] for i in batch],
-                                  reward, round_ctx, round_index, pad_id)
+            row, rollout = _round(cfg, spec, opts, method, stepper, engine, policy, tokenizer,
+                                  [prompts[i] for i in batch], reward, round_ctx, round_index, pad_id)
             rows.append(row)
             if logger is not None:
                 logger.write(round_index + 1, row)
@@ -233,8 +238,8 @@ def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, jud
     finally:
         if logger is not None:
             logger.close()
-    after = evaluate_policy(policy, tokenizer, eval_prompts, reward, eval_sampling, cfg.eval_samples,
-                            snapshots.initial, cfg.max_length, kl=True)
+    after = evaluate_policy(engine, tokenizer, eval_prompts, reward, eval_sampling, cfg.eval_samples,
+                            snapshots.initial, cfg.max_length, kl=True, policy=policy)
     summary = _summary(cfg, before, after, rows)
     policy = merged_for_save(policy, cfg.lora.save if cfg.lora is not None else "merged")
     if ctx.is_main:
@@ -245,17 +250,19 @@ def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, jud
     return OnlineResult(policy, tokenizer, summary, rows, out_dir, trained.value_head if method.value_head else None)
 
 
-def _round(cfg: OnlineConfig, spec, opts, method, stepper: Stepper, policy, tokenizer, prompts: list, reward,
+def _round(cfg: OnlineConfig, spec, opts, method, stepper: Stepper, engine, policy, tokenizer, prompts: list, reward,
            round_ctx: RoundContext, round_index: int, pad_id: int) -> tuple[dict, Rollout]:
-    """One rollout -> experience -> shared-step round; its metrics, with the seconds each part took."""
+    """One rollout -> experience -> shared-step round; its metrics, with the seconds each part took. The engine
+    gets the new weights once the round's optimizer steps are done (it samples only between rounds)."""
     cpu = time.process_time()
-    rollout = _sharded_rollout(cfg, policy, tokenizer, prompts, reward, round_ctx, round_index, stepper.ctx)
+    rollout = _sharded_rollout(cfg, engine, policy, tokenizer, prompts, reward, round_ctx, round_index, stepper.ctx)
     tic = time.perf_counter()
     experience = method.experience(rollout, round_ctx)
     scored = time.perf_counter()
     metrics = dict(round_ctx.metrics)
     if experience.examples:
         metrics.update(_learn(cfg, spec, opts, stepper, experience, round_index, pad_id))
+        engine.update_weights(policy)
     learned = time.perf_counter()
     rewards = rollout.rewards[~rollout.rewards.isnan()]
     total = rollout.generate_seconds + rollout.reward_seconds + (learned - tic)
@@ -269,7 +276,7 @@ def _round(cfg: OnlineConfig, spec, opts, method, stepper: Stepper, policy, toke
     }, rollout
 
 
-def _sharded_rollout(cfg: OnlineConfig, policy, tokenizer, prompts: list, reward, round_ctx: RoundContext,
+def _sharded_rollout(cfg: OnlineConfig, engine, policy, tokenizer, prompts: list, reward, round_ctx: RoundContext,
                      round_index: int, ctx) -> Rollout:
     """This rank's contiguous share of the prompts, sampled and scored, then every rank's shares joined in order.
     Each generate call is seeded by its first prompt's place in the round, so the samples are those one process
@@ -278,7 +285,7 @@ def _sharded_rollout(cfg: OnlineConfig, policy, tokenizer, prompts: list, reward
     first = ctx.rank * share
     sampling = SamplingConfig.from_options(cfg.sampling, cfg.seed + 10_007 * (round_index + 1) + first)
     rollout_reward = round_ctx.judge_for(policy) if round_ctx.judge_for is not None else reward
-    local = generate_rollout(policy, tokenizer, prompts[first:first + share], rollout_reward, cfg.num_samples,
+    local = generate_rollout(engine, tokenizer, prompts[first:first + share], rollout_reward, cfg.num_samples,
                              sampling, cfg.max_length, cfg.missing_eos_penalty)
     return join_rollouts(gather_objects(local, ctx)) if ctx.enabled else local
 
