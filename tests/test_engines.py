@@ -73,9 +73,10 @@ class Perturbed:
 
 
 def one_round(task, tmp_path, method: str, engine_shift: float | None = None, **overrides):
-    cfg = online_config(dict(method=method, model="tiny", prompts="-", output_dir=str(tmp_path / method), rounds=1,
-                             prompts_per_round=8, num_samples=4, max_new_tokens=10, max_length=64,
-                             max_tokens_per_row=512, learning_rate=1e-3, eval_samples=1, progress=False, **overrides))
+    settings = dict(method=method, model="tiny", prompts="-", output_dir=str(tmp_path / method), rounds=1,
+                    prompts_per_round=8, num_samples=4, max_new_tokens=10, max_length=64, max_tokens_per_row=512,
+                    learning_rate=1e-3, eval_samples=1, progress=False)
+    cfg = online_config({**settings, **overrides})
     seen, real_learn, real_rollout = {}, online_run._learn, online_run.generate_rollout
 
     def learn(cfg_, spec, opts, stepper, experience, *args):
@@ -162,8 +163,9 @@ def test_fast_engine_greedy_is_hf_greedy_and_its_logprobs_are_the_trainers(task)
 
     ids = encode_prompts(task.tokenizer, prompts(12, seed=6))
     greedy = SamplingConfig(max_new_tokens=12, temperature=0, batch_size=5)
-    assert FastEngine(task.model, task.tokenizer).generate(ids, greedy).ids == \
-        HFEngine(task.model, task.tokenizer).generate(ids, greedy).ids
+    for batch in (ids, [ids[0][:1], ids[1]]):  # also a one-token prompt (its prefill is a single query)
+        assert FastEngine(task.model, task.tokenizer).generate(batch, greedy).ids == \
+            HFEngine(task.model, task.tokenizer).generate(batch, greedy).ids
     # sampled: most samples end at the 8th token, so finished rows leave the batch mid-way; every row's log-probs
     # must still be the trainer's on that row's tokens
     cfg = SamplingConfig(max_new_tokens=12, seed=2, batch_size=6, engine="fast")
@@ -230,3 +232,108 @@ def test_auto_engine_falls_back_to_hf_for_lora_and_fast_refuses_it(task):
     assert isinstance(make_engine(peft_model, task.tokenizer, SamplingConfig(engine="auto")), HFEngine)
     with pytest.raises(ConfigError, match="sampling.engine"):
         make_engine(peft_model, task.tokenizer, SamplingConfig(engine="fast"))
+
+
+# ---- the vLLM engine, driven by a fake LLM ----
+
+
+class FakeLogprob:
+    def __init__(self, logprob):
+        self.logprob = logprob
+
+
+class FakeLLM:
+    """Stands in for vllm.LLM: 'samples' by running the HF model greedily on the ids it is given, reports the
+    log-probs the way vLLM does (a dict per position), and keeps the weights pushed into it."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer, self.pushed, self.calls = copy.deepcopy(model), tokenizer, [], []
+
+    def load_weights(self, weights):
+        self.pushed.append(dict(weights))
+        self.model.load_state_dict(dict(weights), strict=False)
+
+    def generate(self, prompts, params, use_tqdm=True):
+        from types import SimpleNamespace
+
+        self.calls.append((prompts, params))
+        engine = HFEngine(self.model, self.tokenizer)
+        generation = engine.generate([p["prompt_token_ids"] for p in prompts],
+                                     SamplingConfig(max_new_tokens=params.max_tokens, temperature=0), 1)
+        results = []
+        for ids, logps, reasons in zip(generation.ids, generation.logprobs, generation.finish_reasons):
+            outputs = [SimpleNamespace(token_ids=ids[0], logprobs=[{t: FakeLogprob(lp)} for t, lp in zip(ids[0], logps[0])],
+                                       finish_reason=reasons[0]) for _ in range(params.n)]
+            results.append(SimpleNamespace(outputs=outputs))
+        return results
+
+
+class FakeParams:
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+def test_vllm_engine_data_flow_and_weight_push_with_a_fake_llm(task):
+    from alignkit.config import LoraOptions
+    from alignkit.generate.engines.vllm import VLLMEngine
+    from alignkit.models.lora import apply_lora
+
+    fake = FakeLLM(task.model, task.tokenizer)
+    engine = VLLMEngine(fake, task.tokenizer, sampling_params=FakeParams, load_weights=fake.load_weights)
+    questions = prompts(4, seed=11)
+    cfg = SamplingConfig(max_new_tokens=9, temperature=0.8, top_k=5, seed=7)
+    rollout = generate_rollout(engine, task.tokenizer, questions, SENTIMENT, 2, cfg, max_length=64)
+    sent, params = fake.calls[-1]
+    assert [p["prompt_token_ids"] for p in sent] == encode_prompts(task.tokenizer, questions)  # ids in, not text
+    assert (params.n, params.max_tokens, params.temperature, params.top_k, params.seed, params.logprobs) == \
+        (2, 9, 0.8, 5, 7, 0)
+    hf = HFEngine(task.model, task.tokenizer).generate(encode_prompts(task.tokenizer, questions),
+                                                      SamplingConfig(max_new_tokens=9, temperature=0), 1)
+    assert [e.response_ids for e in rollout.examples] == [[row[0], row[0]] for row in hf.ids]  # ids out, trained as is
+    for engine_logps, row in zip(rollout.engine_logps, hf.logprobs):
+        torch.testing.assert_close(engine_logps, torch.tensor(row[0] * 2), rtol=0, atol=1e-6)
+    # the push after an update makes the engine sample from the new weights, as reloading would
+    policy = copy.deepcopy(task.model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    engine.update_weights(policy)
+    assert all(torch.equal(fake.pushed[-1][k], v) for k, v in policy.state_dict().items())
+    after = generate_rollout(engine, task.tokenizer, questions, SENTIMENT, 1,
+                             SamplingConfig(max_new_tokens=9, temperature=0), max_length=64)
+    reloaded = HFEngine(policy, task.tokenizer).generate(encode_prompts(task.tokenizer, questions),
+                                                        SamplingConfig(max_new_tokens=9, temperature=0), 1)
+    assert [e.response_ids[0] for e in after.examples] == [row[0] for row in reloaded.ids]
+    # LoRA: the adapters are merged into the pushed base weights, under the base model's names; the policy keeps them
+    lora = apply_lora(copy.deepcopy(task.model), LoraOptions(r=2))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.1)
+    engine.update_weights(lora)
+    pushed = fake.pushed[-1]
+    assert sorted(pushed) == sorted(task.model.state_dict())
+    merged = copy.deepcopy(lora).merge_and_unload().state_dict()
+    assert all(torch.allclose(pushed[k], merged[k], atol=1e-6) for k in merged)
+    assert any("lora_B" in n and float(p.abs().sum()) > 0 for n, p in lora.named_parameters())  # still adapters
+
+
+def test_mask_truncated_drops_the_loss_of_cut_samples(task, tmp_path):
+    from alignkit.data.pack import pack
+    from alignkit.models.logprobs import response_logprobs
+
+    kept, seen = one_round(task, tmp_path / "mixed", "grpo", max_new_tokens=6, mask_truncated=True)
+    plain, _ = one_round(task, tmp_path / "plain", "grpo", max_new_tokens=6)
+    experience, finished = seen["experience"], seen["rollout"].finished
+    assert 0 < float(finished.float().mean()) < 1 and torch.equal(experience.trained, finished)
+    # the loss sees no token of a cut sample; a finished sample keeps all of its own
+    batch = pack(experience.examples, list(range(len(experience.examples))), 512, task.tokenizer.pad_token_id)
+    out = response_logprobs(task.model, batch)
+    token_logps, token_mask = out.padded(batch)
+    inputs = LossInputs(logps=out.seq_logps, lengths=out.lengths, token_logps=token_logps, token_mask=token_mask)
+    experience.fill(inputs, batch)
+    assert torch.equal(inputs.token_mask.any(-1), finished) and torch.equal(inputs.token_mask, token_mask &
+                                                                            finished[..., None])
+    assert kept.rounds[0]["grad_norm"] != pytest.approx(plain.rounds[0]["grad_norm"], rel=1e-6)
+    with pytest.raises(Exception, match="mask_truncated"):
+        one_round(task, tmp_path / "rloo", "rloo", mask_truncated=True)

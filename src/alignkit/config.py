@@ -55,9 +55,9 @@ class SamplingOptions(Strict):
     top_k: int = Field(0, ge=0, description="0: off")
     batch_size: int = Field(16, gt=0, description="prompts per generate call (each with all its samples)")
     stop: list[str] | str = Field(default_factory=list, description="stop strings (a string or a list)")
-    engine: Literal["auto", "hf", "fast"] = Field(
-        "auto", description="rollout engine: fast (lean decode loop, Llama-family) or hf (HF generate); auto: fast "
-                            "where it runs (no LoRA adapters), else hf")
+    engine: Literal["auto", "hf", "fast", "vllm"] = Field(
+        "auto", description="rollout engine: fast (lean decode loop, Llama-family), hf (HF generate) or vllm "
+                            "(colocated, GPU); auto: fast where it runs (no LoRA adapters), else hf")
     engine_precision: Literal["fp32", "bf16"] = Field("fp32", description="the fast engine's weights")
 
     @property

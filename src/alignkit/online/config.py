@@ -28,6 +28,9 @@ class OnlineConfig(OptimConfig):
     sampling: SamplingOptions = Field(default_factory=SamplingOptions, description="how rollouts are sampled")
     max_length: int = Field(1024, gt=1, description="max tokens of prompt + response when tokenising samples")
     missing_eos_penalty: float | None = Field(None, description="subtracted from the reward of samples cut short")
+    mask_truncated: bool = Field(False, description="samples cut at max_new_tokens carry no loss (they still count in "
+                                 "their group's reward statistics; TRL's mask_truncated_completions); token-level "
+                                 "losses (grpo, ppo)")
     # The learner: the shared step's keys (learning_rate, lr_schedule, warmup_steps, ...) plus these.
     learning_rate: float = Field(1e-6, gt=0)
     lr_schedule: Literal["cosine", "linear", "constant"] = Field(
@@ -84,6 +87,8 @@ def method_loss(cfg: OnlineConfig):
         raise ConfigError("ref_update_every", "apo_alpha and consistency compare consecutive rounds' models: set >= 1")
     if not method.self_judge and cfg.consistency != "none":
         raise ConfigError("consistency", "CREAM consistency applies to method self-reward")
+    if cfg.mask_truncated and (method.pairs or not spec.needs_token_logps):
+        raise ConfigError("mask_truncated", f"masks tokens of a token-level loss (grpo, ppo), not '{name}'")
     if cfg.lora is not None and cfg.reference_every:
         raise ConfigError("ref_update_every", "cannot be combined with lora (the reference is the base model with the "
                                               "adapters off); set 0")

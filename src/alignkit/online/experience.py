@@ -39,6 +39,7 @@ class Experience:
     per_token: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     per_example: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # of the rollout: mean reward, KL, ...
+    trained: torch.Tensor | None = None  # [n, k] bool: responses that carry loss (mask_truncated drops the cut ones)
 
     def fill(self, inputs: LossInputs, batch: PackedBatch) -> None:
         """Set the batch's rows of every field on `inputs` (compute_losses calls this for online batches)."""
@@ -48,6 +49,8 @@ class Experience:
             setattr(inputs, name, values[idx].to(device))
         for name, flat in self.per_token.items():
             setattr(inputs, name, pad_tokens(torch.cat([flat[i] for i in idx]).to(device), batch))
+        if self.trained is not None:  # the responses keep their place in the group; their tokens carry no loss
+            inputs.token_mask = inputs.token_mask & self.trained[idx].to(inputs.token_mask.device)[..., None]
 
 
 @dataclass
@@ -96,6 +99,8 @@ def _scored(rollout: Rollout, round_ctx: RoundContext, behaviour: bool, with_val
     experience = Experience(examples, per_response={"scores": rollout.rewards})
     if rollout.engine_logps is not None:
         experience.per_token["engine_token_logps"] = rollout.engine_logps
+    if round_ctx.cfg.mask_truncated:
+        experience.trained = rollout.finished.clone()
     if "reference" in needs(round_ctx.opts):
         experience.reference = Reference(*round_ctx.scorer.reference(round_ctx.snapshots.reference, examples))
     if behaviour:

@@ -1,7 +1,8 @@
 """Rollout engines: generate(prompt_ids, sampling, num_samples) -> the sampled token ids, each token's log-prob under
 the distribution it was sampled from, and why each sample ended; update_weights(model) after every optimizer step.
 `hf` (engines/hf.py) is the reference engine: HF generate on the training model itself; `fast` (engines/fast.py) a
-lean decode loop for Llama-family decoders, several times faster on CPU at rollout sizes."""
+lean decode loop for Llama-family decoders, several times faster on CPU at rollout sizes; `vllm`
+(engines/vllm.py) a colocated vllm.LLM for GPUs."""
 
 from alignkit.generate.engines.base import Engine, Generation, cut_at_stop
 from alignkit.generate.engines.fast import FastEngine, fast_engine_supports
@@ -11,6 +12,10 @@ from alignkit.generate.engines.hf import HFEngine
 def make_engine(model, tokenizer, sampling) -> Engine:
     """The engine sampling.engine names for `model`; auto: fast where it runs, else hf."""
     choice = getattr(sampling, "engine", "hf")
+    if choice == "vllm":
+        from alignkit.generate.engines.vllm import VLLMEngine
+
+        return VLLMEngine.for_model(model, tokenizer)
     if choice == "fast" or choice == "auto" and fast_engine_supports(model):
         return FastEngine(model, tokenizer, getattr(sampling, "engine_precision", "fp32"))
     return HFEngine(model, tokenizer)

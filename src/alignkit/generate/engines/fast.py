@@ -74,16 +74,21 @@ class FastEngine:
         self.device = self.embed.device
 
     def _rms(self, x, weight):
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
+        xf = x.float()
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
-    def _forward(self, ids, positions, caches, write_at, key_mask):
+    def _rope_tables(self, length: int):
+        """cos and sin [length, d] for positions 0..length-1, in the compute dtype (HF's rotary, computed once)."""
+        cos, sin = self.rotary(self.embed[:1][None], torch.arange(length)[None])
+        return cos[0].to(self.compute_dtype), sin[0].to(self.compute_dtype)
+
+    def _forward(self, ids, positions, caches, write_at, key_mask, rope):
         """Hidden states of ids [N, T] at positions [N, T]; writes their K/V into caches at write_at.. (in place)
-        and attends over caches[:, :, :write_at + T] under key_mask [N, 1, T, S] (True: attend)."""
+        and attends over caches[:, :, :write_at + T] under key_mask (bool [N, 1, T, S] for the prefill, an additive
+        [N, S] bias when decoding)."""
         N, T = ids.shape
         x = F.embedding(ids, self.embed)
-        cos, sin = self.rotary(x, positions)
-        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+        cos, sin = rope[0][positions][:, None], rope[1][positions][:, None]
         hq, hk, d = self.heads, self.kv_heads, self.head_dim
         end = write_at + T
         for layer, (k_cache, v_cache) in zip(self.layers, caches):
@@ -103,15 +108,15 @@ class FastEngine:
 
     def _attend(self, q, k, v, key_mask):
         """Attention of q [N, hq, T, d] over k, v [N, hk, S, d]. One query per row (decoding): plain batched matmuls
-        over the query groups, in fp32 (CPU SDPA is slow there, in bf16 most); prefill: SDPA."""
+        over the query groups with an additive padding bias and an fp32 softmax (CPU SDPA is slow there, in bf16
+        most); prefill: SDPA."""
         N, hq, T, d = q.shape
         hk = k.shape[1]
-        if T > 1:
+        if key_mask.dim() == 4:  # the prefill's boolean mask (any prompt length, one token included)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=hq != hk)
-        grouped = q.view(N, hk, hq // hk, d)
-        scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * d ** -0.5  # [N, hk, g, S]
-        scores = scores.masked_fill(~key_mask.view(N, 1, 1, -1), float("-inf"))
-        out = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # [N, hk, g, d]
+        grouped = q.reshape(N, hk, hq // hk, d) * d ** -0.5
+        scores = torch.matmul(grouped, k.transpose(-1, -2)) + key_mask[:, None, None, :]  # [N, hk, g, S]
+        out = torch.matmul(torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype), v)  # [N, hk, g, d]
         return out.view(N, hq, 1, d)
 
     def _next(self, hidden, sampling, generator):
@@ -122,7 +127,8 @@ class FastEngine:
             logps = torch.log_softmax(logits, -1)
             tokens = logps.argmax(-1)
             return tokens, logps.gather(1, tokens[:, None])[:, 0]
-        logits = logits / sampling.temperature
+        if sampling.temperature != 1:
+            logits = logits / sampling.temperature
         if sampling.top_k:
             kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -173,7 +179,8 @@ class FastEngine:
         causal = torch.ones(P, P, dtype=torch.bool).tril()
         prefill_mask = causal[None, None] & mask.bool()[:, None, None, :]
         prefill_mask |= torch.eye(P, dtype=torch.bool)[None, None]  # a padded query attends to itself (no NaN)
-        hidden = self._forward(input_ids, positions, prompt_caches, 0, prefill_mask)[:, -1]
+        rope = self._rope_tables(P + new)
+        hidden = self._forward(input_ids, positions, prompt_caches, 0, prefill_mask, rope)[:, -1]
         # The k samples of a prompt share its prefill: its KV, copied into each sample's static cache.
         N = B * k
         caches = []
@@ -184,8 +191,9 @@ class FastEngine:
             v_cache[:, :, :P] = v_prompt.repeat_interleave(k, 0)
             caches.append((k_cache, v_cache))
         del prompt_caches
-        key_valid = torch.zeros(N, P + new, dtype=torch.bool)
-        key_valid[:, :P] = mask.bool().repeat_interleave(k, 0)
+        # additive attention bias over the cache: -inf on the prompts' left padding, 0 elsewhere
+        key_bias = torch.zeros(N, P + new, dtype=self.compute_dtype)
+        key_bias[:, :P].masked_fill_(~mask.bool().repeat_interleave(k, 0), float("-inf"))
         next_position = positions[:, -1].repeat_interleave(k, 0) + 1
         hidden = hidden.repeat_interleave(k, 0)
         live = torch.arange(N)  # the batch's rows, as indices into the chunk's N samples
@@ -206,10 +214,9 @@ class FastEngine:
                 keep = ~done
                 live, tokens, next_position, done = live[keep], tokens[keep], next_position[keep], done[keep]
                 caches = [(kc[keep], vc[keep]) for kc, vc in caches]
-                key_valid = key_valid[keep]
-            key_valid[:, P + t] = True
-            step_mask = key_valid[:, None, None, :P + t + 1]
-            hidden = self._forward(tokens[:, None], next_position[:, None], caches, P + t, step_mask)[:, -1]
+                key_bias = key_bias[keep]
+            hidden = self._forward(tokens[:, None], next_position[:, None], caches, P + t, key_bias[:, :P + t + 1],
+                                   rope)[:, -1]
             next_position = next_position + 1
         return rows, row_logps
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# GPU readiness, in one go on a CUDA machine (< 8 minutes on one H100/H200): the GPU-marked tests (FlexAttention
+# training gradients, the vLLM engine, NCCL DDP with 2 ranks where 2 GPUs exist), then DPO and GRPO side by side with
+# TRL on SmolLM2. Every figure lands under $OUT (default runs/gpu_check). Usage: bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_check}
+mkdir -p "$OUT"
+PY=${PY:-.venv/bin/python}
+{
+  date; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.device_count(), 'GPUs')"
+  $PY -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1
+} > "$OUT/machine.txt" 2>&1
+# 1. The tests that need a GPU (they skip on CPU): FlexAttention gradients, the vLLM engine against the fake's flow.
+$PY -m pytest tests/test_attention.py tests/test_engines.py -k "cuda or flex or vllm" -p no:cacheprovider \
+    > "$OUT/gpu_tests.txt" 2>&1; echo "gpu tests: rc=$?" >> "$OUT/summary.txt"
+# 2. NCCL DDP, 2 ranks, where 2 GPUs exist: offline DPO and online GRPO on SmolLM2 under torchrun (the equality
+#    tests themselves run on CPU with gloo in CI).
+if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  $PY -m torch.distributed.run --standalone --nproc_per_node 2 -m alignkit.cli online --method grpo \
+      --model smollm2-135m-instruct --prompts src/alignkit/assets/align_prompts.jsonl --rounds 3 \
+      --prompts_per_round 8 --num_samples 4 --max_new_tokens 64 --engine hf --output_dir "$OUT/ddp_grpo" \
+      --progress false > "$OUT/nccl_ddp.txt" 2>&1; echo "nccl ddp online: rc=$?" >> "$OUT/summary.txt"
+fi
+# 3. DPO and GRPO against TRL on SmolLM2 (the benchmarks pick CUDA when it is there).
+timeout 240 $PY benchmarks/bench_dpo.py --model smollm2 --steps 5 > "$OUT/dpo.txt" 2>&1
+echo "dpo bench: rc=$?" >> "$OUT/summary.txt"
+timeout 240 $PY benchmarks/bench_grpo.py --steps 4 > "$OUT/grpo.txt" 2>&1
+echo "grpo bench: rc=$?" >> "$OUT/summary.txt"
+cp benchmarks/results/smollm2.* benchmarks/results/grpo.* "$OUT/" 2>/dev/null
+cat "$OUT/summary.txt"
