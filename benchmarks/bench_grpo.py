@@ -24,7 +24,9 @@ from importlib import resources
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-CONTENDERS = ("trl", "alignkit", "alignkit_bf16_engine")
+# alignkit: fp32 throughout (the fast engine's default); _bf16_engine: bf16 engine weights; _bf16: bf16 engine and
+# bf16 autocast training
+CONTENDERS = ("trl", "alignkit", "alignkit_bf16_engine", "alignkit_bf16")
 
 
 def prompts(n: int) -> list:
@@ -89,7 +91,7 @@ def run_trl(args) -> dict:
             "peak_rss_gb": peak_rss_gb(), "rewards": rewards[1:], "split": None}
 
 
-def run_alignkit(args, engine_precision: str) -> dict:
+def run_alignkit(args, engine_precision: str, precision: str = "fp32") -> dict:
     import torch
 
     from alignkit.online import online_config, run_online
@@ -102,7 +104,7 @@ def run_alignkit(args, engine_precision: str) -> dict:
         "method": "grpo", "model": args.model, "prompts": "-", "output_dir": out, "rounds": steps,
         "prompts_per_round": args.prompts, "num_samples": args.k, "max_new_tokens": args.new_tokens,
         "temperature": 1.0, "kl_coef": 0.04, "learning_rate": 1e-6, "eval_samples": 1, "progress": False,
-        "max_length": 2048, "engine_precision": engine_precision})
+        "max_length": 2048, "engine_precision": engine_precision, "precision": precision})
     reward = FunctionReward(lambda prompt, response: vader_scores([response])[0], name="vader")
     result = run_online(cfg, prompts=prompts(args.prompts * steps), eval_prompts=prompts(1), reward=reward)
     timed = result.rounds[1:]
@@ -161,17 +163,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--reuse", action="store_true", help="keep the other contenders of results/grpo.json")
     parser.add_argument("--one", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         result = run_trl(args) if args.one == "trl" else run_alignkit(
-            args, "bf16" if args.one == "alignkit_bf16_engine" else "fp32")
+            args, "fp32" if args.one == "alignkit" else "bf16", "bf16" if args.one == "alignkit_bf16" else "fp32")
         print("RESULT " + json.dumps(result))
         return
     rows = {}
+    if args.reuse and (RESULTS / "grpo.json").exists():  # keep contenders measured by an earlier run of this script
+        rows = json.loads((RESULTS / "grpo.json").read_text())["contenders"]
     for name in args.contenders.split(","):
         cmd = [sys.executable, __file__, "--one", name, *[x for k, v in vars(args).items()
-                                                        if k not in ("one", "contenders")
+                                                        if k not in ("one", "contenders", "reuse")
                                                         for x in (f"--{k.replace('_', '-')}", str(v))]]
         run = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
