@@ -39,8 +39,10 @@ class AlignConfig(Strict):
     eval_prompts: int = Field(64, gt=0)
     samples_per_prompt: int = Field(4, ge=2)
     sampling: SamplingOptions = Field(
-        default_factory=lambda: SamplingOptions(max_new_tokens=32, temperature=0.8, top_p=0.95, batch_size=48),
-        description="how the answers are sampled")
+        default_factory=lambda: SamplingOptions(max_new_tokens=32, temperature=0.8, top_p=0.95, batch_size=48,
+                                                engine_precision="bf16"),
+        description="how the answers are sampled (the fast engine with bf16 weights: this job trains on the texts, "
+                    "not on the engine's log-probs)")
     min_reward_gap: float = Field(0.1, ge=0, description="pairs whose best-worst gap is smaller are dropped")
     beta: float = Field(0.1, gt=0)
     learning_rate: float = Field(3e-5, gt=0)
