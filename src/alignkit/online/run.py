@@ -41,6 +41,7 @@ from alignkit.train.checkpoint import (
     remove_partial_saves,
     restore_training_state,
     save_from_ranks,
+    write_config,
 )
 from alignkit.train.distributed import gather_objects, init_distributed, shutdown, split_for_ranks, wrap_model
 from alignkit.train.logging import MetricsLog
@@ -209,7 +210,7 @@ def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, jud
                                  policy=policy)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+        write_config(out_dir, cfg)
         for name in ("metrics.jsonl", "rollouts.jsonl"):
             _truncate_metrics(out_dir, start, name)
     order = _prompt_order(len(prompts), cfg.rounds * cfg.prompts_per_round, cfg.seed)

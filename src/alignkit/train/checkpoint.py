@@ -145,6 +145,14 @@ def check_resume(output_dir, cfg) -> None:
                                       "(config.json there) or use a new output_dir")
 
 
+def write_config(output_dir, cfg) -> None:
+    """config.json of the run, written atomically: another rank may be reading it (check_resume) meanwhile."""
+    path = Path(output_dir) / "config.json"
+    tmp = path.with_name(f".config.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(cfg.model_dump(), indent=2))
+    os.replace(tmp, path)
+
+
 def remove_partial_saves(output_dir) -> None:
     """Delete the temporary directories of saves that were killed before their rename."""
     for tmp in sorted(checkpoint_root(output_dir).glob(".tmp-step-*")):

@@ -33,6 +33,7 @@ from alignkit.train.checkpoint import (
     remove_partial_saves,
     restore_training_state,
     save_from_ranks,
+    write_config,
 )
 from alignkit.train.distributed import (
     Dist,
@@ -241,7 +242,7 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     check_resume(out_dir, cfg)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+        write_config(out_dir, cfg)
 
     ref_model = reference_model(model, spec, opts, cfg)  # a frozen copy, only where a method needs a live reference
     ref_inputs = (model, ref_model, train_examples, eval_examples, local_steps, spec, opts, cfg, pad_id)

@@ -21,6 +21,21 @@ class Generation:
     texts: list[list[str]]
     generated: list[list[int]]  # tokens each sample cost, up to its first end token (compute accounting)
 
+    def add_rows(self, tokenizer, rows: list[list[int]], row_logps: list[list[float]], num_samples: int,
+                 end_ids: list[int], stop) -> None:
+        """Append one generate call's rows (num_samples consecutive rows per prompt, in prompt order): each cut at
+        its end token or stop string, with its log-probs, finish reason, text and cost."""
+        for j, (row, logps) in enumerate(zip(rows, row_logps)):
+            if j % num_samples == 0:
+                for column in (self.ids, self.logprobs, self.finish_reasons, self.texts, self.generated):
+                    column.append([])
+            ids, text, stopped = cut_at_stop(tokenizer, row, end_ids, stop)
+            self.ids[-1].append(ids)
+            self.logprobs[-1].append(logps[:len(ids)])
+            self.finish_reasons[-1].append("stop" if stopped else "length")
+            self.texts[-1].append(text)
+            self.generated[-1].append(next((i + 1 for i, t in enumerate(row) if t in end_ids), len(row)))
+
 
 class Engine(Protocol):
     def generate(self, prompt_ids: list[list[int]], sampling, num_samples: int = 1) -> Generation: ...

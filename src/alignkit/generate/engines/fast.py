@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.errors import ConfigError
-from alignkit.generate.engines.base import Generation, cut_at_stop
+from alignkit.generate.engines.base import Generation
 from alignkit.generate.engines.hf import end_token_ids
 from alignkit.models.inference import left_pad
 
@@ -156,17 +156,7 @@ class FastEngine:
             chunk = prompt_ids[start:start + sampling.batch_size]
             rows, row_logps = self._generate_chunk(chunk, sampling, num_samples, end_ids,
                                                    torch.Generator(self.device).manual_seed(sampling.seed + start))
-            for j, (row, logps) in enumerate(zip(rows, row_logps)):
-                b = start + j // num_samples
-                if j % num_samples == 0:
-                    for field in (out.ids, out.logprobs, out.finish_reasons, out.texts, out.generated):
-                        field.append([])
-                ids, text, stopped = cut_at_stop(tokenizer, row, end_ids, sampling.stop)
-                out.ids[b].append(ids)
-                out.logprobs[b].append(logps[:len(ids)])
-                out.finish_reasons[b].append("stop" if stopped else "length")
-                out.texts[b].append(text)
-                out.generated[b].append(len(row))
+            out.add_rows(tokenizer, rows, row_logps, num_samples, end_ids, sampling.stop)
         return out
 
     def _generate_chunk(self, chunk, sampling, k, end_ids, generator):

@@ -13,7 +13,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from alignkit.generate.engines.base import Generation, cut_at_stop
+from alignkit.generate.engines.base import Generation
 from alignkit.models.inference import eval_mode, left_pad
 
 
@@ -86,16 +86,5 @@ class HFEngine:
                     logits_processor=LogitsProcessorList(processors), pad_token_id=pad_id, eos_token_id=end_ids or None)
                 new = generated[:, input_ids.shape[1]:]
                 logps = recorder.finish(new[:, -1]) if new.shape[1] else torch.zeros(len(new), 0)
-                for j, (row, row_logps) in enumerate(zip(new.tolist(), logps.tolist())):
-                    b = start + j // num_samples
-                    if j % num_samples == 0:
-                        for field in (out.ids, out.logprobs, out.finish_reasons, out.texts, out.generated):
-                            field.append([])
-                    ids, text, stopped = cut_at_stop(tokenizer, row, end_ids, sampling.stop)
-                    out.ids[b].append(ids)
-                    out.logprobs[b].append(row_logps[:len(ids)])
-                    out.finish_reasons[b].append("stop" if stopped else "length")
-                    out.texts[b].append(text)
-                    first_end = next((i + 1 for i, t in enumerate(row) if t in end_ids), len(row))
-                    out.generated[b].append(first_end)
+                out.add_rows(tokenizer, new.tolist(), logps.tolist(), num_samples, end_ids, sampling.stop)
         return out
