@@ -281,12 +281,19 @@ def load_command_config(cls: type[BaseModel], config: str | Path | dict | None =
 def render_help(cls: type[BaseModel], usage: str, notes: list[str] = ()) -> str:
     """`alignkit <command> --help`: the usage line, every key (nested sections as dotted keys) with its default
     and description, then notes."""
-    lines = [usage, "", "keys:"]
-    for name, field in cls.model_fields.items():
-        lines.append(_help_line(name, field))
-        section = _sections(cls).get(name)
-        for sub_name, sub_field in (section.model_fields.items() if section else ()):
-            lines.append(_help_line(f"{name}.{sub_name}", sub_field))
+    shared = set(OptimConfig.model_fields) - set(vars(cls).get("__annotations__", {})) if issubclass(cls, OptimConfig) else set()
+    lines = [usage]
+    for title, names in (("keys:", [n for n in cls.model_fields if n not in shared]),
+                         ("keys of the shared optimizer step (train/step.py):", [n for n in cls.model_fields if n in shared])):
+        if not names:
+            continue
+        lines += ["", title]
+        for name in names:
+            field = cls.model_fields[name]
+            lines.append(_help_line(name, field))
+            section = _sections(cls).get(name)
+            for sub_name, sub_field in (section.model_fields.items() if section else ()):
+                lines.append(_help_line(f"{name}.{sub_name}", sub_field))
     return "\n".join([*lines, *(["", *notes] if notes else [])])
 
 
