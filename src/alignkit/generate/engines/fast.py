@@ -74,8 +74,8 @@ class FastEngine:
         self.device = self.embed.device
 
     def _rms(self, x, weight):
-        xf = x.float()
-        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        """HF's RMSNorm: normalised in fp32, cast back, then scaled (one fused kernel for the normalisation)."""
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def _rope_tables(self, length: int):
         """cos and sin [length, d] for positions 0..length-1, in the compute dtype (HF's rotary, computed once)."""
@@ -88,16 +88,16 @@ class FastEngine:
         [N, S] bias when decoding)."""
         N, T = ids.shape
         x = F.embedding(ids, self.embed)
-        cos, sin = rope[0][positions][:, None], rope[1][positions][:, None]
+        cos, sin = rope[0][positions][:, :, None], rope[1][positions][:, :, None]  # [N, T, 1, d]
         hq, hk, d = self.heads, self.kv_heads, self.head_dim
         end = write_at + T
         for layer, (k_cache, v_cache) in zip(self.layers, caches):
             h = self._rms(x, layer.norm1)
-            q, k, v = (h @ layer.qkv.T).split([hq * d, hk * d, hk * d], dim=-1)
-            q = q.view(N, T, hq, d).transpose(1, 2)
-            k = k.view(N, T, hk, d).transpose(1, 2)
-            v = v.view(N, T, hk, d).transpose(1, 2)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            qkv = (h @ layer.qkv.T).view(N, T, hq + 2 * hk, d)
+            qk = qkv[:, :, :hq + hk]  # RoPE on the queries and keys at once
+            qk = (qk * cos + _rotate_half(qk) * sin).transpose(1, 2)
+            q, k = qk[:, :hq], qk[:, hq:]
+            v = qkv[:, :, hq + hk:].transpose(1, 2)
             k_cache[:, :, write_at:end] = k
             v_cache[:, :, write_at:end] = v
             attn = self._attend(q, k_cache[:, :, :end], v_cache[:, :, :end], key_mask)
