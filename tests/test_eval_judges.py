@@ -19,6 +19,7 @@ from alignkit.decode.bon import best_of_n
 from alignkit.errors import AlignkitError
 from alignkit.eval.evaluate import SECTION_TITLES, evaluate, report_tables, reward_accuracy, write_eval_report
 from alignkit.eval.judges import (
+    JUDGE_TEMPLATE,
     FunctionJudge,
     LLMJudge,
     RewardJudge,
@@ -96,7 +97,19 @@ def test_llm_judge_and_split_and_merge():
     a = ["it was good . so good .", "bad", "the movie . was fine . really", "love", "it", "dull and sad"]
     b = ["it was bad", "good good", "fine", "hate it . so bad", "good", "bright"]
     probabilities = judge.prefer(questions, a, b)
-    assert all(0.0 < p < 1.0 for p in probabilities)
+    # each probability is the softmax over the A/B next-token logits of one unpadded forward of its own judge prompt
+    # (the prompts differ in length, so the batch is left-padded: padding must change nothing)
+    choice_a, choice_b = tokenizer.convert_tokens_to_ids(["A", "B"])
+    lengths = set()
+    for question, first, second, p in zip(questions, a, b, probabilities):
+        ids = tokenizer(JUDGE_TEMPLATE.format(question=question, first=first, second=second),
+                        add_special_tokens=False)["input_ids"]
+        lengths.add(len(ids))
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
+        expected = torch.softmax(logits[[choice_a, choice_b]], -1)[0]
+        assert p == pytest.approx(float(expected), abs=1e-5)
+    assert len(lengths) > 1
     judgement = judge_both_orders(judge, questions, a, b, split_merge=True)
     summary = judgement.summary()
     flipped = sum((p > 0.5) != (q > 0.5) for p, q in zip(judgement.a_first, judgement.a_second))

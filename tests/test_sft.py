@@ -163,10 +163,21 @@ def test_include_prompt_through_the_loop(tmp_path, tokenizer):
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in PLAIN))
     cfg = TrainConfig(model="tiny", loss="sft", train_data=str(path), sft_include_prompt=True, max_steps=1,
-                      output_dir=str(tmp_path / "run"), progress=False)
+                      output_dir=str(tmp_path / "run"), progress=False, learning_rate=1e-3)
     model = build_tiny_model("llama", len(tokenizer), seed=0, hidden=16, layers=1, heads=2)
+    start = copy.deepcopy(model).eval()
+    # the reference: one unpacked forward over the whole [prompt, completion] sequence; every token but the first is
+    # predicted and trained (the loss is logged before the update, as the mean over examples of each sequence's mean)
+    expected = []
+    with torch.no_grad():
+        for record in PLAIN:
+            example = tokenize_record(tokenizer, record, "sft", max_length=64)
+            ids = example.prompt_ids + example.response_ids[0]
+            logps = torch.log_softmax(start(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+            expected.append(-logps.gather(1, torch.tensor(ids[1:])[:, None]).mean())
     result = train(cfg, model, tokenizer)
     assert result.final_metrics["examples"] == 3
+    assert result.final_metrics["loss"] == pytest.approx(float(torch.stack(expected).mean()), abs=1e-5)
     with pytest.raises(ConfigError, match="sft_include_prompt"):
         train(cfg.model_copy(update={"loss": "dpo"}), model, tokenizer)
 
