@@ -47,6 +47,19 @@ def test_metric_helpers():
     assert mean == low == high == 1.0
 
 
+def test_bootstrap_interval_equals_a_percentile_bootstrap_and_the_normal_approximation():
+    values = np.random.default_rng(5).normal(0.3, 1.0, size=200)
+    mean, low, high = bootstrap_mean_ci(values, n_resamples=4000, seed=11)
+    # the percentile bootstrap written out resample by resample, with the same generator and seed
+    rng = np.random.default_rng(11)
+    means = sorted(float(np.mean(values[rng.integers(0, len(values), size=len(values))])) for _ in range(4000))
+    assert mean == pytest.approx(values.mean())
+    assert low == pytest.approx(np.percentile(means, 2.5)) and high == pytest.approx(np.percentile(means, 97.5))
+    # and its width is the normal approximation's, 2 x 1.96 s / sqrt(n), within 10 %
+    width = 2 * 1.96 * values.std(ddof=1) / np.sqrt(len(values))
+    assert high - low == pytest.approx(width, rel=0.1) and low < mean < high
+
+
 def test_default_reward_parts():
     assert VaderSentiment()(["p", "p"], ["I love this, it is wonderful.", "I hate this, it is awful."])[0] > 0.5
     assert LengthPenalty(max_words=3, per_word=0.5)(["p", "p"], ["a b c", "a b c d e"]) == [0.0, -1.0]
