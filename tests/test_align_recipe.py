@@ -4,9 +4,11 @@ on a tiny local model (the real SmolLM2 run is the README's `make align`, minute
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
+import torch
 
 from alignkit.data.load import write_jsonl_atomic
 from alignkit.data.synthetic import VOCABULARY, prompt_records
@@ -82,3 +84,16 @@ def test_run_align_end_to_end_on_a_tiny_model(tmp_path):
     html = (tmp_path / "run" / "report.html").read_text()
     assert f"{summary['reward_before']:+.3f}" in html
     assert (tmp_path / "run" / "rewards.png").stat().st_size > 0
+    # DPO really ran on the job's own pairs: best over worst, its reference the starting model (first loss log 2),
+    # and it changed the weights the aligned answers came from
+    from safetensors.torch import load_file
+
+    from alignkit.train.logging import read_metrics
+
+    pairs = [json.loads(line) for line in (tmp_path / "run" / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == saved["pairs"] > 0 and all(p["chosen_reward"] > p["rejected_reward"] for p in pairs)
+    steps = read_metrics(tmp_path / "run" / "dpo")
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and sum(r["examples"] for r in steps) == len(pairs)
+    before, after = (load_file(path / "model.safetensors") for path in (tmp_path / "model", tmp_path / "run" / "dpo" /
+                                                                        "final"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)

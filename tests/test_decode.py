@@ -74,8 +74,18 @@ def test_best_of_n_picks_the_max_and_counts_compute(task, questions):
         scores = detail["candidate_rewards"]
         assert reward == max(scores) and detail["chosen_index"] == scores.index(max(scores))  # first of ties
         assert response == detail["candidates"][detail["chosen_index"]]
-    tokens = sum(len(task.tokenizer(c)["input_ids"]) for d in result.details for c in d["candidates"])
-    assert 0 < tokens <= result.compute.generated_tokens <= 8 * 4 * 10  # + EOS tokens, + samples cut at max
+    # exact: every token the engine sampled (each candidate up to and including its EOS, or all 10 when cut),
+    # one sequence-step each, and one reward call per candidate
+    from alignkit.generate.engines import make_engine
+    from alignkit.generate.sample import encode_prompts
+
+    generation = make_engine(task.model, task.tokenizer, SAMPLING).generate(
+        encode_prompts(task.tokenizer, questions[:8]), SAMPLING, 4)
+    assert [d["candidates"] for d in result.details] == generation.texts
+    tokens = sum(len(ids) for row in generation.ids for ids in row)
+    assert tokens == sum(10 if r == "length" else len(ids) for rows, reasons in
+                         zip(generation.ids, generation.finish_reasons) for ids, r in zip(rows, reasons))
+    assert result.compute.generated_tokens == result.compute.forward_passes == tokens
     assert result.compute.reward_calls == 8 * 4
     summary = result.summary()
     assert summary["reward_per_1k_tokens"] == pytest.approx(summary["mean_reward"] * 1000

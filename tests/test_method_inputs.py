@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,11 +262,24 @@ def test_apo_rounds_train_a_tiny_model(tmp_path):
     cfg = TrainConfig(model="tiny", train_data=str(tmp_path / "pairs.jsonl"), output_dir=str(tmp_path / "apo"),
                       learning_rate=2e-3, max_steps=2, max_tokens_per_batch=160, max_length=64, ref_cache=False,
                       progress=False)
+    from safetensors.torch import load_file
+
+    from alignkit.train.logging import read_metrics
+
     start = {k: v.clone() for k, v in tiny_llama().state_dict().items()}
     final, history = apo_rounds(cfg, tiny_llama(), TOKENIZER, rounds=2, alpha=0.3)
     assert len(history) == 2 and (tmp_path / "apo" / "round-2" / "final").exists()
-    assert all(h.final_metrics["loss"] > 0 for h in history)
-    assert any(not torch.equal(v, start[k]) for k, v in final.state_dict().items())
+    # each round's reference is the model it starts from: its first DPO loss is exactly log 2
+    for t in (1, 2):
+        first = read_metrics(tmp_path / "apo" / f"round-{t}")[0]
+        assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    # the returned model is the Nesterov step from the two rounds' trained weights: theta_2 + a (theta_2 - theta_1)
+    trained = [load_file(tmp_path / "apo" / f"round-{t}" / "final" / "model.safetensors") for t in (1, 2)]
+    state = final.state_dict()
+    for key, value in trained[1].items():
+        torch.testing.assert_close(state[key], value + 0.3 * (value - trained[0][key]), rtol=0, atol=1e-6)
+    assert any(not torch.equal(v, start[k]) for k, v in state.items())
 
 
 def test_options_of_new_methods_are_checked():
