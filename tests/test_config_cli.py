@@ -151,3 +151,12 @@ def test_scientific_notation_is_a_number_in_overrides_and_files(tmp_path):
     path.write_text("model: tiny\nloss_options:\n  beta: 1e-2\n")
     assert load_config_file(path)["loss_options"]["beta"] == pytest.approx(0.01)
     assert build_config("dpo", path).loss_options == {"beta": pytest.approx(0.01)}
+
+
+def test_trl_equality_tests_fail_instead_of_skipping_in_ci(monkeypatch):
+    from conftest import import_trl
+
+    assert import_trl("trl.trainer.dpo_trainer").__name__ == "trl.trainer.dpo_trainer"
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(AssertionError, match="TRL-equality"):
+        import_trl("trl.trainer.no_such_trainer")

@@ -15,6 +15,7 @@ from alignkit.errors import ConfigError
 from alignkit.losses import build_options, get_loss
 from alignkit.losses.base import LossInputs
 from alignkit.losses.dpo import DPOOptions, dpo_loss
+from conftest import import_trl
 
 
 def log_probs(seed: int, batch: int = 10):
@@ -145,7 +146,7 @@ def trl_dpo_loss_and_metrics(chosen_token_logps, rejected_token_logps, chosen_ma
     stand-in for the model returns the given per-token log-probs, and a namespace supplies the attributes
     the method reads, so all of TRL's post-forward code runs unmodified on our numbers.
     """
-    trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+    trl_dpo = import_trl("trl.trainer.dpo_trainer")
     batch, T = chosen_token_logps.shape
     completion_mask = torch.cat([chosen_mask, rejected_mask]).long()
     per_token = torch.cat([chosen_token_logps, rejected_token_logps]) * completion_mask

@@ -14,6 +14,7 @@ from alignkit.losses import build_options, get_loss
 from alignkit.losses import pairwise as pw
 from alignkit.losses.base import LossInputs, RunningMean
 from alignkit.losses.dpo import DPOOptions, dpo_loss
+from conftest import import_trl
 
 B, T = 8, 12
 
@@ -294,7 +295,7 @@ def trl_dpo_loss(token_logps, token_mask, ref_logps, loss_types, beta, label_smo
     The batch is [chosen; rejected] rows of one prompt token followed by T completion positions, with
     precomputed reference log-probs, so everything TRL computes after the forward pass runs unmodified.
     """
-    trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+    trl_dpo = import_trl("trl.trainer.dpo_trainer")
     batch = token_logps.shape[0]
     rows_mask = torch.cat([token_mask[:, 0], token_mask[:, 1]])
     per_token_logps = torch.cat([token_logps[:, 0], token_logps[:, 1]]) * rows_mask

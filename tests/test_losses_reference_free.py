@@ -12,6 +12,7 @@ import torch
 from alignkit.losses import get_loss
 from alignkit.losses import reference_free as rf
 from alignkit.losses.base import LossInputs, sft_nll
+from conftest import import_trl
 
 B = 8
 
@@ -210,7 +211,7 @@ def our_inputs(batch, logits):
 
 
 def trl_trainer(module_name: str, class_name: str, **attributes):
-    module = pytest.importorskip(module_name)
+    module = import_trl(module_name)
     cls = getattr(module, class_name)
     same = lambda value: value  # noqa: E731 - single process: gathers are the identity
     trainer = types.SimpleNamespace(

@@ -12,6 +12,7 @@ import torch
 
 from alignkit.losses import unpaired as up
 from alignkit.losses.base import LossInputs, RunningMean
+from conftest import import_trl
 
 B, T = 8, 10
 
@@ -171,7 +172,7 @@ def trl_kto_loss(token_logps, token_mask, ref_logps, kl_logps, ref_kl_logps, lab
 
     Rows are one prompt token then T completion positions; reference and KL log-probs come precomputed.
     """
-    trl_kto = pytest.importorskip("trl.trainer.kto_trainer")
+    trl_kto = import_trl("trl.trainer.kto_trainer")
     rows = token_logps.shape[0]
     per_token_logps = token_logps * token_mask
     zeros = torch.zeros_like(per_token_logps)

@@ -38,6 +38,7 @@ from alignkit.online.advantages import (
 )
 from alignkit.online.experience import preference_pairs
 from alignkit.online.self_reward import consistency_weights, kendall_tau, parse_score
+from conftest import import_trl
 
 B, K, T = 3, 4, 5
 ATOL = 1e-6
@@ -400,7 +401,7 @@ def _trl_batch(mask, **tensors):
 @pytest.mark.parametrize("loss_type,how", [("grpo", "seq-mean-token-mean"), ("bnpo", "token-mean"),
                                            ("dr_grpo", "const-norm")])
 def test_grpo_loss_equals_trl(loss_type, how):
-    grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer", reason="TRL is not installed (dev extra)")
+    grpo_trainer = import_trl("trl.trainer.grpo_trainer")
     logps, old, ref, mask, scores = rollout_tensors(seed=5)
     inputs, policy = grpo_inputs(logps, old, ref, mask, scores)
     ours, _ = grpo_loss(inputs, GRPOOptions(epsilon=0.2, epsilon_high=0.28, kl_coef=0.04, loss_aggregation=how,
@@ -419,7 +420,7 @@ def test_grpo_loss_equals_trl(loss_type, how):
 
 
 def test_rloo_loss_equals_trl():
-    rloo_trainer = pytest.importorskip("trl.trainer.rloo_trainer", reason="TRL is not installed (dev extra)")
+    rloo_trainer = import_trl("trl.trainer.rloo_trainer")
     logps, old, ref, mask, scores = rollout_tensors(seed=6)
     old_seq, ref_seq = (old * mask).sum(-1), (ref * mask).sum(-1)
     policy = logps.clone().requires_grad_()

@@ -30,6 +30,7 @@ from alignkit.models.tiny import build_tiny_model, build_tiny_reward_model, buil
 from alignkit.recipes.quickstart import RewardModelSize, train_reward_model
 from alignkit.rewards.model import RewardModelScorer, pair_accuracy
 from alignkit.train.loop import compute_losses, train
+from conftest import import_trl
 
 CHOSEN = torch.tensor([1.5, -0.3, 0.2, 2.0, -1.0])
 REJECTED = torch.tensor([0.5, 0.4, 0.2, -3.0, -0.5])
@@ -88,7 +89,7 @@ def test_equal_rewards_give_log_two_and_centered_pairs_pay_nothing():
 
 @pytest.mark.parametrize("margin,eta", [(False, None), (True, None), (True, 0.01)])
 def test_bradley_terry_equals_trl_reward_trainer(margin, eta):
-    trl_reward = pytest.importorskip("trl.trainer.reward_trainer", reason="TRL is not installed (dev extra)")
+    trl_reward = import_trl("trl.trainer.reward_trainer")
     rewards = torch.cat([CHOSEN, REJECTED])[:, None]
     fake_trainer = SimpleNamespace(
         model=SimpleNamespace(training=False), args=SimpleNamespace(center_rewards_coefficient=eta),
