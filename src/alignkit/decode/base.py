@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from alignkit.generate.sample import prompt_texts
+from alignkit.generate.sample import encode_prompts  # noqa: F401 - the decoders start from these ids
 from alignkit.models.inference import eval_mode, left_pad  # noqa: F401 - decode's helpers
 
 
@@ -77,10 +77,6 @@ def efficiency(result: DecodeResult, baseline: DecodeResult) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- token level
-
-
-def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(tokenizer, prompts)]
 
 
 class IncrementalLM:

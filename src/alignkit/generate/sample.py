@@ -49,18 +49,24 @@ def prompt_texts(tokenizer, prompts: list) -> list[str]:
     return [p if isinstance(p, str) else render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
 
 
+def stop_index(text: str, stop) -> int | None:
+    """Where the first occurrence of any stop string starts in text; None if none occurs."""
+    return min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=None)
+
+
 def truncate_at_stop(text: str, stop) -> str:
     """text up to (not including) the first occurrence of any stop string."""
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
-    return text[:cut]
+    cut = stop_index(text, stop)
+    return text if cut is None else text[:cut]
 
 
 def stop_token_ids(tokenizer, stop) -> list[int]:
     """Ids of the EOS token and of every stop string that is itself a special token (decoding with
     skip_special_tokens would drop those, so they are matched as tokens, and generation stops on them)."""
-    from alignkit.generate.engines.hf import end_token_ids
-
-    return end_token_ids(tokenizer, stop)
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    special = set(tokenizer.all_special_tokens)
+    ids += [tokenizer.convert_tokens_to_ids(s) for s in stop if s in special]
+    return list(dict.fromkeys(ids))
 
 
 def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:

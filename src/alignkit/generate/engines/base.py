@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from alignkit.generate.sample import stop_index
+
 
 @dataclass
 class Generation:
@@ -55,9 +57,8 @@ def cut_at_stop(tokenizer, ids: list[int], end_ids: list[int], stop) -> tuple[li
         stopped = False
     body = ids[:-1] if stopped else ids
     text = tokenizer.decode(body, skip_special_tokens=True)
-    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    if cuts:
-        cut = min(cuts)
+    cut = stop_index(text, stop)
+    if cut is not None:
         for n in range(1, len(body) + 1):  # the first token whose text reaches past the stop string's start
             if len(tokenizer.decode(body[:n], skip_special_tokens=True)) > cut:
                 ids, stopped = body[:n], True

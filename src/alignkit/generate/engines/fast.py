@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from alignkit.errors import ConfigError
 from alignkit.generate.engines.base import Generation
-from alignkit.generate.engines.hf import end_token_ids
+from alignkit.generate.sample import stop_token_ids
 from alignkit.models.inference import left_pad
 
 SUPPORTED = ("llama", "mistral")
@@ -150,7 +150,7 @@ class FastEngine:
         """num_samples samples per prompt, in chunks of sampling.batch_size prompts, each chunk seeded by
         sampling.seed + its first prompt's index (so the same prompts give the same samples)."""
         tokenizer = self.tokenizer
-        end_ids = end_token_ids(tokenizer, sampling.stop)
+        end_ids = stop_token_ids(tokenizer, sampling.stop)
         out = Generation(list(prompt_ids), [], [], [], [], [])
         for start in range(0, len(prompt_ids), sampling.batch_size):
             chunk = prompt_ids[start:start + sampling.batch_size]

@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from alignkit.generate.engines.base import Generation
+from alignkit.generate.sample import stop_token_ids
 from alignkit.models.inference import eval_mode, left_pad
 
 
@@ -39,14 +40,6 @@ class _LogprobRecorder(LogitsProcessor):
         return torch.stack(self.steps, 1) if self.steps else torch.zeros(len(last_tokens), 0)
 
 
-def end_token_ids(tokenizer, stop) -> list[int]:
-    """Ids of the EOS token and of every stop string that is itself a special token."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    special = set(tokenizer.all_special_tokens)
-    ids += [tokenizer.convert_tokens_to_ids(s) for s in stop if s in special]
-    return list(dict.fromkeys(ids))
-
-
 class HFEngine:
     name = "hf"
 
@@ -62,7 +55,7 @@ class HFEngine:
         sampling.seed + its first prompt's index, so the same prompts give the same samples; the global RNG is left
         as it was."""
         model, tokenizer = self.model, self.tokenizer
-        end_ids = end_token_ids(tokenizer, sampling.stop)
+        end_ids = stop_token_ids(tokenizer, sampling.stop)
         device = next(model.parameters()).device
         do_sample = sampling.temperature > 0
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (end_ids or [0])[0]

@@ -9,7 +9,7 @@ import importlib.util
 
 from alignkit.errors import ConfigError
 from alignkit.generate.engines.base import Generation, cut_at_stop
-from alignkit.generate.engines.hf import end_token_ids
+from alignkit.generate.sample import stop_token_ids
 
 
 def vllm_available() -> bool:
@@ -63,7 +63,7 @@ class VLLMEngine:
                              max_tokens=sampling.max_new_tokens, seed=sampling.seed, logprobs=0,
                              skip_special_tokens=True)
         results = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params, use_tqdm=False)
-        end_ids = end_token_ids(self.tokenizer, sampling.stop)
+        end_ids = stop_token_ids(self.tokenizer, sampling.stop)
         out = Generation(list(prompt_ids), [], [], [], [], [])
         for result in results:
             for field in (out.ids, out.logprobs, out.finish_reasons, out.texts, out.generated):
