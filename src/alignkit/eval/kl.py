@@ -30,11 +30,18 @@ def sequence_logps(model, examples, pad_token_id: int, max_tokens_per_batch: int
 
 def sequence_log_ratios(policy, reference, tokenizer, prompts: list, responses: list[str], max_length: int = 1024,
                         max_tokens_per_batch: int = 4096, max_tokens_per_row: int = 1024) -> list[float]:
-    """log pi(y|x) - log pi_ref(y|x) per (prompt, response); both models share the tokenizer. reference None: the
-    policy's LoRA base (its adapters disabled)."""
+    """log pi(y|x) - log pi_ref(y|x) per (prompt, response), re-tokenised from the texts; both models share the
+    tokenizer. reference None: the policy's LoRA base (its adapters disabled)."""
     records = [{"prompt": p, "completion": r, "_row": i + 1} for i, (p, r) in enumerate(zip(prompts, responses))]
     examples = tokenize_records(tokenizer, records, "sft", max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return example_log_ratios(policy, reference, examples, pad, max_tokens_per_batch, max_tokens_per_row)
+
+
+def example_log_ratios(policy, reference, examples, pad: int, max_tokens_per_batch: int = 4096,
+                       max_tokens_per_row: int = 1024) -> list[float]:
+    """log pi(y|x) - log pi_ref(y|x) per tokenised single-response example (e.g. the exact tokens a rollout
+    sampled); reference None: the policy's LoRA base (its adapters disabled)."""
     policy_logps = sequence_logps(policy, examples, pad, max_tokens_per_batch, max_tokens_per_row)
     with adapters_disabled(policy) if reference is None else contextlib.nullcontext():
         reference_logps = sequence_logps(reference if reference is not None else policy, examples, pad,

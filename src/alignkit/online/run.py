@@ -83,7 +83,7 @@ def evaluate_policy(model, tokenizer, prompts: list, reward, sampling: SamplingC
     """Mean reward of num_samples samples per prompt and, with kl, the KL estimate mean_y log pi(y)/pi_ref(y) on
     exactly the sampled tokens (unbiased at temperature 1; reference None: the model's LoRA base). model: the policy,
     or an engine holding its weights (then `policy` is the policy, for the KL)."""
-    from alignkit.eval.kl import kl_summary
+    from alignkit.eval.kl import example_log_ratios, kl_summary
 
     rollout = generate_rollout(model, tokenizer, prompts, reward, num_samples, sampling, max_length)
     model = policy if policy is not None else model
@@ -92,22 +92,9 @@ def evaluate_policy(model, tokenizer, prompts: list, reward, sampling: SamplingC
     if kl:
         singles = [TokenizedExample(e.prompt_ids, [ids]) for e in rollout.examples for ids in e.response_ids]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        scorer = Scorer(model, model, _Batching(), pad)
-        policy_seq, _ = scorer.score(model, singles)
-        reference_seq, _ = scorer.reference(reference, singles)
-        summary = kl_summary((policy_seq - reference_seq)[:, 0].tolist())
+        summary = kl_summary(example_log_ratios(model, reference, singles, pad))
         result.update(kl=summary["kl"], kl_sem=summary["kl_sem"])
     return result
-
-
-@dataclass
-class _Batching:
-    """Scoring settings of the held-out evaluation."""
-
-    max_tokens_per_batch: int = 4096
-    max_tokens_per_row: int | None = None
-    precision: str = "fp32"
-    chunk_size: int = 1024
 
 
 class Snapshots:
