@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from alignkit.generate.engines import HFEngine
+from alignkit.generate.engines import HFEngine, as_engine
 from alignkit.generate.sample import SamplingConfig, encode_prompts
 from alignkit.losses import LossInputs
 from alignkit.losses.online import GRPOOptions, grpo_loss
 from alignkit.online import online_config, run_online
 from alignkit.online import run as online_run
-from alignkit.online.rollout import as_engine, generate_rollout
+from alignkit.online.rollout import generate_rollout
 from alignkit.train.reference import score_examples
 from synthetic_task import SENTIMENT, prompts
 

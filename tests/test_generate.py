@@ -104,7 +104,7 @@ def test_generate_bad_prompts_file_is_a_named_data_error(task, tmp_path, capsys)
 @pytest.mark.skipif(vllm_available(), reason="vllm and CUDA are available here: the fallback is not what runs")
 def test_vllm_backend_is_guarded(task):
     model, tokenizer = load_generator(str(task.model_dir), "auto")
-    assert not getattr(model, "is_vllm", False) and isinstance(model, torch.nn.Module)
+    assert not hasattr(model, "update_weights") and isinstance(model, torch.nn.Module)  # the HF model, no engine
     with pytest.raises(AlignkitError, match="vllm"):
         load_generator(str(task.model_dir), "vllm")
 

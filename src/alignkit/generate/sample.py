@@ -1,8 +1,9 @@
-"""Batched sampling with a KV cache (HF generate), seeded and reproducible, with stop strings.
+"""Batched sampling, seeded and reproducible, with stop strings, through a rollout engine (generate/engines: HF
+generate, the fast CPU engine, vLLM).
 
 `sample` returns texts; `sample_with_counts` also returns how many tokens each sample cost, which the
-decoding-time methods (decode/) turn into compute accounting. A vLLM engine (generate/vllm_backend.py) is
-accepted in place of the HF model and used the same way."""
+decoding-time methods (decode/) turn into compute accounting. An engine (e.g. generate/vllm_backend.py's vLLM
+engine) is accepted in place of the model and used the same way."""
 
 from __future__ import annotations
 
@@ -79,11 +80,9 @@ def sample_with_counts(model, tokenizer, prompts: list, cfg: SamplingConfig, num
     """num_samples completions per prompt and the tokens each cost. Same seed, prompts and batch_size ->
     the same samples; the global torch RNG is left as it was. `extra["generation"]` holds the engine's token ids,
     log-probs and finish reasons (generate/engines)."""
-    if getattr(model, "is_vllm", False):
-        return model.sample(tokenizer, prompts, cfg, num_samples)
-    from alignkit.generate.engines import make_engine
+    from alignkit.generate.engines import as_engine
 
-    generation = make_engine(model, tokenizer, cfg).generate(encode_prompts(tokenizer, prompts), cfg, num_samples)
+    generation = as_engine(model, tokenizer, cfg).generate(encode_prompts(tokenizer, prompts), cfg, num_samples)
     return Samples(generation.texts, generation.generated, {"generation": generation})
 
 

@@ -17,7 +17,7 @@ import torch
 
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError
-from alignkit.generate.engines import make_engine
+from alignkit.generate.engines import as_engine
 from alignkit.generate.sample import SamplingConfig, encode_prompts
 
 
@@ -46,11 +46,6 @@ def join_rollouts(parts: list[Rollout]) -> Rollout:
                    [e for r in parts for e in r.examples], torch.cat([r.rewards for r in parts]),
                    torch.cat([r.finished for r in parts]), sum(r.generated_tokens for r in parts),
                    max(r.generate_seconds for r in parts), max(r.reward_seconds for r in parts), engine)
-
-
-def as_engine(generator, tokenizer, sampling=None):
-    """An engine (anything with generate and update_weights), or a model for the engine sampling.engine names."""
-    return generator if hasattr(generator, "update_weights") else make_engine(generator, tokenizer, sampling)
 
 
 def generate_rollout(generator, tokenizer, prompts: list, reward, num_samples: int, sampling: SamplingConfig,

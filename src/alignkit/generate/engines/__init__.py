@@ -21,4 +21,10 @@ def make_engine(model, tokenizer, sampling) -> Engine:
     return HFEngine(model, tokenizer)
 
 
-__all__ = ["Engine", "FastEngine", "Generation", "HFEngine", "cut_at_stop", "fast_engine_supports", "make_engine"]
+def as_engine(generator, tokenizer, sampling=None) -> Engine:
+    """An engine (anything with generate and update_weights) as it is, or a model in the engine sampling names."""
+    return generator if hasattr(generator, "update_weights") else make_engine(generator, tokenizer, sampling)
+
+
+__all__ = ["Engine", "FastEngine", "Generation", "HFEngine", "as_engine", "cut_at_stop", "fast_engine_supports",
+           "make_engine"]

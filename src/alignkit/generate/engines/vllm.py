@@ -34,7 +34,7 @@ class VLLMEngine:
         if sampling_params is None:
             from vllm import SamplingParams as sampling_params
         self.llm, self.tokenizer, self.params = llm, tokenizer, sampling_params
-        self.load_weights = load_weights or _colocated_load_weights(llm)
+        self.load_weights = load_weights  # found on the first push: an engine that only samples never needs it
 
     @classmethod
     def for_model(cls, model, tokenizer, **llm_options):
@@ -53,6 +53,8 @@ class VLLMEngine:
 
     def update_weights(self, model) -> None:
         """Push every weight of the policy (LoRA adapters merged in; peft's names mapped back to the base's)."""
+        if self.load_weights is None:
+            self.load_weights = _colocated_load_weights(self.llm)
         self.load_weights(list(_merged_state(model).items()))
 
     def generate(self, prompt_ids: list[list[int]], sampling, num_samples: int = 1) -> Generation:
