@@ -17,13 +17,12 @@ from alignkit.data.pairs import best_worst
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.losses import LossInputs
 from alignkit.losses.base import needs
-from alignkit.models.lora import adapters_disabled
 from alignkit.models.token_kl import pad_tokens
 from alignkit.online.advantages import RunningMoments, ppo_advantages
 from alignkit.online.rollout import Rollout
 from alignkit.online.self_reward import consistency_weights, implicit_reward_agreement
 from alignkit.train.apo import extrapolated_logps
-from alignkit.train.reference import Reference, score_examples
+from alignkit.train.reference import Reference, reference_logps, score_examples
 
 
 @dataclass
@@ -70,11 +69,12 @@ class Scorer:
                               cfg.precision, cfg.chunk_size, with_values)
 
     def reference(self, model, examples: list[TokenizedExample]):
-        """(seq [n, k], flat token log-probs) of `model`; None: the policy's base (LoRA adapters off)."""
-        if model is not None:
-            return self.score(model, examples)
-        with adapters_disabled(self.policy):
-            return self.score(self.policy, examples)
+        """(seq [n, k], flat token log-probs) of `model`; None: the policy's base (train/reference.reference_logps
+        disables LoRA adapters; never cached: a rollout is scored once)."""
+        cfg = self.cfg
+        return reference_logps(model if model is not None else self.policy, examples, cfg.max_tokens_per_batch,
+                               cfg.max_tokens_per_row, self.pad_token_id, cfg.precision, cfg.chunk_size,
+                               use_cache=False)
 
     def behaviour(self, examples: list[TokenizedExample], with_values: bool = False):
         return self.score(self.trained, examples, with_values)
