@@ -28,9 +28,10 @@ SUPPORTED = ("llama", "mistral")
 
 
 def fast_engine_supports(model) -> bool:
-    """Llama-family decoders without adapters (a LoRA policy samples through the hf engine)."""
+    """Llama-family decoders without adapters, on the CPU (a LoRA policy, or one on a GPU, samples through hf)."""
     config = getattr(model, "config", None)
     return (getattr(config, "model_type", None) in SUPPORTED and not hasattr(model, "peft_config")
+            and next(model.parameters()).device.type == "cpu"
             and getattr(config, "sliding_window", None) is None and getattr(config, "hidden_act", "silu") == "silu"
             and not getattr(config, "attention_bias", False) and not getattr(config, "mlp_bias", False))
 
