@@ -66,10 +66,15 @@ class OnlineConfig(OptimConfig):
 
     @property
     def loss_name(self) -> str:
-        method = ONLINE_METHODS[self.method]
-        if method.pairs:
-            return self.loss or ("cream" if self.consistency != "none" else method.loss)
-        return method.loss
+        return loss_name_of(self.method, self.loss, self.consistency)
+
+
+def loss_name_of(method: str, loss: str | None, consistency: str) -> str:
+    """The loss a method trains with: its own, or for pair methods `loss` (default dpo; cream with consistency)."""
+    entry = ONLINE_METHODS[method]
+    if entry.pairs:
+        return loss or ("cream" if consistency != "none" else entry.loss)
+    return entry.loss
 
 
 def method_loss(cfg: OnlineConfig):
@@ -96,12 +101,9 @@ def method_loss(cfg: OnlineConfig):
 
 
 def _loss_option_names(values: dict) -> set[str]:
-    method = values.get("method")
-    if method not in ONLINE_METHODS:
+    if values.get("method") not in ONLINE_METHODS:
         return set()
-    name = values.get("loss") or ONLINE_METHODS[method].loss
-    if ONLINE_METHODS[method].pairs and not values.get("loss") and values.get("consistency", "none") != "none":
-        name = "cream"
+    name = loss_name_of(values["method"], values.get("loss"), values.get("consistency", "none"))
     try:
         return {f.name for f in dataclasses.fields(get_loss(name).options)}
     except ConfigError:
