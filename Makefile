@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart align test lint bench clean
+.PHONY: setup quickstart align rl test lint bench clean
 
 $(BIN)/alignkit:
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,9 @@ quickstart: setup
 
 align: setup
 	$(BIN)/alignkit align --output_dir runs/align
+
+rl: setup
+	$(BIN)/alignkit rl --output_dir runs/rl
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -21,6 +21,7 @@ USAGE = """usage: alignkit <command> [--config cfg.yaml] [--key value ...]
 commands:
   quickstart            [--output_dir DIR] tiny model, synthetic task: SFT then DPO, before/after table + curves (~1-3 min)
   align                 the main job: align SmolLM2-135M-Instruct on CPU, report before/after
+  rl                    the second main job: RL with verifiable constraint rewards on SmolLM2, before/after
   train                 train with the loss named in the config (`loss: dpo`)
   sft                   supervised fine-tuning (prompt/completion or `messages` chats; assistant tokens only)
   rm                    train a reward model (Bradley–Terry on pairs); saves an HF sequence-classification model
@@ -29,7 +30,8 @@ commands:
   decode                --method bon|bon-calibrated|bonbon|args|deal|tq --model DIR --prompts p.jsonl --output_dir DIR
   synth                 --method magpie|self-instruct|principles --model DIR --output_dir DIR: synthetic data
   eval                  --model A [--baseline B] --prompts p.jsonl --output_dir DIR: reward, judged win rate, KL, length
-  online                --method grpo|rloo|ppo|online-dpo|self-reward --model DIR --prompts p.jsonl: online RL
+  online                --method grpo|dapo|gspo|cispo|reinforce++|rloo|ppo|online-dpo|self-reward --model DIR
+                        --prompts p.jsonl [--reward constraints|math|...]: online RL
   <loss>                train with that loss: {losses}
   <command> --help      the keys of a command
 """
@@ -70,6 +72,10 @@ def help_for(method: str) -> str:
         from alignkit.recipes.align import AlignConfig
 
         return render_help(AlignConfig, "alignkit align [--config cfg.yaml] [--key value ...]")
+    if method == "rl":
+        from alignkit.recipes.rl import RLConfig
+
+        return render_help(RLConfig, "alignkit rl [--config cfg.yaml] [--key value ...]")
     if method == "rm-eval":
         return ("alignkit rm-eval --model DIR --data pairs.jsonl [--max_length 1024]\n\n"
                 "Scores chosen and rejected of every pair with the reward model in DIR (HF format, e.g. the final/\n"
@@ -135,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             from alignkit.recipes.align import run_align
 
             run_align(config, overrides)
+        elif command == "rl":
+            from alignkit.recipes.rl import run_rl
+
+            run_rl(config, overrides)
         elif command == "train" or command in LOSSES:
             from alignkit.api import build_config
             from alignkit.train.loop import train

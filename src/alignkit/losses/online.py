@@ -1,4 +1,5 @@
-"""Online RL losses: GRPO, RLOO, PPO (clipped policy + clipped value).
+"""Online RL losses: GRPO and its family (DAPO, GSPO, CISPO as option sets and one clipped-weight variant),
+REINFORCE++, RLOO, PPO (clipped policy + clipped value).
 
 Pure functions of log-probabilities like every other loss; what a rollout adds (the rewards of k samples of one
 prompt in `scores`, behaviour-policy log-probs, PPO's advantages, returns and values) arrives in LossInputs, filled by
@@ -115,14 +116,20 @@ def _kl_metrics(logps: torch.Tensor, ref_logps: torch.Tensor | None, mask: torch
             for e in estimators}
 
 
+IS_LEVELS = ("token", "sequence")
+
+
 @dataclass
 class GRPOOptions:
     epsilon: float = 0.2  # clip range below 1
-    epsilon_high: float = 0.0  # clip range above 1; 0: epsilon (DAPO: 0.28)
+    epsilon_high: float = 0.0  # clip range above 1; 0: epsilon (DAPO's clip-higher: 0.28)
     kl_coef: float = 0.04  # beta of the k3 KL to the reference in the loss; 0: no KL term (TRL's default)
     scale_rewards: str = "group"  # "group": divide by the group's std; "none": Dr. GRPO
     loss_aggregation: str = "seq-mean-token-mean"
     max_completion_length: int = 0  # const-norm's length; 0: the longest response of the micro-batch
+    # "token": rho per token (GRPO); "sequence": GSPO's s_i = exp(mean_t log rho_t), one ratio and one clip per
+    # response, the same for every token (TRL's importance_sampling_level).
+    importance_sampling_level: str = "token"
     # Truncated importance sampling (TRL's vllm_importance_sampling_correction, token_truncate): each token's
     # surrogate is weighted by min(pi_old / pi_engine, tis_cap), a constant; 0: off.
     tis_cap: float = 0.0
@@ -133,32 +140,168 @@ class GRPOOptions:
     def __post_init__(self):
         _check_choice("scale_rewards", self.scale_rewards, ("group", "none"))
         _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS)
+        _check_choice("importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
+
+
+@dataclass
+class DAPOOptions(GRPOOptions):
+    """DAPO (arXiv 2503.14476 sec. 3, 4.1): clip-higher 0.2 / 0.28, token-level loss, no KL. Its dynamic sampling
+    and overlong shaping act on the rollout (online config: dynamic_sampling, overlong_cache)."""
+
+    epsilon_high: float = 0.28
+    kl_coef: float = 0.0
+    loss_aggregation: str = "token-mean"
+
+
+@dataclass
+class GSPOOptions(GRPOOptions):
+    """GSPO (arXiv 2507.18071): the sequence-level, length-normalised ratio clipped to [1 - 3e-4, 1 + 4e-4], no KL,
+    a mean over each response then over responses (TRL's recipe: importance_sampling_level "sequence", loss "grpo")."""
+
+    epsilon: float = 3e-4
+    epsilon_high: float = 4e-4
+    kl_coef: float = 0.0
+    importance_sampling_level: str = "sequence"
+
+
+def _ratio(logps: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """rho_t = pi / pi_old per token; sequence: s_i = exp(sum_t m (log pi - log pi_old) / max(|o_i|, 1)), [B, k, 1]."""
+    log_ratio = logps - old
+    if level == "token":
+        return torch.exp(log_ratio)
+    weights = mask.to(logps.dtype)
+    return torch.exp((log_ratio * weights).sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp(min=1))
+
+
+def _clip_metrics(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, low: float | None,
+                  high: float) -> dict[str, torch.Tensor]:
+    """TRL's clip fractions: low where rho < low and A < 0, high where rho > high and A > 0 (where the clip stops the
+    gradient); low None: no lower bound."""
+    ratio = ratio.detach().expand_as(mask)
+    high_hit = (ratio > high) & (advantages > 0)
+    low_hit = (ratio < low) & (advantages < 0) if low is not None else torch.zeros_like(high_hit)
+    return {"clip_low": _per_example_mean(low_hit.float(), mask), "clip_high": _per_example_mean(high_hit.float(), mask),
+            "clip_fraction": _per_example_mean((low_hit | high_hit).float(), mask)}
+
+
+def _tis(per_token, inputs: LossInputs, old, mask, cap: float, name: str):
+    if cap <= 0:
+        return per_token
+    if inputs.engine_token_logps is None:
+        raise ValueError(f"{name} with tis_cap needs the rollout engine's per-token log-probs")
+    return per_token * truncated_is_weights(old, inputs.engine_token_logps, mask, cap)
+
+
+def _kl_term(per_token, inputs: LossInputs, logps, kl_coef: float, name: str, estimator: str = "k3"):
+    if kl_coef <= 0:
+        return per_token
+    if inputs.ref_token_logps is None:
+        raise ValueError(f"{name} with kl_coef > 0 needs reference per-token log-probs")
+    return per_token + kl_coef * kl_estimate(logps, inputs.ref_token_logps, estimator)
 
 
 def grpo_loss(inputs: LossInputs, opts: GRPOOptions) -> LossOutput:
-    """l_{i,t} = -min(rho A_i, clip(rho, 1-e, 1+e_high) A_i) + kl_coef * k3_t, rho = pi / pi_old per token,
-    A_i = group-relative advantage of sample i among its prompt's k samples; aggregated per `loss_aggregation`.
-    DeepSeekMath, arXiv 2402.03300 (objective as transcribed in TRL's docs); Dr. GRPO, arXiv 2503.20783."""
+    """l_{i,t} = -min(rho A_i, clip(rho, 1-e, 1+e_high) A_i) + kl_coef * k3_t, rho = pi / pi_old per token (or GSPO's
+    sequence ratio s_i), A_i = group-relative advantage of sample i among its prompt's k samples; aggregated per
+    `loss_aggregation`. DeepSeekMath, arXiv 2402.03300 (objective as transcribed in TRL's docs); Dr. GRPO, arXiv
+    2503.20783; DAPO, arXiv 2503.14476; GSPO, arXiv 2507.18071."""
     logps, mask = inputs.token_logps, inputs.token_mask
     old = inputs.old_token_logps if inputs.old_token_logps is not None else logps.detach()
-    advantages = group_advantages(inputs.scores.to(logps.device), opts.scale_rewards)
-    ratio = torch.exp(logps - old)
+    advantages = group_advantages(inputs.scores.to(logps.device), opts.scale_rewards)[..., None]
+    ratio = _ratio(logps, old, mask, opts.importance_sampling_level)
     eps_high = opts.epsilon_high or opts.epsilon
-    per_token = clipped_surrogate(ratio, advantages[..., None], opts.epsilon, eps_high)
-    if opts.tis_cap > 0:
-        if inputs.engine_token_logps is None:
-            raise ValueError("grpo with tis_cap needs the rollout engine's per-token log-probs")
-        per_token = per_token * truncated_is_weights(old, inputs.engine_token_logps, mask, opts.tis_cap)
-    if opts.kl_coef > 0:
-        if inputs.ref_token_logps is None:
-            raise ValueError("grpo with kl_coef > 0 needs reference per-token log-probs")
-        per_token = per_token + opts.kl_coef * kl_estimate(logps, inputs.ref_token_logps, "k3")
+    per_token = clipped_surrogate(ratio, advantages, opts.epsilon, eps_high).expand_as(logps)
+    per_token = _tis(per_token, inputs, old, mask, opts.tis_cap, "grpo")
+    per_token = _kl_term(per_token, inputs, logps, opts.kl_coef, "grpo")
     losses = aggregate(per_token, mask, opts.loss_aggregation, inputs.step_mean_lengths, opts.max_completion_length)
-    clipped = ((ratio < 1 - opts.epsilon) | (ratio > 1 + eps_high)).float()
     return losses, {
         "reward": inputs.scores.mean(1).detach(),
-        "clip_fraction": _per_example_mean(clipped, mask),
+        **_clip_metrics(ratio, advantages, mask, 1 - opts.epsilon, 1 + eps_high),
         **_kl_metrics(logps, inputs.ref_token_logps, mask, ("k1", "k3")),
+    }
+
+
+@dataclass
+class CISPOOptions:
+    """CISPO (MiniMax-M1, arXiv 2506.13585 eq. 4-5): REINFORCE on every token, weighted by the detached IS weight
+    clipped to [weight_min, weight_max]. TRL's loss_type "cispo" caps at epsilon_high = 5.0 with no lower bound."""
+
+    weight_max: float = 5.0  # the paper's 1 + eps_high^IS (TRL's epsilon_high, an absolute cap)
+    weight_min: float = 0.0  # the paper's 1 - eps_low^IS; 0: no lower bound (the paper's choice)
+    kl_coef: float = 0.0
+    scale_rewards: str = "group"
+    loss_aggregation: str = "token-mean"
+    max_completion_length: int = 0
+    tis_cap: float = 0.0
+
+    def needs(self) -> set[str]:
+        return {"reference"} if self.kl_coef > 0 else set()
+
+    def __post_init__(self):
+        _check_choice("scale_rewards", self.scale_rewards, ("group", "none"))
+        _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS)
+        if not 0 <= self.weight_min < self.weight_max:
+            raise ConfigError("loss_options.weight_max", f"need 0 <= weight_min < weight_max, got {self.weight_min} "
+                                                         f"and {self.weight_max}")
+
+
+def cispo_loss(inputs: LossInputs, opts: CISPOOptions) -> LossOutput:
+    """l_{i,t} = -sg[clip(rho_t, w_min, w_max)] A_i log pi(o_t) (+ kl_coef * k3_t): no token loses its gradient,
+    unlike the PPO clip; aggregated per `loss_aggregation` (the paper: token-mean)."""
+    logps, mask = inputs.token_logps, inputs.token_mask
+    old = inputs.old_token_logps if inputs.old_token_logps is not None else logps.detach()
+    advantages = group_advantages(inputs.scores.to(logps.device), opts.scale_rewards)[..., None]
+    ratio = torch.exp(logps - old).detach()
+    weights = ratio.clamp(min=opts.weight_min or None, max=opts.weight_max)
+    per_token = -weights * advantages * logps
+    per_token = _tis(per_token, inputs, old, mask, opts.tis_cap, "cispo")
+    per_token = _kl_term(per_token, inputs, logps, opts.kl_coef, "cispo")
+    losses = aggregate(per_token, mask, opts.loss_aggregation, inputs.step_mean_lengths, opts.max_completion_length)
+    return losses, {
+        "reward": inputs.scores.mean(1).detach(),
+        **_clip_metrics(ratio, advantages, mask, opts.weight_min or None, opts.weight_max),
+        **_kl_metrics(logps, inputs.ref_token_logps, mask, ("k1", "k3")),
+    }
+
+
+@dataclass
+class ReinforcePPOptions:
+    """REINFORCE++-baseline (arXiv 2501.03262; OpenRLHF's reinforce_baseline with the KL in the loss): the advantage
+    r_i - mean(group) broadcast to the tokens and whitened over every token of the rollout (online/advantages.py),
+    a PPO clip, and a k2 or k3 KL to the reference in the loss, token-mean."""
+
+    epsilon: float = 0.2
+    epsilon_high: float = 0.0  # 0: epsilon
+    kl_coef: float = 1e-3
+    kl_estimator: str = "k2"  # k2 (OpenRLHF's recommendation for the loss) or k3
+    baseline: str = "group"  # "group": subtract the group's mean reward (-baseline); "none": REINFORCE++ proper
+    loss_aggregation: str = "token-mean"
+
+    def needs(self) -> set[str]:
+        return {"reference"} if self.kl_coef > 0 else set()
+
+    def __post_init__(self):
+        _check_choice("kl_estimator", self.kl_estimator, ("k2", "k3"))
+        _check_choice("baseline", self.baseline, ("group", "none"))
+        _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS)
+
+
+def reinforce_pp_loss(inputs: LossInputs, opts: ReinforcePPOptions) -> LossOutput:
+    """l_t = -min(rho_t A_t, clip(rho_t, 1-e, 1+e_high) A_t) + kl_coef * k(log pi - log pi_ref), A_t the rollout's
+    globally whitened advantage (inputs.advantages)."""
+    if inputs.advantages is None:
+        raise ValueError("reinforce++ needs the rollout's whitened advantages (online reinforce++ experience)")
+    logps, mask = inputs.token_logps, inputs.token_mask
+    old = inputs.old_token_logps if inputs.old_token_logps is not None else logps.detach()
+    ratio = torch.exp(logps - old)
+    eps_high = opts.epsilon_high or opts.epsilon
+    per_token = clipped_surrogate(ratio, inputs.advantages, opts.epsilon, eps_high)
+    per_token = _kl_term(per_token, inputs, logps, opts.kl_coef, "reinforce++", opts.kl_estimator)
+    losses = aggregate(per_token, mask, opts.loss_aggregation, inputs.step_mean_lengths)
+    return losses, {
+        "reward": inputs.scores.mean(1).detach(),
+        **_clip_metrics(ratio, inputs.advantages, mask, 1 - opts.epsilon, 1 + eps_high),
+        **_kl_metrics(logps, inputs.ref_token_logps, mask, ("k1", opts.kl_estimator)),
     }
 
 

@@ -99,6 +99,14 @@ register(LossSpec("rm", reward.bradley_terry_loss, reward.RewardModelOptions, "p
 # Online RL (docs/online.md): trained by `alignkit online --method grpo|rloo|ppo`, on rollouts of the policy itself.
 register(LossSpec("grpo", online.grpo_loss, online.GRPOOptions, "rollouts", True, "arXiv 2402.03300",
                   needs_token_logps=True))
+register(LossSpec("dapo", online.grpo_loss, online.DAPOOptions, "rollouts", True, "arXiv 2503.14476",
+                  needs_token_logps=True))
+register(LossSpec("gspo", online.grpo_loss, online.GSPOOptions, "rollouts", True, "arXiv 2507.18071",
+                  needs_token_logps=True))
+register(LossSpec("cispo", online.cispo_loss, online.CISPOOptions, "rollouts", True, "arXiv 2506.13585",
+                  needs_token_logps=True))
+register(LossSpec("reinforce++", online.reinforce_pp_loss, online.ReinforcePPOptions, "rollouts", True,
+                  "arXiv 2501.03262", needs_token_logps=True))
 register(LossSpec("rloo", online.rloo_loss, online.RLOOOptions, "rollouts", True, "arXiv 2402.14740"))
 register(LossSpec("ppo", online.ppo_loss, online.PPOOptions, "rollouts", True, "arXiv 1707.06347, 2307.04964",
                   needs_token_logps=True))

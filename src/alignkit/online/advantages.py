@@ -105,3 +105,11 @@ def ppo_advantages(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.T
     if opts.advantage_clip > 0:
         advantages = advantages.clamp(-opts.advantage_clip, opts.advantage_clip) * mask
     return {"advantages": advantages, "returns": returns, "token_kl": token_kl}
+
+
+def reinforce_pp_advantages(scores: torch.Tensor, mask: torch.Tensor, baseline: str = "group") -> torch.Tensor:
+    """REINFORCE++(-baseline) (arXiv 2501.03262; OpenRLHF `reinforce_baseline`): r_i - mean_group(r) (or r_i),
+    broadcast to every response token, then whitened over all the rollout's tokens (population variance), so the
+    normalisation is global to the batch, not per prompt. scores [B, k]; mask [B, k, T]. [B, k, T], 0 off the mask."""
+    centred = scores - scores.mean(1, keepdim=True) if baseline == "group" else scores
+    return masked_whiten(centred[..., None].expand(mask.shape).to(torch.float32), mask)

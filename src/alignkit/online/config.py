@@ -15,7 +15,7 @@ from alignkit.online.methods import ONLINE_METHODS
 
 
 class OnlineConfig(OptimConfig):
-    method: Literal["grpo", "rloo", "ppo", "online-dpo", "self-reward"]
+    method: Literal[tuple(ONLINE_METHODS)]
     model: str = Field(description="the starting policy (usually SFT'd): alias, HF hub id or local directory")
     prompts: str = Field(description="prompts JSONL (a `prompt` per row), cycled through in seeded order")
     eval_prompts: str | None = Field(None, description="held-out prompts for summary.json (default: 64 of prompts)")
@@ -31,6 +31,13 @@ class OnlineConfig(OptimConfig):
     mask_truncated: bool = Field(False, description="samples cut at max_new_tokens carry no loss (they still count in "
                                  "their group's reward statistics; TRL's mask_truncated_completions); token-level "
                                  "losses (grpo, ppo)")
+    dynamic_sampling: bool | None = Field(None, description="drop groups whose rewards all tie and refill the round "
+                                          "with fresh prompts (DAPO; default: the method's: on for dapo)")
+    max_refills: int = Field(3, ge=0, description="dynamic sampling: extra rollouts per round at most; the round "
+                             "trains on the groups kept so far when they run out")
+    overlong_cache: int = Field(0, ge=0, description="DAPO's soft overlong punishment: a penalty rising from 0 to "
+                                "overlong_penalty over the last overlong_cache tokens before max_new_tokens; 0: off")
+    overlong_penalty: float = Field(1.0, ge=0, description="the punishment at max_new_tokens (DAPO: 1)")
     # The learner: the shared step's keys (learning_rate, lr_schedule, warmup_steps, ...) plus these.
     learning_rate: float = Field(1e-6, gt=0)
     lr_schedule: Literal["cosine", "linear", "constant"] = Field(
@@ -52,6 +59,8 @@ class OnlineConfig(OptimConfig):
     judge_max_new_tokens: int = Field(128, gt=0)
     consistency: Literal["none", "kendall", "toporder"] = Field("none", description="CREAM weights (loss cream)")
     # Report.
+    evaluate: bool = Field(True, description="sample the held-out prompts before and after for summary.json "
+                           "(off where a recipe runs its own evaluation)")
     eval_samples: int = Field(4, gt=0, description="samples per held-out prompt for summary.json")
 
     @property
@@ -63,6 +72,10 @@ class OnlineConfig(OptimConfig):
         if self.ref_update_every is not None:
             return self.ref_update_every
         return ONLINE_METHODS[self.method].reference_every
+
+    @property
+    def dynamic(self) -> bool:
+        return ONLINE_METHODS[self.method].dynamic_sampling if self.dynamic_sampling is None else self.dynamic_sampling
 
     @property
     def loss_name(self) -> str:

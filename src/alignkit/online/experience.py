@@ -18,7 +18,7 @@ from alignkit.data.tokenize import TokenizedExample
 from alignkit.losses import LossInputs
 from alignkit.losses.base import needs
 from alignkit.models.token_kl import pad_tokens
-from alignkit.online.advantages import RunningMoments, ppo_advantages
+from alignkit.online.advantages import RunningMoments, ppo_advantages, reinforce_pp_advantages
 from alignkit.online.rollout import Rollout
 from alignkit.online.self_reward import consistency_weights, implicit_reward_agreement
 from alignkit.train.apo import extrapolated_logps
@@ -90,6 +90,7 @@ class RoundContext:
     snapshots: object  # online/run.Snapshots: reference, previous, initial
     moments: RunningMoments
     judge_for: Callable | None  # model -> Reward (self-rewarding: the previous iteration's judge)
+    prompt_pool: list = field(default_factory=list)  # every training prompt (dynamic sampling refills from it)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -118,6 +119,19 @@ def rl_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
     """GRPO / RLOO: behaviour log-probs only where a rollout feeds several updates (else the ratio is 1 and the
     policy's own detached log-probs stand in, as TRL does)."""
     return _scored(rollout, round_ctx, behaviour=round_ctx.cfg.updates_per_round > 1)
+
+
+def reinforce_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
+    """REINFORCE++: the group-centred rewards whitened over every trained token of the whole rollout (global, not per
+    micro-batch: the experience holds the round's every response)."""
+    experience = rl_experience(rollout, round_ctx)
+    examples = experience.examples
+    _, mask = pad_flat([torch.zeros(sum(e.trained_lengths)) for e in examples], examples)
+    if experience.trained is not None:
+        mask = mask & experience.trained[..., None]
+    advantages = reinforce_pp_advantages(rollout.rewards, mask, round_ctx.opts.baseline)
+    experience.per_token["advantages"] = split_flat(advantages, examples)
+    return experience
 
 
 def ppo_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:

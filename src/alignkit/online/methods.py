@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from alignkit.online.experience import pair_experience, ppo_experience, rl_experience
+from alignkit.online.experience import pair_experience, ppo_experience, reinforce_experience, rl_experience
 
 
 @dataclass(frozen=True)
@@ -20,10 +20,15 @@ class OnlineMethod:
     pairs: bool = False  # trains on (chosen, rejected) pairs of a prompt's samples
     self_judge: bool = False  # the policy (or `judge`) scores the samples; CREAM compares consecutive iterations
     reference_every: int = 0  # default ref_update_every (0: the reference stays the starting policy)
+    dynamic_sampling: bool = False  # default: groups whose rewards all tie are dropped and refilled (DAPO)
 
 
 ONLINE_METHODS: dict[str, OnlineMethod] = {
     "grpo": OnlineMethod("grpo", rl_experience, "arXiv 2402.03300"),
+    "dapo": OnlineMethod("dapo", rl_experience, "arXiv 2503.14476", dynamic_sampling=True),
+    "gspo": OnlineMethod("gspo", rl_experience, "arXiv 2507.18071"),
+    "cispo": OnlineMethod("cispo", rl_experience, "arXiv 2506.13585"),
+    "reinforce++": OnlineMethod("reinforce++", reinforce_experience, "arXiv 2501.03262"),
     "rloo": OnlineMethod("rloo", rl_experience, "arXiv 2402.14740"),
     "ppo": OnlineMethod("ppo", ppo_experience, "arXiv 1707.06347, 2307.04964", value_head=True),
     "online-dpo": OnlineMethod("dpo", pair_experience, "arXiv 2402.04792", pairs=True),

@@ -19,6 +19,7 @@ from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError
 from alignkit.generate.engines import as_engine
 from alignkit.generate.sample import SamplingConfig, encode_prompts
+from alignkit.rewards.shaping import soft_overlong_penalty
 
 
 @dataclass
@@ -38,22 +39,36 @@ class Rollout:
         return sum(len(group) for group in self.texts)
 
 
-def join_rollouts(parts: list[Rollout]) -> Rollout:
+def join_rollouts(parts: list[Rollout], sequential: bool = False) -> Rollout:
     """Several ranks' rollouts (in rank order) as one: the round's prompts in their order; the seconds are the
-    slowest rank's (they ran side by side)."""
+    slowest rank's (they ran side by side), or their sum for rollouts drawn one after another (refills)."""
+    total = sum if sequential else max
     engine = None if any(r.engine_logps is None for r in parts) else [t for r in parts for t in r.engine_logps]
     return Rollout([p for r in parts for p in r.prompts], [t for r in parts for t in r.texts],
                    [e for r in parts for e in r.examples], torch.cat([r.rewards for r in parts]),
                    torch.cat([r.finished for r in parts]), sum(r.generated_tokens for r in parts),
-                   max(r.generate_seconds for r in parts), max(r.reward_seconds for r in parts), engine)
+                   total(r.generate_seconds for r in parts), total(r.reward_seconds for r in parts), engine)
+
+
+def select_groups(rollout: Rollout, rows: list[int]) -> Rollout:
+    """The rollout of the prompts at `rows` only (in that order)."""
+    index = torch.tensor(rows, dtype=torch.long)
+    examples = [rollout.examples[i] for i in rows]
+    return Rollout([rollout.prompts[i] for i in rows], [rollout.texts[i] for i in rows], examples,
+                   rollout.rewards[index], rollout.finished[index],
+                   sum(len(s) for e in examples for s in e.response_ids), rollout.generate_seconds,
+                   rollout.reward_seconds,
+                   None if rollout.engine_logps is None else [rollout.engine_logps[i] for i in rows])
 
 
 def generate_rollout(generator, tokenizer, prompts: list, reward, num_samples: int, sampling: SamplingConfig,
-                     max_length: int = 1024, missing_eos_penalty: float | None = None) -> Rollout:
+                     max_length: int = 1024, missing_eos_penalty: float | None = None,
+                     overlong: tuple[int, int, float] | None = None) -> Rollout:
     """Sample num_samples responses per prompt with `generator` (an engine, or the policy for the hf engine), score
     them with `reward` (reward(prompts, responses) -> floats) and keep their token ids. A response is cut to fit
     max_length with its prompt (and then counts as cut). missing_eos_penalty: subtracted from the reward of samples
-    cut at max_new_tokens (TRL's option)."""
+    cut at max_new_tokens (TRL's option). overlong: (max_new_tokens, cache, factor) of DAPO's soft overlong
+    punishment, added to the reward on the sampled token count."""
     tic = time.perf_counter()
     prompt_ids = encode_prompts(tokenizer, prompts)
     too_long = next((i for i, ids in enumerate(prompt_ids) if len(ids) >= max_length), None)
@@ -77,6 +92,9 @@ def generate_rollout(generator, tokenizer, prompts: list, reward, num_samples: i
     rewards = rewards.view(len(prompts), num_samples)
     if missing_eos_penalty:
         rewards = rewards - missing_eos_penalty * (~finished).float()
+    if overlong is not None:
+        lengths = torch.tensor([[len(s) for s in samples] for samples in generation.ids])
+        rewards = rewards + soft_overlong_penalty(lengths, *overlong)
     total = sum(len(s) for example in examples for s in example.response_ids)
     return Rollout(list(prompts), generation.texts, examples, rewards, finished, total, generated,
                    time.perf_counter() - tic, engine_logps)

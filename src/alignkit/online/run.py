@@ -33,7 +33,7 @@ from alignkit.online.advantages import RunningMoments
 from alignkit.online.config import OnlineConfig, command_help, method_loss, online_config
 from alignkit.online.experience import RoundContext, Scorer
 from alignkit.online.methods import ONLINE_METHODS
-from alignkit.online.rollout import Rollout, generate_rollout, join_rollouts
+from alignkit.online.rollout import Rollout, generate_rollout, join_rollouts, select_groups
 from alignkit.online.self_reward import LLMJudge
 from alignkit.train.checkpoint import (
     check_resume,
@@ -153,14 +153,18 @@ def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, jud
         raise ConfigError("distributed" if cfg.distributed == "fsdp" else "prompts_per_round",
                           "online runs ddp (every rank samples with whole weights), with prompts_per_round a multiple "
                           f"of the {ctx.world_size} processes")
-    prompts = prompts if prompts is not None else _read_prompts(cfg.prompts)
+    records = _read_records(cfg.prompts) if prompts is None else []
+    prompts = prompts if prompts is not None else [r["prompt"] for r in records]
+    if eval_prompts is None and cfg.eval_prompts:
+        eval_records = _read_records(cfg.eval_prompts)
+        records, eval_prompts = records + eval_records, [r["prompt"] for r in eval_records]
     if eval_prompts is None:
-        eval_prompts = _read_prompts(cfg.eval_prompts) if cfg.eval_prompts else random.Random(cfg.seed).sample(
-            prompts, min(64, len(prompts)))
+        eval_prompts = random.Random(cfg.seed).sample(prompts, min(64, len(prompts)))
     if reward is None:
         from alignkit.rewards.spec import load_reward
+        from alignkit.rewards.verifiable.records import bind_records
 
-        reward = load_reward(cfg.reward)
+        reward = bind_records(load_reward(cfg.reward), records)  # rewards that read a record field get theirs
     if model is None:
         from alignkit.models.resolve import load_model_and_tokenizer
 
@@ -192,9 +196,11 @@ def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, jud
             load_model(trained.value_head, str(resumed.path / VALUE_HEAD_FILE))
         snapshots.restore(resumed.path, state["has_previous"])
         before = state["before"]
-    else:
+    elif cfg.evaluate:
         before = evaluate_policy(engine, tokenizer, eval_prompts, reward, eval_sampling, cfg.eval_samples,
                                  policy=policy)
+    else:
+        before = {"reward": None}
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_config(out_dir, cfg)
@@ -208,7 +214,7 @@ def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, jud
         for round_index in range(start, cfg.rounds):
             snapshots.start_round(round_index, policy)
             batch = order[round_index * cfg.prompts_per_round:(round_index + 1) * cfg.prompts_per_round]
-            round_ctx = RoundContext(cfg, opts, scorer, snapshots, moments, judge_for)
+            round_ctx = RoundContext(cfg, opts, scorer, snapshots, moments, judge_for, prompts)
             row, rollout = _round(cfg, spec, opts, method, stepper, engine, policy, tokenizer,
                                   [prompts[i] for i in batch], reward, round_ctx, round_index, pad_id)
             rows.append(row)
@@ -227,7 +233,7 @@ def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, jud
         if logger is not None:
             logger.close()
     after = evaluate_policy(engine, tokenizer, eval_prompts, reward, eval_sampling, cfg.eval_samples,
-                            snapshots.initial, cfg.max_length, kl=True, policy=policy)
+                            snapshots.initial, cfg.max_length, kl=True, policy=policy) if cfg.evaluate else {"reward": None}
     summary = _summary(cfg, before, after, rows)
     policy = merged_for_save(policy, cfg.lora.save if cfg.lora is not None else "merged")
     if ctx.is_main:
@@ -243,12 +249,13 @@ def _round(cfg: OnlineConfig, spec, opts, method, stepper: Stepper, engine, poli
     """One rollout -> experience -> shared-step round; its metrics, with the seconds each part took. The engine
     gets the new weights once the round's optimizer steps are done (it samples only between rounds)."""
     cpu = time.process_time()
-    rollout = _sharded_rollout(cfg, engine, policy, tokenizer, prompts, reward, round_ctx, round_index, stepper.ctx)
+    rollout, sampling_metrics = _collect_rollout(cfg, engine, policy, tokenizer, prompts, reward, round_ctx,
+                                                 round_index, stepper.ctx)
     tic = time.perf_counter()
-    experience = method.experience(rollout, round_ctx)
+    experience = method.experience(rollout, round_ctx) if rollout.examples else None
     scored = time.perf_counter()
-    metrics = dict(round_ctx.metrics)
-    if experience.examples:
+    metrics = {**sampling_metrics, **round_ctx.metrics}
+    if experience is not None:
         metrics.update(_learn(cfg, spec, opts, stepper, experience, round_index, pad_id))
         engine.update_weights(policy)
     learned = time.perf_counter()
@@ -256,25 +263,77 @@ def _round(cfg: OnlineConfig, spec, opts, method, stepper: Stepper, engine, poli
     total = rollout.generate_seconds + rollout.reward_seconds + (learned - tic)
     return {
         "round": round_index + 1, "rollout_reward": float(rewards.mean()) if len(rewards) else float("nan"),
-        **{f"rollout_{k}": v for k, v in experience.metrics.items()},
-        "examples": len(experience.examples), "generated_tokens": rollout.generated_tokens,
+        **{f"rollout_{k}": v for k, v in (experience.metrics if experience is not None else {}).items()},
+        "examples": len(experience.examples) if experience is not None else 0, "generated_tokens": rollout.generated_tokens,
         "time/generate_s": rollout.generate_seconds, "time/reward_s": rollout.reward_seconds,
         "time/score_s": scored - tic, "time/learner_s": learned - scored, "time/cpu_s": time.process_time() - cpu,
         "samples_per_s": rollout.num_samples / total, **metrics,
     }, rollout
 
 
+def _collect_rollout(cfg: OnlineConfig, engine, policy, tokenizer, prompts: list, reward, round_ctx: RoundContext,
+                     round_index: int, ctx) -> tuple[Rollout, dict]:
+    """The round's rollout and what users watch in it: the share of groups whose rewards all tie (no signal for a
+    group-relative advantage), the sampled tokens' entropy estimate, response length, the share cut short. With
+    dynamic sampling (DAPO sec. 3.2) tied groups are dropped and fresh prompts sampled, at most max_refills times,
+    until prompts_per_round groups are kept (the surplus is discarded, as verl's recipe does); if the refills run out,
+    the round trains on the groups kept."""
+    rollout = _sharded_rollout(cfg, engine, policy, tokenizer, prompts, reward, round_ctx, round_index, ctx)
+    metrics = {"zero_std_share": float(tied_groups(rollout.rewards).float().mean()), **rollout_stats(rollout)}
+    if not cfg.dynamic:
+        return rollout, metrics
+    kept, refills = select_groups(rollout, (~tied_groups(rollout.rewards)).nonzero().flatten().tolist()), 0
+    while kept.rewards.shape[0] < len(prompts) and refills < cfg.max_refills:
+        refills += 1
+        more = _sharded_rollout(cfg, engine, policy, tokenizer, refill_prompts(round_ctx.prompt_pool, len(prompts),
+                                cfg.seed, round_index, refills), reward, round_ctx, round_index, ctx, refills)
+        kept = join_rollouts([kept, select_groups(more, (~tied_groups(more.rewards)).nonzero().flatten().tolist())],
+                             sequential=True)
+    kept = select_groups(kept, list(range(min(len(prompts), kept.rewards.shape[0]))))
+    return kept, {**metrics, "refills": refills, "kept_groups": kept.rewards.shape[0]}
+
+
+def tied_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """[B] bool: groups whose (non-NaN) rewards all tie: a group-relative advantage is 0 for every sample."""
+    filled = torch.nan_to_num(rewards, nan=0.0)
+    valid = ~rewards.isnan()
+    high = torch.where(valid, filled, torch.full_like(filled, -torch.inf)).max(1).values
+    low = torch.where(valid, filled, torch.full_like(filled, torch.inf)).min(1).values
+    return (high - low <= 0) | (valid.sum(1) < 2)
+
+
+def rollout_stats(rollout: Rollout) -> dict:
+    """Mean response length (tokens), share cut at max_new_tokens, and the entropy of the sampling distribution
+    estimated on the sampled tokens: mean -log p(y_t) under the engine (unbiased for the per-token entropy)."""
+    lengths = [len(ids) for e in rollout.examples for ids in e.response_ids]
+    stats = {"response_length": sum(lengths) / max(len(lengths), 1),
+             "truncated_share": float((~rollout.finished).float().mean())}
+    if rollout.engine_logps is not None:
+        tokens = torch.cat(rollout.engine_logps) if rollout.engine_logps else torch.zeros(0)
+        if len(tokens):
+            stats["entropy"] = float(-tokens.mean())
+    return stats
+
+
+def refill_prompts(pool: list, count: int, seed: int, round_index: int, refill: int) -> list:
+    """Fresh prompts for a dynamic-sampling refill, seeded by the round and the refill (so a resumed run redraws
+    the same ones)."""
+    rng = random.Random(seed * 1_000_003 + round_index * 101 + refill)
+    return [pool[rng.randrange(len(pool))] for _ in range(count)]
+
+
 def _sharded_rollout(cfg: OnlineConfig, engine, policy, tokenizer, prompts: list, reward, round_ctx: RoundContext,
-                     round_index: int, ctx) -> Rollout:
+                     round_index: int, ctx, refill: int = 0) -> Rollout:
     """This rank's contiguous share of the prompts, sampled and scored, then every rank's shares joined in order.
     Each generate call is seeded by its first prompt's place in the round, so the samples are those one process
     draws (when the share is a multiple of sampling.batch_size)."""
     share = len(prompts) // ctx.world_size
     first = ctx.rank * share
-    sampling = SamplingConfig.from_options(cfg.sampling, cfg.seed + 10_007 * (round_index + 1) + first)
+    sampling = SamplingConfig.from_options(cfg.sampling, cfg.seed + 10_007 * (round_index + 1) + 7_919 * refill + first)
     rollout_reward = round_ctx.judge_for(policy) if round_ctx.judge_for is not None else reward
+    overlong = (cfg.sampling.max_new_tokens, cfg.overlong_cache, cfg.overlong_penalty) if cfg.overlong_cache else None
     local = generate_rollout(engine, tokenizer, prompts[first:first + share], rollout_reward, cfg.num_samples,
-                             sampling, cfg.max_length, cfg.missing_eos_penalty)
+                             sampling, cfg.max_length, cfg.missing_eos_penalty, overlong)
     return join_rollouts(gather_objects(local, ctx)) if ctx.enabled else local
 
 
@@ -351,10 +410,10 @@ def _prompt_order(n: int, needed: int, seed: int) -> list[int]:
     return order[:needed]
 
 
-def _read_prompts(path: str) -> list:
+def _read_records(path: str) -> list[dict]:
     from alignkit.data.load import load_records
 
-    return [r["prompt"] for r in load_records(path, shape="prompts")]
+    return load_records(path, shape="prompts")
 
 
 def _summary(cfg: OnlineConfig, before: dict, after: dict, rows: list[dict]) -> dict:
@@ -365,7 +424,7 @@ def _summary(cfg: OnlineConfig, before: dict, after: dict, rows: list[dict]) -> 
     samples = len(rows) * cfg.prompts_per_round * cfg.num_samples
     return {
         "method": cfg.method, "rounds": cfg.rounds, "samples": samples,
-        "reward_start": before["reward"], "reward_final": after["reward"], "reward_gain": after["reward"] - before["reward"],
+        "reward_start": before["reward"], "reward_final": after["reward"], "reward_gain": after["reward"] - before["reward"] if cfg.evaluate else None,
         "kl_to_start": after.get("kl"), "kl_to_start_sem": after.get("kl_sem"),
         "seconds": seconds, "samples_per_s": samples / seconds if seconds else None,
         "cpu_seconds": total("time/cpu_s"),  # process CPU time (all threads): steadier than wall time when shared
@@ -378,8 +437,9 @@ def run_online_cli(config=None, overrides: dict[str, Any] | None = None) -> Onli
     cfg = online_config(config, overrides)
     result = run_online(cfg)
     s = result.summary
-    log.info("%s: reward %+.4f -> %+.4f (KL to the start %.3f) in %.0f s; wrote %s", cfg.method, s["reward_start"],
-             s["reward_final"], s["kl_to_start"], s["seconds"], result.output_dir)
+    if cfg.evaluate:
+        log.info("%s: reward %+.4f -> %+.4f (KL to the start %.3f) in %.0f s; wrote %s", cfg.method,
+                 s["reward_start"], s["reward_final"], s["kl_to_start"], s["seconds"], result.output_dir)
     return result
 
 

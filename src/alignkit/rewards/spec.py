@@ -3,6 +3,9 @@
   synthetic        the quickstart task's sentiment-word share (data.synthetic.sentiment_reward)
   vader | length | format | align
                    VADER sentiment, length penalty, ends-cleanly, and the main job's sum of the three
+  constraints | math | exact_match
+                   verifiable rewards reading each prompt record's `constraints` / `answer` field
+                   (rewards/verifiable; `constraints+bonus` adds 1 when every constraint is met)
   module:attr      a Reward instance or class, or a callable f(prompt, response) -> float
   <directory>      a trained reward model (sequence classification, e.g. `alignkit rm`'s final/)
 """
@@ -15,7 +18,7 @@ from pathlib import Path
 from alignkit.errors import ConfigError
 from alignkit.rewards.base import FunctionReward, Reward
 
-NAMED = ("synthetic", "vader", "length", "format", "align")
+NAMED = ("synthetic", "vader", "length", "format", "align", "constraints", "constraints+bonus", "math", "exact_match")
 
 
 def load_reward(spec: str, key: str = "reward") -> Reward:
@@ -26,6 +29,12 @@ def load_reward(spec: str, key: str = "reward") -> Reward:
         from alignkit.data.synthetic import sentiment_reward
 
         return FunctionReward(lambda prompt, response: sentiment_reward(response), name="synthetic")
+    if spec in ("constraints", "constraints+bonus", "math", "exact_match"):
+        from alignkit.rewards.verifiable import ConstraintReward, ExactMatch, MathAnswer
+
+        if spec.startswith("constraints"):
+            return ConstraintReward(all_met_bonus=1.0 if spec.endswith("+bonus") else 0.0)
+        return MathAnswer() if spec == "math" else ExactMatch()
     if spec in NAMED:
         from alignkit.rewards.text import EndsCleanly, LengthPenalty, VaderSentiment
 

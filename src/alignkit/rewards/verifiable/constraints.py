@@ -1,0 +1,162 @@
+"""Instruction-following constraints a program can check, in the style of IFEval (Zhou et al., arXiv 2311.07911) and
+Tulu 3's RLVR (arXiv 2411.15124). A record's `constraints` field lists specs such as
+`[{"type": "max_words", "n": 30}, {"type": "include", "words": ["river"]}]`; the reward is the fraction met, plus
+`all_met_bonus` when every one is.
+
+Words are runs of letters, digits and apostrophes; sentences end at . ! or ? (or the text's end); paragraphs are
+separated by blank lines; a bullet is a line starting with `* ` or `- `."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from alignkit.rewards.verifiable.records import RecordReward
+
+_WORD = re.compile(r"[A-Za-z0-9']+")
+_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
+_BULLET = re.compile(r"^\s*[*-] +\S", re.MULTILINE)
+_PLACEHOLDER = re.compile(r"\[[^\[\]\n]+\]")
+_TITLE = re.compile(r"<<[^<>\n]+>>")
+_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.IGNORECASE)
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text)
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE_END.split(text) if _WORD.search(s)]
+
+
+def paragraphs(text: str) -> list[str]:
+    return [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+
+
+def _has_word(text: str, word: str) -> bool:
+    return re.search(rf"(?<![A-Za-z0-9']){re.escape(word)}(?![A-Za-z0-9'])", text, re.IGNORECASE) is not None
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(_FENCE.sub("", text.strip()))
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Checker:
+    args: dict[str, str]  # argument -> kind: "count" (int >= 0), "words" (non-empty list of words), "phrase"
+    check: Callable[..., bool]  # (text, **args) -> met?
+    describe: Callable[..., str]  # (**args) -> the instruction as a prompt states it
+
+
+CHECKERS: dict[str, Checker] = {
+    "max_words": Checker({"n": "count"}, lambda t, n: 0 < len(words(t)) <= n,
+                         lambda n: f"Answer in at most {n} words."),
+    "min_words": Checker({"n": "count"}, lambda t, n: len(words(t)) >= n,
+                         lambda n: f"Answer in at least {n} words."),
+    "max_sentences": Checker({"n": "count"}, lambda t, n: 0 < len(sentences(t)) <= n,
+                             lambda n: f"Use at most {n} sentence{'s' * (n != 1)}."),
+    "min_sentences": Checker({"n": "count"}, lambda t, n: len(sentences(t)) >= n,
+                             lambda n: f"Use at least {n} sentences."),
+    "lowercase": Checker({}, lambda t: bool(re.search("[a-z]", t)) and t == t.lower(),
+                         lambda: "Write everything in lowercase letters, with no capital letters at all."),
+    "uppercase": Checker({}, lambda t: bool(re.search("[A-Z]", t)) and t == t.upper(),
+                         lambda: "Write everything in CAPITAL LETTERS."),
+    "max_capital_words": Checker({"n": "count"}, lambda t, n: sum(w.isupper() for w in words(t)) <= n,
+                                 lambda n: f"Use at most {n} words written fully in capital letters." if n else
+                                 "Do not write any word fully in capital letters."),
+    "include": Checker({"words": "words"}, lambda t, words: all(_has_word(t, w) for w in words),
+                       lambda words: "Include the word" + ("s " if len(words) > 1 else " ")
+                       + " and ".join(f'"{w}"' for w in words) + "."),
+    "exclude": Checker({"words": "words"}, lambda t, words: not any(_has_word(t, w) for w in words),
+                       lambda words: "Do not use the word" + ("s " if len(words) > 1 else " ")
+                       + " or ".join(f'"{w}"' for w in words) + "."),
+    "no_commas": Checker({}, lambda t: "," not in t, lambda: "Do not use any commas."),
+    "starts_with": Checker({"phrase": "phrase"}, lambda t, phrase: t.strip().lower().startswith(phrase.lower()),
+                           lambda phrase: f'Start your answer with "{phrase}".'),
+    "ends_with": Checker({"phrase": "phrase"}, lambda t, phrase: t.strip().lower().endswith(phrase.lower()),
+                         lambda phrase: f'End your answer with "{phrase}".'),
+    "bullets": Checker({"n": "count"}, lambda t, n: len(_BULLET.findall(t)) == n,
+                       lambda n: f"Answer with exactly {n} bullet points, each on its own line starting with \"* \"."),
+    "paragraphs": Checker({"n": "count"}, lambda t, n: len(paragraphs(t)) == n,
+                          lambda n: f"Write exactly {n} paragraphs, separated by blank lines."),
+    "quoted": Checker({}, lambda t: len(t.strip()) > 1 and t.strip()[0] == t.strip()[-1] == '"',
+                      lambda: "Wrap your whole answer in double quotation marks."),
+    "title": Checker({}, lambda t: _TITLE.search(t) is not None,
+                     lambda: "Give your answer a title wrapped in double angular brackets, like <<title>>."),
+    "json": Checker({}, _is_json, lambda: "Format your whole answer as valid JSON."),
+    "placeholders": Checker({"n": "count"}, lambda t, n: len(_PLACEHOLDER.findall(t)) >= n,
+                            lambda n: f"Include at least {n} placeholders in square brackets, like [name]."),
+}
+
+
+def _check_arg(kind: str, name: str, value, where: str):
+    if kind == "count":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{where}: '{name}' must be an integer >= 0, got {value!r}")
+        return value
+    if kind == "phrase":
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{where}: '{name}' must be a non-empty string, got {value!r}")
+        return value.strip()
+    if not isinstance(value, list) or not value or not all(isinstance(w, str) and w.strip() for w in value):
+        raise ValueError(f"{where}: '{name}' must be a non-empty list of non-empty strings, got {value!r}")
+    return [w.strip() for w in value]
+
+
+def validate_constraints(value) -> list[dict]:
+    """A `constraints` field checked and normalised; ValueError naming the bad constraint and argument."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a non-empty list of constraint objects, got {value!r}")
+    out = []
+    for i, spec in enumerate(value):
+        where = f"constraint {i + 1}"
+        if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+            raise ValueError(f"{where}: expected an object with a string 'type', got {spec!r}")
+        kind = spec["type"]
+        if kind not in CHECKERS:
+            raise ValueError(f"{where}: unknown type {kind!r}; known: {', '.join(CHECKERS)}")
+        args = CHECKERS[kind].args
+        extra = sorted(set(spec) - set(args) - {"type"})
+        if extra:
+            raise ValueError(f"{where} ({kind}): unknown argument(s) {', '.join(extra)}; it takes "
+                             f"{', '.join(args) or 'none'}")
+        missing = [a for a in args if a not in spec]
+        if missing:
+            raise ValueError(f"{where} ({kind}): missing argument(s) {', '.join(missing)}")
+        out.append({"type": kind, **{a: _check_arg(k, a, spec[a], f"{where} ({kind})") for a, k in args.items()}})
+    return out
+
+
+def check(spec: dict, text: str) -> bool:
+    return bool(CHECKERS[spec["type"]].check(text, **{k: v for k, v in spec.items() if k != "type"}))
+
+
+def check_all(constraints: list[dict], text: str) -> list[bool]:
+    return [check(spec, text) for spec in constraints]
+
+
+def describe(spec: dict) -> str:
+    return CHECKERS[spec["type"]].describe(**{k: v for k, v in spec.items() if k != "type"})
+
+
+class ConstraintReward(RecordReward):
+    """Fraction of the prompt's constraints the response meets, plus all_met_bonus when it meets them all."""
+
+    field = "constraints"
+
+    def __init__(self, all_met_bonus: float = 0.0, name: str = "constraints"):
+        super().__init__()
+        self.all_met_bonus, self.name = all_met_bonus, name
+
+    def parse(self, value):
+        return validate_constraints(value)
+
+    def score_one(self, constraints, response: str) -> float:
+        met = check_all(constraints, response)
+        return sum(met) / len(met) + (self.all_met_bonus if all(met) else 0.0)
