@@ -98,7 +98,7 @@ BAD_LINES = [
     ("chat", '{"prompt": "hi", "completion": "a"}', "messages"),
     ("chat", '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}',
      "messages[0].role"),
-    ("chat", '{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}', "messages[1].role"),
+    ("chat", '{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}', "messages[1].role"),
     ("chat", '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]}',
      "messages[1].content"),
     ("chat", '{"messages": [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}]}', "messages"),
@@ -365,7 +365,8 @@ def valid_record(draw, shape: str) -> dict:
         return record
     record["prompt"] = draw(prompt)
     if shape == "pairs":
-        record["chosen"], record["rejected"] = draw(response), draw(response)
+        record["chosen"] = draw(response)
+        record["rejected"] = draw(response.filter(lambda r: r != record["chosen"]))  # identical pairs are refused
     elif shape in ("unpaired", "sft"):
         record["completion"] = draw(response)
         if shape == "unpaired":
@@ -374,7 +375,7 @@ def valid_record(draw, shape: str) -> dict:
         k = draw(st.integers(2, 4))
         record["responses"] = draw(st.lists(response, min_size=k, max_size=k))
         numbers = st.integers(-(10**6), 10**6) | st.floats(allow_nan=False, allow_infinity=False)
-        record["scores"] = draw(st.lists(numbers, min_size=k, max_size=k))
+        record["scores"] = draw(st.lists(numbers, min_size=k, max_size=k).filter(lambda v: len(set(v)) > 1))
     elif shape == "negatives":  # K = 2 samples in every record: a data set holds one K
         record["rejected"] = draw(response)
         record["samples"] = draw(st.lists(response, min_size=2, max_size=2))

@@ -221,17 +221,35 @@ def test_fast_engine_weight_push_equals_reloading(task):
     assert pushed.ids == reloaded.ids and pushed.logprobs == reloaded.logprobs and pushed.ids != before.ids
 
 
-def test_auto_engine_falls_back_to_hf_for_lora_and_fast_refuses_it(task):
+def test_fast_engine_samples_a_lora_policy_with_its_adapters_merged(task):
+    """The fast engine folds the adapters' B A * scaling into its own weight copy: its samples and log-probs equal
+    those of the merged model, the policy's weights stay as they were, and an adapted embedding is refused."""
     from alignkit.config import LoraOptions
     from alignkit.errors import ConfigError
     from alignkit.generate.engines import FastEngine, make_engine
     from alignkit.models.lora import apply_lora
 
-    assert isinstance(make_engine(task.model, task.tokenizer, SamplingConfig(engine="auto")), FastEngine)
     peft_model = apply_lora(copy.deepcopy(task.model), LoraOptions(r=2))
-    assert isinstance(make_engine(peft_model, task.tokenizer, SamplingConfig(engine="auto")), HFEngine)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    state = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    engine = make_engine(peft_model, task.tokenizer, SamplingConfig(engine="auto"))
+    assert isinstance(engine, FastEngine)
+    ids = encode_prompts(task.tokenizer, prompts(6, seed=8))
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, seed=3)
+    ours = engine.generate(ids, cfg, 3)
+    merged = FastEngine(copy.deepcopy(peft_model).merge_and_unload(), task.tokenizer).generate(ids, cfg, 3)
+    base = FastEngine(task.model, task.tokenizer).generate(ids, cfg, 3)
+    assert ours.ids == merged.ids and ours.ids != base.ids
+    np.testing.assert_allclose(np.concatenate([np.concatenate(g) for g in ours.logprobs]),
+                               np.concatenate([np.concatenate(g) for g in merged.logprobs]), atol=1e-5)
+    assert all(torch.equal(v, peft_model.state_dict()[k]) for k, v in state.items())
+    embedded = apply_lora(copy.deepcopy(task.model), LoraOptions(r=2, target_modules=["q_proj", "embed_tokens"]))
+    assert isinstance(make_engine(embedded, task.tokenizer, SamplingConfig(engine="auto")), HFEngine)
     with pytest.raises(ConfigError, match="sampling.engine"):
-        make_engine(peft_model, task.tokenizer, SamplingConfig(engine="fast"))
+        make_engine(embedded, task.tokenizer, SamplingConfig(engine="fast"))
 
 
 # ---- the vLLM engine, driven by a fake LLM ----

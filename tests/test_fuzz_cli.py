@@ -29,7 +29,8 @@ TOKENIZER = build_word_tokenizer(VOCABULARY)
 FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 words = st.lists(st.sampled_from(VOCABULARY), min_size=1, max_size=6).map(" ".join)
-good_pair = st.fixed_dictionaries({"prompt": words, "chosen": words, "rejected": words})
+good_pair = st.fixed_dictionaries({"prompt": words, "chosen": words, "rejected": words}).filter(
+    lambda r: r["chosen"] != r["rejected"])  # an identical pair is itself a bad record
 json_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=8))
 json_value = st.recursive(json_scalar, lambda inner: st.lists(inner, max_size=3)
                           | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)

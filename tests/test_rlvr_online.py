@@ -112,3 +112,33 @@ def test_a_constraint_reward_rises(task, tmp_path):
     start = sum(r["rollout_reward"] for r in result.rounds[:2]) / 2
     end = sum(r["rollout_reward"] for r in result.rounds[-2:]) / 2
     assert end > start + 0.15, (start, end)
+
+
+def test_dynamic_sampling_resumes_exactly(task, tmp_path):
+    """Refill prompts and seeds depend on the round only: a crash and resume redraws the same refills."""
+    from alignkit.online import run as online_run
+    from alignkit.train.logging import read_metrics
+    from test_online_guarantees import without_timing
+
+    common = dict(rounds=3, save_every=1, keep_last=5, max_refills=3)
+    reward = FunctionReward(tie_on_rate)
+    straight = run(task, "dapo", tmp_path / "straight", reward, **common)
+    real, calls = online_run._learn, [0]
+
+    def crash_in_round_2(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    online_run._learn = crash_in_round_2
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(task, "dapo", tmp_path / "crashed", reward, **common)
+    finally:
+        online_run._learn = real
+    resumed = run(task, "dapo", tmp_path / "crashed", reward, **common)
+    assert [r["round"] for r in resumed.rounds] == [2, 3]
+    assert any(r["refills"] > 0 for r in straight.rounds)
+    assert without_timing(read_metrics(tmp_path / "crashed")) == without_timing(read_metrics(tmp_path / "straight"))
+    assert rollout_lines(tmp_path / "crashed") == rollout_lines(tmp_path / "straight")

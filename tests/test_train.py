@@ -6,6 +6,7 @@ accumulation gives the same update as one big batch."""
 from __future__ import annotations
 
 import logging
+import json
 import math
 import shutil
 from pathlib import Path
@@ -94,6 +95,9 @@ def test_dpo_learns_heldout_preferences(trained):
 def test_final_checkpoint_reloads_with_identical_logprobs(trained):
     result, root = trained
     final = root / "dpo" / "final"
+    state = json.loads((final / "training_state.json").read_text())  # the model card's facts, for programs
+    assert state["loss"] == "dpo" and state["final_metrics"]["loss"] == result.final_metrics["loss"]
+    assert (final / "README.md").read_text().startswith("---\nbase_model:")
     reloaded = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
     set_attention(reloaded, attention_implementation(result.model))  # the same kernel: equal to the last bit
     tokenizer = AutoTokenizer.from_pretrained(final)

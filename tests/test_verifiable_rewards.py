@@ -150,3 +150,28 @@ def test_prompt_sets_hold_out_combinations_and_topics():
         assert validate_constraints(record["constraints"]) == record["constraints"]
     assert all(len(c) == 2 for c in combinations(tuple(ARGUMENTS), 2))
     assert ("lowercase", "uppercase") not in combinations(tuple(ARGUMENTS), 2)
+
+
+def test_shipped_rl_prompt_sets_are_the_generators(tmp_path):
+    """`alignkit rl`'s shipped files are exactly what the seeded generator writes for the recipe's types."""
+    from importlib import resources
+
+    from alignkit.recipes.rl import PROMPT_SETS, TYPES
+    from alignkit.rewards.verifiable.prompts import write_prompt_sets
+
+    write_prompt_sets(tmp_path, TYPES, **PROMPT_SETS)
+    for name in ("rl_train.jsonl", "rl_eval.jsonl"):
+        assert (tmp_path / name).read_text() == (resources.files("alignkit") / "assets" / name).read_text()
+
+
+def test_guards_zero_the_degenerate_answers():
+    from alignkit.rewards.verifiable.constraints import repeated_share
+
+    record = {"prompt": "p", "constraints": [{"type": "ends_with", "phrase": "That is all."}]}
+    guarded = ConstraintReward(min_words=5, max_repeat=0.3).bind([record])
+    plain = ConstraintReward().bind([record])
+    texts = ["That is all.", "Rain fell on the quiet town. That is all.", "the end the end the end the end. That is all."]
+    assert plain(["p"] * 3, texts) == [1.0, 1.0, 1.0]
+    assert guarded(["p"] * 3, texts) == [0.0, 1.0, 0.0]
+    assert repeated_share("a b a b a b") == pytest.approx(1 - 2 / 5)
+    assert repeated_share("one two three") == 0.0 and repeated_share("") == 0.0

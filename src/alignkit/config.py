@@ -45,6 +45,18 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
 
+class DataSource(Strict):
+    """Where records come from, beyond a plain path: a hub dataset (with its config and split), a save_to_disk
+    folder or a folder / glob of files, optionally subsampled."""
+
+    path: str = Field(description="a file, a folder (save_to_disk, or of .jsonl/.json/.parquet files), a glob, "
+                                  "or a hub dataset id")
+    name: str | None = Field(None, description="the hub dataset's config name")
+    split: str | None = Field(None, description="the split (hub or save_to_disk DatasetDict), e.g. train_prefs")
+    num_samples: int | None = Field(None, gt=0, description="keep this many records (the first, or a seeded sample)")
+    shuffle_seed: int | None = Field(None, description="with num_samples: a seeded random sample, not the first")
+
+
 class SamplingOptions(Strict):
     """The `sampling:` section of every command that samples (online, align, generate, decode, synth, eval). Its
     keys may also be given at the top level (`--temperature 0.7` = `--sampling.temperature 0.7`)."""
@@ -99,6 +111,12 @@ class OptimConfig(Strict):
     keep_last: int = Field(2, gt=0)
     log_every: int = Field(1, gt=0)
     progress: bool = True
+    report_to: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["jsonl", "tensorboard"],
+        description="metric backends (jsonl is always written: resume reads it); wandb / mlflow are optional extras, "
+                    "offline-friendly (WANDB_MODE=offline; mlflow's file store under output_dir unless "
+                    "MLFLOW_TRACKING_URI is set)")
+    run_name: str | None = Field(None, description="the run's name in wandb / mlflow (default: output_dir's name)")
 
     @field_validator("adam_betas")
     @classmethod
@@ -111,8 +129,11 @@ class OptimConfig(Strict):
 class TrainConfig(OptimConfig):
     # What to train and on what.
     model: str = Field(description="model alias (smollm2-135m-instruct), HF hub id or local directory")
-    train_data: str | None = Field(None, description="JSONL / Parquet file of training records")
-    eval_data: str | None = Field(None, description="held-out records; if absent, eval_fraction of train_data")
+    train_data: str | DataSource | None = Field(None, description="training records: a .jsonl/.json/.parquet file, a "
+                                                "folder or glob of them, a save_to_disk folder, a hub id, or "
+                                                "{path, name, split, num_samples, shuffle_seed}")
+    eval_data: str | DataSource | None = Field(None, description="held-out records (the same kinds); if absent, "
+                                               "eval_fraction of train_data")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     loss: str = "dpo"
     loss_options: dict[str, Any] = Field(default_factory=dict, description="options of the loss, e.g. beta")
@@ -134,7 +155,8 @@ class TrainConfig(OptimConfig):
 
 
 # Keys a resumed run may change: they do not change what is trained (the rest must equal the saved config).
-RESUMABLE_KEYS = frozenset({"output_dir", "progress", "log_every", "save_every", "keep_last", "eval_every"})
+RESUMABLE_KEYS = frozenset({"output_dir", "progress", "log_every", "save_every", "keep_last", "eval_every", "report_to",
+                            "run_name"})
 
 
 def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

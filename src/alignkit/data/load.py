@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from alignkit.data.formats import FormatError, split_implicit_prompt
+from alignkit.data.sources import open_source, strip_bom
 from alignkit.errors import ConfigError, DataError
 
 logger = logging.getLogger("alignkit.data")
@@ -37,7 +39,7 @@ SHAPES: dict[str, tuple[str, ...]] = {
 # prompt with k responses sampled by the policy and their rewards, made by alignkit.online, never read from a file.
 DATA_SHAPES = ("pairs", "unpaired", "lists", "sft", "rollouts", "negatives")
 ON_BAD_RECORD = ("error", "skip")
-PROMPT_ROLES = ("system", "user", "assistant")
+PROMPT_ROLES = ("system", "user", "assistant", "tool")
 RESPONSE_ROLES = ("assistant",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -74,18 +76,18 @@ def load_records(
     if isinstance(max_report, bool) or not isinstance(max_report, int) or max_report < 0:
         raise ConfigError("max_report", f"must be an integer >= 0, got {max_report!r}")
 
-    name, rows = _open(source)
+    name, rows = open_source(source, READERS)
     records: list[dict] = []
     bad: list[DataError] = []
     n_rows = 0
     counts: dict[str, tuple[int | None, int | None]] = {}  # list field -> (length in the first good record, its row)
-    for row, value in rows:  # errors raised by the reader itself concern the whole source: never skipped
+    for file, row, value in rows:  # errors raised by the reader itself concern the whole source: never skipped
         n_rows += 1
         try:
             if isinstance(value, DataError):  # a row the reader could not parse
                 raise value
-            record = validate_record(value, shape, name, row)
-            _check_same_counts(record, shape, counts, name, row)
+            record = validate_record(value, shape, file, row)
+            _check_same_counts(record, shape, counts, file, row)
             records.append(record)
         except DataError as err:
             if on_bad_record == "error":
@@ -110,6 +112,14 @@ def load_records(
     return records
 
 
+def check_both_labels(records: list[dict], name: str) -> None:
+    """An unpaired training set (KTO, BCO) with desirable and undesirable examples: one label alone is a data bug."""
+    labels = {bool(r["label"]) for r in records}
+    if len(labels) == 1:
+        raise DataError(name, None, "label", f"every record is labelled {labels.pop()}: an unpaired (KTO/BCO) set "
+                        "needs desirable and undesirable examples", hint="add records of the other label")
+
+
 def validate_record(record: Any, shape: str, source: str = "<memory>", row: int | None = None) -> dict:
     """One record checked against `shape`: a new dict with its fields plus `_source` and `_row`."""
     if shape not in SHAPES:
@@ -118,6 +128,12 @@ def validate_record(record: Any, shape: str, source: str = "<memory>", row: int 
         raise DataError(source, row, None, f"record is not a JSON object (got {_kind(record)})")
     fields = fields_of(record, shape)
     try:
+        if shape == "pairs" and "prompt" not in record and "chosen" in record and "rejected" in record:
+            try:  # TRL's implicit prompt: two whole conversations sharing their beginning
+                prompt, chosen, rejected = split_implicit_prompt(record["chosen"], record["rejected"])
+            except FormatError as err:
+                raise _Invalid(err.field, err.reason) from None
+            record = {**record, "prompt": prompt, "chosen": chosen, "rejected": rejected}
         for field in fields:
             if field not in record:
                 raise _Invalid(field, "missing field")
@@ -132,8 +148,13 @@ def validate_record(record: Any, shape: str, source: str = "<memory>", row: int 
             _check_label(record["label"])
         if shape == "lists":
             _check_lists(record["responses"], record["scores"])
-        if shape == "pairs" and "margin" in record:
-            _check_number(record["margin"], "margin")
+        if shape == "pairs" and record["chosen"] == record["rejected"]:
+            raise _Invalid("rejected", "identical to chosen: the pair carries no training signal")
+        for field in ("margin", "score_chosen", "score_rejected"):
+            if shape == "pairs" and field in record:
+                _check_number(record[field], field)
+        if "tools" in record:
+            _check_tools(record["tools"])
         if shape == "pairs" and "other_rewards" in record:
             _check_other_rewards(record["other_rewards"])
         if shape == "negatives":
@@ -180,39 +201,6 @@ def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
 # Each reader yields (row, value); a value that is a DataError is a row that could not be parsed.
 
 
-def _open(source: Any) -> tuple[str, Iterator[tuple[int, Any]]]:
-    if isinstance(source, (str, os.PathLike)):
-        name = os.fspath(source)
-        suffix = Path(name).suffix.lower()
-        if suffix in JSONL_SUFFIXES:
-            return name, _read_jsonl_bytes(_read_bytes(name), name)
-        if suffix == ".json":
-            return name, _read_json(name)
-        if suffix == ".parquet":
-            return name, _read_parquet(name)
-        raise DataError(
-            name, None, None, f"unsupported file type '{suffix}'", hint="use .jsonl, .json or .parquet"
-        )
-    if isinstance(source, (list, tuple)):
-        return "<memory>", enumerate(source, start=1)
-    if type(source).__module__.startswith("datasets"):
-        import datasets
-
-        if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
-            return "<dataset>", enumerate(source.with_format(None), start=1)
-        if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-            raise DataError(
-                "<dataset>", None, None, "got a DatasetDict", hint=f"pass one split, e.g. {list(source)[:3]}"
-            )
-    raise DataError(
-        "<source>",
-        None,
-        None,
-        f"cannot read records from a {type(source).__name__}",
-        hint="pass a .jsonl/.json/.parquet path, a datasets.Dataset or a list of dicts",
-    )
-
-
 def _read_bytes(name: str) -> bytes:
     try:
         return Path(name).read_bytes()
@@ -222,9 +210,21 @@ def _read_bytes(name: str) -> bytes:
         ) from None
 
 
+def _read_jsonl(name: str) -> Iterator[tuple[int, Any]]:
+    """One line at a time (memory stays flat however large the file). Lines split on b"\n" (JSON escapes newlines
+    inside strings) and each is decoded alone, so a bad byte names its row and does not hide the rest."""
+    try:
+        handle = open(name, "rb")  # noqa: SIM115 - closed below, after the generator is drained
+    except OSError as err:
+        raise DataError(name, None, None, f"cannot read file ({err.strerror or err})", hint=_FILE_HINT) from None
+    with handle:
+        for row, line in enumerate(handle, start=1):
+            line = strip_bom(line, row == 1)
+            if line.strip():
+                yield row, _parse_line(line.rstrip(b"\n"), name, row)
+
+
 def _read_jsonl_bytes(data: bytes, name: str) -> Iterator[tuple[int, Any]]:
-    # Split bytes on b"\n" (JSON escapes newlines inside strings) and decode each line alone, so a bad byte
-    # names its row and does not hide the rest of the file.
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8) :]
     for row, line in enumerate(data.split(b"\n"), start=1):
@@ -249,7 +249,7 @@ def _parse_line(line: bytes, name: str, row: int) -> Any:
 
 
 def _read_json(name: str) -> Iterator[tuple[int, Any]]:
-    """A .json file holding a list of records; a file of one object per line is read as JSONL."""
+    """A .json file holding a list of records (read whole); a file of one object per line is read as JSONL."""
     data = _read_bytes(name)
     body = data[len(codecs.BOM_UTF8) :] if data.startswith(codecs.BOM_UTF8) else data
     if not body.lstrip().startswith(b"["):
@@ -282,6 +282,9 @@ def _read_parquet(name: str) -> Iterator[tuple[int, Any]]:
         raise DataError(name, None, None, f"cannot read Parquet ({err})", hint=_FILE_HINT) from None
 
 
+READERS = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+
+
 # ---------------------------------------------------------------------------------------------- field checks
 
 
@@ -300,7 +303,8 @@ def _check_text(value: Any, field: str, roles: tuple[str, ...]) -> None:
             raise _Invalid(
                 where, f"chat message must be an object with 'role' and 'content', got {_kind(message)}"
             )
-        for key in ("role", "content"):
+        calls = message.get("tool_calls")  # an assistant turn that calls tools may have no text
+        for key in ("role",) if calls else ("role", "content"):
             if key not in message:
                 raise _Invalid(f"{where}.{key}", "missing field")
         role = message["role"]
@@ -308,7 +312,13 @@ def _check_text(value: Any, field: str, roles: tuple[str, ...]) -> None:
             allowed = " or ".join(repr(r) for r in roles)
             got = repr(role) if isinstance(role, str) else _kind(role)
             raise _Invalid(f"{where}.role", f"role must be {allowed} here, got {got}")
-        _check_string(message["content"], f"{where}.content")
+        if calls:
+            if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                raise _Invalid(f"{where}.tool_calls", f"expected a list of tool calls (objects), got {_kind(calls)}")
+            if message.get("content") not in (None, ""):
+                _check_string(message["content"], f"{where}.content")
+        else:
+            _check_string(message["content"], f"{where}.content")
 
 
 def _check_chat(messages: Any) -> None:
@@ -372,6 +382,8 @@ def _check_lists(responses: Any, scores: Any) -> None:
         raise _Invalid(
             "scores", f"has {len(scores)} scores for {len(responses)} responses; give one per response"
         )
+    if len(set(scores)) == 1:
+        raise _Invalid("scores", f"all {len(scores)} scores tie: the list ranks nothing")
 
 
 def _check_samples(samples: Any) -> None:
@@ -402,6 +414,12 @@ def _check_other_rewards(value: Any) -> None:
 # List fields whose length must be the same in every record of a data set (a batch packs a fixed number of
 # responses per example; a loss weights a fixed number of objectives).
 _SAME_COUNT_FIELDS = {"negatives": ("samples",), "pairs": ("other_rewards",)}
+
+
+def _check_tools(value: Any) -> None:
+    """TRL's `tools` column: function schemas (JSON objects) handed to the chat template."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, dict) for t in value):
+        raise _Invalid("tools", f"expected a list of tool schemas (JSON objects), got {_kind(value)}")
 
 
 def _check_same_counts(record: dict, shape: str, counts: dict[str, tuple[int | None, int | None]], source: str,

@@ -11,15 +11,17 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
+    """tools: function schemas (TRL's `tools` column), handed to the template as apply_chat_template's `tools`."""
     template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+    extra = {"tools": tools} if tools else {}
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
     )
 
 
 def render(tokenizer, prompt, responses: list, source: str = "<memory>", row: int | None = None,
-           fields: list[str] | None = None) -> tuple[str, list[str]]:
+           fields: list[str] | None = None, tools: list | None = None) -> tuple[str, list[str]]:
     """(prompt text, texts each response adds after the prompt).
 
     All plain strings: used verbatim, EOS appended to each response (so the model learns to stop).
@@ -31,11 +33,11 @@ def render(tokenizer, prompt, responses: list, source: str = "<memory>", row: in
         eos = tokenizer.eos_token or ""
         return prompt, [r + eos for r in responses]
     prompt_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    head = render_chat(tokenizer, prompt_messages, add_generation_prompt=True)
+    head = render_chat(tokenizer, prompt_messages, add_generation_prompt=True, tools=tools)
     texts = []
     for response, field in zip(responses, fields):
         turn = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
-        full = render_chat(tokenizer, [*prompt_messages, *turn], add_generation_prompt=False)
+        full = render_chat(tokenizer, [*prompt_messages, *turn], add_generation_prompt=False, tools=tools)
         if not full.startswith(head):
             raise DataError(source, row, field, "the chat template does not render the prompt as a prefix of "
                             "prompt + response", hint="use a chat template whose generation prompt starts the assistant turn")
@@ -44,7 +46,7 @@ def render(tokenizer, prompt, responses: list, source: str = "<memory>", row: in
 
 
 def render_chat_turns(tokenizer, messages: list[dict], source: str = "<memory>", row: int | None = None,
-                      field: str = "messages") -> list[tuple[str, bool]]:
+                      field: str = "messages", tools: list | None = None) -> list[tuple[str, bool]]:
     """A whole conversation as consecutive text pieces (text, trained): trained pieces are the assistant turns
     (what each adds after the conversation so far, rendered with its generation prompt), every other piece is
     the text between them (system and user turns, generation prompts). Messages after the last assistant turn
@@ -55,8 +57,8 @@ def render_chat_turns(tokenizer, messages: list[dict], source: str = "<memory>",
     for i, message in enumerate(messages[:last + 1]):
         if message["role"] != "assistant":
             continue
-        head = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
-        full = render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False)
+        head = render_chat(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        full = render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False, tools=tools)
         if not head.startswith(done) or not full.startswith(head):
             raise DataError(source, row, f"{field}[{i}]", "the chat template does not render the conversation so far "
                             "as a prefix of the conversation with this turn",

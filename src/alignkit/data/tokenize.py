@@ -72,7 +72,8 @@ def tokenize_record(tokenizer, record: dict, shape: str, max_length: int,
     if shape == "chat" or shape == "sft" and "messages" in record and "prompt" not in record:
         return tokenize_chat(tokenizer, record, max_length, max_prompt_length)
     responses, fields = _response_values(record, shape)
-    prompt_text, response_texts = render(tokenizer, record["prompt"], responses, source, row, fields)
+    prompt_text, response_texts = render(tokenizer, record["prompt"], responses, source, row, fields,
+                                         record.get("tools"))
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
         prompt_ids = prompt_ids[-max_prompt_length:]
@@ -86,6 +87,9 @@ def tokenize_record(tokenizer, record: dict, shape: str, max_length: int,
         if not ids:
             raise DataError(source, row, name, "response tokenizes to zero tokens")
         response_ids.append(ids)
+    if shape == "pairs" and response_ids[0] == response_ids[1]:
+        raise DataError(source, row, "rejected", "identical to chosen after templating and tokenisation: the pair "
+                        "carries no training signal")
     extras = {k: record[k] for k in ("label", "scores", "margin", "other_rewards") if k in record}
     return TokenizedExample(prompt_ids, response_ids, source, row, extras)
 
@@ -94,7 +98,7 @@ def tokenize_chat(tokenizer, record: dict, max_length: int, max_prompt_length: i
     """A conversation -> one example: prompt = the turns before the first assistant turn (with its generation
     prompt), response = the rest, masked to the assistant turns. Truncation as for any example."""
     source, row = record.get("_source", "<memory>"), record.get("_row")
-    pieces = render_chat_turns(tokenizer, record["messages"], source, row)
+    pieces = render_chat_turns(tokenizer, record["messages"], source, row, tools=record.get("tools"))
     prompt_text, prompt_trained = pieces[0]
     prompt_ids = [] if prompt_trained else tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     if not prompt_ids:

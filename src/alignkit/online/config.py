@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from alignkit.config import OptimConfig, SamplingOptions, load_command_config, render_help
+from alignkit.config import DataSource, OptimConfig, SamplingOptions, load_command_config, render_help
 from alignkit.errors import ConfigError
 from alignkit.losses import build_options, get_loss
 from alignkit.online.methods import ONLINE_METHODS
@@ -17,8 +17,10 @@ from alignkit.online.methods import ONLINE_METHODS
 class OnlineConfig(OptimConfig):
     method: Literal[tuple(ONLINE_METHODS)]
     model: str = Field(description="the starting policy (usually SFT'd): alias, HF hub id or local directory")
-    prompts: str = Field(description="prompts JSONL (a `prompt` per row), cycled through in seeded order")
-    eval_prompts: str | None = Field(None, description="held-out prompts for summary.json (default: 64 of prompts)")
+    prompts: str | DataSource = Field(description="prompt records (a `prompt` per row; any data source: file, folder, "
+                                      "glob, save_to_disk folder, hub id), cycled through in seeded order")
+    eval_prompts: str | DataSource | None = Field(None, description="held-out prompts for summary.json (default: 64 "
+                                                  "of prompts)")
     reward: str = Field("synthetic", description="reward spec (rewards/spec.py); self-reward reports it only")
     output_dir: str = "runs/online"
     rounds: int = Field(20, gt=0, description="rollout + learner iterations")

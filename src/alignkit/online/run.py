@@ -52,6 +52,7 @@ from alignkit.train.loop import (
     save_final,
     set_seed,
 )
+from alignkit.train.model_card import training_state, write_model_card
 from alignkit.train.step import Stepper, prepare_model
 
 log = logging.getLogger("alignkit.online")
@@ -208,7 +209,7 @@ def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, jud
             _truncate_metrics(out_dir, start, name)
     order = _prompt_order(len(prompts), cfg.rounds * cfg.prompts_per_round, cfg.seed)
     scorer = Scorer(trained, policy, cfg, pad_id)
-    logger = MetricsLog(out_dir, cfg.rounds, start, cfg.progress) if ctx.is_main else None
+    logger = MetricsLog(out_dir, cfg.rounds, start, cfg.progress, cfg) if ctx.is_main else None
     rows = []
     try:
         for round_index in range(start, cfg.rounds):
@@ -238,6 +239,8 @@ def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, jud
     policy = merged_for_save(policy, cfg.lora.save if cfg.lora is not None else "merged")
     if ctx.is_main:
         save_final(policy, tokenizer, out_dir / "final")
+        write_model_card(out_dir / "final", training_state(cfg, {**(rows[-1] if rows else {}), **summary},
+                                                           stepper.steps_done))
         if method.value_head:
             save_model(trained.value_head, str(out_dir / "final" / "value_head.safetensors"))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -17,10 +17,11 @@ from typing import Any
 
 from pydantic import Field
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from alignkit.config import SamplingOptions, Strict, load_command_config
-from alignkit.data.load import load_records
+from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.eval.kl import example_log_ratios, kl_summary
 from alignkit.eval.metrics import bootstrap_mean_ci, distinct_n, mean_words
@@ -35,6 +36,9 @@ from alignkit.rewards.verifiable.constraints import ConstraintReward, check_all
 # model meets 20-60 % of the time, leaving room to learn. Dropped: exclude, max_sentences, max_capital_words
 # (>= 60 % already), and lowercase, uppercase, paragraphs, quoted, json (<= 3 %: almost no signal to learn from).
 TYPES = ("max_words", "include", "starts_with", "ends_with", "no_commas", "title", "placeholders", "bullets")
+# The shipped assets/rl_train.jsonl and rl_eval.jsonl: rewards.verifiable.prompts.write_prompt_sets(dir, TYPES,
+# **PROMPT_SETS) (a test regenerates and compares them).
+PROMPT_SETS = {"n_train": 512, "n_eval": 96, "seed": 0}
 
 
 class RLConfig(Strict):
@@ -43,7 +47,7 @@ class RLConfig(Strict):
     eval_prompts: str | None = Field(None, description="held-out JSONL of the same shape; default: shipped")
     output_dir: str = "runs/rl"
     method: str = Field("grpo", description="an online method of the GRPO family: grpo, dapo, gspo, cispo, ...")
-    rounds: int = Field(16, gt=0)
+    rounds: int = Field(20, gt=0)
     prompts_per_round: int = Field(8, gt=0)
     num_samples: int = Field(8, ge=2)
     sampling: SamplingOptions = Field(
@@ -55,9 +59,17 @@ class RLConfig(Strict):
                                                 engine_precision="bf16"),
         description="answers to the held-out prompts, before and after")
     eval_samples: int = Field(2, gt=0, description="answers per held-out prompt")
-    learning_rate: float = Field(2e-4, gt=0)
+    min_words: int = Field(5, ge=0, description="training reward 0 for answers shorter than this (a guard against "
+                           "bare answers that game the checkers)")
+    max_repeat: float = Field(0.3, ge=0, le=1, description="training reward 0 above this share of repeated bigrams")
+    kl_answers: int = Field(64, gt=1, description="answers sampled at temperature 1 for the KL to the start")
+    reward: str = Field("constraints+bonus", pattern="^constraints(\\+bonus)?$",
+                        description="the fraction of constraints met (+1 when all are, with +bonus)")
+    learning_rate: float = Field(3e-4, gt=0)
     lora: dict | None = Field(default_factory=lambda: {"r": 16, "alpha": 32}, description="null: full fine-tuning")
-    loss_options: dict[str, Any] = Field(default_factory=lambda: {"kl_coef": 0.0, "tis_cap": 2.0})
+    kl_coef: float = Field(0.0, ge=0, description="beta of the k3 KL to the start in the loss (LoRA: adapters off)")
+    tis_cap: float = Field(2.0, ge=0, description="truncated IS against the bf16 engine's log-probs; 0: off")
+    loss_options: dict[str, Any] = Field(default_factory=dict, description="other options of the method's loss")
     precision: str = Field("bf16", pattern="^(fp32|bf16)$")
     seed: int = 0
 
@@ -75,6 +87,19 @@ def answer(model, tokenizer, prompts: list, sampling: SamplingConfig, num_sample
     examples = [TokenizedExample(list(p), [list(ids)]) for p, group in zip(encode_prompts(tokenizer, prompts),
                                                                            generation.ids) for ids in group]
     return out.texts, examples
+
+
+def kl_to_start(trained, initial, tokenizer, prompts: list, cfg: RLConfig) -> dict:
+    """KL(trained || original) estimated on kl_answers answers the trained model samples at temperature 1 (the
+    held-out answers are tempered, so their log-ratio is no KL), scored token-exactly under bf16 autocast."""
+    import torch
+
+    sampling = SamplingConfig.from_options(cfg.eval_sampling.model_copy(update={"temperature": 1.0}), cfg.seed + 23)
+    chosen = [prompts[i % len(prompts)] for i in range(cfg.kl_answers)]
+    _, examples = answer(trained, tokenizer, chosen, sampling, 1)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        return kl_summary(example_log_ratios(trained, initial, examples, pad))
 
 
 def compliance(records: list[dict], texts: list[list[str]]) -> dict:
@@ -109,6 +134,11 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
            console: Console | None = None) -> dict:
     cfg: RLConfig = load_command_config(RLConfig, config, overrides)
     console = console or Console()
+    train_path, eval_path = cfg.train_prompts or shipped("rl_train.jsonl"), cfg.eval_prompts or shipped("rl_eval.jsonl")
+    train_records, eval_records = load_records(train_path, shape="prompts"), load_records(eval_path, shape="prompts")
+    reward = ConstraintReward(all_met_bonus=1.0 if cfg.reward.endswith("+bonus") else 0.0, min_words=cfg.min_words,
+                              max_repeat=cfg.max_repeat)
+    reward.bind(train_records + eval_records)  # every constraints field validated before anything is written
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -124,28 +154,24 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
     from alignkit.models.resolve import load_model_and_tokenizer
 
     model, tokenizer = timed("load model", lambda: load_model_and_tokenizer(cfg.model))
-    train_path, eval_path = cfg.train_prompts or shipped("rl_train.jsonl"), cfg.eval_prompts or shipped("rl_eval.jsonl")
-    train_records, eval_records = load_records(train_path, shape="prompts"), load_records(eval_path, shape="prompts")
-    reward = ConstraintReward().bind(train_records + eval_records)  # validates every constraints field first
     eval_prompts = [r["prompt"] for r in eval_records]
     eval_sampling = SamplingConfig.from_options(cfg.eval_sampling, cfg.seed + 17)
     initial = copy.deepcopy(model).eval()
     before_texts, _ = timed("answer held-out prompts (original)",
                             lambda: answer(model, tokenizer, eval_prompts, eval_sampling, cfg.eval_samples))
-    online = OnlineConfig(method=cfg.method, model=cfg.model, prompts=train_path, reward="constraints",
+    online = OnlineConfig(method=cfg.method, model=cfg.model, prompts=train_path, reward=cfg.reward,
                           output_dir=str(out / "online"), rounds=cfg.rounds, prompts_per_round=cfg.prompts_per_round,
                           num_samples=cfg.num_samples, sampling=cfg.sampling, learning_rate=cfg.learning_rate,
-                          lora=cfg.lora, loss_options=cfg.loss_options, precision=cfg.precision, seed=cfg.seed,
+                          lora=cfg.lora,
+                          loss_options={"kl_coef": cfg.kl_coef, "tis_cap": cfg.tis_cap, **cfg.loss_options}, precision=cfg.precision, seed=cfg.seed,
                           evaluate=False, save_every=0, progress=False)
     result = timed(f"{cfg.method}: {cfg.rounds} rounds x {cfg.prompts_per_round} prompts x {cfg.num_samples} samples",
                    lambda: run_online(online, model, tokenizer, prompts=[r["prompt"] for r in train_records],
                                       eval_prompts=eval_prompts, reward=reward))
     trained = result.model.eval()
-    after_texts, after_examples = timed("answer held-out prompts (trained)",
-                                        lambda: answer(trained, tokenizer, eval_prompts, eval_sampling,
-                                                       cfg.eval_samples))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    kl = timed("KL to the start", lambda: kl_summary(example_log_ratios(trained, initial, after_examples, pad)))
+    after_texts, _ = timed("answer held-out prompts (trained)",
+                           lambda: answer(trained, tokenizer, eval_prompts, eval_sampling, cfg.eval_samples))
+    kl = timed("KL to the start", lambda: kl_to_start(trained, initial, tokenizer, eval_prompts, cfg))
     summary = compare(compliance(eval_records, before_texts), compliance(eval_records, after_texts))
     summary.update(kl_to_start=kl["kl"], kl_to_start_sem=kl["kl_sem"], method=cfg.method, rounds=cfg.rounds,
                    samples=cfg.rounds * cfg.prompts_per_round * cfg.num_samples, eval_answers=len(before_texts) *
@@ -191,12 +217,15 @@ def write_report(out: Path, s: dict, records, before, after, rounds: list[dict],
     examples = [{"prompt": r["prompt"][-1]["content"], "original": b[0], "trained": a[0]}
                 for r, b, a in list(zip(records, before, after))[:8]]
     for e in examples[:3]:
-        console.print(f"[bold]{e['prompt']}[/]\n  original: {e['original']}\n  trained:  {e['trained']}")
+        console.print(f"[bold]{escape(e['prompt'])}[/]\n  original: {escape(e['original'])}\n"
+                      f"  trained:  {escape(e['trained'])}")
     curves = [{"step": r["round"], **r} for r in rounds]
     images = [plot_curves({"train": curves}, ["rollout_reward", "entropy", "response_length"], out / "curves.png",
                           "rollout reward, sampled-token entropy, response length (tokens) per round"),
               _type_bars(out / "per_type.png", s["by_type"])]
     (out / "summary.json").write_text(json.dumps(s, indent=2))
+    write_jsonl_atomic(out / "answers.jsonl", [{"prompt": r["prompt"], "constraints": r["constraints"], "original": b,
+                                                "trained": a} for r, b, a in zip(records, before, after)])
     timing_rows = [["stage", "seconds"]] + [[k, f"{v:.1f}"] for k, v in s["timings_s"].items()]
     write_html_report(out / "report.html", f"alignkit rl: SmolLM2-135M-Instruct before and after {s['method']}",
                       {"Held-out results": rows, "Per constraint type": type_rows, "Time": timing_rows}, images,

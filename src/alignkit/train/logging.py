@@ -1,4 +1,4 @@
-"""Metrics out: a JSONL file (always), TensorBoard (if installed), and a progress bar."""
+"""Metrics out: a JSONL file (always), the trackers of report_to (TensorBoard, wandb, mlflow), a progress bar."""
 
 from __future__ import annotations
 
@@ -9,17 +9,18 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 
 class MetricsLog:
-    def __init__(self, output_dir: str | Path, total_steps: int, start_step: int, progress: bool = True):
+    """metrics.jsonl (always), the trackers of cfg.report_to (train/trackers.py) with the same names and steps, and
+    a progress bar. cfg: the run's config (report_to, run_name, and its values as the trackers' parameters)."""
+
+    def __init__(self, output_dir: str | Path, total_steps: int, start_step: int, progress: bool = True, cfg=None):
+        from alignkit.train.trackers import open_trackers
+
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        report_to = getattr(cfg, "report_to", ["jsonl", "tensorboard"])
+        config = cfg.model_dump(mode="json") if cfg is not None else {}
+        self.trackers = open_trackers(Path(output_dir), report_to, getattr(cfg, "run_name", None), config)
         self.file = self.path.open("a", encoding="utf-8")
-        self.tensorboard = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-        except ImportError:
-            pass
         self.bar = None
         if progress:
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -30,9 +31,9 @@ class MetricsLog:
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
-        if self.tensorboard is not None:
-            for key, value in metrics.items():
-                self.tensorboard.add_scalar(key, value, step)
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for tracker in self.trackers:
+            tracker.log(step, numbers)
         if self.bar is not None and "loss" in metrics:
             info = f"loss {metrics['loss']:.4f}  {metrics.get('tokens_per_s', 0):.0f} tok/s"
             self.bar.update(self.task, completed=step, info=info)
@@ -40,8 +41,8 @@ class MetricsLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        for tracker in self.trackers:
+            tracker.close()
         self.file.close()
 
 

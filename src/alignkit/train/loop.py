@@ -55,6 +55,7 @@ from alignkit.train.loss_inputs import (
     pack_batch,
     score_references,
 )
+from alignkit.train.model_card import training_state, write_model_card
 from alignkit.train.neftune import neftune
 from alignkit.train.ref_update import (
     checkpoint_models,
@@ -165,11 +166,12 @@ def evaluate(model, examples, spec, opts, ref: Reference | None, cfg: TrainConfi
 
 
 def load_data(cfg: TrainConfig, tokenizer, shape: str):
-    def prep(source):
-        examples = prepare_examples(source, tokenizer, shape, cfg.max_length, cfg.max_prompt_length, cfg.on_bad_record)
+    def prep(source, training=False):
+        examples = prepare_examples(source, tokenizer, shape, cfg.max_length, cfg.max_prompt_length, cfg.on_bad_record,
+                                    training)
         return [train_on_prompt(e) for e in examples] if cfg.sft_include_prompt else examples
 
-    train_examples = prep(cfg.train_data)
+    train_examples = prep(cfg.train_data, training=True)
     if cfg.eval_data is not None:
         return train_examples, prep(cfg.eval_data)
     if cfg.eval_fraction > 0:
@@ -263,7 +265,7 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     logger = None
     if ctx.is_main:
         _truncate_metrics(out_dir, start)
-        logger = MetricsLog(out_dir, len(steps), start, cfg.progress)
+        logger = MetricsLog(out_dir, len(steps), start, cfg.progress, cfg)
     train_model.train()
     metrics_out: dict[str, float] = {}
     try:
@@ -294,6 +296,7 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     model = merged_for_save(model, cfg.lora.save if cfg.lora is not None else "merged")
     if ctx.is_main:
         save_final(model, tokenizer, out_dir / "final", model_state)
+        write_model_card(out_dir / "final", training_state(cfg, metrics_out, len(steps)))
     barrier(ctx)
     return TrainResult(model, tokenizer, metrics_out, out_dir)
 

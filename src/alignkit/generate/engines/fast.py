@@ -28,21 +28,52 @@ SUPPORTED = ("llama", "mistral")
 
 
 def fast_engine_supports(model) -> bool:
-    """Llama-family decoders without adapters, on the CPU (a LoRA policy, or one on a GPU, samples through hf)."""
-    config = getattr(model, "config", None)
-    return (getattr(config, "model_type", None) in SUPPORTED and not hasattr(model, "peft_config")
+    """Llama-family decoders on the CPU, LoRA adapters on their linear layers included (merged into the engine's
+    copy of the weights); a policy on a GPU samples through hf (or vllm)."""
+    base = _base(model)
+    config = getattr(base, "config", None)
+    return (getattr(config, "model_type", None) in SUPPORTED and _adapters_on_linears_only(model)
             and next(model.parameters()).device.type == "cpu"
             and getattr(config, "sliding_window", None) is None and getattr(config, "hidden_act", "silu") == "silu"
             and not getattr(config, "attention_bias", False) and not getattr(config, "mlp_bias", False))
 
 
+def _base(model):
+    return model.get_base_model() if hasattr(model, "peft_config") else model
+
+
+def _adapters_on_linears_only(model) -> bool:
+    """peft LoRA on the decoder's linear layers only (an adapted embedding or head is not merged here)."""
+    if not hasattr(model, "peft_config"):
+        return True
+    base = _base(model)
+    adapted = {name for name, module in base.named_modules() if hasattr(module, "lora_A")}
+    head = {name for name, module in base.named_modules() if module is base.get_output_embeddings()}
+    return all(".layers." in name for name in adapted) and not adapted & head
+
+
+def _weight(linear) -> torch.Tensor:
+    """A linear layer's weight with its active LoRA deltas added (peft's get_delta_weight: B A * scaling); the
+    policy's own weights are not touched."""
+    if not hasattr(linear, "lora_A"):
+        return linear.weight
+    weight = linear.get_base_layer().weight
+    if getattr(linear, "merged", False) or getattr(linear, "disable_adapters", False):
+        return weight
+    for name in linear.active_adapters:
+        if name in linear.lora_A:
+            weight = weight + linear.get_delta_weight(name)
+    return weight
+
+
 class _Layer:
     def __init__(self, layer, dtype):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().to(dtype, copy=True)
-        self.o = attn.o_proj.weight.detach().to(dtype, copy=True)
-        self.gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().to(dtype, copy=True)
-        self.down = mlp.down_proj.weight.detach().to(dtype, copy=True)
+        self.qkv = torch.cat([_weight(attn.q_proj), _weight(attn.k_proj), _weight(attn.v_proj)]).detach().to(
+            dtype, copy=True)
+        self.o = _weight(attn.o_proj).detach().to(dtype, copy=True)
+        self.gate_up = torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)]).detach().to(dtype, copy=True)
+        self.down = _weight(mlp.down_proj).detach().to(dtype, copy=True)
         self.norm1 = layer.input_layernorm.weight.detach().to(dtype, copy=True)
         self.norm2 = layer.post_attention_layernorm.weight.detach().to(dtype, copy=True)
 
@@ -52,14 +83,15 @@ class FastEngine:
 
     def __init__(self, model, tokenizer, dtype: str = "fp32"):
         if not fast_engine_supports(model):
-            raise ConfigError("sampling.engine", f"the fast engine runs Llama-family decoders without adapters, not "
-                                                 f"{type(model).__name__}; use hf (or auto)")
+            raise ConfigError("sampling.engine", f"the fast engine runs Llama-family decoders on the CPU (LoRA on their "
+                                                 f"linear layers), not {type(model).__name__}; use hf (or auto)")
         self.tokenizer, self.dtype = tokenizer, torch.bfloat16 if dtype == "bf16" else None
         self.update_weights(model)
 
     @torch.no_grad()
     def update_weights(self, model) -> None:
-        """Copy the policy's weights into the engine's fused layout (one pass over the weights)."""
+        """Copy the policy's weights (LoRA deltas merged) into the engine's fused layout (one pass over the weights)."""
+        model = _base(model)
         config = model.config
         dtype = self.dtype or model.get_output_embeddings().weight.dtype
         decoder = model.model

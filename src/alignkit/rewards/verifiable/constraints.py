@@ -145,18 +145,32 @@ def describe(spec: dict) -> str:
     return CHECKERS[spec["type"]].describe(**{k: v for k, v in spec.items() if k != "type"})
 
 
+def repeated_share(text: str) -> float:
+    """Share of a text's word bigrams that repeat an earlier bigram of the same text (0: none repeats)."""
+    tokens = [w.lower() for w in words(text)]
+    bigrams = list(zip(tokens, tokens[1:]))
+    return 1 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
+
 class ConstraintReward(RecordReward):
-    """Fraction of the prompt's constraints the response meets, plus all_met_bonus when it meets them all."""
+    """Fraction of the prompt's constraints the response meets, plus all_met_bonus when it meets them all.
+
+    Guards against the degenerate answers RL finds first (a bare "That is all.", a keyword in quotes, a list of
+    empty bullets, "[name] [name] [name]"): an answer of fewer than min_words words, or whose repeated bigram share
+    exceeds max_repeat, scores 0. They shape training only; compliance is measured by the checkers alone."""
 
     field = "constraints"
 
-    def __init__(self, all_met_bonus: float = 0.0, name: str = "constraints"):
+    def __init__(self, all_met_bonus: float = 0.0, min_words: int = 0, max_repeat: float = 1.0,
+                 name: str = "constraints"):
         super().__init__()
-        self.all_met_bonus, self.name = all_met_bonus, name
+        self.all_met_bonus, self.min_words, self.max_repeat, self.name = all_met_bonus, min_words, max_repeat, name
 
     def parse(self, value):
         return validate_constraints(value)
 
     def score_one(self, constraints, response: str) -> float:
+        if len(words(response)) < self.min_words or repeated_share(response) > self.max_repeat:
+            return 0.0
         met = check_all(constraints, response)
         return sum(met) / len(met) + (self.all_met_bonus if all(met) else 0.0)
