@@ -5,8 +5,8 @@ accumulation gives the same update as one big batch."""
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import math
 import shutil
 from pathlib import Path

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import TrainConfig, load_command_config
+from alignkit.config import TrainConfig, load_command_config, load_config_file
 from alignkit.errors import ConfigError
 from alignkit.losses import build_options, get_loss
 
@@ -22,8 +22,10 @@ def build_config(method: str | None = None, config: str | Path | dict | None = N
     naming one of the loss's options (e.g. beta) goes to loss_options, so `--beta 0.2` works as well as
     `--loss_options.beta 0.2`."""
     overrides = dict(overrides or {})
-    if method is not None:
+    raw = load_config_file(config) if isinstance(config, (str, Path)) else dict(config or {})
+    if method is not None and not (method == "dpo" and "loss_type" in raw):  # TRL's DPO loss_type picks the loss
         overrides["loss"] = method
+    config = raw
     cfg = load_command_config(TrainConfig, config, overrides, _loss_option_names)
     if get_loss(cfg.loss).data_shape == "rollouts":  # GRPO, RLOO, PPO train on the policy's own samples
         raise ConfigError("loss", f"'{cfg.loss}' is an online method: run `alignkit online --method {cfg.loss}`")

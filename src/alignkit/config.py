@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import typing
@@ -11,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from alignkit import trl_keys
 from alignkit.errors import ConfigError
 
 
@@ -84,6 +86,8 @@ class OptimConfig(Strict):
     learning_rate: float = Field(5e-6, gt=0.0)
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="warmup over this share of the optimizer steps "
+                                "(TRL's warmup_ratio); the larger of the two wins")
     weight_decay: float = Field(0.0, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
@@ -286,6 +290,13 @@ def load_command_config(cls: type[BaseModel], config: str | Path | dict | None =
     base = dict(load_config_file(config) if isinstance(config, (str, Path)) else (config or {}))
     overrides = {str(k).replace("-", "_"): v for k, v in (overrides or {}).items()}
     _check_finite(base)
+    fields = set(cls.model_fields)
+    if trl_keys.is_trl_config({**base, **overrides}, fields):  # a TRL config, run as it is
+        command = "online" if "prompts" in fields else "train"
+        base, lines = trl_keys.translate(base, fields, command)
+        overrides, more = trl_keys.translate(overrides, fields, command)
+        logging.getLogger("alignkit.config").info("TRL keys mapped onto alignkit's (docs/from_trl.md):\n  %s",
+                                                  "\n  ".join(lines + more))
     names = option_names({**base, **overrides}) if option_names is not None else set()
     values: dict[str, Any] = {}
     for source in (base, overrides):

@@ -24,11 +24,14 @@ Forward = Callable[[object], tuple[torch.Tensor, dict[str, torch.Tensor], int]]
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
-    """Linear warmup over warmup_steps, then cosine, linear or constant to the end of total_steps."""
+    """Linear warmup over warmup_steps (or warmup_ratio of total_steps, whichever is more), then cosine, linear or
+    constant to the end of total_steps."""
+    warmup = max(cfg.warmup_steps, math.ceil(cfg.warmup_ratio * total_steps))
+
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
         if cfg.lr_schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         if cfg.lr_schedule == "linear":

@@ -1,0 +1,87 @@
+"""TRL configs run as they are: TRL's CLI / TrainingArguments / script keys mapped onto alignkit's (the mapping
+printed once), batch sizes converted by the stated rule, keys with no meaning named in one error, and a TRL DPO YAML
+training the tiny model on a local dataset folder end to end."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import yaml
+
+from alignkit.api import build_config
+from alignkit.errors import ConfigError
+from alignkit.online import online_config
+
+TRL_DPO = {
+    "model_name_or_path": "tiny", "dataset_name": "trl-lib/ultrafeedback_binarized", "dataset_train_split": "train",
+    "dataset_test_split": "test", "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+    "num_train_epochs": 2, "max_steps": -1, "learning_rate": 5e-7, "lr_scheduler_type": "constant_with_warmup",
+    "warmup_ratio": 0.1, "beta": 0.2, "loss_type": "ipo", "max_length": 512, "max_prompt_length": 256, "bf16": True,
+    "gradient_checkpointing": True, "logging_steps": 10, "save_steps": 100, "save_total_limit": 3,
+    "output_dir": "runs/x", "use_peft": True, "lora_r": 8, "lora_alpha": 16, "lora_target_modules": ["q_proj"],
+    "report_to": "none", "seed": 42,
+}
+
+
+def test_a_trl_dpo_config_maps_key_by_key(tmp_path, caplog):
+    path = tmp_path / "trl_dpo.yaml"
+    path.write_text(yaml.safe_dump(TRL_DPO))
+    with caplog.at_level(logging.INFO, logger="alignkit.config"):
+        cfg = build_config("dpo", str(path), {})
+    assert cfg.model == "tiny" and cfg.loss == "ipo" and cfg.loss_options == {"beta": 0.2}
+    assert cfg.train_data.path == "trl-lib/ultrafeedback_binarized" and cfg.train_data.split == "train"
+    assert cfg.eval_data.split == "test"
+    assert cfg.max_tokens_per_batch == 4 * 512 and cfg.grad_accum == 2  # B x max_length, the stated rule
+    assert (cfg.epochs, cfg.max_steps, cfg.lr_schedule, cfg.warmup_ratio) == (2, None, "constant", 0.1)
+    assert (cfg.precision, cfg.gradient_checkpointing, cfg.log_every, cfg.save_every, cfg.keep_last) == (
+        "bf16", True, 10, 100, 3)
+    assert cfg.lora.r == 8 and cfg.lora.alpha == 16 and cfg.lora.target_modules == ["q_proj"]
+    assert cfg.report_to == ["jsonl"] and cfg.seed == 42 and cfg.max_prompt_length == 256
+    [record] = [r for r in caplog.records if "TRL keys mapped" in r.getMessage()]  # printed once
+    assert "per_device_train_batch_size: 4 -> max_tokens_per_batch: 2048" in record.getMessage()
+
+
+def test_a_trl_grpo_config_maps_onto_online():
+    cfg = online_config(None, {"method": "grpo", "model_name_or_path": "tiny", "dataset_name": "data/prompts",
+                               "num_generations": 8, "max_completion_length": 96, "beta": 0.0, "loss_type": "dr_grpo",
+                               "epsilon_high": 0.28, "temperature": 0.9, "num_iterations": 2, "max_steps": 50,
+                               "mask_truncated_completions": True})
+    assert cfg.prompts.path == "data/prompts" and cfg.num_samples == 8 and cfg.rounds == 50 and cfg.epochs == 2
+    assert cfg.sampling.max_new_tokens == 96 and cfg.sampling.temperature == 0.9 and cfg.mask_truncated
+    assert cfg.loss_options == {"kl_coef": 0.0, "loss_aggregation": "const-norm", "epsilon_high": 0.28}
+    assert online_config(None, {"method": "grpo", "model": "m", "prompts": "p", "loss_type": "cispo"}).method == "cispo"
+
+
+def test_keys_with_no_meaning_are_named_together_with_what_to_do():
+    with pytest.raises(ConfigError) as err:
+        build_config("dpo", {**TRL_DPO, "fp16": True, "push_to_hub": True, "per_device_eval_batch_size": 8}, {})
+    message = str(err.value)
+    for key, advice in (("fp16", "bf16: true"), ("push_to_hub", "final/"), ("per_device_eval_batch_size",
+                                                                            "max_tokens_per_batch")):
+        assert key in message and advice in message
+    with pytest.raises(ConfigError, match="loss_type"):
+        build_config("dpo", {**TRL_DPO, "loss_type": "apo_zero"}, {})
+    with pytest.raises(ConfigError, match="whole epochs"):
+        build_config("dpo", {**TRL_DPO, "num_train_epochs": 1.5}, {})
+    # an alignkit config is left alone: no TRL key, no mapping
+    plain = build_config("dpo", {"model": "tiny", "train_data": "x.jsonl", "report_to": ["jsonl"]}, {})
+    assert plain.report_to == ["jsonl"] and plain.max_tokens_per_batch == 4096
+
+
+def test_a_trl_dpo_yaml_trains_on_a_local_dataset_folder(task, tmp_path, one_thread):
+    import datasets
+
+    from alignkit.data.synthetic import preference_records
+    from alignkit.train.loop import train
+
+    records = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in preference_records(24, seed=2)]
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(records)}).save_to_disk(str(tmp_path / "uf"))
+    trl = {"model_name_or_path": str(task.model_dir), "dataset_name": str(tmp_path / "uf"),
+           "dataset_train_split": "train_prefs", "per_device_train_batch_size": 4, "max_length": 64,
+           "learning_rate": 1e-3, "beta": 0.1, "num_train_epochs": 1, "report_to": "none",
+           "output_dir": str(tmp_path / "out"), "logging_steps": 1}
+    cfg = build_config("dpo", trl, {"progress": False})
+    result = train(cfg, task.model, task.tokenizer)
+    assert result.final_metrics["loss"] == result.final_metrics["loss"]
+    assert (tmp_path / "out" / "final" / "README.md").exists()
