@@ -85,3 +85,21 @@ def test_a_trl_dpo_yaml_trains_on_a_local_dataset_folder(task, tmp_path, one_thr
     result = train(cfg, task.model, task.tokenizer)
     assert result.final_metrics["loss"] == result.final_metrics["loss"]
     assert (tmp_path / "out" / "final" / "README.md").exists()
+
+
+def test_a_trl_grpo_yaml_runs_online_on_the_tiny_model(task, tmp_path, one_thread):
+    """Keys as TRL's GRPO docs write them (GRPOConfig / script args), plus the method and the reward."""
+    from alignkit.data.load import write_jsonl_atomic
+    from alignkit.data.synthetic import prompt_records
+    from alignkit.online import run_online
+
+    write_jsonl_atomic(tmp_path / "prompts.jsonl", prompt_records(16, seed=4))
+    trl = {"model_name_or_path": str(task.model_dir), "dataset_name": str(tmp_path / "prompts.jsonl"),
+           "dataset_train_split": "train", "num_generations": 4, "max_completion_length": 8, "learning_rate": 1e-3,
+           "beta": 0.0, "loss_type": "dapo", "epsilon_high": 0.28, "max_steps": 2, "per_device_train_batch_size": 8,
+           "logging_steps": 1, "report_to": "none", "output_dir": str(tmp_path / "out")}
+    cfg = online_config(trl, {"method": "grpo", "reward": "synthetic", "prompts_per_round": 4, "max_length": 64,
+                              "eval_samples": 1, "progress": False})
+    assert cfg.loss_options["loss_aggregation"] == "token-mean" and cfg.rounds == 2
+    result = run_online(cfg, task.model, task.tokenizer)
+    assert len(result.rounds) == 2 and (tmp_path / "out" / "final" / "training_state.json").exists()
