@@ -47,7 +47,7 @@ class RLConfig(Strict):
     eval_prompts: str | None = Field(None, description="held-out JSONL of the same shape; default: shipped")
     output_dir: str = "runs/rl"
     method: str = Field("grpo", description="an online method of the GRPO family: grpo, dapo, gspo, cispo, ...")
-    rounds: int = Field(20, gt=0)
+    rounds: int = Field(16, gt=0)
     prompts_per_round: int = Field(8, gt=0)
     num_samples: int = Field(8, ge=2)
     sampling: SamplingOptions = Field(
@@ -62,10 +62,10 @@ class RLConfig(Strict):
     min_words: int = Field(5, ge=0, description="training reward 0 for answers shorter than this (a guard against "
                            "bare answers that game the checkers)")
     max_repeat: float = Field(0.3, ge=0, le=1, description="training reward 0 above this share of repeated bigrams")
-    kl_answers: int = Field(64, gt=1, description="answers sampled at temperature 1 for the KL to the start")
+    kl_answers: int = Field(32, gt=1, description="answers sampled at temperature 1 for the KL to the start")
     reward: str = Field("constraints+bonus", pattern="^constraints(\\+bonus)?$",
                         description="the fraction of constraints met (+1 when all are, with +bonus)")
-    learning_rate: float = Field(3e-4, gt=0)
+    learning_rate: float = Field(5e-4, gt=0)
     lora: dict | None = Field(default_factory=lambda: {"r": 16, "alpha": 32}, description="null: full fine-tuning")
     kl_coef: float = Field(0.0, ge=0, description="beta of the k3 KL to the start in the loss (LoRA: adapters off)")
     tis_cap: float = Field(2.0, ge=0, description="truncated IS against the bf16 engine's log-probs; 0: off")
