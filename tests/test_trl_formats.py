@@ -159,3 +159,23 @@ def test_a_hub_id_offline_fails_at_once_in_one_line(monkeypatch):
     assert err.value.file == "HuggingFaceH4/ultrafeedback_binarized"
     with pytest.raises(DataError, match="cannot read file"):  # a missing file is not taken for a hub id
         load_records("missing/train.jsonl", shape="pairs")
+
+
+def test_a_second_preparation_is_read_from_the_cache(tmp_path, task, monkeypatch):
+    import alignkit.data as data_module
+    from alignkit.data import tokenize as tokenize_module
+
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    path = write(tmp_path / "p.jsonl", [{"prompt": "review my phone", "chosen": "good phone", "rejected": "bad"}] * 3)
+    first = data_module.prepare_examples(path, task.tokenizer, "pairs", 64, cache=True)
+    calls = []
+    real = tokenize_module.tokenize_records
+    monkeypatch.setattr(data_module, "tokenize_records", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = data_module.prepare_examples(path, task.tokenizer, "pairs", 64, cache=True)
+    assert [(e.prompt_ids, e.response_ids, e.row) for e in second] == [(e.prompt_ids, e.response_ids, e.row)
+                                                                         for e in first]
+    assert calls == []  # nothing read or tokenised again
+    data_module.prepare_examples(path, task.tokenizer, "pairs", 32, cache=True)  # another setting: a miss
+    write(tmp_path / "p.jsonl", [{"prompt": "review my phone", "chosen": "good phone", "rejected": "awful"}] * 3)
+    changed = data_module.prepare_examples(path, task.tokenizer, "pairs", 64, cache=True)  # the file changed: a miss
+    assert len(calls) == 2 and changed[0].response_ids != first[0].response_ids

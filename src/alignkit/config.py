@@ -147,6 +147,7 @@ class TrainConfig(OptimConfig):
     max_length: int = Field(1024, gt=1, description="max tokens of prompt + one response")
     max_prompt_length: int | None = Field(None, gt=0, description="prompts keep their last this-many tokens")
     sft_include_prompt: bool = Field(False, description="SFT: train on prompt (and non-assistant) tokens too")
+    data_cache: bool = Field(True, description="cache tokenised examples on disk, keyed by files+tokenizer+settings")
     # Steps.
     grad_accum: int = Field(1, gt=0)
     epochs: int = Field(1, gt=0)

@@ -126,10 +126,11 @@ def tokenize_chat(tokenizer, record: dict, max_length: int, max_prompt_length: i
 
 
 def tokenize_records(tokenizer, records: list[dict], shape: str, max_length: int, max_prompt_length: int | None = None,
-                     on_bad_record: str = "error") -> list[TokenizedExample]:
-    """Tokenise every record; with on_bad_record='skip', records that cannot fit are dropped and counted."""
+                     on_bad_record: str = "error", progress: bool = False) -> list[TokenizedExample]:
+    """Tokenise every record; with on_bad_record='skip', records that cannot fit are dropped and counted.
+    progress: a progress bar (rich) over the records."""
     examples, bad = [], []
-    for record in records:
+    for record in _with_progress(records, progress):
         try:
             examples.append(tokenize_record(tokenizer, record, shape, max_length, max_prompt_length))
         except DataError as err:
@@ -142,3 +143,12 @@ def tokenize_records(tokenizer, records: list[dict], shape: str, max_length: int
         raise DataError(records[0].get("_source", "<memory>") if records else "<memory>", None, None,
                         "no usable records after tokenisation")
     return examples
+
+
+def _with_progress(records: list, show: bool):
+    if not show or len(records) < 1000:
+        yield from records
+        return
+    from rich.progress import track
+
+    yield from track(records, description="tokenising", transient=True)

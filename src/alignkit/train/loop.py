@@ -168,7 +168,7 @@ def evaluate(model, examples, spec, opts, ref: Reference | None, cfg: TrainConfi
 def load_data(cfg: TrainConfig, tokenizer, shape: str):
     def prep(source, training=False):
         examples = prepare_examples(source, tokenizer, shape, cfg.max_length, cfg.max_prompt_length, cfg.on_bad_record,
-                                    training)
+                                    training, cache=cfg.data_cache, progress=cfg.progress)
         return [train_on_prompt(e) for e in examples] if cfg.sft_include_prompt else examples
 
     train_examples = prep(cfg.train_data, training=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from alignkit.data.cache import cache_dir
 from alignkit.data.pack import mismatched_partners, pack, token_budget_batches, with_mismatched_completions
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import AlignkitError
@@ -79,8 +80,6 @@ def build_reference(model, examples: list[TokenizedExample], cfg, pad_token_id: 
     return ref
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit"))
 
 
 def weights_fingerprint(model) -> str:
