@@ -10,7 +10,6 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
