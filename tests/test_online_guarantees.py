@@ -152,7 +152,8 @@ def test_lora_online_trains_adapters_against_the_base_as_reference(task, tmp_pat
     torch.testing.assert_close(ref_seq, start_seq, rtol=0, atol=1e-5)
     policy_seq, _ = scorer.behaviour(rollout.examples)
     assert not torch.allclose(policy_seq, start_seq, atol=1e-3)
-    assert result.summary["kl_to_start"] > 0
+    # the KL to the start is >= 0; its estimate on 8 samples may dip below 0, but not by 3 standard errors
+    assert result.summary["kl_to_start"] > -3 * result.summary["kl_to_start_sem"]
     assert (tmp_path / "final" / "adapter_model.safetensors").exists()
     with pytest.raises(ConfigError, match="ref_update_every"):
         run(task, "online-dpo", tmp_path / "x", lora={"r": 4}, ref_update_every=1)
