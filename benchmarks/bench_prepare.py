@@ -58,7 +58,7 @@ def run_contender(name: str, data: str, workdir: str) -> dict:
         from trl.trainer.dpo_trainer import DPOTrainer
 
         dataset = datasets.load_dataset("json", data_files=data, split="train", cache_dir=workdir)
-        args = DPOConfig(output_dir=workdir, max_length=1024, report_to=[])
+        args = DPOConfig(output_dir=workdir, max_length=1024, report_to=[], bf16=False, use_cpu=True)
         out = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tokenizer), dataset, tokenizer, args, "train")
         count = len(out)
     else:

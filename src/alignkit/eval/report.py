@@ -35,3 +35,15 @@ def write_html_report(path: str | Path, title: str, tables: dict[str, list[list[
     tmp.write_text("\n".join(parts), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def rich_table(title: str, rows: list[list[str]]):
+    """rows (the first is the header) as a rich Table, for the terminal next to the HTML report."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows[1:]:
+        table.add_row(*row)
+    return table

@@ -211,12 +211,18 @@ def grpo_loss(inputs: LossInputs, opts: GRPOOptions) -> LossOutput:
     ratio = _ratio(logps, old, mask, opts.importance_sampling_level)
     eps_high = opts.epsilon_high or opts.epsilon
     per_token = clipped_surrogate(ratio, advantages, opts.epsilon, eps_high).expand_as(logps)
-    per_token = _tis(per_token, inputs, old, mask, opts.tis_cap, "grpo")
-    per_token = _kl_term(per_token, inputs, logps, opts.kl_coef, "grpo")
+    return _group_loss(per_token, inputs, old, opts, "grpo", ratio, advantages, (1 - opts.epsilon, 1 + eps_high))
+
+
+def _group_loss(per_token, inputs: LossInputs, old, opts, name: str, ratio, advantages, bounds) -> LossOutput:
+    """The shared tail of the group-advantage losses: TIS weights, the k3 KL term, the aggregation, the metrics."""
+    logps, mask = inputs.token_logps, inputs.token_mask
+    per_token = _tis(per_token, inputs, old, mask, opts.tis_cap, name)
+    per_token = _kl_term(per_token, inputs, logps, opts.kl_coef, name)
     losses = aggregate(per_token, mask, opts.loss_aggregation, inputs.step_mean_lengths, opts.max_completion_length)
     return losses, {
         "reward": inputs.scores.mean(1).detach(),
-        **_clip_metrics(ratio, advantages, mask, 1 - opts.epsilon, 1 + eps_high),
+        **_clip_metrics(ratio, advantages, mask, *bounds),
         **_kl_metrics(logps, inputs.ref_token_logps, mask, ("k1", "k3")),
     }
 
@@ -248,20 +254,14 @@ class CISPOOptions:
 def cispo_loss(inputs: LossInputs, opts: CISPOOptions) -> LossOutput:
     """l_{i,t} = -sg[clip(rho_t, w_min, w_max)] A_i log pi(o_t) (+ kl_coef * k3_t): no token loses its gradient,
     unlike the PPO clip; aggregated per `loss_aggregation` (the paper: token-mean)."""
-    logps, mask = inputs.token_logps, inputs.token_mask
+    logps = inputs.token_logps
     old = inputs.old_token_logps if inputs.old_token_logps is not None else logps.detach()
     advantages = group_advantages(inputs.scores.to(logps.device), opts.scale_rewards)[..., None]
     ratio = torch.exp(logps - old).detach()
     weights = ratio.clamp(min=opts.weight_min or None, max=opts.weight_max)
     per_token = -weights * advantages * logps
-    per_token = _tis(per_token, inputs, old, mask, opts.tis_cap, "cispo")
-    per_token = _kl_term(per_token, inputs, logps, opts.kl_coef, "cispo")
-    losses = aggregate(per_token, mask, opts.loss_aggregation, inputs.step_mean_lengths, opts.max_completion_length)
-    return losses, {
-        "reward": inputs.scores.mean(1).detach(),
-        **_clip_metrics(ratio, advantages, mask, opts.weight_min or None, opts.weight_max),
-        **_kl_metrics(logps, inputs.ref_token_logps, mask, ("k1", "k3")),
-    }
+    return _group_loss(per_token, inputs, old, opts, "cispo", ratio, advantages, (opts.weight_min or None,
+                                                                                  opts.weight_max))
 
 
 @dataclass

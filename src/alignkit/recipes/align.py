@@ -15,14 +15,13 @@ from typing import Any
 
 from pydantic import Field
 from rich.console import Console
-from rich.table import Table
 
 from alignkit.config import SamplingOptions, Strict, TrainConfig, load_command_config
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.data.pairs import best_worst_pairs
 from alignkit.eval.metrics import bootstrap_mean_ci, distinct_n, mean_words, win_rate
 from alignkit.eval.plots import plot_curves
-from alignkit.eval.report import write_html_report
+from alignkit.eval.report import rich_table, write_html_report
 from alignkit.generate.sample import SamplingConfig, sample
 from alignkit.rewards.base import score_groups
 from alignkit.rewards.spec import default_reward  # noqa: F401 - the main job's reward, importable from here
@@ -137,13 +136,8 @@ def write_report(out: Path, s: dict, prompts, before, after, console: Console) -
         ["distinct-2", f"{s['distinct2_before']:.3f}", f"{s['distinct2_after']:.3f}",
          f"{s['distinct2_after'] / max(s['distinct2_before'], 1e-9) - 1:+.1%}"],
     ]
-    table = Table(title=f"SmolLM2-135M-Instruct aligned with DPO on {s['pairs']} self-generated pairs "
-                        f"({s['run_s'] / 60:.1f} min)")
-    for column in rows[0]:
-        table.add_column(column)
-    for row in rows[1:]:
-        table.add_row(*row)
-    console.print(table)
+    console.print(rich_table(f"SmolLM2-135M-Instruct aligned with DPO on {s['pairs']} self-generated pairs "
+                             f"({s['run_s'] / 60:.1f} min)", rows))
     examples = [{"prompt": p[-1]["content"] if isinstance(p, list) else p, "original": b, "aligned": a}
                 for p, b, a in list(zip(prompts, before, after))[:6]]
     for e in examples[:3]:

@@ -18,7 +18,6 @@ from typing import Any
 from pydantic import Field
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from alignkit.config import SamplingOptions, Strict, load_command_config
 from alignkit.data.load import load_records, write_jsonl_atomic
@@ -26,7 +25,7 @@ from alignkit.data.tokenize import TokenizedExample
 from alignkit.eval.kl import example_log_ratios, kl_summary
 from alignkit.eval.metrics import bootstrap_mean_ci, distinct_n, mean_words
 from alignkit.eval.plots import plot_curves
-from alignkit.eval.report import write_html_report
+from alignkit.eval.report import rich_table, write_html_report
 from alignkit.generate.sample import SamplingConfig, sample_with_counts
 from alignkit.online.config import OnlineConfig
 from alignkit.online.run import run_online
@@ -202,19 +201,9 @@ def write_report(out: Path, s: dict, records, before, after, rounds: list[dict],
     ]
     type_rows = [["constraint type", "original", "trained"]] + [
         [k, f"{b:.1%}", f"{a:.1%}"] for k, (b, a) in sorted(s["by_type"].items())]
-    table = Table(title=f"SmolLM2-135M-Instruct, {s['method']} on verifiable constraint rewards "
-                        f"({s['samples']} samples, {s['run_s'] / 60:.1f} min)")
-    for column in rows[0]:
-        table.add_column(column)
-    for row in rows[1:]:
-        table.add_row(*row)
-    console.print(table)
-    per_type = Table(title="compliance per constraint type (held-out)")
-    for column in type_rows[0]:
-        per_type.add_column(column)
-    for row in type_rows[1:]:
-        per_type.add_row(*row)
-    console.print(per_type)
+    console.print(rich_table(f"SmolLM2-135M-Instruct, {s['method']} on verifiable constraint rewards "
+                             f"({s['samples']} samples, {s['run_s'] / 60:.1f} min)", rows))
+    console.print(rich_table("compliance per constraint type (held-out)", type_rows))
     examples = [{"prompt": r["prompt"][-1]["content"], "original": b[0], "trained": a[0]}
                 for r, b, a in list(zip(records, before, after))[:8]]
     for e in examples[:3]:
