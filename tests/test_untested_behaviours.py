@@ -83,3 +83,69 @@ def test_sft_weight_adds_the_chosen_responses_nll(task, one_thread):
     nll = -metrics["logps/chosen"] / chosen_lengths  # the chosen response's per-token NLL
     torch.testing.assert_close(metrics["nll"], nll)
     torch.testing.assert_close(weighted, plain + 0.5 * nll)
+
+
+@pytest.mark.parametrize("norm,clip", [("scale", 0.0), ("normalize", 0.5)])
+def test_ppo_reward_scale_and_advantage_clip(norm, clip):
+    """reward_norm scale: r / sigma of the running moments (no shift); advantage_clip: |A| <= c after whitening."""
+    import numpy as np
+
+    from alignkit.losses.online import PPOOptions
+    from alignkit.online.advantages import RunningMoments, gae, kl_shaped_rewards, masked_whiten, ppo_advantages
+
+    g = torch.Generator().manual_seed(3)
+    B, K, T = 2, 3, 5
+    mask = torch.arange(T)[None, None] < torch.randint(2, T + 1, (B, K, 1), generator=g)
+    scores = torch.randn(B, K, generator=g) * 3 + 1
+    logps, ref, values = (torch.randn(B, K, T, generator=g) * mask for _ in range(3))
+    opts = PPOOptions(reward_norm=norm, advantage_clip=clip, reward_clip=0.0, kl_coef=0.05)
+    out = ppo_advantages(scores, logps, ref, values, mask, opts, RunningMoments())
+    s = scores.numpy().astype(np.float64)
+    normalised = s / s.std(ddof=1) if norm == "scale" else (s - s.mean()) / s.std(ddof=1)
+    shaped = kl_shaped_rewards(torch.tensor(normalised, dtype=torch.float32), (logps - ref) * mask, mask, 0.05)
+    advantages, returns = gae(shaped, values, mask, opts.gamma, opts.lam)
+    expected = masked_whiten(advantages, mask)
+    if clip:
+        expected = expected.clamp(-clip, clip) * mask
+        assert float(expected.abs().max()) == pytest.approx(clip)  # the clip binds in this case
+    torch.testing.assert_close(out["advantages"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["returns"], returns, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bf16_autocast_training_step(task, one_thread):
+    """precision bf16: the forward runs in bf16 (the loss differs from fp32's, a little), the weights stay fp32 and
+    the optimizer step updates them."""
+    import copy
+
+    from alignkit.config import TrainConfig
+    from alignkit.data import prepare_examples
+    from alignkit.data.pack import pack
+    from alignkit.data.synthetic import preference_records
+    from alignkit.losses import build_options, get_loss
+    from alignkit.train.loop import compute_losses
+    from alignkit.train.reference import Reference, reference_logps
+    from alignkit.train.step import autocast
+
+    records = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in preference_records(6, seed=4)]
+    examples = prepare_examples(records, task.tokenizer, "pairs", 64)
+    pad = task.tokenizer.pad_token_id
+    model = copy.deepcopy(task.model)
+    ref = Reference(*reference_logps(model, examples, 1024, 512, pad, use_cache=False))
+    batch = pack(examples, list(range(len(examples))), 512, pad)
+    spec, opts = get_loss("dpo"), build_options(get_loss("dpo"), {"beta": 0.1})
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.5)  # policy != reference: a non-trivial loss
+    results = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(model="tiny", train_data="x.jsonl", precision=precision)
+        with autocast(cfg, model):
+            losses, _ = compute_losses(model, batch, examples, spec, opts, ref, cfg)
+        results[precision] = losses
+    assert results["bf16"].dtype == torch.float32  # losses come back in fp32
+    assert not torch.equal(results["bf16"], results["fp32"])  # bf16 matmuls ran
+    torch.testing.assert_close(results["bf16"], results["fp32"], atol=5e-2, rtol=5e-2)
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    results["bf16"].mean().backward()
+    torch.optim.AdamW(model.parameters(), lr=1e-3).step()
+    weight = model.model.layers[0].mlp.down_proj.weight
+    assert weight.dtype == torch.float32 and not torch.equal(weight.detach(), before)
