@@ -91,7 +91,13 @@ def test_ppo_reward_scale_and_advantage_clip(norm, clip):
     import numpy as np
 
     from alignkit.losses.online import PPOOptions
-    from alignkit.online.advantages import RunningMoments, gae, kl_shaped_rewards, masked_whiten, ppo_advantages
+    from alignkit.online.advantages import (
+        RunningMoments,
+        gae,
+        kl_shaped_rewards,
+        masked_whiten,
+        ppo_advantages,
+    )
 
     g = torch.Generator().manual_seed(3)
     B, K, T = 2, 3, 5
