@@ -155,3 +155,30 @@ def test_a_bf16_autocast_training_step(task, one_thread):
     torch.optim.AdamW(model.parameters(), lr=1e-3).step()
     weight = model.model.layers[0].mlp.down_proj.weight
     assert weight.dtype == torch.float32 and not torch.equal(weight.detach(), before)
+
+
+@pytest.mark.parametrize("engine", ["hf", "fast"])
+def test_a_stop_string_that_is_a_special_token_stops_generation(task, one_thread, engine):
+    """`stop: ["<|end|>"]`, a special token that decoding drops: matched as a token, generation ends on it, the
+    sample keeps it as its last id (like an end token) and its text is what came before."""
+    from alignkit.generate.engines import make_engine
+    from alignkit.generate.sample import SamplingConfig
+
+    tok = task.tokenizer
+    end = tok.convert_tokens_to_ids("<|end|>")
+    ids = [tok("<|user|>", add_special_tokens=False)["input_ids"]] * 6
+    free_cfg = SamplingConfig(max_new_tokens=16, seed=2, engine=engine)
+    free = make_engine(task.model, tok, free_cfg).generate(ids, free_cfg, 2)
+    stop_cfg = SamplingConfig(max_new_tokens=16, seed=2, engine=engine, stop=("<|end|>",))
+    stopped = make_engine(task.model, tok, stop_cfg).generate(ids, stop_cfg, 2)
+    hits = 0
+    for group_free, group_stop, texts, reasons in zip(free.ids, stopped.ids, stopped.texts, stopped.finish_reasons):
+        for row_free, row_stop, text, reason in zip(group_free, group_stop, texts, reasons):
+            if end in row_free:
+                hits += 1
+                cut = row_free.index(end) + 1
+                assert row_stop == row_free[:cut] and reason == "stop"
+                assert text == tok.decode(row_free[:cut - 1], skip_special_tokens=True).strip()
+            else:
+                assert row_stop == row_free
+    assert hits >= 3  # the case exercises the stop
