@@ -182,3 +182,27 @@ def test_a_stop_string_that_is_a_special_token_stops_generation(task, one_thread
             else:
                 assert row_stop == row_free
     assert hits >= 3  # the case exercises the stop
+
+
+def test_weight_decay_is_decoupled_and_applied_once_per_step(task, tmp_path, one_thread):
+    """AdamW's decoupled decay: after one step from the same start on the same batch, the weights with decay w
+    differ from those without by exactly -lr * w * the starting weights (the Adam update itself is the same)."""
+    import copy
+
+    from alignkit.config import TrainConfig
+    from alignkit.data.load import write_jsonl_atomic
+    from alignkit.data.synthetic import preference_records
+    from alignkit.train.loop import train
+
+    write_jsonl_atomic(tmp_path / "pairs.jsonl", [{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                                  for r in preference_records(8, seed=7)])
+    start = {k: v.clone() for k, v in task.model.state_dict().items()}
+    finals = {}
+    for wd in (0.0, 0.1):
+        cfg = TrainConfig(model="tiny", train_data=str(tmp_path / "pairs.jsonl"), loss="dpo", max_steps=1,
+                          learning_rate=1e-2, lr_schedule="constant", weight_decay=wd, max_length=64,
+                          output_dir=str(tmp_path / f"wd{wd}"), progress=False, ref_cache=False)
+        finals[wd] = train(cfg, copy.deepcopy(task.model), task.tokenizer).model.state_dict()
+    name = "model.layers.0.mlp.down_proj.weight"
+    torch.testing.assert_close(finals[0.1][name] - finals[0.0][name], -1e-2 * 0.1 * start[name], atol=1e-7, rtol=1e-4)
+    assert not torch.equal(finals[0.0][name], start[name])  # the step did move the weights
