@@ -206,3 +206,16 @@ def test_weight_decay_is_decoupled_and_applied_once_per_step(task, tmp_path, one
     name = "model.layers.0.mlp.down_proj.weight"
     torch.testing.assert_close(finals[0.1][name] - finals[0.0][name], -1e-2 * 0.1 * start[name], atol=1e-7, rtol=1e-4)
     assert not torch.equal(finals[0.0][name], start[name])  # the step did move the weights
+
+
+def test_online_dpo_pairs_all_trains_every_strictly_ordered_pair(task, tmp_path, one_thread):
+    from test_online_guarantees import rollout_lines
+    from test_online_guarantees import run as run_online_method
+
+    result = run_online_method(task, "online-dpo", tmp_path, rounds=2, pairs="all")
+    for row, line in zip(result.rounds, rollout_lines(tmp_path)):
+        expected = sum(1 for rewards in line["rewards"] for a in rewards for b in rewards if a > b)
+        assert row["examples"] == row["pairs"] == expected > 0
+    best_worst = run_online_method(task, "online-dpo", tmp_path / "bw", rounds=1)
+    assert best_worst.rounds[0]["pairs"] == sum(1 for rs in rollout_lines(tmp_path / "bw")[0]["rewards"]
+                                                if max(rs) > min(rs))
