@@ -71,7 +71,8 @@ class SamplingOptions(Strict):
     stop: list[str] | str = Field(default_factory=list, description="stop strings (a string or a list)")
     engine: Literal["auto", "hf", "fast", "vllm"] = Field(
         "auto", description="rollout engine: fast (lean decode loop, Llama-family), hf (HF generate) or vllm "
-                            "(colocated, GPU); auto: fast where it runs (CPU, no LoRA adapters), else hf")
+                            "(colocated, GPU); auto: fast where it runs (Llama-family on the CPU, LoRA adapters "
+                            "merged in), else hf")
     engine_precision: Literal["fp32", "bf16"] = Field("fp32", description="the fast engine's weights")
 
     @property
