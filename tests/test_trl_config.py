@@ -4,6 +4,7 @@ training the tiny model on a local dataset folder end to end."""
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -82,7 +83,7 @@ def test_a_trl_dpo_yaml_trains_on_a_local_dataset_folder(task, tmp_path, one_thr
            "learning_rate": 1e-3, "beta": 0.1, "num_train_epochs": 1, "report_to": "none",
            "output_dir": str(tmp_path / "out"), "logging_steps": 1}
     cfg = build_config("dpo", trl, {"progress": False})
-    result = train(cfg, task.model, task.tokenizer)
+    result = train(cfg, copy.deepcopy(task.model), task.tokenizer)  # the shared fixture stays as it was
     assert result.final_metrics["loss"] == result.final_metrics["loss"]
     assert (tmp_path / "out" / "final" / "README.md").exists()
 
@@ -101,5 +102,5 @@ def test_a_trl_grpo_yaml_runs_online_on_the_tiny_model(task, tmp_path, one_threa
     cfg = online_config(trl, {"method": "grpo", "reward": "synthetic", "prompts_per_round": 4, "max_length": 64,
                               "eval_samples": 1, "progress": False})
     assert cfg.loss_options["loss_aggregation"] == "token-mean" and cfg.rounds == 2
-    result = run_online(cfg, task.model, task.tokenizer)
+    result = run_online(cfg, copy.deepcopy(task.model), task.tokenizer)
     assert len(result.rounds) == 2 and (tmp_path / "out" / "final" / "training_state.json").exists()
