@@ -219,3 +219,28 @@ def test_online_dpo_pairs_all_trains_every_strictly_ordered_pair(task, tmp_path,
     best_worst = run_online_method(task, "online-dpo", tmp_path / "bw", rounds=1)
     assert best_worst.rounds[0]["pairs"] == sum(1 for rs in rollout_lines(tmp_path / "bw")[0]["rewards"]
                                                 if max(rs) > min(rs))
+
+
+def test_max_grad_norm_clips_the_step(task, tmp_path, one_thread):
+    """grad_norm is logged before clipping; a clip far above it changes nothing (bit for bit), a tiny one changes the
+    second step's update (AdamW's first step does not depend on the gradient's scale)."""
+    import copy
+
+    from alignkit.config import TrainConfig
+    from alignkit.data.load import write_jsonl_atomic
+    from alignkit.data.synthetic import preference_records
+    from alignkit.train.logging import read_metrics
+    from alignkit.train.loop import train
+
+    write_jsonl_atomic(tmp_path / "pairs.jsonl", [{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                                  for r in preference_records(16, seed=8)])
+    finals, rows = {}, {}
+    for name, clip in (("none", None), ("huge", 1e9), ("tiny", 1e-4)):
+        cfg = TrainConfig(model="tiny", train_data=str(tmp_path / "pairs.jsonl"), loss="dpo", max_steps=2,
+                          learning_rate=1e-2, lr_schedule="constant", max_grad_norm=clip, max_length=64,
+                          max_tokens_per_batch=200, output_dir=str(tmp_path / name), progress=False, ref_cache=False)
+        finals[name] = train(cfg, copy.deepcopy(task.model), task.tokenizer).model.state_dict()
+        rows[name] = read_metrics(tmp_path / name)
+    assert rows["tiny"][0]["grad_norm"] == rows["none"][0]["grad_norm"] > 1e-4  # logged before the clip
+    assert all(torch.equal(finals["huge"][k], finals["none"][k]) for k in finals["none"])
+    assert any(not torch.allclose(finals["tiny"][k], finals["none"][k]) for k in finals["none"])
