@@ -162,23 +162,28 @@ def test_lora_online_trains_adapters_against_the_base_as_reference(task, tmp_pat
 # ---- resume ----
 
 
-def test_ppo_crash_and_resume_restores_value_head_moments_and_optimizer(task, tmp_path):
-    common = dict(rounds=4, save_every=1, epochs=2, keep_last=5)
-    straight = run(task, "ppo", tmp_path / "straight", **common)
+def crash_in_round(n: int, start_run) -> None:
+    """start_run() with the learner interrupted (KeyboardInterrupt) in round n, as a kill would."""
     real, calls = online_run._learn, [0]
 
-    def crash_in_round_3(*args, **kwargs):
+    def crashing(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == 3:
+        if calls[0] == n:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    online_run._learn = crash_in_round_3
+    online_run._learn = crashing
     try:
         with pytest.raises(KeyboardInterrupt):
-            run(task, "ppo", tmp_path / "crashed", **common)
+            start_run()
     finally:
         online_run._learn = real
+
+
+def test_ppo_crash_and_resume_restores_value_head_moments_and_optimizer(task, tmp_path):
+    common = dict(rounds=4, save_every=1, epochs=2, keep_last=5)
+    straight = run(task, "ppo", tmp_path / "straight", **common)
+    crash_in_round(3, lambda: run(task, "ppo", tmp_path / "crashed", **common))
     assert sorted(p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir()) == ["step-00000001",
                                                                                        "step-00000002"]
     resumed = run(task, "ppo", tmp_path / "crashed", **common)

@@ -116,27 +116,13 @@ def test_a_constraint_reward_rises(task, tmp_path):
 
 def test_dynamic_sampling_resumes_exactly(task, tmp_path):
     """Refill prompts and seeds depend on the round only: a crash and resume redraws the same refills."""
-    from alignkit.online import run as online_run
     from alignkit.train.logging import read_metrics
-    from test_online_guarantees import without_timing
+    from test_online_guarantees import crash_in_round, without_timing
 
     common = dict(rounds=3, save_every=1, keep_last=5, max_refills=3)
     reward = FunctionReward(tie_on_rate)
     straight = run(task, "dapo", tmp_path / "straight", reward, **common)
-    real, calls = online_run._learn, [0]
-
-    def crash_in_round_2(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    online_run._learn = crash_in_round_2
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(task, "dapo", tmp_path / "crashed", reward, **common)
-    finally:
-        online_run._learn = real
+    crash_in_round(2, lambda: run(task, "dapo", tmp_path / "crashed", reward, **common))
     resumed = run(task, "dapo", tmp_path / "crashed", reward, **common)
     assert [r["round"] for r in resumed.rounds] == [2, 3]
     assert any(r["refills"] > 0 for r in straight.rounds)

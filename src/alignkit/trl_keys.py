@@ -65,8 +65,7 @@ def translate(values: dict[str, Any], fields: set[str], command: str = "train") 
         if not translated(key, value):
             continue
         for target, mapped in TRL_KEYS[key](value, values, command, max_length):
-            if target.startswith("loss_options.") or target.startswith("lora.") or target.startswith("sampling.") \
-                    or "." in target:
+            if "." in target:  # a key of a section: loss_options.beta, sampling.max_new_tokens
                 section, sub = target.split(".", 1)
                 current = out.get(section)
                 out[section] = {**(current if isinstance(current, dict) else {}), sub: mapped}

@@ -5,7 +5,6 @@ ids are not cached (nothing cheap identifies them). Files are written atomically
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignkit.config import DataSource
+from alignkit.data.sources import record_files
 
 log = logging.getLogger("alignkit.data")
 CACHE_VERSION = 1  # bump when tokenisation changes what it produces
@@ -23,17 +23,6 @@ CACHE_VERSION = 1  # bump when tokenisation changes what it produces
 
 def cache_dir() -> Path:
     return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit"))
-
-
-def _files_of(path: str) -> list[Path] | None:
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.is_file())
-    if glob.has_magic(path):
-        return sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
-    return None  # a hub id
 
 
 def source_fingerprint(source) -> str | None:
@@ -45,7 +34,7 @@ def source_fingerprint(source) -> str | None:
         options = source.model_dump(exclude={"path"})
         source = source.path
     if isinstance(source, (str, os.PathLike)):
-        files = _files_of(os.fspath(source))
+        files = record_files(os.fspath(source))
         if not files:
             return None
         stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]

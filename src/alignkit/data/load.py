@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.data.formats import FormatError, split_implicit_prompt
-from alignkit.data.sources import open_source, strip_bom
+from alignkit.data.sources import open_source
 from alignkit.errors import ConfigError, DataError
 
 logger = logging.getLogger("alignkit.data")
@@ -219,17 +219,10 @@ def _read_jsonl(name: str) -> Iterator[tuple[int, Any]]:
         raise DataError(name, None, None, f"cannot read file ({err.strerror or err})", hint=_FILE_HINT) from None
     with handle:
         for row, line in enumerate(handle, start=1):
-            line = strip_bom(line, row == 1)
+            if row == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]
             if line.strip():
                 yield row, _parse_line(line.rstrip(b"\n"), name, row)
-
-
-def _read_jsonl_bytes(data: bytes, name: str) -> Iterator[tuple[int, Any]]:
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8) :]
-    for row, line in enumerate(data.split(b"\n"), start=1):
-        if line.strip():
-            yield row, _parse_line(line, name, row)
 
 
 def _parse_line(line: bytes, name: str, row: int) -> Any:
@@ -253,7 +246,7 @@ def _read_json(name: str) -> Iterator[tuple[int, Any]]:
     data = _read_bytes(name)
     body = data[len(codecs.BOM_UTF8) :] if data.startswith(codecs.BOM_UTF8) else data
     if not body.lstrip().startswith(b"["):
-        yield from _read_jsonl_bytes(data, name)
+        yield from _read_jsonl(name)
         return
     try:
         value = json.loads(body.decode("utf-8"))

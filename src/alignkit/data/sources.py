@@ -7,7 +7,6 @@ it fails at once with one line naming the id."""
 
 from __future__ import annotations
 
-import codecs
 import glob
 import os
 import random
@@ -40,15 +39,10 @@ def _open_plain(source: Any, readers: dict, config_name: str | None = None, spli
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
         path = Path(name)
-        if path.is_dir():
-            if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or \
-                    (path / "state.json").exists():
-                return name, _dataset_rows(_load_from_disk(name, split), name)
-            return name, _files(sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in FILE_SUFFIXES),
-                                name, readers)
-        if glob.has_magic(name):
-            return name, _files(sorted(p for p in glob.glob(name, recursive=True)
-                                       if Path(p).suffix.lower() in FILE_SUFFIXES), name, readers)
+        if path.is_dir() and saved_dataset(path):
+            return name, _dataset_rows(_load_from_disk(name, split), name)
+        if path.is_dir() or glob.has_magic(name):
+            return name, _files([str(f) for f in record_files(name)], name, readers)
         suffix = path.suffix.lower()
         if suffix in readers:
             return name, ((name, row, value) for row, value in readers[suffix](name))
@@ -65,6 +59,25 @@ def _open_plain(source: Any, readers: dict, config_name: str | None = None, spli
     raise DataError("<source>", None, None, f"cannot read records from a {type(source).__name__}",
                     hint="pass a .jsonl/.json/.parquet path, a folder, a glob, a hub id, a datasets.Dataset or a "
                          "list of dicts")
+
+
+def saved_dataset(path: Path) -> bool:
+    """A folder written by datasets' save_to_disk (a Dataset or a DatasetDict)."""
+    return any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
+def record_files(name: str) -> list[Path] | None:
+    """The files a path source reads, sorted: the file itself; a folder's or a glob's .jsonl/.json/.parquet files (a
+    save_to_disk folder: every file in it); None where no local file is meant (a hub id)."""
+    path = Path(name)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(f for f in path.rglob("*") if f.is_file() and (saved_dataset(path) or
+                                                                     f.suffix.lower() in FILE_SUFFIXES))
+    if glob.has_magic(name):
+        return sorted(Path(f) for f in glob.glob(name, recursive=True) if Path(f).suffix.lower() in FILE_SUFFIXES)
+    return None
 
 
 def _files(paths: list[str], name: str, readers: dict) -> Rows:
@@ -152,6 +165,3 @@ def _subsample(rows: Rows, n: int | None, seed: int | None) -> Rows:
     for i in keep:
         yield everything[i]
 
-
-def strip_bom(line: bytes, first: bool) -> bytes:
-    return line[len(codecs.BOM_UTF8):] if first and line.startswith(codecs.BOM_UTF8) else line

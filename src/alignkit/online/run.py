@@ -282,18 +282,22 @@ def _collect_rollout(cfg: OnlineConfig, engine, policy, tokenizer, prompts: list
     until prompts_per_round groups are kept (the surplus is discarded, as verl's recipe does); if the refills run out,
     the round trains on the groups kept."""
     rollout = _sharded_rollout(cfg, engine, policy, tokenizer, prompts, reward, round_ctx, round_index, ctx)
-    metrics = {"zero_std_share": float(tied_groups(rollout.rewards).float().mean()), **rollout_stats(rollout)}
+    tied = tied_groups(rollout.rewards)
+    metrics = {"zero_std_share": float(tied.float().mean()), **rollout_stats(rollout)}
     if not cfg.dynamic:
         return rollout, metrics
-    kept, refills = select_groups(rollout, (~tied_groups(rollout.rewards)).nonzero().flatten().tolist()), 0
+    kept, refills = _untied(rollout, tied), 0
     while kept.rewards.shape[0] < len(prompts) and refills < cfg.max_refills:
         refills += 1
         more = _sharded_rollout(cfg, engine, policy, tokenizer, refill_prompts(round_ctx.prompt_pool, len(prompts),
                                 cfg.seed, round_index, refills), reward, round_ctx, round_index, ctx, refills)
-        kept = join_rollouts([kept, select_groups(more, (~tied_groups(more.rewards)).nonzero().flatten().tolist())],
-                             sequential=True)
+        kept = join_rollouts([kept, _untied(more, tied_groups(more.rewards))], sequential=True)
     kept = select_groups(kept, list(range(min(len(prompts), kept.rewards.shape[0]))))
     return kept, {**metrics, "refills": refills, "kept_groups": kept.rewards.shape[0]}
+
+
+def _untied(rollout: Rollout, tied: torch.Tensor) -> Rollout:
+    return select_groups(rollout, (~tied).nonzero().flatten().tolist())
 
 
 def tied_groups(rewards: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from alignkit.eval.metrics import bootstrap_mean_ci, distinct_n, mean_words, win
 from alignkit.eval.plots import plot_curves
 from alignkit.eval.report import rich_table, write_html_report
 from alignkit.generate.sample import SamplingConfig, sample
+from alignkit.recipes.stages import Stages
 from alignkit.rewards.base import score_groups
 from alignkit.rewards.spec import default_reward  # noqa: F401 - the main job's reward, importable from here
 from alignkit.rewards.text import VaderSentiment
@@ -64,13 +65,13 @@ def run_align(config: str | Path | None = None, overrides: dict[str, Any] | None
     console = console or Console()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    stages = Stages(console)
     tic = time.perf_counter()
 
     from alignkit.models.resolve import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    timings["load model"] = time.perf_counter() - tic
+    stages.seconds["load model"] = time.perf_counter() - tic
     source = cfg.prompts or str(resources.files("alignkit") / "assets" / "align_prompts.jsonl")
     prompts = [r["prompt"] for r in load_records(source, shape="prompts")]
     if len(prompts) < cfg.train_prompts + cfg.eval_prompts:
@@ -79,15 +80,8 @@ def run_align(config: str | Path | None = None, overrides: dict[str, Any] | None
     reward = default_reward()
     sampling = SamplingConfig.from_options(cfg.sampling, cfg.seed)
 
-    def timed(name, fn):
-        start = time.perf_counter()
-        console.print(f"[bold]{name}[/] ...")
-        value = fn()
-        timings[name] = time.perf_counter() - start
-        return value
-
-    before = timed("answer held-out prompts (original)", lambda: [s[0] for s in sample(model, tokenizer, eval_prompts, sampling)])
-    samples = timed(f"sample {cfg.samples_per_prompt} answers x {len(train_prompts)} prompts",
+    before = stages.run("answer held-out prompts (original)", lambda: [s[0] for s in sample(model, tokenizer, eval_prompts, sampling)])
+    samples = stages.run(f"sample {cfg.samples_per_prompt} answers x {len(train_prompts)} prompts",
                     lambda: sample(model, tokenizer, train_prompts, sampling, num_samples=cfg.samples_per_prompt))
     pairs, _ = build_pairs(train_prompts, samples, reward, cfg.min_reward_gap)
     write_jsonl_atomic(out / "pairs.jsonl", pairs)
@@ -98,11 +92,11 @@ def run_align(config: str | Path | None = None, overrides: dict[str, Any] | None
         max_tokens_per_batch=cfg.max_tokens_per_batch,
         precision=cfg.precision, seed=cfg.seed, output_dir=str(out / "dpo"), ref_cache=False,
     )
-    timed("DPO", lambda: train(train_cfg, model, tokenizer))
-    after = timed("answer held-out prompts (aligned)", lambda: [s[0] for s in sample(model, tokenizer, eval_prompts, sampling)])
+    stages.run("DPO", lambda: train(train_cfg, model, tokenizer))
+    after = stages.run("answer held-out prompts (aligned)", lambda: [s[0] for s in sample(model, tokenizer, eval_prompts, sampling)])
     summary = evaluate_before_after(eval_prompts, before, after, reward)
     summary["pairs"] = len(pairs)
-    summary["timings_s"] = timings
+    summary["timings_s"] = stages.seconds
     summary["run_s"] = time.perf_counter() - tic
     write_report(out, summary, eval_prompts, before, after, console)
     return summary

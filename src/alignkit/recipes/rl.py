@@ -29,6 +29,7 @@ from alignkit.eval.report import rich_table, write_html_report
 from alignkit.generate.sample import SamplingConfig, sample_with_counts
 from alignkit.online.config import OnlineConfig
 from alignkit.online.run import run_online
+from alignkit.recipes.stages import Stages
 from alignkit.rewards.verifiable.constraints import ConstraintReward, check_all
 
 # Kept after the pilot (benchmarks/rl_pilot.py, results/rl_pilot.md: base compliance per type on single-constraint
@@ -141,41 +142,35 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
     reward.bind(train_records + eval_records)  # every constraints field validated before anything is written
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    stages = Stages(console)
     tic = time.perf_counter()
-
-    def timed(name, fn):
-        start = time.perf_counter()
-        console.print(f"[bold]{name}[/] ...")
-        value = fn()
-        timings[name] = time.perf_counter() - start
-        return value
 
     from alignkit.models.resolve import load_model_and_tokenizer
 
-    model, tokenizer = timed("load model", lambda: load_model_and_tokenizer(cfg.model))
+    model, tokenizer = stages.run("load model", lambda: load_model_and_tokenizer(cfg.model))
     eval_prompts = [r["prompt"] for r in eval_records]
     eval_sampling = SamplingConfig.from_options(cfg.eval_sampling, cfg.seed + 17)
     initial = copy.deepcopy(model).eval()
-    before_texts, _ = timed("answer held-out prompts (original)",
-                            lambda: answer(model, tokenizer, eval_prompts, eval_sampling, cfg.eval_samples))
+    before_texts, _ = stages.run("answer held-out prompts (original)",
+                                 lambda: answer(model, tokenizer, eval_prompts, eval_sampling, cfg.eval_samples))
     online = OnlineConfig(method=cfg.method, model=cfg.model, prompts=train_path, reward=cfg.reward,
                           output_dir=str(out / "online"), rounds=cfg.rounds, prompts_per_round=cfg.prompts_per_round,
                           num_samples=cfg.num_samples, sampling=cfg.sampling, learning_rate=cfg.learning_rate,
-                          lora=cfg.lora,
-                          loss_options={"kl_coef": cfg.kl_coef, "tis_cap": cfg.tis_cap, **cfg.loss_options}, precision=cfg.precision, seed=cfg.seed,
+                          lora=cfg.lora, precision=cfg.precision, seed=cfg.seed,
+                          loss_options={"kl_coef": cfg.kl_coef, "tis_cap": cfg.tis_cap, **cfg.loss_options},
                           evaluate=False, save_every=0, progress=False)
-    result = timed(f"{cfg.method}: {cfg.rounds} rounds x {cfg.prompts_per_round} prompts x {cfg.num_samples} samples",
-                   lambda: run_online(online, model, tokenizer, prompts=[r["prompt"] for r in train_records],
-                                      eval_prompts=eval_prompts, reward=reward))
+    result = stages.run(f"{cfg.method}: {cfg.rounds} rounds x {cfg.prompts_per_round} prompts x "
+                        f"{cfg.num_samples} samples",
+                        lambda: run_online(online, model, tokenizer, prompts=[r["prompt"] for r in train_records],
+                                           eval_prompts=eval_prompts, reward=reward))
     trained = result.model.eval()
-    after_texts, _ = timed("answer held-out prompts (trained)",
-                           lambda: answer(trained, tokenizer, eval_prompts, eval_sampling, cfg.eval_samples))
-    kl = timed("KL to the start", lambda: kl_to_start(trained, initial, tokenizer, eval_prompts, cfg))
+    after_texts, _ = stages.run("answer held-out prompts (trained)",
+                                lambda: answer(trained, tokenizer, eval_prompts, eval_sampling, cfg.eval_samples))
+    kl = stages.run("KL to the start", lambda: kl_to_start(trained, initial, tokenizer, eval_prompts, cfg))
     summary = compare(compliance(eval_records, before_texts), compliance(eval_records, after_texts))
     summary.update(kl_to_start=kl["kl"], kl_to_start_sem=kl["kl_sem"], method=cfg.method, rounds=cfg.rounds,
                    samples=cfg.rounds * cfg.prompts_per_round * cfg.num_samples, eval_answers=len(before_texts) *
-                   cfg.eval_samples, timings_s=timings, run_s=time.perf_counter() - tic, types=list(TYPES))
+                   cfg.eval_samples, timings_s=stages.seconds, run_s=time.perf_counter() - tic, types=list(TYPES))
     write_report(out, summary, eval_records, before_texts, after_texts, result.rounds, console)
     return summary
 
