@@ -244,3 +244,14 @@ def test_max_grad_norm_clips_the_step(task, tmp_path, one_thread):
     assert rows["tiny"][0]["grad_norm"] == rows["none"][0]["grad_norm"] > 1e-4  # logged before the clip
     assert all(torch.equal(finals["huge"][k], finals["none"][k]) for k in finals["none"])
     assert any(not torch.allclose(finals["tiny"][k], finals["none"][k]) for k in finals["none"])
+
+
+def test_warmup_ratio_sets_the_warmup_as_a_share_of_the_steps():
+    from alignkit.config import TrainConfig
+    from alignkit.train.step import lr_lambda
+
+    ratio = lr_lambda(TrainConfig(model="m", warmup_ratio=0.25, lr_schedule="constant"), 8)
+    steps = lr_lambda(TrainConfig(model="m", warmup_steps=2, lr_schedule="constant"), 8)
+    assert [ratio(i) for i in range(8)] == [steps(i) for i in range(8)] == [1 / 3, 2 / 3] + [1.0] * 6
+    both = lr_lambda(TrainConfig(model="m", warmup_steps=3, warmup_ratio=0.25, lr_schedule="constant"), 8)
+    assert [both(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]  # the larger of the two wins
