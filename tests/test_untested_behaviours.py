@@ -255,3 +255,68 @@ def test_warmup_ratio_sets_the_warmup_as_a_share_of_the_steps():
     assert [ratio(i) for i in range(8)] == [steps(i) for i in range(8)] == [1 / 3, 2 / 3] + [1.0] * 6
     both = lr_lambda(TrainConfig(model="m", warmup_steps=3, warmup_ratio=0.25, lr_schedule="constant"), 8)
     assert [both(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]  # the larger of the two wins
+
+
+def test_epochs_visit_every_example_once_per_epoch_in_a_new_order(task, tmp_path, one_thread):
+    """epochs: 2 plans each example once per epoch, reshuffled; the run's first epoch is the one-epoch run, bit for
+    bit, and the second continues from it."""
+    import copy
+
+    from alignkit.config import TrainConfig
+    from alignkit.data.load import write_jsonl_atomic
+    from alignkit.data.synthetic import preference_records
+    from alignkit.train.logging import read_metrics
+    from alignkit.train.loop import plan_steps, train
+
+    write_jsonl_atomic(tmp_path / "pairs.jsonl", [{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                                  for r in preference_records(12, seed=9)])
+    common = dict(model="tiny", train_data=str(tmp_path / "pairs.jsonl"), loss="dpo", learning_rate=1e-2,
+                  lr_schedule="constant", max_length=64, max_tokens_per_batch=100, progress=False, ref_cache=False)
+    two = TrainConfig(epochs=2, output_dir=str(tmp_path / "two"), **common)
+    steps = plan_steps(_examples(two, task.tokenizer), two)
+    flat = [i for step in steps for mb in step for i in mb]
+    assert sorted(flat) == sorted(list(range(12)) * 2)
+    half = len(flat) // 2
+    assert sorted(flat[:half]) == sorted(flat[half:]) == list(range(12)) and flat[:half] != flat[half:]
+    rows = {}
+    for name, epochs in (("one", 1), ("two", 2)):
+        cfg = TrainConfig(epochs=epochs, output_dir=str(tmp_path / name), **common)
+        train(cfg, copy.deepcopy(task.model), task.tokenizer)
+        rows[name] = read_metrics(tmp_path / name)
+    assert len(rows["two"]) == 2 * len(rows["one"]) == len(steps)
+    assert [r["loss"] for r in rows["two"][:len(rows["one"])]] == [r["loss"] for r in rows["one"]]
+    assert sum(r["examples"] for r in rows["two"]) == 24
+
+
+def _examples(cfg, tokenizer):
+    from alignkit.data import prepare_examples
+
+    return prepare_examples(cfg.train_data, tokenizer, "pairs", cfg.max_length)
+
+
+def test_grpo_epochs_and_minibatches_pass_over_each_rollout_once_per_epoch(task, tmp_path, one_thread, monkeypatch):
+    """epochs: 2, minibatches: 2: four optimizer steps per round, each of half the round's groups (an example is a
+    prompt with its k samples); each epoch's two minibatches partition the rollout, reshuffled between epochs; the first step's ratios are 1 (the policy
+    that sampled), later ones not (the policy has moved)."""
+    from alignkit.train.step import Stepper
+    from test_online_guarantees import run as run_online_method
+
+    seen = []
+    real = Stepper.step
+
+    def recording(self, micro_batches, n_examples, forward, carried=None):
+        seen.append((n_examples, [i for mb in micro_batches for i in mb]))
+        return real(self, micro_batches, n_examples, forward, carried)
+
+    monkeypatch.setattr(Stepper, "step", recording)
+    result = run_online_method(task, "grpo", tmp_path, rounds=2, prompts_per_round=8, num_samples=4, epochs=2,
+                               minibatches=2, loss_options={"epsilon": 0.02})
+    assert [row["updates"] for row in result.rounds] == [2 * 2, 2 * 2]
+    assert len(seen) == 8
+    for r in range(2):
+        steps = seen[4 * r:4 * r + 4]
+        assert [n for n, _ in steps] == [4, 4, 4, 4]
+        for first, second in (steps[0:2], steps[2:4]):
+            assert sorted(first[1] + second[1]) == list(range(8))
+        assert steps[0][1] != steps[2][1]  # reshuffled for the second pass
+    assert all(row["clip_fraction"] > 0 for row in result.rounds)  # later steps' ratios left the 2% band

@@ -175,3 +175,17 @@ def test_guards_zero_the_degenerate_answers():
     assert guarded(["p"] * 3, texts) == [0.0, 1.0, 0.0]
     assert repeated_share("a b a b a b") == pytest.approx(1 - 2 / 5)
     assert repeated_share("one two three") == 0.0 and repeated_share("") == 0.0
+
+
+def test_bind_records_reaches_rewards_inside_a_weighted_sum():
+    from alignkit.rewards.base import WeightedSum
+    from alignkit.rewards.verifiable.records import bind_records
+
+    records = [{"prompt": "p1", "constraints": [{"type": "no_commas"}]},
+               {"prompt": "p2", "constraints": [{"type": "lowercase"}]}]
+    inner, plain = ConstraintReward(), ConstraintReward()
+    total = WeightedSum([(inner, 2.0), (plain, 1.0)])
+    assert bind_records(total, records) is total
+    assert total(["p1", "p2"], ["a, b", "all small"]) == [0.0, 3.0]  # both parts bound: 2 x met + 1 x met
+    untouched = object()
+    assert bind_records(untouched, records) is untouched  # a reward that reads no record fields

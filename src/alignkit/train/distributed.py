@@ -152,9 +152,8 @@ def wrap_model(model, mode: str, ctx: Dist, lora: bool = False):
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                           inspect.signature(ddp.__init__).parameters else {"broadcast_buffers": False})
         return ddp(module, device_ids=None, **no_buffer_sync)
-    if lora:
-        raise ConfigError("distributed", "fsdp with lora is not supported; use distributed: ddp (the adapters are "
-                                         "small, and the frozen base fits where one replica fits)")
+    if lora:  # refused earlier by check_method_setup, before anything is written; kept for direct callers
+        raise ConfigError("distributed", "fsdp with lora is not supported; use distributed: ddp")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -158,6 +158,9 @@ class CarriedState:
 
 def check_method_setup(spec: LossSpec, opts, cfg, ctx: Dist) -> None:
     """What the loop cannot do for a method with these settings, said before anything runs."""
+    if ctx.enabled and cfg.distributed == "fsdp" and cfg.lora is not None:
+        raise ConfigError("distributed", "fsdp with lora is not supported; use distributed: ddp (the adapters are "
+                                         "small, and the frozen base fits where one replica fits)")
     if cfg.ref_update is not None:
         if not spec.needs_reference:
             raise ConfigError("ref_update", f"loss '{spec.name}' has no reference model to update")
