@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart align rl test lint bench clean
+.PHONY: setup quickstart align rl test lint bench mutants clean
 
 $(BIN)/alignkit:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,12 @@ test: setup
 bench: setup
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/bench_dpo.py
+
+# Mutation testing (not CI, ~15 min on 2 cores): one thread per process, as mutmut forks the test process per mutant.
+mutants: setup
+	$(BIN)/pip install -q -e '.[mutants]'
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 || true
+	$(BIN)/python benchmarks/mutants_report.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -121,8 +121,8 @@ def test_block_mask_skips_other_examples_blocks():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a GPU"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU")])])
 def test_flex_attention_log_probs_and_grads_equal_sdpa(device):
     """HF's flex_attention (compiled on first use) over the BlockMask == sdpa over the dense mask, in the
     log-probs and (on GPU: torch has no CPU backward for FlexAttention) in the gradients of the weights."""

@@ -107,6 +107,7 @@ def assert_same_run(root: Path, name: str, reference: str, atol: float) -> None:
         torch.testing.assert_close(final[key], expected[key], rtol=0, atol=atol, msg=f"{name}: {key}")
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(setup, monkeypatch):
     root = setup
     monkeypatch.setenv("ALIGNKIT_CACHE", str(root / "cache"))

@@ -205,6 +205,7 @@ def write_online_config(root: Path, task, name: str, **overrides) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_online_sigkill_at_a_random_round_then_resume_is_exact(task, tmp_path):
     model = copy.deepcopy(task.model)
     model.config.attention_dropout = 0.1  # training draws random numbers: resuming must restore the RNG too
@@ -315,6 +316,7 @@ dist.destroy_process_group()
 '''
 
 
+@pytest.mark.slow
 def test_online_ddp_two_processes_equal_one(task, tmp_path):
     model = copy.deepcopy(task.model)
     model.save_pretrained(tmp_path / "model")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -59,6 +60,7 @@ def logged_steps(path: Path) -> int:
     return sum(1 for line in lines if line.endswith("}"))
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_is_exact(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
     model = tiny_llama(dropout=0.1)  # training draws random numbers: resuming must restore the RNG too

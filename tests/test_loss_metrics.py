@@ -1,0 +1,321 @@
+"""What each loss logs, against NumPy: the per-example reward metrics of the pairwise losses (the implicit reward each
+paper defines, its margin, and accuracy with a tie counting half), the list and unpaired metrics, the online clip
+and KL diagnostics, and the options' checks. The losses' values are tested elsewhere; these are the numbers a user
+reads in metrics.jsonl, and mutation testing showed nothing pinned them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alignkit.errors import ConfigError
+from alignkit.losses import LossInputs, build_options, get_loss
+from alignkit.losses.online import (
+    CISPOOptions,
+    GRPOOptions,
+    PPOOptions,
+    ReinforcePPOptions,
+    RLOOOptions,
+    aggregate,
+    grpo_loss,
+    ppo_loss,
+    reinforce_pp_loss,
+    rloo_loss,
+)
+
+RNG = np.random.default_rng(0)
+B = 5
+
+
+def pair_arrays():
+    """Summed log-probs [B, 2] with one exact tie (example 0: chosen and rejected alike), lengths from 1 token."""
+    logps = RNG.normal(-20, 4, (B, 2))
+    ref = RNG.normal(-20, 4, (B, 2))
+    logps[0, 1], ref[0, 1] = logps[0, 0], ref[0, 0]
+    lengths = np.array([[1, 1], [3, 7], [12, 2], [5, 5], [9, 30]], dtype=np.float64)
+    return logps, ref, lengths
+
+
+def inputs_of(logps, ref, lengths, **extra) -> LossInputs:
+    return LossInputs(logps=torch.tensor(logps), lengths=torch.tensor(lengths),
+                      ref_logps=None if ref is None else torch.tensor(ref), **extra)
+
+
+# the implicit reward of each response as the loss's paper defines it (what rewards/chosen and /rejected log)
+REWARDS = {
+    "dpo": lambda o, lp, rf, n: o.beta * (lp - rf),
+    "robust_dpo": lambda o, lp, rf, n: o.beta * (lp - rf),
+    "ipo": lambda o, lp, rf, n: o.beta * (lp - rf),
+    "hinge": lambda o, lp, rf, n: o.beta * (lp - rf),
+    "exo_pair": lambda o, lp, rf, n: o.beta * (lp - rf),
+    "dpop": lambda o, lp, rf, n: o.beta * (lp - rf),
+    "rdpo": lambda o, lp, rf, n: o.beta * (lp - rf),
+    "rpo": lambda o, lp, rf, n: o.beta * (lp - rf),
+    "bonbon": lambda o, lp, rf, n: o.beta * (lp - rf),
+    "modpo": lambda o, lp, rf, n: o.beta * (lp - rf),
+    "cream": lambda o, lp, rf, n: o.beta * (lp - rf),
+    "simpo": lambda o, lp, rf, n: o.beta * lp / n,
+    "orpo": lambda o, lp, rf, n: o.beta * lp / n,
+    "cpo": lambda o, lp, rf, n: o.beta * lp,
+    "slic": lambda o, lp, rf, n: lp,
+}
+
+
+@pytest.mark.parametrize("name", sorted(REWARDS))
+def test_pairwise_reward_metrics_equal_numpy(name):
+    spec = get_loss(name)
+    opts = build_options(spec, {})
+    logps, ref, lengths = pair_arrays()
+    extra = {}
+    if name == "cream":
+        extra["consistency"] = torch.tensor(RNG.random(B))
+    if name == "modpo":
+        extra["other_rewards"] = torch.tensor(RNG.normal(0, 1, (B, 2, 2)))
+    _, metrics = spec.fn(inputs_of(logps, ref if spec.needs_reference else None, lengths, **extra), opts)
+    rewards = REWARDS[name](opts, logps, ref, lengths)
+    margins = rewards[:, 0] - rewards[:, 1]
+    expected = {"rewards/chosen": rewards[:, 0], "rewards/rejected": rewards[:, 1], "rewards/margins": margins,
+                "rewards/accuracy": (margins > 0) + 0.5 * (margins == 0)}
+    assert margins[0] == 0 and (margins[1:] != 0).all()  # the tie and the rest
+    for key, value in expected.items():
+        np.testing.assert_allclose(metrics[key].numpy(), value, rtol=1e-6, atol=1e-9, err_msg=f"{name} {key}")
+    assert not any(v.requires_grad for v in metrics.values())
+
+
+def test_modpo_logs_the_weighted_margin_of_the_other_objectives():
+    spec, opts = get_loss("modpo"), build_options(get_loss("modpo"), {"weight": 0.4, "other_weights": [0.2, 0.4]})
+    logps, ref, lengths = pair_arrays()
+    other = RNG.normal(0, 1, (B, 2, 2))
+    _, metrics = spec.fn(inputs_of(logps, ref, lengths, other_rewards=torch.tensor(other)), opts)
+    np.testing.assert_allclose(metrics["modpo/margin"].numpy(), (other[:, 0] - other[:, 1]) @ np.array([0.2, 0.4]))
+    even = build_options(spec, {"weight": 0.4})  # default other weights: (1 - w0) / K each
+    _, metrics = spec.fn(inputs_of(logps, ref, lengths, other_rewards=torch.tensor(other)), even)
+    np.testing.assert_allclose(metrics["modpo/margin"].numpy(), (other[:, 0] - other[:, 1]).sum(-1) * 0.3)
+
+
+def test_d2o_metrics_equal_numpy():
+    spec = get_loss("d2o")
+    opts = build_options(spec, {})
+    logps, ref = RNG.normal(-20, 4, (B, 4)), RNG.normal(-20, 4, (B, 4))
+    logps[0], ref[0] = logps[0, 0], ref[0, 0]  # example 0: every sample like the negative, margin 0
+    lengths = np.full((B, 4), 5.0)
+    _, metrics = spec.fn(inputs_of(logps, ref, lengths), opts)
+    ratio = logps - ref
+    samples = metrics["rewards/samples"].numpy()
+    negative = metrics["rewards/negative"].numpy()
+    np.testing.assert_allclose(metrics["rewards/margins"].numpy(), samples - negative)
+    margins = samples - negative
+    np.testing.assert_allclose(metrics["rewards/accuracy"].numpy(), (margins > 0) + 0.5 * (margins == 0))
+    assert margins[0] == pytest.approx(0, abs=1e-12)
+    # both terms are increasing in their log-ratios: the negative's term follows column 0 alone
+    assert np.corrcoef(negative, ratio[:, 0])[0, 1] > 0.99
+
+
+def test_list_metrics_equal_numpy():
+    spec = get_loss("lipo")
+    opts = build_options(spec, {})
+    logps, ref = RNG.normal(-20, 4, (B, 4)), RNG.normal(-20, 4, (B, 4))
+    scores = RNG.integers(0, 3, (B, 4)).astype(np.float64)  # ties in the scores: only strict pairs count
+    scores[0] = [2, 1, 1, 0]
+    logps[0, 1], ref[0, 1] = logps[0, 0], ref[0, 0]  # a reward tie on a strictly ordered pair: half right
+    _, metrics = spec.fn(inputs_of(logps, ref, np.full((B, 4), 5.0), scores=torch.tensor(scores)), opts)
+    rewards = opts.beta * (logps - ref)
+    better = scores[:, :, None] > scores[:, None, :]
+    gaps = rewards[:, :, None] - rewards[:, None, :]
+    right = better * ((gaps > 0) + 0.5 * (gaps == 0))
+    accuracy = right.sum((1, 2)) / np.maximum(better.sum((1, 2)), 1)
+    np.testing.assert_allclose(metrics["rewards/accuracy"].numpy(), accuracy, rtol=1e-12)
+    assert 0 < accuracy[0] < 1
+
+
+def test_listwise_losses_rank_by_score_with_ties_kept_in_order():
+    """ListMLE's and LiPO's sorts are stable: tied scores keep the data's order, so the loss is deterministic and
+    equals NumPy's stable sort."""
+    logps, ref = RNG.normal(-20, 4, (2, 4)), RNG.normal(-20, 4, (2, 4))
+    scores = np.array([[1.0, 2.0, 2.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    spec = get_loss("listmle")
+    opts = build_options(spec, {})
+    losses, _ = spec.fn(inputs_of(logps, ref, np.full((2, 4), 5.0), scores=torch.tensor(scores)), opts)
+    r = opts.beta * (logps - ref)
+    expected = []
+    for row, s in zip(r, scores):
+        order = np.argsort(-s, kind="stable")
+        z = row[order]
+        expected.append(-sum(z[i] - np.log(np.exp(z[i:]).sum()) for i in range(len(z))))
+    np.testing.assert_allclose(losses.numpy(), np.array(expected), rtol=1e-9)
+
+
+def test_kto_metrics_equal_numpy():
+    spec = get_loss("kto")
+    opts = build_options(spec, {})
+    logps, ref = RNG.normal(-20, 4, (B, 1)), RNG.normal(-20, 4, (B, 1))
+    labels = np.array([1, 0, 1, 1, 0])
+    kl_policy, kl_ref = RNG.normal(-18, 4, B), RNG.normal(-20, 4, B)
+    _, metrics = spec.fn(inputs_of(logps, ref, np.full((B, 1), 5.0), labels=torch.tensor(labels),
+                                   kl_logps=torch.tensor(kl_policy), ref_kl_logps=torch.tensor(kl_ref)), opts)
+    rewards = opts.beta * (logps[:, 0] - ref[:, 0])
+    np.testing.assert_allclose(metrics["rewards"].numpy(), rewards)
+    np.testing.assert_allclose(metrics["rewards/desirable"].numpy(), np.where(labels == 1, rewards, 0.0))
+    np.testing.assert_allclose(metrics["rewards/undesirable"].numpy(), np.where(labels == 0, rewards, 0.0))
+    np.testing.assert_allclose(metrics["desirable"].numpy(), labels)
+    # the reference point z0: the batch's mismatched-pair KL estimate, clamped at 0 (TRL's KTO)
+    np.testing.assert_allclose(metrics["kto/kl"].numpy(), np.full(B, max(0.0, (kl_policy - kl_ref).mean())), rtol=1e-6)
+
+
+# ---- online diagnostics ----
+
+
+def rollout(k=4, t=6, seed=1):
+    rng = np.random.default_rng(seed)
+    logps = rng.normal(-1.5, 0.5, (3, k, t))
+    old = logps + rng.normal(0, 0.3, logps.shape)  # ratios well away from 1 on both sides
+    ref = logps + rng.normal(0, 0.2, logps.shape)
+    mask = np.ones((3, k, t), dtype=bool)
+    mask[0, min(1, k - 1), 4:] = False
+    mask[2, k - 1, 1:] = False  # a one-token response
+    scores = rng.normal(0, 1, (3, k))
+    return logps, old, ref, mask, scores
+
+
+def clip_numpy(ratio, adv, mask, low, high):
+    high_hit = (ratio > high) & (adv > 0)
+    low_hit = (ratio < low) & (adv < 0) if low is not None else np.zeros_like(high_hit)
+
+    def per_example(x):  # the mean over every sampled token of the example's k responses
+        return (x * mask).sum((1, 2)) / mask.sum((1, 2))
+    return per_example(low_hit), per_example(high_hit), per_example(low_hit | high_hit)
+
+
+def group_adv(scores):
+    return (scores - scores.mean(1, keepdims=True)) / (scores.std(1, ddof=1, keepdims=True) + 1e-4)
+
+
+def test_grpo_clip_and_kl_diagnostics_equal_numpy():
+    logps, old, ref, mask, scores = rollout()
+    opts = GRPOOptions(kl_coef=0.05, epsilon=0.1, epsilon_high=0.15)
+    t = torch.tensor
+    _, metrics = grpo_loss(LossInputs(logps=t(logps.sum(-1)), lengths=t(mask.sum(-1).astype(float)),
+                                      token_logps=t(logps, requires_grad=True), token_mask=t(mask),
+                                      old_token_logps=t(old), ref_token_logps=t(ref), scores=t(scores)), opts)
+    ratio = np.exp(logps - old)
+    adv = np.broadcast_to(group_adv(scores)[..., None], ratio.shape)
+    low, high, both = clip_numpy(ratio, adv, mask, 0.9, 1.15)
+    np.testing.assert_allclose(metrics["clip_low"].numpy(), low, atol=1e-12)
+    np.testing.assert_allclose(metrics["clip_high"].numpy(), high, atol=1e-12)
+    np.testing.assert_allclose(metrics["clip_fraction"].numpy(), both, atol=1e-12)
+    assert (low > 0).any() and (high > 0).any()
+    d = ref - logps
+    kl1, kl3 = (logps - ref), np.exp(d) - d - 1
+    for key, per_token in (("kl", kl1), ("kl_k3", kl3)):
+        np.testing.assert_allclose(metrics[key].numpy(), (per_token * mask).sum(-1).mean(1), rtol=1e-9)
+
+
+def test_ppo_clip_fraction_and_kl_equal_numpy():
+    logps, old, ref, mask, scores = rollout(k=1)
+    rng = np.random.default_rng(3)
+    adv, returns, values = (rng.normal(0, 1, logps.shape) for _ in range(3))
+    t = torch.tensor
+    opts = PPOOptions(cliprange=0.1)
+    _, metrics = ppo_loss(LossInputs(logps=t(logps.sum(-1)), lengths=t(mask.sum(-1).astype(float)),
+                                     token_logps=t(logps, requires_grad=True), token_mask=t(mask), old_token_logps=t(old),
+                                     ref_token_logps=t(ref), advantages=t(adv), returns=t(returns),
+                                     values=t(values, requires_grad=True), old_values=t(values)), opts)
+    ratio = np.exp(logps - old)
+    clipped = (ratio < 0.9) | (ratio > 1.1)
+    np.testing.assert_allclose(metrics["clip_fraction"].numpy(), (clipped * mask).sum((1, 2)) / mask.sum((1, 2)),
+                               atol=1e-12)
+    assert 0 < metrics["clip_fraction"].mean() < 1
+    np.testing.assert_allclose(metrics["kl"].numpy(), ((logps - ref) * mask).sum(-1).mean(1), rtol=1e-9)
+    with pytest.raises(ValueError, match="value head"):
+        ppo_loss(LossInputs(logps=t(logps.sum(-1)), lengths=t(mask.sum(-1).astype(float)), token_logps=t(logps),
+                            token_mask=t(mask), advantages=t(adv), values=t(values)), opts)  # no returns
+
+
+def test_ppo_kl_loss_term_is_off_at_zero_and_k3_otherwise():
+    logps, old, ref, mask, _ = rollout(k=1)
+    rng = np.random.default_rng(4)
+    adv, returns, values = (rng.normal(0, 1, logps.shape) for _ in range(3))
+    t = torch.tensor
+
+    def loss(coef):
+        return ppo_loss(LossInputs(logps=t(logps.sum(-1)), lengths=t(mask.sum(-1).astype(float)),
+                                   token_logps=t(logps), token_mask=t(mask), old_token_logps=t(old),
+                                   ref_token_logps=t(ref), advantages=t(adv), returns=t(returns), values=t(values),
+                                   old_values=t(values)), PPOOptions(kl_loss_coef=coef))[0]
+    d = ref - logps
+    k3 = np.exp(d) - d - 1
+    expected = 0.5 * (k3 * mask).sum((-1, -2)) / mask.sum((-1, -2)).mean()  # token-mean over the batch's tokens
+    np.testing.assert_allclose((loss(0.5) - loss(0.0)).numpy(), expected, rtol=1e-6)
+
+
+def test_reinforce_pp_clip_and_kl_diagnostics_equal_numpy():
+    logps, old, ref, mask, scores = rollout()
+    adv = np.random.default_rng(5).normal(0, 1, logps.shape)
+    t = torch.tensor
+    opts = ReinforcePPOptions(epsilon=0.1, epsilon_high=0.2, kl_estimator="k2")
+    _, metrics = reinforce_pp_loss(LossInputs(logps=t(logps.sum(-1)), lengths=t(mask.sum(-1).astype(float)),
+                                              token_logps=t(logps, requires_grad=True), token_mask=t(mask),
+                                              old_token_logps=t(old), ref_token_logps=t(ref), advantages=t(adv),
+                                              scores=t(scores)), opts)
+    np.testing.assert_allclose(metrics["reward"].numpy(), scores.mean(1))
+    ratio = np.exp(logps - old)
+    low, high, both = clip_numpy(ratio, adv, mask, 0.9, 1.2)
+    np.testing.assert_allclose(metrics["clip_low"].numpy(), low, atol=1e-12)
+    np.testing.assert_allclose(metrics["clip_high"].numpy(), high, atol=1e-12)
+    np.testing.assert_allclose(metrics["clip_fraction"].numpy(), both, atol=1e-12)
+    k2 = 0.5 * (logps - ref) ** 2
+    np.testing.assert_allclose(metrics["kl"].numpy(), ((logps - ref) * mask).sum(-1).mean(1), rtol=1e-9)
+    np.testing.assert_allclose(metrics["kl_k2"].numpy(), (k2 * mask).sum(-1).mean(1), rtol=1e-9)
+
+
+def test_rloo_normalised_advantages_equal_numpy():
+    logps, old, ref, mask, scores = rollout()
+    t = torch.tensor
+    seq, ref_seq = (logps * mask).sum(-1), (ref * mask).sum(-1)
+    shaped = scores - 0.05 * (seq - ref_seq)
+    k = shaped.shape[1]
+    adv = shaped - (shaped.sum(1, keepdims=True) - shaped) / (k - 1)
+    for normalize, expected in ((False, adv), (True, (adv - adv.mean()) / (adv.std(ddof=1) + 1e-4))):
+        policy = t(seq, requires_grad=True)
+        losses, metrics = rloo_loss(LossInputs(logps=policy, lengths=t(mask.sum(-1).astype(float)),
+                                               ref_logps=t(ref_seq), scores=t(scores)),
+                                    RLOOOptions(kl_coef=0.05, normalize_advantages=normalize))
+        losses.sum().backward()  # ratio 1: d l_i / d log pi(y_i) = -A_i / k
+        np.testing.assert_allclose(policy.grad.numpy(), -expected / k, rtol=1e-6)
+        np.testing.assert_allclose(metrics["advantage_abs"].numpy(), np.abs(expected).mean(1), rtol=1e-6)
+        np.testing.assert_allclose(metrics["kl"].numpy(), (seq - ref_seq).mean(1), rtol=1e-9)
+
+
+def test_aggregations_count_a_one_token_response_as_one_token():
+    per_token = torch.tensor(RNG.normal(0, 1, (2, 2, 4)))
+    mask = torch.tensor([[[1, 0, 0, 0], [1, 1, 1, 0]], [[1, 1, 1, 1], [1, 1, 0, 0]]], dtype=torch.bool)
+    p, m = per_token.numpy(), mask.numpy()
+    per_response = (p * m).sum(-1)
+    np.testing.assert_allclose(aggregate(per_token, mask, "seq-mean-token-mean").numpy(),
+                               (per_response / m.sum(-1)).mean(1))
+    np.testing.assert_allclose(aggregate(per_token, mask, "token-mean").numpy(),
+                               per_response.sum(1) / m.sum(-1).mean(0).sum())
+    np.testing.assert_allclose(aggregate(per_token, mask, "const-norm").numpy(), per_response.sum(1) / (2 * 4))
+    np.testing.assert_allclose(aggregate(per_token, mask, "const-norm", max_completion_length=10).numpy(),
+                               per_response.sum(1) / (2 * 10))
+    step = torch.tensor([3.0, 5.0])  # the whole step's mean tokens per column, not this batch's
+    np.testing.assert_allclose(aggregate(per_token, mask, "token-mean", step).numpy(), per_response.sum(1) / 8.0)
+
+
+@pytest.mark.parametrize("options, values, key", [
+    (GRPOOptions, {"scale_rewards": "batch"}, "scale_rewards"),
+    (GRPOOptions, {"loss_aggregation": "sum"}, "loss_aggregation"),
+    (CISPOOptions, {"scale_rewards": "x"}, "scale_rewards"),
+    (CISPOOptions, {"loss_aggregation": "x"}, "loss_aggregation"),
+    (CISPOOptions, {"weight_min": 5.0, "weight_max": 5.0}, "weight_max"),
+    (PPOOptions, {"loss_aggregation": "x"}, "loss_aggregation"),
+    (PPOOptions, {"kl_estimator": "k9"}, "kl_estimator"),
+    (ReinforcePPOptions, {"baseline": "x"}, "baseline"),
+    (ReinforcePPOptions, {"loss_aggregation": "x"}, "loss_aggregation"),
+    (ReinforcePPOptions, {"kl_estimator": "k1"}, "kl_estimator"),
+])
+def test_bad_online_options_name_their_key(options, values, key):
+    with pytest.raises(ConfigError) as err:
+        options(**values)
+    assert err.value.key.endswith(key)
