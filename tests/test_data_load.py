@@ -379,6 +379,9 @@ def valid_record(draw, shape: str) -> dict:
     elif shape == "negatives":  # K = 2 samples in every record: a data set holds one K
         record["rejected"] = draw(response)
         record["samples"] = draw(st.lists(response, min_size=2, max_size=2))
+    elif shape == "rejections":  # M = 2 rejections in every record, as in LOGO
+        record["chosen"] = draw(response)
+        record["rejections"] = draw(st.lists(response, min_size=2, max_size=2))
     return record
 
 

@@ -10,7 +10,7 @@ import torch
 from alignkit.losses import LOSSES, LossInputs, build_options
 
 B, T = 4, 6
-COLUMNS = {"pairs": 2, "unpaired": 1, "lists": 4, "sft": 1, "rollouts": 4, "negatives": 4}
+COLUMNS = {"pairs": 2, "unpaired": 1, "lists": 4, "sft": 1, "rollouts": 4, "negatives": 4, "rejections": 3}
 
 
 def synthetic_inputs(data_shape: str, needs_token_logps: bool) -> LossInputs:

@@ -31,13 +31,15 @@ SHAPES: dict[str, tuple[str, ...]] = {
     "sft": ("prompt", "completion"),
     # D2O: a human-labelled negative and K samples of the starting model for the same prompt (K the same everywhere).
     "negatives": ("prompt", "rejected", "samples"),
+    # LOGO: one preferred response and M dis-preferred ones for the same prompt (M the same everywhere).
+    "rejections": ("prompt", "chosen", "rejections"),
     "prompts": ("prompt",),
     # A whole conversation; every assistant turn is trained. An "sft" record may be a chat too (see fields_of).
     "chat": ("messages",),
 }
 # The shapes a loss may train on: the record shapes above but prompts and chat (read as sft), plus "rollouts": a
 # prompt with k responses sampled by the policy and their rewards, made by alignkit.online, never read from a file.
-DATA_SHAPES = ("pairs", "unpaired", "lists", "sft", "rollouts", "negatives")
+DATA_SHAPES = ("pairs", "unpaired", "lists", "sft", "rollouts", "negatives", "rejections")
 ON_BAD_RECORD = ("error", "skip")
 PROMPT_ROLES = ("system", "user", "assistant", "tool")
 RESPONSE_ROLES = ("assistant",)
@@ -155,10 +157,14 @@ def validate_record(record: Any, shape: str, source: str = "<memory>", row: int 
                 _check_number(record[field], field)
         if "tools" in record:
             _check_tools(record["tools"])
+        if "short_prompt" in record:  # LongPO: the same question with the short context
+            _check_text(record["short_prompt"], "short_prompt", PROMPT_ROLES)
         if shape == "pairs" and "other_rewards" in record:
             _check_other_rewards(record["other_rewards"])
         if shape == "negatives":
             _check_samples(record["samples"])
+        if shape == "rejections":
+            _check_samples(record["rejections"], "rejections", "dis-preferred responses")
     except _Invalid as bad:
         raise DataError(source, row, bad.field, bad.reason) from None
     return {**record, "_source": source, "_row": row}
@@ -379,13 +385,13 @@ def _check_lists(responses: Any, scores: Any) -> None:
         raise _Invalid("scores", f"all {len(scores)} scores tie: the list ranks nothing")
 
 
-def _check_samples(samples: Any) -> None:
+def _check_samples(samples: Any, field: str = "samples", what: str = "the model's own responses") -> None:
     if not isinstance(samples, (list, tuple)):
-        raise _Invalid("samples", f"expected a list of the model's own responses, got {_kind(samples)}")
+        raise _Invalid(field, f"expected a list of {what}, got {_kind(samples)}")
     if not samples:
-        raise _Invalid("samples", "needs at least 1 sample of the starting model")
+        raise _Invalid(field, f"needs at least 1 of {what}")
     for i, sample in enumerate(samples):
-        _check_text(sample, f"samples[{i}]", RESPONSE_ROLES)
+        _check_text(sample, f"{field}[{i}]", RESPONSE_ROLES)
 
 
 def _check_other_rewards(value: Any) -> None:
@@ -406,7 +412,7 @@ def _check_other_rewards(value: Any) -> None:
 
 # List fields whose length must be the same in every record of a data set (a batch packs a fixed number of
 # responses per example; a loss weights a fixed number of objectives).
-_SAME_COUNT_FIELDS = {"negatives": ("samples",), "pairs": ("other_rewards",)}
+_SAME_COUNT_FIELDS = {"negatives": ("samples",), "rejections": ("rejections",), "pairs": ("other_rewards",)}
 
 
 def _check_tools(value: Any) -> None:

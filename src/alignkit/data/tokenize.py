@@ -23,6 +23,7 @@ RESPONSE_FIELDS = {
     "sft": lambda r: ["completion"],
     "lists": lambda r: [f"responses[{i}]" for i in range(len(r["responses"]))],
     "negatives": lambda r: ["rejected", *(f"samples[{i}]" for i in range(len(r["samples"])))],
+    "rejections": lambda r: ["chosen", *(f"rejections[{i}]" for i in range(len(r["rejections"])))],
 }
 
 
@@ -63,6 +64,8 @@ def _response_values(record: dict, shape: str) -> tuple[list, list[str]]:
         return list(record["responses"]), fields
     if shape == "negatives":
         return [record["rejected"], *record["samples"]], fields
+    if shape == "rejections":
+        return [record["chosen"], *record["rejections"]], fields
     return [record[f] for f in fields], fields
 
 
@@ -91,7 +94,20 @@ def tokenize_record(tokenizer, record: dict, shape: str, max_length: int,
         raise DataError(source, row, "rejected", "identical to chosen after templating and tokenisation: the pair "
                         "carries no training signal")
     extras = {k: record[k] for k in ("label", "scores", "margin", "other_rewards") if k in record}
+    if "short_prompt" in record:  # LongPO: the reference reads the same responses after the short context
+        extras["short_prompt"] = _short_prompt_ids(tokenizer, record, responses, fields, response_ids)
     return TokenizedExample(prompt_ids, response_ids, source, row, extras)
+
+
+def _short_prompt_ids(tokenizer, record: dict, responses: list, fields: list[str], response_ids) -> list[int]:
+    source, row = record.get("_source", "<memory>"), record.get("_row")
+    short_text, short_responses = render(tokenizer, record["short_prompt"], responses, source, row, fields,
+                                         record.get("tools"))
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:len(r)] for t, r in zip(short_responses, response_ids)]
+    if ids != response_ids:
+        raise DataError(source, row, "short_prompt", "the responses tokenize differently after the short prompt "
+                        "than after the long one; the reference must score the same tokens")
+    return tokenizer(short_text, add_special_tokens=False)["input_ids"]
 
 
 def tokenize_chat(tokenizer, record: dict, max_length: int, max_prompt_length: int | None = None) -> TokenizedExample:

@@ -13,6 +13,7 @@ from alignkit.errors import ConfigError
 from alignkit.losses import (
     bonbon,
     listwise,
+    long_context,
     multiobjective,
     negatives,
     online,
@@ -50,6 +51,9 @@ class LossSpec:
     state: type | None = None
     # Record fields beyond the data shape's: every record must carry one of them (MODPO's other objectives).
     record_fields: tuple[str, ...] = ()
+    # The record field holding the prompt the reference reads instead of `prompt` (LongPO: "short_prompt"; the
+    # loop scores the reference on it). None: the reference reads what the policy reads.
+    reference_context: str | None = None
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -92,6 +96,9 @@ register(LossSpec("d2o", negatives.d2o_loss, negatives.D2OOptions, "negatives", 
 register(LossSpec("modpo", multiobjective.modpo_loss, multiobjective.MODPOOptions, "pairs", True, "arXiv 2310.03708",
                   record_fields=("other_rewards", "margin")))
 # BoNBoN: pairs are best vs worst of n samples (decode/bonbon.py makes them); beta = bonbon_beta(n).
+register(LossSpec("logo", long_context.logo_loss, long_context.LOGOOptions, "rejections", False, "arXiv 2410.18533"))
+register(LossSpec("longpo", long_context.longpo_loss, long_context.LongPOOptions, "pairs", True, "arXiv 2502.13922",
+                  record_fields=("short_prompt",), reference_context="short_prompt"))
 register(LossSpec("bonbon", bonbon.bonbon_loss, bonbon.BonBonOptions, "pairs", True, "arXiv 2406.00832"))
 # Reward model: Bradley–Terry on scalar rewards (`alignkit rm`); centering arXiv 2312.09244.
 register(LossSpec("rm", reward.bradley_terry_loss, reward.RewardModelOptions, "pairs", False, "arXiv 2203.02155",

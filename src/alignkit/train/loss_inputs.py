@@ -42,6 +42,9 @@ def score_references(model, ref_model, train_examples, eval_examples, local_step
     if not spec.needs_reference:
         return None, None
     source = ref_model if ref_model is not None else model
+    if spec.reference_context:  # LongPO: the reference reads each example's short context instead
+        train_examples, eval_examples = (with_reference_context(e, spec.reference_context)
+                                         for e in (train_examples, eval_examples))
     kl_pairs = uses_kl_pairs(spec, opts)
     train_batches = [mb for step in local_steps for mb in step] if kl_pairs else None
     train_ref = build_reference(source, train_examples, cfg, pad_token_id, train_batches, use_cache)
@@ -53,6 +56,12 @@ def score_references(model, ref_model, train_examples, eval_examples, local_step
         if ref is not None:
             ref.model = ref_model
     return train_ref, eval_ref
+
+
+def with_reference_context(examples: list[TokenizedExample], name: str) -> list[TokenizedExample]:
+    """The examples with the prompt the reference reads (extras[name], token ids), their responses unchanged."""
+    return [TokenizedExample(e.extras[name], e.response_ids, e.source, e.row, e.extras,
+                             e.response_loss_masks) for e in examples]
 
 
 def logprob_inputs(model, batch: PackedBatch, spec: LossSpec, opts, ref: Reference | None,
