@@ -31,19 +31,23 @@ def equivalents() -> dict[str, str]:
 
 
 DEVICE_ARG = re.compile(r"\bdevice=[^,()]+(\([^()]*\))?,?\s*|\.to\([A-Za-z_.]*\.device\)|\.to\(None\)")
+LONG_ARG = re.compile(r"\bdtype=(torch\.long|None),?\s*")
 
 
 def equivalent_by_rule(diff: str) -> str | None:
     """A mutant that only drops or nulls a device argument (`device=x.device` -> `device=None`, `.to(x.device)` ->
-    `.to(None)`): the tests run on CPU, where that is the default device, so no CPU test can tell them apart."""
+    `.to(None)`): the tests run on CPU, where that is the default device, so no CPU test can tell them apart. Or
+    one that drops `dtype=torch.long` from a tensor built of Python ints (int64 either way)."""
     minus = [line[1:] for line in diff.splitlines()[2:] if line.startswith("-")]
     plus = [line[1:] for line in diff.splitlines()[2:] if line.startswith("+")]
     if len(minus) != len(plus) or not minus:
         return None
-    def norm(line: str) -> str:
-        return re.sub(r"[\s,]+\)", ")", DEVICE_ARG.sub("", line)).replace(" ", "")
-    if all(norm(a) == norm(b) for a, b in zip(minus, plus)):
+    def norm(line: str, pattern) -> str:
+        return re.sub(r"[\s,]+\)", ")", pattern.sub("", line)).replace(" ", "")
+    if all(norm(a, DEVICE_ARG) == norm(b, DEVICE_ARG) for a, b in zip(minus, plus)):
         return "a device argument only: the same tensor on CPU, where every test runs"
+    if all("torch.long" in a for a in minus) and all(norm(a, LONG_ARG) == norm(b, LONG_ARG) for a, b in zip(minus, plus)):
+        return "dtype=torch.long dropped where the data are Python ints: torch infers int64, the same tensor"
     return None
 
 

@@ -319,3 +319,142 @@ def test_bad_online_options_name_their_key(options, values, key):
     with pytest.raises(ConfigError) as err:
         options(**values)
     assert err.value.key.endswith(key)
+
+
+# ---- paths the other tests did not reach (found by mutation testing) ----
+
+
+def group_inputs(seed=7, **extra):
+    logps, old, ref, mask, scores = rollout(seed=seed)
+    t = torch.tensor
+    return logps, old, ref, mask, scores, LossInputs(
+        logps=t(logps.sum(-1)), lengths=t(mask.sum(-1).astype(float)), token_logps=t(logps, requires_grad=True),
+        token_mask=t(mask), old_token_logps=t(old), ref_token_logps=t(ref), scores=t(scores), **extra)
+
+
+@pytest.mark.parametrize("cap", [0.5, 2.0])
+def test_grpo_truncated_importance_sampling_weights_the_surrogate(cap):
+    """tis_cap: each token's surrogate times min(pi_old / pi_engine, cap) (a cap below 1 too), on the step's
+    token-mean; the gradient is the weighted one."""
+    rng = np.random.default_rng(11)
+    logps, old, ref, mask, scores, inputs = group_inputs()
+    engine = old + rng.normal(0, 0.5, old.shape)
+    inputs.engine_token_logps = torch.tensor(engine)
+    step = torch.tensor([5.0, 4.0, 6.0, 3.0])
+    inputs.step_mean_lengths = step
+    opts = GRPOOptions(kl_coef=0.0, epsilon=0.2, tis_cap=cap, loss_aggregation="token-mean")
+    losses, _ = grpo_loss(inputs, opts)
+    ratio = np.exp(logps - old)
+    adv = group_adv(scores)[..., None]
+    surrogate = -np.minimum(ratio * adv, np.clip(ratio, 0.8, 1.2) * adv)
+    weights = np.where(mask, np.minimum(np.exp(old - engine), cap), 1.0)
+    expected = (surrogate * weights * mask).sum((1, 2)) / step.sum().item()
+    np.testing.assert_allclose(losses.detach().numpy(), expected, rtol=1e-9)
+    plain, _ = grpo_loss(group_inputs()[-1], GRPOOptions(kl_coef=0.0, tis_cap=0.0))  # off: no engine needed
+    assert not torch.allclose(plain, losses)
+    with pytest.raises(ValueError, match="engine"):
+        grpo_loss(group_inputs()[-1], GRPOOptions(kl_coef=0.0, tis_cap=cap))
+
+
+def test_cispo_uses_the_behaviour_policy_and_the_group_scale():
+    logps, old, ref, mask, scores, inputs = group_inputs(seed=8)
+    losses, _ = __import__("alignkit.losses.online", fromlist=["cispo_loss"]).cispo_loss(
+        inputs, CISPOOptions(scale_rewards="none", weight_max=1.5, loss_aggregation="token-mean"))
+    ratio = np.exp(logps - old)
+    adv = (scores - scores.mean(1, keepdims=True))[..., None]  # scale_rewards none: centred only
+    per_token = -np.minimum(ratio, 1.5) * adv * logps
+    expected = (per_token * mask).sum((1, 2)) / mask.sum((1, 2)).mean()
+    np.testing.assert_allclose(losses.detach().numpy(), expected, rtol=1e-9)
+
+
+def test_ppo_defaults_and_guards():
+    logps, old, ref, mask, _ = rollout(k=1)
+    rng = np.random.default_rng(6)
+    adv, returns, values = (rng.normal(0, 1, logps.shape) for _ in range(3))
+    t = torch.tensor
+
+    def inputs(**over):
+        base = dict(logps=t(logps.sum(-1)), lengths=t(mask.sum(-1).astype(float)), token_logps=t(logps),
+                    token_mask=t(mask), old_token_logps=t(old), ref_token_logps=None, advantages=t(adv),
+                    returns=t(returns), values=t(values), old_values=None)
+        return LossInputs(**{**base, **over})
+    no_old, metrics = ppo_loss(inputs(), PPOOptions(kl_loss_coef=0.0))  # no reference needed without the KL term
+    with_old, _ = ppo_loss(inputs(old_values=t(values)), PPOOptions(kl_loss_coef=0.0))
+    torch.testing.assert_close(no_old, with_old)  # old values default to the values themselves
+    value_loss = 0.5 * (values - returns) ** 2  # unclipped: old values = values
+    np.testing.assert_allclose(metrics["value_loss"].numpy(), (value_loss * mask).sum((1, 2)) / mask.sum((1, 2)))
+    ratio = np.exp(logps - old)
+    policy = np.maximum(-adv * ratio, -adv * np.clip(ratio, 0.8, 1.2))
+    np.testing.assert_allclose(metrics["policy_loss"].numpy(), (policy * mask).sum((1, 2)) / mask.sum((1, 2)))
+    step = torch.tensor([3.0])
+    stepped, _ = ppo_loss(inputs(step_mean_lengths=step), PPOOptions(kl_loss_coef=0.0))
+    torch.testing.assert_close(stepped * 3.0, no_old * mask.sum((1, 2)).mean())  # the step's length divides
+    for missing in ("values", "advantages", "returns"):
+        with pytest.raises(ValueError, match="value head"):
+            ppo_loss(inputs(**{missing: None}), PPOOptions())
+
+
+def test_group_losses_divide_by_the_steps_mean_length():
+    logps, old, ref, mask, scores, inputs = group_inputs(seed=9)
+    token_mean = GRPOOptions(kl_coef=0.0, loss_aggregation="token-mean")
+    base, _ = grpo_loss(inputs, token_mean)
+    inputs.step_mean_lengths = torch.tensor([10.0, 10.0, 10.0, 10.0])
+    stepped, _ = grpo_loss(inputs, token_mean)
+    torch.testing.assert_close(stepped * 40.0, base * float(mask.sum((1, 2)).mean()))
+    adv = np.random.default_rng(2).normal(0, 1, logps.shape)
+    inputs.advantages = torch.tensor(adv)
+    r_base, _ = reinforce_pp_loss(LossInputs(**{**inputs.__dict__, "step_mean_lengths": None}),
+                                  ReinforcePPOptions(kl_coef=0.0))
+    r_step, _ = reinforce_pp_loss(inputs, ReinforcePPOptions(kl_coef=0.0))
+    torch.testing.assert_close(r_step * 40.0, r_base * float(mask.sum((1, 2)).mean()))
+
+
+def test_sft_token_mean_uses_the_steps_mean_length_and_one_token_responses_count_one():
+    logps = torch.tensor([[-3.0], [-8.0], [-1.5]])
+    lengths = torch.tensor([[1.0], [4.0], [1.0]])
+    spec = get_loss("sft")
+    losses, metrics = spec.fn(LossInputs(logps=logps, lengths=lengths), build_options(spec, {}))
+    torch.testing.assert_close(losses, torch.tensor([3.0, 2.0, 1.5]))
+    torch.testing.assert_close(metrics["nll"], torch.tensor([3.0, 2.0, 1.5]))
+    token_mean = build_options(spec, {"token_mean": True})
+    batch_mean, _ = spec.fn(LossInputs(logps=logps, lengths=lengths), token_mean)
+    torch.testing.assert_close(batch_mean, -logps[:, 0] / 2.0)  # the batch's mean length
+    stepped, _ = spec.fn(LossInputs(logps=logps, lengths=lengths, step_mean_lengths=torch.tensor([5.0, 1.0])),
+                         token_mean)
+    torch.testing.assert_close(stepped, -logps[:, 0] / 5.0)  # the step's, first column
+    short, _ = spec.fn(LossInputs(logps=logps, lengths=lengths, step_mean_lengths=torch.tensor([1.0])), token_mean)
+    torch.testing.assert_close(short, -logps[:, 0])
+
+
+def test_registry_register_checks_and_uses_ref_model():
+    from dataclasses import replace
+
+    from alignkit.losses import LOSSES
+    from alignkit.losses.registry import register, uses_ref_model
+
+    spec = get_loss("dpo")
+    for bad in (replace(spec, name="bad1", data_shape="nope"), replace(spec, name="bad2", output="nope")):
+        with pytest.raises(AssertionError):
+            register(bad)
+    for output in ("logps", "rewards"):
+        register(replace(spec, name=f"tmp_{output}", output=output))
+        assert LOSSES.pop(f"tmp_{output}").output == output
+    sparse = get_loss("sparsepo")
+    assert uses_ref_model(sparse, build_options(sparse, {}))
+    assert uses_ref_model(sparse, build_options(sparse, {"use_token_kl": False}))  # activations alone
+    assert uses_ref_model(sparse, build_options(sparse, {"token_weights": "uniform"}))  # token KL alone
+    assert not uses_ref_model(sparse, build_options(sparse, {"use_token_kl": False, "token_weights": "uniform"}))
+    assert not uses_ref_model(spec, build_options(spec, {}))
+
+
+def test_unknown_loss_options_list_the_known_ones():
+    with pytest.raises(ConfigError) as err:
+        build_options(get_loss("dpo"), {"nope": 1})
+    assert err.value.key == "loss_options.nope" and "known: beta, " in err.value.reason
+    spec = get_loss("sft")
+    from dataclasses import make_dataclass, replace
+
+    bare = replace(spec, options=make_dataclass("NoOptions", []))
+    with pytest.raises(ConfigError) as err:
+        build_options(bare, {"x": 1})
+    assert err.value.reason.endswith("known: none")

@@ -327,3 +327,70 @@ def test_packed_forward_module_returns_response_logprobs(tiny_models):
     torch.testing.assert_close(seq_logps, expected.seq_logps, rtol=0, atol=0)
     torch.testing.assert_close(lengths, expected.lengths, rtol=0, atol=0)
     assert values is None and seq_logps.data_ptr() != expected.seq_logps.data_ptr()
+
+
+# ---- the packer's boundaries and defaults ----
+
+
+def fixed(prompt: int, *responses: int) -> TokenizedExample:
+    return TokenizedExample([7] * prompt, [[8] * n for n in responses])
+
+
+def test_rows_fill_exactly_to_the_budget_and_default_to_4096_tokens_and_pad_zero():
+    exact = [fixed(3, 2, 1), fixed(2, 1, 1)]  # 6 + 4 tokens: exactly a 10-token row
+    batch = pack(exact, max_tokens_per_row=10, pad_token_id=5)
+    assert batch.input_ids.shape == (1, 10)
+    assert pack(exact, max_tokens_per_row=9).input_ids.shape == (2, 6)  # one token over: a second row
+    big = [fixed(2000, 48, 1), fixed(2000, 46, 1)]  # 2049 + 2047 = 4096 tokens
+    assert pack(big).input_ids.shape == (1, 4096)
+    assert pack(big + [fixed(1, 1, 1)]).input_ids.shape[0] == 2
+    assert pack([fixed(2000, 48, 1), fixed(2000, 47, 1)]).input_ids.shape[0] == 2  # 4097 tokens: over
+    padded = pack([fixed(3, 2, 1), fixed(1, 1, 1)], max_tokens_per_row=6)  # rows of 6 and 3 tokens
+    tail = padded.example_ids[1] < 0
+    assert tail.sum() == 3 and (padded.input_ids[1][tail] == 0).all()  # the default pad id is 0
+    assert (padded.example_ids[1][tail] == -1).all() and (padded.segment_ids[1][tail] == -1).all()
+    assert padded.input_ids.dtype == padded.example_ids.dtype == padded.token_targets.dtype == torch.long
+
+
+def test_additive_mask_keeps_the_requested_dtype():
+    from alignkit.data.pack import additive_mask
+
+    allowed = torch.tensor([[[True, False], [True, True]]])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        mask = additive_mask(allowed, dtype)
+        assert mask.dtype == dtype and mask.shape == (1, 1, 2, 2)
+        assert mask[0, 0, 0, 1] == torch.finfo(dtype).min and mask[0, 0, 1].eq(0).all()
+
+
+def test_token_budget_batches_fill_to_the_budget_share_batches_and_sort_by_length_in_windows():
+    examples = [fixed(1, n) for n in (5, 1, 3, 2, 4, 2, 1, 3)]  # 2..6 tokens each
+    batches = token_budget_batches(examples, max_tokens_per_batch=8, seed=0, shuffle=False, window=4)
+    lengths = [[examples[i].num_tokens for i in b] for b in batches]
+    assert all(sum(b) <= 8 for b in lengths) and any(len(b) > 1 for b in lengths)
+    # within each window of 4 (in data order) the examples come shortest first
+    flat = [i for b in batches for i in b]
+    for start in (0, 4):
+        window = flat[start:start + 4]
+        assert sorted(window) == list(range(start, start + 4))
+        assert [examples[i].num_tokens for i in window] == sorted(examples[i].num_tokens for i in window)
+    exact = [fixed(1, 3), fixed(1, 3)]  # 4 + 4 tokens: one batch of exactly 8
+    assert token_budget_batches(exact, 8, seed=0, shuffle=False) == [[0, 1]]
+    assert token_budget_batches(exact, 7, seed=0, shuffle=False) == [[0], [1]]
+    # the default epoch is 0: a plan asked for no epoch is the first epoch's
+    assert token_budget_batches(examples, 8, seed=3) == token_budget_batches(examples, 8, seed=3, epoch=0)
+
+
+def test_mismatched_completions_carry_the_loss_masks_of_chats():
+    from alignkit.data.pack import with_mismatched_completions
+
+    chat = TokenizedExample([1, 2], [[3, 4, 5]], response_loss_masks=[[True, False, True]])
+    plain = TokenizedExample([6], [[7, 8]])
+    other_chat = TokenizedExample([9], [[10, 11]], response_loss_masks=[[False, True]])
+    a, b = with_mismatched_completions([chat, plain])
+    assert a.response_ids == [[3, 4, 5], [7, 8]] and a.response_loss_masks == [[True, False, True], [True, True]]
+    assert b.response_ids == [[7, 8], [3, 4, 5]] and b.response_loss_masks == [[True, True], [True, False, True]]
+    c, d = with_mismatched_completions([plain, other_chat], max_length=2)  # room after [6]: one token
+    assert c.response_ids == [[7, 8], [10]] and c.response_loss_masks == [[True, True], [False]]
+    assert d.response_loss_masks == [[False, True], [True]]
+    e, f = with_mismatched_completions([plain, TokenizedExample([6], [[9]])])
+    assert e.response_loss_masks is None and f.response_loss_masks is None

@@ -70,3 +70,29 @@ def preference_records(n: int, seed: int, min_gap_words: int = 2) -> list[dict]:
 def prompt_records(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [{"prompt": make_prompt(rng)} for _ in range(n)]
+
+
+# ---- a long-context task: a fact buried at a random depth of a long document ----
+
+COLOURS = ["red", "blue", "green", "yellow", "black", "white", "pink", "grey"]
+FILLER = NEUTRAL + TOPICS + ["day", "then", "later", "again"]
+NEEDLE_WORDS = sorted(set(COLOURS + FILLER + ["key", "what", "?", "."]))
+
+
+def needle_records(n: int, seed: int, doc_words: int = 120, rejections: int = 2) -> list[dict]:
+    """Documents of `doc_words` filler words with one fact, "the key is <colour> .", at a uniformly random depth;
+    the question "what is the key ?"; the answer is that colour. Each record carries `rejections` other colours
+    (LOGO's negatives), `rejected` (the first of them, for pairs) and `short_prompt` (the fact and the question
+    alone: LongPO's short context)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        colour = rng.choice(COLOURS)
+        filler = [rng.choice(FILLER) for _ in range(doc_words)]
+        depth = rng.randrange(doc_words + 1)
+        fact = ["the", "key", "is", colour, "."]
+        document = " ".join(filler[:depth] + fact + filler[depth:])
+        wrong = rng.sample([c for c in COLOURS if c != colour], rejections)
+        out.append({"prompt": f"{document} what is the key ?", "short_prompt": f"{' '.join(fact)} what is the key ?",
+                    "chosen": colour, "rejected": wrong[0], "rejections": wrong, "depth": depth / doc_words})
+    return out
