@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from alignkit.data.pack import block_mask, pack
+from alignkit.data.tokenize import TokenizedExample
 from alignkit.models.attention import (
     default_row_tokens,
     example_spans,
@@ -38,7 +39,7 @@ def test_example_spans_follow_the_rows():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-def test_packed_sdpa_runs_per_span_and_equals_sdpa(family, monkeypatch):
+def test_packed_sdpa_runs_per_prompt_and_response_and_equals_sdpa(family, monkeypatch):
     import transformers.integrations.sdpa_attention as hf_sdpa
 
     calls = []
@@ -64,7 +65,9 @@ def test_packed_sdpa_runs_per_span_and_equals_sdpa(family, monkeypatch):
     calls.clear()
     set_attention(model, "packed_sdpa")
     got, grads = logps_and_grads()
-    assert sorted(calls) == sorted(e.num_tokens for e in examples for _ in range(2))  # one call per span and layer
+    # per layer: one causal call over each prompt, one per response (its queries against [prompt; itself])
+    per_example = [n for e in examples for n in (len(e.prompt_ids), *map(len, e.response_ids))]
+    assert sorted(calls) == sorted(per_example * 2)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
@@ -165,3 +168,31 @@ def test_unknown_attention_is_refused():
     model = build_tiny_model("llama", VOCAB, seed=1, hidden=16, layers=1, heads=2)
     with pytest.raises(ValueError, match="attention 'flash'"):
         set_attention(model, "flash")
+
+
+def test_packed_sdpa_saves_no_length_squared_tensor_for_backward():
+    """A 600-token prompt with two responses: under packed_sdpa no tensor kept for backward has L^2 elements
+    (the prompt ran through the flash kernel, each response against [prompt; itself]); under dense sdpa the
+    [L, L] mask and probabilities are there, so the check can see them."""
+    model = build_tiny_model("llama", VOCAB, seed=1, hidden=32, layers=2, heads=4)
+    rng = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1, VOCAB, (600,), generator=rng).tolist()
+    example = TokenizedExample(prompt, [torch.randint(1, VOCAB, (n,), generator=rng).tolist() for n in (9, 14)])
+    batch = pack([example], max_tokens_per_row=1024)
+    length = example.num_tokens
+
+    def largest_saved(implementation: str) -> int:
+        set_attention(model, implementation)
+        sizes = []
+
+        def pack_hook(tensor):
+            sizes.append(tensor.numel())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+            logps = response_logprobs(model, batch).seq_logps
+        logps.sum().backward()
+        return max(sizes)
+
+    assert largest_saved("sdpa") >= length * length
+    assert largest_saved("packed_sdpa") < length * length // 8

@@ -1,8 +1,11 @@
 """The attention a packed batch runs with, and the mask in the form that attention wants.
 
-packed_sdpa (default): SDPA run once per example span of each row (a CPU "varlen" attention), each with its
-  own small mask: attention costs what the examples cost separately, however many share a row, so rows can
-  be long and need no padding. Without the spans (generation, plain HF calls) it is HF's sdpa.
+packed_sdpa (default): per example span of each row (a CPU "varlen" attention), and within it per segment, so
+  no [L, L] tensor exists: the prompt runs causally through SDPA with no mask (the flash kernel, which saves
+  its output and log-sum-exp, not the probabilities), then each response's queries attend to [prompt keys; its
+  own keys] under a lower-right causal mask of [n, P + n]. Attention costs what the examples cost separately,
+  however many share a row, so rows can be long and need no padding. Without the spans (generation, plain HF
+  calls) it is HF's sdpa.
 sdpa / eager: the dense additive [R, 1, T, T] mask over whole rows (built once per batch, shared by every
   layer); every row pays T^2, so keep rows short.
 flex_attention: a FlexAttention BlockMask built from the same rule; blocks where no query may see any key are
@@ -13,15 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.data.pack import PackedBatch, additive_mask, block_mask
+from alignkit.data.pack import PackedBatch
 
 ATTENTION_IMPLEMENTATIONS = ("packed_sdpa", "sdpa", "eager", "flex_attention")
 SPANS_KWARG = "alignkit_spans"
 
 
 def packed_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
-    """HF attention function: SDPA over each example span of each row, with the span's own mask (from
-    `packed_attention_kwargs`, a keyword HF forwards to every attention call); padding positions output zeros."""
+    """HF attention function: per example span of each row (from `packed_attention_kwargs`, a keyword HF forwards
+    to every attention call), the prompt causally, then each response against [prompt; itself]; padding positions
+    output zeros."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     spans = kwargs.pop(SPANS_KWARG, None)
@@ -34,15 +38,25 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
     length = query.shape[2]
     for r, row_spans in enumerate(spans):
         pieces = []
-        for start, end, block in row_spans:
-            out, _ = sdpa_attention_forward(module, query[r:r + 1, :, start:end], key[r:r + 1, :, start:end],
-                                            value[r:r + 1, :, start:end], block, **kwargs)
-            pieces.append(out)
-        used = row_spans[-1][1] if row_spans else 0
+        for start, prompt_end, responses in row_spans:
+            q, k, v = (t[r:r + 1, :, start:prompt_end] for t in (query, key, value))
+            pieces.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
+            for a, b, mask in responses:
+                k_ = torch.cat([k, key[r:r + 1, :, a:b]], dim=2)
+                v_ = torch.cat([v, value[r:r + 1, :, a:b]], dim=2)
+                pieces.append(sdpa_attention_forward(module, query[r:r + 1, :, a:b], k_, v_, mask, **kwargs)[0])
+        used = row_spans[-1][2][-1][1] if row_spans else 0
         if used < length:
             pieces.append(query.new_zeros(1, length - used, query.shape[1], query.shape[3]))
         rows.append(torch.cat(pieces, dim=1))
     return torch.cat(rows, dim=0), None
+
+
+def response_mask(n: int, prompt: int, device) -> torch.Tensor:
+    """[1, 1, n, prompt + n] bool: response token i sees the whole prompt and its own tokens 0..i (a lower-right
+    causal mask; n x (P + n), never (P + n)^2)."""
+    own = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return torch.cat([torch.ones(n, prompt, dtype=torch.bool, device=device), own], dim=1)[None, None]
 
 
 def example_spans(batch: PackedBatch) -> list[list[tuple[int, int]]]:
@@ -81,14 +95,27 @@ def default_row_tokens(cfg_max_tokens_per_row: int | None, implementation: str, 
 
 
 def packed_attention_kwargs(model, batch: PackedBatch) -> dict:
-    """packed_sdpa: per row, (start, end, the span's own additive mask [1, 1, L, L]) of each example."""
+    """packed_sdpa: per row, per example, (start, prompt end, [(response start, end, its mask)]), in columns."""
     if attention_implementation(model) != "packed_sdpa":
         return {}
-    param = next(model.parameters())
-    spans = [[(start, end, additive_mask(block_mask(batch.example_ids[r:r + 1, start:end],
-                                                    batch.segment_ids[r:r + 1, start:end]), param.dtype)
-               .to(param.device)) for start, end in row]
-             for r, row in enumerate(example_spans(batch))]
+    device = next(model.parameters()).device
+    spans = []
+    for r, row in enumerate(example_spans(batch)):
+        segments = batch.segment_ids[r].tolist()
+        row_spans = []
+        for start, end in row:
+            bounds = []  # (segment, first column, end column) of each run of one segment
+            for col in range(start, end):
+                if not bounds or segments[col] != bounds[-1][0]:
+                    bounds.append([segments[col], col, col + 1])
+                else:
+                    bounds[-1][2] = col + 1
+            if bounds[0][0] != 0 or any(seg == 0 for seg, _, _ in bounds[1:]):
+                raise ValueError("packed_sdpa: an example span must be its prompt followed by its responses")
+            prompt_end = bounds[0][2]
+            responses = [(a, b, response_mask(b - a, prompt_end - start, device)) for _, a, b in bounds[1:]]
+            row_spans.append((start, prompt_end, responses))
+        spans.append(row_spans)
     return {SPANS_KWARG: spans}
 
 
