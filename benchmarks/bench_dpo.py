@@ -320,7 +320,7 @@ def headline(args, model_ref: str) -> None:
     machine = {**machine_info(), "command": command_line()}
     machine["torch_threads"] = args.threads or machine["torch_threads"]
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS_DIR / (args.model + (f"_threads{args.threads}" if args.threads else ""))
+    stem = RESULTS_DIR / ((args.name or args.model) + (f"_threads{args.threads}" if args.threads else ""))
     stem.with_suffix(".json").write_text(json.dumps(
         {"model": args.model, "spec": spec, "lengths": lengths, "loss_check": check, "rows": rows, "machine": machine},
         indent=2))
@@ -415,6 +415,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--skip-check", action="store_true", help="skip the loss-equality check")
     parser.add_argument("--repeats", type=int, default=1, help="runs per contender (round-robin); the fastest is kept")
+    parser.add_argument("--name", default=None, help="results file stem (default: the model's name)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per contender (default: torch's, one per core); 1 is robust on a busy machine")
     parser.add_argument("--alignkit-row-tokens", type=int, default=None,

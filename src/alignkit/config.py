@@ -151,6 +151,10 @@ class TrainConfig(OptimConfig):
     data_cache: bool = Field(True, description="cache tokenised examples on disk, keyed by files+tokenizer+settings")
     # Steps.
     grad_accum: int = Field(1, gt=0)
+    max_memory_gb: float | None = Field(
+        None, gt=0, description="split each micro-batch further so weights, gradients, optimizer state and the "
+                                "activations kept for backward fit this budget (the step's examples and gradient "
+                                "are unchanged)")
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
     # Reference model.
@@ -162,7 +166,7 @@ class TrainConfig(OptimConfig):
 
 # Keys a resumed run may change: they do not change what is trained (the rest must equal the saved config).
 RESUMABLE_KEYS = frozenset({"output_dir", "progress", "log_every", "save_every", "keep_last", "eval_every", "report_to",
-                            "run_name"})
+                            "run_name", "max_memory_gb"})
 
 
 def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

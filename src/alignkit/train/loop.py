@@ -7,6 +7,7 @@ checkpoint in output_dir, and refuses a resume whose config changes the run (tra
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import shutil
@@ -25,6 +26,7 @@ from alignkit.losses import LossInputs, build_options, get_loss
 from alignkit.losses.sft import SFTOptions, sft_loss
 from alignkit.models.attention import attention_implementation, default_row_tokens, loadable_attention
 from alignkit.models.inference import eval_mode
+from alignkit.models.logprobs import response_logprobs
 from alignkit.models.lora import merged_for_save
 from alignkit.models.reward import prepare_reward_examples, sequence_rewards
 from alignkit.train.checkpoint import (
@@ -67,6 +69,8 @@ from alignkit.train.ref_update import (
 )
 from alignkit.train.reference import Reference, score_examples
 from alignkit.train.step import Stepper, accumulate, autocast, mean_metrics, prepare_model
+
+log = logging.getLogger("alignkit.train")
 
 
 @dataclass
@@ -204,6 +208,26 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
         shutdown(ctx)
 
 
+def plan_for_memory(model, steps, examples, spec, cfg: TrainConfig, tokenizer):
+    """Each step's micro-batches cut to what fits max_memory_gb (train/memory.py); the steps keep their examples."""
+    from alignkit.train import memory
+
+    if spec.output == "rewards":
+        raise ConfigError("max_memory_gb", "plans log-prob losses; a reward model's step is not planned yet")
+
+    def forward(batch):
+        return response_logprobs(model, batch, cfg.chunk_size).seq_logps.sum()
+
+    model.train()
+    per_token = memory.activation_bytes_per_token(model, forward, len(tokenizer))
+    tokens = memory.micro_batch_tokens(cfg.max_memory_gb, model, per_token)
+    planned = memory.split_to_budget(steps, examples, tokens)
+    log.info("max_memory_gb %.2f: %.0f KB kept per token, micro-batches of at most %d tokens (%d forward/backward "
+             "passes per step on average, was %d)", cfg.max_memory_gb, per_token / 1e3, tokens,
+             round(sum(map(len, planned)) / max(len(planned), 1)), round(sum(map(len, steps)) / max(len(steps), 1)))
+    return planned
+
+
 def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     set_seed(cfg.seed)
     spec = get_loss(cfg.loss)
@@ -237,8 +261,10 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
         eval_examples = prepare_reward_examples(model, tokenizer, eval_examples, cfg.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     steps = plan_steps(train_examples, cfg)
-    local_steps = shard_steps(steps, ctx)  # this rank's micro-batches of each step (all of them in one process)
     model = prepare_model(model, cfg, ctx, reward_model=spec.output == "rewards")
+    if cfg.max_memory_gb is not None:
+        steps = plan_for_memory(model, steps, train_examples, spec, cfg, tokenizer)
+    local_steps = shard_steps(steps, ctx)  # this rank's micro-batches of each step (all of them in one process)
     # Only now, with config, data and plan checked, is anything written (a resume is checked first).
     out_dir = Path(cfg.output_dir)
     check_resume(out_dir, cfg)

@@ -1,0 +1,106 @@
+"""The memory planner (`max_memory_gb`): how many tokens one forward/backward may carry so that the weights,
+their gradients, AdamW's two moments and the activations autograd keeps for backward fit a budget; and each
+step's micro-batches cut to that size. The step keeps its examples (and so its gradient): only the number of
+forward/backward passes changes.
+
+Activations are measured, not modelled: one probe forward of a synthetic prompt-and-two-responses example counts
+the bytes of every tensor kept for backward (each storage once), per token. Under packed_sdpa that is linear in
+tokens (no [L, L] tensor), so a per-token rate holds for any length."""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.data.pack import pack
+from alignkit.data.tokenize import TokenizedExample
+from alignkit.errors import ConfigError
+
+HEADROOM = 1.25  # backward's transient activation gradients and the vocabulary chunk, over what is kept
+
+
+def static_bytes(model) -> int:
+    """Weights (all), plus a gradient and AdamW's exp_avg and exp_avg_sq per trainable parameter (fp32 moments)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return weights + sum(p.numel() * (p.element_size() + 8) for p in trainable)
+
+
+class SavedBytes:
+    """A saved-tensors hook counting the bytes autograd keeps, each storage once, leaving out `exclude` (the
+    weights): `with SavedBytes(model.parameters()) as saved: ...; saved.bytes`."""
+
+    def __init__(self, exclude=()):
+        self.bytes = 0
+        self._seen = {self._key(t) for t in exclude}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    @staticmethod
+    def _key(tensor):
+        storage = tensor.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+
+    def _pack(self, tensor):
+        key = self._key(tensor)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.bytes += key[1]
+        return tensor
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+def activation_bytes_per_token(model, forward, vocab_size: int, probe_tokens: int = 512) -> float:
+    """Bytes kept for backward per token, from one probe forward: forward(batch) -> a scalar loss."""
+    generator = torch.Generator().manual_seed(0)
+    response = probe_tokens // 8
+
+    def ids(n):
+        return torch.randint(3, vocab_size, (n,), generator=generator).tolist()
+
+    batch = pack([TokenizedExample(ids(probe_tokens - 2 * response), [ids(response), ids(response)])],
+                 max_tokens_per_row=probe_tokens)
+    with SavedBytes(model.parameters()) as saved:
+        loss = forward(batch)
+    del loss
+    return saved.bytes / batch.num_tokens
+
+
+def micro_batch_tokens(max_memory_gb: float, model, per_token: float) -> int:
+    """Tokens one forward/backward may carry under the budget."""
+    budget, fixed = max_memory_gb * 1e9, static_bytes(model)
+    tokens = int((budget - fixed) / (HEADROOM * per_token))
+    if tokens < 1:
+        raise ConfigError("max_memory_gb", f"{max_memory_gb} GB: the weights, gradients and optimizer state alone "
+                                           f"need {fixed / 1e9:.2f} GB; raise it, or use lora")
+    return tokens
+
+
+def split_to_budget(steps: list[list[list[int]]], examples: list[TokenizedExample], max_tokens: int):
+    """Each step's micro-batches cut, in order, into pieces of at most max_tokens tokens (an example over the
+    budget alone is a ConfigError naming it)."""
+    out = []
+    for step in steps:
+        pieces = []
+        for micro in step:
+            current, used = [], 0
+            for i in micro:
+                n = examples[i].num_tokens
+                if n > max_tokens:
+                    e = examples[i]
+                    raise ConfigError("max_memory_gb", f"{e.source} row {e.row}: {n} tokens, over the {max_tokens} one "
+                                                       "forward/backward may carry in the budget; raise it, or "
+                                                       "gradient_checkpointing: true")
+                if current and used + n > max_tokens:
+                    pieces.append(current)
+                    current, used = [], 0
+                current.append(i)
+                used += n
+            if current:
+                pieces.append(current)
+        out.append(pieces)
+    return out
