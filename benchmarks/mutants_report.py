@@ -32,12 +32,14 @@ def equivalents() -> dict[str, str]:
 
 DEVICE_ARG = re.compile(r"\bdevice=[^,()]+(\([^()]*\))?,?\s*|\.to\([A-Za-z_.]*\.device\)|\.to\(None\)")
 LONG_ARG = re.compile(r"\bdtype=(torch\.long|None),?\s*")
+DTYPE_ARG = re.compile(r"\bdtype=([A-Za-z_.]+\.dtype|None),?\s*|\.to\([A-Za-z_.]*\.dtype\)|\.to\(None\)")
 
 
 def equivalent_by_rule(diff: str) -> str | None:
     """A mutant that only drops or nulls a device argument (`device=x.device` -> `device=None`, `.to(x.device)` ->
     `.to(None)`): the tests run on CPU, where that is the default device, so no CPU test can tell them apart. Or
-    one that drops `dtype=torch.long` from a tensor built of Python ints (int64 either way)."""
+    one that drops `dtype=torch.long` from a tensor built of Python ints (int64 either way), or a cast to another
+    tensor's dtype (`.to(x.dtype)` -> `.to(None)`) where the tests' dtypes agree or promotion gives the same values."""
     minus = [line[1:] for line in diff.splitlines()[2:] if line.startswith("-")]
     plus = [line[1:] for line in diff.splitlines()[2:] if line.startswith("+")]
     if len(minus) != len(plus) or not minus:
@@ -48,6 +50,8 @@ def equivalent_by_rule(diff: str) -> str | None:
         return "a device argument only: the same tensor on CPU, where every test runs"
     if all("torch.long" in a for a in minus) and all(norm(a, LONG_ARG) == norm(b, LONG_ARG) for a, b in zip(minus, plus)):
         return "dtype=torch.long dropped where the data are Python ints: torch infers int64, the same tensor"
+    if all(norm(a, DTYPE_ARG) == norm(b, DTYPE_ARG) for a, b in zip(minus, plus)):
+        return "a cast to another tensor's dtype dropped: the dtypes agree, or type promotion gives the same values"
     return None
 
 

@@ -458,3 +458,163 @@ def test_unknown_loss_options_list_the_known_ones():
     with pytest.raises(ConfigError) as err:
         build_options(bare, {"x": 1})
     assert err.value.reason.endswith("known: none")
+
+
+# ---- more paths mutation testing showed unpinned ----
+
+
+def test_each_losses_own_metrics_are_logged_under_their_names():
+    logps, ref, lengths = pair_arrays()
+    t = torch.tensor
+    checks = {
+        "dpop": ("dpop/penalty", None), "rpo": ("nll", "nll"), "slic": ("slic/calibration", None),
+        "cpo": ("nll", "nll"),
+        "orpo": ("orpo/log_odds_ratio", None), "bonbon": ("bonbon/ipo", None),
+    }
+    for name, (key, value) in checks.items():
+        spec = get_loss(name)
+        _, metrics = spec.fn(inputs_of(logps, ref if spec.needs_reference else None, lengths), build_options(spec, {}))
+        assert key in metrics, (name, sorted(metrics))
+        if value == "nll":  # the chosen response's NLL, per sequence or token-mean as the option says
+            opts = build_options(spec, {})
+            nll = -logps[:, 0] * B / lengths[:, 0].sum() if opts.nll_token_mean else -logps[:, 0] / lengths[:, 0]
+            np.testing.assert_allclose(metrics[key].numpy(), nll, rtol=1e-6, err_msg=name)
+    spec = get_loss("orpo")
+    _, metrics = spec.fn(inputs_of(logps, None, lengths), build_options(spec, {}))
+    np.testing.assert_allclose(metrics["nll"].numpy(), -logps[:, 0] * B / lengths[:, 0].sum(), rtol=1e-6)
+    spec = get_loss("simpo")
+    _, metrics = spec.fn(inputs_of(logps, None, lengths), build_options(spec, {"nll_weight": 0.5}))
+    np.testing.assert_allclose(metrics["nll"].numpy(), -logps[:, 0] * B / lengths[:, 0].sum(), rtol=1e-6)
+    _, metrics = get_loss("bonbon").fn(inputs_of(logps, ref, lengths), build_options(get_loss("bonbon"), {}))
+    np.testing.assert_allclose(metrics["bonbon/sft"].numpy(), -logps[:, 0], rtol=1e-6)  # the summed NLL
+    spec = get_loss("lipo")
+    scores = RNG.integers(0, 3, (B, 2)).astype(float)
+    scores[:, 0] += 5  # k = 2: exactly one strictly ordered pair per list
+    _, metrics = spec.fn(inputs_of(logps, ref, lengths, scores=t(scores)), build_options(spec, {}))
+    rewards = 0.1 * (logps - ref)
+    np.testing.assert_allclose(metrics["rewards/mean"].numpy(), rewards.mean(1), rtol=1e-9)
+    np.testing.assert_allclose(metrics["rewards/best"].numpy(), rewards[:, 0], rtol=1e-9)
+    gap = rewards[:, 0] - rewards[:, 1]
+    np.testing.assert_allclose(metrics["rewards/accuracy"].numpy(), (gap > 0) + 0.5 * (gap == 0))
+
+
+def test_group_metrics_and_errors_name_the_method():
+    logps, old, ref, mask, scores, inputs = group_inputs(seed=12)
+    for fn, opts, name in ((grpo_loss, GRPOOptions(kl_coef=0.0), "grpo"),
+                           (__import__("alignkit.losses.online", fromlist=["x"]).cispo_loss, CISPOOptions(), "cispo")):
+        _, metrics = fn(inputs, opts)
+        np.testing.assert_allclose(metrics["reward"].numpy(), scores.mean(1))
+        bare = LossInputs(**{**inputs.__dict__, "ref_token_logps": None})
+        with pytest.raises(ValueError, match=f"^{name} with kl_coef"):
+            fn(bare, type(opts)(kl_coef=0.1))
+        with pytest.raises(ValueError, match=f"^{name} with tis_cap"):
+            fn(inputs, type(opts)(kl_coef=0.0, tis_cap=2.0))
+    adv = torch.tensor(np.random.default_rng(1).normal(0, 1, logps.shape))
+    bare = LossInputs(**{**inputs.__dict__, "ref_token_logps": None, "advantages": adv})
+    with pytest.raises(ValueError, match=r"^reinforce\+\+ with kl_coef"):
+        reinforce_pp_loss(bare, ReinforcePPOptions(kl_coef=0.1))
+    rloo, metrics = rloo_loss(LossInputs(logps=torch.tensor(logps.sum(-1)), lengths=torch.ones(3, 4),
+                                         scores=torch.tensor(scores)), RLOOOptions(kl_coef=0.0))
+    np.testing.assert_allclose(metrics["reward"].numpy(), scores.mean(1))
+
+
+def test_cispo_truncated_importance_sampling_uses_the_behaviour_policy():
+    rng = np.random.default_rng(13)
+    logps, old, ref, mask, scores, inputs = group_inputs(seed=13)
+    engine = old + rng.normal(0, 0.5, old.shape)
+    inputs.engine_token_logps = torch.tensor(engine)
+    opts = CISPOOptions(tis_cap=2.0, loss_aggregation="token-mean")
+    losses, _ = __import__("alignkit.losses.online", fromlist=["x"]).cispo_loss(inputs, opts)
+    ratio = np.minimum(np.exp(logps - old), 5.0)
+    adv = group_adv(scores)[..., None]
+    weights = np.where(mask, np.minimum(np.exp(old - engine), 2.0), 1.0)
+    expected = ((-ratio * adv * logps) * weights * mask).sum((1, 2)) / mask.sum((1, 2)).mean()
+    np.testing.assert_allclose(losses.detach().numpy(), expected, rtol=1e-9)
+
+
+def test_defaults_of_the_shared_online_helpers():
+    from alignkit.losses.online import group_advantages, kl_estimate, leave_one_out_advantages
+
+    scores = torch.tensor(RNG.normal(0, 1, (3, 4)))
+    torch.testing.assert_close(group_advantages(scores), group_advantages(scores, "group"))
+    a, b = torch.tensor(RNG.normal(-2, 1, 7)), torch.tensor(RNG.normal(-2, 1, 7))
+    torch.testing.assert_close(kl_estimate(a, b), kl_estimate(a, b, "k3"))
+    two = torch.tensor([[1.0, 3.0], [2.0, 2.0]])  # k = 2 is enough for a leave-one-out baseline
+    torch.testing.assert_close(leave_one_out_advantages(two), torch.tensor([[-2.0, 2.0], [0.0, 0.0]]))
+    with pytest.raises(ValueError):
+        leave_one_out_advantages(torch.tensor([[1.0], [2.0]]))
+
+
+def test_clip_boundaries_count_only_beyond_the_bound_and_only_for_the_advantages_sign():
+    """A ratio exactly at 1 +- epsilon is not clipped, nor is one whose advantage is 0."""
+    from alignkit.losses.online import _clip_metrics
+
+    high, low = 1.25, 0.75  # exactly representable, and exp(log(x)) == x for both in float64
+    ratio = torch.tensor([[[high, low, 1.5, 0.5, 1.5, 0.5]]], dtype=torch.float64)
+    assert ratio[0, 0, 0] == torch.exp(torch.log(torch.tensor(high, dtype=torch.float64)))
+    adv = torch.tensor([[[1.0, -1.0, 0.0, 0.0, 1.0, -1.0]]], dtype=torch.float64)
+    mask = torch.ones(1, 1, 6, dtype=torch.bool)
+    metrics = _clip_metrics(ratio, adv, mask, low, high)
+    assert float(metrics["clip_high"]) == pytest.approx(1 / 6) and float(metrics["clip_low"]) == pytest.approx(1 / 6)
+    assert float(metrics["clip_fraction"]) == pytest.approx(2 / 6)
+    logps = torch.log(torch.tensor([[[1.25, 0.75, 1.0]]], dtype=torch.float64))
+    old = torch.zeros(1, 1, 3, dtype=torch.float64)
+    zeros = torch.zeros(1, 1, 3, dtype=torch.float64)
+    _, ppo = ppo_loss(LossInputs(logps=logps.sum(-1), lengths=torch.full((1, 1), 3.0), token_logps=logps,
+                                 token_mask=torch.ones(1, 1, 3, dtype=torch.bool), old_token_logps=old,
+                                 advantages=zeros + 1, returns=zeros, values=zeros), PPOOptions(cliprange=0.25))
+    assert float(ppo["clip_fraction"]) == 0.0  # both exactly at the bound
+
+
+def test_one_token_responses_are_divided_by_one():
+    from alignkit.losses.base import sft_nll
+    from alignkit.losses.online import GSPOOptions, aggregate
+
+    logps, lengths = torch.tensor([-3.0, -5.0]), torch.tensor([1.0, 1.0])
+    torch.testing.assert_close(sft_nll(logps, lengths), torch.tensor([3.0, 5.0]))
+    torch.testing.assert_close(sft_nll(logps[:1], lengths[:1], token_mean=True), torch.tensor([3.0]))
+    per_token = torch.tensor([[[2.0, 0.0], [4.0, 0.0]]])
+    mask = torch.tensor([[[True, False], [True, False]]])
+    torch.testing.assert_close(aggregate(per_token[:, :1], mask[:, :1], "token-mean"), torch.tensor([2.0]))
+    # GSPO's sequence ratio of one-token responses is the token's own ratio
+    token = torch.tensor([[[-1.0, 0.0], [-2.0, 0.0]]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[[-1.5, 0.0], [-1.0, 0.0]]], dtype=torch.float64)
+    inputs = LossInputs(logps=token.sum(-1), lengths=torch.ones(1, 2), token_logps=token, token_mask=mask,
+                        old_token_logps=old, scores=torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+    from alignkit.losses.online import _ratio
+
+    ratio = _ratio(token, old, mask, "sequence")
+    torch.testing.assert_close(ratio[..., 0].detach(), torch.exp(token - old)[..., 0].detach())
+    grpo_loss(inputs, GSPOOptions())  # runs with one-token responses
+
+
+def test_shared_loss_helpers_edge_cases():
+    from alignkit.losses.base import RunningMean, needs
+    from alignkit.losses.reference_free import _log1mexp
+
+    class Bare:
+        pass
+
+    assert needs(Bare()) == frozenset()
+    one = RunningMean().update(torch.tensor([2.0]))
+    assert RunningMean.merge(None, [one]) == RunningMean(2.0, 1)  # a single absorbed value is a state
+    x = torch.tensor([-1e-10, -0.3, -0.6931471805599453, -0.7, -5.0], dtype=torch.float64)
+    torch.testing.assert_close(_log1mexp(x), torch.log(-torch.expm1(x)), rtol=1e-12, atol=0)
+    spec = get_loss("kto")
+    logps, ref = RNG.normal(-20, 4, (B, 1)), RNG.normal(-20, 4, (B, 1))
+    labels = torch.tensor([1, 0, 1, 1, 0])
+    with pytest.raises(ValueError):  # the KL estimate needs both sides of the mismatched pairs
+        spec.fn(inputs_of(logps, ref, np.full((B, 1), 5.0), labels=labels, kl_logps=torch.zeros(B)),
+                build_options(spec, {}))
+
+
+def test_online_option_choices_accept_every_documented_value_and_name_bad_keys():
+    for value in ("normalize", "scale", "none"):
+        assert PPOOptions(reward_norm=value).reward_norm == value
+    for value in ("group", "none"):
+        assert ReinforcePPOptions(baseline=value).baseline == value
+    for options, key in ((lambda: PPOOptions(reward_norm="x"), "reward_norm"),
+                         (lambda: GRPOOptions(importance_sampling_level="x"), "importance_sampling_level")):
+        with pytest.raises(ConfigError) as err:
+            options()
+        assert err.value.key.endswith(key)

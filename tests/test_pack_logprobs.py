@@ -341,6 +341,7 @@ def test_rows_fill_exactly_to_the_budget_and_default_to_4096_tokens_and_pad_zero
     batch = pack(exact, max_tokens_per_row=10, pad_token_id=5)
     assert batch.input_ids.shape == (1, 10)
     assert pack(exact, max_tokens_per_row=9).input_ids.shape == (2, 6)  # one token over: a second row
+    assert pack(exact * 3, max_tokens_per_row=10).input_ids.shape == (3, 10)  # every new row fills to the budget too
     big = [fixed(2000, 48, 1), fixed(2000, 46, 1)]  # 2049 + 2047 = 4096 tokens
     assert pack(big).input_ids.shape == (1, 4096)
     assert pack(big + [fixed(1, 1, 1)]).input_ids.shape[0] == 2
@@ -376,6 +377,7 @@ def test_token_budget_batches_fill_to_the_budget_share_batches_and_sort_by_lengt
     exact = [fixed(1, 3), fixed(1, 3)]  # 4 + 4 tokens: one batch of exactly 8
     assert token_budget_batches(exact, 8, seed=0, shuffle=False) == [[0, 1]]
     assert token_budget_batches(exact, 7, seed=0, shuffle=False) == [[0], [1]]
+    assert token_budget_batches(exact * 3, 8, seed=0, shuffle=False) == [[0, 1], [2, 3], [4, 5]]
     # the default epoch is 0: a plan asked for no epoch is the first epoch's
     assert token_budget_batches(examples, 8, seed=3) == token_budget_batches(examples, 8, seed=3, epoch=0)
 
