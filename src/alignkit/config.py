@@ -100,6 +100,8 @@ class OptimConfig(Strict):
                                 "(packed_sdpa, flex_attention), the micro-batch's longest example (sdpa, eager)")
     chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the vocabulary projection")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+    selective_recompute: bool = Field(False, description="keep matmul outputs, recompute RMSNorm and SwiGLU in "
+                                                         "backward (between all activations and checkpointing)")
     attention: Literal["packed_sdpa", "sdpa", "eager", "flex_attention"] = Field(
         "packed_sdpa", description="attention over packed rows: packed_sdpa runs SDPA per example span (no cost for "
                                    "long rows); sdpa/eager use a dense block mask per row; flex_attention a "

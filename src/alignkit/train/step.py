@@ -49,6 +49,10 @@ def prepare_model(model, cfg: OptimConfig, ctx: Dist, reward_model: bool = False
         model.to(ctx.device)
     if not reward_model:
         set_attention(model, cfg.attention)
+    if cfg.selective_recompute:
+        from alignkit.models.fused import apply_selective_recompute
+
+        apply_selective_recompute(model)
     if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA), DDP and FSDP2
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
