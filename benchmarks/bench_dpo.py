@@ -35,6 +35,7 @@ LABELS = {
     "alignkit_fp32": ("alignkit train()", "fp32"),
     "alignkit_bf16": ("alignkit train(), precision: bf16", "bf16 autocast"),
     "alignkit_fp32_gc": ("alignkit train(), gradient_checkpointing: true", "fp32"),
+    "alignkit_fp32_selective": ("alignkit train(), selective_recompute: true", "fp32"),
 }
 
 

@@ -252,6 +252,7 @@ CONTENDERS = {
     "alignkit_fp32": lambda spec: run_alignkit(spec, "fp32"),
     "alignkit_bf16": lambda spec: run_alignkit(spec, "bf16"),
     "alignkit_fp32_gc": lambda spec: run_alignkit(spec, "fp32", gradient_checkpointing=True),
+    "alignkit_fp32_selective": lambda spec: run_alignkit(spec, "fp32", selective_recompute=True),
 }
 
 

@@ -70,10 +70,18 @@ def batch_for(args, tokenizer):
     return pack(examples, list(range(len(examples))), args.max_length * args.pairs, tokenizer.pad_token_id or 0)
 
 
-def profile(args, attention: str) -> dict:
+def profile(args, variant: str) -> dict:
+    """variant: an attention implementation, optionally +selective (selective_recompute) or +ckpt (checkpointing)."""
+    attention, *extras = variant.split("+")
     model, tokenizer = contenders.load_model("smollm2-135m-instruct")
     model.train()
     set_attention(model, attention)
+    if "selective" in extras:
+        from alignkit.models.fused import apply_selective_recompute
+
+        apply_selective_recompute(model)
+    if "ckpt" in extras:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = batch_for(args, tokenizer)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     out = response_logprobs(model, batch)
@@ -101,7 +109,7 @@ def profile(args, attention: str) -> dict:
     loss.backward()
     rows = sorted(({"node": n, **{k: (sorted(v)[:3] if k == "shapes" else v) for k, v in g.items()}}
                    for n, g in groups.items()), key=lambda r: -r["bytes"])
-    return {"attention": attention, "tokens": int(batch.num_tokens), "rows_shape": list(batch.input_ids.shape),
+    return {"attention": variant, "tokens": int(batch.num_tokens), "rows_shape": list(batch.input_ids.shape),
             "saved_bytes": total, "l2_bytes": l2, "fp32_copy_bytes": copies, "by_node": rows,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
@@ -114,7 +122,9 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, nargs=2, default=(60, 90))
     parser.add_argument("--max-length", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--attention", nargs="+", default=["packed_sdpa", "sdpa"])
+    parser.add_argument("--attention", nargs="+", default=["packed_sdpa", "packed_sdpa+selective", "packed_sdpa+ckpt"],
+                        help="variants: an attention implementation, +selective and/or +ckpt")
+    parser.add_argument("--name", default="memory_profile", help="results file stem")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: profile one path, print JSON
     args = parser.parse_args()
     if args.one:
@@ -133,7 +143,7 @@ def main() -> None:
         results.append(json.loads(run.stdout.strip().splitlines()[-1]))
     RESULTS.mkdir(exist_ok=True)
     command = "python benchmarks/profile_memory.py " + " ".join(sys.argv[1:])
-    (RESULTS / "memory_profile.json").write_text(json.dumps({"command": command, "results": results}, indent=2))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "results": results}, indent=2))
     gb = 1e9
     lines = ["# Memory of one DPO step by saved tensor", "", f"`{command}`", "",
              "| attention | tokens | saved for backward | of it L² | of it fp32 copies | peak RSS (step) |",
@@ -152,7 +162,7 @@ def main() -> None:
         for row in r["by_node"][:12]:
             lines.append(f"| {row['node']} | {row['count']} | {row['bytes'] / gb:.3f} GB | {row['l2'] / gb:.3f} GB | "
                          f"{'; '.join(row['shapes'])} |")
-    (RESULTS / "memory_profile.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -618,3 +618,21 @@ def test_online_option_choices_accept_every_documented_value_and_name_bad_keys()
         with pytest.raises(ConfigError) as err:
             options()
         assert err.value.key.endswith(key)
+
+
+def test_d2o_accuracy_counts_margins_between_zero_and_one():
+    spec = get_loss("d2o")
+    ref = np.zeros((2, 3))
+    logps = np.array([[0.0, 3.0, 3.0], [0.0, -3.0, -3.0]])  # margins +0.3 and -0.3 (beta 0.1 x mean of samples)
+    _, metrics = spec.fn(inputs_of(logps, ref, np.full((2, 3), 4.0)), build_options(spec, {}))
+    np.testing.assert_allclose(metrics["rewards/margins"].numpy(), [0.3, -0.3])
+    np.testing.assert_allclose(metrics["rewards/accuracy"].numpy(), [1.0, 0.0])
+
+
+def test_cispo_lower_weight_bound():
+    logps, old, ref, mask, scores, inputs = group_inputs(seed=14)
+    cispo = __import__("alignkit.losses.online", fromlist=["x"]).cispo_loss
+    losses, _ = cispo(inputs, CISPOOptions(weight_min=0.9, weight_max=1.1, loss_aggregation="token-mean"))
+    weights = np.clip(np.exp(logps - old), 0.9, 1.1)
+    expected = ((-weights * group_adv(scores)[..., None] * logps) * mask).sum((1, 2)) / mask.sum((1, 2)).mean()
+    np.testing.assert_allclose(losses.detach().numpy(), expected, rtol=1e-9)

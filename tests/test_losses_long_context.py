@@ -166,3 +166,16 @@ def test_longpo_reference_reads_the_short_context(tmp_path):
     with pytest.raises(DataError) as err:
         check_record_fields(spec, plain)
     assert err.value.field == "short_prompt"
+
+
+def test_long_context_options_check_their_own_bounds_and_one_token_answers_count_one():
+    for bad in ({"beta": 0.0}, {"sft_weight": -0.1}):
+        with pytest.raises(ConfigError):
+            LOGOOptions(**bad)
+    assert LOGOOptions(beta=0.5).beta == 0.5 and LongPOOptions(beta=0.5).beta == 0.5
+    with pytest.raises(ConfigError):
+        LongPOOptions(beta=0.0)
+    logps = torch.tensor([[-2.0, -3.0, -4.0]])
+    losses, metrics = logo_loss(LossInputs(logps=logps, lengths=torch.ones(1, 3)), LOGOOptions(beta=1.0, gamma=0.0,
+                                                                                                sft_weight=0.0))
+    assert float(metrics["rewards/chosen"]) == -2.0 and float(metrics["rewards/rejected"]) == -3.5

@@ -157,3 +157,22 @@ def test_activation_weights_of_a_constant_sequence_are_one():
     mask[0, 1, 3:] = False
     weights = tl.activation_token_weights(torch.full((1, 2, T, 2), 0.7), mask)
     torch.testing.assert_close(weights, mask.float())
+
+
+def test_logged_rewards_and_mask_mean_equal_numpy():
+    """The logged reward of a response is beta (masked log-ratio - masked KL), as the SparsePO code logs it; the
+    mask mean is the masks' mean over the example's response tokens."""
+    policy_vocab, ref_vocab, tokens, mask, weights = make_batch(seed=5)
+    _, metrics = tl.sparsepo_loss(as_inputs(policy_vocab, ref_vocab, tokens, mask, weights),
+                                  tl.SparsePOOptions(beta=0.7))
+    pick = lambda vocab: np.take_along_axis(vocab, tokens[..., None], -1)[..., 0]  # noqa: E731
+    kl = (np.exp(ref_vocab) * (ref_vocab - policy_vocab)).sum(-1)
+    rewards = 0.7 * ((weights * mask * (pick(policy_vocab) - pick(ref_vocab))).sum(-1) - (weights * mask * kl).sum(-1))
+    np.testing.assert_allclose(metrics["rewards/chosen"].numpy(), rewards[:, 0], rtol=1e-10)
+    np.testing.assert_allclose(metrics["rewards/rejected"].numpy(), rewards[:, 1], rtol=1e-10)
+    np.testing.assert_allclose(metrics["sparsepo/mask_mean"].numpy(),
+                               (weights * mask).sum((1, 2)) / mask.sum((1, 2)), rtol=1e-10)
+    one = np.zeros_like(mask)
+    one[:, :, 0] = 1.0  # one token per response: the mean is over 2 tokens, not clamped to more
+    _, metrics = tl.sparsepo_loss(as_inputs(policy_vocab, ref_vocab, tokens, one, weights), tl.SparsePOOptions())
+    np.testing.assert_allclose(metrics["sparsepo/mask_mean"].numpy(), weights[:, :, 0].sum(1) / 2, rtol=1e-10)

@@ -199,6 +199,10 @@ def test_train_save_reload_and_score(tmp_path, capsys, family):
     in_memory = RewardModelScorer.from_model(result.model, tokenizer, max_length=64)(prompts, responses)
     from_disk = RewardModelScorer(str(final), max_length=64)
     assert from_disk(prompts, responses) == pytest.approx(in_memory, abs=1e-6)
+    from alignkit.rewards.spec import load_reward
+
+    as_spec = load_reward(str(final))  # a reward spec naming a reward-model directory scores with that model
+    assert isinstance(as_spec, RewardModelScorer) and as_spec(prompts, responses) == pytest.approx(in_memory, abs=1e-5)
     # and equal to HF's own forward of the reloaded model on each unpadded sequence
     for prompt, response, score in zip(prompts[:2], responses[:2], in_memory):
         example = tokenize_record(tokenizer, {"prompt": prompt, "completion": response}, "sft", 64)
