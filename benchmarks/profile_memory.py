@@ -71,7 +71,8 @@ def batch_for(args, tokenizer):
 
 
 def profile(args, variant: str) -> dict:
-    """variant: an attention implementation, optionally +selective (selective_recompute) or +ckpt (checkpointing)."""
+    """variant: an attention implementation, optionally +selective (selective_recompute). (Gradient checkpointing
+    is not profiled here: reading a checkpointed node's saved tensors recomputes them.)"""
     attention, *extras = variant.split("+")
     model, tokenizer = contenders.load_model("smollm2-135m-instruct")
     model.train()
@@ -80,8 +81,6 @@ def profile(args, variant: str) -> dict:
         from alignkit.models.fused import apply_selective_recompute
 
         apply_selective_recompute(model)
-    if "ckpt" in extras:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = batch_for(args, tokenizer)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     out = response_logprobs(model, batch)
@@ -122,8 +121,8 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, nargs=2, default=(60, 90))
     parser.add_argument("--max-length", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--attention", nargs="+", default=["packed_sdpa", "packed_sdpa+selective", "packed_sdpa+ckpt"],
-                        help="variants: an attention implementation, +selective and/or +ckpt")
+    parser.add_argument("--attention", nargs="+", default=["packed_sdpa", "packed_sdpa+selective"],
+                        help="variants: an attention implementation, optionally +selective")
     parser.add_argument("--name", default="memory_profile", help="results file stem")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: profile one path, print JSON
     args = parser.parse_args()

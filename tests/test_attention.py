@@ -39,17 +39,15 @@ def test_example_spans_follow_the_rows():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-def test_packed_sdpa_runs_per_prompt_and_response_and_equals_sdpa(family, monkeypatch):
-    import transformers.integrations.sdpa_attention as hf_sdpa
-
+def test_packed_sdpa_runs_per_prompt_and_responses_and_equals_sdpa(family, monkeypatch):
     calls = []
-    original = hf_sdpa.sdpa_attention_forward
+    original = torch.nn.functional.scaled_dot_product_attention
 
-    def counted(module, query, *args, **kwargs):
+    def counted(query, *args, **kwargs):
         calls.append(query.shape[2])
-        return original(module, query, *args, **kwargs)
+        return original(query, *args, **kwargs)
 
-    monkeypatch.setattr(hf_sdpa, "sdpa_attention_forward", counted)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
     model = build_tiny_model(family, VOCAB, seed=1, hidden=32, layers=2, heads=4).eval()
     examples = random_examples(6, 2, seed=3, max_prompt=20, max_response=12)
     batch = pack(examples, max_tokens_per_row=96)
@@ -65,8 +63,8 @@ def test_packed_sdpa_runs_per_prompt_and_response_and_equals_sdpa(family, monkey
     calls.clear()
     set_attention(model, "packed_sdpa")
     got, grads = logps_and_grads()
-    # per layer: one causal call over each prompt, one per response (its queries against [prompt; itself])
-    per_example = [n for e in examples for n in (len(e.prompt_ids), *map(len, e.response_ids))]
+    # per layer and example: one causal call over the prompt, one for all its responses' queries
+    per_example = [n for e in examples for n in (len(e.prompt_ids), sum(map(len, e.response_ids)))]
     assert sorted(calls) == sorted(per_example * 2)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     for g, e in zip(grads, expected_grads):

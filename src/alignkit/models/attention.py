@@ -2,8 +2,9 @@
 
 packed_sdpa (default): per example span of each row (a CPU "varlen" attention), and within it per segment, so
   no [L, L] tensor exists: the prompt runs causally through SDPA with no mask (the flash kernel, which saves
-  its output and log-sum-exp, not the probabilities), then each response's queries attend to [prompt keys; its
-  own keys] under a lower-right causal mask of [n, P + n]. Attention costs what the examples cost separately,
+  its output and log-sum-exp, not the probabilities), then all the responses' queries attend to the example's
+  keys at once under an [N, P + N] mask (the whole prompt, and their own response causally). Queries, keys and
+  values are views of the projections: nothing is concatenated or copied. Attention costs what the examples cost separately,
   however many share a row, so rows can be long and need no padding. Without the spans (generation, plain HF
   calls) it is HF's sdpa.
 sdpa / eager: the dense additive [R, 1, T, T] mask over whole rows (built once per batch, shared by every
@@ -34,29 +35,43 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
             raise RuntimeError("packed_sdpa: this model's attention layers were not given the example spans "
                                "(they do not pass keyword arguments on); use attention: sdpa")
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
+
+    def attend(q, k, v, mask):  # [1, H, n, D]; GQA without repeating the keys (HF repeats them under a mask)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=kwargs.get("scaling"),
+            enable_gqa=groups > 1)
+
     rows = []
     length = query.shape[2]
     for r, row_spans in enumerate(spans):
         pieces = []
-        for start, prompt_end, responses in row_spans:
-            q, k, v = (t[r:r + 1, :, start:prompt_end] for t in (query, key, value))
-            pieces.append(sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0])
-            for a, b, mask in responses:
-                k_ = torch.cat([k, key[r:r + 1, :, a:b]], dim=2)
-                v_ = torch.cat([v, value[r:r + 1, :, a:b]], dim=2)
-                pieces.append(sdpa_attention_forward(module, query[r:r + 1, :, a:b], k_, v_, mask, **kwargs)[0])
-        used = row_spans[-1][2][-1][1] if row_spans else 0
+        for start, prompt_end, end, mask in row_spans:
+            q, k, v = (t[r:r + 1, :, start:end] for t in (query, key, value))  # views: nothing is copied
+            prompt = prompt_end - start
+            pieces.append(attend(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], None))
+            if end > prompt_end:  # every response at once: its queries against the whole span, under `mask`
+                pieces.append(attend(q[:, :, prompt:], k, v, mask))
+        used = row_spans[-1][2] if row_spans else 0
         if used < length:
-            pieces.append(query.new_zeros(1, length - used, query.shape[1], query.shape[3]))
-        rows.append(torch.cat(pieces, dim=1))
-    return torch.cat(rows, dim=0), None
+            pieces.append(query.new_zeros(1, query.shape[1], length - used, query.shape[3]))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
 
 
-def response_mask(n: int, prompt: int, device) -> torch.Tensor:
-    """[1, 1, n, prompt + n] bool: response token i sees the whole prompt and its own tokens 0..i (a lower-right
-    causal mask; n x (P + n), never (P + n)^2)."""
-    own = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    return torch.cat([torch.ones(n, prompt, dtype=torch.bool, device=device), own], dim=1)[None, None]
+def responses_mask(prompt: int, lengths: list[int], device) -> torch.Tensor:
+    """[1, 1, N, prompt + N] bool for the N = sum(lengths) response tokens of one example: each sees the whole
+    prompt and its own response's tokens up to itself, never a sibling's (n x L, never L x L)."""
+    n = sum(lengths)
+    mask = torch.zeros(n, prompt + n, dtype=torch.bool, device=device)
+    mask[:, :prompt] = True
+    first = 0
+    for size in lengths:
+        mask[first:first + size, prompt + first:prompt + first + size] = torch.ones(size, size, dtype=torch.bool,
+                                                                                 device=device).tril()
+        first += size
+    return mask[None, None]
 
 
 def example_spans(batch: PackedBatch) -> list[list[tuple[int, int]]]:
@@ -95,7 +110,7 @@ def default_row_tokens(cfg_max_tokens_per_row: int | None, implementation: str, 
 
 
 def packed_attention_kwargs(model, batch: PackedBatch) -> dict:
-    """packed_sdpa: per row, per example, (start, prompt end, [(response start, end, its mask)]), in columns."""
+    """packed_sdpa: per row, per example, (start, prompt end, end, the responses' mask), in columns."""
     if attention_implementation(model) != "packed_sdpa":
         return {}
     device = next(model.parameters()).device
@@ -104,17 +119,17 @@ def packed_attention_kwargs(model, batch: PackedBatch) -> dict:
         segments = batch.segment_ids[r].tolist()
         row_spans = []
         for start, end in row:
-            bounds = []  # (segment, first column, end column) of each run of one segment
+            runs = []  # [segment, length] of each run of one segment
             for col in range(start, end):
-                if not bounds or segments[col] != bounds[-1][0]:
-                    bounds.append([segments[col], col, col + 1])
+                if runs and segments[col] == runs[-1][0]:
+                    runs[-1][1] += 1
                 else:
-                    bounds[-1][2] = col + 1
-            if bounds[0][0] != 0 or any(seg == 0 for seg, _, _ in bounds[1:]):
+                    runs.append([segments[col], 1])
+            if runs[0][0] != 0 or any(seg == 0 for seg, _ in runs[1:]):
                 raise ValueError("packed_sdpa: an example span must be its prompt followed by its responses")
-            prompt_end = bounds[0][2]
-            responses = [(a, b, response_mask(b - a, prompt_end - start, device)) for _, a, b in bounds[1:]]
-            row_spans.append((start, prompt_end, responses))
+            prompt = runs[0][1]
+            mask = responses_mask(prompt, [n for _, n in runs[1:]], device) if len(runs) > 1 else None
+            row_spans.append((start, start + prompt, end, mask))
         spans.append(row_spans)
     return {SPANS_KWARG: spans}
 
