@@ -233,6 +233,7 @@ def run_alignkit(spec: dict, precision: str, **options) -> dict:
 
     loop.plan_steps = fixed_plan
     loop.save_final = lambda *args, **kwargs: None
+    loop.write_model_card = lambda *args, **kwargs: None  # it writes into final/, which is not saved here
     loop.MetricsLog = ProbedLog
     cfg = TrainConfig(
         model=spec["model"], train_data=spec["data"], output_dir=tempfile.mkdtemp(prefix="bench_alignkit_"),

@@ -105,6 +105,7 @@ def profile(args, variant: str) -> dict:
         if t.dtype == torch.float32 and len(shapes_by_dtype[tuple(t.shape)]) > 1:
             g["copies"] += nbytes
             copies += nbytes
+    del items, t  # hold no saved tensor through backward: the peak RSS is the step's own
     loss.backward()
     rows = sorted(({"node": n, **{k: (sorted(v)[:3] if k == "shapes" else v) for k, v in g.items()}}
                    for n, g in groups.items()), key=lambda r: -r["bytes"])
