@@ -36,6 +36,7 @@ LABELS = {
     "alignkit_bf16": ("alignkit train(), precision: bf16", "bf16 autocast"),
     "alignkit_fp32_gc": ("alignkit train(), gradient_checkpointing: true", "fp32"),
     "alignkit_fp32_selective": ("alignkit train(), selective_recompute: true", "fp32"),
+    "alignkit_fp32_gc_planned4": ("alignkit train(), gradient_checkpointing: true, max_memory_gb: 4", "fp32"),
 }
 
 
