@@ -632,7 +632,11 @@ def test_d2o_accuracy_counts_margins_between_zero_and_one():
 def test_cispo_lower_weight_bound():
     logps, old, ref, mask, scores, inputs = group_inputs(seed=14)
     cispo = __import__("alignkit.losses.online", fromlist=["x"]).cispo_loss
-    losses, _ = cispo(inputs, CISPOOptions(weight_min=0.9, weight_max=1.1, loss_aggregation="token-mean"))
+    losses, metrics = cispo(inputs, CISPOOptions(weight_min=0.9, weight_max=1.1, loss_aggregation="token-mean"))
+    ratio = np.exp(logps - old)
+    low, high, _ = clip_numpy(ratio, np.broadcast_to(group_adv(scores)[..., None], ratio.shape), mask, 0.9, 1.1)
+    np.testing.assert_allclose(metrics["clip_low"].numpy(), low, atol=1e-12)  # the lower bound is reported too
+    assert (low > 0).any()
     weights = np.clip(np.exp(logps - old), 0.9, 1.1)
     expected = ((-weights * group_adv(scores)[..., None] * logps) * mask).sum((1, 2)) / mask.sum((1, 2)).mean()
     np.testing.assert_allclose(losses.detach().numpy(), expected, rtol=1e-9)
