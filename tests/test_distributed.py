@@ -100,11 +100,18 @@ def assert_same_run(root: Path, name: str, reference: str, atol: float) -> None:
         assert a["loss"] == pytest.approx(b["loss"], abs=atol), (name, a["step"])
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4, abs=atol), (name, a["step"])
         assert a["examples"] == b["examples"] == 8
-    final, expected = load_file(root / name / "final" / "model.safetensors"), \
-        load_file(root / reference / "final" / "model.safetensors")
-    assert sorted(final) == sorted(expected)
-    for key in expected:
-        torch.testing.assert_close(final[key], expected[key], rtol=0, atol=atol, msg=f"{name}: {key}")
+    assert_same_final(root, name, reference, atol)
+
+
+def assert_same_final(root: Path, name: str, reference: str, atol: float) -> None:
+    """The same safetensors files in both final/ folders, with the same tensors."""
+    files = sorted(p.name for p in (root / reference / "final").glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in (root / name / "final").glob("*.safetensors"))
+    for file in files:
+        final, expected = load_file(root / name / "final" / file), load_file(root / reference / "final" / file)
+        assert sorted(final) == sorted(expected)
+        for key in expected:
+            torch.testing.assert_close(final[key], expected[key], rtol=0, atol=atol, msg=f"{name}: {key}")
 
 
 @pytest.mark.slow
@@ -212,20 +219,14 @@ def assert_same_metrics(root: Path, name: str, reference: str, atol: float) -> N
         for key, value in b.items():
             if key != "tokens_per_s" and isinstance(value, (int, float)):
                 assert a[key] == pytest.approx(value, rel=1e-4, abs=atol), (name, a.get("step"), key)
-    files = sorted(p.name for p in (root / reference / "final").glob("*.safetensors"))
-    assert files and files == sorted(p.name for p in (root / name / "final").glob("*.safetensors"))
-    for file in files:
-        final, expected = load_file(root / name / "final" / file), load_file(root / reference / "final" / file)
-        assert sorted(final) == sorted(expected)
-        for key in expected:
-            torch.testing.assert_close(final[key], expected[key], rtol=0, atol=atol, msg=f"{name}: {key}")
+    assert_same_final(root, name, reference, atol)
 
 
 @pytest.mark.slow
 def test_options_under_two_processes_equal_one_and_refusals_are_clear(setup, monkeypatch):
     root = setup
     monkeypatch.setenv("ALIGNKIT_CACHE", str(root / "cache"))
-    pairs = [r for r in preference_records(32, seed=1)]
+    pairs = preference_records(32, seed=1)
     write_jsonl_atomic(root / "unpaired.jsonl", [x for r in pairs for x in (
         {"prompt": r["prompt"], "completion": r["chosen"], "label": 1},
         {"prompt": r["prompt"], "completion": r["rejected"], "label": 0})])

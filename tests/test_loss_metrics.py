@@ -18,6 +18,7 @@ from alignkit.losses.online import (
     ReinforcePPOptions,
     RLOOOptions,
     aggregate,
+    cispo_loss,
     grpo_loss,
     ppo_loss,
     reinforce_pp_loss,
@@ -358,7 +359,7 @@ def test_grpo_truncated_importance_sampling_weights_the_surrogate(cap):
 
 def test_cispo_uses_the_behaviour_policy_and_the_group_scale():
     logps, old, ref, mask, scores, inputs = group_inputs(seed=8)
-    losses, _ = __import__("alignkit.losses.online", fromlist=["cispo_loss"]).cispo_loss(
+    losses, _ = cispo_loss(
         inputs, CISPOOptions(scale_rewards="none", weight_max=1.5, loss_aggregation="token-mean"))
     ratio = np.exp(logps - old)
     adv = (scores - scores.mean(1, keepdims=True))[..., None]  # scale_rewards none: centred only
@@ -501,7 +502,7 @@ def test_each_losses_own_metrics_are_logged_under_their_names():
 def test_group_metrics_and_errors_name_the_method():
     logps, old, ref, mask, scores, inputs = group_inputs(seed=12)
     for fn, opts, name in ((grpo_loss, GRPOOptions(kl_coef=0.0), "grpo"),
-                           (__import__("alignkit.losses.online", fromlist=["x"]).cispo_loss, CISPOOptions(), "cispo")):
+                           (cispo_loss, CISPOOptions(), "cispo")):
         _, metrics = fn(inputs, opts)
         np.testing.assert_allclose(metrics["reward"].numpy(), scores.mean(1))
         bare = LossInputs(**{**inputs.__dict__, "ref_token_logps": None})
@@ -524,7 +525,7 @@ def test_cispo_truncated_importance_sampling_uses_the_behaviour_policy():
     engine = old + rng.normal(0, 0.5, old.shape)
     inputs.engine_token_logps = torch.tensor(engine)
     opts = CISPOOptions(tis_cap=2.0, loss_aggregation="token-mean")
-    losses, _ = __import__("alignkit.losses.online", fromlist=["x"]).cispo_loss(inputs, opts)
+    losses, _ = cispo_loss(inputs, opts)
     ratio = np.minimum(np.exp(logps - old), 5.0)
     adv = group_adv(scores)[..., None]
     weights = np.where(mask, np.minimum(np.exp(old - engine), 2.0), 1.0)
@@ -631,8 +632,7 @@ def test_d2o_accuracy_counts_margins_between_zero_and_one():
 
 def test_cispo_lower_weight_bound():
     logps, old, ref, mask, scores, inputs = group_inputs(seed=14)
-    cispo = __import__("alignkit.losses.online", fromlist=["x"]).cispo_loss
-    losses, metrics = cispo(inputs, CISPOOptions(weight_min=0.9, weight_max=1.1, loss_aggregation="token-mean"))
+    losses, metrics = cispo_loss(inputs, CISPOOptions(weight_min=0.9, weight_max=1.1, loss_aggregation="token-mean"))
     ratio = np.exp(logps - old)
     low, high, _ = clip_numpy(ratio, np.broadcast_to(group_adv(scores)[..., None], ratio.shape), mask, 0.9, 1.1)
     np.testing.assert_allclose(metrics["clip_low"].numpy(), low, atol=1e-12)  # the lower bound is reported too

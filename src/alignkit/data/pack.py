@@ -86,14 +86,8 @@ def pack(examples: list[TokenizedExample], example_indices: list[int] | None = N
         raise ValueError("all examples of a batch must have the same number of responses")
     if max_tokens_per_row is None:
         max_tokens_per_row = max(e.num_tokens for e in examples)
-    rows: list[list[tuple[int, TokenizedExample]]] = [[]]
-    used = 0
-    for b, example in enumerate(examples):
-        if rows[-1] and used + example.num_tokens > max_tokens_per_row:
-            rows.append([])
-            used = 0
-        rows[-1].append((b, example))
-        used += example.num_tokens
+    rows = [[(b, examples[b]) for b in piece] for piece in
+            fill_in_order(range(len(examples)), [e.num_tokens for e in examples], max_tokens_per_row)]
     T = max(sum(e.num_tokens for _, e in row) for row in rows)
     R = len(rows)
     input_ids = torch.full((R, T), pad_token_id, dtype=torch.long)
@@ -164,6 +158,19 @@ def with_mismatched_completions(examples: list[TokenizedExample], max_length: in
     return extended
 
 
+def fill_in_order(items, sizes: list[int], budget: int) -> list[list]:
+    """`items` cut, in order, into consecutive pieces whose sizes sum to at most `budget`; an item larger than the
+    budget gets a piece of its own."""
+    pieces, used = [], 0
+    for item, size in zip(items, sizes):
+        if not pieces or used + size > budget:  # the last piece is never empty: a new one starts with its item
+            pieces.append([])
+            used = 0
+        pieces[-1].append(item)
+        used += size
+    return pieces
+
+
 def token_budget_batches(examples: list[TokenizedExample], max_tokens_per_batch: int, seed: int, epoch: int = 0,
                          shuffle: bool = True, window: int = 64) -> list[list[int]]:
     """Batches of example indices under a token budget. Examples are shuffled (seeded by seed and epoch),
@@ -176,16 +183,7 @@ def token_budget_batches(examples: list[TokenizedExample], max_tokens_per_batch:
     batches: list[list[int]] = []
     for start in range(0, len(order), window):
         chunk = sorted(order[start:start + window], key=lambda i: examples[i].num_tokens)
-        current, used = [], 0
-        for i in chunk:
-            n = examples[i].num_tokens
-            if current and used + n > max_tokens_per_batch:
-                batches.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += n
-        if current:
-            batches.append(current)
+        batches += fill_in_order(chunk, [examples[i].num_tokens for i in chunk], max_tokens_per_batch)
     if shuffle:
         rng.shuffle(batches)
     return batches

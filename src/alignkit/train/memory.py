@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.data.pack import pack
+from alignkit.data.pack import fill_in_order, pack
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError
 
@@ -83,24 +83,13 @@ def micro_batch_tokens(max_memory_gb: float, model, per_token: float) -> int:
 def split_to_budget(steps: list[list[list[int]]], examples: list[TokenizedExample], max_tokens: int):
     """Each step's micro-batches cut, in order, into pieces of at most max_tokens tokens (an example over the
     budget alone is a ConfigError naming it)."""
-    out = []
     for step in steps:
-        pieces = []
         for micro in step:
-            current, used = [], 0
             for i in micro:
-                n = examples[i].num_tokens
-                if n > max_tokens:
+                if examples[i].num_tokens > max_tokens:
                     e = examples[i]
-                    raise ConfigError("max_memory_gb", f"{e.source} row {e.row}: {n} tokens, over the {max_tokens} one "
-                                                       "forward/backward may carry in the budget; raise it, or "
-                                                       "gradient_checkpointing: true")
-                if current and used + n > max_tokens:
-                    pieces.append(current)
-                    current, used = [], 0
-                current.append(i)
-                used += n
-            if current:
-                pieces.append(current)
-        out.append(pieces)
-    return out
+                    raise ConfigError("max_memory_gb", f"{e.source} row {e.row}: {e.num_tokens} tokens, over the "
+                                                       f"{max_tokens} one forward/backward may carry in the budget; "
+                                                       "raise it, or gradient_checkpointing: true")
+    return [[piece for micro in step for piece in fill_in_order(micro, [examples[i].num_tokens for i in micro],
+                                                                  max_tokens)] for step in steps]
