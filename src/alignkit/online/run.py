@@ -179,7 +179,7 @@ def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, jud
     snapshots = Snapshots(model, cfg.reference_every, cfg.apo_alpha > 0 or method.self_judge, cfg.lora is not None)
     policy = prepare_model(model, cfg, ctx)  # device, attention, gradient checkpointing, LoRA
     trained = PolicyWithValueHead(policy) if method.value_head else policy
-    train_model = wrap_model(trained, cfg.distributed, ctx, lora=cfg.lora is not None)
+    train_model = wrap_model(trained, cfg.distributed, ctx)
     groups = trained.parameter_groups(cfg.value_learning_rate) if method.value_head else None
     stepper = Stepper.build(train_model, cfg, ctx, cfg.rounds * cfg.updates_per_round, groups)
     moments = RunningMoments()

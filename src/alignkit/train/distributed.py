@@ -138,7 +138,7 @@ def total_norm(grad_norm) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- wrapping
 
 
-def wrap_model(model, mode: str, ctx: Dist, lora: bool = False):
+def wrap_model(model, mode: str, ctx: Dist):
     """The module a training step calls. One process: the model itself. Several: a PackedForward around it,
     DDP-wrapped (mode ddp) or FSDP2-sharded per decoder layer and at the root (mode fsdp). Build the
     optimizer after this: FSDP2 replaces the parameters with sharded ones."""
@@ -152,8 +152,6 @@ def wrap_model(model, mode: str, ctx: Dist, lora: bool = False):
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                           inspect.signature(ddp.__init__).parameters else {"broadcast_buffers": False})
         return ddp(module, device_ids=None, **no_buffer_sync)
-    if lora:  # refused earlier by check_method_setup, before anything is written; kept for direct callers
-        raise ConfigError("distributed", "fsdp with lora is not supported; use distributed: ddp")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

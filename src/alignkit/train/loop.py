@@ -279,7 +279,7 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     if ctx.is_main:
         remove_partial_saves(out_dir)
     resumed = load_latest_checkpoint(out_dir, model)  # weights now; optimizer, scheduler and RNG once they exist
-    train_model = wrap_model(model, cfg.distributed, ctx, lora=cfg.lora is not None)  # the model, or DDP / FSDP2
+    train_model = wrap_model(model, cfg.distributed, ctx)  # the model, or DDP / FSDP2
     stepper = Stepper.build(train_model, cfg, ctx, len(steps))
     start, stepper.skipped = restore_training_state(resumed, model, stepper.optimizer, stepper.scheduler,
                                                     train_model, ctx)

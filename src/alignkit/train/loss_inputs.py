@@ -5,6 +5,8 @@ Also the state a loss carries between training batches (BCO's reward shift)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from alignkit.data.pack import PackedBatch, pack, token_budget_batches, with_mismatched_completions
@@ -60,8 +62,7 @@ def score_references(model, ref_model, train_examples, eval_examples, local_step
 
 def with_reference_context(examples: list[TokenizedExample], name: str) -> list[TokenizedExample]:
     """The examples with the prompt the reference reads (extras[name], token ids), their responses unchanged."""
-    return [TokenizedExample(e.extras[name], e.response_ids, e.source, e.row, e.extras,
-                             e.response_loss_masks) for e in examples]
+    return [replace(e, prompt_ids=e.extras[name]) for e in examples]
 
 
 def logprob_inputs(model, batch: PackedBatch, spec: LossSpec, opts, ref: Reference | None,
