@@ -5,13 +5,15 @@ training the tiny model on a local dataset folder end to end."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
+from pathlib import Path
 
 import pytest
 import yaml
 
 from alignkit.api import build_config
-from alignkit.errors import ConfigError
+from alignkit.errors import ConfigError, DataError
 from alignkit.online import online_config
 
 TRL_DPO = {
@@ -104,3 +106,108 @@ def test_a_trl_grpo_yaml_runs_online_on_the_tiny_model(task, tmp_path, one_threa
     assert cfg.loss_options["loss_aggregation"] == "token-mean" and cfg.rounds == 2
     result = run_online(cfg, copy.deepcopy(task.model), task.tokenizer)
     assert len(result.rounds) == 2 and (tmp_path / "out" / "final" / "training_state.json").exists()
+
+
+# ---- TRL's own config files (tests/data/trl: copied from TRL's docs, keys unchanged) through alignkit's CLI ----
+
+TRL_DOCS = Path(__file__).parent / "data" / "trl"
+
+
+def docs_yaml(name: str, tmp_path, swaps: dict) -> str:
+    """A TRL docs YAML with only its hub ids swapped for local paths: every key and every other value as TRL wrote it."""
+    text = (TRL_DOCS / name).read_text()
+    for hub_id, local in swaps.items():
+        assert hub_id in text
+        text = text.replace(hub_id, str(local))
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def saved_splits(path, records: list[dict], split: str = "train") -> Path:
+    import datasets
+
+    datasets.DatasetDict({split: datasets.Dataset.from_list(records)}).save_to_disk(str(path))
+    return path
+
+
+def trained_config(out: Path) -> dict:
+    assert (out / "final" / "README.md").exists() and (out / "final" / "training_state.json").exists()
+    return json.loads((out / "config.json").read_text())
+
+
+def test_trl_docs_dpo_and_kto_yamls_train_through_the_cli(task, tmp_path, one_thread, capsys):
+    from alignkit.cli import main
+    from alignkit.data.synthetic import preference_records
+
+    hh = [{"chosen": f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['chosen']}",  # Anthropic/hh-rlhf's shape
+           "rejected": f"\n\nHuman: {r['prompt']}\n\nAssistant: {r['rejected']}"} for r in preference_records(16, 3)]
+    data = saved_splits(tmp_path / "hh", hh)  # TRL's default dataset_train_split: train
+    config = docs_yaml("dpo_config.yaml", tmp_path, {"Qwen/Qwen2.5-0.5B": task.model_dir, "anthropic/hh-rlhf": data})
+    assert main(["dpo", "--config", config, "--output_dir", str(tmp_path / "dpo")]) == 0
+    cfg = trained_config(tmp_path / "dpo")
+    assert cfg["model"] == str(task.model_dir) and cfg["train_data"]["path"] == str(data)
+    assert cfg["train_data"]["split"] == "train" and cfg["loss"] == "dpo"
+
+    kto = [{"prompt": [{"role": "user", "content": r["prompt"]}],  # trl-lib/kto-mix-14k's shape
+            "completion": [{"role": "assistant", "content": r[side]}], "label": side == "chosen"}
+           for r in preference_records(8, 4) for side in ("chosen", "rejected")]
+    data = saved_splits(tmp_path / "kto-mix", kto)
+    config = docs_yaml("kto_config.yaml", tmp_path, {"Qwen/Qwen2.5-0.5B": task.model_dir, "trl-lib/kto-mix-14k": data})
+    assert main(["kto", "--config", config, "--output_dir", str(tmp_path / "kto")]) == 0
+    assert trained_config(tmp_path / "kto")["loss"] == "kto"
+
+
+def test_trl_example_sft_yaml_trains_on_a_text_dataset(task, tmp_path, one_thread):
+    from alignkit.cli import main
+    from alignkit.data.synthetic import preference_records
+
+    imdb = [{"text": f"{r['prompt']} {r['chosen']}", "label": 1} for r in preference_records(16, 5)]  # imdb's shape
+    data = saved_splits(tmp_path / "imdb", imdb)
+    config = docs_yaml("sft_example_config.yaml", tmp_path, {"Qwen/Qwen2.5-0.5B": task.model_dir,
+                                                             "stanfordnlp/imdb": data})
+    # the command its header gives: `trl sft --config config.yaml --output_dir test-sft`
+    assert main(["sft", "--config", config, "--output_dir", str(tmp_path / "test-sft")]) == 0
+    cfg = trained_config(tmp_path / "test-sft")
+    assert (cfg["learning_rate"], cfg["lr_schedule"], cfg["report_to"]) == (0.0001, "cosine", ["jsonl"])
+
+
+def test_trl_docs_grpo_yaml_runs_online_with_its_accuracy_reward(task, tmp_path, one_thread):
+    from alignkit.cli import main
+    from alignkit.data.synthetic import prompt_records
+
+    prompts = [{**r, "solution": str(i % 3)} for i, r in enumerate(prompt_records(8, seed=6))]  # Polaris: solution
+    data = saved_splits(tmp_path / "polaris", prompts)
+    config = docs_yaml("grpo_config.yaml", tmp_path, {"Qwen/Qwen2.5-0.5B": task.model_dir,
+                                                      "HuggingFaceH4/Polaris-Dataset-53K": data})
+    out = tmp_path / "grpo"
+    # TRL's own key names on the command line too, as `trl grpo --config grpo_config.yaml --max_steps 2 ...`
+    assert main(["grpo", "--config", config, "--output_dir", str(out), "--max_steps", "2",
+                 "--max_completion_length", "6", "--num_generations", "2", "--prompts_per_round", "4",
+                 "--eval_samples", "1"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["method"], cfg["reward"], cfg["rounds"], cfg["num_samples"]) == ("grpo", "accuracy", 2, 2)
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rounds if "reward" in r]) >= 2
+
+
+def test_accuracy_reward_reads_the_solution_column():
+    from alignkit.rewards.spec import load_reward
+    from alignkit.rewards.verifiable.records import bind_records
+
+    reward = bind_records(load_reward("accuracy"), [{"prompt": "2+2?", "solution": "4", "_row": 1}])
+    assert reward.score(["2+2?", "2+2?"], ["The answer is \\boxed{4}", "5"]) == [1.0, 0.0]
+    with pytest.raises(DataError, match="field 'solution': missing"):
+        bind_records(load_reward("accuracy"), [{"prompt": "2+2?", "answer": "4", "_row": 1}])
+
+
+def test_trl_launcher_keys_name_torchrun_and_write_nothing(task, tmp_path, capsys):
+    from alignkit.cli import main
+
+    config = docs_yaml("dpo_config_num_processes.yaml", tmp_path, {"Qwen/Qwen2.5-0.5B": task.model_dir})
+    assert main(["dpo", "--config", config, "--output_dir", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    err = captured.err + captured.out
+    assert "num_processes" in err and "torchrun --nproc_per_node" in err and not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="reward_funcs"):
+        online_config(None, {"method": "grpo", "model": "m", "prompts": "p", "reward_funcs": ["think_format_reward"]})

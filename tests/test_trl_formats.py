@@ -169,8 +169,8 @@ def test_a_second_preparation_is_read_from_the_cache(tmp_path, task, monkeypatch
     path = write(tmp_path / "p.jsonl", [{"prompt": "review my phone", "chosen": "good phone", "rejected": "bad"}] * 3)
     first = data_module.prepare_examples(path, task.tokenizer, "pairs", 64, cache=True)
     calls = []
-    real = tokenize_module.tokenize_records
-    monkeypatch.setattr(data_module, "tokenize_records", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tokenize_module.tokenize_stream
+    monkeypatch.setattr(tokenize_module, "tokenize_stream", lambda *a, **k: calls.append(1) or real(*a, **k))
     second = data_module.prepare_examples(path, task.tokenizer, "pairs", 64, cache=True)
     assert [(e.prompt_ids, e.response_ids, e.row) for e in second] == [(e.prompt_ids, e.response_ids, e.row)
                                                                          for e in first]

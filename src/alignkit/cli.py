@@ -32,6 +32,7 @@ commands:
   eval                  --model A [--baseline B] --prompts p.jsonl --output_dir DIR: reward, judged win rate, KL, length
   online                --method grpo|dapo|gspo|cispo|reinforce++|rloo|ppo|online-dpo|self-reward --model DIR
                         --prompts p.jsonl [--reward constraints|math|...]: online RL
+  grpo, rloo, ...       online with that method (`alignkit grpo --config grpo.yaml`, as TRL's CLI)
   <loss>                train with that loss: {losses}
   <command> --help      the keys of a command
 """
@@ -60,7 +61,7 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
 
 def help_for(method: str) -> str:
     """Every command's --help, through the one renderer (config.render_help)."""
-    if method == "online":
+    if method == "online" or method in online_methods():
         from alignkit.online.config import command_help
 
         return command_help()
@@ -104,6 +105,12 @@ def run_rm_eval(overrides: dict) -> None:
           f"chosen {result['chosen_reward']:+.4f}, rejected {result['rejected_reward']:+.4f})")
 
 
+def online_methods() -> tuple[str, ...]:
+    from alignkit.online.methods import ONLINE_METHODS
+
+    return tuple(ONLINE_METHODS)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -133,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
             from alignkit.eval.evaluate import run_eval
 
             console.print(f"report: {run_eval(config, overrides)['paths']['html']}")
-        elif command == "online":
+        elif command == "online" or command in online_methods():
             from alignkit.online.run import run_online_cli
 
+            if command != "online":  # `alignkit grpo --config grpo.yaml`, as `trl grpo` is called
+                overrides = {"method": command, **overrides}
             run_online_cli(config, overrides)  # logs the reward gain and where it wrote
         elif command == "align":
             from alignkit.recipes.align import run_align

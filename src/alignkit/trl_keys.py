@@ -39,7 +39,12 @@ NO_MEANING = {
     "remove_unused_columns": "remove it: unknown record fields are kept and ignored",
     "torch_dtype": "remove it: the model loads in its own dtype; set bf16 for autocast",
     "dtype": "remove it: the model loads in its own dtype; set bf16 for autocast",
+    "num_processes": "launch with torchrun --nproc_per_node N (docs/distributed.md)",
+    "accelerate_config": "launch with torchrun; ZeRO/FSDP sharding is distributed: fsdp (docs/distributed.md)",
 }
+
+# TRL's named reward functions (trl.rewards) -> alignkit reward specs.
+TRL_REWARDS = {"accuracy_reward": "accuracy"}
 
 
 def is_trl_config(values: dict, fields: set[str]) -> bool:
@@ -161,6 +166,14 @@ def _skip(value, values, command, max_length):  # read by another key's rule
     return []
 
 
+def _reward_funcs(value, values, command, max_length):
+    names = [value] if isinstance(value, str) else list(value)
+    if len(names) != 1 or names[0] not in TRL_REWARDS:
+        raise ConfigError("reward_funcs", f"{value!r}: alignkit maps TRL's {', '.join(TRL_REWARDS)}; for any other "
+                          "reward (or a sum of several) set reward: module:attr, a Reward or f(prompt, response)")
+    return [("reward", TRL_REWARDS[names[0]])]
+
+
 def _num_generations(value, values, command, max_length):
     return [("num_samples", value)]
 
@@ -177,7 +190,7 @@ TRL_KEYS = {
     "save_steps": _same("save_every"), "save_total_limit": _same("keep_last"), "output_dir": _same("output_dir"),
     "seed": _same("seed"), "use_peft": _peft, "lora_r": _skip, "lora_alpha": _skip, "lora_dropout": _skip,
     "lora_target_modules": _skip, "report_to": _report_to, "run_name": _same("run_name"),
-    "num_generations": _num_generations, "max_completion_length": _same("sampling.max_new_tokens"),
+    "num_generations": _num_generations, "reward_funcs": _reward_funcs, "max_completion_length": _same("sampling.max_new_tokens"),
     "temperature": _same("sampling.temperature"), "top_p": _same("sampling.top_p"), "top_k": _same("sampling.top_k"),
     "epsilon": _same("loss_options.epsilon"), "epsilon_high": _same("loss_options.epsilon_high"),
     "num_iterations": _same("epochs"), "scale_rewards": _same("loss_options.scale_rewards"),

@@ -63,7 +63,14 @@ class _Invalid(Exception):
 def load_records(
     source: Any, shape: str = "pairs", on_bad_record: str = "error", max_report: int = 5
 ) -> list[dict]:
-    """Read and validate every record of `source` for `shape`.
+    """Read and validate every record of `source` for `shape` (iter_records, into a list)."""
+    return list(iter_records(source, shape, on_bad_record, max_report))
+
+
+def iter_records(
+    source: Any, shape: str = "pairs", on_bad_record: str = "error", max_report: int = 5
+) -> Iterator[dict]:
+    """Read and validate the records of `source` for `shape`, one at a time.
 
     source: a path to .jsonl/.ndjson (row = line number; blank lines are skipped but counted), .json (a list;
     row = 1-based index) or .parquet (row = 1-based index); a datasets.Dataset / IterableDataset; or a list
@@ -79,7 +86,7 @@ def load_records(
         raise ConfigError("max_report", f"must be an integer >= 0, got {max_report!r}")
 
     name, rows = open_source(source, READERS)
-    records: list[dict] = []
+    n_good = 0
     bad: list[DataError] = []
     n_rows = 0
     counts: dict[str, tuple[int | None, int | None]] = {}  # list field -> (length in the first good record, its row)
@@ -90,11 +97,13 @@ def load_records(
                 raise value
             record = validate_record(value, shape, file, row)
             _check_same_counts(record, shape, counts, file, row)
-            records.append(record)
         except DataError as err:
             if on_bad_record == "error":
                 raise
             bad.append(err)
+            continue
+        n_good += 1
+        yield record
     if n_rows == 0:
         raise DataError(name, None, None, "no records", hint=_EMPTY_HINT)
     if bad:
@@ -103,7 +112,7 @@ def load_records(
         logger.warning(
             "%s: skipped %d bad record(s) of %d: %s%s", name, len(bad), n_rows, reasons or "-", more
         )
-        if not records:
+        if not n_good:
             raise DataError(
                 name,
                 None,
@@ -111,12 +120,11 @@ def load_records(
                 f"all {n_rows} records are bad; first: {_short(bad[0])}",
                 hint="fix the records",
             )
-    return records
 
 
-def check_both_labels(records: list[dict], name: str) -> None:
+def check_both_labels(labels: Iterable, name: str) -> None:
     """An unpaired training set (KTO, BCO) with desirable and undesirable examples: one label alone is a data bug."""
-    labels = {bool(r["label"]) for r in records}
+    labels = {bool(label) for label in labels}
     if len(labels) == 1:
         raise DataError(name, None, "label", f"every record is labelled {labels.pop()}: an unpaired (KTO/BCO) set "
                         "needs desirable and undesirable examples", hint="add records of the other label")
@@ -146,6 +154,8 @@ def validate_record(record: Any, shape: str, source: str = "<memory>", row: int 
                 _check_text(record[field], field, RESPONSE_ROLES)
         if "messages" in fields:
             _check_chat(record["messages"])
+        if "text" in fields:
+            _check_string(record["text"], "text")
         if shape == "unpaired":
             _check_label(record["label"])
         if shape == "lists":
@@ -171,9 +181,12 @@ def validate_record(record: Any, shape: str, source: str = "<memory>", row: int 
 
 
 def fields_of(record: dict, shape: str) -> tuple[str, ...]:
-    """The fields `record` must have for `shape`: an "sft" record with `messages` and no `prompt` is a chat."""
+    """The fields `record` must have for `shape`: an "sft" record with `messages` and no `prompt` is a chat; one with
+    only `text` is TRL's language-modelling format (every token trained)."""
     if shape == "sft" and "messages" in record and "prompt" not in record:
         return SHAPES["chat"]
+    if shape == "sft" and "text" in record and "prompt" not in record and "messages" not in record:
+        return ("text",)
     return SHAPES[shape]
 
 

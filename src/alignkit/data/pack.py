@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from alignkit.data.table import token_counts
 from alignkit.data.tokenize import TokenizedExample
 
 
@@ -180,10 +181,11 @@ def token_budget_batches(examples: list[TokenizedExample], max_tokens_per_batch:
     rng = random.Random(seed * 100_003 + epoch)
     if shuffle:
         rng.shuffle(order)
+    counts = token_counts(examples)
     batches: list[list[int]] = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: examples[i].num_tokens)
-        batches += fill_in_order(chunk, [examples[i].num_tokens for i in chunk], max_tokens_per_batch)
+        chunk = sorted(order[start:start + window], key=counts.__getitem__)
+        batches += fill_in_order(chunk, [counts[i] for i in chunk], max_tokens_per_batch)
     if shuffle:
         rng.shuffle(batches)
     return batches

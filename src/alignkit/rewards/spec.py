@@ -6,6 +6,7 @@
   constraints | math | exact_match
                    verifiable rewards reading each prompt record's `constraints` / `answer` field
                    (rewards/verifiable; `constraints+bonus` adds 1 when every constraint is met)
+  accuracy         math on each record's `solution` field (TRL's accuracy_reward and its datasets' column)
   module:attr      a Reward instance or class, or a callable f(prompt, response) -> float
   <directory>      a trained reward model (sequence classification, e.g. `alignkit rm`'s final/)
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 from alignkit.errors import ConfigError
 from alignkit.rewards.base import FunctionReward, Reward
 
-NAMED = ("synthetic", "vader", "length", "format", "align", "constraints", "constraints+bonus", "math", "exact_match")
+NAMED = ("synthetic", "vader", "length", "format", "align", "constraints", "constraints+bonus", "math", "exact_match",
+         "accuracy")
 
 
 def load_reward(spec: str, key: str = "reward") -> Reward:
@@ -29,11 +31,13 @@ def load_reward(spec: str, key: str = "reward") -> Reward:
         from alignkit.data.synthetic import sentiment_reward
 
         return FunctionReward(lambda prompt, response: sentiment_reward(response), name="synthetic")
-    if spec in ("constraints", "constraints+bonus", "math", "exact_match"):
+    if spec in ("constraints", "constraints+bonus", "math", "exact_match", "accuracy"):
         from alignkit.rewards.verifiable import ConstraintReward, ExactMatch, MathAnswer
 
         if spec.startswith("constraints"):
             return ConstraintReward(all_met_bonus=1.0 if spec.endswith("+bonus") else 0.0)
+        if spec == "accuracy":
+            return MathAnswer(field="solution", name="accuracy")
         return MathAnswer() if spec == "math" else ExactMatch()
     if spec in NAMED:
         from alignkit.rewards.text import EndsCleanly, LengthPenalty, VaderSentiment

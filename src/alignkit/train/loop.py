@@ -12,6 +12,7 @@ import math
 import random
 import shutil
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from alignkit.config import TrainConfig
 from alignkit.data import TokenizedExample, prepare_examples
 from alignkit.data.pack import PackedBatch, token_budget_batches
+from alignkit.data.table import select
 from alignkit.data.tokenize import train_on_prompt
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses import LossInputs, build_options, get_loss
@@ -182,7 +184,7 @@ def load_data(cfg: TrainConfig, tokenizer, shape: str):
         order = list(range(len(train_examples)))
         random.Random(cfg.seed).shuffle(order)
         n_eval = max(1, int(len(order) * cfg.eval_fraction))
-        return [train_examples[i] for i in order[n_eval:]], [train_examples[i] for i in order[:n_eval]]
+        return select(train_examples, order[n_eval:]), select(train_examples, order[:n_eval])
     return train_examples, []
 
 
@@ -255,7 +257,7 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     cfg = cfg.model_copy(update={"max_tokens_per_row": default_row_tokens(cfg.max_tokens_per_row, attention,
                                                                           cfg.max_tokens_per_batch)})
     train_examples, eval_examples = load_data(cfg, tokenizer, spec.data_shape)
-    check_record_fields(spec, train_examples + eval_examples)  # e.g. MODPO's other objectives' rewards
+    check_record_fields(spec, chain(train_examples, eval_examples))  # e.g. MODPO's other objectives' rewards
     if spec.output == "rewards":  # encoders read [CLS] prompt [SEP] response [SEP]
         train_examples = prepare_reward_examples(model, tokenizer, train_examples, cfg.max_length)
         eval_examples = prepare_reward_examples(model, tokenizer, eval_examples, cfg.max_length)

@@ -81,9 +81,10 @@ class MathAnswer(RecordReward):
 
     field = "answer"
 
-    def __init__(self, correct: float = 1.0, wrong: float = 0.0, rel_tol: float = 1e-6, name: str = "math"):
+    def __init__(self, correct: float = 1.0, wrong: float = 0.0, rel_tol: float = 1e-6, name: str = "math",
+                 field: str = "answer"):
         super().__init__()
-        self.correct, self.wrong, self.rel_tol, self.name = correct, wrong, rel_tol, name
+        self.correct, self.wrong, self.rel_tol, self.name, self.field = correct, wrong, rel_tol, name, field
 
     def parse(self, value):
         if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value).strip() == "":
