@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import math
@@ -12,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from alignkit.data.load import SHAPES, load_records, validate_record, write_jsonl_atomic
@@ -493,3 +494,40 @@ def test_valid_generated_records_load_back_unchanged(data, shape):
         loaded = load_records(path, shape=shape)
     assert _strip(loaded) == records
     assert [r["_row"] for r in loaded] == list(range(1, len(records) + 1))
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False,
+                           allow_infinity=False) | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                       max_size=3), max_leaves=8)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.lists(json_values, max_size=6), indent=st.sampled_from([None, 1]), chunk=st.integers(1, 9),
+       bom=st.booleans())
+def test_a_json_list_is_streamed_element_by_element_exactly(tmp_path, monkeypatch, values, indent, chunk, bom):
+    """Read in chunks of a few bytes (every element, number and multi-byte character cut somewhere), the
+    elements equal json.loads of the whole file."""
+    import alignkit.data.load as load_module
+
+    monkeypatch.setattr(load_module, "JSON_CHUNK", chunk)
+    path = tmp_path / "d.json"
+    text = json.dumps(values, indent=indent, ensure_ascii=False)
+    path.write_bytes((codecs.BOM_UTF8 if bom else b"") + text.encode())
+    assert [v for _, v in load_module._read_json(str(path))] == json.loads(text)
+
+
+def test_a_malformed_json_list_names_the_line_and_column(tmp_path, monkeypatch):
+    import alignkit.data.load as load_module
+
+    monkeypatch.setattr(load_module, "JSON_CHUNK", 3)
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"prompt": "a"},\n  {"prompt": "b"} {"prompt": "c"}\n]')
+    with pytest.raises(DataError, match=r"d.json: malformed JSON \(expected ',' or '\]' at line 3 column 19\)"):
+        list(load_module._read_json(str(path)))
+    path.write_bytes(b'[{"prompt": "a"}, {"prompt": "\xff"}]')
+    with pytest.raises(DataError, match=r"not valid UTF-8 \(byte offset 30\)"):
+        list(load_module._read_json(str(path)))
+    path.write_text('[{"prompt": "a"}] 7')
+    with pytest.raises(DataError, match="extra data after the list"):
+        list(load_module._read_json(str(path)))
