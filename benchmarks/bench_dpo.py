@@ -44,9 +44,11 @@ LABELS = {
 # Running one contender.
 
 
-def run_worker(name: str, spec_path: Path, log_dir: Path) -> dict:
+def run_worker(name: str, spec_path: Path, log_dir: Path, rss_cap_gb: float | None = None,
+               time_cap_s: float | None = None) -> dict:
     """`name` in a fresh interpreter; returns its result dict plus the parent's own RSS polling (psutil) and the
-    load average around it (other processes on the machine make timings noisy)."""
+    load average around it (other processes on the machine make timings noisy). rss_cap_gb: the child is killed
+    once its RSS passes it (it does not fit); time_cap_s: killed after that long."""
     import psutil
 
     result_path = log_dir / f"{name}.result.json"
@@ -66,6 +68,17 @@ def run_worker(name: str, spec_path: Path, log_dir: Path) -> dict:
                 polled_peak = max(polled_peak, rss)
             except psutil.Error:
                 pass
+            over_memory = rss_cap_gb is not None and polled_peak > rss_cap_gb * 2**30
+            over_time = time_cap_s is not None and time.perf_counter() - tic > time_cap_s
+            if over_memory or over_time:
+                child.kill()
+                child.wait()
+                wall = time.perf_counter() - tic
+                reason = (f"over the {rss_cap_gb:g} GB cap (killed at {polled_peak / 2**30:.1f} GB)" if over_memory
+                          else f"over the {time_cap_s:g} s cap")
+                print(f"  {name}: {reason}", flush=True)
+                return {"wall_s": wall, "polled_peak_rss_kb": polled_peak // 1024, "error": reason,
+                        "over_memory": over_memory, "over_time": over_time, "log": str(log_path)}
             time.sleep(0.1)
     wall = time.perf_counter() - tic
     outcome = {"wall_s": wall, "polled_peak_rss_kb": polled_peak // 1024, "load_before": load_before,

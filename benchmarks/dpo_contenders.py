@@ -131,11 +131,15 @@ class Probe:
     of the first step to the end of the last (Linux VmHWM, reset through /proc/self/clear_refs)."""
 
     def __init__(self):
+        self.step_begins: list[float] = []  # where a contender reports it (TRL: on_step_begin; alignkit: Stepper.step)
         self.step_ends: list[float] = []
         self.step_cpu: list[float] = []  # process CPU seconds (all threads) at each step end
         self.losses: list[float] = []
         self.peak_before_reset_kb = 0
         self.train_peak_kb = None
+
+    def step_begin(self) -> None:
+        self.step_begins.append(time.perf_counter())
 
     def step_end(self, loss: float) -> None:
         self.step_ends.append(time.perf_counter())
@@ -153,7 +157,7 @@ class Probe:
         hwm = _status_kb("VmHWM")
         self.train_peak_kb = hwm if getattr(self, "reset_ok", False) else None
         process_peak_kb = max(self.peak_before_reset_kb, hwm, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-        return {"step_ends": self.step_ends, "step_cpu": self.step_cpu, "losses": self.losses,
+        return {"step_begins": self.step_begins, "step_ends": self.step_ends, "step_cpu": self.step_cpu, "losses": self.losses,
                 "peak_rss_kb": process_peak_kb,
                 "train_peak_rss_kb": self.train_peak_kb}
 
@@ -184,6 +188,9 @@ def run_trl(spec: dict, variant: str) -> dict:
             return out
 
     class StepEnd(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            probe.step_begin()
+
         def on_step_end(self, args, state, control, **kwargs):
             probe.step_end(trainer.step_loss)
 
@@ -231,6 +238,13 @@ def run_alignkit(spec: dict, precision: str, **options) -> dict:
             probe.step_end(metrics["loss"])
             super().write(step, metrics)
 
+    step = loop.Stepper.step
+
+    def probed_step(self, *args, **kwargs):
+        probe.step_begin()
+        return step(self, *args, **kwargs)
+
+    loop.Stepper.step = probed_step
     loop.plan_steps = fixed_plan
     loop.save_final = lambda *args, **kwargs: None
     loop.write_model_card = lambda *args, **kwargs: None  # it writes into final/, which is not saved here

@@ -209,6 +209,7 @@ def test_cli_online(task, tmp_path, capsys):
     assert summary["method"] == "rloo" and summary["rounds"] == 2 and summary["kl_to_start"] is not None
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert main(["online", "--help"]) == 0 and "--apo_alpha" in capsys.readouterr().out
-    # GRPO / RLOO / PPO are online: the offline trainer points there instead of failing on a data file
+    # GRPO / RLOO / PPO are online (`alignkit grpo` = `alignkit online --method grpo`): a training set is named
     assert main(["grpo", "--model", "x", "--train_data", "x.jsonl"]) == 2
-    assert "alignkit online --method grpo" in capsys.readouterr().err.replace("\n", " ")
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "'train_data'" in err and "--prompts p.jsonl" in err

@@ -102,6 +102,9 @@ class OptimConfig(Strict):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     selective_recompute: bool = Field(False, description="keep matmul outputs, recompute RMSNorm and SwiGLU in "
                                                          "backward (between all activations and checkpointing)")
+    release_memory: bool = Field(True, description="hand freed activations back to the OS at once (glibc: a fixed "
+                                                   "mmap threshold); off: the C library's default, which can keep GBs "
+                                                   "of freed activations in its heap")
     attention: Literal["packed_sdpa", "sdpa", "eager", "flex_attention"] = Field(
         "packed_sdpa", description="attention over packed rows: packed_sdpa runs SDPA per example span (no cost for "
                                    "long rows); sdpa/eager use a dense block mask per row; flex_attention a "
@@ -168,7 +171,7 @@ class TrainConfig(OptimConfig):
 
 # Keys a resumed run may change: they do not change what is trained (the rest must equal the saved config).
 RESUMABLE_KEYS = frozenset({"output_dir", "progress", "log_every", "save_every", "keep_last", "eval_every", "report_to",
-                            "run_name", "max_memory_gb"})
+                            "run_name", "max_memory_gb", "release_memory"})
 
 
 def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

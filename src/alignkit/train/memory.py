@@ -9,11 +9,38 @@ tokens (no [L, L] tensor), so a per-token rate holds for any length."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
+import sys
+
 import torch
 
 from alignkit.data.pack import fill_in_order, pack
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError
+
+log = logging.getLogger("alignkit.train")
+MMAP_THRESHOLD = 4 << 20  # smaller blocks stay in the heap: short sequences' many small tensors reuse it fast
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def release_freed_memory() -> bool:
+    """Allocations from 4 MiB up are mmapped for the rest of the process, so a freed activation goes back to the
+    OS at once. glibc starts at 128 KiB but raises the threshold to the size of each mmapped block freed (up to
+    32 MiB); after a few steps, activations of that size are carved from its heap, and what is freed there stays
+    in the process. Measured on a checkpointed DPO step of 4 pairs x 2k-token prompts (SmolLM2, fp32): peak RSS
+    5.8 GB with glibc's default, 3.4 GB at 4 MiB (3.0 GB at 128 KiB, but short prompts' steps were 20 % slower
+    there: their many MB-sized tensors then each cost fresh page faults). Returns whether the setting took (glibc
+    only; elsewhere the C library's own policy stays)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+
 
 HEADROOM = 1.25  # backward's transient activation gradients and the vocabulary chunk, over what is kept
 

@@ -41,10 +41,15 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
 
 
 def prepare_model(model, cfg: OptimConfig, ctx: Dist, reward_model: bool = False):
-    """This rank's device (several processes), packed attention, gradient checkpointing, LoRA adapters."""
+    """Freed memory handed back to the OS (release_memory), this rank's device (several processes), packed
+    attention, selective recomputation, gradient checkpointing, LoRA adapters."""
     if reward_model and (cfg.lora is not None or ctx.enabled):
         key = "lora" if cfg.lora is not None else "distributed"
         raise ConfigError(key, "reward-model training runs in one process without lora for now")
+    if cfg.release_memory:
+        from alignkit.train.memory import release_freed_memory
+
+        release_freed_memory()
     if ctx.device is not None:
         model.to(ctx.device)
     if not reward_model:
