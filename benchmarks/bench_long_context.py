@@ -66,8 +66,10 @@ def loss_check(length: int, args) -> dict:
 
 
 def markdown(rows: list[dict], checks: list[dict], args, machine: dict) -> str:
+    rows = sorted(rows, key=lambda r: (r["prompt_length"], r["pairs_per_step"]))  # stable: contenders keep order
+    checks = sorted(checks, key=lambda c: c["prompt_length"])
     out = ["# Long prompts: DPO on SmolLM2-135M-Instruct, alignkit vs TRL 1.16", "",
-           f"`{machine['command']}`", "",
+           *[f"`{c}`" for c in machine.get("commands", [machine["command"]])], "",
            "fp32, answers 60-90 tokens, prompts within ±5 % of the nominal length; one timed step per run (a warm-up "
            "step first at 512); each run in its own process, killed once its RSS passed "
            f"{args.cap_gb:g} GB (the machine has 24 GB). s/pair = the timed step's seconds / pairs in it.", "",
@@ -82,7 +84,7 @@ def markdown(rows: list[dict], checks: list[dict], args, machine: dict) -> str:
                        f"does not fit: {r['error']} | | |" if r.get("over_memory") else
                        f"| {r['prompt_length']} | {r['pairs_per_step']} | {r['contender']} | {r['error']} | | | |")
             continue
-        ratio = f"{trl['seconds_per_pair'] / r['seconds_per_pair']:.2f}× faster" if trl else "–"
+        ratio = f"**{trl['seconds_per_pair'] / r['seconds_per_pair']:.2f}×**" if trl else "–"
         rss = f"{r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}" if trl else "–"
         out.append(f"| {r['prompt_length']} | {r['pairs_per_step']} | {r['contender']} | {r['seconds_per_pair']:.1f} | "
                    f"{r['peak_rss_gb']:.2f} | {ratio} | {rss} |")
@@ -117,6 +119,7 @@ def chart(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = sorted(rows, key=lambda r: (r["prompt_length"], r["pairs_per_step"]))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name in dict.fromkeys(r["contender"] for r in rows):
         for pairs, style in ((1, "-o"), (4, "--s")):
@@ -149,9 +152,24 @@ def main(argv=None) -> None:
     parser.add_argument("--time-cap-s", type=float, default=3600.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="long_context")
+    parser.add_argument("--report", action="store_true", help="rewrite the Markdown and PNG from the JSON only")
+    parser.add_argument("--append", action="store_true", help="add to the results already in --name's JSON (a "
+                        "sweep run in parts: e.g. the longest prompts for one contender only)")
     args = parser.parse_args(argv)
     rows, checks, failed = [], [], {}
     stem = RESULTS / args.name
+    if args.append and stem.with_suffix(".json").exists():
+        saved = json.loads(stem.with_suffix(".json").read_text())
+        rows, checks = saved["rows"], saved["loss_checks"]
+        for r in rows:
+            if r.get("over_memory") and not r.get("skipped"):
+                failed.setdefault(r["contender"], []).append((r["prompt_length"], r["pairs_per_step"]))
+    if args.report:
+        saved = json.loads(stem.with_suffix(".json").read_text())
+        stem.with_suffix(".md").write_text(markdown(saved["rows"], saved["loss_checks"], args, saved["machine"]))
+        chart(saved["rows"], stem.with_suffix(".png"))
+        return
+    commands = [*saved.get("commands", [saved["machine"]["command"]])] if args.append and rows else []
     for length in args.lengths:
         for pairs in args.pairs:
             if pairs > 1 and length > args.four_pairs_up_to:
@@ -175,8 +193,10 @@ def main(argv=None) -> None:
                 print(f"loss check at {length} ...", flush=True)
                 checks.append(loss_check(length, args))
             machine = {**bench_dpo.machine_info(), "command": bench_dpo.command_line()}
+            machine["commands"] = [*commands, machine["command"]]
             RESULTS.mkdir(exist_ok=True)  # written after every batch: a long sweep keeps what it measured
             stem.with_suffix(".json").write_text(json.dumps({"rows": rows, "loss_checks": checks, "machine": machine,
+                                                             "commands": machine["commands"],
                                                              "longest_at_1_pair": longest_trained(rows)}, indent=2))
             stem.with_suffix(".md").write_text(markdown(rows, checks, args, machine))
             chart(rows, stem.with_suffix(".png"))
