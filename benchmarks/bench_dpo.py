@@ -58,6 +58,7 @@ def run_worker(name: str, spec_path: Path, log_dir: Path, rss_cap_gb: float | No
                "--result", str(result_path)]
     load_before = os.getloadavg()[0]
     tic = time.perf_counter()
+    reason, over_memory = None, False
     with log_path.open("w") as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
         polled_peak = 0
@@ -69,20 +70,21 @@ def run_worker(name: str, spec_path: Path, log_dir: Path, rss_cap_gb: float | No
             except psutil.Error:
                 pass
             over_memory = rss_cap_gb is not None and polled_peak > rss_cap_gb * 2**30
-            over_time = time_cap_s is not None and time.perf_counter() - tic > time_cap_s
-            if over_memory or over_time:
+            if over_memory:
+                reason = f"over the {rss_cap_gb:g} GB cap (killed at {polled_peak / 2**30:.1f} GB)"
+            elif time_cap_s is not None and time.perf_counter() - tic > time_cap_s:
+                reason = f"over the {time_cap_s:g} s cap"
+            if reason:
                 child.kill()
                 child.wait()
-                wall = time.perf_counter() - tic
-                reason = (f"over the {rss_cap_gb:g} GB cap (killed at {polled_peak / 2**30:.1f} GB)" if over_memory
-                          else f"over the {time_cap_s:g} s cap")
-                print(f"  {name}: {reason}", flush=True)
-                return {"wall_s": wall, "polled_peak_rss_kb": polled_peak // 1024, "error": reason,
-                        "over_memory": over_memory, "over_time": over_time, "log": str(log_path)}
+                break
             time.sleep(0.1)
     wall = time.perf_counter() - tic
     outcome = {"wall_s": wall, "polled_peak_rss_kb": polled_peak // 1024, "load_before": load_before,
                "load_after": os.getloadavg()[0], "log": str(log_path)}
+    if reason:
+        print(f"  {name}: {reason}", flush=True)
+        return {**outcome, "error": reason, "over_memory": over_memory, "over_time": not over_memory}
     if child.returncode != 0 or not result_path.exists():
         tail = log_path.read_text()[-3000:]
         print(f"  {name}: FAILED (exit {child.returncode}); log {log_path}\n{tail}", file=sys.stderr)

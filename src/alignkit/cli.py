@@ -145,9 +145,6 @@ def main(argv: list[str] | None = None) -> int:
 
             if command != "online":  # `alignkit grpo --config grpo.yaml`, as `trl grpo` is called
                 overrides = {"method": command, **overrides}
-            if "train_data" in overrides:
-                raise ConfigError("train_data", f"'{overrides.get('method', command)}' is online: it samples from "
-                                  "prompts (--prompts p.jsonl, records with a prompt), not from a training set")
             run_online_cli(config, overrides)  # logs the reward gain and where it wrote
         elif command == "align":
             from alignkit.recipes.align import run_align

@@ -286,6 +286,9 @@ def route_key(key: str, cls: type[BaseModel], option_names: set[str] = frozenset
         return key
     if key in RENAMED:
         raise ConfigError(key, f"renamed: use {RENAMED[key]}")
+    if key == "train_data" and "prompts" in cls.model_fields:  # named before a missing `prompts` is
+        raise ConfigError(key, "online methods sample from prompts (--prompts p.jsonl, records with a prompt), not "
+                               "from a training set")
     if key in option_names and "loss_options" in cls.model_fields:
         return f"loss_options.{key}"
     owners = [name for name, section in _sections(cls).items() if key in section.model_fields]

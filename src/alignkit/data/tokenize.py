@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from itertools import islice
 
+from alignkit.data.load import SHAPES, fields_of
 from alignkit.data.template import render, render_chat_turns
 from alignkit.errors import DataError
 
@@ -113,11 +114,11 @@ def render_record(tokenizer, record: dict, shape: str) -> tuple[list[str], _Plan
 
 
 def _is_text(record: dict, shape: str) -> bool:
-    return shape == "sft" and "text" in record and "prompt" not in record and "messages" not in record
+    return shape == "sft" and fields_of(record, shape) == ("text",)
 
 
 def _is_chat(record: dict, shape: str) -> bool:
-    return shape == "chat" or shape == "sft" and "messages" in record and "prompt" not in record
+    return shape == "chat" or shape == "sft" and fields_of(record, shape) == SHAPES["chat"]
 
 
 def assemble(record: dict, plan: _Plan, ids: list[list[int]], max_length: int,
