@@ -104,7 +104,8 @@ def run_alignkit(args, engine_precision: str, precision: str = "fp32") -> dict:
         "method": "grpo", "model": args.model, "prompts": "-", "output_dir": out, "rounds": steps,
         "prompts_per_round": args.prompts, "num_samples": args.k, "max_new_tokens": args.new_tokens,
         "temperature": 1.0, "kl_coef": 0.04, "learning_rate": 1e-6, "eval_samples": 1, "progress": False,
-        "max_length": 2048, "engine_precision": engine_precision, "precision": precision})
+        "max_length": 2048, "engine_precision": engine_precision, "precision": precision,
+        "max_tokens_per_batch": args.max_tokens_per_batch})
     reward = FunctionReward(lambda prompt, response: vader_scores([response])[0], name="vader")
     result = run_online(cfg, prompts=prompts(args.prompts * steps), eval_prompts=prompts(1), reward=reward)
     timed = result.rounds[1:]
@@ -162,6 +163,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--max-tokens-per-batch", type=int, default=4096,
+                        help="alignkit's learner micro-batch (the step's gradient is the same at any size)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--reuse", action="store_true", help="keep the other contenders of results/grpo.json")
     parser.add_argument("--one", choices=CONTENDERS, help=argparse.SUPPRESS)

@@ -221,6 +221,49 @@ def test_fast_engine_weight_push_equals_reloading(task):
     assert pushed.ids == reloaded.ids and pushed.logprobs == reloaded.logprobs and pushed.ids != before.ids
 
 
+def test_fast_engine_sleeps_through_the_learner_and_wakes_with_the_new_weights(task, tmp_path, monkeypatch):
+    """sleep() drops the engine's weight copies (the learner's peak does not carry them), generate refuses to run
+    asleep, and the next update_weights brings it back: an online round scores and learns with the engine asleep."""
+    from alignkit.generate.engines import FastEngine
+
+    model = copy.deepcopy(task.model)
+    engine = FastEngine(model, task.tokenizer)
+    ids = encode_prompts(task.tokenizer, prompts(4, seed=7))
+    cfg = SamplingConfig(max_new_tokens=8, seed=4)
+    before = engine.generate(ids, cfg, 2)
+    engine.sleep()
+    assert engine.layers is None and engine.head is None and engine.embed is None
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(ids, cfg, 2)
+    engine.update_weights(model)
+    awake = engine.generate(ids, cfg, 2)
+    assert awake.ids == before.ids and awake.logprobs == before.logprobs
+
+    events, held = [], []
+    real_sleep, real_update, real_learn = FastEngine.sleep, FastEngine.update_weights, online_run._learn
+
+    def sleep(self):
+        events.append("sleep")
+        held.append(self)
+        real_sleep(self)
+
+    def update(self, policy):
+        events.append("update")
+        real_update(self, policy)
+
+    def learn(*args):
+        events.append("learn, engine asleep" if held and held[-1].layers is None else "learn, engine awake")
+        return real_learn(*args)
+
+    monkeypatch.setattr(FastEngine, "sleep", sleep)
+    monkeypatch.setattr(FastEngine, "update_weights", update)
+    monkeypatch.setattr(online_run, "_learn", learn)
+    result, _ = one_round(task, tmp_path, "grpo", engine="fast")
+    # built, asleep for scoring and learning, woken by the weight push (then sampled the final evaluation)
+    assert events == ["update", "sleep", "learn, engine asleep", "update"]
+    assert result.rounds[0]["engine_gap_mean"] < 1e-4  # and sampled from the policy's weights before it slept
+
+
 def test_fast_engine_samples_a_lora_policy_with_its_adapters_merged(task):
     """The fast engine folds the adapters' B A * scaling into its own weight copy: its samples and log-probs equal
     those of the merged model, the policy's weights stay as they were, and an adapted embedding is refused."""

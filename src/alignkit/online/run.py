@@ -25,7 +25,7 @@ from safetensors.torch import load_model, save_model
 
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError
-from alignkit.generate.engines import make_engine
+from alignkit.generate.engines import make_engine, sleep_engine
 from alignkit.generate.sample import SamplingConfig
 from alignkit.models.lora import merged_for_save
 from alignkit.models.value_head import PolicyWithValueHead
@@ -255,11 +255,14 @@ def _round(cfg: OnlineConfig, spec, opts, method, stepper: Stepper, engine, poli
     rollout, sampling_metrics = _collect_rollout(cfg, engine, policy, tokenizer, prompts, reward, round_ctx,
                                                  round_index, stepper.ctx)
     tic = time.perf_counter()
+    if rollout.examples:
+        sleep_engine(engine)  # its weight copies go stale at this round's step: scoring and learning run without them
     experience = method.experience(rollout, round_ctx) if rollout.examples else None
     scored = time.perf_counter()
     metrics = {**sampling_metrics, **round_ctx.metrics}
     if experience is not None:
         metrics.update(_learn(cfg, spec, opts, stepper, experience, round_index, pad_id))
+    if rollout.examples:
         engine.update_weights(policy)
     learned = time.perf_counter()
     rewards = rollout.rewards[~rollout.rewards.isnan()]

@@ -88,6 +88,11 @@ class FastEngine:
         self.tokenizer, self.dtype = tokenizer, torch.bfloat16 if dtype == "bf16" else None
         self.update_weights(model)
 
+    def sleep(self) -> None:
+        """Drop the engine's weight copies while the learner runs (they are rebuilt by the next update_weights, as
+        vLLM's sleep mode frees its weights between rollouts): the learner's peak does not carry them."""
+        self.layers = self.embed = self.norm = self.head = None
+
     @torch.no_grad()
     def update_weights(self, model) -> None:
         """Copy the policy's weights (LoRA deltas merged) into the engine's fused layout (one pass over the weights)."""
@@ -182,6 +187,9 @@ class FastEngine:
     def generate(self, prompt_ids: list[list[int]], sampling, num_samples: int = 1) -> Generation:
         """num_samples samples per prompt, in chunks of sampling.batch_size prompts, each chunk seeded by
         sampling.seed + its first prompt's index (so the same prompts give the same samples)."""
+        if self.layers is None:
+            raise RuntimeError("the fast engine is asleep (its weights were dropped for the learner): call "
+                               "update_weights(model) before generate")
         tokenizer = self.tokenizer
         end_ids = stop_token_ids(tokenizer, sampling.stop)
         out = Generation(list(prompt_ids), [], [], [], [], [])

@@ -1,0 +1,89 @@
+"""RSS by phase of alignkit online GRPO rounds at bench_grpo.py's setting: where the process's peak comes from.
+
+    python benchmarks/profile_online_rss.py                               # fp32, as bench_grpo's `alignkit`
+    python benchmarks/profile_online_rss.py --precision bf16 --engine-precision bf16
+    python benchmarks/profile_online_rss.py --max-tokens-per-batch 512    # the learner in smaller micro-batches
+
+SmolLM2-135M-Instruct, 4 prompts x k = 4, <= 64 new tokens, VADER reward, beta 0.04, three rounds. A thread samples
+VmRSS every 20 ms and keeps the peak of each phase: load, rollout (generation and reward), scoring (reference and
+old-policy log-probs), learning (forward, backward, optimizer), the engine's weight update. Not run in CI."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def rss_gb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--engine-precision", default="fp32")
+    parser.add_argument("--max-tokens-per-batch", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    phase, peaks = ["load"], {}
+
+    def sample():
+        while True:
+            peaks[phase[0]] = max(peaks.get(phase[0], 0.0), rss_gb())
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
+
+    import alignkit.online.run as run
+    from alignkit.generate.engines import fast
+    from alignkit.online import online_config
+    from alignkit.rewards.base import FunctionReward
+    from bench_grpo import prompts, vader_scores
+
+    def marked(name, fn):
+        def wrapper(*a, **k):
+            previous, phase[0] = phase[0], name
+            try:
+                return fn(*a, **k)
+            finally:
+                phase[0] = previous
+        return wrapper
+
+    run._collect_rollout = marked("rollout", run._collect_rollout)
+    run._learn = marked("learn", run._learn)
+    fast.FastEngine.update_weights = marked("engine update", fast.FastEngine.update_weights)
+    grpo = run.ONLINE_METHODS["grpo"]
+    run.ONLINE_METHODS["grpo"] = dataclasses.replace(grpo, experience=marked("score", grpo.experience))
+    cfg = online_config({
+        "method": "grpo", "model": "smollm2-135m-instruct", "prompts": "-", "output_dir": tempfile.mkdtemp(),
+        "rounds": args.rounds, "prompts_per_round": 4, "num_samples": 4, "max_new_tokens": 64, "temperature": 1.0,
+        "kl_coef": 0.04, "learning_rate": 1e-6, "eval_samples": 1, "progress": False, "max_length": 2048,
+        "engine_precision": args.engine_precision, "precision": args.precision,
+        "max_tokens_per_batch": args.max_tokens_per_batch, "evaluate": False})
+    reward = FunctionReward(lambda prompt, response: vader_scores([response])[0], name="vader")
+    phase[0] = "setup"
+    result = run.run_online(cfg, prompts=prompts(4 * args.rounds), eval_prompts=prompts(1), reward=reward)
+    phase[0] = "done"
+    time.sleep(0.1)
+    seconds = sum(r["time/generate_s"] + r["time/reward_s"] + r["time/score_s"] + r["time/learner_s"]
+                  for r in result.rounds[1:]) / max(1, len(result.rounds) - 1)
+    out = {"args": vars(args), "peak_rss_gb_by_phase": {k: round(v, 3) for k, v in peaks.items()},
+           "process_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+           "s_per_round_after_first": seconds}
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
