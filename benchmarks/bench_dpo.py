@@ -36,6 +36,8 @@ LABELS = {
     "alignkit_bf16": ("alignkit train(), precision: bf16", "bf16 autocast"),
     "alignkit_fp32_gc": ("alignkit train(), gradient_checkpointing: true", "fp32"),
     "alignkit_fp32_selective": ("alignkit train(), selective_recompute: true", "fp32"),
+    "alignkit_fp32_no_release": ("alignkit train(), release_memory: false (glibc's default policy)", "fp32"),
+    "alignkit_fp32_gc_no_release": ("alignkit train(), gradient_checkpointing: true, release_memory: false", "fp32"),
     "alignkit_fp32_gc_planned4": ("alignkit train(), gradient_checkpointing: true, max_memory_gb: 4", "fp32"),
 }
 

@@ -73,21 +73,27 @@ def markdown(rows: list[dict], checks: list[dict], args, machine: dict) -> str:
            "fp32, answers 60-90 tokens, prompts within ±5 % of the nominal length; one timed step per run (a warm-up "
            "step first at 512); each run in its own process, killed once its RSS passed "
            f"{args.cap_gb:g} GB (the machine has 24 GB). s/pair = the timed step's seconds / pairs in it.", "",
-           "| prompt tokens | pairs/step | contender | s/pair | peak RSS GB | speed vs TRL fastest | RSS ÷ TRL fastest |",
-           "|---:|---:|---|---:|---:|---:|---:|"]
-    base = {(r["prompt_length"], r["pairs_per_step"]): r for r in rows
-            if r["contender"] == "trl_fastest" and "error" not in r}
+           "| prompt tokens | pairs/step | contender | s/pair | peak RSS GB | speed vs TRL fastest | RSS ÷ TRL fastest "
+           "| speed vs TRL defaults | RSS ÷ TRL defaults |",
+           "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+
+    def anchor(name):
+        return {(r["prompt_length"], r["pairs_per_step"]): r for r in rows if r["contender"] == name and "error" not in r}
+
+    anchors = [anchor("trl_fastest"), anchor("trl_defaults")]
     for r in rows:
-        trl = base.get((r["prompt_length"], r["pairs_per_step"]))
         if "error" in r:
             out.append(f"| {r['prompt_length']} | {r['pairs_per_step']} | {r['contender']} | – | "
-                       f"does not fit: {r['error']} | | |" if r.get("over_memory") else
-                       f"| {r['prompt_length']} | {r['pairs_per_step']} | {r['contender']} | {r['error']} | | | |")
+                       f"does not fit: {r['error']} | | | | |" if r.get("over_memory") else
+                       f"| {r['prompt_length']} | {r['pairs_per_step']} | {r['contender']} | {r['error']} | | | | | |")
             continue
-        ratio = f"**{trl['seconds_per_pair'] / r['seconds_per_pair']:.2f}×**" if trl else "–"
-        rss = f"{r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}" if trl else "–"
+        cells = []
+        for base in anchors:
+            trl = base.get((r["prompt_length"], r["pairs_per_step"]))
+            cells += [f"**{trl['seconds_per_pair'] / r['seconds_per_pair']:.2f}×**" if trl else "–",
+                      f"{r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}" if trl else "–"]
         out.append(f"| {r['prompt_length']} | {r['pairs_per_step']} | {r['contender']} | {r['seconds_per_pair']:.1f} | "
-                   f"{r['peak_rss_gb']:.2f} | {ratio} | {rss} |")
+                   f"{r['peak_rss_gb']:.2f} | {' | '.join(cells)} |")
     out += ["", "## Longest prompt trained at 1 pair per step within the cap", "", "| contender | longest prompt |",
             "|---|---:|"]
     for name, longest in longest_trained(rows).items():

@@ -268,6 +268,9 @@ CONTENDERS = {
     "alignkit_bf16": lambda spec: run_alignkit(spec, "bf16"),
     "alignkit_fp32_gc": lambda spec: run_alignkit(spec, "fp32", gradient_checkpointing=True),
     "alignkit_fp32_selective": lambda spec: run_alignkit(spec, "fp32", selective_recompute=True),
+    "alignkit_fp32_no_release": lambda spec: run_alignkit(spec, "fp32", release_memory=False),
+    "alignkit_fp32_gc_no_release": lambda spec: run_alignkit(spec, "fp32", gradient_checkpointing=True,
+                                                             release_memory=False),
     "alignkit_fp32_gc_planned4": lambda spec: run_alignkit(spec, "fp32", gradient_checkpointing=True, max_memory_gb=4.0),
 }
 

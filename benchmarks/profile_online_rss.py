@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--engine-precision", default="fp32")
     parser.add_argument("--max-tokens-per-batch", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--release", action="store_true", help="release_memory: true")
     args = parser.parse_args()
     phase, peaks = ["load"], {}
 
@@ -71,7 +72,7 @@ def main() -> None:
         "rounds": args.rounds, "prompts_per_round": 4, "num_samples": 4, "max_new_tokens": 64, "temperature": 1.0,
         "kl_coef": 0.04, "learning_rate": 1e-6, "eval_samples": 1, "progress": False, "max_length": 2048,
         "engine_precision": args.engine_precision, "precision": args.precision,
-        "max_tokens_per_batch": args.max_tokens_per_batch, "evaluate": False})
+        "max_tokens_per_batch": args.max_tokens_per_batch, "evaluate": False, "release_memory": args.release or None})
     reward = FunctionReward(lambda prompt, response: vader_scores([response])[0], name="vader")
     phase[0] = "setup"
     result = run.run_online(cfg, prompts=prompts(4 * args.rounds), eval_prompts=prompts(1), reward=reward)

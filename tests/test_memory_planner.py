@@ -125,3 +125,21 @@ def test_release_memory_hands_freed_activations_back_to_the_os():
 
     assert kept_mb("default") > 200
     assert kept_mb("release") < 30
+
+
+def test_release_memory_is_on_where_the_run_asks_for_less_memory():
+    """By default the threshold is held only with checkpointing or a memory budget (it costs page faults); an
+    explicit setting wins either way."""
+    from alignkit.config import TrainConfig
+    from alignkit.online import online_config
+    from alignkit.train.step import release_memory
+
+    def cfg(**kw):
+        return TrainConfig(**{"model": "tiny", "train_data": "x.jsonl", "output_dir": "out", **kw})
+
+    assert not release_memory(cfg())
+    assert release_memory(cfg(gradient_checkpointing=True))
+    assert release_memory(cfg(max_memory_gb=4.0))
+    assert not release_memory(cfg(gradient_checkpointing=True, release_memory=False))
+    assert release_memory(cfg(release_memory=True))
+    assert not release_memory(online_config({"method": "grpo", "model": "tiny", "prompts": "-", "output_dir": "o"}))

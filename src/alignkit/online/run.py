@@ -53,6 +53,7 @@ from alignkit.train.loop import (
     set_seed,
 )
 from alignkit.train.model_card import training_state, write_model_card
+from alignkit.train.memory import trim_freed_memory
 from alignkit.train.step import Stepper, prepare_model
 
 log = logging.getLogger("alignkit.online")
@@ -264,6 +265,7 @@ def _round(cfg: OnlineConfig, spec, opts, method, stepper: Stepper, engine, poli
         metrics.update(_learn(cfg, spec, opts, stepper, experience, round_index, pad_id))
     if rollout.examples:
         engine.update_weights(policy)
+        trim_freed_memory()  # what the learner and the engine's old copies freed in the heap: back to the OS
     learned = time.perf_counter()
     rewards = rollout.rewards[~rollout.rewards.isnan()]
     total = rollout.generate_seconds + rollout.reward_seconds + (learned - tic)

@@ -42,6 +42,20 @@ def release_freed_memory() -> bool:
         return False
 
 
+def trim_freed_memory() -> bool:
+    """Hand the free pages of glibc's heap back to the OS now (malloc_trim): what a phase freed in the heap (a
+    learner's activations, the engine's old weights) then no longer counts against the next phase's peak. Returns
+    whether it ran (glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 HEADROOM = 1.25  # backward's transient activation gradients and the vocabulary chunk, over what is kept
 
 

@@ -40,13 +40,21 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return factor
 
 
+def release_memory(cfg: OptimConfig) -> bool:
+    """release_memory as set, else on where the run asked for less memory (checkpointing, a memory budget): there
+    it halves the peak, while a run without them keeps glibc's faster heap reuse."""
+    if cfg.release_memory is not None:
+        return cfg.release_memory
+    return cfg.gradient_checkpointing or getattr(cfg, "max_memory_gb", None) is not None  # (offline only)
+
+
 def prepare_model(model, cfg: OptimConfig, ctx: Dist, reward_model: bool = False):
     """Freed memory handed back to the OS (release_memory), this rank's device (several processes), packed
     attention, selective recomputation, gradient checkpointing, LoRA adapters."""
     if reward_model and (cfg.lora is not None or ctx.enabled):
         key = "lora" if cfg.lora is not None else "distributed"
         raise ConfigError(key, "reward-model training runs in one process without lora for now")
-    if cfg.release_memory:
+    if release_memory(cfg):
         from alignkit.train.memory import release_freed_memory
 
         release_freed_memory()
