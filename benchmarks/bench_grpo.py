@@ -26,7 +26,8 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 # alignkit: fp32 throughout (the fast engine's default); _bf16_engine: bf16 engine weights; _bf16: bf16 engine and
 # bf16 autocast training
-CONTENDERS = ("trl", "alignkit", "alignkit_bf16_engine", "alignkit_bf16")
+# trl_bf16: TRL's bf16=True (autocast), the like-for-like anchor of alignkit_bf16
+CONTENDERS = ("trl", "alignkit", "alignkit_bf16_engine", "alignkit_bf16", "trl_bf16")
 
 
 def prompts(n: int) -> list:
@@ -46,7 +47,7 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
-def run_trl(args) -> dict:
+def run_trl(args, bf16: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -79,7 +80,7 @@ def run_trl(args) -> dict:
     config = GRPOConfig(output_dir=out, per_device_train_batch_size=args.prompts * args.k, num_generations=args.k,
                         max_completion_length=args.new_tokens, temperature=1.0, beta=0.04, learning_rate=1e-6,
                         loss_type="grpo", max_steps=steps, logging_steps=1, report_to="none", use_cpu=True,
-                        bf16=False, gradient_checkpointing=False, save_strategy="no", seed=0,
+                        bf16=bf16, gradient_checkpointing=False, save_strategy="no", seed=0,
                         dataloader_num_workers=0)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer, callbacks=[Clock()])
@@ -124,14 +125,18 @@ def markdown(rows: dict, header: dict) -> str:
              f"k = {header['k']} per step, <= {header['new_tokens']} new tokens, temperature 1, beta 0.04, lr 1e-6, "
              f"VADER reward, no gradient checkpointing, no vLLM; 1 warm-up step, {header['steps']} timed, each "
              f"contender in its own process. Command: `{header['command']}`", "",
-             "| contender | s/step | samples/s | vs TRL | peak RSS | vs TRL | generate | score | learn | mean reward |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| contender | s/step | samples/s | vs TRL | peak RSS | vs TRL | vs TRL bf16 (samples/s, RSS) | generate "
+             "| score | learn | mean reward |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    trl_bf16 = rows.get("trl_bf16")
     for name, r in rows.items():
         split = r["split"] or {}
         cells = [f"{100 * split[p]:.0f}%" if p in split else "–" for p in ("generate", "score", "learner")]
+        like = (f"{r['samples_per_s'] / trl_bf16['samples_per_s']:.2f}x, {r['peak_rss_gb'] / trl_bf16['peak_rss_gb']:.2f}x"
+                if trl_bf16 else "–")
         lines.append(f"| {name} | {r['s_per_step']:.2f} | {r['samples_per_s']:.2f} | "
                      f"{r['samples_per_s'] / trl['samples_per_s']:.2f}x | {r['peak_rss_gb']:.2f} GB | "
-                     f"{r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}x | {' | '.join(cells)} | "
+                     f"{r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}x | {like} | {' | '.join(cells)} | "
                      f"{sum(r['rewards']) / len(r['rewards']):+.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -170,7 +175,7 @@ def main() -> None:
     parser.add_argument("--one", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        result = run_trl(args) if args.one == "trl" else run_alignkit(
+        result = run_trl(args, args.one == "trl_bf16") if args.one.startswith("trl") else run_alignkit(
             args, "fp32" if args.one == "alignkit" else "bf16", "bf16" if args.one == "alignkit_bf16" else "fp32")
         print("RESULT " + json.dumps(result))
         return
