@@ -47,11 +47,12 @@ def main() -> None:
 
     threading.Thread(target=sample, daemon=True).start()
 
+    from bench_grpo import prompts, vader_scores
+
     import alignkit.online.run as run
     from alignkit.generate.engines import fast
     from alignkit.online import online_config
     from alignkit.rewards.base import FunctionReward
-    from bench_grpo import prompts, vader_scores
 
     def marked(name, fn):
         def wrapper(*a, **k):

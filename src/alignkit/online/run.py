@@ -52,8 +52,8 @@ from alignkit.train.loop import (
     save_final,
     set_seed,
 )
-from alignkit.train.model_card import training_state, write_model_card
 from alignkit.train.memory import trim_freed_memory
+from alignkit.train.model_card import training_state, write_model_card
 from alignkit.train.step import Stepper, prepare_model
 
 log = logging.getLogger("alignkit.online")
