@@ -102,7 +102,7 @@ def test_a_planned_run_stays_in_its_budget_and_equals_the_unplanned_run(tmp_path
 
 FRAGMENTS = """
 import sys, torch
-from alignkit.train.memory import release_freed_memory
+from alignkit.train.memory import release_freed_memory, trim_freed_memory
 if sys.argv[1] == "release":
     assert release_freed_memory()
 def rss_mb():
@@ -113,18 +113,22 @@ del big
 tensors = [torch.ones(2**20 + 2**12 + i) for i in range(60)]  # 60 activations just over 4 MiB
 last = tensors[-1]
 del tensors  # all freed but the last
+if sys.argv[1] == "trim":
+    assert trim_freed_memory()
 print(rss_mb() - base)
 """
 
 
 def test_release_memory_hands_freed_activations_back_to_the_os():
-    """glibc's default keeps the freed ~240 MB in its heap (under the last block); held threshold: back at once."""
+    """glibc's default keeps the freed ~240 MB in its heap (under the last block); held threshold: back at once;
+    malloc_trim: back when called."""
     def kept_mb(mode):
         out = subprocess.run([sys.executable, "-c", FRAGMENTS, mode], capture_output=True, text=True, check=True)
         return float(out.stdout.strip())
 
     assert kept_mb("default") > 200
     assert kept_mb("release") < 30
+    assert kept_mb("trim") < 30  # malloc_trim after the fact (online rounds, once per round) returns them too
 
 
 def test_release_memory_is_on_where_the_run_asks_for_less_memory():

@@ -25,35 +25,39 @@ MMAP_THRESHOLD = 4 << 20  # smaller blocks stay in the heap: short sequences' ma
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
+def _glibc():
+    """The C library if it is glibc (mallopt and malloc_trim), else None (not Linux, or musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def release_freed_memory() -> bool:
     """Allocations from 4 MiB up are mmapped for the rest of the process, so a freed activation goes back to the
     OS at once. glibc starts at 128 KiB but raises the threshold to the size of each mmapped block freed (up to
     32 MiB); after a few steps, activations of that size are carved from its heap, and what is freed there stays
     in the process. Measured on a checkpointed DPO step of 4 pairs x 2k-token prompts (SmolLM2, fp32): peak RSS
     5.8 GB with glibc's default, 3.4 GB at 4 MiB (3.0 GB at 128 KiB, but short prompts' steps were 20 % slower
-    there: their many MB-sized tensors then each cost fresh page faults). Returns whether the setting took (glibc
-    only; elsewhere the C library's own policy stays)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
+    there: their many MB-sized tensors then each cost fresh page faults). Even at 4 MiB every large block is faulted
+    in again (that step: -17 % pairs/s; fp32 without checkpointing -28 %), hence on by default only where a run asked
+    for less memory (train/step.release_memory). Returns whether the setting took (glibc only; elsewhere the C
+    library's own policy stays)."""
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def trim_freed_memory() -> bool:
     """Hand the free pages of glibc's heap back to the OS now (malloc_trim): what a phase freed in the heap (a
     learner's activations, the engine's old weights) then no longer counts against the next phase's peak. Returns
     whether it ran (glibc only)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _glibc()
+    if libc is not None:
         libc.malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
-        return False
+    return libc is not None
 
 
 HEADROOM = 1.25  # backward's transient activation gradients and the vocabulary chunk, over what is kept
