@@ -16,18 +16,12 @@ import json
 import resource
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-
-def rss_gb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**20
-    return 0.0
+from rss_phases import PhasePeaks  # noqa: E402
 
 
 def main() -> None:
@@ -38,14 +32,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--release", action="store_true", help="release_memory: true")
     args = parser.parse_args()
-    phase, peaks = ["load"], {}
-
-    def sample():
-        while True:
-            peaks[phase[0]] = max(peaks.get(phase[0], 0.0), rss_gb())
-            time.sleep(0.02)
-
-    threading.Thread(target=sample, daemon=True).start()
+    phases = PhasePeaks()
 
     from bench_grpo import prompts, vader_scores
 
@@ -54,20 +41,11 @@ def main() -> None:
     from alignkit.online import online_config
     from alignkit.rewards.base import FunctionReward
 
-    def marked(name, fn):
-        def wrapper(*a, **k):
-            previous, phase[0] = phase[0], name
-            try:
-                return fn(*a, **k)
-            finally:
-                phase[0] = previous
-        return wrapper
-
-    run._collect_rollout = marked("rollout", run._collect_rollout)
-    run._learn = marked("learn", run._learn)
-    fast.FastEngine.update_weights = marked("engine update", fast.FastEngine.update_weights)
+    run._collect_rollout = phases.wrap("rollout", run._collect_rollout)
+    run._learn = phases.wrap("learn", run._learn)
+    fast.FastEngine.update_weights = phases.wrap("engine update", fast.FastEngine.update_weights)
     grpo = run.ONLINE_METHODS["grpo"]
-    run.ONLINE_METHODS["grpo"] = dataclasses.replace(grpo, experience=marked("score", grpo.experience))
+    run.ONLINE_METHODS["grpo"] = dataclasses.replace(grpo, experience=phases.wrap("score", grpo.experience))
     cfg = online_config({
         "method": "grpo", "model": "smollm2-135m-instruct", "prompts": "-", "output_dir": tempfile.mkdtemp(),
         "rounds": args.rounds, "prompts_per_round": 4, "num_samples": 4, "max_new_tokens": 64, "temperature": 1.0,
@@ -75,13 +53,13 @@ def main() -> None:
         "engine_precision": args.engine_precision, "precision": args.precision,
         "max_tokens_per_batch": args.max_tokens_per_batch, "evaluate": False, "release_memory": args.release or None})
     reward = FunctionReward(lambda prompt, response: vader_scores([response])[0], name="vader")
-    phase[0] = "setup"
+    phases.mark("setup")
     result = run.run_online(cfg, prompts=prompts(4 * args.rounds), eval_prompts=prompts(1), reward=reward)
-    phase[0] = "done"
+    phases.mark("done")
     time.sleep(0.1)
     seconds = sum(r["time/generate_s"] + r["time/reward_s"] + r["time/score_s"] + r["time/learner_s"]
                   for r in result.rounds[1:]) / max(1, len(result.rounds) - 1)
-    out = {"args": vars(args), "peak_rss_gb_by_phase": {k: round(v, 3) for k, v in peaks.items()},
+    out = {"args": vars(args), "peak_rss_gb_by_phase": phases.rounded(),
            "process_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
            "s_per_round_after_first": seconds}
     print(json.dumps(out, indent=2))

@@ -14,20 +14,12 @@ import json
 import resource
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import dpo_contenders as contenders  # noqa: E402
-
-
-def rss_gb() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**20
-    return 0.0
+from rss_phases import PhasePeaks  # noqa: E402
 
 
 def main() -> None:
@@ -36,18 +28,11 @@ def main() -> None:
     parser.add_argument("--no-gc", action="store_true")
     parser.add_argument("--no-release", action="store_true", help="release_memory: false")
     args = parser.parse_args()
-    phase, peaks = ["load"], {}
-
-    def sample():
-        while True:
-            peaks[phase[0]] = max(peaks.get(phase[0], 0.0), rss_gb())
-            time.sleep(0.02)
+    phases = PhasePeaks()
 
     def mark(name):
-        phase[0] = name
-        print(f"{time.strftime('%X')} {name}: RSS {rss_gb():.2f} GB", flush=True)
+        phases.mark(name, echo=True)
 
-    threading.Thread(target=sample, daemon=True).start()
     model, tokenizer = contenders.load_model("smollm2-135m-instruct")
     records = contenders.make_records(tokenizer, 2 * args.pairs, (1800, 1950), (60, 90), 0)
     data = Path(tempfile.mkdtemp()) / "pairs.jsonl"
@@ -83,7 +68,7 @@ def main() -> None:
     mark("reference pass")
     loop.train(cfg, model, tokenizer)
     mark("end")
-    print(json.dumps({"peak_rss_gb_by_phase": {k: round(v, 2) for k, v in peaks.items()},
+    print(json.dumps({"peak_rss_gb_by_phase": phases.rounded(),
                       "process_peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}, indent=1))
 
 
