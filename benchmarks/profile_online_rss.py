@@ -5,8 +5,9 @@
     python benchmarks/profile_online_rss.py --max-tokens-per-batch 512    # the learner in smaller micro-batches
 
 SmolLM2-135M-Instruct, 4 prompts x k = 4, <= 64 new tokens, VADER reward, beta 0.04, three rounds. A thread samples
-VmRSS every 20 ms and keeps the peak of each phase: load, rollout (generation and reward), scoring (reference and
-old-policy log-probs), learning (forward, backward, optimizer), the engine's weight update. Not run in CI."""
+VmRSS every 20 ms and keeps the peak of each phase: load, rollout (generation and reward), scoring (the reference's
+log-probs; the behaviour policy's too where a rollout feeds several updates), learning (forward, backward,
+optimizer), the engine's weight update. Not run in CI."""
 
 from __future__ import annotations
 

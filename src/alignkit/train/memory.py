@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import sys
 
@@ -25,8 +26,10 @@ MMAP_THRESHOLD = 4 << 20  # smaller blocks stay in the heap: short sequences' ma
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
+@functools.cache
 def _glibc():
-    """The C library if it is glibc (mallopt and malloc_trim), else None (not Linux, or musl)."""
+    """The C library if it is glibc (mallopt and malloc_trim), else None (not Linux, or musl). Looked up once:
+    find_library runs ldconfig in a subprocess, and the trim is called every online round."""
     if not sys.platform.startswith("linux"):
         return None
     try:
