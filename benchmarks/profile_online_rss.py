@@ -32,16 +32,22 @@ def main() -> None:
     parser.add_argument("--max-tokens-per-batch", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--release", action="store_true", help="release_memory: true")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the vocabulary projection")
+    parser.add_argument("--keep-probs-mb", type=int, default=None,
+                        help="models.logprobs.KEEP_PROBS_BYTES in MiB (0: the backward recomputes the head)")
     args = parser.parse_args()
     phases = PhasePeaks()
 
     from bench_grpo import prompts, vader_scores
 
+    import alignkit.models.logprobs as logprobs
     import alignkit.online.run as run
     from alignkit.generate.engines import fast
     from alignkit.online import online_config
     from alignkit.rewards.base import FunctionReward
 
+    if args.keep_probs_mb is not None:
+        logprobs.KEEP_PROBS_BYTES = args.keep_probs_mb * 2**20
     run._collect_rollout = phases.wrap("rollout", run._collect_rollout)
     run._learn = phases.wrap("learn", run._learn)
     fast.FastEngine.update_weights = phases.wrap("engine update", fast.FastEngine.update_weights)
@@ -52,7 +58,8 @@ def main() -> None:
         "rounds": args.rounds, "prompts_per_round": 4, "num_samples": 4, "max_new_tokens": 64, "temperature": 1.0,
         "kl_coef": 0.04, "learning_rate": 1e-6, "eval_samples": 1, "progress": False, "max_length": 2048,
         "engine_precision": args.engine_precision, "precision": args.precision,
-        "max_tokens_per_batch": args.max_tokens_per_batch, "evaluate": False, "release_memory": args.release or None})
+        "max_tokens_per_batch": args.max_tokens_per_batch, "evaluate": False, "release_memory": args.release or None,
+        "chunk_size": args.chunk_size})
     reward = FunctionReward(lambda prompt, response: vader_scores([response])[0], name="vader")
     phases.mark("setup")
     result = run.run_online(cfg, prompts=prompts(4 * args.rounds), eval_prompts=prompts(1), reward=reward)

@@ -29,6 +29,7 @@ from alignkit.models.lora import is_peft
 from alignkit.online import online_config, run_online
 from alignkit.online import run as online_run
 from alignkit.online.experience import Scorer
+from alignkit.online.run import Snapshots
 from alignkit.online.rollout import generate_rollout
 from alignkit.rewards.base import Reward
 from alignkit.train.distributed import Dist
@@ -127,6 +128,43 @@ def test_bf16_and_gradient_checkpointing_online(task, tmp_path):
     assert rollout_lines(tmp_path / "bf16")[0] == rollout_lines(tmp_path / "fp32")[0]
     assert math.isfinite(first["loss"]) and first["loss"] == pytest.approx(plain.rounds[0]["loss"], abs=0.02)
     assert first["grad_norm"] == pytest.approx(plain.rounds[0]["grad_norm"], rel=0.1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # an untied head; a head tied to the embedding, and biases
+def test_bf16_reference_holds_bf16_matmul_weights_and_gives_the_same_bits_under_autocast(family):
+    from alignkit.data.tokenize import TokenizedExample
+    from alignkit.models.inference import frozen_copy
+    from alignkit.models.tiny import build_tiny_model
+
+    model = build_tiny_model(family, 97, seed=3)
+    full, lean = frozen_copy(model), frozen_copy(model, "bf16")
+    linears = [m for m in lean.modules() if isinstance(m, torch.nn.Linear)]
+    tied = lean.get_output_embeddings().weight is lean.get_input_embeddings().weight
+    assert tied == (family == "qwen2")
+    for module in linears:  # each linear in bf16 but a head that is the embedding; the embedding and norms stay fp32
+        expected = torch.float32 if tied and module is lean.get_output_embeddings() else torch.bfloat16
+        assert {p.dtype for p in module.parameters()} == {expected}
+    assert lean.get_input_embeddings().weight.dtype == torch.float32
+    assert lean.model.norm.weight.dtype == torch.float32 and not any(p.requires_grad for p in lean.parameters())
+    rng = random.Random(0)
+    examples = [TokenizedExample([rng.randrange(4, 97) for _ in range(rng.randrange(3, 12))],
+                                 [[rng.randrange(4, 97) for _ in range(rng.randrange(1, 9))] for _ in range(3)])
+                for _ in range(6)]
+    expected_seq, expected_tokens = score_examples(full, examples, 64, None, 0, "bf16")
+    seq, tokens = score_examples(lean, examples, 64, None, 0, "bf16")
+    assert torch.equal(seq, expected_seq) and all(torch.equal(a, b) for a, b in zip(tokens, expected_tokens))
+    fp32_seq, _ = score_examples(full, examples, 64, None, 0, "fp32")
+    assert not torch.equal(seq, fp32_seq)  # the comparison can tell: bf16 matmuls do change the numbers
+
+
+def test_bf16_online_run_scores_its_reference_and_kl_under_autocast(task, tmp_path, monkeypatch):
+    made = []
+    monkeypatch.setattr(online_run, "Snapshots", lambda *a, **k: made.append(Snapshots(*a, **k)) or made[-1])
+    result = run(task, "grpo", tmp_path, rounds=1, precision="bf16", kl_coef=0.05)
+    assert made[0].reference.lm_head.weight.dtype == torch.bfloat16  # the tiny Llama's head is its own
+    # before its update the policy is the reference: under autocast their log-probs are the same bits, KL exactly 0
+    assert result.rounds[0]["kl"] == 0.0 and result.rounds[0]["kl_k3"] == 0.0
+    assert math.isfinite(result.summary["kl_to_start"]) and math.isfinite(result.rounds[0]["loss"])
 
 
 # ---- LoRA ----

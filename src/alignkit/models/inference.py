@@ -1,7 +1,9 @@
-"""Running a model outside training: eval mode without gradients, and left-padded batches of token ids."""
+"""Running a model outside training: eval mode without gradients, frozen copies (references), and left-padded
+batches of token ids."""
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import torch
@@ -17,6 +19,21 @@ def eval_mode(model):
             yield model
     finally:
         model.train(was_training)
+
+
+def frozen_copy(model, precision: str = "fp32"):
+    """A frozen eval-mode copy of `model` (a reference). precision "bf16": its linear layers are stored in bf16
+    (embeddings, norms and a head tied to the embedding stay as they are). Under bf16 autocast a linear layer
+    rounds its fp32 weight to bf16 anyway, so the copy gives the same bits there, with half the memory for its
+    matmul weights and no cast per forward; it is then meant to run under autocast only."""
+    copied = copy.deepcopy(model).eval()
+    copied.requires_grad_(False)
+    if precision == "bf16":
+        embeddings = {id(m.weight) for m in copied.modules() if isinstance(m, torch.nn.Embedding)}
+        for module in copied.modules():
+            if isinstance(module, torch.nn.Linear) and id(module.weight) not in embeddings:
+                module.to(torch.bfloat16)
+    return copied
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,7 +11,6 @@ and final policy on held-out prompts, and the final policy's KL to the starting 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import random
@@ -27,6 +26,7 @@ from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError
 from alignkit.generate.engines import make_engine, sleep_engine
 from alignkit.generate.sample import SamplingConfig
+from alignkit.models.inference import frozen_copy
 from alignkit.models.lora import merged_for_save
 from alignkit.models.value_head import PolicyWithValueHead
 from alignkit.online.advantages import RunningMoments
@@ -74,17 +74,13 @@ class OnlineResult:
     value_head: torch.nn.Module | None = None
 
 
-def frozen_copy(model):
-    copied = copy.deepcopy(model).eval()
-    copied.requires_grad_(False)
-    return copied
-
-
 def evaluate_policy(model, tokenizer, prompts: list, reward, sampling: SamplingConfig, num_samples: int,
-                    reference=None, max_length: int = 1024, kl: bool = False, policy=None) -> dict:
+                    reference=None, max_length: int = 1024, kl: bool = False, policy=None,
+                    precision: str = "fp32") -> dict:
     """Mean reward of num_samples samples per prompt and, with kl, the KL estimate mean_y log pi(y)/pi_ref(y) on
-    exactly the sampled tokens (unbiased at temperature 1; reference None: the model's LoRA base). model: the policy,
-    or an engine holding its weights (then `policy` is the policy, for the KL)."""
+    exactly the sampled tokens (unbiased at temperature 1; reference None: the model's LoRA base), scored at the
+    run's precision (a bf16 run's reference holds bf16 weights). model: the policy, or an engine holding its weights
+    (then `policy` is the policy, for the KL)."""
     from alignkit.eval.kl import example_log_ratios, kl_summary
 
     rollout = generate_rollout(model, tokenizer, prompts, reward, num_samples, sampling, max_length)
@@ -94,19 +90,22 @@ def evaluate_policy(model, tokenizer, prompts: list, reward, sampling: SamplingC
     if kl:
         singles = [TokenizedExample(e.prompt_ids, [ids]) for e in rollout.examples for ids in e.response_ids]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        summary = kl_summary(example_log_ratios(model, reference, singles, pad))
+        device = next(model.parameters()).device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            summary = kl_summary(example_log_ratios(model, reference, singles, pad))
         result.update(kl=summary["kl"], kl_sem=summary["kl_sem"])
     return result
 
 
 class Snapshots:
-    """The reference (and the previous round's reference, for APO and CREAM) as frozen copies of the policy; under
+    """The reference (and the previous round's reference, for APO and CREAM) as frozen copies of the policy, with
+    bf16 linear weights in a bf16 run (models/inference.frozen_copy: the same log-probs under autocast); under
     LoRA none (the reference is the base: adapters off). `initial` is the starting policy, for the summary's KL."""
 
-    def __init__(self, model, every: int, keep_previous: bool, lora: bool):
-        self.reference = None if lora else frozen_copy(model)
-        self.initial = frozen_copy(model) if every else self.reference
-        self.previous = frozen_copy(model) if every and keep_previous else None
+    def __init__(self, model, every: int, keep_previous: bool, lora: bool, precision: str = "fp32"):
+        self.reference = None if lora else frozen_copy(model, precision)
+        self.initial = frozen_copy(model, precision) if every else self.reference
+        self.previous = frozen_copy(model, precision) if every and keep_previous else None
         self.every, self.has_previous = every, False
 
     def start_round(self, round_index: int, model) -> None:
@@ -177,7 +176,8 @@ def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, jud
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if ctx.device is not None:
         model.to(ctx.device)  # before the reference copies are made
-    snapshots = Snapshots(model, cfg.reference_every, cfg.apo_alpha > 0 or method.self_judge, cfg.lora is not None)
+    snapshots = Snapshots(model, cfg.reference_every, cfg.apo_alpha > 0 or method.self_judge, cfg.lora is not None,
+                          cfg.precision)
     policy = prepare_model(model, cfg, ctx)  # device, attention, gradient checkpointing, LoRA
     trained = PolicyWithValueHead(policy) if method.value_head else policy
     train_model = wrap_model(trained, cfg.distributed, ctx)
@@ -235,7 +235,8 @@ def _run(cfg: OnlineConfig, model, tokenizer, prompts, eval_prompts, reward, jud
         if logger is not None:
             logger.close()
     after = evaluate_policy(engine, tokenizer, eval_prompts, reward, eval_sampling, cfg.eval_samples,
-                            snapshots.initial, cfg.max_length, kl=True, policy=policy) if cfg.evaluate else {"reward": None}
+                            snapshots.initial, cfg.max_length, kl=True, policy=policy,
+                            precision=cfg.precision) if cfg.evaluate else {"reward": None}
     summary = _summary(cfg, before, after, rows)
     policy = merged_for_save(policy, cfg.lora.save if cfg.lora is not None else "merged")
     if ctx.is_main:
