@@ -27,7 +27,9 @@ RESULTS = Path(__file__).parent / "results"
 # alignkit: fp32 throughout (the fast engine's default); _bf16_engine: bf16 engine weights; _bf16: bf16 engine and
 # bf16 autocast training
 # trl_bf16: TRL's bf16=True (autocast), the like-for-like anchor of alignkit_bf16
-CONTENDERS = ("trl", "alignkit", "alignkit_bf16_engine", "alignkit_bf16", "trl_bf16")
+# alignkit_bf16_lean: alignkit_bf16 with selective_recompute (RMSNorm and SwiGLU keep only their inputs; no gradient
+# checkpointing: every matmul output is kept)
+CONTENDERS = ("trl", "alignkit", "alignkit_bf16_engine", "alignkit_bf16", "alignkit_bf16_lean", "trl_bf16")
 
 
 def prompts(n: int) -> list:
@@ -92,7 +94,7 @@ def run_trl(args, bf16: bool = False) -> dict:
             "peak_rss_gb": peak_rss_gb(), "rewards": rewards[1:], "split": None}
 
 
-def run_alignkit(args, engine_precision: str, precision: str = "fp32") -> dict:
+def run_alignkit(args, engine_precision: str, precision: str = "fp32", selective: bool = False) -> dict:
     import torch
 
     from alignkit.online import online_config, run_online
@@ -106,7 +108,7 @@ def run_alignkit(args, engine_precision: str, precision: str = "fp32") -> dict:
         "prompts_per_round": args.prompts, "num_samples": args.k, "max_new_tokens": args.new_tokens,
         "temperature": 1.0, "kl_coef": 0.04, "learning_rate": 1e-6, "eval_samples": 1, "progress": False,
         "max_length": 2048, "engine_precision": engine_precision, "precision": precision,
-        "max_tokens_per_batch": args.max_tokens_per_batch})
+        "max_tokens_per_batch": args.max_tokens_per_batch, "selective_recompute": selective})
     reward = FunctionReward(lambda prompt, response: vader_scores([response])[0], name="vader")
     result = run_online(cfg, prompts=prompts(args.prompts * steps), eval_prompts=prompts(1), reward=reward)
     timed = result.rounds[1:]
@@ -176,7 +178,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         result = run_trl(args, args.one == "trl_bf16") if args.one.startswith("trl") else run_alignkit(
-            args, "fp32" if args.one == "alignkit" else "bf16", "bf16" if args.one == "alignkit_bf16" else "fp32")
+            args, "fp32" if args.one == "alignkit" else "bf16",
+            "bf16" if args.one in ("alignkit_bf16", "alignkit_bf16_lean") else "fp32", args.one == "alignkit_bf16_lean")
         print("RESULT " + json.dumps(result))
         return
     rows = {}

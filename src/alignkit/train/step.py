@@ -5,6 +5,7 @@ checkpointing and LoRA (prepare_model), the fused AdamW with parameter groups, t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ import torch
 from alignkit.config import OptimConfig
 from alignkit.errors import ConfigError
 from alignkit.models.attention import set_attention
+from alignkit.models.autocast_weights import lean_autocast
 from alignkit.models.lora import apply_lora
 from alignkit.train.distributed import Dist, gradient_sync, sum_over_ranks, total_norm
 from alignkit.train.guards import nonfinite_reason, skip_or_abort
@@ -92,7 +94,11 @@ def device_type(model) -> str:
 
 
 def autocast(cfg: OptimConfig, model):
-    return torch.autocast(device_type(model), dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    """bf16 autocast where the run asks for it, keeping no weight copy (models/autocast_weights: the same gradients,
+    a bf16 model's worth less memory)."""
+    if cfg.precision != "bf16":
+        return contextlib.nullcontext()
+    return lean_autocast(device_type(model))
 
 
 def accumulate(sums: dict[str, float], metrics: dict[str, torch.Tensor]) -> None:
