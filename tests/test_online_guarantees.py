@@ -29,8 +29,8 @@ from alignkit.models.lora import is_peft
 from alignkit.online import online_config, run_online
 from alignkit.online import run as online_run
 from alignkit.online.experience import Scorer
-from alignkit.online.run import Snapshots
 from alignkit.online.rollout import generate_rollout
+from alignkit.online.run import Snapshots
 from alignkit.rewards.base import Reward
 from alignkit.train.distributed import Dist
 from alignkit.train.logging import read_metrics
