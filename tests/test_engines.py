@@ -309,10 +309,24 @@ class FakeLLM:
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer, self.pushed, self.calls = copy.deepcopy(model), tokenizer, [], []
+        self.events, self.sleeping = [], set()
 
     def load_weights(self, weights):
+        assert "weights" not in self.sleeping, "weights pushed into discarded memory"
+        self.events.append(("load", sorted(self.sleeping)))
         self.pushed.append(dict(weights))
         self.model.load_state_dict(dict(weights), strict=False)
+
+    def sleep(self, level):  # level 2: weights and KV cache discarded (here: garbage, to catch a missed push)
+        self.events.append(("sleep", level))
+        self.sleeping = {"weights", "kv_cache"}
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.fill_(float("nan"))
+
+    def wake_up(self, tags=None):
+        self.events.append(("wake_up", tuple(tags)))
+        self.sleeping -= set(tags)
 
     def generate(self, prompts, params, use_tqdm=True):
         from types import SimpleNamespace
@@ -340,7 +354,8 @@ def test_vllm_engine_data_flow_and_weight_push_with_a_fake_llm(task):
     from alignkit.models.lora import apply_lora
 
     fake = FakeLLM(task.model, task.tokenizer)
-    engine = VLLMEngine(fake, task.tokenizer, sampling_params=FakeParams, load_weights=fake.load_weights)
+    engine = VLLMEngine(fake, task.tokenizer, sampling_params=FakeParams, load_weights=fake.load_weights,
+                        sleep_mode=True)
     questions = prompts(4, seed=11)
     cfg = SamplingConfig(max_new_tokens=9, temperature=0.8, top_k=5, seed=7)
     rollout = generate_rollout(engine, task.tokenizer, questions, SENTIMENT, 2, cfg, max_length=64)
@@ -358,7 +373,11 @@ def test_vllm_engine_data_flow_and_weight_push_with_a_fake_llm(task):
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    engine.update_weights(policy)
+    engine.sleep()  # the learner's turn: vLLM's weights and KV cache are freed, and sampling is refused
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate(encode_prompts(task.tokenizer, questions), cfg, 1)
+    engine.update_weights(policy)  # wakes the weights, pushes into them, then wakes the KV cache
+    assert fake.events == [("sleep", 2), ("wake_up", ("weights",)), ("load", ["kv_cache"]), ("wake_up", ("kv_cache",))]
     assert all(torch.equal(fake.pushed[-1][k], v) for k, v in policy.state_dict().items())
     after = generate_rollout(engine, task.tokenizer, questions, SENTIMENT, 1,
                              SamplingConfig(max_new_tokens=9, temperature=0), max_length=64)

@@ -3,7 +3,8 @@ their inputs and recompute the cheap elementwise work in backward, while every m
 middle ground between keeping all activations and gradient checkpointing, which redoes the matmuls too).
 
 Per decoder layer and token this drops, in fp32: RMSNorm's float copy, squared input and normalised output (two
-norms per layer), and SwiGLU's SiLU output. The forward values are the HF modules' own formulas."""
+norms per layer), and SwiGLU's SiLU output; the training forward's saved-tensor hooks (models/saved_tensors) also
+make SwiGLU's product, the down projection's input, again from gate and up. The forward values are the HF modules' own formulas."""
 
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
+        # the down projection's backward needs this output: models/saved_tensors makes it again from gate and up
+        ctx.recompute, ctx.output_numel = _swiglu_output, gate.numel()
         return F.silu(gate) * up
 
     @staticmethod
@@ -55,6 +58,11 @@ class _SwiGLU(torch.autograd.Function):
         silu = gate * sig
         grad_gate = grad * up * (sig * (1 + gate * (1 - sig)))
         return grad_gate, grad * silu
+
+
+def _swiglu_output(ctx) -> torch.Tensor:
+    gate, up = ctx.saved_tensors
+    return F.silu(gate) * up
 
 
 def _norm_forward(self, hidden_states):

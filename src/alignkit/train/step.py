@@ -5,7 +5,6 @@ checkpointing and LoRA (prepare_model), the fused AdamW with parameter groups, t
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -16,8 +15,8 @@ import torch
 from alignkit.config import OptimConfig
 from alignkit.errors import ConfigError
 from alignkit.models.attention import set_attention
-from alignkit.models.autocast_weights import lean_autocast
 from alignkit.models.lora import apply_lora
+from alignkit.models.saved_tensors import training_forward
 from alignkit.train.distributed import Dist, gradient_sync, sum_over_ranks, total_norm
 from alignkit.train.guards import nonfinite_reason, skip_or_abort
 
@@ -94,11 +93,9 @@ def device_type(model) -> str:
 
 
 def autocast(cfg: OptimConfig, model):
-    """bf16 autocast where the run asks for it, keeping no weight copy (models/autocast_weights: the same gradients,
-    a bf16 model's worth less memory)."""
-    if cfg.precision != "bf16":
-        return contextlib.nullcontext()
-    return lean_autocast(device_type(model))
+    """The training forward's context: bf16 autocast where the run asks for it, keeping no weight copy, and the
+    saved tensors that are cheap to make again made again in backward (models/saved_tensors: the same gradients)."""
+    return training_forward(device_type(model), cfg.precision == "bf16")
 
 
 def accumulate(sums: dict[str, float], metrics: dict[str, torch.Tensor]) -> None:

@@ -1,6 +1,7 @@
 """A colocated vLLM engine for GPUs: a vllm.LLM in the training process, fed token ids, returning the sampled ids
 with their log-probs (vLLM's processed log-probs: temperature / top-k / top-p applied) and finish reasons; after every
-update the policy's weights are pushed into it (LoRA: merged into the base first). vllm is imported only here, and
+update the policy's weights are pushed into it (LoRA: merged into the base first). Built with vLLM's sleep mode: while
+the learner runs it sleeps at level 2 (weights and KV cache freed) and the push wakes it. vllm is imported only here, and
 only when this engine is asked for; the tests drive it with a fake LLM that records the weight pushes."""
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ def _colocated_load_weights(llm):
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, llm, tokenizer, sampling_params=None, load_weights=None):
+    def __init__(self, llm, tokenizer, sampling_params=None, load_weights=None, sleep_mode: bool = False):
         """llm: a vllm.LLM (or anything with its generate); sampling_params: vllm.SamplingParams (default);
-        load_weights: where weights go (default: the colocated model's load_weights)."""
+        load_weights: where weights go (default: the colocated model's load_weights); sleep_mode: the LLM was built
+        with enable_sleep_mode=True, so sleep() frees its GPU memory while the learner runs."""
         if sampling_params is None:
             from vllm import SamplingParams as sampling_params
         self.llm, self.tokenizer, self.params = llm, tokenizer, sampling_params
         self.load_weights = load_weights  # found on the first push: an engine that only samples never needs it
+        self.sleep_mode, self.asleep = sleep_mode, False
 
     @classmethod
     def for_model(cls, model, tokenizer, **llm_options):
@@ -48,16 +51,33 @@ class VLLMEngine:
         path = tempfile.mkdtemp(prefix="alignkit-vllm-")
         _merged(model).save_pretrained(path)
         tokenizer.save_pretrained(path)
-        engine = cls(LLM(model=path, enable_sleep_mode=False, **llm_options), tokenizer)
-        return engine
+        options = {"enable_sleep_mode": True, **llm_options}
+        return cls(LLM(model=path, **options), tokenizer, sleep_mode=options["enable_sleep_mode"])
+
+    def sleep(self) -> None:
+        """vLLM's level-2 sleep while the round is scored and learned: its weights and KV cache are discarded (the
+        weight push that ends the round refills the weights), so the learner has the GPU memory they held."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
 
     def update_weights(self, model) -> None:
-        """Push every weight of the policy (LoRA adapters merged in; peft's names mapped back to the base's)."""
+        """Push every weight of the policy (LoRA adapters merged in; peft's names mapped back to the base's). Asleep:
+        only the weights' memory is woken for the push, and the KV cache after it (vLLM's RLHF order: the push
+        never holds both at once)."""
         if self.load_weights is None:
             self.load_weights = _colocated_load_weights(self.llm)
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
         self.load_weights(list(_merged_state(model).items()))
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
 
     def generate(self, prompt_ids: list[list[int]], sampling, num_samples: int = 1) -> Generation:
+        if self.asleep:
+            raise RuntimeError("the vllm engine is asleep (its weights were discarded for the learner): call "
+                               "update_weights(model) before generate")
         greedy = sampling.temperature <= 0
         params = self.params(n=num_samples, temperature=0.0 if greedy else sampling.temperature,
                              top_p=1.0 if greedy else sampling.top_p,
