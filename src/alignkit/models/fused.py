@@ -4,7 +4,8 @@ middle ground between keeping all activations and gradient checkpointing, which 
 
 Per decoder layer and token this drops, in fp32: RMSNorm's float copy, squared input and normalised output (two
 norms per layer), and SwiGLU's SiLU output; the training forward's saved-tensor hooks (models/saved_tensors) also
-make SwiGLU's product, the down projection's input, again from gate and up. The forward values are the HF modules' own formulas."""
+make SwiGLU's product, the down projection's input, again from gate and up. The forward values are the HF modules'
+own formulas."""
 
 from __future__ import annotations
 

@@ -90,9 +90,7 @@ def evaluate_policy(model, tokenizer, prompts: list, reward, sampling: SamplingC
     if kl:
         singles = [TokenizedExample(e.prompt_ids, [ids]) for e in rollout.examples for ids in e.response_ids]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        device = next(model.parameters()).device.type
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            summary = kl_summary(example_log_ratios(model, reference, singles, pad))
+        summary = kl_summary(example_log_ratios(model, reference, singles, pad, precision=precision))
         result.update(kl=summary["kl"], kl_sem=summary["kl_sem"])
     return result
 

@@ -92,15 +92,12 @@ def answer(model, tokenizer, prompts: list, sampling: SamplingConfig, num_sample
 
 def kl_to_start(trained, initial, tokenizer, prompts: list, cfg: RLConfig) -> dict:
     """KL(trained || original) estimated on kl_answers answers the trained model samples at temperature 1 (the
-    held-out answers are tempered, so their log-ratio is no KL), scored token-exactly under bf16 autocast."""
-    import torch
-
+    held-out answers are tempered, so their log-ratio is no KL), scored token-exactly at the run's precision."""
     sampling = SamplingConfig.from_options(cfg.eval_sampling.model_copy(update={"temperature": 1.0}), cfg.seed + 23)
     chosen = [prompts[i % len(prompts)] for i in range(cfg.kl_answers)]
     _, examples = answer(trained, tokenizer, chosen, sampling, 1)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        return kl_summary(example_log_ratios(trained, initial, examples, pad))
+    return kl_summary(example_log_ratios(trained, initial, examples, pad, precision=cfg.precision))
 
 
 def compliance(records: list[dict], texts: list[list[str]]) -> dict:

@@ -1,8 +1,8 @@
 """A colocated vLLM engine for GPUs: a vllm.LLM in the training process, fed token ids, returning the sampled ids
 with their log-probs (vLLM's processed log-probs: temperature / top-k / top-p applied) and finish reasons; after every
 update the policy's weights are pushed into it (LoRA: merged into the base first). Built with vLLM's sleep mode: while
-the learner runs it sleeps at level 2 (weights and KV cache freed) and the push wakes it. vllm is imported only here, and
-only when this engine is asked for; the tests drive it with a fake LLM that records the weight pushes."""
+the learner runs it sleeps at level 2 (weights and KV cache freed) and the push wakes it. vllm is imported only here,
+and only when this engine is asked for; the tests drive it with a fake LLM that records the weight pushes."""
 
 from __future__ import annotations
 
