@@ -30,6 +30,9 @@ RESULTS = Path(__file__).parent / "results"
 # alignkit_bf16_lean: alignkit_bf16 with selective_recompute (RMSNorm and SwiGLU keep only their inputs; no gradient
 # checkpointing: every matmul output is kept)
 CONTENDERS = ("trl", "alignkit", "alignkit_bf16_engine", "alignkit_bf16", "alignkit_bf16_lean", "trl_bf16")
+# alignkit contender -> (engine precision, training precision, selective_recompute)
+ALIGNKIT = {"alignkit": ("fp32", "fp32", False), "alignkit_bf16_engine": ("bf16", "fp32", False),
+            "alignkit_bf16": ("bf16", "bf16", False), "alignkit_bf16_lean": ("bf16", "bf16", True)}
 
 
 def prompts(n: int) -> list:
@@ -178,8 +181,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         result = run_trl(args, args.one == "trl_bf16") if args.one.startswith("trl") else run_alignkit(
-            args, "fp32" if args.one == "alignkit" else "bf16",
-            "bf16" if args.one in ("alignkit_bf16", "alignkit_bf16_lean") else "fp32", args.one == "alignkit_bf16_lean")
+            args, *ALIGNKIT[args.one])
         print("RESULT " + json.dumps(result))
         return
     rows = {}
