@@ -1,5 +1,5 @@
 """Generation (generate/sample.py, vllm_backend.py, `alignkit generate`) and synthetic data (generate/synth.py) on
-the synthetic task: seeds reproduce samples, stop strings cut, the CLI writes JSONL and names bad prompt rows,
+the synthetic task: seeds reproduce samples, stop strings cut (a special token as a stop string ends generation on it), the CLI writes JSONL and names bad prompt rows,
 Magpie elicits prompts from a tiny chat template, self-instruct and principle-driven data are valid records."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from alignkit.cli import main
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.data.synthetic import TOPICS
 from alignkit.errors import AlignkitError, DataError
+from alignkit.generate.engines import make_engine
 from alignkit.generate.sample import SamplingConfig, sample, sample_with_counts, truncate_at_stop
 from alignkit.generate.synth import (
     dedupe,
@@ -62,6 +63,30 @@ def test_truncate_at_stop():
     assert truncate_at_stop("one\ntwo", ("\n",)) == "one"
     assert truncate_at_stop("a STOP b END c", ("END", "STOP")) == "a "  # the earliest occurrence wins
     assert truncate_at_stop("no stop here", ("", "zzz")) == "no stop here"
+
+
+@pytest.mark.parametrize("engine", ["hf", "fast"])
+def test_a_stop_string_that_is_a_special_token_stops_generation(task, one_thread, engine):
+    """`stop: ["<|end|>"]`, a special token that decoding drops: matched as a token, generation ends on it, the
+    sample keeps it as its last id (like an end token) and its text is what came before."""
+    tok = task.tokenizer
+    end = tok.convert_tokens_to_ids("<|end|>")
+    ids = [tok("<|user|>", add_special_tokens=False)["input_ids"]] * 6
+    free_cfg = SamplingConfig(max_new_tokens=16, seed=2, engine=engine)
+    free = make_engine(task.model, tok, free_cfg).generate(ids, free_cfg, 2)
+    stop_cfg = SamplingConfig(max_new_tokens=16, seed=2, engine=engine, stop=("<|end|>",))
+    stopped = make_engine(task.model, tok, stop_cfg).generate(ids, stop_cfg, 2)
+    hits = 0
+    for group_free, group_stop, texts, reasons in zip(free.ids, stopped.ids, stopped.texts, stopped.finish_reasons):
+        for row_free, row_stop, text, reason in zip(group_free, group_stop, texts, reasons):
+            if end in row_free:
+                hits += 1
+                cut = row_free.index(end) + 1
+                assert row_stop == row_free[:cut] and reason == "stop"
+                assert text == tok.decode(row_free[:cut - 1], skip_special_tokens=True).strip()
+            else:
+                assert row_stop == row_free
+    assert hits >= 3  # the case exercises the stop
 
 
 def test_top_k_one_is_greedy(task):

@@ -1,6 +1,7 @@
 """The math of the online methods against NumPy written from the formulas (shared/methods/online-decoding-eval.md):
 KL estimators, GRPO's group advantages, RLOO's leave-one-out baselines, clipped surrogates, GAE, whitening, running
-moments, the GRPO / RLOO / PPO / CREAM losses (values and gradients), and GRPO's / RLOO's loss code in TRL."""
+moments, PPO's reward scaling and advantage clip, the GRPO / RLOO / PPO / CREAM losses (values and gradients), and GRPO's /
+RLOO's loss code in TRL."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from alignkit.online.advantages import (
     kl_shaped_rewards,
     masked_whiten,
     normalise_scores,
+    ppo_advantages,
 )
 from alignkit.online.experience import preference_pairs
 from alignkit.online.self_reward import consistency_weights, kendall_tau, parse_score
@@ -463,3 +465,25 @@ def test_a_reference_is_needed_only_with_a_kl_term(options):
 
 def test_ppo_always_needs_the_reference_and_the_value_head():
     assert PPOOptions(kl_coef=0.0).needs() == PPOOptions().needs() == {"reference", "values"}
+
+
+@pytest.mark.parametrize("norm,clip", [("scale", 0.0), ("normalize", 0.5)])
+def test_ppo_reward_scale_and_advantage_clip(norm, clip):
+    """reward_norm scale: r / sigma of the running moments (no shift); advantage_clip: |A| <= c after whitening."""
+    g = torch.Generator().manual_seed(3)
+    B, K, T = 2, 3, 5
+    mask = torch.arange(T)[None, None] < torch.randint(2, T + 1, (B, K, 1), generator=g)
+    scores = torch.randn(B, K, generator=g) * 3 + 1
+    logps, ref, values = (torch.randn(B, K, T, generator=g) * mask for _ in range(3))
+    opts = PPOOptions(reward_norm=norm, advantage_clip=clip, reward_clip=0.0, kl_coef=0.05)
+    out = ppo_advantages(scores, logps, ref, values, mask, opts, RunningMoments())
+    s = scores.numpy().astype(np.float64)
+    normalised = s / s.std(ddof=1) if norm == "scale" else (s - s.mean()) / s.std(ddof=1)
+    shaped = kl_shaped_rewards(torch.tensor(normalised, dtype=torch.float32), (logps - ref) * mask, mask, 0.05)
+    advantages, returns = gae(shaped, values, mask, opts.gamma, opts.lam)
+    expected = masked_whiten(advantages, mask)
+    if clip:
+        expected = expected.clamp(-clip, clip) * mask
+        assert float(expected.abs().max()) == pytest.approx(clip)  # the clip binds in this case
+    torch.testing.assert_close(out["advantages"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["returns"], returns, atol=1e-5, rtol=1e-5)

@@ -1,8 +1,8 @@
 """Online methods end to end on the synthetic review task: from a briefly SFT'd tiny Llama (synthetic_task, shared with
 the generation tests), GRPO, RLOO, PPO, online DPO and self-rewarding (a programmatic judge standing in for the LLM
 judge) each raise the mean programmatic reward of sampled generations within a CPU-sized budget and fixed seeds, while
-the KL to the starting policy stays bounded. Also: the rollout's tokenisation, the learner's bookkeeping, reference
-snapshots, the CLI."""
+the KL to the starting policy stays bounded. Also: the rollout's tokenisation and missing_eos_penalty, the learner's
+bookkeeping (online DPO's pairs: all, GRPO's epochs and minibatches), reference snapshots, the CLI."""
 
 from __future__ import annotations
 
@@ -34,10 +34,12 @@ from alignkit.online.experience import (
 )
 from alignkit.online.rollout import generate_rollout
 from alignkit.online.run import Snapshots, _learn
-from alignkit.rewards.base import Reward
+from alignkit.rewards.base import FunctionReward, Reward
 from alignkit.train.distributed import Dist
 from alignkit.train.step import Stepper
 from synthetic_task import SENTIMENT, prompts
+from test_online_guarantees import rollout_lines
+from test_online_guarantees import run as run_online_method
 
 # Measured with these settings (fixed seeds, one thread, the fast engine, token-exact rollouts): reward 0.008 at the
 # start; after 10 rounds of 16 prompts x 4 samples, lr 1e-3: grpo (beta 0.1) 0.231 (KL 1.02 nats), rloo 0.235 (1.02),
@@ -179,6 +181,16 @@ def test_rollout_tokens_and_learner_bookkeeping(task):
     assert grpo.reference is None
 
 
+def test_missing_eos_penalty_is_subtracted_from_samples_cut_short(task, one_thread):
+    reward = FunctionReward(lambda p, r: float(len(r.split())))
+    args = (task.model, task.tokenizer, prompts(8, seed=5), reward, 4, SamplingConfig(max_new_tokens=8, seed=1))
+    plain = generate_rollout(*args)
+    penalised = generate_rollout(*args, missing_eos_penalty=0.5)
+    assert plain.examples[0].response_ids == penalised.examples[0].response_ids  # the same samples
+    assert plain.finished.any() and (~plain.finished).any()  # both kinds present
+    torch.testing.assert_close(penalised.rewards, plain.rewards - 0.5 * (~plain.finished).float())
+
+
 def test_llm_judge_without_a_parsable_score_makes_no_pairs(task, tmp_path):
     """The tiny model cannot write "Score:" (not in its vocabulary): every judgement is unparsed, every reward NaN, no
     pair is made and the round trains nothing, without failing."""
@@ -213,3 +225,38 @@ def test_cli_online(task, tmp_path, capsys):
     assert main(["grpo", "--model", "x", "--train_data", "x.jsonl"]) == 2
     err = capsys.readouterr().err.replace("\n", " ")
     assert "'train_data'" in err and "--prompts p.jsonl" in err
+
+
+def test_online_dpo_pairs_all_trains_every_strictly_ordered_pair(task, tmp_path, one_thread):
+    result = run_online_method(task, "online-dpo", tmp_path, rounds=2, pairs="all")
+    for row, line in zip(result.rounds, rollout_lines(tmp_path)):
+        expected = sum(1 for rewards in line["rewards"] for a in rewards for b in rewards if a > b)
+        assert row["examples"] == row["pairs"] == expected > 0
+    best_worst = run_online_method(task, "online-dpo", tmp_path / "bw", rounds=1)
+    assert best_worst.rounds[0]["pairs"] == sum(1 for rs in rollout_lines(tmp_path / "bw")[0]["rewards"]
+                                                if max(rs) > min(rs))
+
+
+def test_grpo_epochs_and_minibatches_pass_over_each_rollout_once_per_epoch(task, tmp_path, one_thread, monkeypatch):
+    """epochs: 2, minibatches: 2: four optimizer steps per round, each of half the round's groups (an example is a
+    prompt with its k samples); each epoch's two minibatches partition the rollout, reshuffled between epochs; the
+    first step's ratios are 1 (the policy that sampled), later ones not (the policy has moved)."""
+    seen = []
+    real = Stepper.step
+
+    def recording(self, micro_batches, n_examples, forward, carried=None):
+        seen.append((n_examples, [i for mb in micro_batches for i in mb]))
+        return real(self, micro_batches, n_examples, forward, carried)
+
+    monkeypatch.setattr(Stepper, "step", recording)
+    result = run_online_method(task, "grpo", tmp_path, rounds=2, prompts_per_round=8, num_samples=4, epochs=2,
+                               minibatches=2, loss_options={"epsilon": 0.02})
+    assert [row["updates"] for row in result.rounds] == [2 * 2, 2 * 2]
+    assert len(seen) == 8
+    for r in range(2):
+        steps = seen[4 * r:4 * r + 4]
+        assert [n for n, _ in steps] == [4, 4, 4, 4]
+        for first, second in (steps[0:2], steps[2:4]):
+            assert sorted(first[1] + second[1]) == list(range(8))
+        assert steps[0][1] != steps[2][1]  # reshuffled for the second pass
+    assert all(row["clip_fraction"] > 0 for row in result.rounds)  # later steps' ratios left the 2% band

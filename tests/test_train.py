@@ -1,10 +1,11 @@
 """The training loop end to end on a tiny Llama and the synthetic review task: DPO learns the held-out
 preferences, the final checkpoint reloads with transformers, an interrupted run resumes exactly (also past a
-corrupted checkpoint), the reference log-probs cache hits and misses when it should, and gradient
-accumulation gives the same update as one big batch."""
+corrupted checkpoint), the reference log-probs cache hits and misses when it should, gradient accumulation gives
+the same update as one big batch, and epochs visit every example once per epoch."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from alignkit.models.logprobs import response_logprobs
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
 from alignkit.train import loop, reference
 from alignkit.train.logging import read_metrics
+from alignkit.train.loop import plan_steps, train
 
 TOKENIZER = build_word_tokenizer(VOCABULARY)
 COMMON = dict(model="tiny", max_length=64, max_tokens_per_row=512, progress=False, seed=0)
@@ -250,3 +252,30 @@ def test_grad_accum_equals_one_big_batch(tmp_path):
     assert small_row["loss"] == pytest.approx(big_row["loss"], abs=1e-6)
     assert small_row["grad_norm"] == pytest.approx(big_row["grad_norm"], rel=1e-5)
     assert small_row["examples"] == big_row["examples"] == 8
+
+
+def test_epochs_visit_every_example_once_per_epoch_in_a_new_order(task, tmp_path, one_thread):
+    """epochs: 2 plans each example once per epoch, reshuffled; the run's first epoch is the one-epoch run, bit for
+    bit, and the second continues from it."""
+    write_jsonl_atomic(tmp_path / "pairs.jsonl", [{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                                  for r in preference_records(12, seed=9)])
+    common = dict(model="tiny", train_data=str(tmp_path / "pairs.jsonl"), loss="dpo", learning_rate=1e-2,
+                  lr_schedule="constant", max_length=64, max_tokens_per_batch=100, progress=False, ref_cache=False)
+    two = TrainConfig(epochs=2, output_dir=str(tmp_path / "two"), **common)
+    steps = plan_steps(_examples(two, task.tokenizer), two)
+    flat = [i for step in steps for mb in step for i in mb]
+    assert sorted(flat) == sorted(list(range(12)) * 2)
+    half = len(flat) // 2
+    assert sorted(flat[:half]) == sorted(flat[half:]) == list(range(12)) and flat[:half] != flat[half:]
+    rows = {}
+    for name, epochs in (("one", 1), ("two", 2)):
+        cfg = TrainConfig(epochs=epochs, output_dir=str(tmp_path / name), **common)
+        train(cfg, copy.deepcopy(task.model), task.tokenizer)
+        rows[name] = read_metrics(tmp_path / name)
+    assert len(rows["two"]) == 2 * len(rows["one"]) == len(steps)
+    assert [r["loss"] for r in rows["two"][:len(rows["one"])]] == [r["loss"] for r in rows["one"]]
+    assert sum(r["examples"] for r in rows["two"]) == 24
+
+
+def _examples(cfg, tokenizer):
+    return prepare_examples(cfg.train_data, tokenizer, "pairs", cfg.max_length)

@@ -1,8 +1,10 @@
-"""Gradient checkpointing (same losses and gradients, activations recomputed) and the numerical guards
-(on_nonfinite: abort | skip, max_skipped_steps) with NaN injected into the loss or the gradients."""
+"""Gradient checkpointing (same losses and gradients, activations recomputed), the numerical guards
+(on_nonfinite: abort | skip, max_skipped_steps) with NaN injected into the loss or the gradients, sft_weight's NLL
+term in the loss, and a bf16 autocast step."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -15,10 +17,14 @@ from alignkit.data.load import write_jsonl_atomic
 from alignkit.data.pack import pack
 from alignkit.data.synthetic import VOCABULARY, preference_records
 from alignkit.errors import AlignkitError
+from alignkit.losses import build_options, get_loss
 from alignkit.models.logprobs import response_logprobs
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
 from alignkit.train import loop
 from alignkit.train.logging import read_metrics
+from alignkit.train.loop import compute_losses
+from alignkit.train.reference import Reference, reference_logps
+from alignkit.train.step import autocast
 
 TOKENIZER = build_word_tokenizer(VOCABULARY)
 
@@ -130,3 +136,50 @@ def test_skip_aborts_past_max_skipped_steps(tmp_path, data, monkeypatch):
     with pytest.raises(AlignkitError) as err:
         loop.train(cfg, tiny_llama(), TOKENIZER)
     assert str(err.value).startswith("step 3: loss is nan; 2 steps skipped") and "max_skipped_steps (1)" in str(err.value)
+
+
+def test_sft_weight_adds_the_chosen_responses_nll(task, one_thread):
+    records = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in preference_records(6, seed=3)]
+    examples = prepare_examples(records, task.tokenizer, "pairs", 64)
+    pad = task.tokenizer.pad_token_id
+    ref = Reference(*reference_logps(task.model, examples, 1024, 512, pad, use_cache=False))
+    batch = pack(examples, list(range(len(examples))), 512, pad)
+    spec = get_loss("dpo")
+    opts = build_options(spec, {"beta": 0.1})
+    base = TrainConfig(model="tiny", train_data="x.jsonl")
+    with torch.no_grad():
+        plain, _ = compute_losses(task.model, batch, examples, spec, opts, ref, base)
+        weighted, metrics = compute_losses(task.model, batch, examples, spec, opts, ref,
+                                           base.model_copy(update={"sft_weight": 0.5}))
+    chosen_lengths = torch.tensor([len(e.response_ids[0]) for e in examples], dtype=torch.float32)
+    nll = -metrics["logps/chosen"] / chosen_lengths  # the chosen response's per-token NLL
+    torch.testing.assert_close(metrics["nll"], nll)
+    torch.testing.assert_close(weighted, plain + 0.5 * nll)
+
+
+def test_a_bf16_autocast_training_step(task, one_thread):
+    """precision bf16: the forward runs in bf16 (the loss differs from fp32's, a little), the weights stay fp32 and
+    the optimizer step updates them."""
+    records = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in preference_records(6, seed=4)]
+    examples = prepare_examples(records, task.tokenizer, "pairs", 64)
+    pad = task.tokenizer.pad_token_id
+    model = copy.deepcopy(task.model)
+    ref = Reference(*reference_logps(model, examples, 1024, 512, pad, use_cache=False))
+    batch = pack(examples, list(range(len(examples))), 512, pad)
+    spec, opts = get_loss("dpo"), build_options(get_loss("dpo"), {"beta": 0.1})
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.5)  # policy != reference: a non-trivial loss
+    results = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(model="tiny", train_data="x.jsonl", precision=precision)
+        with autocast(cfg, model):
+            losses, _ = compute_losses(model, batch, examples, spec, opts, ref, cfg)
+        results[precision] = losses
+    assert results["bf16"].dtype == torch.float32  # losses come back in fp32
+    assert not torch.equal(results["bf16"], results["fp32"])  # bf16 matmuls ran
+    torch.testing.assert_close(results["bf16"], results["fp32"], atol=5e-2, rtol=5e-2)
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    results["bf16"].mean().backward()
+    torch.optim.AdamW(model.parameters(), lr=1e-3).step()
+    weight = model.model.layers[0].mlp.down_proj.weight
+    assert weight.dtype == torch.float32 and not torch.equal(weight.detach(), before)
