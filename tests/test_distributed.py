@@ -1,6 +1,8 @@
 """Several processes (torchrun, gloo on CPU): DDP and FSDP2 give the per-step losses and final weights of one
 process on the same global batches; steps are shared out evenly across ranks; an FSDP2 run interrupted after a
-checkpoint resumes to the same end; in one process every distributed helper is a no-op."""
+checkpoint resumes to the same end; options work and the documented refusals are one line per rank under two
+processes; in one process every distributed helper is a no-op. One torchrun launch per group of scenarios
+(tests/distributed_worker.py) records each scenario's outcome, which its own test checks."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,43 +27,6 @@ from alignkit.errors import AlignkitError
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
 from alignkit.train import distributed, loop
 from alignkit.train.logging import read_metrics
-
-# Runs each config in the same two processes; "cfg.yaml@3" raises inside the 3rd micro-batch forward (the
-# 3rd step: one micro-batch per rank per step), as a crash would, and the next config resumes that run.
-WORKER = '''
-import sys
-import torch.distributed as dist
-from alignkit.api import build_config
-from alignkit.cli import main
-from alignkit.train import loop
-
-class Crash(Exception):
-    pass
-
-def crash_at(call, real=loop.compute_losses):
-    calls = [0]
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == call:
-            raise Crash
-        return real(*args, **kwargs)
-    return counting
-
-dist.init_process_group("gloo")
-for arg in sys.argv[1:]:
-    path, _, crash = arg.partition("@")
-    if crash:
-        real, loop.compute_losses = loop.compute_losses, crash_at(int(crash))
-        try:
-            loop.train(build_config(config=path))
-            raise SystemExit("the crash did not happen")
-        except Crash:
-            pass
-        loop.compute_losses = real
-    elif main(["train", "--config", path]) != 0:
-        raise SystemExit(f"{path} failed")
-dist.destroy_process_group()
-'''
 
 
 @pytest.fixture(scope="module")
@@ -114,33 +80,85 @@ def assert_same_final(root: Path, name: str, reference: str, atol: float) -> Non
             torch.testing.assert_close(final[key], expected[key], rtol=0, atol=atol, msg=f"{name}: {key}")
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one(setup, monkeypatch):
-    root = setup
-    monkeypatch.setenv("ALIGNKIT_CACHE", str(root / "cache"))
-    configs = [
-        write_config(root, "ddp"),  # each rank runs one of the step's two micro-batches
-        write_config(root, "ddp_split", grad_accum=1, max_tokens_per_batch=160),  # one 8-pair batch, halved
-        write_config(root, "fsdp", distributed="fsdp", save_every=1) + "@3",  # crashes in step 3 ...
-        write_config(root, "fsdp", distributed="fsdp", save_every=1),  # ... and resumes from step 2
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    (root / "worker.py").write_text(WORKER)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(root / "worker.py"), *configs], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    assert run.stderr.count("resumed from") == 2 and "step-00000002 (step 2)" in run.stderr  # both ranks
+@dataclass
+class Launch:
+    """One torchrun launch of tests/distributed_worker.py: two processes run its scenarios in turn."""
 
-    one_process(write_config(root, "single"))
-    one_process(write_config(root, "single_split", grad_accum=1, max_tokens_per_batch=160))
+    out: Path
+    run: subprocess.CompletedProcess
+
+    def outcomes(self, scenario: str, expected_exit: int | str) -> list[dict]:
+        """Each rank's outcome of one scenario, once both ranks are seen to exit as expected."""
+        paths = [self.out / f"{scenario}.rank{rank}.json" for rank in range(2)]
+        assert all(p.exists() for p in paths), f"{scenario} did not run: {self.run.stdout[-3000:]}{self.run.stderr[-6000:]}"
+        outcomes = [json.loads(p.read_text()) for p in paths]
+        assert [o["exit"] for o in outcomes] == [expected_exit] * 2, "".join(o["error"] or o["stderr"][-6000:]
+                                                                             for o in outcomes)
+        return outcomes
+
+
+def launch(root: Path, name: str, scenarios: dict[str, str], timeout: int) -> Launch:
+    """Runs the scenarios ({name: "command:config.yaml"}) in the same two processes, once for the module."""
+    out = root / name
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ALIGNKIT_CACHE": str(root / "cache")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(Path(__file__).with_name("distributed_worker.py")), str(out),
+                          *(f"{scenario}={spec}" for scenario, spec in scenarios.items())],
+                         env=env, capture_output=True, text=True, timeout=timeout)
+    return Launch(out, run)
+
+
+@pytest.fixture(scope="module")
+def reference_run(setup):
+    """One process's run of a config, made once for the module however many tests compare with it."""
+    done = set()
+
+    def run(name: str, **values) -> None:
+        if name not in done:
+            one_process(write_config(setup, name, **values))
+            done.add(name)
+    return run
+
+
+# ---- two processes equal one ----
+
+SPLIT = dict(grad_accum=1, max_tokens_per_batch=160)  # one 8-pair batch, halved over the ranks
+REFERENCES = {"single": {}, "single_split": SPLIT}
+
+
+@pytest.fixture(scope="module")
+def equal_one(setup):
+    root = setup
+    fsdp = write_config(root, "fsdp", distributed="fsdp", save_every=1)
+    return launch(root, "equal_one", {
+        "ddp": "train:" + write_config(root, "ddp"),  # each rank runs one of the step's two micro-batches
+        "ddp_split": "train:" + write_config(root, "ddp_split", **SPLIT),
+        "fsdp_crash": f"train:{fsdp}@3",  # crashes in step 3 ...
+        "fsdp": f"train:{fsdp}",  # ... and resumes from step 2
+    }, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, reference", [("ddp", "single"), ("fsdp", "single"), ("ddp_split", "single_split")])
+def test_two_processes_equal_one(setup, equal_one, reference_run, monkeypatch, name, reference):
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(setup / "cache"))
+    outcomes = equal_one.outcomes(name, 0)
+    assert sum(o["stderr"].count("saved ") for o in outcomes) == 1  # rank 0 only (the console writes to stderr)
+    reference_run(reference, **REFERENCES[reference])
     # Same micro-batches, loss scaled by world size, gradients averaged: the same arithmetic, bit for bit in
-    # practice; 1e-5 leaves room for a different reduction order.
-    assert_same_run(root, "ddp", "single", atol=1e-5)
-    assert_same_run(root, "fsdp", "single", atol=1e-5)
-    # Halving a micro-batch changes the packing, not the maths.
-    assert_same_run(root, "ddp_split", "single_split", atol=1e-5)
-    assert run.stderr.count("saved ") == 3  # rank 0 only (the console writes to stderr)
-    assert not list((root / "fsdp" / "checkpoints").glob(".tmp*"))
+    # practice; 1e-5 leaves room for a different reduction order. Halving a micro-batch changes the packing, not
+    # the maths.
+    assert_same_run(setup, name, reference, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_an_interrupted_fsdp_run_resumes_from_its_last_checkpoint(setup, equal_one):
+    """The run's end equals one process's: test_two_processes_equal_one[fsdp]."""
+    equal_one.outcomes("fsdp_crash", "crashed")
+    stderr = "".join(o["stderr"] for o in equal_one.outcomes("fsdp", 0))
+    assert stderr.count("resumed from") == 2 and "step-00000002 (step 2)" in stderr  # both ranks
+    assert not list((setup / "fsdp" / "checkpoints").glob(".tmp*"))
 
 
 # ---- sharding a step ----
@@ -194,22 +212,6 @@ def test_world_size_without_rank_says_to_use_torchrun(monkeypatch):
 
 # ---- options under several processes, and the documented refusals ----
 
-# "command:config.yaml:ok" must succeed, "...:refused" must exit 2 (a one-line ConfigError) on every rank.
-OPTIONS_WORKER = '''
-import sys
-import torch.distributed as dist
-from alignkit.cli import main
-
-dist.init_process_group("gloo")
-for arg in sys.argv[1:]:
-    command, path, expect = arg.rsplit(":", 2)
-    code = main([command, "--config", path])
-    if code != (0 if expect == "ok" else 2):
-        raise SystemExit(f"{path}: exit {code}, expected {expect}")
-dist.destroy_process_group()
-'''
-
-
 def assert_same_metrics(root: Path, name: str, reference: str, atol: float) -> None:
     """Every logged number (training and eval rows; throughput aside) and every saved tensor of the final model."""
     ours, theirs = read_metrics(root / name), read_metrics(root / reference)
@@ -222,64 +224,89 @@ def assert_same_metrics(root: Path, name: str, reference: str, atol: float) -> N
     assert_same_final(root, name, reference, atol)
 
 
-@pytest.mark.slow
-def test_options_under_two_processes_equal_one_and_refusals_are_clear(setup, monkeypatch):
+LORA = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"], "save": "adapter"}
+# name: (command, config values, the one line each rank prints); "online" runs its own config (online_config).
+REFUSED = {
+    "lora_fsdp": ("train", dict(lora=LORA, distributed="fsdp"), "fsdp with lora"),
+    "rm": ("train", dict(loss="rm"), "reward-model training runs in one process"),
+    "sparsepo": ("train", dict(loss="sparsepo"), "live reference model"),
+    "ref_update_fsdp": ("train", dict(ref_update={"mode": "hard", "every": 1}, distributed="fsdp"),
+                        "needs an unsharded reference"),
+    "online": ("online", {}, "online runs ddp"),
+}
+
+
+def option_runs(root: Path) -> dict[str, dict]:
+    """Two-process config values; the one-process reference's drop distributed and gradient_checkpointing."""
+    return {
+        "lora": dict(lora=LORA, learning_rate=2e-2),
+        "ckpt_ddp": dict(gradient_checkpointing=True),
+        "ckpt_fsdp": dict(gradient_checkpointing=True, distributed="fsdp"),
+        "eval": dict(eval_data=str(root / "heldout.jsonl"), eval_every=2),
+    }
+
+
+def bco_values(root: Path) -> dict:
+    return dict(loss="bco", train_data=str(root / "unpaired.jsonl"), max_tokens_per_batch=40, save_every=1,
+                keep_last=4)
+
+
+def online_config(root: Path) -> str:
+    online = root / "refused_online.yaml"
+    online.write_text(yaml.safe_dump(dict(method="grpo", model=str(root / "model"), prompts=str(root / "prompts.jsonl"),
+                                          reward="synthetic", distributed="fsdp", rounds=1, prompts_per_round=2,
+                                          num_samples=2, max_new_tokens=4, output_dir=str(root / "refused_online"),
+                                          progress=False)))
+    return str(online)
+
+
+@pytest.fixture(scope="module")
+def options(setup):
+    """The options and the refusals, in the same two processes: "ok" runs must succeed, refusals exit 2 (a one-line
+    ConfigError) on every rank."""
     root = setup
-    monkeypatch.setenv("ALIGNKIT_CACHE", str(root / "cache"))
     pairs = preference_records(32, seed=1)
     write_jsonl_atomic(root / "unpaired.jsonl", [x for r in pairs for x in (
         {"prompt": r["prompt"], "completion": r["chosen"], "label": 1},
         {"prompt": r["prompt"], "completion": r["rejected"], "label": 0})])
     write_jsonl_atomic(root / "heldout.jsonl", preference_records(6, seed=9))
     write_jsonl_atomic(root / "prompts.jsonl", [{"prompt": r["prompt"]} for r in pairs[:8]])
-    lora = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"], "save": "adapter"}
-    runs = {  # name: (two-process config values, the one-process reference's)
-        "lora": dict(lora=lora, learning_rate=2e-2),
-        "ckpt_ddp": dict(gradient_checkpointing=True),
-        "ckpt_fsdp": dict(gradient_checkpointing=True, distributed="fsdp"),
-        "eval": dict(eval_data=str(root / "heldout.jsonl"), eval_every=2),
-    }
-    # BCO's running reward shift: within a step each rank absorbs only its own micro-batches (one process: every
-    # earlier micro-batch of the step too); the ranks' increments are merged at the step's end, so the state
-    # carried between steps and saved in each checkpoint equals one process's.
-    bco = dict(loss="bco", train_data=str(root / "unpaired.jsonl"), max_tokens_per_batch=40, save_every=1,
-               keep_last=4)
-    args = []
-    for name, extra in runs.items():
-        args.append("train:" + write_config(root, f"two_{name}", **extra) + ":ok")
-    args.append("train:" + write_config(root, "two_bco", **bco) + ":ok")
-    refused = {
-        "lora_fsdp": ("train", dict(lora=lora, distributed="fsdp"), "fsdp with lora"),
-        "rm": ("train", dict(loss="rm"), "reward-model training runs in one process"),
-        "sparsepo": ("train", dict(loss="sparsepo"), "live reference model"),
-        "ref_update_fsdp": ("train", dict(ref_update={"mode": "hard", "every": 1}, distributed="fsdp"),
-                            "needs an unsharded reference"),
-    }
-    for name, (command, extra, _) in refused.items():
-        args.append(f"{command}:" + write_config(root, f"refused_{name}", **extra) + ":refused")
-    online = root / "refused_online.yaml"
-    online.write_text(yaml.safe_dump(dict(method="grpo", model=str(root / "model"), prompts=str(root / "prompts.jsonl"),
-                                          reward="synthetic", distributed="fsdp", rounds=1, prompts_per_round=2,
-                                          num_samples=2, max_new_tokens=4, output_dir=str(root / "refused_online"),
-                                          progress=False)))
-    args.append(f"online:{online}:refused")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    (root / "options_worker.py").write_text(OPTIONS_WORKER)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(root / "options_worker.py"), *args], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    for _, _, message in refused.values():
-        assert run.stderr.count(message) == 2, message  # one line from each rank, before anything trained
-    assert run.stderr.count("online runs ddp") == 2
-    assert not any((root / f"refused_{name}").exists() for name in [*refused, "online"])
+    scenarios = {f"two_{name}": "train:" + write_config(root, f"two_{name}", **values)
+                 for name, values in option_runs(root).items()}
+    scenarios["two_bco"] = "train:" + write_config(root, "two_bco", **bco_values(root))
+    for name, (command, values, _) in REFUSED.items():
+        config = online_config(root) if command == "online" else write_config(root, f"refused_{name}", **values)
+        scenarios[f"refused_{name}"] = f"{command}:{config}"
+    return launch(root, "options", scenarios, timeout=600)
 
-    for name, extra in runs.items():
-        reference = {k: v for k, v in extra.items() if k not in ("distributed", "gradient_checkpointing")}
-        one_process(write_config(root, f"one_{name}", **reference))
-        assert_same_metrics(root, f"two_{name}", f"one_{name}", atol=1e-5)
-    assert any("eval/loss" in row for row in read_metrics(root / "two_eval"))
 
-    one_process(write_config(root, "one_bco", **bco))
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lora", "ckpt_ddp", "ckpt_fsdp", "eval"])
+def test_an_option_under_two_processes_equals_one(setup, options, monkeypatch, name):
+    root = setup
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(root / "cache"))
+    options.outcomes(f"two_{name}", 0)
+    values = option_runs(root)[name]
+    reference = {k: v for k, v in values.items() if k not in ("distributed", "gradient_checkpointing")}
+    one_process(write_config(root, f"one_{name}", **reference))
+    assert_same_metrics(root, f"two_{name}", f"one_{name}", atol=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_rows_are_logged_under_two_processes(setup, options):
+    options.outcomes("two_eval", 0)
+    assert any("eval/loss" in row for row in read_metrics(setup / "two_eval"))
+
+
+@pytest.mark.slow
+def test_bco_reward_shift_under_two_processes_equals_one(setup, options, monkeypatch):
+    """BCO's running reward shift: within a step each rank absorbs only its own micro-batches (one process: every
+    earlier micro-batch of the step too); the ranks' increments are merged at the step's end, so the state carried
+    between steps and saved in each checkpoint equals one process's."""
+    root = setup
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(root / "cache"))
+    options.outcomes("two_bco", 0)
+    one_process(write_config(root, "one_bco", **bco_values(root)))
 
     def carried(name):
         return [json.loads((path / "trainer_state.json").read_text())["loss_state"]
@@ -292,3 +319,12 @@ def test_options_under_two_processes_equal_one_and_refusals_are_clear(setup, mon
         assert a["count"] == b["count"] and a["mean"] == pytest.approx(b["mean"], abs=1e-6)
     steps = [(a["loss"], b["loss"]) for a, b in zip(read_metrics(root / "two_bco"), read_metrics(root / "one_bco"))]
     assert steps[0][0] == pytest.approx(steps[0][1], abs=1e-2)  # the same data, a slightly different shift
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_a_refusal_under_two_processes_is_one_line_per_rank(setup, options, name):
+    message = REFUSED[name][2]
+    outcomes = options.outcomes(f"refused_{name}", 2)
+    assert sum(o["stderr"].count(message) for o in outcomes) == 2, message  # one line from each rank, before anything trained
+    assert not (setup / f"refused_{name}").exists()
