@@ -78,8 +78,9 @@ def test_packed_sdpa_without_spans_refuses_the_placeholder_mask():
     model = build_tiny_model("llama", VOCAB, seed=1, hidden=16, layers=1, heads=2)
     attention, config = model.model.layers[0].self_attn, model.config
     head_dim = config.hidden_size // config.num_attention_heads
-    q = torch.randn(1, config.num_attention_heads, 5, head_dim)
-    kv = torch.randn(1, config.num_key_value_heads, 5, head_dim)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, config.num_attention_heads, 5, head_dim, generator=g)
+    kv = torch.randn(1, config.num_key_value_heads, 5, head_dim, generator=g)
     placeholder = torch.zeros(()).expand(1, 1, 5, 5)
     with pytest.raises(RuntimeError, match="spans"):
         packed_sdpa_forward(attention, q, kv, kv, placeholder)

@@ -211,9 +211,10 @@ def test_fast_engine_weight_push_equals_reloading(task):
     ids = encode_prompts(task.tokenizer, prompts(6, seed=7))
     cfg = SamplingConfig(max_new_tokens=10, seed=4)
     before = engine.generate(ids, cfg, 3)
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
     assert engine.generate(ids, cfg, 3).ids == before.ids  # the engine holds its own copy until pushed
     engine.update_weights(model)
     pushed = engine.generate(ids, cfg, 3)
@@ -370,9 +371,10 @@ def test_vllm_engine_data_flow_and_weight_push_with_a_fake_llm(task):
         torch.testing.assert_close(engine_logps, torch.tensor(row[0] * 2), rtol=0, atol=1e-6)
     # the push after an update makes the engine sample from the new weights, as reloading would
     policy = copy.deepcopy(task.model)
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
     engine.sleep()  # the learner's turn: vLLM's weights and KV cache are freed, and sampling is refused
     with pytest.raises(RuntimeError, match="asleep"):
         engine.generate(encode_prompts(task.tokenizer, questions), cfg, 1)

@@ -25,14 +25,19 @@ from alignkit.losses.online import (
     rloo_loss,
 )
 
-RNG = np.random.default_rng(0)
 B = 5
 
 
-def pair_arrays():
+@pytest.fixture
+def rng():
+    """Each test's own generator, seeded: its data does not depend on which tests ran before it."""
+    return np.random.default_rng(0)
+
+
+def pair_arrays(rng):
     """Summed log-probs [B, 2] with one exact tie (example 0: chosen and rejected alike), lengths from 1 token."""
-    logps = RNG.normal(-20, 4, (B, 2))
-    ref = RNG.normal(-20, 4, (B, 2))
+    logps = rng.normal(-20, 4, (B, 2))
+    ref = rng.normal(-20, 4, (B, 2))
     logps[0, 1], ref[0, 1] = logps[0, 0], ref[0, 0]
     lengths = np.array([[1, 1], [3, 7], [12, 2], [5, 5], [9, 30]], dtype=np.float64)
     return logps, ref, lengths
@@ -64,15 +69,15 @@ REWARDS = {
 
 
 @pytest.mark.parametrize("name", sorted(REWARDS))
-def test_pairwise_reward_metrics_equal_numpy(name):
+def test_pairwise_reward_metrics_equal_numpy(name, rng):
     spec = get_loss(name)
     opts = build_options(spec, {})
-    logps, ref, lengths = pair_arrays()
+    logps, ref, lengths = pair_arrays(rng)
     extra = {}
     if name == "cream":
-        extra["consistency"] = torch.tensor(RNG.random(B))
+        extra["consistency"] = torch.tensor(rng.random(B))
     if name == "modpo":
-        extra["other_rewards"] = torch.tensor(RNG.normal(0, 1, (B, 2, 2)))
+        extra["other_rewards"] = torch.tensor(rng.normal(0, 1, (B, 2, 2)))
     _, metrics = spec.fn(inputs_of(logps, ref if spec.needs_reference else None, lengths, **extra), opts)
     rewards = REWARDS[name](opts, logps, ref, lengths)
     margins = rewards[:, 0] - rewards[:, 1]
@@ -84,10 +89,10 @@ def test_pairwise_reward_metrics_equal_numpy(name):
     assert not any(v.requires_grad for v in metrics.values())
 
 
-def test_modpo_logs_the_weighted_margin_of_the_other_objectives():
+def test_modpo_logs_the_weighted_margin_of_the_other_objectives(rng):
     spec, opts = get_loss("modpo"), build_options(get_loss("modpo"), {"weight": 0.4, "other_weights": [0.2, 0.4]})
-    logps, ref, lengths = pair_arrays()
-    other = RNG.normal(0, 1, (B, 2, 2))
+    logps, ref, lengths = pair_arrays(rng)
+    other = rng.normal(0, 1, (B, 2, 2))
     _, metrics = spec.fn(inputs_of(logps, ref, lengths, other_rewards=torch.tensor(other)), opts)
     np.testing.assert_allclose(metrics["modpo/margin"].numpy(), (other[:, 0] - other[:, 1]) @ np.array([0.2, 0.4]))
     even = build_options(spec, {"weight": 0.4})  # default other weights: (1 - w0) / K each
@@ -95,10 +100,10 @@ def test_modpo_logs_the_weighted_margin_of_the_other_objectives():
     np.testing.assert_allclose(metrics["modpo/margin"].numpy(), (other[:, 0] - other[:, 1]).sum(-1) * 0.3)
 
 
-def test_d2o_metrics_equal_numpy():
+def test_d2o_metrics_equal_numpy(rng):
     spec = get_loss("d2o")
     opts = build_options(spec, {})
-    logps, ref = RNG.normal(-20, 4, (B, 4)), RNG.normal(-20, 4, (B, 4))
+    logps, ref = rng.normal(-20, 4, (B, 4)), rng.normal(-20, 4, (B, 4))
     logps[0], ref[0] = logps[0, 0], ref[0, 0]  # example 0: every sample like the negative, margin 0
     lengths = np.full((B, 4), 5.0)
     _, metrics = spec.fn(inputs_of(logps, ref, lengths), opts)
@@ -113,11 +118,11 @@ def test_d2o_metrics_equal_numpy():
     assert np.corrcoef(negative, ratio[:, 0])[0, 1] > 0.99
 
 
-def test_list_metrics_equal_numpy():
+def test_list_metrics_equal_numpy(rng):
     spec = get_loss("lipo")
     opts = build_options(spec, {})
-    logps, ref = RNG.normal(-20, 4, (B, 4)), RNG.normal(-20, 4, (B, 4))
-    scores = RNG.integers(0, 3, (B, 4)).astype(np.float64)  # ties in the scores: only strict pairs count
+    logps, ref = rng.normal(-20, 4, (B, 4)), rng.normal(-20, 4, (B, 4))
+    scores = rng.integers(0, 3, (B, 4)).astype(np.float64)  # ties in the scores: only strict pairs count
     scores[0] = [2, 1, 1, 0]
     logps[0, 1], ref[0, 1] = logps[0, 0], ref[0, 0]  # a reward tie on a strictly ordered pair: half right
     _, metrics = spec.fn(inputs_of(logps, ref, np.full((B, 4), 5.0), scores=torch.tensor(scores)), opts)
@@ -130,10 +135,10 @@ def test_list_metrics_equal_numpy():
     assert 0 < accuracy[0] < 1
 
 
-def test_listwise_losses_rank_by_score_with_ties_kept_in_order():
+def test_listwise_losses_rank_by_score_with_ties_kept_in_order(rng):
     """ListMLE's and LiPO's sorts are stable: tied scores keep the data's order, so the loss is deterministic and
     equals NumPy's stable sort."""
-    logps, ref = RNG.normal(-20, 4, (2, 4)), RNG.normal(-20, 4, (2, 4))
+    logps, ref = rng.normal(-20, 4, (2, 4)), rng.normal(-20, 4, (2, 4))
     scores = np.array([[1.0, 2.0, 2.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
     spec = get_loss("listmle")
     opts = build_options(spec, {})
@@ -147,12 +152,12 @@ def test_listwise_losses_rank_by_score_with_ties_kept_in_order():
     np.testing.assert_allclose(losses.numpy(), np.array(expected), rtol=1e-9)
 
 
-def test_kto_metrics_equal_numpy():
+def test_kto_metrics_equal_numpy(rng):
     spec = get_loss("kto")
     opts = build_options(spec, {})
-    logps, ref = RNG.normal(-20, 4, (B, 1)), RNG.normal(-20, 4, (B, 1))
+    logps, ref = rng.normal(-20, 4, (B, 1)), rng.normal(-20, 4, (B, 1))
     labels = np.array([1, 0, 1, 1, 0])
-    kl_policy, kl_ref = RNG.normal(-18, 4, B), RNG.normal(-20, 4, B)
+    kl_policy, kl_ref = rng.normal(-18, 4, B), rng.normal(-20, 4, B)
     _, metrics = spec.fn(inputs_of(logps, ref, np.full((B, 1), 5.0), labels=torch.tensor(labels),
                                    kl_logps=torch.tensor(kl_policy), ref_kl_logps=torch.tensor(kl_ref)), opts)
     rewards = opts.beta * (logps[:, 0] - ref[:, 0])
@@ -288,8 +293,8 @@ def test_rloo_normalised_advantages_equal_numpy():
         np.testing.assert_allclose(metrics["kl"].numpy(), (seq - ref_seq).mean(1), rtol=1e-9)
 
 
-def test_aggregations_count_a_one_token_response_as_one_token():
-    per_token = torch.tensor(RNG.normal(0, 1, (2, 2, 4)))
+def test_aggregations_count_a_one_token_response_as_one_token(rng):
+    per_token = torch.tensor(rng.normal(0, 1, (2, 2, 4)))
     mask = torch.tensor([[[1, 0, 0, 0], [1, 1, 1, 0]], [[1, 1, 1, 1], [1, 1, 0, 0]]], dtype=torch.bool)
     p, m = per_token.numpy(), mask.numpy()
     per_response = (p * m).sum(-1)
@@ -464,8 +469,8 @@ def test_unknown_loss_options_list_the_known_ones():
 # ---- more paths mutation testing showed unpinned ----
 
 
-def test_each_losses_own_metrics_are_logged_under_their_names():
-    logps, ref, lengths = pair_arrays()
+def test_each_losses_own_metrics_are_logged_under_their_names(rng):
+    logps, ref, lengths = pair_arrays(rng)
     t = torch.tensor
     checks = {
         "dpop": ("dpop/penalty", None), "rpo": ("nll", "nll"), "slic": ("slic/calibration", None),
@@ -489,7 +494,7 @@ def test_each_losses_own_metrics_are_logged_under_their_names():
     _, metrics = get_loss("bonbon").fn(inputs_of(logps, ref, lengths), build_options(get_loss("bonbon"), {}))
     np.testing.assert_allclose(metrics["bonbon/sft"].numpy(), -logps[:, 0], rtol=1e-6)  # the summed NLL
     spec = get_loss("lipo")
-    scores = RNG.integers(0, 3, (B, 2)).astype(float)
+    scores = rng.integers(0, 3, (B, 2)).astype(float)
     scores[:, 0] += 5  # k = 2: exactly one strictly ordered pair per list
     _, metrics = spec.fn(inputs_of(logps, ref, lengths, scores=t(scores)), build_options(spec, {}))
     rewards = 0.1 * (logps - ref)
@@ -533,12 +538,12 @@ def test_cispo_truncated_importance_sampling_uses_the_behaviour_policy():
     np.testing.assert_allclose(losses.detach().numpy(), expected, rtol=1e-9)
 
 
-def test_defaults_of_the_shared_online_helpers():
+def test_defaults_of_the_shared_online_helpers(rng):
     from alignkit.losses.online import group_advantages, kl_estimate, leave_one_out_advantages
 
-    scores = torch.tensor(RNG.normal(0, 1, (3, 4)))
+    scores = torch.tensor(rng.normal(0, 1, (3, 4)))
     torch.testing.assert_close(group_advantages(scores), group_advantages(scores, "group"))
-    a, b = torch.tensor(RNG.normal(-2, 1, 7)), torch.tensor(RNG.normal(-2, 1, 7))
+    a, b = torch.tensor(rng.normal(-2, 1, 7)), torch.tensor(rng.normal(-2, 1, 7))
     torch.testing.assert_close(kl_estimate(a, b), kl_estimate(a, b, "k3"))
     two = torch.tensor([[1.0, 3.0], [2.0, 2.0]])  # k = 2 is enough for a leave-one-out baseline
     torch.testing.assert_close(leave_one_out_advantages(two), torch.tensor([[-2.0, 2.0], [0.0, 0.0]]))
@@ -589,7 +594,7 @@ def test_one_token_responses_are_divided_by_one():
     grpo_loss(inputs, GSPOOptions())  # runs with one-token responses
 
 
-def test_shared_loss_helpers_edge_cases():
+def test_shared_loss_helpers_edge_cases(rng):
     from alignkit.losses.base import RunningMean, needs
     from alignkit.losses.reference_free import _log1mexp
 
@@ -602,7 +607,7 @@ def test_shared_loss_helpers_edge_cases():
     x = torch.tensor([-1e-10, -0.3, -0.6931471805599453, -0.7, -5.0], dtype=torch.float64)
     torch.testing.assert_close(_log1mexp(x), torch.log(-torch.expm1(x)), rtol=1e-12, atol=0)
     spec = get_loss("kto")
-    logps, ref = RNG.normal(-20, 4, (B, 1)), RNG.normal(-20, 4, (B, 1))
+    logps, ref = rng.normal(-20, 4, (B, 1)), rng.normal(-20, 4, (B, 1))
     labels = torch.tensor([1, 0, 1, 1, 0])
     with pytest.raises(ValueError):  # the KL estimate needs both sides of the mismatched pairs
         spec.fn(inputs_of(logps, ref, np.full((B, 1), 5.0), labels=labels, kl_logps=torch.zeros(B)),

@@ -157,7 +157,7 @@ def test_gae_matches_numpy(gamma, lam):
 
 def test_kl_shaped_rewards_put_the_score_on_the_last_token():
     _, _, _, mask, scores = rollout_tensors()
-    token_kl = torch.rand(B, K, T)
+    token_kl = torch.rand(B, K, T, generator=torch.Generator().manual_seed(1))
     shaped = kl_shaped_rewards(scores, token_kl, mask, 0.1)
     for b in range(B):
         for i in range(K):
@@ -170,7 +170,7 @@ def test_kl_shaped_rewards_put_the_score_on_the_last_token():
 
 def test_masked_whiten_and_running_moments():
     _, _, _, mask, _ = rollout_tensors()
-    values = torch.randn(B, K, T) * 3 + 2
+    values = torch.randn(B, K, T, generator=torch.Generator().manual_seed(1)) * 3 + 2
     whitened = masked_whiten(values, mask)
     kept = whitened[mask].numpy()
     np.testing.assert_allclose([kept.mean(), kept.std()], [0.0, 1.0], atol=1e-5)  # population variance
@@ -257,7 +257,7 @@ def test_token_mean_is_exact_under_gradient_accumulation():
     """With the step's mean lengths, per-example losses of micro-batches averaged over the step = the step's
     token-mean, however the examples are split."""
     logps, _, _, mask, _ = rollout_tensors()
-    per_token = torch.randn(B, K, T)
+    per_token = torch.randn(B, K, T, generator=torch.Generator().manual_seed(1))
     whole = float((per_token * mask).sum() / mask.sum())
     step_lengths = mask.sum(-1).float().mean(0)
     parts = [aggregate(per_token[s], mask[s], "token-mean", step_lengths) for s in (slice(0, 1), slice(1, 3))]

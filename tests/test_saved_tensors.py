@@ -91,9 +91,10 @@ def test_each_swiglu_product_is_recognised_once_per_layer_and_remade_exactly(bf1
 
 
 def test_a_cast_of_a_tensor_that_is_not_a_parameter_is_kept():
-    leaf = torch.randn(4, 3, requires_grad=True)  # a leaf, but no Parameter
+    g = torch.Generator().manual_seed(0)
+    leaf = torch.randn(4, 3, generator=g, requires_grad=True)  # a leaf, but no Parameter
     assert cast_of_parameter(leaf.bfloat16()) is None
-    weight = torch.nn.Parameter(torch.randn(4, 3))
+    weight = torch.nn.Parameter(torch.randn(4, 3, generator=g))
     assert cast_of_parameter(weight.bfloat16()) is not None
     assert cast_of_parameter(weight.bfloat16() * 2) is None  # computed from the copy: an activation
     assert cast_of_parameter(weight.bfloat16().t()).transposed
