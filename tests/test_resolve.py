@@ -40,10 +40,21 @@ def write_tiny_llama_gguf(path: Path, tie_word_embeddings: bool) -> LlamaForCaus
     byte_tokens = list(bytes_to_unicode().values())
     tokens = SPECIAL_TOKENS + byte_tokens + ["".join(pair) for pair in MERGES]
     token_types = [3] * len(SPECIAL_TOKENS) + [1] * (len(tokens) - len(SPECIAL_TOKENS))  # 3 CONTROL, 1 NORMAL
+    model = random_tiny_llama(len(tokens), tie_word_embeddings)
+    writer = GGUFWriter(path, "llama")
+    write_metadata(writer, model.config, tokens, token_types)
+    write_tensors(writer, model)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
 
+
+def random_tiny_llama(vocab_size: int, tie_word_embeddings: bool) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokens),
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=2,
@@ -65,8 +76,10 @@ def write_tiny_llama_gguf(path: Path, tie_word_embeddings: bool) -> LlamaForCaus
                 param.add_(0.1 * torch.randn_like(param))
             elif "q_proj" in name or "k_proj" in name:
                 param.mul_(8.0)
+    return model
 
-    writer = GGUFWriter(path, "llama")
+
+def write_metadata(writer: GGUFWriter, config: LlamaConfig, tokens: list[str], token_types: list[int]) -> None:
     writer.add_name("tiny-llama")
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -88,6 +101,11 @@ def write_tiny_llama_gguf(path: Path, tie_word_embeddings: bool) -> LlamaForCaus
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
 
+
+def write_tensors(writer: GGUFWriter, model: LlamaForCausalLM) -> None:
+    """llama.cpp's tensor names, with Q and K in its row order."""
+    config = model.config
+
     def add(name: str, tensor: torch.Tensor) -> None:
         writer.add_tensor(name, tensor.detach().numpy().astype(np.float32))
 
@@ -106,14 +124,8 @@ def write_tiny_llama_gguf(path: Path, tie_word_embeddings: bool) -> LlamaForCaus
         add(f"blk.{index}.ffn_up.weight", mlp.up_proj.weight)
         add(f"blk.{index}.ffn_down.weight", mlp.down_proj.weight)
     add("output_norm.weight", model.model.norm.weight)
-    if not tie_word_embeddings:
+    if not config.tie_word_embeddings:
         add("output.weight", model.lm_head.weight)
-
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return model
 
 
 def sequence_logps(model, input_ids: torch.Tensor) -> torch.Tensor:
