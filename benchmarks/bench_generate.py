@@ -51,7 +51,8 @@ def run_one(args) -> dict:
     """One contender in this process: warm-up, then `repeats` timed calls; the fastest is reported."""
     import torch
 
-    from alignkit.generate.sample import SamplingConfig, encode_prompts
+    from alignkit.generate.engines import encode_prompts
+    from alignkit.generate.sample import SamplingConfig
 
     torch.set_num_threads(args.threads)
     model, tokenizer, prompts = load(args.model)
@@ -74,9 +75,9 @@ def exactness(model_name: str, threads: int) -> dict:
     """Greedy tokens of the fast engine against HF's, and its log-probs against the trainer's, per precision."""
     import torch
 
-    from alignkit.generate.engines import HFEngine
+    from alignkit.generate.engines import HFEngine, encode_prompts
     from alignkit.generate.engines.fast import FastEngine
-    from alignkit.generate.sample import SamplingConfig, encode_prompts
+    from alignkit.generate.sample import SamplingConfig
     from alignkit.online.rollout import generate_rollout
     from alignkit.train.reference import score_examples
 

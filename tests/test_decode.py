@@ -16,13 +16,14 @@ import torch
 from alignkit.cli import main
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.decode.args import ARGSConfig, args_decode
-from alignkit.decode.base import Compute, efficiency, encode_prompts
+from alignkit.decode.base import Compute, efficiency
 from alignkit.decode.bon import best_of_n, plain_sampling
 from alignkit.decode.bonbon import best_worst_pairs, bonbon_pairs, recommended_options
 from alignkit.decode.calibrated import CalibratedReward, calibrated_best_of_n, empirical_cdf
 from alignkit.decode.deal import DeALConfig, deal_decode
 from alignkit.decode.tq import TQConfig, implicit_values, tq_decode
 from alignkit.errors import ConfigError
+from alignkit.generate.engines import encode_prompts
 from alignkit.generate.sample import SamplingConfig, sample
 from alignkit.losses import build_options, get_loss
 from alignkit.losses.base import LossInputs
@@ -76,8 +77,7 @@ def test_best_of_n_picks_the_max_and_counts_compute(task, questions):
         assert response == detail["candidates"][detail["chosen_index"]]
     # exact: every token the engine sampled (each candidate up to and including its EOS, or all 10 when cut),
     # one sequence-step each, and one reward call per candidate
-    from alignkit.generate.engines import make_engine
-    from alignkit.generate.sample import encode_prompts
+    from alignkit.generate.engines import encode_prompts, make_engine
 
     generation = make_engine(task.model, task.tokenizer, SAMPLING).generate(
         encode_prompts(task.tokenizer, questions[:8]), SAMPLING, 4)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from alignkit.generate.engines import HFEngine, as_engine
-from alignkit.generate.sample import SamplingConfig, encode_prompts
+from alignkit.generate.engines import HFEngine, as_engine, encode_prompts
+from alignkit.generate.sample import SamplingConfig
 from alignkit.losses import LossInputs
 from alignkit.losses.online import GRPOOptions, grpo_loss
 from alignkit.online import online_config, run_online

@@ -14,8 +14,8 @@ from alignkit.cli import main
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.data.synthetic import TOPICS
 from alignkit.errors import AlignkitError, DataError
-from alignkit.generate.engines import make_engine
-from alignkit.generate.sample import SamplingConfig, sample, sample_with_counts, truncate_at_stop
+from alignkit.generate.engines import make_engine, truncate_at_stop
+from alignkit.generate.sample import SamplingConfig, sample, sample_with_counts
 from alignkit.generate.synth import (
     dedupe,
     magpie_prompts,

@@ -298,8 +298,8 @@ def test_smollm2_packed_logps_and_fast_engine_equal_the_reference_paths(smollm2)
     forward passes, and the fast engine's greedy tokens equal HF generate's."""
     from alignkit.data.pack import pack
     from alignkit.data.tokenize import TokenizedExample
-    from alignkit.generate.engines import FastEngine, HFEngine
-    from alignkit.generate.sample import SamplingConfig, encode_prompts
+    from alignkit.generate.engines import FastEngine, HFEngine, encode_prompts
+    from alignkit.generate.sample import SamplingConfig
     from alignkit.models.attention import set_attention
     from alignkit.models.logprobs import response_logprobs
 

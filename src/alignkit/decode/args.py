@@ -18,10 +18,9 @@ from alignkit.decode.base import (
     choose,
     commit_tokens,
     decode_text,
-    encode_prompts,
-    eval_mode,
 )
-from alignkit.generate.sample import stop_token_ids
+from alignkit.generate.engines import encode_prompts, stop_token_ids
+from alignkit.models.inference import eval_mode
 
 
 @dataclass

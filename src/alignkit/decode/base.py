@@ -11,8 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from alignkit.generate.sample import encode_prompts  # noqa: F401 - the decoders start from these ids
-from alignkit.models.inference import eval_mode, left_pad  # noqa: F401 - decode's helpers
+from alignkit.models.inference import left_pad
 
 
 @dataclass

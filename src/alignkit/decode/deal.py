@@ -15,12 +15,11 @@ from alignkit.decode.base import (
     Compute,
     DecodeResult,
     decode_text,
-    encode_prompts,
-    eval_mode,
     greedy_rollouts,
     last_token_logps,
 )
-from alignkit.generate.sample import stop_token_ids
+from alignkit.generate.engines import encode_prompts, stop_token_ids
+from alignkit.models.inference import eval_mode
 
 
 @dataclass

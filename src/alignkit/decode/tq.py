@@ -27,11 +27,10 @@ from alignkit.decode.base import (
     choose,
     commit_tokens,
     decode_text,
-    encode_prompts,
-    eval_mode,
     greedy_rollouts,
 )
-from alignkit.generate.sample import stop_token_ids
+from alignkit.generate.engines import encode_prompts, stop_token_ids
+from alignkit.models.inference import eval_mode
 from alignkit.models.logprobs import response_logprobs
 
 

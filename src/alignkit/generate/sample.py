@@ -2,8 +2,8 @@
 generate, the fast CPU engine, vLLM).
 
 `sample` returns texts; `sample_with_counts` also returns how many tokens each sample cost, which the
-decoding-time methods (decode/) turn into compute accounting. An engine (e.g. generate/vllm_backend.py's vLLM
-engine) is accepted in place of the model and used the same way."""
+decoding-time methods (decode/) turn into compute accounting. An engine (e.g. generate/engines/vllm.py's
+VLLMEngine) is accepted in place of the model and used the same way."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.data.template import render_chat
+from alignkit.generate.engines import as_engine, encode_prompts
 
 
 @dataclass
@@ -23,7 +23,7 @@ class SamplingConfig:
     batch_size: int = 16  # prompts per generate call (each with num_samples sequences)
     seed: int = 0
     stop: tuple[str, ...] = ()  # a sample is cut before the first occurrence of any of these strings
-    engine: str = "auto"  # hf (the reference), fast, or auto: fast where it runs (generate/engines)
+    engine: str = "auto"  # hf (the reference), fast, vllm, or auto: fast where it runs (generate/engines)
     engine_precision: str = "fp32"  # the fast engine's weights: fp32 or bf16
 
     @classmethod
@@ -45,43 +45,11 @@ class Samples:
         return sum(sum(row) for row in self.num_tokens)
 
 
-def prompt_texts(tokenizer, prompts: list) -> list[str]:
-    """Plain strings verbatim; message lists through the chat template with the generation prompt."""
-    return [p if isinstance(p, str) else render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
-
-
-def stop_index(text: str, stop) -> int | None:
-    """Where the first occurrence of any stop string starts in text; None if none occurs."""
-    return min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=None)
-
-
-def truncate_at_stop(text: str, stop) -> str:
-    """text up to (not including) the first occurrence of any stop string."""
-    cut = stop_index(text, stop)
-    return text if cut is None else text[:cut]
-
-
-def stop_token_ids(tokenizer, stop) -> list[int]:
-    """Ids of the EOS token and of every stop string that is itself a special token (decoding with
-    skip_special_tokens would drop those, so they are matched as tokens, and generation stops on them)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    special = set(tokenizer.all_special_tokens)
-    ids += [tokenizer.convert_tokens_to_ids(s) for s in stop if s in special]
-    return list(dict.fromkeys(ids))
-
-
-def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
-    """The token ids generation starts from: plain strings verbatim, chats through the template."""
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(tokenizer, prompts)]
-
-
 @torch.no_grad()
 def sample_with_counts(model, tokenizer, prompts: list, cfg: SamplingConfig, num_samples: int = 1) -> Samples:
     """num_samples completions per prompt and the tokens each cost. Same seed, prompts and batch_size ->
     the same samples; the global torch RNG is left as it was. `extra["generation"]` holds the engine's token ids,
     log-probs and finish reasons (generate/engines)."""
-    from alignkit.generate.engines import as_engine
-
     generation = as_engine(model, tokenizer, cfg).generate(encode_prompts(tokenizer, prompts), cfg, num_samples)
     return Samples(generation.texts, generation.generated, {"generation": generation})
 

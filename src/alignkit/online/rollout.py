@@ -17,8 +17,8 @@ import torch
 
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError
-from alignkit.generate.engines import as_engine
-from alignkit.generate.sample import SamplingConfig, encode_prompts
+from alignkit.generate.engines import as_engine, encode_prompts
+from alignkit.generate.sample import SamplingConfig
 from alignkit.rewards.shaping import soft_overlong_penalty
 
 

@@ -81,7 +81,7 @@ def shipped(name: str) -> str:
 
 def answer(model, tokenizer, prompts: list, sampling: SamplingConfig, num_samples: int):
     """num_samples answers per prompt: (texts [prompt][sample], token-exact examples for the KL)."""
-    from alignkit.generate.sample import encode_prompts
+    from alignkit.generate.engines import encode_prompts
 
     out = sample_with_counts(model, tokenizer, prompts, sampling, num_samples)
     generation = out.extra["generation"]

@@ -5,7 +5,16 @@ sleep() (optional) while the learner runs.
 lean decode loop for Llama-family decoders, several times faster on CPU at rollout sizes; `vllm`
 (engines/vllm.py) a colocated vllm.LLM for GPUs."""
 
-from alignkit.generate.engines.base import Engine, Generation, cut_at_stop
+from alignkit.generate.engines.base import (
+    Engine,
+    Generation,
+    cut_at_stop,
+    encode_prompts,
+    prompt_texts,
+    stop_index,
+    stop_token_ids,
+    truncate_at_stop,
+)
 from alignkit.generate.engines.fast import FastEngine, fast_engine_supports
 from alignkit.generate.engines.hf import HFEngine
 
@@ -35,5 +44,6 @@ def as_engine(generator, tokenizer, sampling=None) -> Engine:
     return generator if hasattr(generator, "update_weights") else make_engine(generator, tokenizer, sampling)
 
 
-__all__ = ["Engine", "FastEngine", "Generation", "HFEngine", "as_engine", "cut_at_stop", "fast_engine_supports",
-           "make_engine", "sleep_engine"]
+__all__ = ["Engine", "FastEngine", "Generation", "HFEngine", "as_engine", "cut_at_stop", "encode_prompts",
+           "fast_engine_supports", "make_engine", "prompt_texts", "sleep_engine", "stop_index", "stop_token_ids",
+           "truncate_at_stop"]

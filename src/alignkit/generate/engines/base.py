@@ -1,11 +1,12 @@
-"""What every rollout engine returns, and the one rule for where a sample ends."""
+"""What every rollout engine returns, where a sample starts (the prompt's token ids) and the one rule for where it
+ends (an end token or a stop string)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
 
-from alignkit.generate.sample import stop_index
+from alignkit.data.template import render_chat
 
 
 @dataclass
@@ -65,3 +66,33 @@ def cut_at_stop(tokenizer, ids: list[int], end_ids: list[int], stop) -> tuple[li
                 break
         text = text[:cut]
     return ids, text.strip(), stopped
+
+
+def prompt_texts(tokenizer, prompts: list) -> list[str]:
+    """Plain strings verbatim; message lists through the chat template with the generation prompt."""
+    return [p if isinstance(p, str) else render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
+
+
+def stop_index(text: str, stop) -> int | None:
+    """Where the first occurrence of any stop string starts in text; None if none occurs."""
+    return min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=None)
+
+
+def truncate_at_stop(text: str, stop) -> str:
+    """text up to (not including) the first occurrence of any stop string."""
+    cut = stop_index(text, stop)
+    return text if cut is None else text[:cut]
+
+
+def stop_token_ids(tokenizer, stop) -> list[int]:
+    """Ids of the EOS token and of every stop string that is itself a special token (decoding with
+    skip_special_tokens would drop those, so they are matched as tokens, and generation stops on them)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    special = set(tokenizer.all_special_tokens)
+    ids += [tokenizer.convert_tokens_to_ids(s) for s in stop if s in special]
+    return list(dict.fromkeys(ids))
+
+
+def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
+    """The token ids generation starts from: plain strings verbatim, chats through the template."""
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts(tokenizer, prompts)]

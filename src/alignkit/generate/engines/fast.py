@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.errors import ConfigError
-from alignkit.generate.engines.base import Generation
-from alignkit.generate.sample import stop_token_ids
+from alignkit.generate.engines.base import Generation, stop_token_ids
 from alignkit.models.inference import left_pad
 
 SUPPORTED = ("llama", "mistral")

@@ -13,8 +13,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from alignkit.generate.engines.base import Generation
-from alignkit.generate.sample import stop_token_ids
+from alignkit.generate.engines.base import Generation, stop_token_ids
 from alignkit.models.inference import eval_mode, left_pad
 
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import importlib.util
 
 from alignkit.errors import ConfigError
-from alignkit.generate.engines.base import Generation, cut_at_stop
-from alignkit.generate.sample import stop_token_ids
+from alignkit.generate.engines.base import Generation, cut_at_stop, stop_token_ids
 
 
 def vllm_available() -> bool:
