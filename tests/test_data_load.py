@@ -16,8 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alignkit.data.load import SHAPES, load_records, validate_record, write_jsonl_atomic
+from alignkit.data.load import load_records, write_jsonl_atomic
+from alignkit.data.validate import validate_record
 from alignkit.errors import ConfigError, DataError
+from alignkit.shapes import SHAPES
 
 GOOD_PAIR = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
 
@@ -508,26 +510,26 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**
 def test_a_json_list_is_streamed_element_by_element_exactly(tmp_path, monkeypatch, values, indent, chunk, bom):
     """Read in chunks of a few bytes (every element, number and multi-byte character cut somewhere), the
     elements equal json.loads of the whole file."""
-    import alignkit.data.load as load_module
+    import alignkit.data.readers as readers_module
 
-    monkeypatch.setattr(load_module, "JSON_CHUNK", chunk)
+    monkeypatch.setattr(readers_module, "JSON_CHUNK", chunk)
     path = tmp_path / "d.json"
     text = json.dumps(values, indent=indent, ensure_ascii=False)
     path.write_bytes((codecs.BOM_UTF8 if bom else b"") + text.encode())
-    assert [v for _, v in load_module._read_json(str(path))] == json.loads(text)
+    assert [v for _, v in readers_module.read_json(str(path))] == json.loads(text)
 
 
 def test_a_malformed_json_list_names_the_line_and_column(tmp_path, monkeypatch):
-    import alignkit.data.load as load_module
+    import alignkit.data.readers as readers_module
 
-    monkeypatch.setattr(load_module, "JSON_CHUNK", 3)
+    monkeypatch.setattr(readers_module, "JSON_CHUNK", 3)
     path = tmp_path / "d.json"
     path.write_text('[\n  {"prompt": "a"},\n  {"prompt": "b"} {"prompt": "c"}\n]')
     with pytest.raises(DataError, match=r"d.json: malformed JSON \(expected ',' or '\]' at line 3 column 19\)"):
-        list(load_module._read_json(str(path)))
+        list(readers_module.read_json(str(path)))
     path.write_bytes(b'[{"prompt": "a"}, {"prompt": "\xff"}]')
     with pytest.raises(DataError, match=r"not valid UTF-8 \(byte offset 30\)"):
-        list(load_module._read_json(str(path)))
+        list(readers_module.read_json(str(path)))
     path.write_text('[{"prompt": "a"}] 7')
     with pytest.raises(DataError, match="extra data after the list"):
-        list(load_module._read_json(str(path)))
+        list(readers_module.read_json(str(path)))

@@ -20,10 +20,11 @@ from transformers.utils import logging as hf_logging
 from alignkit.cli import main
 from alignkit.config import TrainConfig, load_config_file
 from alignkit.data import prepare_examples
-from alignkit.data.load import SHAPES, load_records
+from alignkit.data.load import load_records
 from alignkit.data.synthetic import VOCABULARY
 from alignkit.errors import ConfigError, DataError
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
+from alignkit.shapes import SHAPES
 
 TOKENIZER = build_word_tokenizer(VOCABULARY)
 FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -15,9 +15,9 @@ from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from itertools import islice
 
-from alignkit.data.load import SHAPES, fields_of
 from alignkit.data.template import render, render_chat_turns
 from alignkit.errors import DataError
+from alignkit.shapes import SHAPES, fields_of
 
 # Which record fields hold the responses, per data shape.
 RESPONSE_FIELDS = {

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from alignkit.data.load import DATA_SHAPES
 from alignkit.errors import ConfigError
 from alignkit.losses import (
     bonbon,
@@ -26,6 +25,7 @@ from alignkit.losses import (
 from alignkit.losses.base import RunningMean, needs
 from alignkit.losses.dpo import DPOOptions, dpo_loss
 from alignkit.losses.sft import SFTOptions, sft_loss
+from alignkit.shapes import DATA_SHAPES
 
 
 @dataclass(frozen=True)
