@@ -110,14 +110,14 @@ def worker_main(name: str, spec_path: str, result_path: str) -> None:
 
 def prepare(model_ref: str, tag: str, n_pairs: int, prompt_range, answer_range, max_length: int, seed: int):
     """Write the records once; return their path and (|prompt|, |chosen|, |rejected|) token counts per pair."""
-    from alignkit.data import prepare_examples
+    from alignkit.data import ExampleSettings, prepare_examples
 
     tokenizer = contenders.load_tokenizer(model_ref)
     records = contenders.make_records(tokenizer, n_pairs, prompt_range, answer_range, seed)
     path = contenders.WORK_DIR / "data" / f"{tag}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    examples = prepare_examples(records, tokenizer, "pairs", max_length)
+    examples = prepare_examples(records, tokenizer, ExampleSettings("pairs", max_length))
     lengths = [(len(e.prompt_ids), len(e.response_ids[0]), len(e.response_ids[1])) for e in examples]
     fingerprint = contenders.tokens_fingerprint((e.prompt_ids, *e.response_ids) for e in examples)
     return path, lengths, fingerprint

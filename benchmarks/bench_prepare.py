@@ -59,7 +59,7 @@ def run_contender(name: str, data: str, workdir: str) -> dict:
         from trl import DPOConfig
         from trl.trainer.dpo_trainer import DPOTrainer
     else:
-        from alignkit.data import prepare_examples
+        from alignkit.data import ExampleSettings, prepare_examples
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # interpreter, libraries, tokenizer
     tic = time.perf_counter()
     if name == "trl":
@@ -69,7 +69,7 @@ def run_contender(name: str, data: str, workdir: str) -> dict:
         count = len(out)
     else:
         os.environ["ALIGNKIT_CACHE"] = workdir
-        count = len(prepare_examples(data, tokenizer, "pairs", 1024, cache=name == "alignkit_cached"))
+        count = len(prepare_examples(data, tokenizer, ExampleSettings("pairs", 1024), cache=name == "alignkit_cached"))
     seconds = time.perf_counter() - tic
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"name": name, "records": count, "seconds": seconds, "records_per_s": count / seconds, "peak_rss": rss,

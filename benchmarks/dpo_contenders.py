@@ -301,7 +301,7 @@ def run_loss_check(spec: dict) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from alignkit.config import TrainConfig
-    from alignkit.data import prepare_examples
+    from alignkit.data import ExampleSettings, prepare_examples
     from alignkit.data.pack import pack
     from alignkit.losses import build_options, get_loss
     from alignkit.train.loop import Reference, compute_losses
@@ -319,7 +319,7 @@ def run_loss_check(spec: dict) -> dict:
     cfg = TrainConfig(model=spec["model"], max_length=spec["max_length"], loss_options={"beta": spec["beta"]})
     lossspec = get_loss("dpo")
     opts = build_options(lossspec, {"beta": spec["beta"]})
-    examples = prepare_examples(records, tokenizer, "pairs", spec["max_length"])
+    examples = prepare_examples(records, tokenizer, ExampleSettings("pairs", spec["max_length"]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ref = Reference(*score_examples(reference, examples, cfg.max_tokens_per_batch, cfg.max_tokens_per_row, pad_id))
     alignkit_losses, alignkit_logps = [], []

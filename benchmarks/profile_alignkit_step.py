@@ -14,7 +14,7 @@ import dpo_contenders as contenders
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from alignkit.data import prepare_examples
+from alignkit.data import ExampleSettings, prepare_examples
 from alignkit.data.pack import pack
 from alignkit.losses import build_options, get_loss
 from alignkit.models.attention import set_attention
@@ -39,7 +39,7 @@ def main() -> None:
     set_attention(model, args.attention)
     data = contenders.WORK_DIR / "data" / f"{args.model}_headline.jsonl"
     records = [json.loads(line) for line in data.read_text().splitlines()][:args.pairs]
-    examples = prepare_examples(records, tokenizer, "pairs", 4096)
+    examples = prepare_examples(records, tokenizer, ExampleSettings("pairs", 4096))
     spec, opts = get_loss("dpo"), build_options(get_loss("dpo"), {"beta": 0.1})
     pad_id = tokenizer.pad_token_id or 0
     batch = pack(examples, list(range(len(examples))), args.max_tokens_per_row, pad_id)

@@ -23,7 +23,7 @@ from pathlib import Path
 import dpo_contenders as contenders
 import torch
 
-from alignkit.data import prepare_examples
+from alignkit.data import ExampleSettings, prepare_examples
 from alignkit.data.pack import pack
 from alignkit.models.attention import set_attention
 from alignkit.models.logprobs import response_logprobs
@@ -66,7 +66,7 @@ def saved_tensors(loss: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
 def batch_for(args, tokenizer):
     records = contenders.make_records(tokenizer, args.pairs, tuple(args.prompt_tokens), tuple(args.answer_tokens),
                                       args.seed)
-    examples = prepare_examples(records, tokenizer, "pairs", args.max_length)
+    examples = prepare_examples(records, tokenizer, ExampleSettings("pairs", args.max_length))
     return pack(examples, list(range(len(examples))), args.max_length * args.pairs, tokenizer.pad_token_id or 0)
 
 

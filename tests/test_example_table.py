@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import alignkit.data.tokenize as tokenize_module
-from alignkit.data import prepare_examples
+from alignkit.data import ExampleSettings, prepare_examples
 from alignkit.data.load import load_records
 from alignkit.data.table import build_table, select, token_counts
 from alignkit.data.tokenize import TokenizedExample, encode_texts, tokenize_record
@@ -68,7 +68,7 @@ def test_streamed_table_equals_record_by_record_tokenisation(tmp_path, monkeypat
     tokenizer = build_word_tokenizer(WORDS)
     path = write_jsonl(tmp_path / "pairs.jsonl", mixed_records())
     monkeypatch.setattr(tokenize_module, "BATCH_RECORDS", 4)  # many batch boundaries, bad records inside batches
-    table = prepare_examples(path, tokenizer, "pairs", max_length=24, on_bad_record="skip")
+    table = prepare_examples(path, tokenizer, ExampleSettings("pairs", max_length=24, on_bad_record="skip"))
     expected = []
     for record in load_records(path, shape="pairs", on_bad_record="skip"):
         try:
@@ -79,8 +79,9 @@ def test_streamed_table_equals_record_by_record_tokenisation(tmp_path, monkeypat
     assert list(table) == expected
     assert token_counts(table) == [e.num_tokens for e in expected]
     with pytest.raises(DataError, match=r"pairs.jsonl, row 4, field 'prompt'"):  # the first bad record, by name
-        prepare_examples(path, tokenizer, "pairs", max_length=24)
-    truncated = prepare_examples(path, tokenizer, "pairs", max_length=24, max_prompt_length=20, on_bad_record="skip")
+        prepare_examples(path, tokenizer, ExampleSettings("pairs", max_length=24))
+    truncated = prepare_examples(path, tokenizer,
+                                 ExampleSettings("pairs", max_length=24, max_prompt_length=20, on_bad_record="skip"))
     assert list(truncated) == [tokenize_record(tokenizer, r, "pairs", 24, 20)
                                for r in load_records(path, shape="pairs", on_bad_record="skip")]
 
@@ -93,15 +94,17 @@ def test_chats_with_loss_masks_and_unpaired_labels_stream_exactly(tmp_path, monk
              for i in range(9)]
     monkeypatch.setattr(tokenize_module, "BATCH_RECORDS", 2)
     path = write_jsonl(tmp_path / "chat.jsonl", chats)
-    table = prepare_examples(path, tokenizer, "sft", max_length=64)
+    table = prepare_examples(path, tokenizer, ExampleSettings("sft", max_length=64))
     assert list(table) == [tokenize_record(tokenizer, r, "sft", 64) for r in load_records(path, shape="sft")]
     assert all(e.response_loss_masks and not all(e.response_loss_masks[0]) for e in table)
     unpaired = [{"prompt": "review", "completion": w, "label": i % 2 == 0} for i, w in enumerate(WORDS[:6])]
-    kto = prepare_examples(write_jsonl(tmp_path / "kto.jsonl", unpaired), tokenizer, "unpaired", 32, training=True)
+    kto = prepare_examples(write_jsonl(tmp_path / "kto.jsonl", unpaired), tokenizer,
+                           ExampleSettings("unpaired", 32, training=True))
     assert [e.extras["label"] for e in kto] == [r["label"] for r in unpaired]
     one_label = [{**r, "label": True} for r in unpaired]
     with pytest.raises(DataError, match="every record is labelled True"):
-        prepare_examples(write_jsonl(tmp_path / "one.jsonl", one_label), tokenizer, "unpaired", 32, training=True)
+        prepare_examples(write_jsonl(tmp_path / "one.jsonl", one_label), tokenizer,
+                         ExampleSettings("unpaired", 32, training=True))
 
 
 def test_records_are_read_one_batch_at_a_time(tmp_path, monkeypatch):
@@ -128,7 +131,7 @@ def test_records_are_read_one_batch_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(load_module, "iter_records", iter_counting)
     monkeypatch.setattr(tokenize_module, "tokenize_batch", counting)
     monkeypatch.setattr(tokenize_module, "BATCH_RECORDS", 4)
-    assert len(prepare_examples(path, tokenizer, "pairs", 32)) == 15
+    assert len(prepare_examples(path, tokenizer, ExampleSettings("pairs", 32))) == 15
     # each batch is tokenised as soon as it is read: never more than one batch of records held
     assert [size for size, _ in read] == [4, 4, 4, 3]
     assert [so_far for _, so_far in read] == [4, 8, 12, 15]

@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from alignkit.cli import main
 from alignkit.config import TrainConfig, load_config_file
-from alignkit.data import prepare_examples
+from alignkit.data import ExampleSettings, prepare_examples
 from alignkit.data.load import load_records
 from alignkit.data.synthetic import VOCABULARY
 from alignkit.errors import ConfigError, DataError
@@ -119,7 +119,7 @@ def test_loading_and_tokenising_random_records_raise_data_errors_only(tmp_path, 
     path = tmp_path / f"{uuid.uuid4().hex}.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records))
     try:
-        examples = prepare_examples(str(path), TOKENIZER, shape, max_length)
+        examples = prepare_examples(str(path), TOKENIZER, ExampleSettings(shape, max_length))
     except DataError as err:
         assert str(err).startswith(str(path)) and "\n" not in str(err)
         assert err.row is None or 1 <= err.row <= len(records)

@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from alignkit.config import TrainConfig
-from alignkit.data import prepare_examples
+from alignkit.data import ExampleSettings, prepare_examples
 from alignkit.data.load import write_jsonl_atomic
 from alignkit.data.pack import pack
 from alignkit.data.synthetic import VOCABULARY, preference_records
@@ -38,7 +38,7 @@ def config(tmp_path, name: str, **values) -> TrainConfig:
 @pytest.fixture
 def data(tmp_path):
     write_jsonl_atomic(tmp_path / "pairs.jsonl", preference_records(24, seed=5))
-    examples = prepare_examples(str(tmp_path / "pairs.jsonl"), TOKENIZER, "pairs", 64)
+    examples = prepare_examples(str(tmp_path / "pairs.jsonl"), TOKENIZER, ExampleSettings("pairs", 64))
     return examples, pack(examples[:12], list(range(12)), max_tokens_per_row=512)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignkit.data import prepare_examples
+from alignkit.data import ExampleSettings, prepare_examples
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.data.synthetic import VOCABULARY
 from alignkit.errors import ConfigError, DataError
@@ -117,7 +117,7 @@ def test_rejections_shape_loads_tokenizes_and_names_bad_fields(tmp_path):
     good = [{"prompt": "what is the key ?", "chosen": "good", "rejections": ["bad", "dull"]},
             {"prompt": "what is it ?", "chosen": "fine", "rejections": ["sad", "bad"]}]
     write_jsonl_atomic(tmp_path / "ok.jsonl", good)
-    examples = prepare_examples(str(tmp_path / "ok.jsonl"), TOKENIZER, "rejections", 64)
+    examples = prepare_examples(str(tmp_path / "ok.jsonl"), TOKENIZER, ExampleSettings("rejections", 64))
     assert [len(e.response_ids) for e in examples] == [3, 3]
     for bad, field in (({"prompt": "p", "chosen": "good", "rejections": []}, "rejections"),
                        ({"prompt": "p", "chosen": "good", "rejections": "bad"}, "rejections"),
@@ -146,7 +146,7 @@ def test_longpo_reference_reads_the_short_context(tmp_path):
                {"prompt": "long doc doc fact key is dull what is the key ?", "short_prompt": "key is dull ?",
                 "chosen": "dull", "rejected": "fine"}]
     write_jsonl_atomic(tmp_path / "pairs.jsonl", records)
-    examples = prepare_examples(str(tmp_path / "pairs.jsonl"), TOKENIZER, "pairs", 64)
+    examples = prepare_examples(str(tmp_path / "pairs.jsonl"), TOKENIZER, ExampleSettings("pairs", 64))
     model = build_tiny_model("llama", len(TOKENIZER), seed=2, hidden=32, layers=2, heads=4).eval()
     spec = get_loss("longpo")
     cfg = TrainConfig(model="tiny", train_data=str(tmp_path / "pairs.jsonl"), loss="longpo", ref_cache=False,
@@ -162,7 +162,7 @@ def test_longpo_reference_reads_the_short_context(tmp_path):
             expected = sum(float(logits[len(short) - 1 + t, tok]) for t, tok in enumerate(response))
             assert float(ref.seq_logps[b, i]) == pytest.approx(expected, abs=1e-5)
     write_jsonl_atomic(tmp_path / "plain.jsonl", [{k: v for k, v in records[0].items() if k != "short_prompt"}])
-    plain = prepare_examples(str(tmp_path / "plain.jsonl"), TOKENIZER, "pairs", 64)
+    plain = prepare_examples(str(tmp_path / "plain.jsonl"), TOKENIZER, ExampleSettings("pairs", 64))
     with pytest.raises(DataError) as err:
         check_record_fields(spec, plain)
     assert err.value.field == "short_prompt"

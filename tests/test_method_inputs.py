@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from alignkit.config import TrainConfig
-from alignkit.data import prepare_examples
+from alignkit.data import ExampleSettings, prepare_examples
 from alignkit.data.augment import GOAL_TEMPLATE, reward_augmented_pairs, reward_conditioned_prompt
 from alignkit.data.load import load_records
 from alignkit.data.pack import mismatched_partners, pack, with_mismatched_completions
@@ -43,7 +43,7 @@ def tiny_llama(seed: int = 0):
 def unpaired_examples(n: int) -> list[TokenizedExample]:
     words = ["good movie :", "bad food :", "the day was", "rate my book :"]
     records = [{"prompt": words[i % 4], "completion": " ".join(["nice"] * (i + 1)), "label": i % 2} for i in range(n)]
-    return prepare_examples(records, TOKENIZER, "unpaired", max_length=64)
+    return prepare_examples(records, TOKENIZER, ExampleSettings("unpaired", max_length=64))
 
 
 def test_each_example_gets_the_next_ones_completion():
@@ -148,7 +148,7 @@ NEGATIVE = {"prompt": "rate the food :", "rejected": "it was awful", "samples": 
 
 def test_negatives_shape_loads_and_tokenizes_rejected_then_samples():
     records = [NEGATIVE, {**NEGATIVE, "samples": [[{"role": "assistant", "content": "nice"}], "so good"]}]
-    examples = prepare_examples(records, TOKENIZER, "negatives", max_length=64)
+    examples = prepare_examples(records, TOKENIZER, ExampleSettings("negatives", max_length=64))
     assert [len(e.response_ids) for e in examples] == [3, 3]
     assert TOKENIZER.decode(examples[0].response_ids[0]).startswith("it was awful")
     assert get_loss("d2o").data_shape == "negatives"

@@ -18,7 +18,7 @@ import yaml
 
 from alignkit.cli import main
 from alignkit.config import TrainConfig
-from alignkit.data import prepare_examples
+from alignkit.data import ExampleSettings, prepare_examples
 from alignkit.data.load import write_jsonl_atomic
 from alignkit.data.pack import pack
 from alignkit.data.synthetic import (
@@ -57,7 +57,7 @@ def task(tmp_path_factory):
                       max_tokens_per_batch=1024, output_dir=str(root / "sft"), **COMMON)
     model = loop.train(sft, model, TOKENIZER).model.eval()
     write_jsonl_atomic(root / "heldout.jsonl", preference_records(100, seed=2))
-    heldout = prepare_examples(str(root / "heldout.jsonl"), TOKENIZER, "pairs", 64)
+    heldout = prepare_examples(str(root / "heldout.jsonl"), TOKENIZER, ExampleSettings("pairs", 64))
     data = {shape: str(root / f"{shape}.jsonl") for shape in DATASETS}
     pairs = preference_records(160, seed=1)
     for shape, make in DATASETS.items():

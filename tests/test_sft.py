@@ -12,7 +12,7 @@ import torch
 
 from alignkit.api import build_config
 from alignkit.config import TrainConfig
-from alignkit.data import prepare_examples
+from alignkit.data import ExampleSettings, prepare_examples
 from alignkit.data.pack import pack
 from alignkit.data.tokenize import TokenizedExample, tokenize_record, train_on_prompt
 from alignkit.errors import ConfigError, DataError
@@ -300,9 +300,9 @@ def test_bad_chat_record_names_file_row_and_field(tmp_path, tokenizer, line, fie
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in [CHAT, PLAIN[0], line]))
     with pytest.raises(DataError) as err:
-        prepare_examples(str(path), tokenizer, "sft", max_length=64)
+        prepare_examples(str(path), tokenizer, ExampleSettings("sft", max_length=64))
     assert (err.value.file, err.value.row, err.value.field) == (str(path), 3, field)
-    kept = prepare_examples(str(path), tokenizer, "sft", max_length=64, on_bad_record="skip")
+    kept = prepare_examples(str(path), tokenizer, ExampleSettings("sft", max_length=64, on_bad_record="skip"))
     assert [e.row for e in kept] == [1, 2]
 
 

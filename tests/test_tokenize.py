@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from alignkit.data import prepare_examples
+from alignkit.data import ExampleSettings, prepare_examples
 from alignkit.data.template import DEFAULT_CHAT_TEMPLATE, render
 from alignkit.data.tokenize import tokenize_record, tokenize_records
 from alignkit.errors import DataError
@@ -145,12 +145,12 @@ def test_prompt_that_fills_max_length_names_file_row_and_field(tokenizer, tmp_pa
         {"prompt": "review", "chosen": "it was good", "rejected": "bad"},
     ])
     with pytest.raises(DataError) as err:
-        prepare_examples(path, tokenizer, "pairs", max_length=4)
+        prepare_examples(path, tokenizer, ExampleSettings("pairs", max_length=4))
     assert (err.value.file, err.value.row, err.value.field) == (path, 2, "prompt")
     message = str(err.value)
     assert path in message and "row 2" in message and "'prompt'" in message and "max_length" in message
 
-    with_skip = prepare_examples(path, tokenizer, "pairs", max_length=4, on_bad_record="skip")
+    with_skip = prepare_examples(path, tokenizer, ExampleSettings("pairs", max_length=4, on_bad_record="skip"))
     assert [e.row for e in with_skip] == [1, 3]
     assert all(e.source == path for e in with_skip)
 
@@ -159,13 +159,13 @@ def test_skip_logs_a_warning_and_all_bad_is_an_error(tokenizer, caplog):
     records = [{"prompt": "one two three", "chosen": "good", "rejected": "bad", "_source": "m", "_row": 1},
                {"prompt": "one", "chosen": "good", "rejected": "bad", "_source": "m", "_row": 2}]
     with caplog.at_level(logging.WARNING, logger="alignkit.data"):
-        kept = tokenize_records(tokenizer, records, "pairs", max_length=3, on_bad_record="skip")
+        kept = tokenize_records(tokenizer, records, ExampleSettings("pairs", max_length=3, on_bad_record="skip"))
     assert [e.row for e in kept] == [2]
     assert "skipped 1 record" in caplog.text and "row 1" in caplog.text
     with pytest.raises(DataError, match="no usable records"):
-        tokenize_records(tokenizer, records[:1], "pairs", max_length=3, on_bad_record="skip")
+        tokenize_records(tokenizer, records[:1], ExampleSettings("pairs", max_length=3, on_bad_record="skip"))
     with pytest.raises(DataError):
-        tokenize_records(tokenizer, records, "pairs", max_length=3)  # "error" is the default
+        tokenize_records(tokenizer, records, ExampleSettings("pairs", max_length=3))  # "error" is the default
 
 
 def test_response_that_tokenises_to_nothing_is_named(tokenizer):

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignkit.config import TrainConfig
-from alignkit.data import prepare_examples
+from alignkit.data import ExampleSettings, prepare_examples
 from alignkit.data.load import write_jsonl_atomic
 from alignkit.data.pack import pack
 from alignkit.data.synthetic import VOCABULARY, preference_records, sft_records
@@ -105,8 +105,9 @@ def test_final_checkpoint_reloads_with_identical_logprobs(trained):
     tokenizer = AutoTokenizer.from_pretrained(final)
     assert_same_weights(result.model, reloaded)
 
-    examples = prepare_examples(str(root / "eval.jsonl"), tokenizer, "pairs", max_length=64)[:16]
-    assert examples == prepare_examples(str(root / "eval.jsonl"), TOKENIZER, "pairs", max_length=64)[:16]
+    examples = prepare_examples(str(root / "eval.jsonl"), tokenizer, ExampleSettings("pairs", max_length=64))[:16]
+    assert examples == prepare_examples(str(root / "eval.jsonl"), TOKENIZER,
+                                        ExampleSettings("pairs", max_length=64))[:16]
     batch = pack(examples, max_tokens_per_row=512, pad_token_id=tokenizer.pad_token_id)
     result.model.eval()
     with torch.no_grad():
@@ -215,7 +216,8 @@ def test_reference_cache_hits_and_misses(tmp_path, monkeypatch, private_cache):
 
 
 def test_reference_cache_values_equal_a_fresh_computation(tmp_path):
-    examples = prepare_examples(write_pairs(tmp_path / "pairs.jsonl", 12, seed=6), TOKENIZER, "pairs", 64)
+    examples = prepare_examples(write_pairs(tmp_path / "pairs.jsonl", 12, seed=6), TOKENIZER,
+                                ExampleSettings("pairs", 64))
     model = tiny_llama()
     args = (200, 512, 0)
     fresh_seq, fresh_tokens = reference.score_examples(model, examples, *args)
@@ -234,7 +236,7 @@ def test_grad_accum_equals_one_big_batch(tmp_path):
     # Every synthetic pair is 20 tokens (prompt 4, responses 7 words + EOS), so 8 pairs fill one 160-token
     # batch, or two 80-token micro-batches: the first (only) optimizer step sees the same 8 examples.
     data = write_pairs(tmp_path / "pairs.jsonl", 8, seed=7)
-    examples = prepare_examples(data, TOKENIZER, "pairs", 64)
+    examples = prepare_examples(data, TOKENIZER, ExampleSettings("pairs", 64))
     assert {e.num_tokens for e in examples} == {20}
     big = dpo_config(tmp_path / "big", data, max_steps=1, max_tokens_per_batch=160, grad_accum=1)
     small = dpo_config(tmp_path / "small", data, max_steps=1, max_tokens_per_batch=80, grad_accum=2)
@@ -278,4 +280,4 @@ def test_epochs_visit_every_example_once_per_epoch_in_a_new_order(task, tmp_path
 
 
 def _examples(cfg, tokenizer):
-    return prepare_examples(cfg.train_data, tokenizer, "pairs", cfg.max_length)
+    return prepare_examples(cfg.train_data, tokenizer, ExampleSettings("pairs", cfg.max_length))

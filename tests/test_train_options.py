@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from alignkit.config import TrainConfig
-from alignkit.data import prepare_examples
+from alignkit.data import ExampleSettings, prepare_examples
 from alignkit.data.load import write_jsonl_atomic
 from alignkit.data.pack import pack
 from alignkit.data.synthetic import VOCABULARY, preference_records
@@ -50,7 +50,7 @@ def config(tmp_path, data: str, name: str, **values) -> TrainConfig:
 
 
 def test_gradient_checkpointing_same_gradients_fewer_saved_activations(data):
-    batch = pack(prepare_examples(data, TOKENIZER, "pairs", 64)[:8], max_tokens_per_row=512)
+    batch = pack(prepare_examples(data, TOKENIZER, ExampleSettings("pairs", 64))[:8], max_tokens_per_row=512)
     grads, saved = [], []
     for checkpointing in (False, True):
         model = tiny_llama().train()
@@ -140,7 +140,7 @@ def test_skip_aborts_past_max_skipped_steps(tmp_path, data, monkeypatch):
 
 def test_sft_weight_adds_the_chosen_responses_nll(task, one_thread):
     records = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in preference_records(6, seed=3)]
-    examples = prepare_examples(records, task.tokenizer, "pairs", 64)
+    examples = prepare_examples(records, task.tokenizer, ExampleSettings("pairs", 64))
     pad = task.tokenizer.pad_token_id
     ref = Reference(*reference_logps(task.model, examples, 1024, 512, pad, use_cache=False))
     batch = pack(examples, list(range(len(examples))), 512, pad)
@@ -161,7 +161,7 @@ def test_a_bf16_autocast_training_step(task, one_thread):
     """precision bf16: the forward runs in bf16 (the loss differs from fp32's, a little), the weights stay fp32 and
     the optimizer step updates them."""
     records = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in preference_records(6, seed=4)]
-    examples = prepare_examples(records, task.tokenizer, "pairs", 64)
+    examples = prepare_examples(records, task.tokenizer, ExampleSettings("pairs", 64))
     pad = task.tokenizer.pad_token_id
     model = copy.deepcopy(task.model)
     ref = Reference(*reference_logps(model, examples, 1024, 512, pad, use_cache=False))

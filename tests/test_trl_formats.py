@@ -10,7 +10,7 @@ import time
 import pytest
 
 from alignkit.config import DataSource
-from alignkit.data import prepare_examples
+from alignkit.data import ExampleSettings, prepare_examples
 from alignkit.data.load import load_records
 from alignkit.errors import DataError
 
@@ -83,7 +83,7 @@ def test_pairs_identical_after_tokenisation_are_named(tmp_path, task):
     # differ as text, identical once templated and tokenised (the tiny tokenizer splits on whitespace)
     path = write(tmp_path / "p.jsonl", [{"prompt": "review my phone", "chosen": "good  phone", "rejected": "good phone"}])
     with pytest.raises(DataError, match="identical to chosen after templating") as err:
-        prepare_examples(path, task.tokenizer, "pairs", 64)
+        prepare_examples(path, task.tokenizer, ExampleSettings("pairs", 64))
     assert (err.value.row, err.value.field) == (1, "rejected")
 
 
@@ -95,7 +95,7 @@ def test_lists_whose_scores_tie_and_single_label_kto_sets_are_named(tmp_path, ta
     only_true = write(tmp_path / "kto.jsonl", [KTO_MIX, {**KTO_MIX, "completion": "Red."}])
     assert len(load_records(only_true, shape="unpaired")) == 2  # loading is fine; training on it is not
     with pytest.raises(DataError, match="labelled True"):
-        prepare_examples(only_true, task.tokenizer, "unpaired", 64, training=True)
+        prepare_examples(only_true, task.tokenizer, ExampleSettings("unpaired", 64, training=True))
     skipped = write(tmp_path / "mixed.jsonl", [{"prompt": "p", "responses": ["a", "b"], "scores": [1, 1]},
                                                {"prompt": "p", "responses": ["a", "b"], "scores": [1, 2]}])
     assert len(load_records(skipped, shape="lists", on_bad_record="skip")) == 1
@@ -103,7 +103,7 @@ def test_lists_whose_scores_tie_and_single_label_kto_sets_are_named(tmp_path, ta
 
 def test_kto_mix_and_tool_calling_sft_tokenise(tmp_path, task):
     kto = write(tmp_path / "kto.jsonl", [KTO_MIX, {**KTO_MIX, "label": False}])
-    assert len(prepare_examples(kto, task.tokenizer, "unpaired", 64, training=True)) == 2
+    assert len(prepare_examples(kto, task.tokenizer, ExampleSettings("unpaired", 64, training=True))) == 2
     seen = {}
 
     class Recorder:  # the tokenizer's apply_chat_template receives the tools column
@@ -122,7 +122,7 @@ def test_kto_mix_and_tool_calling_sft_tokenise(tmp_path, task):
             return self.tokenizer.apply_chat_template(messages, **kwargs)
 
     sft = write(tmp_path / "tools.jsonl", [TOOL_SFT])
-    [example] = prepare_examples(sft, Recorder(task.tokenizer), "sft", 128)
+    [example] = prepare_examples(sft, Recorder(task.tokenizer), ExampleSettings("sft", 128))
     assert seen["tools"] == TOOLS and example.response_ids[0]
 
 
@@ -167,15 +167,16 @@ def test_a_second_preparation_is_read_from_the_cache(tmp_path, task, monkeypatch
 
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
     path = write(tmp_path / "p.jsonl", [{"prompt": "review my phone", "chosen": "good phone", "rejected": "bad"}] * 3)
-    first = data_module.prepare_examples(path, task.tokenizer, "pairs", 64, cache=True)
+    first = data_module.prepare_examples(path, task.tokenizer, ExampleSettings("pairs", 64), cache=True)
     calls = []
     real = tokenize_module.tokenize_stream
     monkeypatch.setattr(tokenize_module, "tokenize_stream", lambda *a, **k: calls.append(1) or real(*a, **k))
-    second = data_module.prepare_examples(path, task.tokenizer, "pairs", 64, cache=True)
+    second = data_module.prepare_examples(path, task.tokenizer, ExampleSettings("pairs", 64), cache=True)
     assert [(e.prompt_ids, e.response_ids, e.row) for e in second] == [(e.prompt_ids, e.response_ids, e.row)
                                                                          for e in first]
     assert calls == []  # nothing read or tokenised again
-    data_module.prepare_examples(path, task.tokenizer, "pairs", 32, cache=True)  # another setting: a miss
+    data_module.prepare_examples(path, task.tokenizer, ExampleSettings("pairs", 32), cache=True)  # another setting: a miss
     write(tmp_path / "p.jsonl", [{"prompt": "review my phone", "chosen": "good phone", "rejected": "awful"}] * 3)
-    changed = data_module.prepare_examples(path, task.tokenizer, "pairs", 64, cache=True)  # the file changed: a miss
+    # the file changed: a miss
+    changed = data_module.prepare_examples(path, task.tokenizer, ExampleSettings("pairs", 64), cache=True)
     assert len(calls) == 2 and changed[0].response_ids != first[0].response_ids

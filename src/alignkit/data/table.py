@@ -7,20 +7,25 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from alignkit.data.tokenize import TokenizedExample
 
 
+@dataclass(eq=False, repr=False)  # a Sequence: equality and repr as before, not over the arrays
 class ExampleTable(Sequence):
-    def __init__(self, tokens: np.ndarray, segment_ends: np.ndarray, example_ends: np.ndarray,
-                 loss_masks: np.ndarray | None, masked: np.ndarray, sources: list[str], source_ids: np.ndarray,
-                 rows: np.ndarray, extras: list[dict | None], order: np.ndarray | None = None):
-        self.tokens, self.segment_ends, self.example_ends = tokens, segment_ends, example_ends
-        self.loss_masks, self.masked = loss_masks, masked  # per token / per example (chats' response masks)
-        self.sources, self.source_ids, self.rows, self.extras = sources, source_ids, rows, extras
-        self.order = order  # a subset's stored indices, in its order
+    tokens: np.ndarray
+    segment_ends: np.ndarray
+    example_ends: np.ndarray
+    loss_masks: np.ndarray | None  # per token (chats' response masks)
+    masked: np.ndarray  # per example: whether it has loss masks
+    sources: list[str]
+    source_ids: np.ndarray
+    rows: np.ndarray
+    extras: list[dict | None]
+    order: np.ndarray | None = None  # a subset's stored indices, in its order
 
     def __len__(self) -> int:
         return len(self.order) if self.order is not None else len(self.example_ends)

@@ -20,14 +20,14 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, to
     )
 
 
-def render(tokenizer, prompt, responses: list, source: str = "<memory>", row: int | None = None,
+def render(tokenizer, prompt, responses: list, where: tuple[str, int | None] = ("<memory>", None),
            fields: list[str] | None = None, tools: list | None = None) -> tuple[str, list[str]]:
     """(prompt text, texts each response adds after the prompt).
 
     All plain strings: used verbatim, EOS appended to each response (so the model learns to stop).
     Any message list: the example is a chat; a string prompt becomes a user turn, a string response an
     assistant turn; each response's text is its rendering after the prompt with the prompt's rendering
-    (including the generation prompt) cut off."""
+    (including the generation prompt) cut off. A DataError names `where` (source, row) and the response's field."""
     fields = fields or [f"responses[{i}]" for i in range(len(responses))]
     if isinstance(prompt, str) and all(isinstance(r, str) for r in responses):
         eos = tokenizer.eos_token or ""
@@ -39,13 +39,13 @@ def render(tokenizer, prompt, responses: list, source: str = "<memory>", row: in
         turn = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
         full = render_chat(tokenizer, [*prompt_messages, *turn], add_generation_prompt=False, tools=tools)
         if not full.startswith(head):
-            raise DataError(source, row, field, "the chat template does not render the prompt as a prefix of "
+            raise DataError(*where, field, "the chat template does not render the prompt as a prefix of "
                             "prompt + response", hint="use a chat template whose generation prompt starts the assistant turn")
         texts.append(full[len(head):])
     return head, texts
 
 
-def render_chat_turns(tokenizer, messages: list[dict], source: str = "<memory>", row: int | None = None,
+def render_chat_turns(tokenizer, messages: list[dict], where: tuple[str, int | None] = ("<memory>", None),
                       field: str = "messages", tools: list | None = None) -> list[tuple[str, bool]]:
     """A whole conversation as consecutive text pieces (text, trained): trained pieces are the assistant turns
     (what each adds after the conversation so far, rendered with its generation prompt), every other piece is
@@ -60,7 +60,7 @@ def render_chat_turns(tokenizer, messages: list[dict], source: str = "<memory>",
         head = render_chat(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
         full = render_chat(tokenizer, messages[:i + 1], add_generation_prompt=False, tools=tools)
         if not head.startswith(done) or not full.startswith(head):
-            raise DataError(source, row, f"{field}[{i}]", "the chat template does not render the conversation so far "
+            raise DataError(*where, f"{field}[{i}]", "the chat template does not render the conversation so far "
                             "as a prefix of the conversation with this turn",
                             hint="use a chat template that renders earlier turns the same way in every prefix")
         if len(head) > len(done):

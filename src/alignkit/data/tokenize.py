@@ -30,6 +30,17 @@ RESPONSE_FIELDS = {
 }
 
 
+@dataclass(frozen=True)
+class ExampleSettings:
+    """How records become examples; with the source and the tokenizer, also what the example cache is keyed on."""
+
+    shape: str
+    max_length: int
+    max_prompt_length: int | None = None
+    on_bad_record: str = "error"  # or "skip": drop (and count) the records that cannot be used
+    training: bool = False  # also the checks a whole training set must pass (an unpaired set needs both labels)
+
+
 @dataclass
 class TokenizedExample:
     prompt_ids: list[int]
@@ -100,14 +111,14 @@ def render_record(tokenizer, record: dict, shape: str) -> tuple[list[str], _Plan
     if _is_text(record, shape):  # TRL's language-modelling format: EOS appended, as TRL's SFT does
         return [record["text"] + (tokenizer.eos_token or "")], _Plan(["text"], text=True)
     if _is_chat(record, shape):
-        pieces = render_chat_turns(tokenizer, record["messages"], source, row, tools=record.get("tools"))
+        pieces = render_chat_turns(tokenizer, record["messages"], (source, row), tools=record.get("tools"))
         return [text for text, _ in pieces], _Plan(["messages"], trained=[trained for _, trained in pieces])
     responses, fields = _response_values(record, shape)
-    prompt_text, response_texts = render(tokenizer, record["prompt"], responses, source, row, fields,
+    prompt_text, response_texts = render(tokenizer, record["prompt"], responses, (source, row), fields,
                                          record.get("tools"))
     texts = [prompt_text, *response_texts]
     if "short_prompt" in record:
-        short_text, short_responses = render(tokenizer, record["short_prompt"], responses, source, row, fields,
+        short_text, short_responses = render(tokenizer, record["short_prompt"], responses, (source, row), fields,
                                              record.get("tools"))
         texts += [short_text, *short_responses]
     return texts, _Plan(fields, short="short_prompt" in record, pair=shape == "pairs")
@@ -221,8 +232,7 @@ def tokenize_batch(tokenizer, records: list[dict], shape: str, max_length: int,
 BATCH_RECORDS = 1000  # records rendered and encoded per tokenizer call: long enough for the Rust encoder's threads
 
 
-def tokenize_stream(tokenizer, records: Iterable[dict], shape: str, max_length: int,
-                    max_prompt_length: int | None = None, on_bad_record: str = "error",
+def tokenize_stream(tokenizer, records: Iterable[dict], settings: ExampleSettings,
                     progress: bool = False) -> Iterator[TokenizedExample]:
     """The records' examples, BATCH_RECORDS at a time, never holding more records than that. With
     on_bad_record='skip', records that cannot fit are dropped, counted and logged at the end; none left is an error.
@@ -230,9 +240,10 @@ def tokenize_stream(tokenizer, records: Iterable[dict], shape: str, max_length: 
     kept, bad, first_source = 0, [], None
     for chunk in _chunks(_with_progress(records, progress), BATCH_RECORDS):
         first_source = first_source or chunk[0].get("_source", "<memory>")
-        for result in tokenize_batch(tokenizer, chunk, shape, max_length, max_prompt_length):
+        for result in tokenize_batch(tokenizer, chunk, settings.shape, settings.max_length,
+                                     settings.max_prompt_length):
             if isinstance(result, DataError):
-                if on_bad_record != "skip":
+                if settings.on_bad_record != "skip":
                     raise result
                 bad.append(str(result))
             else:
@@ -244,10 +255,8 @@ def tokenize_stream(tokenizer, records: Iterable[dict], shape: str, max_length: 
         raise DataError(first_source or "<memory>", None, None, "no usable records after tokenisation")
 
 
-def tokenize_records(tokenizer, records: Iterable[dict], shape: str, max_length: int,
-                     max_prompt_length: int | None = None, on_bad_record: str = "error",
-                     progress: bool = False) -> list[TokenizedExample]:
-    return list(tokenize_stream(tokenizer, records, shape, max_length, max_prompt_length, on_bad_record, progress))
+def tokenize_records(tokenizer, records: Iterable[dict], settings: ExampleSettings) -> list[TokenizedExample]:
+    return list(tokenize_stream(tokenizer, records, settings))
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 
-from alignkit.data.tokenize import tokenize_records
+from alignkit.data.tokenize import ExampleSettings, tokenize_records
 from alignkit.models.lora import adapters_disabled
 from alignkit.train.reference import score_examples
 
@@ -18,7 +18,7 @@ def sequence_log_ratios(policy, reference, tokenizer, prompts: list, responses: 
     """log pi(y|x) - log pi_ref(y|x) per (prompt, response), re-tokenised from the texts; both models share the
     tokenizer. reference None: the policy's LoRA base (its adapters disabled)."""
     records = [{"prompt": p, "completion": r, "_row": i + 1} for i, (p, r) in enumerate(zip(prompts, responses))]
-    examples = tokenize_records(tokenizer, records, "sft", max_length)
+    examples = tokenize_records(tokenizer, records, ExampleSettings("sft", max_length))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return example_log_ratios(policy, reference, examples, pad, max_tokens_per_batch, max_tokens_per_row)
 

@@ -9,7 +9,7 @@ import torch
 
 from alignkit.data.load import load_records
 from alignkit.data.pack import pack, token_budget_batches
-from alignkit.data.tokenize import TokenizedExample, tokenize_record, tokenize_records
+from alignkit.data.tokenize import ExampleSettings, TokenizedExample, tokenize_record, tokenize_records
 from alignkit.losses.base import pair_reward_metrics
 from alignkit.models.inference import eval_mode
 from alignkit.models.reward import load_reward_model, prepare_reward_examples, sequence_rewards
@@ -67,7 +67,8 @@ def pair_accuracy(scorer: RewardModelScorer, source, on_bad_record: str = "error
     """Held-out metrics of a reward model on preference pairs (a path, dataset or list of records): accuracy
     (chosen scored higher; a tie counts half), mean margin r_c - r_r, mean rewards, and the pair count."""
     records = load_records(source, shape="pairs", on_bad_record=on_bad_record)
-    examples = tokenize_records(scorer.tokenizer, records, "pairs", scorer.max_length, on_bad_record=on_bad_record)
+    settings = ExampleSettings("pairs", scorer.max_length, on_bad_record=on_bad_record)
+    examples = tokenize_records(scorer.tokenizer, records, settings)
     rewards = scorer.score_examples(examples)
     metrics = pair_reward_metrics(rewards[:, 0], rewards[:, 1])
     return {

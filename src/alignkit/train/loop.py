@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from alignkit.config import TrainConfig
-from alignkit.data import TokenizedExample, prepare_examples
+from alignkit.data import ExampleSettings, TokenizedExample, prepare_examples
 from alignkit.data.pack import PackedBatch, token_budget_batches
 from alignkit.data.table import select
 from alignkit.data.tokenize import train_on_prompt
@@ -173,8 +173,8 @@ def evaluate(model, examples, spec, opts, ref: Reference | None, cfg: TrainConfi
 
 def load_data(cfg: TrainConfig, tokenizer, shape: str):
     def prep(source, training=False):
-        examples = prepare_examples(source, tokenizer, shape, cfg.max_length, cfg.max_prompt_length, cfg.on_bad_record,
-                                    training, cache=cfg.data_cache, progress=cfg.progress)
+        settings = ExampleSettings(shape, cfg.max_length, cfg.max_prompt_length, cfg.on_bad_record, training)
+        examples = prepare_examples(source, tokenizer, settings, cache=cfg.data_cache, progress=cfg.progress)
         return [train_on_prompt(e) for e in examples] if cfg.sft_include_prompt else examples
 
     train_examples = prep(cfg.train_data, training=True)
