@@ -17,6 +17,9 @@ from alignkit.errors import AlignkitError, DataError
 from alignkit.generate.engines import make_engine, truncate_at_stop
 from alignkit.generate.sample import SamplingConfig, sample, sample_with_counts
 from alignkit.generate.synth import (
+    PairOptions,
+    Principles,
+    SelfInstructOptions,
     dedupe,
     magpie_prompts,
     pre_query_template,
@@ -154,8 +157,8 @@ def test_magpie_responses_as_sft_and_pairs(task):
     sft = respond(task.model, task.tokenizer, records, "sft", SamplingConfig(max_new_tokens=8, temperature=0.0))
     assert sft and load_records(sft, shape="sft")
     assert all(r["prompt"][0]["role"] == "user" for r in sft)
-    pairs = respond(task.model, task.tokenizer, records, "pairs", SamplingConfig(max_new_tokens=8, seed=2), SENTIMENT,
-                    num_responses=4)
+    pairs = respond(task.model, task.tokenizer, records, "pairs", SamplingConfig(max_new_tokens=8, seed=2),
+                    PairOptions(SENTIMENT, num_responses=4))
     assert pairs and load_records(pairs, shape="pairs")
     assert all(p["chosen_reward"] > p["rejected_reward"] for p in pairs)
     with pytest.raises(AlignkitError, match="reward"):
@@ -171,7 +174,7 @@ def test_dedupe_and_rouge_l():
 def test_self_instruct_keeps_new_dissimilar_tasks(task):
     seeds = prompts(6, seed=21)
     records = self_instruct_prompts(task.model, task.tokenizer, seeds, 5, SamplingConfig(max_new_tokens=8, seed=0),
-                                    example_format="{task}", separator=" ")
+                                    SelfInstructOptions(example_format="{task}", separator=" "))
     assert 1 <= len(records) <= 5
     texts = [r["prompt"] for r in records]
     pool = list(seeds)
@@ -183,11 +186,12 @@ def test_self_instruct_keeps_new_dissimilar_tasks(task):
 
 def test_principle_driven_sft_and_contrast_pairs(task):
     questions = prompts(10, seed=31)
-    sft = principle_driven(task.model, task.tokenizer, questions, ["be positive"], SamplingConfig(max_new_tokens=8))
+    sft = principle_driven(task.model, task.tokenizer, questions, Principles(["be positive"]),
+                           SamplingConfig(max_new_tokens=8))
     assert sft and load_records(sft, shape="sft")
     assert all("principle" not in json.dumps(r["prompt"]) for r in sft)  # stored without the principles
-    pairs = principle_driven(task.model, task.tokenizer, questions, ["be positive"], SamplingConfig(max_new_tokens=8),
-                             contrast_principles=["be negative"], reward=SENTIMENT)
+    pairs = principle_driven(task.model, task.tokenizer, questions, Principles(["be positive"], ["be negative"]),
+                             SamplingConfig(max_new_tokens=8), reward=SENTIMENT)
     assert pairs and load_records(pairs, shape="pairs")
     assert all(SENTIMENT([p["prompt"]], [p["chosen"]])[0] > SENTIMENT([p["prompt"]], [p["rejected"]])[0] for p in pairs)
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from alignkit.data.pairs import best_worst_pairs
 from alignkit.data.template import render_chat
 from alignkit.errors import AlignkitError
 from alignkit.generate.sample import SamplingConfig, sample
-from alignkit.rewards.base import score_groups
+from alignkit.rewards.base import Reward, score_groups
 
 QUERY_MARKER = "ALIGNKIT_USER_QUERY_MARKER"
 
@@ -53,14 +53,21 @@ def dedupe(texts: list[str], seen: set[str] | None = None) -> list[str]:
     return out
 
 
-def magpie_prompts(model, tokenizer, n: int, cfg: SamplingConfig | None = None, system: str | None = None,
-                   early_stop: bool = True, min_words: int = 1) -> list[dict]:
+@dataclass(frozen=True)
+class MagpieOptions:
+    system: str | None = None  # a system turn before the elicited user turn
+    early_stop: bool = True  # also stop at the first newline (the official default)
+    min_words: int = 1  # shorter queries are dropped
+
+
+def magpie_prompts(model, tokenizer, n: int, cfg: SamplingConfig | None = None,
+                   options: MagpieOptions = MagpieOptions()) -> list[dict]:
     """Up to n prompt records {prompt, source} elicited from the pre-query template (fewer after dedup)."""
     cfg = cfg or SamplingConfig(max_new_tokens=64, temperature=1.0)
-    head, end_of_turn = pre_query_template(tokenizer, system)
-    stop = tuple(s for s in (end_of_turn, "\n" if early_stop else "") if s)
+    head, end_of_turn = pre_query_template(tokenizer, options.system)
+    stop = tuple(s for s in (end_of_turn, "\n" if options.early_stop else "") if s)
     queries = [s[0] for s in sample(model, tokenizer, [head] * n, replace(cfg, stop=tuple(cfg.stop) + stop))]
-    queries = [q for q in dedupe(queries) if len(q.split()) >= min_words]
+    queries = [q for q in dedupe(queries) if len(q.split()) >= options.min_words]
     return [{"prompt": q, "source": "magpie"} for q in queries]
 
 
@@ -68,22 +75,32 @@ def chat_prompt(query: str, system: str | None = None) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": query}]
 
 
+@dataclass(frozen=True)
+class PairOptions:
+    """How sampled responses become pairs: num_responses per prompt scored by reward, best vs worst, kept when the
+    rewards differ by more than min_gap."""
+
+    reward: Reward | None = None
+    num_responses: int = 4
+    min_gap: float = 0.0
+
+
 def respond(model, tokenizer, prompt_records: list[dict], shape: str = "sft", cfg: SamplingConfig | None = None,
-            reward=None, num_responses: int = 4, min_gap: float = 0.0) -> list[dict]:
+            pairs: PairOptions = PairOptions()) -> list[dict]:
     """Answer prompt records through the chat template. shape 'sft': one answer each (greedy by default, as Magpie
-    does) -> {prompt (as a user turn), completion}; shape 'pairs': num_responses samples scored by `reward`,
-    best vs worst -> pair records."""
+    does) -> {prompt (as a user turn), completion}; shape 'pairs': best vs worst of sampled responses (PairOptions)
+    -> pair records."""
     prompts = [r["prompt"] if isinstance(r["prompt"], list) else chat_prompt(r["prompt"]) for r in prompt_records]
     if shape == "sft":
         cfg = cfg or SamplingConfig(max_new_tokens=64, temperature=0.0)
         answers = [s[0] for s in sample(model, tokenizer, prompts, cfg)]
         return [{"prompt": p, "completion": a} for p, a in zip(prompts, answers) if a.strip()]
     if shape == "pairs":
-        if reward is None:
+        if pairs.reward is None:
             raise AlignkitError("pairs need a reward to order the responses")
         cfg = cfg or SamplingConfig(max_new_tokens=64, temperature=1.0)
-        groups = sample(model, tokenizer, prompts, cfg, num_responses)
-        return best_worst_pairs(prompts, groups, score_groups(reward, prompts, groups), min_gap)
+        groups = sample(model, tokenizer, prompts, cfg, pairs.num_responses)
+        return best_worst_pairs(prompts, groups, score_groups(pairs.reward, prompts, groups), pairs.min_gap)
     raise AlignkitError(f"shape '{shape}': use sft or pairs (or keep the prompt records as they are)")
 
 
@@ -101,35 +118,51 @@ def rouge_l(a: str, b: str) -> float:
     return 2 * previous[-1] / (len(x) + len(y))
 
 
+@dataclass(frozen=True)
+class SelfInstructOptions:
+    num_examples: int = 3  # pool tasks shown in each few-shot prompt
+    max_similarity: float = 0.7  # a new task is kept when its ROUGE-L against every pool task is below this
+    example_format: str = "Task: {task}"
+    separator: str = "\n"
+    min_words: int = 2
+    max_rounds: int = 10
+    seed: int = 0  # draws the few-shot examples
+
+
 def self_instruct_prompts(model, tokenizer, seed_tasks: list[str], n: int, cfg: SamplingConfig | None = None,
-                          num_examples: int = 3, max_similarity: float = 0.7, example_format: str = "Task: {task}",
-                          separator: str = "\n", min_words: int = 2, max_rounds: int = 10,
-                          seed: int = 0) -> list[dict]:
+                          options: SelfInstructOptions = SelfInstructOptions()) -> list[dict]:
     """Up to n new task prompts {prompt, source}, each from a few-shot prompt of pool tasks (seed + made so far)."""
     if not seed_tasks:
         raise AlignkitError("self-instruct needs at least one seed task")
     cfg = cfg or SamplingConfig(max_new_tokens=48, temperature=1.0)
-    rng = random.Random(seed)
+    rng = random.Random(options.seed)
+    separator, example_format = options.separator, options.example_format
     lead = example_format.split("{task}")[0].rstrip()
     pool, made = list(seed_tasks), []
-    for round_index in range(max_rounds):
+    for round_index in range(options.max_rounds):
         if len(made) >= n:
             break
-        shots = [rng.sample(pool, min(num_examples, len(pool))) for _ in range(n - len(made))]
+        shots = [rng.sample(pool, min(options.num_examples, len(pool))) for _ in range(n - len(made))]
         prompts = [separator.join(example_format.format(task=t) for t in s) + separator + lead for s in shots]
         round_cfg = replace(cfg, seed=cfg.seed + 7919 * round_index, stop=tuple(cfg.stop) + (separator.strip() or "\n",))
         for text in (s[0] for s in sample(model, tokenizer, prompts, round_cfg)):
             text = re.sub(r"\s+", " ", text).strip()
-            if len(text.split()) < min_words or any(rouge_l(text, t) >= max_similarity for t in pool):
+            if len(text.split()) < options.min_words or any(rouge_l(text, t) >= options.max_similarity for t in pool):
                 continue
             pool.append(text)
             made.append(text)
     return [{"prompt": t, "source": "self-instruct"} for t in made[:n]]
 
 
-def principle_driven(model, tokenizer, prompts: list, principles: list[str], cfg: SamplingConfig | None = None,
-                     contrast_principles: list[str] | None = None, reward=None) -> list[dict]:
-    """sft records answered under the principles (stored without them); with contrast_principles, pair records
+@dataclass(frozen=True)
+class Principles:
+    rules: list[str]  # Self-Align's principles
+    contrast: list[str] | None = None  # RLCD's contrasting principles: given, every prompt becomes a pair
+
+
+def principle_driven(model, tokenizer, prompts: list, principles: Principles, cfg: SamplingConfig | None = None,
+                     reward=None) -> list[dict]:
+    """sft records answered under the principles (stored without them); with contrast principles, pair records
     (principled answer chosen, contrasting answer rejected, or ordered by `reward` when given)."""
     cfg = cfg or SamplingConfig(max_new_tokens=64, temperature=0.7)
     queries = [p if isinstance(p, list) else chat_prompt(p) for p in prompts]
@@ -139,10 +172,10 @@ def principle_driven(model, tokenizer, prompts: list, principles: list[str], cfg
         framed = [[{"role": "system", "content": system}, *q] for q in queries]
         return [s[0] for s in sample(model, tokenizer, framed, replace(cfg, seed=cfg.seed + seed_offset))]
 
-    good = answer(principles, 0)
-    if not contrast_principles:
+    good = answer(principles.rules, 0)
+    if not principles.contrast:
         return [{"prompt": q, "completion": a, "source": "principle-driven"} for q, a in zip(queries, good) if a.strip()]
-    bad = answer(contrast_principles, 1)
+    bad = answer(principles.contrast, 1)
     records = []
     for query, chosen, rejected in zip(queries, good, bad):
         if not chosen.strip() or not rejected.strip() or normalise(chosen) == normalise(rejected):

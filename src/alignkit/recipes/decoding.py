@@ -204,17 +204,19 @@ def run_synth(config=None, overrides: dict[str, Any] | None = None) -> Path:
     if cfg.method == "principles":
         if not questions or not cfg.principles:
             raise ConfigError("principles", "method principles needs --prompts FILE and --principles '[...]'")
-        records = synth.principle_driven(model, tokenizer, questions, cfg.principles, sampling,
-                                         cfg.contrast_principles or None, reward)
+        principles = synth.Principles(cfg.principles, cfg.contrast_principles or None)
+        records = synth.principle_driven(model, tokenizer, questions, principles, sampling, reward)
     else:
         if cfg.method == "magpie":
-            records = synth.magpie_prompts(model, tokenizer, cfg.n, sampling, cfg.system)
+            records = synth.magpie_prompts(model, tokenizer, cfg.n, sampling, synth.MagpieOptions(system=cfg.system))
         else:
             if not seeds:
                 raise ConfigError("seeds", "method self-instruct needs --seeds FILE (prompts JSONL of seed tasks)")
-            records = synth.self_instruct_prompts(model, tokenizer, seeds, cfg.n, sampling, seed=cfg.seed)
+            options = synth.SelfInstructOptions(seed=cfg.seed)
+            records = synth.self_instruct_prompts(model, tokenizer, seeds, cfg.n, sampling, options)
         if cfg.shape != "prompts":
-            records = synth.respond(model, tokenizer, records, cfg.shape, None, reward, cfg.num_responses)
+            pairs = synth.PairOptions(reward, cfg.num_responses)
+            records = synth.respond(model, tokenizer, records, cfg.shape, None, pairs)
     out = Path(cfg.output_dir) / "data.jsonl"
     write_jsonl_atomic(out, records)
     log.info("wrote %d %s records (%s) to %s", len(records), cfg.shape, cfg.method, out)
