@@ -8,12 +8,12 @@ import copy
 
 import torch
 
-from alignkit.data import prepare_examples
+from alignkit.data import ExampleSettings, prepare_examples
 from alignkit.data.load import write_jsonl_atomic
 from alignkit.data.pack import pack
 from alignkit.data.synthetic import VOCABULARY, preference_records
 from alignkit.losses import build_options, get_loss
-from alignkit.models.logprobs import response_logprobs
+from alignkit.models.logprobs import ChunkSettings, response_logprobs
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
 from alignkit.models.token_kl import ChunkedLogpsAndKL, logprobs_and_token_kl, pad_tokens, reference_forward
 from alignkit.train.loss_inputs import logprob_inputs
@@ -40,7 +40,8 @@ def test_chunked_values_and_gradients_equal_the_full_vocabulary_computation():
     targets = torch.randint(0, v, (n,), generator=generator)
     up_lp, up_kl = torch.randn(n, generator=generator).double(), torch.randn(n, generator=generator).double()
 
-    fused = ChunkedLogpsAndKL.apply(*policy, targets, *ref, 4, torch.float64)  # 4 chunks of up to 4 tokens
+    # 4 chunks of up to 4 tokens
+    fused = ChunkedLogpsAndKL.apply(*policy, (targets, *ref), ChunkSettings(4, torch.float64))
     fused_grads = torch.autograd.grad((fused[0] * up_lp).sum() + (fused[1] * up_kl).sum(), policy)
     plain = naive(*policy, targets, *ref)
     plain_grads = torch.autograd.grad((plain[0] * up_lp).sum() + (plain[1] * up_kl).sum(), policy)
@@ -57,7 +58,7 @@ def tiny_llama(seed: int):
 
 def pairs_batch(tmp_path, n: int = 5):
     write_jsonl_atomic(tmp_path / "pairs.jsonl", preference_records(n, seed=3))
-    examples = prepare_examples(str(tmp_path / "pairs.jsonl"), TOKENIZER, "pairs", 64)
+    examples = prepare_examples(str(tmp_path / "pairs.jsonl"), TOKENIZER, ExampleSettings("pairs", 64))
     return examples, pack(examples, max_tokens_per_row=64)  # several rows, several examples a row
 
 

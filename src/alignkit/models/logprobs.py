@@ -50,14 +50,59 @@ def _compute_dtype(reference: torch.Tensor) -> torch.dtype:
 KEEP_PROBS_BYTES = 256 * 2**20
 
 
+@dataclass(frozen=True)
+class ChunkSettings:
+    """How a chunked head function walks the tokens."""
+
+    chunk_size: int  # tokens per chunk
+    compute_dtype: torch.dtype  # of the head's matmuls (the autocast dtype, else the hidden states')
+    keep_bytes: int = 0  # softmax bytes the forward may keep for the backward (0: the backward recomputes)
+
+
+class HeadGrads:
+    """A chunked head function's gradients, filled chunk by chunk: grad_hidden row by row, the weight and bias
+    gradients summed in fp32 (the first chunk's product starts each sum). Shared by every chunked head function."""
+
+    def __init__(self, ctx, hidden, weight, bias, compute_dtype):
+        self.needs_weight = ctx.needs_input_grad[1]
+        self.needs_bias = bias is not None and ctx.needs_input_grad[2]
+        self.weight, self.bias, self.compute_dtype = weight, bias, compute_dtype
+        self.hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        self.weight_sum = self.bias_sum = None
+
+    def add(self, grad_logits, h, rows: slice) -> None:
+        """Chain one chunk's logit gradient through the head."""
+        grad_logits = grad_logits.to(self.compute_dtype)
+        if self.hidden is not None:
+            self.hidden[rows] = (grad_logits @ self.weight.to(self.compute_dtype)).to(self.hidden.dtype)
+        if self.needs_weight:
+            part = (grad_logits.T @ h.to(self.compute_dtype)).float()
+            self.weight_sum = part if self.weight_sum is None else self.weight_sum.add_(part)
+        if self.needs_bias:
+            part = grad_logits.float().sum(0)
+            self.bias_sum = part if self.bias_sum is None else self.bias_sum.add_(part)
+
+    def result(self, zero_if_no_tokens: bool = False) -> tuple:
+        """(grad hidden, grad weight, grad bias), the sums in the parameters' dtypes. zero_if_no_tokens: a zero
+        gradient, not None, for a weight or bias that needs one when there were no chunks."""
+        if zero_if_no_tokens and self.needs_weight and self.weight_sum is None:
+            self.weight_sum = torch.zeros_like(self.weight, dtype=torch.float32)
+        if zero_if_no_tokens and self.needs_bias and self.bias_sum is None:
+            self.bias_sum = torch.zeros_like(self.bias, dtype=torch.float32)
+        grad_weight = None if self.weight_sum is None else self.weight_sum.to(self.weight.dtype)
+        grad_bias = None if self.bias_sum is None else self.bias_sum.to(self.bias.dtype)
+        return self.hidden, grad_weight, grad_bias
+
+
 class ChunkedTokenLogps(torch.autograd.Function):
     """log softmax(h W^T + b)[target], computed chunk by chunk over tokens; the backward reuses the forward's
-    softmax when all of it fits in keep_bytes, else recomputes each chunk's logits."""
+    softmax when all of it fits in settings.keep_bytes, else recomputes each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, compute_dtype, keep_bytes: int):
+    def forward(ctx, hidden, weight, bias, targets, settings: ChunkSettings):
+        chunk_size, compute_dtype = settings.chunk_size, settings.compute_dtype
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        keep = any(ctx.needs_input_grad[:3]) and hidden.shape[0] * weight.shape[0] * 4 <= keep_bytes
+        keep = any(ctx.needs_input_grad[:3]) and hidden.shape[0] * weight.shape[0] * 4 <= settings.keep_bytes
         ctx.probs = [] if keep else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
@@ -68,16 +113,15 @@ class ChunkedTokenLogps(torch.autograd.Function):
                 if keep:
                     ctx.probs.append(logits.div_(sums[:, None]))
         ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
+        ctx.settings = settings
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, targets = ctx.saved_tensors
-        chunk_size, compute_dtype = ctx.chunk_size, ctx.compute_dtype
+        chunk_size, compute_dtype = ctx.settings.chunk_size, ctx.settings.compute_dtype
         kept, ctx.probs = ctx.probs, None  # consumed in place below; a second backward recomputes
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = grad_bias = None  # fp32 sums over chunks; the first chunk's product starts them
+        grads = HeadGrads(ctx, hidden, weight, bias, compute_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for i, start in enumerate(range(0, hidden.shape[0], chunk_size)):
                 h = hidden[start:start + chunk_size]
@@ -87,36 +131,11 @@ class ChunkedTokenLogps(torch.autograd.Function):
                 probs = kept[i] if kept is not None else _softmax_(_chunk_logits(h, weight, bias, compute_dtype))
                 grad_logits = probs.mul_(-g[:, None])
                 grad_logits[torch.arange(len(g)), targets[start:start + chunk_size]] += g
-                grad_weight, grad_bias = backprop_chunk(ctx, grad_logits, h, weight, bias, compute_dtype, grad_hidden,
-                                                        slice(start, start + chunk_size), grad_weight, grad_bias)
+                grads.add(grad_logits, h, slice(start, start + chunk_size))
                 del grad_logits, probs
                 if kept is not None:
                     kept[i] = None
-        if ctx.needs_input_grad[1] and grad_weight is None:  # no tokens: a zero gradient, not None
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        if bias is not None and ctx.needs_input_grad[2] and grad_bias is None:
-            grad_bias = torch.zeros_like(bias, dtype=torch.float32)
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
-
-
-def backprop_chunk(ctx, grad_logits, h, weight, bias, compute_dtype, grad_hidden, rows: slice, grad_weight,
-                   grad_bias):
-    """Chain one chunk's logit gradient through the head: fills grad_hidden[rows], accumulates the weight and
-    bias gradients (fp32) and returns them. Shared by every chunked head function."""
-    grad_logits = grad_logits.to(compute_dtype)
-    if grad_hidden is not None:
-        grad_hidden[rows] = (grad_logits @ weight.to(compute_dtype)).to(grad_hidden.dtype)
-    if ctx.needs_input_grad[1]:
-        part = (grad_logits.T @ h.to(compute_dtype)).float()
-        grad_weight = part if grad_weight is None else grad_weight.add_(part)
-    if bias is not None and ctx.needs_input_grad[2]:
-        part = grad_logits.float().sum(0)
-        grad_bias = part if grad_bias is None else grad_bias.add_(part)
-    return grad_weight, grad_bias
+        return *grads.result(zero_if_no_tokens=True), None, None
 
 
 def _chunk_logits(h, weight, bias, compute_dtype):
@@ -142,7 +161,8 @@ def _softmax_(logits: torch.Tensor) -> torch.Tensor:
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                         chunk_size: int = 1024, keep_bytes: int | None = None) -> torch.Tensor:
     keep_bytes = KEEP_PROBS_BYTES if keep_bytes is None else keep_bytes
-    return ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk_size, _compute_dtype(hidden), keep_bytes)
+    return ChunkedTokenLogps.apply(hidden, weight, bias, targets,
+                                   ChunkSettings(chunk_size, _compute_dtype(hidden), keep_bytes))
 
 
 def backbone(model):

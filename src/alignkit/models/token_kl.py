@@ -14,11 +14,12 @@ import torch
 
 from alignkit.data.pack import PackedBatch
 from alignkit.models.logprobs import (
+    ChunkSettings,
+    HeadGrads,
     ResponseLogProbs,
     _chunk_logits,
     _compute_dtype,
     _softmax_,
-    backprop_chunk,
     packed_decoder_outputs,
     packed_hidden_states,
 )
@@ -50,10 +51,14 @@ class ChunkedLogpsAndKL(torch.autograd.Function):
     """(log pi(target), KL(pi_ref || pi)) per token, chunk by chunk; gradients flow to the policy only.
 
     d/dlogits: log pi(target) gives onehot - p, KL gives p - p_ref, so with upstream g_lp, g_kl the chunk's
-    gradient is g_lp onehot - (g_lp - g_kl) p - g_kl p_ref."""
+    gradient is g_lp onehot - (g_lp - g_kl) p - g_kl p_ref. The policy's (hidden, weight, bias) take gradients;
+    `against`, what they are scored against, takes none: (targets, the reference's hidden states, head weight, head
+    bias)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias, chunk_size: int, compute_dtype):
+    def forward(ctx, hidden, weight, bias, against: tuple, settings: ChunkSettings):
+        targets, ref_hidden, ref_weight, ref_bias = against
+        chunk_size, compute_dtype = settings.chunk_size, settings.compute_dtype
         n = hidden.shape[0]
         token_logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
         token_kl = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -67,15 +72,14 @@ class ChunkedLogpsAndKL(torch.autograd.Function):
                 token_kl[start:end] = (ref_logps.exp() * (ref_logps - logps)).sum(1)
                 del logps, ref_logps
         ctx.save_for_backward(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias)
-        ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
+        ctx.settings = settings
         return token_logps, token_kl
 
     @staticmethod
     def backward(ctx, grad_logps, grad_kl):
         hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias = ctx.saved_tensors
-        chunk_size, compute_dtype = ctx.chunk_size, ctx.compute_dtype
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = grad_bias = None
+        chunk_size, compute_dtype = ctx.settings.chunk_size, ctx.settings.compute_dtype
+        grads = HeadGrads(ctx, hidden, weight, bias, compute_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
                 end = start + chunk_size
@@ -86,14 +90,9 @@ class ChunkedLogpsAndKL(torch.autograd.Function):
                 grad_logits.sub_(ref_probs.mul_(g_kl[:, None]))
                 del ref_probs
                 grad_logits[torch.arange(len(g_lp)), targets[start:end]] += g_lp
-                grad_weight, grad_bias = backprop_chunk(ctx, grad_logits, h, weight, bias, compute_dtype, grad_hidden,
-                                                        slice(start, end), grad_weight, grad_bias)
+                grads.add(grad_logits, h, slice(start, end))
                 del grad_logits
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return *grads.result(), None, None
 
 
 def logprobs_and_token_kl(model, batch: PackedBatch, ref: ReferenceForward,
@@ -104,10 +103,10 @@ def logprobs_and_token_kl(model, batch: PackedBatch, ref: ReferenceForward,
     device = hidden.device
     selected = hidden[batch.token_rows.to(device), batch.token_pred_positions.to(device)]
     head = model.get_output_embeddings()
-    token_logps, token_kl = ChunkedLogpsAndKL.apply(
-        selected, head.weight, head.bias, batch.token_targets.to(device), ref.hidden.to(device),
-        ref.head_weight.to(device), None if ref.head_bias is None else ref.head_bias.to(device), chunk_size,
-        _compute_dtype(selected))
+    against = (batch.token_targets.to(device), ref.hidden.to(device), ref.head_weight.to(device),
+               None if ref.head_bias is None else ref.head_bias.to(device))
+    token_logps, token_kl = ChunkedLogpsAndKL.apply(selected, head.weight, head.bias, against,
+                                                    ChunkSettings(chunk_size, _compute_dtype(selected)))
     num_seq = batch.num_examples * batch.num_responses
     seq_logps = torch.zeros(num_seq, dtype=token_logps.dtype, device=device).index_add(
         0, batch.token_seq.to(device), token_logps)
