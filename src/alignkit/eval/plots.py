@@ -24,11 +24,7 @@ def plot_curves(runs: dict[str, list[dict]], keys: list[str], path: str | Path, 
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_reward_histograms(rewards: dict[str, list[float]], path: str | Path, title: str = "") -> Path:
@@ -45,11 +41,7 @@ def plot_reward_histograms(rewards: dict[str, list[float]], path: str | Path, ti
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_table(rows: list[list[str]], path: str | Path, title: str = "") -> Path:
@@ -62,6 +54,10 @@ def plot_table(rows: list[list[str]], path: str | Path, title: str = "") -> Path
     table.scale(1, 1.4)
     if title:
         ax.set_title(title)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

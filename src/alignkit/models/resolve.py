@@ -127,8 +127,8 @@ def convert_gguf(gguf_path: str | os.PathLike) -> Path:
 def gguf_sha256(gguf_path: Path) -> str:
     """sha256 of the file, hex.
 
-    Hashing SmolLM2's 90 MB takes ~0.2 s, cheap next to the load that follows, and keying the cache by
-    content is the only key a replaced or re-downloaded file cannot fool. Within one process the digest is
+    Hashing is cheap next to the load that follows (README, Models), and keying the cache by content is the
+    only key a replaced or re-downloaded file cannot fool. Within one process the digest is
     remembered per (path, size, mtime), so resolving the policy and the reference model hashes once.
     """
     stat = gguf_path.stat()

@@ -1,8 +1,8 @@
 """Tensors autograd would keep for backward that are made again instead, bit for bit, when backward needs them.
 
 - **Autocast's weight copies.** Under autocast every linear layer multiplies by a bf16 copy of its fp32 weight, and
-  autograd keeps that copy until the layer's backward has run: a bf16 model's worth of memory (0.27 GB for
-  SmolLM2-135M) on top of the activations. The weights do not change before the optimizer step, so a reference to
+  autograd keeps that copy until the layer's backward has run: a bf16 model's worth of memory (docs/long_context.md)
+  on top of the activations. The weights do not change before the optimizer step, so a reference to
   the parameter is kept and the cast is done again; autocast's own cache, which would hold every copy to the end of
   the forward, is off (each linear weight is used once per forward, so the cache saves no cast).
 - **SwiGLU's product** under `selective_recompute`: silu(gate) * up is the down projection's input, which its
