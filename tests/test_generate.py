@@ -15,6 +15,7 @@ from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.data.synthetic import TOPICS
 from alignkit.errors import AlignkitError, DataError
 from alignkit.generate.engines import make_engine, truncate_at_stop
+from alignkit.generate.engines.vllm import vllm_available
 from alignkit.generate.sample import SamplingConfig, sample, sample_with_counts
 from alignkit.generate.synth import (
     PairOptions,
@@ -28,7 +29,7 @@ from alignkit.generate.synth import (
     rouge_l,
     self_instruct_prompts,
 )
-from alignkit.generate.vllm_backend import load_generator, vllm_available
+from alignkit.generate.vllm_backend import load_generator
 from alignkit.recipes.decoding import run_generate
 from synthetic_task import SENTIMENT, prompts
 

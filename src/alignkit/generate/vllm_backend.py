@@ -7,8 +7,6 @@ from __future__ import annotations
 from alignkit.errors import AlignkitError
 from alignkit.generate.engines.vllm import VLLMEngine, vllm_available
 
-__all__ = ["load_generator", "vllm_available"]
-
 
 def load_generator(model_dir: str, backend: str = "auto"):
     """(model, tokenizer) for generation: a VLLMEngine when backend is 'vllm', or 'auto' and vllm can run;
