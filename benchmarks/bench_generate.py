@@ -78,7 +78,8 @@ def exactness(model_name: str, threads: int) -> dict:
     from alignkit.generate.engines import HFEngine, encode_prompts
     from alignkit.generate.engines.fast import FastEngine
     from alignkit.generate.sample import SamplingConfig
-    from alignkit.online.rollout import generate_rollout
+    from alignkit.online.rollout import RolloutShape, generate_rollout
+    from alignkit.train.packing import Packing
     from alignkit.train.reference import score_examples
 
     torch.set_num_threads(threads)
@@ -91,9 +92,9 @@ def exactness(model_name: str, threads: int) -> dict:
         hf_model = model if precision == "fp32" else model.to(torch.bfloat16)
         same = HFEngine(hf_model, tokenizer).generate(ids, greedy).ids == fast.generate(ids, greedy).ids
         model.to(torch.float32)
-        rollout = generate_rollout(fast, tokenizer, prompts[:8], lambda p, r: [0.0] * len(r), 4,
-                                   SamplingConfig(max_new_tokens=32, seed=1), 1024)
-        _, trainer = score_examples(model, rollout.examples, 4096, None, tokenizer.pad_token_id or 0)
+        rollout = generate_rollout(fast, tokenizer, prompts[:8], lambda p, r: [0.0] * len(r),
+                                   SamplingConfig(max_new_tokens=32, seed=1), RolloutShape(4, 1024))
+        _, trainer = score_examples(model, rollout.examples, Packing(4096, None, tokenizer.pad_token_id or 0))
         gaps = torch.cat([(e - t).abs() for e, t in zip(rollout.engine_logps, trainer)])
         out[precision] = {"greedy_equal_hf": same, "logp_gap_mean": float(gaps.mean()), "logp_gap_max": float(gaps.max())}
     return out

@@ -100,7 +100,7 @@ def run_trl(args, bf16: bool = False) -> dict:
 def run_alignkit(args, engine_precision: str, precision: str = "fp32", selective: bool = False) -> dict:
     import torch
 
-    from alignkit.online import online_config, run_online
+    from alignkit.online import OnlineInputs, online_config, run_online
     from alignkit.rewards.base import FunctionReward
 
     torch.set_num_threads(args.threads)
@@ -113,7 +113,7 @@ def run_alignkit(args, engine_precision: str, precision: str = "fp32", selective
         "max_length": 2048, "engine_precision": engine_precision, "precision": precision,
         "max_tokens_per_batch": args.max_tokens_per_batch, "selective_recompute": selective})
     reward = FunctionReward(lambda prompt, response: vader_scores([response])[0], name="vader")
-    result = run_online(cfg, prompts=prompts(args.prompts * steps), eval_prompts=prompts(1), reward=reward)
+    result = run_online(cfg, inputs=OnlineInputs(prompts(args.prompts * steps), prompts(1), reward))
     timed = result.rounds[1:]
     seconds = [r["time/generate_s"] + r["time/reward_s"] + r["time/score_s"] + r["time/learner_s"] for r in timed]
     split = {part: sum(r[f"time/{part}_s"] for r in timed) / sum(seconds)

@@ -25,7 +25,7 @@ from alignkit.config import TrainConfig
 from alignkit.data.load import write_jsonl_atomic
 from alignkit.data.synthetic import VOCABULARY, prompt_records, sentiment_reward, sft_records
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
-from alignkit.online import online_config, run_online
+from alignkit.online import OnlineInputs, online_config, run_online
 from alignkit.rewards.base import FunctionReward, Reward
 from alignkit.train.loop import train
 
@@ -63,9 +63,9 @@ def run_method(method: str, model, tokenizer, args, work: Path) -> dict:
         "max_tokens_per_batch": 4096, "max_tokens_per_row": 1024, "eval_samples": 2, "progress": False, **options})
     reward = FunctionReward(lambda prompt, response: sentiment_reward(response), name="synthetic")
     tic = time.perf_counter()
-    result = run_online(cfg, copy.deepcopy(model), tokenizer, prompts=[r["prompt"] for r in prompt_records(512, 21)],
-                        eval_prompts=[r["prompt"] for r in prompt_records(64, 22)], reward=reward,
-                        judge=NoisyJudge() if method == "self-reward" else None)
+    inputs = OnlineInputs([r["prompt"] for r in prompt_records(512, 21)], [r["prompt"] for r in prompt_records(64, 22)],
+                          reward, NoisyJudge() if method == "self-reward" else None)
+    result = run_online(cfg, copy.deepcopy(model), tokenizer, inputs)
     s = result.summary
     return {"method": method, "wall_s": time.perf_counter() - tic, "rounds_s": s["seconds"],
             "samples": s["samples"], "samples_per_s": s["samples_per_s"], "time_split": s["time_split"],

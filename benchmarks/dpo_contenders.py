@@ -222,7 +222,10 @@ def run_alignkit(spec: dict, precision: str, **options) -> dict:
     the step plan (the same consecutive pairs per step as TRL's sequential sampler, instead of alignkit's
     token-budget batches), no final save (TRL is run with save_strategy='no'), and a probe on the metrics log."""
     import alignkit.train.loop as loop
+    import alignkit.train.offline_data as offline_data
+    import alignkit.train.run as run
     from alignkit.config import TrainConfig
+    from alignkit.train.step import Stepper
 
     model, tokenizer = load_model(spec["model"])
     probe = Probe()
@@ -233,22 +236,22 @@ def run_alignkit(spec: dict, precision: str, **options) -> dict:
         seen["examples"] = examples
         return [[list(range(s * pairs, (s + 1) * pairs))] for s in range(n_steps)]
 
-    class ProbedLog(loop.MetricsLog):
+    class ProbedLog(run.MetricsLog):
         def write(self, step, metrics):
             probe.step_end(metrics["loss"])
             super().write(step, metrics)
 
-    step = loop.Stepper.step
+    step = Stepper.step
 
     def probed_step(self, *args, **kwargs):
         probe.step_begin()
         return step(self, *args, **kwargs)
 
-    loop.Stepper.step = probed_step
-    loop.plan_steps = fixed_plan
-    loop.save_final = lambda *args, **kwargs: None
-    loop.write_model_card = lambda *args, **kwargs: None  # it writes into final/, which is not saved here
-    loop.MetricsLog = ProbedLog
+    Stepper.step = probed_step
+    offline_data.plan_steps = fixed_plan
+    run.save_final = lambda *args, **kwargs: None
+    run.write_model_card = lambda *args, **kwargs: None  # it writes into final/, which is not saved here
+    run.MetricsLog = ProbedLog
     cfg = TrainConfig(
         model=spec["model"], train_data=spec["data"], output_dir=tempfile.mkdtemp(prefix="bench_alignkit_"),
         loss="dpo", loss_options={"beta": spec["beta"]}, max_length=spec["max_length"],
@@ -302,10 +305,10 @@ def run_loss_check(spec: dict) -> dict:
 
     from alignkit.config import TrainConfig
     from alignkit.data import ExampleSettings, prepare_examples
-    from alignkit.data.pack import pack
     from alignkit.losses import build_options, get_loss
-    from alignkit.train.loop import Reference, compute_losses
-    from alignkit.train.reference import score_examples
+    from alignkit.train.method import Method
+    from alignkit.train.packing import Packing
+    from alignkit.train.reference import Reference, score_examples
 
     reference, tokenizer = load_model(spec["model"])
     policy = perturbed_copy(reference, seed=spec.get("perturb_seed", 7), scale=spec.get("perturb_scale", 0.05))
@@ -320,13 +323,13 @@ def run_loss_check(spec: dict) -> dict:
     lossspec = get_loss("dpo")
     opts = build_options(lossspec, {"beta": spec["beta"]})
     examples = prepare_examples(records, tokenizer, ExampleSettings("pairs", spec["max_length"]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ref = Reference(*score_examples(reference, examples, cfg.max_tokens_per_batch, cfg.max_tokens_per_row, pad_id))
+    packing = Packing.from_config(cfg, tokenizer)
+    ref = Reference(*score_examples(reference, examples, packing))
     alignkit_losses, alignkit_logps = [], []
     for b in range(n_batches):
         indices = list(range(b * pairs, (b + 1) * pairs))
-        batch = pack([examples[i] for i in indices], indices, cfg.max_tokens_per_row, pad_id)
-        losses, metrics = compute_losses(policy, batch, examples, lossspec, opts, ref, cfg)
+        batch = packing.pack([examples[i] for i in indices], indices)
+        losses, metrics = Method(lossspec, opts).forward(policy, batch, examples, ref)
         alignkit_losses.append(float(losses.mean()))
         alignkit_logps.append(torch.stack([metrics["logps/chosen"], metrics["logps/rejected"]], 1))
 

@@ -19,7 +19,7 @@ from alignkit.data.pack import pack
 from alignkit.losses import build_options, get_loss
 from alignkit.models.attention import set_attention
 from alignkit.models.logprobs import response_logprobs
-from alignkit.train.loop import Reference
+from alignkit.train.reference import Reference
 
 
 def main() -> None:

@@ -48,8 +48,8 @@ def main() -> None:
 
     if args.keep_probs_mb is not None:
         logprobs.KEEP_PROBS_BYTES = args.keep_probs_mb * 2**20
-    run._collect_rollout = phases.wrap("rollout", run._collect_rollout)
-    run._learn = phases.wrap("learn", run._learn)
+    run.sampling.collect_rollout = phases.wrap("rollout", run.sampling.collect_rollout)
+    run.OnlineRun.learn = phases.wrap("learn", run.OnlineRun.learn)
     fast.FastEngine.update_weights = phases.wrap("engine update", fast.FastEngine.update_weights)
     grpo = run.ONLINE_METHODS["grpo"]
     run.ONLINE_METHODS["grpo"] = dataclasses.replace(grpo, experience=phases.wrap("score", grpo.experience))
@@ -62,7 +62,7 @@ def main() -> None:
         "chunk_size": args.chunk_size})
     reward = FunctionReward(lambda prompt, response: vader_scores([response])[0], name="vader")
     phases.mark("setup")
-    result = run.run_online(cfg, prompts=prompts(4 * args.rounds), eval_prompts=prompts(1), reward=reward)
+    result = run.run_online(cfg, inputs=run.OnlineInputs(prompts(4 * args.rounds), prompts(1), reward))
     phases.mark("done")
     time.sleep(0.1)
     seconds = sum(r["time/generate_s"] + r["time/reward_s"] + r["time/score_s"] + r["time/learner_s"]

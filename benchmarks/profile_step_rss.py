@@ -39,12 +39,16 @@ def main() -> None:
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     import alignkit.train.loop as loop
+    import alignkit.train.offline_data as offline_data
+    import alignkit.train.run as run
     from alignkit.config import TrainConfig
+    from alignkit.train.step import Stepper
 
-    loop.plan_steps = lambda examples, cfg: [[list(range(s * args.pairs, (s + 1) * args.pairs))] for s in range(2)]
-    loop.save_final = lambda *a, **k: None
-    loop.write_model_card = lambda *a, **k: None
-    step = loop.Stepper.step
+    offline_data.plan_steps = lambda examples, cfg: [[list(range(s * args.pairs, (s + 1) * args.pairs))]
+                                                     for s in range(2)]
+    run.save_final = lambda *a, **k: None
+    run.write_model_card = lambda *a, **k: None
+    step = Stepper.step
 
     def probed_step(self, *a, **k):
         mark("forward + backward")
@@ -60,7 +64,7 @@ def main() -> None:
         mark("between steps")
         return out
 
-    loop.Stepper.step = probed_step
+    Stepper.step = probed_step
     cfg = TrainConfig(model="smollm2-135m-instruct", train_data=str(data), output_dir=tempfile.mkdtemp(), loss="dpo",
                       loss_options={"beta": 0.1}, max_length=4096, learning_rate=1e-5, lr_schedule="linear",
                       max_steps=2, ref_cache=False, progress=False, gradient_checkpointing=not args.no_gc,

@@ -15,9 +15,10 @@ from alignkit.generate.engines import HFEngine, as_engine, encode_prompts
 from alignkit.generate.sample import SamplingConfig
 from alignkit.losses import LossInputs
 from alignkit.losses.online import GRPOOptions, grpo_loss
-from alignkit.online import online_config, run_online
+from alignkit.online import OnlineInputs, online_config, run_online, sampling
 from alignkit.online import run as online_run
-from alignkit.online.rollout import generate_rollout
+from alignkit.online.rollout import RolloutShape, generate_rollout
+from alignkit.train.packing import Packing
 from alignkit.train.reference import score_examples
 from synthetic_task import SENTIMENT, prompts
 
@@ -28,7 +29,7 @@ def test_hf_engine_ids_logprobs_and_finish_reasons(task):
     questions = prompts(8, seed=4)
     for max_new_tokens in (5, 12):
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, seed=3, engine="hf")
-        rollout = generate_rollout(task.model, task.tokenizer, questions, SENTIMENT, 3, cfg, max_length=64)
+        rollout = generate_rollout(task.model, task.tokenizer, questions, SENTIMENT, cfg, RolloutShape(3, 64))
         generation = HFEngine(task.model, task.tokenizer).generate(encode_prompts(task.tokenizer, questions), cfg, 3)
         eos = task.tokenizer.eos_token_id
         for example, ids, reasons, done in zip(rollout.examples, generation.ids, generation.finish_reasons,
@@ -37,7 +38,7 @@ def test_hf_engine_ids_logprobs_and_finish_reasons(task):
             assert [r == "stop" for r in reasons] == done == [s[-1] == eos for s in ids]  # EOS iff the sampler emitted it
             assert all(len(s) == max_new_tokens for s, r in zip(ids, reasons) if r == "length")
         # the engine's log-probs are the trainer's log-softmax on the same tokens (fp32)
-        _, trainer = score_examples(task.model, rollout.examples, 1024, 512, task.tokenizer.pad_token_id)
+        _, trainer = score_examples(task.model, rollout.examples, Packing(1024, 512, task.tokenizer.pad_token_id))
         for engine, ours in zip(rollout.engine_logps, trainer):
             torch.testing.assert_close(engine, ours, rtol=0, atol=1e-4)
 
@@ -50,9 +51,10 @@ def test_engine_logprobs_are_of_the_distribution_sampled_from(task):
     greedy = engine.generate(ids, SamplingConfig(max_new_tokens=6, temperature=0, seed=1), 1)
     assert [row[0] for row in greedy.ids] == [s[0] for s in top1.ids]  # top-1 sampling is greedy decoding
     hot = engine.generate(ids, SamplingConfig(max_new_tokens=6, temperature=2.0, seed=1), 2)
-    examples = generate_rollout(engine, task.tokenizer, prompts(4, seed=5), SENTIMENT, 2,
-                                SamplingConfig(max_new_tokens=6, temperature=2.0, seed=1, engine="hf"), 64).examples
-    _, trainer = score_examples(task.model, examples, 1024, 512, task.tokenizer.pad_token_id)
+    examples = generate_rollout(engine, task.tokenizer, prompts(4, seed=5), SENTIMENT,
+                                SamplingConfig(max_new_tokens=6, temperature=2.0, seed=1, engine="hf"),
+                                RolloutShape(2, 64)).examples
+    _, trainer = score_examples(task.model, examples, Packing(1024, 512, task.tokenizer.pad_token_id))
     flat_hot = torch.tensor([lp for row in hot.logprobs for s in row for lp in s])
     assert not torch.allclose(flat_hot, torch.cat(trainer), atol=1e-3)  # tempered: not the policy's own log-probs
 
@@ -77,11 +79,11 @@ def one_round(task, tmp_path, method: str, engine_shift: float | None = None, **
                     prompts_per_round=8, num_samples=4, max_new_tokens=10, max_length=64, max_tokens_per_row=512,
                     learning_rate=1e-3, eval_samples=1, progress=False)
     cfg = online_config({**settings, **overrides})
-    seen, real_learn, real_rollout = {}, online_run._learn, online_run.generate_rollout
+    seen, real_learn, real_rollout = {}, online_run.OnlineRun.learn, sampling.generate_rollout
 
-    def learn(cfg_, spec, opts, stepper, experience, *args):
+    def learn(self, experience, *args):
         seen["experience"] = experience
-        return real_learn(cfg_, spec, opts, stepper, experience, *args)
+        return real_learn(self, experience, *args)
 
     calls = [0]
 
@@ -94,12 +96,12 @@ def one_round(task, tmp_path, method: str, engine_shift: float | None = None, **
             seen["rollout"] = result
         return result
 
-    online_run._learn, online_run.generate_rollout = learn, rollout
+    online_run.OnlineRun.learn, sampling.generate_rollout = learn, rollout
     try:
-        result = run_online(cfg, copy.deepcopy(task.model), task.tokenizer, prompts=prompts(32, seed=9),
-                            eval_prompts=prompts(4, seed=10), reward=SENTIMENT)
+        result = run_online(cfg, copy.deepcopy(task.model), task.tokenizer,
+                            OnlineInputs(prompts(32, seed=9), prompts(4, seed=10), SENTIMENT))
     finally:
-        online_run._learn, online_run.generate_rollout = real_learn, real_rollout
+        online_run.OnlineRun.learn, sampling.generate_rollout = real_learn, real_rollout
     return result, seen
 
 
@@ -142,7 +144,7 @@ def test_tis_weights_match_numpy():
     mask[..., 0] = True
     scores = torch.tensor(rng.normal(0, 1, (B, k)), dtype=torch.float64)
     inputs = LossInputs(logps=(logps * mask).sum(-1), lengths=mask.sum(-1).double(), token_logps=logps * mask,
-                        token_mask=mask, scores=scores, engine_token_logps=engine)
+                        token_mask=mask, rewards=scores, engine_token_logps=engine)
     cap = 1.5
     losses, _ = grpo_loss(inputs, GRPOOptions(kl_coef=0.0, tis_cap=cap))
     # NumPy: ratio 1 on-policy, so the surrogate is -A per token, weighted by min(exp(l - l_engine), cap)
@@ -169,17 +171,18 @@ def test_fast_engine_greedy_is_hf_greedy_and_its_logprobs_are_the_trainers(task)
     # sampled: most samples end at the 8th token, so finished rows leave the batch mid-way; every row's log-probs
     # must still be the trainer's on that row's tokens
     cfg = SamplingConfig(max_new_tokens=12, seed=2, batch_size=6, engine="fast")
-    rollout = generate_rollout(task.model, task.tokenizer, prompts(12, seed=6), SENTIMENT, 4, cfg, max_length=64)
+    rollout = generate_rollout(task.model, task.tokenizer, prompts(12, seed=6), SENTIMENT, cfg, RolloutShape(4, 64))
     assert 0 < float(rollout.finished.float().mean()) < 1 or bool(rollout.finished.all())
-    _, trainer = score_examples(task.model, rollout.examples, 1024, 512, task.tokenizer.pad_token_id)
+    _, trainer = score_examples(task.model, rollout.examples, Packing(1024, 512, task.tokenizer.pad_token_id))
     for engine, ours in zip(rollout.engine_logps, trainer):
         torch.testing.assert_close(engine, ours, rtol=0, atol=1e-4)
-    again = generate_rollout(task.model, task.tokenizer, prompts(12, seed=6), SENTIMENT, 4, cfg, max_length=64)
+    again = generate_rollout(task.model, task.tokenizer, prompts(12, seed=6), SENTIMENT, cfg, RolloutShape(4, 64))
     assert [e.response_ids for e in again.examples] == [e.response_ids for e in rollout.examples]  # seeded
     # bf16 weights: the stated bound on the log-prob gap to the fp32 trainer
-    bf16 = generate_rollout(task.model, task.tokenizer, prompts(12, seed=6), SENTIMENT, 4,
-                            SamplingConfig(max_new_tokens=12, seed=2, engine="fast", engine_precision="bf16"), 64)
-    _, trainer = score_examples(task.model, bf16.examples, 1024, 512, task.tokenizer.pad_token_id)
+    bf16 = generate_rollout(task.model, task.tokenizer, prompts(12, seed=6), SENTIMENT,
+                            SamplingConfig(max_new_tokens=12, seed=2, engine="fast", engine_precision="bf16"),
+                            RolloutShape(4, 64))
+    _, trainer = score_examples(task.model, bf16.examples, Packing(1024, 512, task.tokenizer.pad_token_id))
     assert max(float((e - t).abs().max()) for e, t in zip(bf16.engine_logps, trainer)) < 0.1
 
 
@@ -241,7 +244,7 @@ def test_fast_engine_sleeps_through_the_learner_and_wakes_with_the_new_weights(t
     assert awake.ids == before.ids and awake.logprobs == before.logprobs
 
     events, held = [], []
-    real_sleep, real_update, real_learn = FastEngine.sleep, FastEngine.update_weights, online_run._learn
+    real_sleep, real_update, real_learn = FastEngine.sleep, FastEngine.update_weights, online_run.OnlineRun.learn
 
     def sleep(self):
         events.append("sleep")
@@ -258,7 +261,7 @@ def test_fast_engine_sleeps_through_the_learner_and_wakes_with_the_new_weights(t
 
     monkeypatch.setattr(FastEngine, "sleep", sleep)
     monkeypatch.setattr(FastEngine, "update_weights", update)
-    monkeypatch.setattr(online_run, "_learn", learn)
+    monkeypatch.setattr(online_run.OnlineRun, "learn", learn)
     result, _ = one_round(task, tmp_path, "grpo", engine="fast")
     # built, asleep for scoring and learning, woken by the weight push (then sampled the final evaluation)
     assert events == ["update", "sleep", "learn, engine asleep", "update"]
@@ -359,7 +362,7 @@ def test_vllm_engine_data_flow_and_weight_push_with_a_fake_llm(task):
                         sleep_mode=True)
     questions = prompts(4, seed=11)
     cfg = SamplingConfig(max_new_tokens=9, temperature=0.8, top_k=5, seed=7)
-    rollout = generate_rollout(engine, task.tokenizer, questions, SENTIMENT, 2, cfg, max_length=64)
+    rollout = generate_rollout(engine, task.tokenizer, questions, SENTIMENT, cfg, RolloutShape(2, 64))
     sent, params = fake.calls[-1]
     assert [p["prompt_token_ids"] for p in sent] == encode_prompts(task.tokenizer, questions)  # ids in, not text
     assert (params.n, params.max_tokens, params.temperature, params.top_k, params.seed, params.logprobs) == \
@@ -381,8 +384,8 @@ def test_vllm_engine_data_flow_and_weight_push_with_a_fake_llm(task):
     engine.update_weights(policy)  # wakes the weights, pushes into them, then wakes the KV cache
     assert fake.events == [("sleep", 2), ("wake_up", ("weights",)), ("load", ["kv_cache"]), ("wake_up", ("kv_cache",))]
     assert all(torch.equal(fake.pushed[-1][k], v) for k, v in policy.state_dict().items())
-    after = generate_rollout(engine, task.tokenizer, questions, SENTIMENT, 1,
-                             SamplingConfig(max_new_tokens=9, temperature=0), max_length=64)
+    after = generate_rollout(engine, task.tokenizer, questions, SENTIMENT, SamplingConfig(max_new_tokens=9, temperature=0),
+                             RolloutShape(1, 64))
     reloaded = HFEngine(policy, task.tokenizer).generate(encode_prompts(task.tokenizer, questions),
                                                         SamplingConfig(max_new_tokens=9, temperature=0), 1)
     assert [e.response_ids[0] for e in after.examples] == [row[0] for row in reloaded.ids]

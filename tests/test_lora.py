@@ -19,6 +19,8 @@ from alignkit.models.lora import adapters_disabled, is_peft
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
 from alignkit.train import loop, reference
 from alignkit.train.logging import read_metrics
+from alignkit.train.method import Method
+from alignkit.train.packing import Packing
 
 TOKENIZER = build_word_tokenizer(VOCABULARY)
 LORA = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "up_proj"]}
@@ -81,7 +83,7 @@ def test_lora_trains_adapters_only_and_the_reference_is_the_base(tmp_path, data)
     with adapters_disabled(policy):  # ... but with the adapters off it is the base model again (to fp32 rounding)
         torch.testing.assert_close(seq_logps(policy, batch), base_logps, rtol=1e-6, atol=1e-6)
     # the loop's reference helper disables them itself: the reference equals scoring the base model
-    args = (160, 512, 0)
+    args = (Packing(160, 512, 0),)
     ref_seq, ref_tokens = reference.reference_logps(policy, examples, *args, use_cache=False)
     base_seq, base_tokens = reference.score_examples(base, examples, *args)
     torch.testing.assert_close(ref_seq, base_seq, rtol=1e-6, atol=1e-6)
@@ -107,7 +109,7 @@ def test_lora_trains_adapters_only_and_the_reference_is_the_base(tmp_path, data)
 def test_lora_resumes_exactly_from_adapter_checkpoints(tmp_path, data, monkeypatch):
     straight = loop.train(config(tmp_path, "straight", max_steps=4, max_tokens_per_batch=80), tiny_llama(), TOKENIZER)
 
-    real, calls = loop.compute_losses, {"n": 0}
+    real, calls = Method.forward, {"n": 0}
 
     def crash_in_step_3(*args, **kwargs):
         calls["n"] += 1
@@ -116,10 +118,10 @@ def test_lora_resumes_exactly_from_adapter_checkpoints(tmp_path, data, monkeypat
         return real(*args, **kwargs)
 
     settings = dict(max_steps=4, max_tokens_per_batch=80, save_every=1)
-    monkeypatch.setattr(loop, "compute_losses", crash_in_step_3)
+    monkeypatch.setattr(Method, "forward", crash_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         loop.train(config(tmp_path, "resumed", **settings), tiny_llama(), TOKENIZER)
-    monkeypatch.setattr(loop, "compute_losses", real)
+    monkeypatch.setattr(Method, "forward", real)
     checkpoint = tmp_path / "resumed" / "checkpoints" / "step-00000002"
     assert (checkpoint / "adapter_model.safetensors").exists() and not (checkpoint / "model.safetensors").exists()
 

@@ -203,7 +203,7 @@ def test_grpo_clip_and_kl_diagnostics_equal_numpy():
     t = torch.tensor
     _, metrics = grpo_loss(LossInputs(logps=t(logps.sum(-1)), lengths=t(mask.sum(-1).astype(float)),
                                       token_logps=t(logps, requires_grad=True), token_mask=t(mask),
-                                      old_token_logps=t(old), ref_token_logps=t(ref), scores=t(scores)), opts)
+                                      old_token_logps=t(old), ref_token_logps=t(ref), rewards=t(scores)), opts)
     ratio = np.exp(logps - old)
     adv = np.broadcast_to(group_adv(scores)[..., None], ratio.shape)
     low, high, both = clip_numpy(ratio, adv, mask, 0.9, 1.15)
@@ -263,7 +263,7 @@ def test_reinforce_pp_clip_and_kl_diagnostics_equal_numpy():
     _, metrics = reinforce_pp_loss(LossInputs(logps=t(logps.sum(-1)), lengths=t(mask.sum(-1).astype(float)),
                                               token_logps=t(logps, requires_grad=True), token_mask=t(mask),
                                               old_token_logps=t(old), ref_token_logps=t(ref), advantages=t(adv),
-                                              scores=t(scores)), opts)
+                                              rewards=t(scores)), opts)
     np.testing.assert_allclose(metrics["reward"].numpy(), scores.mean(1))
     ratio = np.exp(logps - old)
     low, high, both = clip_numpy(ratio, adv, mask, 0.9, 1.2)
@@ -285,7 +285,7 @@ def test_rloo_normalised_advantages_equal_numpy():
     for normalize, expected in ((False, adv), (True, (adv - adv.mean()) / (adv.std(ddof=1) + 1e-4))):
         policy = t(seq, requires_grad=True)
         losses, metrics = rloo_loss(LossInputs(logps=policy, lengths=t(mask.sum(-1).astype(float)),
-                                               ref_logps=t(ref_seq), scores=t(scores)),
+                                               ref_logps=t(ref_seq), rewards=t(scores)),
                                     RLOOOptions(kl_coef=0.05, normalize_advantages=normalize))
         losses.sum().backward()  # ratio 1: d l_i / d log pi(y_i) = -A_i / k
         np.testing.assert_allclose(policy.grad.numpy(), -expected / k, rtol=1e-6)
@@ -335,7 +335,7 @@ def group_inputs(seed=7, **extra):
     t = torch.tensor
     return logps, old, ref, mask, scores, LossInputs(
         logps=t(logps.sum(-1)), lengths=t(mask.sum(-1).astype(float)), token_logps=t(logps, requires_grad=True),
-        token_mask=t(mask), old_token_logps=t(old), ref_token_logps=t(ref), scores=t(scores), **extra)
+        token_mask=t(mask), old_token_logps=t(old), ref_token_logps=t(ref), rewards=t(scores), **extra)
 
 
 @pytest.mark.parametrize("cap", [0.5, 2.0])
@@ -520,7 +520,7 @@ def test_group_metrics_and_errors_name_the_method():
     with pytest.raises(ValueError, match=r"^reinforce\+\+ with kl_coef"):
         reinforce_pp_loss(bare, ReinforcePPOptions(kl_coef=0.1))
     rloo, metrics = rloo_loss(LossInputs(logps=torch.tensor(logps.sum(-1)), lengths=torch.ones(3, 4),
-                                         scores=torch.tensor(scores)), RLOOOptions(kl_coef=0.0))
+                                         rewards=torch.tensor(scores)), RLOOOptions(kl_coef=0.0))
     np.testing.assert_allclose(metrics["reward"].numpy(), scores.mean(1))
 
 
@@ -586,7 +586,7 @@ def test_one_token_responses_are_divided_by_one():
     token = torch.tensor([[[-1.0, 0.0], [-2.0, 0.0]]], dtype=torch.float64, requires_grad=True)
     old = torch.tensor([[[-1.5, 0.0], [-1.0, 0.0]]], dtype=torch.float64)
     inputs = LossInputs(logps=token.sum(-1), lengths=torch.ones(1, 2), token_logps=token, token_mask=mask,
-                        old_token_logps=old, scores=torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+                        old_token_logps=old, rewards=torch.tensor([[1.0, 0.0]], dtype=torch.float64))
     from alignkit.losses.online import _ratio
 
     ratio = _ratio(token, old, mask, "sequence")

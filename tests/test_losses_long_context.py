@@ -139,7 +139,10 @@ def test_longpo_reference_reads_the_short_context(tmp_path):
     """score_references gives LongPO the reference's log-probs of each response after `short_prompt`, equal to a
     separate forward of [short prompt; response]; a pair without `short_prompt` is a named DataError."""
     from alignkit.config import TrainConfig
-    from alignkit.train.loss_inputs import check_record_fields, score_references
+    from alignkit.train.loss_inputs import check_record_fields
+    from alignkit.train.method import Method
+    from alignkit.train.offline_data import OfflineData, score_references
+    from alignkit.train.packing import Packing
 
     records = [{"prompt": "doc fact key is good doc doc doc what is the key ?", "short_prompt": "key is good what is "
                 "the key ?", "chosen": "good", "rejected": "bad"},
@@ -151,7 +154,9 @@ def test_longpo_reference_reads_the_short_context(tmp_path):
     spec = get_loss("longpo")
     cfg = TrainConfig(model="tiny", train_data=str(tmp_path / "pairs.jsonl"), loss="longpo", ref_cache=False,
                       max_length=64, output_dir=str(tmp_path / "out"))
-    ref, _ = score_references(model, None, examples, [], [[[0, 1]]], spec, build_options(spec, {}), cfg, 0)
+    data = OfflineData(examples, [], local_steps=[[[0, 1]]], ref_cache=cfg.ref_cache)
+    ref, _ = score_references(Method(spec, build_options(spec, {}), max_length=cfg.max_length), data,
+                              Packing(cfg.max_tokens_per_batch, cfg.max_tokens_per_row, 0), model)
     for b, (record, example) in enumerate(zip(records, examples)):
         short = TOKENIZER(record["short_prompt"], add_special_tokens=False)["input_ids"]
         assert example.extras["short_prompt"] == short and example.prompt_ids != short

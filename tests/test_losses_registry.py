@@ -28,7 +28,7 @@ def synthetic_inputs(data_shape: str, needs_token_logps: bool) -> LossInputs:
         scores=torch.rand(B, k, generator=generator),
         kl_logps=-torch.rand(B, generator=generator) * 5,
         ref_kl_logps=-torch.rand(B, generator=generator) * 5,
-        rewards=torch.randn(B, k, generator=generator).requires_grad_(),
+        predicted_rewards=torch.randn(B, k, generator=generator).requires_grad_(),
         # Online losses (rollouts): PPO's advantages, value targets and value-head outputs; CREAM's pair weights.
         advantages=torch.randn(B, k, T, generator=generator) * token_mask,
         returns=torch.randn(B, k, T, generator=generator) * token_mask,
@@ -37,6 +37,7 @@ def synthetic_inputs(data_shape: str, needs_token_logps: bool) -> LossInputs:
         consistency=torch.rand(B, generator=generator),
         other_rewards=torch.randn(B, k, 2, generator=generator),  # MODPO: two other objectives' rewards
     )
+    inputs.rewards = inputs.scores  # a rollout's rewards: the same graded values online losses read
     if needs_token_logps:
         inputs.token_logps = token_logps.requires_grad_()
         inputs.ref_token_logps, inputs.token_mask = ref_token_logps, token_mask
@@ -52,7 +53,7 @@ def test_registered_loss_runs_with_default_options(name):
     losses, metrics = spec.fn(inputs, build_options(spec, {}))
     assert losses.shape == (B,) and torch.isfinite(losses).all()
     losses.mean().backward()
-    policy = inputs.token_logps if spec.needs_token_logps else inputs.rewards if spec.output == "rewards" else inputs.logps
+    policy = inputs.token_logps if spec.needs_token_logps else inputs.predicted_rewards if spec.output == "rewards" else inputs.logps
     assert policy.grad is not None and torch.isfinite(policy.grad).all()
     for key, value in metrics.items():
         assert value.shape == (B,) and not value.requires_grad and torch.isfinite(value).all(), key

@@ -20,6 +20,7 @@ from alignkit.errors import ConfigError
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
 from alignkit.train import loop, memory
 from alignkit.train.logging import read_metrics
+from alignkit.train.method import Method
 
 WORDS = [f"w{i}" for i in range(60)]
 TOKENIZER = build_word_tokenizer(WORDS)
@@ -71,11 +72,11 @@ def test_a_planned_run_stays_in_its_budget_and_equals_the_unplanned_run(tmp_path
     model = build_tiny_model("llama", len(TOKENIZER), seed=0, hidden=128, layers=2, heads=4)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     peaks = {}
-    real = loop.compute_losses
+    real = Method.forward
 
     def tracked(name):
         def compute(*args, **kwargs):
-            with memory.SavedBytes(args[0].parameters()) as saved:
+            with memory.SavedBytes(args[1].parameters()) as saved:  # args: method, model, ...
                 out = real(*args, **kwargs)
             peaks[name] = max(peaks.get(name, 0), saved.bytes)
             return out
@@ -84,7 +85,7 @@ def test_a_planned_run_stays_in_its_budget_and_equals_the_unplanned_run(tmp_path
     budget = memory.static_bytes(model) / 1e9 + 0.02  # room for ~1-2 of these 345-token pairs' activations
     finals, rows = {}, {}
     for name, extra in (("unplanned", {}), ("planned", {"max_memory_gb": budget})):
-        monkeypatch.setattr(loop, "compute_losses", tracked(name))
+        monkeypatch.setattr(Method, "forward", tracked(name))
         model.load_state_dict(start)
         cfg = TrainConfig(model="tiny", train_data=str(tmp_path / "pairs.jsonl"), loss="dpo", learning_rate=1e-3,
                           max_length=400, max_tokens_per_batch=8 * 400, max_steps=1, ref_cache=False, progress=False,

@@ -24,9 +24,12 @@ from alignkit.errors import DataError
 from alignkit.losses import RunningMean, build_options, get_loss
 from alignkit.models.logprobs import response_logprobs
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
+from alignkit.train import loop
 from alignkit.train.apo import apo_rounds, extrapolated_logps, extrapolated_weights
 from alignkit.train.distributed import Dist
-from alignkit.train.loss_inputs import CarriedState, logprob_inputs, pack_batch
+from alignkit.train.loss_inputs import CarriedState, logprob_inputs
+from alignkit.train.method import Method
+from alignkit.train.packing import Packing
 from alignkit.train.ref_update import update_reference
 from alignkit.train.reference import build_reference
 
@@ -68,11 +71,12 @@ def test_packed_kl_logps_and_their_reference_equal_separate_runs():
     cfg = TrainConfig(model="tiny", max_length=64, max_tokens_per_row=48, ref_cache=False)
     indices = [4, 0, 2]
     reference = tiny_llama(1).eval()
-    ref = build_reference(reference, examples, cfg, 0, batches=[indices])
-    batch = pack_batch(examples, indices, cfg, 0, spec, opts)
+    packing, method = Packing(cfg.max_tokens_per_batch, cfg.max_tokens_per_row, 0), Method(spec, opts, max_length=cfg.max_length)
+    ref = build_reference(reference, examples, packing, [indices], cfg.max_length, use_cache=False)
+    batch = method.pack(examples, indices, packing)
     assert batch.num_responses == 2
     with torch.no_grad():
-        inputs = logprob_inputs(model, batch, spec, opts, ref, chunk_size=1024)
+        inputs = logprob_inputs(model, batch, method, ref)
     assert inputs.logps.shape == (3, 1) and inputs.lengths.shape == (3, 1) and inputs.kl_logps.shape == (3,)
     for position, (i, j) in enumerate([(4, 0), (0, 2), (2, 4)]):
         alone = TokenizedExample(examples[i].prompt_ids, [examples[j].response_ids[0]])
@@ -83,9 +87,9 @@ def test_packed_kl_logps_and_their_reference_equal_separate_runs():
         torch.testing.assert_close(inputs.ref_kl_logps[position], expected_ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(inputs.ref_logps[:, 0], ref.seq_logps[indices, 0])
     with pytest.raises(Exception, match="mismatched pair"):
-        ref.kl_for(pack_batch(examples, [0, 1], cfg, 0, spec, opts))  # a batch the reference was not scored for
+        ref.kl_for(method.pack(examples, [0, 1], packing))  # a batch the reference was not scored for
     no_kl = build_options(spec, {"use_kl_estimate": False})
-    assert pack_batch(examples, indices, cfg, 0, spec, no_kl).num_responses == 1
+    assert Method(spec, no_kl, max_length=cfg.max_length).pack(examples, indices, packing).num_responses == 1
 
 
 # ---- the state a loss carries (BCO) ----
@@ -226,7 +230,7 @@ def test_extrapolation_is_nesterov_momentum():
     torch.testing.assert_close(extrapolated_logps(torch.tensor([-3.0]), torch.tensor([-5.0]), 0.5), torch.tensor([-2.0]))
 
 
-def test_apo_rounds_extrapolate_between_rounds(tmp_path):
+def test_apo_rounds_extrapolate_between_rounds(tmp_path, monkeypatch):
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.constant_(model.weight, 1.0)
     seen = []
@@ -244,8 +248,8 @@ def test_apo_rounds_extrapolate_between_rounds(tmp_path):
         return Result(model, Path(cfg.output_dir), {"loss": 0.0})
 
     cfg = TrainConfig(model="tiny", train_data="pairs.jsonl", output_dir=str(tmp_path))
-    final, history = apo_rounds(cfg, model, None, rounds=3, alpha=0.5, train_fn=fake_train,
-                                round_data=lambda t, m: f"round{t}.jsonl")
+    monkeypatch.setattr(loop, "train", fake_train)
+    final, history = apo_rounds(cfg, model, None, rounds=3, alpha=0.5, round_data=lambda t, m: f"round{t}.jsonl")
     # theta_hat_1 = 2, theta_1 = 2 + 0.5 (2 - 1) = 2.5; theta_hat_2 = 3.5, theta_2 = 3.5 + 0.5 (3.5 - 2) = 4.25;
     # theta_hat_3 = 5.25, theta_3 = 5.25 + 0.5 (5.25 - 3.5) = 6.125
     assert [s[2] for s in seen] == [1.0, 2.5, 4.25]

@@ -33,6 +33,7 @@ from alignkit.models.logprobs import response_logprobs
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
 from alignkit.train import loop
 from alignkit.train.logging import read_metrics
+from alignkit.train.method import Method
 
 TOKENIZER = build_word_tokenizer(VOCABULARY)
 COMMON = dict(model="tiny", max_length=64, max_tokens_per_row=512, progress=False, seed=0, ref_cache=False)
@@ -154,7 +155,7 @@ class Interrupt(Exception):
 
 
 def interrupt_at_step(monkeypatch, step: int) -> None:
-    real, calls = loop.compute_losses, {"n": 0}
+    real, calls = Method.forward, {"n": 0}
 
     def counting(*args, **kwargs):
         calls["n"] += 1
@@ -162,7 +163,7 @@ def interrupt_at_step(monkeypatch, step: int) -> None:
             raise Interrupt(f"stopped in step {step}")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "compute_losses", counting)
+    monkeypatch.setattr(Method, "forward", counting)
 
 
 RESUMED = {"bco_pair": ("pairs", "bco_pair", {}), "trdpo": ("pairs", "dpo", {"ref_update": {"every": 2, "alpha": 0.5}}),

@@ -26,14 +26,15 @@ from alignkit.data.load import write_jsonl_atomic
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.generate.sample import SamplingConfig
 from alignkit.models.lora import is_peft
-from alignkit.online import online_config, run_online
+from alignkit.online import OnlineInputs, online_config, run_online
 from alignkit.online import run as online_run
 from alignkit.online.experience import Scorer
-from alignkit.online.rollout import generate_rollout
-from alignkit.online.run import Snapshots
+from alignkit.online.rollout import RolloutShape, generate_rollout
+from alignkit.online.run import online_references
 from alignkit.rewards.base import Reward
 from alignkit.train.distributed import Dist
 from alignkit.train.logging import read_metrics
+from alignkit.train.packing import Packing
 from alignkit.train.reference import score_examples
 from alignkit.train.step import Stepper, lr_lambda
 from synthetic_task import SENTIMENT, prompts
@@ -54,7 +55,7 @@ def values(method: str, out, **overrides) -> dict:
 def run(task, method: str, out, model=None, reward=SENTIMENT, **overrides):
     cfg = online_config(values(method, out, **overrides))
     return run_online(cfg, model if model is not None else copy.deepcopy(task.model), task.tokenizer,
-                      prompts=prompts(64, seed=31), eval_prompts=prompts(8, seed=32), reward=reward)
+                      OnlineInputs(prompts(64, seed=31), prompts(8, seed=32), reward))
 
 
 def without_timing(rows: list[dict]) -> list[dict]:
@@ -96,18 +97,18 @@ def test_online_non_finite_step_is_skipped_or_aborts(task, tmp_path):
         run(task, "rloo", tmp_path / "abort", reward=NaNOnce(bad=3), rounds=3)
     model = copy.deepcopy(task.model)
     seen = []
-    real = online_run._round
+    real = online_run.OnlineRun.round
 
     def spy(*args, **kwargs):  # the weights before each round
         seen.append({k: v.clone() for k, v in model.state_dict().items()})
         return real(*args, **kwargs)
 
-    online_run._round = spy
+    online_run.OnlineRun.round = spy
     try:
         result = run(task, "rloo", tmp_path / "skip", model=model, reward=NaNOnce(bad=3), rounds=3,
                      on_nonfinite="skip")
     finally:
-        online_run._round = real
+        online_run.OnlineRun.round = real
     rows = result.rounds
     assert rows[1]["skipped"] == 1 and "loss" not in rows[1] and rows[2]["skipped_steps"] == 1
     assert all(torch.equal(seen[1][k], seen[2][k]) for k in seen[1])  # round 2 changed nothing
@@ -150,21 +151,36 @@ def test_bf16_reference_holds_bf16_matmul_weights_and_gives_the_same_bits_under_
     examples = [TokenizedExample([rng.randrange(4, 97) for _ in range(rng.randrange(3, 12))],
                                  [[rng.randrange(4, 97) for _ in range(rng.randrange(1, 9))] for _ in range(3)])
                 for _ in range(6)]
-    expected_seq, expected_tokens = score_examples(full, examples, 64, None, 0, "bf16")
-    seq, tokens = score_examples(lean, examples, 64, None, 0, "bf16")
+    expected_seq, expected_tokens = score_examples(full, examples, Packing(64, None, 0, "bf16"))
+    seq, tokens = score_examples(lean, examples, Packing(64, None, 0, "bf16"))
     assert torch.equal(seq, expected_seq) and all(torch.equal(a, b) for a, b in zip(tokens, expected_tokens))
-    fp32_seq, _ = score_examples(full, examples, 64, None, 0, "fp32")
+    fp32_seq, _ = score_examples(full, examples, Packing(64, None, 0, "fp32"))
     assert not torch.equal(seq, fp32_seq)  # the comparison can tell: bf16 matmuls do change the numbers
 
 
 def test_bf16_online_run_scores_its_reference_and_kl_under_autocast(task, tmp_path, monkeypatch):
     made = []
-    monkeypatch.setattr(online_run, "Snapshots", lambda *a, **k: made.append(Snapshots(*a, **k)) or made[-1])
+    monkeypatch.setattr(online_run, "online_references",
+                        lambda *a, **k: made.append(online_references(*a, **k)) or made[-1])
     result = run(task, "grpo", tmp_path, rounds=1, precision="bf16", kl_coef=0.05)
-    assert made[0].reference.lm_head.weight.dtype == torch.bfloat16  # the tiny Llama's head is its own
+    assert made[0][0].reference.lm_head.weight.dtype == torch.bfloat16  # the tiny Llama's head is its own
     # before its update the policy is the reference: under autocast their log-probs are the same bits, KL exactly 0
     assert result.rounds[0]["kl"] == 0.0 and result.rounds[0]["kl_k3"] == 0.0
     assert math.isfinite(result.summary["kl_to_start"]) and math.isfinite(result.rounds[0]["loss"])
+
+
+def test_log_every_means_the_same_online_every_nth_round_and_the_last(task, tmp_path):
+    result = run(task, "grpo", tmp_path, rounds=3, log_every=2)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [2, 3]  # as offline: every 2nd step, and the last
+    assert len(result.rounds) == 3 and [r["step"] for r in rollout_lines(tmp_path)] == [1, 2, 3]
+
+
+def test_neftune_alpha_is_refused_online_by_name(task, tmp_path):
+    """NEFTune noises the learner's inputs: the log-probs it trains would not be those the samples were scored
+    with. Online takes 0, and says so instead of ignoring the key."""
+    with pytest.raises(ConfigError, match="neftune_alpha"):
+        run(task, "grpo", tmp_path, rounds=1, neftune_alpha=5.0)
+    assert not (tmp_path / "config.json").exists()  # refused before anything is written
 
 
 # ---- LoRA ----
@@ -182,11 +198,11 @@ def test_lora_online_trains_adapters_against_the_base_as_reference(task, tmp_pat
     assert any(float(p.abs().sum()) > 0 for n, p in policy.named_parameters() if "lora_B" in n)  # adapters did
     # the reference of a LoRA run is the policy with its adapters off: exactly the starting model's log-probs
     cfg = online_config(values("grpo", tmp_path, lora={"r": 4}))
-    rollout = generate_rollout(start, task.tokenizer, prompts(4, seed=5), SENTIMENT, 2,
-                               SamplingConfig(max_new_tokens=8, seed=1), max_length=64)
-    scorer = Scorer(policy, policy, cfg, task.tokenizer.pad_token_id)
+    rollout = generate_rollout(start, task.tokenizer, prompts(4, seed=5), SENTIMENT,
+                               SamplingConfig(max_new_tokens=8, seed=1), RolloutShape(2, 64))
+    scorer = Scorer(policy, policy, Packing.from_config(cfg, task.tokenizer))
     ref_seq, _ = scorer.reference(None, rollout.examples)
-    start_seq, _ = score_examples(start, rollout.examples, 1024, 512, task.tokenizer.pad_token_id)
+    start_seq, _ = score_examples(start, rollout.examples, Packing(1024, 512, task.tokenizer.pad_token_id))
     torch.testing.assert_close(ref_seq, start_seq, rtol=0, atol=1e-5)
     policy_seq, _ = scorer.behaviour(rollout.examples)
     assert not torch.allclose(policy_seq, start_seq, atol=1e-3)
@@ -202,7 +218,7 @@ def test_lora_online_trains_adapters_against_the_base_as_reference(task, tmp_pat
 
 def crash_in_round(n: int, start_run) -> None:
     """start_run() with the learner interrupted (KeyboardInterrupt) in round n, as a kill would."""
-    real, calls = online_run._learn, [0]
+    real, calls = online_run.OnlineRun.learn, [0]
 
     def crashing(*args, **kwargs):
         calls[0] += 1
@@ -210,12 +226,12 @@ def crash_in_round(n: int, start_run) -> None:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    online_run._learn = crashing
+    online_run.OnlineRun.learn = crashing
     try:
         with pytest.raises(KeyboardInterrupt):
             start_run()
     finally:
-        online_run._learn = real
+        online_run.OnlineRun.learn = real
 
 
 def test_ppo_crash_and_resume_restores_value_head_moments_and_optimizer(task, tmp_path):

@@ -202,7 +202,7 @@ def numpy_aggregate(per_token, mask, how, max_length=0):
 def grpo_inputs(logps, old, ref, mask, scores, with_old=True):
     policy = logps.clone().requires_grad_()
     inputs = LossInputs(logps=(policy * mask).sum(-1), lengths=mask.sum(-1).float(), token_logps=policy,
-                        token_mask=mask, ref_token_logps=ref, scores=scores, old_token_logps=old if with_old else None)
+                        token_mask=mask, ref_token_logps=ref, rewards=scores, old_token_logps=old if with_old else None)
     return inputs, policy
 
 
@@ -269,7 +269,7 @@ def test_rloo_loss_matches_numpy():
     seq, old_seq, ref_seq = ((x * mask).sum(-1) for x in (logps, old, ref))
     policy = seq.clone().requires_grad_()
     inputs = LossInputs(logps=policy, lengths=mask.sum(-1).float(), ref_logps=ref_seq, old_logps=old_seq,
-                        scores=scores)
+                        rewards=scores)
     losses, metrics = rloo_loss(inputs, RLOOOptions(kl_coef=0.05, epsilon=0.2))
     r = scores.numpy() - 0.05 * (old_seq - ref_seq).numpy()  # KL of the behaviour policy, in the reward
     adv = np.array([[r[b, i] - np.delete(r[b], i).mean() for i in range(K)] for b in range(B)])
@@ -281,7 +281,7 @@ def test_rloo_loss_matches_numpy():
     np.testing.assert_allclose(policy.grad.numpy(), np.where(clipped, 0, -adv * ratio / K), atol=1e-5)
     # one update per rollout (pi_old = pi): REINFORCE with the leave-one-out baseline, gradient -A / K
     fresh = seq.clone().requires_grad_()
-    losses, _ = rloo_loss(LossInputs(logps=fresh, lengths=inputs.lengths, ref_logps=ref_seq, scores=scores),
+    losses, _ = rloo_loss(LossInputs(logps=fresh, lengths=inputs.lengths, ref_logps=ref_seq, rewards=scores),
                           RLOOOptions(kl_coef=0.0))
     losses.sum().backward()
     np.testing.assert_allclose(fresh.grad.numpy(), -leave_one_out_advantages(scores).numpy() / K, atol=1e-6)
@@ -430,7 +430,7 @@ def test_rloo_loss_equals_trl():
     old_seq, ref_seq = (old * mask).sum(-1), (ref * mask).sum(-1)
     policy = logps.clone().requires_grad_()
     ours, _ = rloo_loss(LossInputs(logps=(policy * mask).sum(-1), lengths=mask.sum(-1).float(), ref_logps=ref_seq,
-                                   old_logps=old_seq, scores=scores), RLOOOptions(kl_coef=0.05, epsilon=0.2))
+                                   old_logps=old_seq, rewards=scores), RLOOOptions(kl_coef=0.05, epsilon=0.2))
     ours.mean().backward()
     # TRL's advantages (rloo_trainer.py, _generate_and_score_completions): r - beta * KL(old, ref), leave-one-out
     rewards = scores - 0.05 * (old_seq - ref_seq)
@@ -476,7 +476,8 @@ def test_ppo_reward_scale_and_advantage_clip(norm, clip):
     scores = torch.randn(B, K, generator=g) * 3 + 1
     logps, ref, values = (torch.randn(B, K, T, generator=g) * mask for _ in range(3))
     opts = PPOOptions(reward_norm=norm, advantage_clip=clip, reward_clip=0.0, kl_coef=0.05)
-    out = ppo_advantages(scores, logps, ref, values, mask, opts, RunningMoments())
+    rewards = normalise_scores(scores, RunningMoments(), opts.reward_norm, opts.reward_clip)
+    out = ppo_advantages(rewards, logps, ref, values, mask, opts)
     s = scores.numpy().astype(np.float64)
     normalised = s / s.std(ddof=1) if norm == "scale" else (s - s.mean()) / s.std(ddof=1)
     shaped = kl_shaped_rewards(torch.tensor(normalised, dtype=torch.float32), (logps - ref) * mask, mask, 0.05)

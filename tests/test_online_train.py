@@ -20,8 +20,8 @@ from alignkit.data.synthetic import sentiment_reward
 from alignkit.errors import ConfigError
 from alignkit.generate.sample import SamplingConfig
 from alignkit.models.value_head import PolicyWithValueHead, ValueHead
+from alignkit.online import OnlineInputs, run_online
 from alignkit.online import online_config as load_online_config
-from alignkit.online import run_online
 from alignkit.online.advantages import RunningMoments
 from alignkit.online.config import method_loss
 from alignkit.online.experience import (
@@ -32,10 +32,14 @@ from alignkit.online.experience import (
     rl_experience,
     split_flat,
 )
-from alignkit.online.rollout import generate_rollout
-from alignkit.online.run import Snapshots, _learn
+from alignkit.online.learner import learn
+from alignkit.online.rollout import RolloutShape, generate_rollout
+from alignkit.online.run import online_references
 from alignkit.rewards.base import FunctionReward, Reward
 from alignkit.train.distributed import Dist
+from alignkit.train.method import Method
+from alignkit.train.packing import Packing
+from alignkit.train.ref_update import MovingReference
 from alignkit.train.step import Stepper
 from synthetic_task import SENTIMENT, prompts
 from test_online_guarantees import rollout_lines
@@ -60,8 +64,8 @@ def online_config(method: str, out, **overrides):
 
 def run(task, method: str, out, judge=None, **overrides):
     cfg = online_config(method, out, **overrides)
-    return run_online(cfg, copy.deepcopy(task.model), task.tokenizer, prompts=prompts(256, seed=21),
-                      eval_prompts=prompts(64, seed=22), reward=SENTIMENT, judge=judge)
+    return run_online(cfg, copy.deepcopy(task.model), task.tokenizer,
+                      OnlineInputs(prompts(256, seed=21), prompts(64, seed=22), SENTIMENT, judge))
 
 
 def check_improves(result, method: str) -> None:
@@ -124,17 +128,18 @@ def test_iterative_dpo_with_apo_runs_and_extrapolates_the_reference(task, tmp_pa
 
 def test_reference_snapshots(task):
     model = copy.deepcopy(task.model)
-    snapshots = Snapshots(model, every=1, keep_previous=True, lora=False)
+    snapshots, initial = online_references(model, online_config("online-dpo", "unused", ref_update_every=1,
+                                                                apo_alpha=0.1))
     first = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)
-    snapshots.start_round(0, model)  # round 0 keeps the starting policy
+    snapshots.follow(0, model)  # round 0 keeps the starting policy
     assert snapshots.last is None and torch.equal(snapshots.reference.lm_head.weight, first["lm_head.weight"])
-    snapshots.start_round(1, model)
+    snapshots.follow(1, model)
     assert torch.equal(snapshots.reference.lm_head.weight, model.lm_head.weight)
     assert torch.equal(snapshots.last.lm_head.weight, first["lm_head.weight"])
-    assert torch.equal(snapshots.initial.lm_head.weight, first["lm_head.weight"])
+    assert torch.equal(initial.lm_head.weight, first["lm_head.weight"])
     assert not any(p.requires_grad for p in snapshots.reference.parameters())
 
 
@@ -144,8 +149,8 @@ def test_rollout_tokens_and_learner_bookkeeping(task):
     # the word tokenizer round-trips, so the re-tokenised responses are exactly the generated tokens: with EOS where
     # the sample stopped on it, without where it was cut at max_new_tokens (the SFT answers are 7 words + EOS)
     for max_new_tokens, stopped in [(5, False), (12, True)]:
-        rollout = generate_rollout(model, task.tokenizer, questions, SENTIMENT, 3,
-                                   SamplingConfig(max_new_tokens=max_new_tokens, seed=3), max_length=64)
+        rollout = generate_rollout(model, task.tokenizer, questions, SENTIMENT,
+                                   SamplingConfig(max_new_tokens=max_new_tokens, seed=3), RolloutShape(3, 64))
         assert rollout.rewards.shape == (8, 3) and rollout.finished.shape == (8, 3)
         assert bool(rollout.finished.all()) == stopped and bool(rollout.finished.any()) == stopped
         assert sum(len(ids) for e in rollout.examples for ids in e.response_ids) == rollout.generated_tokens
@@ -158,9 +163,9 @@ def test_rollout_tokens_and_learner_bookkeeping(task):
                         max_tokens_per_row=128)
     spec, opts = method_loss(cfg)
     trained = PolicyWithValueHead(model)
-    snapshots = Snapshots(model, 0, False, lora=False)
-    round_ctx = RoundContext(cfg, opts, Scorer(trained, model, cfg, task.tokenizer.pad_token_id), snapshots,
-                             RunningMoments(), None)
+    snapshots = MovingReference(model, 0)
+    packing = Packing.from_config(cfg, task.tokenizer)
+    round_ctx = RoundContext(cfg, opts, Scorer(trained, model, packing), snapshots, RunningMoments(), None)
     experience = ppo_experience(rollout, round_ctx)
     advantages = experience.per_token["advantages"]
     padded, mask = pad_flat(advantages, rollout.examples)
@@ -169,7 +174,7 @@ def test_rollout_tokens_and_learner_bookkeeping(task):
     assert experience.metrics["kl"] == pytest.approx(0.0, abs=1e-5)  # the reference is the policy
     stepper = Stepper.build(trained, cfg, Dist(), cfg.rounds * cfg.updates_per_round,
                             trained.parameter_groups(cfg.value_learning_rate))
-    metrics = _learn(cfg, spec, opts, stepper, experience, 0, task.tokenizer.pad_token_id)
+    metrics = learn(stepper, Method(spec, opts, cfg.chunk_size), packing, experience, cfg, 0)
     assert metrics["updates"] == 4 and stepper.steps_done == 4
     assert metrics["grad_norm"] > 0 and metrics["value_loss"] > 0
     assert stepper.optimizer.param_groups[1]["params"] == list(trained.value_head.parameters())
@@ -177,15 +182,15 @@ def test_rollout_tokens_and_learner_bookkeeping(task):
     grpo_cfg = online_config("grpo", "unused", kl_coef=0.0)
     _, grpo_opts = method_loss(grpo_cfg)
     grpo = rl_experience(rollout, RoundContext(grpo_cfg, grpo_opts, None, snapshots, RunningMoments(), None))
-    assert set(grpo.per_response) == {"scores"} and set(grpo.per_token) == {"engine_token_logps"}
+    assert set(grpo.per_response) == {"rewards"} and set(grpo.per_token) == {"engine_token_logps"}
     assert grpo.reference is None
 
 
 def test_missing_eos_penalty_is_subtracted_from_samples_cut_short(task, one_thread):
     reward = FunctionReward(lambda p, r: float(len(r.split())))
-    args = (task.model, task.tokenizer, prompts(8, seed=5), reward, 4, SamplingConfig(max_new_tokens=8, seed=1))
-    plain = generate_rollout(*args)
-    penalised = generate_rollout(*args, missing_eos_penalty=0.5)
+    args = (task.model, task.tokenizer, prompts(8, seed=5), reward, SamplingConfig(max_new_tokens=8, seed=1))
+    plain = generate_rollout(*args, RolloutShape(4))
+    penalised = generate_rollout(*args, RolloutShape(4, missing_eos_penalty=0.5))
     assert plain.examples[0].response_ids == penalised.examples[0].response_ids  # the same samples
     assert plain.finished.any() and (~plain.finished).any()  # both kinds present
     torch.testing.assert_close(penalised.rewards, plain.rewards - 0.5 * (~plain.finished).float())

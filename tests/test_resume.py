@@ -25,8 +25,9 @@ from alignkit.cli import main
 from alignkit.data.load import write_jsonl_atomic
 from alignkit.data.synthetic import VOCABULARY, preference_records
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
-from alignkit.train import checkpoint, loop
+from alignkit.train import checkpoint
 from alignkit.train.logging import read_metrics
+from alignkit.train.run import truncate_metrics
 
 TOKENIZER = build_word_tokenizer(VOCABULARY)
 STEPS = 16
@@ -105,7 +106,8 @@ def save_three(root: Path):
     for step in (1, 2, 3):
         with torch.no_grad():
             model.model.norm.weight.fill_(float(step))  # tells the checkpoints apart
-        checkpoint.save_checkpoint(root, step, model, TOKENIZER, optimizer, scheduler, {"skipped_steps": step}, 5)
+        parts = checkpoint.CheckpointParts(model, TOKENIZER, optimizer, scheduler, {"skipped_steps": step})
+        checkpoint.save_checkpoint(root, step, parts, 5)
         weights[step] = model.model.norm.weight.clone()
     return model
 
@@ -168,7 +170,7 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     torch.manual_seed(1), random.seed(2), np.random.seed(3)
-    checkpoint.save_checkpoint(tmp_path, 1, model, None, optimizer, scheduler, {}, 1)
+    checkpoint.save_checkpoint(tmp_path, 1, checkpoint.CheckpointParts(model, None, optimizer, scheduler, {}), 1)
     expected = (torch.rand(3), random.random(), np.random.rand())
     torch.manual_seed(9), random.seed(9), np.random.seed(9)
     resumed = checkpoint.load_latest_checkpoint(tmp_path, tiny_llama())
@@ -181,5 +183,5 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
 def test_a_metrics_line_cut_by_the_kill_is_dropped_on_resume(tmp_path):
     lines = [json.dumps({"step": s, "loss": 0.5}) for s in (1, 2, 3)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "lo')
-    loop._truncate_metrics(tmp_path, 2)
+    truncate_metrics(tmp_path, 2)
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.5}]

@@ -29,7 +29,8 @@ from alignkit.models.reward import add_pair_special_tokens, sequence_rewards
 from alignkit.models.tiny import build_tiny_model, build_tiny_reward_model, build_word_tokenizer
 from alignkit.recipes.quickstart import RewardModelSize, train_reward_model
 from alignkit.rewards.model import RewardModelScorer, pair_accuracy
-from alignkit.train.loop import compute_losses, train
+from alignkit.train.loop import train
+from alignkit.train.method import Method
 from conftest import import_trl
 
 CHOSEN = torch.tensor([1.5, -0.3, 0.2, 2.0, -1.0])
@@ -43,7 +44,7 @@ def np_log_sigmoid(x):
 
 def rm_inputs(chosen=CHOSEN, rejected=REJECTED, margins=None) -> LossInputs:
     rewards = torch.stack([chosen, rejected], 1).clone().double().requires_grad_()
-    return LossInputs(logps=None, lengths=torch.ones(len(chosen), 2), rewards=rewards, margins=margins)
+    return LossInputs(logps=None, lengths=torch.ones(len(chosen), 2), predicted_rewards=rewards, margins=margins)
 
 
 # ---- the loss ----
@@ -66,11 +67,11 @@ def test_bradley_terry_gradient_equals_autograd_of_a_naive_form():
     inputs = rm_inputs(margins=RECORD_MARGINS.double())
     opts = RewardModelOptions(margin=0.2, center_rewards_coefficient=0.1)
     bradley_terry_loss(inputs, opts)[0].sum().backward()
-    rewards = inputs.rewards.detach().clone().requires_grad_()
+    rewards = inputs.predicted_rewards.detach().clone().requires_grad_()
     c, r = rewards[:, 0], rewards[:, 1]
     naive = -torch.log(torch.sigmoid(c - r - 0.2 - RECORD_MARGINS.double())) + 0.1 * (c + r) ** 2
     naive.sum().backward()
-    torch.testing.assert_close(inputs.rewards.grad, rewards.grad)
+    torch.testing.assert_close(inputs.predicted_rewards.grad, rewards.grad)
     # d/dr_c = -s(-(h)) + 2 eta (r_c + r_r), by hand
     h = (c - r - 0.2 - RECORD_MARGINS.double()).detach()
     torch.testing.assert_close(rewards.grad[:, 0], -torch.sigmoid(-h) + 0.2 * (c + r).detach())
@@ -242,9 +243,8 @@ def test_record_margins_reach_the_loss(tmp_path):
     examples = [tokenize_record(tokenizer, r, "pairs", 64) for r in records]
     batch = pack(examples)
     spec = get_loss("rm")
-    cfg = TrainConfig(model="tiny", loss="rm")
     with torch.no_grad():
-        losses, _ = compute_losses(model, batch, examples, spec, build_options(spec, {"margin": 0.1}), None, cfg)
+        losses, _ = Method(spec, build_options(spec, {"margin": 0.1})).forward(model, batch, examples)
         rewards = sequence_rewards(model, batch).double()
     margins = torch.tensor([0.1, 1.6, 0.1], dtype=torch.float64)
     expected = -torch.nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1] - margins)

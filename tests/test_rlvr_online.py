@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from alignkit.generate.sample import SamplingConfig
-from alignkit.online import online_config, run_online
-from alignkit.online.rollout import generate_rollout
-from alignkit.online.run import refill_prompts, tied_groups
+from alignkit.online import OnlineInputs, online_config, run_online
+from alignkit.online.rollout import RolloutShape, generate_rollout
+from alignkit.online.sampling import refill_prompts, tied_groups
 from alignkit.rewards.base import FunctionReward
 from alignkit.rewards.verifiable import ConstraintReward
 from synthetic_task import prompts
@@ -35,8 +35,8 @@ def tie_on_rate(prompt, response):
 
 def run(task, method, out, reward, train_prompts=None, **overrides):
     cfg = online_config(values(method, out, **overrides))
-    return run_online(cfg, copy.deepcopy(task.model), task.tokenizer, prompts=train_prompts or prompts(64, seed=31),
-                      eval_prompts=prompts(8, seed=32), reward=reward)
+    return run_online(cfg, copy.deepcopy(task.model), task.tokenizer,
+                      OnlineInputs(train_prompts or prompts(64, seed=31), prompts(8, seed=32), reward))
 
 
 def test_tied_groups():
@@ -76,8 +76,8 @@ def test_dynamic_sampling_honours_the_refill_cap(task, tmp_path):
 
 def test_overlong_shaping_enters_the_rollout_rewards(task, tmp_path):
     """reward + DAPO's penalty on the sampled token count: 0 up to 8 of 10 tokens, then -(n - 8) / 2."""
-    rollout = generate_rollout(task.model, task.tokenizer, prompts(8, seed=5), FunctionReward(lambda p, r: 0.5), 4,
-                               SamplingConfig(max_new_tokens=10, seed=1), overlong=(10, 2, 1.0))
+    rollout = generate_rollout(task.model, task.tokenizer, prompts(8, seed=5), FunctionReward(lambda p, r: 0.5),
+                               SamplingConfig(max_new_tokens=10, seed=1), RolloutShape(4, overlong=(10, 2, 1.0)))
     lengths = torch.tensor([[len(ids) for ids in e.response_ids] for e in rollout.examples]).float()
     expected = 0.5 - torch.where(lengths <= 8, torch.zeros_like(lengths), (lengths - 8) / 2)
     torch.testing.assert_close(rollout.rewards, expected)

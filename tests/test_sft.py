@@ -18,7 +18,9 @@ from alignkit.data.tokenize import TokenizedExample, tokenize_record, train_on_p
 from alignkit.errors import ConfigError, DataError
 from alignkit.losses import build_options, get_loss
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
-from alignkit.train.loop import compute_losses, mean_trained_lengths, train
+from alignkit.train.loop import train
+from alignkit.train.loss_inputs import mean_trained_lengths
+from alignkit.train.method import Method
 from alignkit.train.neftune import neftune, sequence_lengths
 
 WORDS = ["hi", "there", "good", "bad", "how", "are", "you", "fine", "thanks", "bye", "ok", "review", "my", "movie",
@@ -87,7 +89,7 @@ def test_packed_sft_loss_equals_unpacked_sequences(model, tokenizer, token_mean)
     spec, opts, cfg = sft_setup(token_mean)
     indices = range(len(examples))
     with torch.no_grad():
-        losses, metrics = compute_losses(model, batch, examples, spec, opts, None, cfg,
+        losses, metrics = Method(spec, opts).forward(model, batch, examples, None,
                                          mean_trained_lengths(examples, indices))
         per_sequence = [unpacked_trained_logps(model, e) for e in examples]
     nll = torch.stack([-t.mean() for t in per_sequence])
@@ -102,7 +104,7 @@ def test_packed_sft_gradient_equals_unpacked(model, tokenizer):
     examples = sft_examples(tokenizer)
     batch = pack(examples, max_tokens_per_row=64)
     spec, opts, cfg = sft_setup(False)
-    losses, _ = compute_losses(model, batch, examples, spec, opts, None, cfg)
+    losses, _ = Method(spec, opts).forward(model, batch, examples)
     losses.mean().backward()
     packed = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -260,7 +262,7 @@ def test_neftune_changes_the_training_loss_but_not_evaluation(model, tokenizer):
 
     def loss() -> float:
         with torch.no_grad():
-            return float(compute_losses(model, batch, examples, spec, opts, None, cfg)[0].mean())
+            return float(Method(spec, opts).forward(model, batch, examples)[0].mean())
 
     model.eval()
     clean_eval = loss()

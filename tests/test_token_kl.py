@@ -17,6 +17,7 @@ from alignkit.models.logprobs import ChunkSettings, response_logprobs
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
 from alignkit.models.token_kl import ChunkedLogpsAndKL, logprobs_and_token_kl, pad_tokens, reference_forward
 from alignkit.train.loss_inputs import logprob_inputs
+from alignkit.train.method import Method
 from alignkit.train.reference import Reference
 
 TOKENIZER = build_word_tokenizer(VOCABULARY)
@@ -100,7 +101,7 @@ def test_sparsepo_inputs_from_a_live_reference(tmp_path):
     with torch.no_grad():
         seq = response_logprobs(reference, batch).seq_logps
     ref = Reference(seq, [torch.zeros(sum(len(r) for r in e.response_ids)) for e in examples], model=reference)
-    inputs = logprob_inputs(policy, batch, spec, build_options(spec, {}), ref, chunk_size=7)
+    inputs = logprob_inputs(policy, batch, Method(spec, build_options(spec, {}), chunk_size=7), ref)
     shape = inputs.token_mask.shape
     assert shape[:2] == (len(examples), 2) and inputs.token_kl.shape == inputs.token_weights.shape == shape
     assert (inputs.token_kl[~inputs.token_mask] == 0).all() and (inputs.token_kl >= -1e-6).all()
@@ -110,6 +111,6 @@ def test_sparsepo_inputs_from_a_live_reference(tmp_path):
     torch.testing.assert_close(pad_tokens(torch.arange(len(batch.token_seq)).float(), batch)[inputs.token_mask],
                                torch.arange(len(batch.token_seq)).float())
 
-    uniform = logprob_inputs(policy, batch, spec, build_options(spec, {"token_weights": "uniform",
-                                                                       "use_token_kl": False}), ref, chunk_size=7)
+    uniform = logprob_inputs(policy, batch, Method(spec, build_options(spec, {"token_weights": "uniform",
+                                                                              "use_token_kl": False}), chunk_size=7), ref)
     assert uniform.token_kl is None and torch.equal(uniform.token_weights, uniform.token_mask.float())

@@ -27,6 +27,8 @@ from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
 from alignkit.train import loop, reference
 from alignkit.train.logging import read_metrics
 from alignkit.train.loop import plan_steps, train
+from alignkit.train.method import Method
+from alignkit.train.packing import Packing
 
 TOKENIZER = build_word_tokenizer(VOCABULARY)
 COMMON = dict(model="tiny", max_length=64, max_tokens_per_row=512, progress=False, seed=0)
@@ -124,8 +126,8 @@ class Interrupt(Exception):
 
 
 def interrupt_at_step(monkeypatch, step: int) -> None:
-    """Raise inside the `step`-th call of compute_losses (one call per step with grad_accum=1, no eval)."""
-    real = loop.compute_losses
+    """Raise inside the `step`-th call of Method.forward (one call per step with grad_accum=1, no eval)."""
+    real = Method.forward
     calls = {"n": 0}
 
     def counting(*args, **kwargs):
@@ -134,7 +136,7 @@ def interrupt_at_step(monkeypatch, step: int) -> None:
             raise Interrupt(f"stopped in step {step}")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "compute_losses", counting)
+    monkeypatch.setattr(Method, "forward", counting)
 
 
 def test_resume_is_exact_and_skips_a_corrupted_checkpoint(tmp_path, monkeypatch, caplog):
@@ -219,7 +221,7 @@ def test_reference_cache_values_equal_a_fresh_computation(tmp_path):
     examples = prepare_examples(write_pairs(tmp_path / "pairs.jsonl", 12, seed=6), TOKENIZER,
                                 ExampleSettings("pairs", 64))
     model = tiny_llama()
-    args = (200, 512, 0)
+    args = (Packing(200, 512, 0),)
     fresh_seq, fresh_tokens = reference.score_examples(model, examples, *args)
     stored = reference.reference_logps(model, examples, *args)
     hit_seq, hit_tokens = reference.reference_logps(model, examples, *args)

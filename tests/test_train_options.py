@@ -22,7 +22,8 @@ from alignkit.models.logprobs import response_logprobs
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
 from alignkit.train import loop
 from alignkit.train.logging import read_metrics
-from alignkit.train.loop import compute_losses
+from alignkit.train.method import Method
+from alignkit.train.packing import Packing
 from alignkit.train.reference import Reference, reference_logps
 from alignkit.train.step import autocast
 
@@ -86,15 +87,15 @@ def test_gradient_checkpointing_option_trains_the_same(tmp_path, data):
 
 
 def nan_loss_in_steps(monkeypatch, steps: set[int]) -> None:
-    """compute_losses returns NaN losses in the given steps (one micro-batch per step in these configs)."""
-    real, calls = loop.compute_losses, {"n": 0}
+    """Method.forward returns NaN losses in the given steps (one micro-batch per step in these configs)."""
+    real, calls = Method.forward, {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         losses, metrics = real(*args, **kwargs)
         return (losses * float("nan") if calls["n"] in steps else losses), metrics
 
-    monkeypatch.setattr(loop, "compute_losses", poisoned)
+    monkeypatch.setattr(Method, "forward", poisoned)
 
 
 def test_nan_loss_aborts_by_default_and_writes_no_final_model(tmp_path, data, monkeypatch):
@@ -142,15 +143,13 @@ def test_sft_weight_adds_the_chosen_responses_nll(task, one_thread):
     records = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in preference_records(6, seed=3)]
     examples = prepare_examples(records, task.tokenizer, ExampleSettings("pairs", 64))
     pad = task.tokenizer.pad_token_id
-    ref = Reference(*reference_logps(task.model, examples, 1024, 512, pad, use_cache=False))
+    ref = Reference(*reference_logps(task.model, examples, Packing(1024, 512, pad), use_cache=False))
     batch = pack(examples, list(range(len(examples))), 512, pad)
     spec = get_loss("dpo")
     opts = build_options(spec, {"beta": 0.1})
-    base = TrainConfig(model="tiny", train_data="x.jsonl")
     with torch.no_grad():
-        plain, _ = compute_losses(task.model, batch, examples, spec, opts, ref, base)
-        weighted, metrics = compute_losses(task.model, batch, examples, spec, opts, ref,
-                                           base.model_copy(update={"sft_weight": 0.5}))
+        plain, _ = Method(spec, opts).forward(task.model, batch, examples, ref)
+        weighted, metrics = Method(spec, opts, sft_weight=0.5).forward(task.model, batch, examples, ref)
     chosen_lengths = torch.tensor([len(e.response_ids[0]) for e in examples], dtype=torch.float32)
     nll = -metrics["logps/chosen"] / chosen_lengths  # the chosen response's per-token NLL
     torch.testing.assert_close(metrics["nll"], nll)
@@ -164,7 +163,7 @@ def test_a_bf16_autocast_training_step(task, one_thread):
     examples = prepare_examples(records, task.tokenizer, ExampleSettings("pairs", 64))
     pad = task.tokenizer.pad_token_id
     model = copy.deepcopy(task.model)
-    ref = Reference(*reference_logps(model, examples, 1024, 512, pad, use_cache=False))
+    ref = Reference(*reference_logps(model, examples, Packing(1024, 512, pad), use_cache=False))
     batch = pack(examples, list(range(len(examples))), 512, pad)
     spec, opts = get_loss("dpo"), build_options(get_loss("dpo"), {"beta": 0.1})
     with torch.no_grad():
@@ -173,7 +172,7 @@ def test_a_bf16_autocast_training_step(task, one_thread):
     for precision in ("fp32", "bf16"):
         cfg = TrainConfig(model="tiny", train_data="x.jsonl", precision=precision)
         with autocast(cfg, model):
-            losses, _ = compute_losses(model, batch, examples, spec, opts, ref, cfg)
+            losses, _ = Method(spec, opts).forward(model, batch, examples, ref)
         results[precision] = losses
     assert results["bf16"].dtype == torch.float32  # losses come back in fp32
     assert not torch.equal(results["bf16"], results["fp32"])  # bf16 matmuls ran

@@ -21,6 +21,7 @@ from alignkit.decode.base import (
 )
 from alignkit.generate.engines import encode_prompts, stop_token_ids
 from alignkit.models.inference import eval_mode
+from alignkit.train.packing import pad_token_id
 
 
 @dataclass
@@ -40,7 +41,7 @@ def args_decode(model, tokenizer, prompts: list, reward, cfg: ARGSConfig) -> Dec
         raise ValueError(f"top_k must be >= 1, got {cfg.top_k}")
     prompt_ids = encode_prompts(tokenizer, prompts)
     end_ids = stop_token_ids(tokenizer, ())
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     generator = torch.Generator().manual_seed(cfg.seed)
     compute = Compute()
     responses: list[str] = []

@@ -20,6 +20,7 @@ from alignkit.decode.base import (
 )
 from alignkit.generate.engines import encode_prompts, stop_token_ids
 from alignkit.models.inference import eval_mode
+from alignkit.train.packing import pad_token_id
 
 
 @dataclass
@@ -43,7 +44,7 @@ def deal_decode(model, tokenizer, prompts: list, reward, cfg: DeALConfig) -> Dec
     """DeAL responses for every prompt (all prompts searched together, one batched forward per step)."""
     prompt_ids = encode_prompts(tokenizer, prompts)
     end_ids = stop_token_ids(tokenizer, ())
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     compute = Compute()
     beams = [[_Beam([], 0.0)] for _ in prompts]
     with eval_mode(model):

@@ -32,6 +32,7 @@ from alignkit.decode.base import (
 from alignkit.generate.engines import encode_prompts, stop_token_ids
 from alignkit.models.inference import eval_mode
 from alignkit.models.logprobs import response_logprobs
+from alignkit.train.packing import pad_token_id
 
 
 @dataclass
@@ -59,7 +60,7 @@ def tq_decode(model, tokenizer, prompts: list, aligned_model, cfg: TQConfig, rew
         raise ValueError("value='reward' needs a reward")
     prompt_ids = encode_prompts(tokenizer, prompts)
     end_ids = stop_token_ids(tokenizer, ())
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     generator = torch.Generator().manual_seed(cfg.seed)
     compute = Compute()
     generated: list[list[int]] = []

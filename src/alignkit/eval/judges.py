@@ -19,6 +19,7 @@ import torch
 from alignkit.data.template import render_chat
 from alignkit.errors import AlignkitError
 from alignkit.models.inference import eval_mode, left_pad
+from alignkit.train.packing import pad_token_id
 
 
 class Judge:
@@ -95,7 +96,7 @@ class LLMJudge(Judge):
         return prompts
 
     def _p_first(self, judge_prompts: list[str]) -> list[float]:
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad_id = pad_token_id(self.tokenizer)
         out: list[float] = []
         device = next(self.model.parameters()).device
         with eval_mode(self.model):

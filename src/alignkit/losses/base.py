@@ -84,13 +84,14 @@ class LossInputs:
     # Token-mean losses: mean of `lengths` over the examples of the whole optimizer step, per column [k]; dividing
     # each example's summed loss by it makes the loop's mean over examples a token-mean over the step.
     step_mean_lengths: torch.Tensor | None = None
-    # Reward models (LossSpec.output == "rewards"): one scalar per response instead of log-probs
-    rewards: torch.Tensor | None = None  # [B, k]
+    # Reward models (LossSpec.output == "rewards"): the model's scalar per response instead of log-probs
+    predicted_rewards: torch.Tensor | None = None  # [B, k]
     margins: torch.Tensor | None = None  # [B] per-pair margin from the data's optional "margin" field
     # MODPO: rewards of each response under the other objectives' reward models, from the data's "other_rewards"
     other_rewards: torch.Tensor | None = None  # [B, k, K]
     # Online methods (losses/online.py), filled by online/ from a rollout. The behaviour policy pi_old sampled it;
     # None: the policy itself, detached (one update per rollout: every ratio is 1).
+    rewards: torch.Tensor | None = None  # [B, k] the rollout's rewards of each sample
     old_logps: torch.Tensor | None = None  # [B, k] summed log-probs under pi_old
     old_token_logps: torch.Tensor | None = None  # [B, k, T]
     advantages: torch.Tensor | None = None  # [B, k, T] per-token advantages (PPO's GAE)

@@ -2,7 +2,7 @@
 REINFORCE++, RLOO, PPO (clipped policy + clipped value).
 
 Pure functions of log-probabilities like every other loss; what a rollout adds (the rewards of k samples of one
-prompt in `scores`, behaviour-policy log-probs, PPO's advantages, returns and values) arrives in LossInputs, filled by
+prompt in `rewards`, behaviour-policy log-probs, PPO's advantages, returns and values) arrives in LossInputs, filled by
 alignkit.online. Formulas and sources: docs/online.md.
 
 Per-token losses are aggregated to one value per example (a prompt and its k samples) such that the learner's mean
@@ -207,7 +207,7 @@ def grpo_loss(inputs: LossInputs, opts: GRPOOptions) -> LossOutput:
     2503.20783; DAPO, arXiv 2503.14476; GSPO, arXiv 2507.18071."""
     logps, mask = inputs.token_logps, inputs.token_mask
     old = inputs.old_token_logps if inputs.old_token_logps is not None else logps.detach()
-    advantages = group_advantages(inputs.scores.to(logps.device), opts.scale_rewards)[..., None]
+    advantages = group_advantages(inputs.rewards.to(logps.device), opts.scale_rewards)[..., None]
     ratio = _ratio(logps, old, mask, opts.importance_sampling_level)
     eps_high = opts.epsilon_high or opts.epsilon
     per_token = clipped_surrogate(ratio, advantages, opts.epsilon, eps_high).expand_as(logps)
@@ -221,7 +221,7 @@ def _group_loss(per_token, inputs: LossInputs, old, opts, name: str, ratio, adva
     per_token = _kl_term(per_token, inputs, logps, opts.kl_coef, name)
     losses = aggregate(per_token, mask, opts.loss_aggregation, inputs.step_mean_lengths, opts.max_completion_length)
     return losses, {
-        "reward": inputs.scores.mean(1).detach(),
+        "reward": inputs.rewards.mean(1).detach(),
         **_clip_metrics(ratio, advantages, mask, *bounds),
         **_kl_metrics(logps, inputs.ref_token_logps, mask, ("k1", "k3")),
     }
@@ -256,7 +256,7 @@ def cispo_loss(inputs: LossInputs, opts: CISPOOptions) -> LossOutput:
     unlike the PPO clip; aggregated per `loss_aggregation` (the paper: token-mean)."""
     logps = inputs.token_logps
     old = inputs.old_token_logps if inputs.old_token_logps is not None else logps.detach()
-    advantages = group_advantages(inputs.scores.to(logps.device), opts.scale_rewards)[..., None]
+    advantages = group_advantages(inputs.rewards.to(logps.device), opts.scale_rewards)[..., None]
     ratio = torch.exp(logps - old).detach()
     weights = ratio.clamp(min=opts.weight_min or None, max=opts.weight_max)
     per_token = -weights * advantages * logps
@@ -299,7 +299,7 @@ def reinforce_pp_loss(inputs: LossInputs, opts: ReinforcePPOptions) -> LossOutpu
     per_token = _kl_term(per_token, inputs, logps, opts.kl_coef, "reinforce++", opts.kl_estimator)
     losses = aggregate(per_token, mask, opts.loss_aggregation, inputs.step_mean_lengths)
     return losses, {
-        "reward": inputs.scores.mean(1).detach(),
+        "reward": inputs.rewards.mean(1).detach(),
         **_clip_metrics(ratio, inputs.advantages, mask, 1 - opts.epsilon, 1 + eps_high),
         **_kl_metrics(logps, inputs.ref_token_logps, mask, ("k1", opts.kl_estimator)),
     }
@@ -321,8 +321,8 @@ def rloo_loss(inputs: LossInputs, opts: RLOOOptions) -> LossOutput:
     whole sequence; mean over the k samples. Ahmadian et al., arXiv 2402.14740; TRL's RLOOTrainer for the ratio."""
     logps = inputs.logps
     old = inputs.old_logps if inputs.old_logps is not None else logps.detach()
-    rewards = inputs.scores.to(logps.device)
-    metrics = {"reward": inputs.scores.mean(1).detach()}
+    rewards = inputs.rewards.to(logps.device)
+    metrics = {"reward": inputs.rewards.mean(1).detach()}
     if inputs.ref_logps is not None:
         sequence_kl = old - inputs.ref_logps
         rewards = rewards - opts.kl_coef * sequence_kl

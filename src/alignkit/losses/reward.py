@@ -1,7 +1,7 @@
-"""Reward-model training: a Bradley–Terry loss on scalar rewards (LossInputs.rewards), not on log-probs.
+"""Reward-model training: a Bradley–Terry loss on scalar rewards (LossInputs.predicted_rewards), not on log-probs.
 
-Column 0 of `rewards` [B, 2] is the chosen response, column 1 the rejected one; the loop fills `rewards` instead
-of `logps` because the registry line says output="rewards".
+Column 0 of `predicted_rewards` [B, 2] is the chosen response, column 1 the rejected one; the loop fills it
+instead of `logps` because the registry line says output="rewards".
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ def bradley_terry_loss(inputs: LossInputs, opts: RewardModelOptions) -> LossOutp
     and TRL's RewardTrainer; the centering term pulls the mean reward of a pair to 0 so rewards have a fixed
     zero point (Eisenstein et al., arXiv 2312.09244). m = opts.margin + the record's "margin" (0 if absent).
     """
-    if inputs.rewards is None:
+    if inputs.predicted_rewards is None:
         raise ValueError("the reward-model loss needs rewards per response; the loss spec must say output='rewards'")
-    chosen, rejected = inputs.rewards[:, 0], inputs.rewards[:, 1]
+    chosen, rejected = inputs.predicted_rewards[:, 0], inputs.predicted_rewards[:, 1]
     margin = torch.full_like(chosen, opts.margin)
     if inputs.margins is not None:
         margin = margin + inputs.margins.to(chosen)

@@ -4,7 +4,8 @@ iterative DPO (with APO) and self-rewarding (with CREAM). See docs/online.md."""
 
 from alignkit.online.config import OnlineConfig, online_config
 from alignkit.online.methods import ONLINE_METHODS, OnlineMethod
-from alignkit.online.run import METHODS, OnlineResult, evaluate_policy, run_online
+from alignkit.online.run import METHODS, OnlineInputs, OnlineResult, run_online
+from alignkit.online.sampling import evaluate_policy
 
-__all__ = ["METHODS", "ONLINE_METHODS", "OnlineConfig", "OnlineMethod", "OnlineResult", "evaluate_policy",
+__all__ = ["METHODS", "ONLINE_METHODS", "OnlineConfig", "OnlineInputs", "OnlineMethod", "OnlineResult", "evaluate_policy",
            "online_config", "run_online"]

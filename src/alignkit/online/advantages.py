@@ -90,15 +90,15 @@ def normalise_scores(scores: torch.Tensor, moments: RunningMoments, mode: str, c
     return scores.clamp(-clip, clip) if clip > 0 else scores
 
 
-def ppo_advantages(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, values: torch.Tensor,
-                   mask: torch.Tensor, opts, moments: RunningMoments) -> dict[str, torch.Tensor]:
-    """A rollout's advantages and returns for the ppo loss. logps are the behaviour policy's (pi_old), values the
-    value head's at rollout time; opts: PPOOptions. The KL term goes in the reward only when opts.kl_coef > 0."""
+def ppo_advantages(rewards: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, values: torch.Tensor,
+                   mask: torch.Tensor, opts) -> dict[str, torch.Tensor]:
+    """A rollout's advantages and returns for the ppo loss, from its rewards already normalised (normalise_scores).
+    logps are the behaviour policy's (pi_old), values the value head's at rollout time; opts: PPOOptions. The KL
+    term goes in the reward only when opts.kl_coef > 0."""
     from alignkit.losses.online import kl_estimate
 
     token_kl = kl_estimate(logps, ref_logps, opts.kl_estimator) * mask
-    shaped = kl_shaped_rewards(normalise_scores(scores, moments, opts.reward_norm, opts.reward_clip), token_kl, mask,
-                               opts.kl_coef)
+    shaped = kl_shaped_rewards(rewards, token_kl, mask, opts.kl_coef)
     advantages, returns = gae(shaped, values, mask, opts.gamma, opts.lam)  # returns before any whitening
     if opts.whiten_advantages:
         advantages = masked_whiten(advantages, mask)

@@ -18,17 +18,24 @@ from alignkit.data.tokenize import TokenizedExample
 from alignkit.losses import LossInputs
 from alignkit.losses.base import needs
 from alignkit.models.token_kl import pad_tokens
-from alignkit.online.advantages import RunningMoments, ppo_advantages, reinforce_pp_advantages
+from alignkit.online.advantages import (
+    RunningMoments,
+    normalise_scores,
+    ppo_advantages,
+    reinforce_pp_advantages,
+)
 from alignkit.online.rollout import Rollout
 from alignkit.online.self_reward import consistency_weights, implicit_reward_agreement
 from alignkit.train.apo import extrapolated_logps
+from alignkit.train.packing import Packing
+from alignkit.train.ref_update import MovingReference
 from alignkit.train.reference import Reference, reference_logps, score_examples
 
 
 @dataclass
 class Experience:
     """A rollout made ready for a loss: examples (a prompt and its responses), the reference's values (a Reference,
-    as offline) and, by LossInputs field name, what the loss reads of each example: per_response [n, k] (scores,
+    as offline) and, by LossInputs field name, what the loss reads of each example: per_response [n, k] (rewards,
     old_logps), per_token (one flat tensor per example over its responses' tokens in packing order, as score_examples
     returns them: old_token_logps, advantages, returns, old_values) and per_example [n] (consistency)."""
 
@@ -41,7 +48,7 @@ class Experience:
     trained: torch.Tensor | None = None  # [n, k] bool: responses that carry loss (mask_truncated drops the cut ones)
 
     def fill(self, inputs: LossInputs, batch: PackedBatch) -> None:
-        """Set the batch's rows of every field on `inputs` (compute_losses calls this for online batches)."""
+        """Set the batch's rows of every field on `inputs` (train/method.Method.forward calls this)."""
         idx = batch.example_indices
         device = inputs.logps.device
         for name, values in {**self.per_response, **self.per_example}.items():
@@ -54,30 +61,21 @@ class Experience:
 
 @dataclass
 class Scorer:
-    """Scores examples without gradients, in the learner's batching: the behaviour policy (the module the step
+    """Scores examples without gradients, in the learner's packing: the behaviour policy (the module the step
     trains: with PPO's value head, its values too) and the reference (a frozen model, or, under LoRA, the policy
     with its adapters disabled)."""
 
     trained: torch.nn.Module  # the policy, or a PolicyWithValueHead
     policy: torch.nn.Module
-    cfg: object  # OnlineConfig
-    pad_token_id: int
-
-    def score(self, model, examples: list[TokenizedExample], with_values: bool = False):
-        cfg = self.cfg
-        return score_examples(model, examples, cfg.max_tokens_per_batch, cfg.max_tokens_per_row, self.pad_token_id,
-                              cfg.precision, cfg.chunk_size, with_values)
+    packing: Packing
 
     def reference(self, model, examples: list[TokenizedExample]):
         """(seq [n, k], flat token log-probs) of `model`; None: the policy's base (train/reference.reference_logps
         disables LoRA adapters; never cached: a rollout is scored once)."""
-        cfg = self.cfg
-        return reference_logps(model if model is not None else self.policy, examples, cfg.max_tokens_per_batch,
-                               cfg.max_tokens_per_row, self.pad_token_id, cfg.precision, cfg.chunk_size,
-                               use_cache=False)
+        return reference_logps(model if model is not None else self.policy, examples, self.packing, use_cache=False)
 
     def behaviour(self, examples: list[TokenizedExample], with_values: bool = False):
-        return self.score(self.trained, examples, with_values)
+        return score_examples(self.trained, examples, self.packing, with_values)
 
 
 @dataclass
@@ -87,23 +85,33 @@ class RoundContext:
     cfg: object  # OnlineConfig
     opts: object  # the loss's options
     scorer: Scorer
-    snapshots: object  # online/run.Snapshots: reference, previous, initial
+    references: MovingReference | None  # the reference and the previous round's (None under LoRA: the base)
     moments: RunningMoments
     judge_for: Callable | None  # model -> Reward (self-rewarding: the previous iteration's judge)
     prompt_pool: list = field(default_factory=list)  # every training prompt (dynamic sampling refills from it)
     metrics: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def reference(self):
+        """The reference model (None: the policy with its LoRA adapters off)."""
+        return self.references.reference if self.references is not None else None
+
+    @property
+    def previous(self):
+        """The previous round's reference, once there is one."""
+        return self.references.last if self.references is not None else None
+
 
 def _scored(rollout: Rollout, round_ctx: RoundContext, behaviour: bool, with_values: bool = False):
-    """Experience with scores, the reference where the loss reads it, the behaviour policy's log-probs if asked."""
+    """Experience with rewards, the reference where the loss reads it, the behaviour policy's log-probs if asked."""
     examples = rollout.examples
-    experience = Experience(examples, per_response={"scores": rollout.rewards})
+    experience = Experience(examples, per_response={"rewards": rollout.rewards})
     if rollout.engine_logps is not None:
         experience.per_token["engine_token_logps"] = rollout.engine_logps
     if round_ctx.cfg.mask_truncated:
         experience.trained = rollout.finished.clone()
     if "reference" in needs(round_ctx.opts):
-        experience.reference = Reference(*round_ctx.scorer.reference(round_ctx.snapshots.reference, examples))
+        experience.reference = Reference(*round_ctx.scorer.reference(round_ctx.reference, examples))
     if behaviour:
         old = round_ctx.scorer.behaviour(examples, with_values)
         experience.per_response["old_logps"] = old[0]
@@ -141,7 +149,9 @@ def ppo_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
     values, mask = pad_flat(experience.per_token["old_values"], examples)
     old_logps, _ = pad_flat(experience.per_token["old_token_logps"], examples)
     ref_logps, _ = pad_flat(experience.reference.token_logps, examples)
-    out = ppo_advantages(rollout.rewards, old_logps, ref_logps, values, mask, round_ctx.opts, round_ctx.moments)
+    opts = round_ctx.opts
+    rewards = normalise_scores(rollout.rewards, round_ctx.moments, opts.reward_norm, opts.reward_clip)
+    out = ppo_advantages(rewards, old_logps, ref_logps, values, mask, opts)
     experience.per_token.update(advantages=split_flat(out["advantages"], examples),
                                 returns=split_flat(out["returns"], examples))
     experience.metrics["value_mean"] = float(values[mask].mean())
@@ -154,10 +164,10 @@ def pair_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
     reference's log-probs scored once per rollout, APO's extrapolated reference (arXiv 2410.06293: with apo_alpha > 0,
     log pi_ref <- (1 + a) log pi_t - a log pi_{t-1}, whose normaliser cancels in every pairwise loss), CREAM's
     consistency weights from the previous iteration's judge, and the implicit reward's agreement with the judge."""
-    cfg, snapshots, metrics = round_ctx.cfg, round_ctx.snapshots, round_ctx.metrics
+    cfg, metrics = round_ctx.cfg, round_ctx.metrics
     triples = preference_pairs(rollout.rewards, cfg.pairs)
-    ref_seq, _ = round_ctx.scorer.reference(snapshots.reference, rollout.examples)
-    previous = snapshots.last
+    ref_seq, _ = round_ctx.scorer.reference(round_ctx.reference, rollout.examples)
+    previous = round_ctx.previous
     previous_seq = round_ctx.scorer.reference(previous, rollout.examples)[0] if previous is not None else None
     consistency = None
     if cfg.consistency != "none" and previous is not None:

@@ -61,14 +61,24 @@ def select_groups(rollout: Rollout, rows: list[int]) -> Rollout:
                    None if rollout.engine_logps is None else [rollout.engine_logps[i] for i in rows])
 
 
-def generate_rollout(generator, tokenizer, prompts: list, reward, num_samples: int, sampling: SamplingConfig,
-                     max_length: int = 1024, missing_eos_penalty: float | None = None,
-                     overlong: tuple[int, int, float] | None = None) -> Rollout:
-    """Sample num_samples responses per prompt with `generator` (an engine, or the policy for the hf engine), score
-    them with `reward` (reward(prompts, responses) -> floats) and keep their token ids. A response is cut to fit
-    max_length with its prompt (and then counts as cut). missing_eos_penalty: subtracted from the reward of samples
-    cut at max_new_tokens (TRL's option). overlong: (max_new_tokens, cache, factor) of DAPO's soft overlong
-    punishment, added to the reward on the sampled token count."""
+@dataclass(frozen=True)
+class RolloutShape:
+    """num_samples: responses per prompt; max_length: tokens of prompt + response (a response is cut to fit, and
+    then counts as cut); missing_eos_penalty: subtracted from the reward of samples cut at max_new_tokens (TRL's
+    option); overlong: (max_new_tokens, cache, factor) of DAPO's soft overlong punishment, added to the reward on
+    the sampled token count."""
+
+    num_samples: int
+    max_length: int = 1024
+    missing_eos_penalty: float | None = None
+    overlong: tuple[int, int, float] | None = None
+
+
+def generate_rollout(generator, tokenizer, prompts: list, reward, sampling: SamplingConfig,
+                     shape: RolloutShape) -> Rollout:
+    """Sample shape.num_samples responses per prompt with `generator` (an engine, or the policy for the hf engine),
+    score them with `reward` (reward(prompts, responses) -> floats) and keep their token ids."""
+    num_samples, max_length, overlong = shape.num_samples, shape.max_length, shape.overlong
     tic = time.perf_counter()
     prompt_ids = encode_prompts(tokenizer, prompts)
     too_long = next((i for i, ids in enumerate(prompt_ids) if len(ids) >= max_length), None)
@@ -90,8 +100,8 @@ def generate_rollout(generator, tokenizer, prompts: list, reward, num_samples: i
                   [text for group in generation.texts for text in group])
     rewards = torch.tensor([math.nan if r is None else float(r) for r in flat], dtype=torch.float32)
     rewards = rewards.view(len(prompts), num_samples)
-    if missing_eos_penalty:
-        rewards = rewards - missing_eos_penalty * (~finished).float()
+    if shape.missing_eos_penalty:
+        rewards = rewards - shape.missing_eos_penalty * (~finished).float()
     if overlong is not None:
         lengths = torch.tensor([[len(s) for s in samples] for samples in generation.ids])
         rewards = rewards + soft_overlong_penalty(lengths, *overlong)

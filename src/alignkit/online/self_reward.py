@@ -120,3 +120,18 @@ def implicit_reward_agreement(implicit: torch.Tensor, triples: list[tuple[int, i
     hits = [float(implicit[b, i] > implicit[b, j]) + 0.5 * float(implicit[b, i] == implicit[b, j])
             for b, i, j in triples]
     return sum(hits) / len(hits)
+
+
+def judge_factory(cfg, tokenizer, judge=None):
+    """model -> the Reward judging that model's samples. judge: a Reward, or a function model -> Reward, standing in
+    for the LLM judge; default cfg.judge ("self": the policy with JUDGE_TEMPLATE, else a reward spec)."""
+    if judge is not None:
+        return judge if callable(judge) and not hasattr(judge, "score") else (lambda model: judge)
+    if cfg.judge != "self":
+        from alignkit.rewards.spec import load_reward
+
+        fixed = load_reward(cfg.judge, key="judge")
+        return lambda model: fixed
+    sampling = SamplingConfig(max_new_tokens=cfg.judge_max_new_tokens, temperature=0.7, top_p=0.9,
+                              batch_size=cfg.sampling.batch_size, seed=cfg.seed)
+    return lambda model: LLMJudge(model=model, tokenizer=tokenizer, sampling=sampling, num_judgements=cfg.judge_samples)

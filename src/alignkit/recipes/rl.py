@@ -22,15 +22,16 @@ from rich.markup import escape
 from alignkit.config import SamplingOptions, Strict, load_command_config
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.data.tokenize import TokenizedExample
-from alignkit.eval.kl import example_log_ratios, kl_summary
+from alignkit.eval.kl import example_log_ratios, kl_packing, kl_summary
 from alignkit.eval.metrics import bootstrap_mean_ci, distinct_n, mean_words
 from alignkit.eval.plots import plot_curves
 from alignkit.eval.report import rich_table, write_html_report
 from alignkit.generate.sample import SamplingConfig, sample_with_counts
 from alignkit.online.config import OnlineConfig
-from alignkit.online.run import run_online
+from alignkit.online.run import OnlineInputs, run_online
 from alignkit.recipes.stages import Stages
 from alignkit.rewards.verifiable.constraints import ConstraintReward, check_all
+from alignkit.train.packing import pad_token_id
 
 # Kept after the pilot (benchmarks/rl_pilot.py, results/rl_pilot.md: base compliance per type on single-constraint
 # prompts, temperature 1): types the base model meets 5-60 % of the time, a signal and room to learn. Dropped:
@@ -96,8 +97,7 @@ def kl_to_start(trained, initial, tokenizer, prompts: list, cfg: RLConfig) -> di
     sampling = SamplingConfig.from_options(cfg.eval_sampling.model_copy(update={"temperature": 1.0}), cfg.seed + 23)
     chosen = [prompts[i % len(prompts)] for i in range(cfg.kl_answers)]
     _, examples = answer(trained, tokenizer, chosen, sampling, 1)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return kl_summary(example_log_ratios(trained, initial, examples, pad, precision=cfg.precision))
+    return kl_summary(example_log_ratios(trained, initial, examples, kl_packing(pad_token_id(tokenizer), cfg.precision)))
 
 
 def compliance(records: list[dict], texts: list[list[str]]) -> dict:
@@ -158,8 +158,8 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
                           evaluate=False, save_every=0, progress=False)
     result = stages.run(f"{cfg.method}: {cfg.rounds} rounds x {cfg.prompts_per_round} prompts x "
                         f"{cfg.num_samples} samples",
-                        lambda: run_online(online, model, tokenizer, prompts=[r["prompt"] for r in train_records],
-                                           eval_prompts=eval_prompts, reward=reward))
+                        lambda: run_online(online, model, tokenizer,
+                                           OnlineInputs([r["prompt"] for r in train_records], eval_prompts, reward)))
     trained = result.model.eval()
     after_texts, _ = stages.run("answer held-out prompts (trained)",
                                 lambda: answer(trained, tokenizer, eval_prompts, eval_sampling, cfg.eval_samples))

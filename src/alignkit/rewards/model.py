@@ -8,40 +8,38 @@ from collections.abc import Sequence
 import torch
 
 from alignkit.data.load import load_records
-from alignkit.data.pack import pack, token_budget_batches
 from alignkit.data.tokenize import ExampleSettings, TokenizedExample, tokenize_record, tokenize_records
 from alignkit.losses.base import pair_reward_metrics
 from alignkit.models.inference import eval_mode
 from alignkit.models.reward import load_reward_model, prepare_reward_examples, sequence_rewards
 from alignkit.rewards.base import Reward
+from alignkit.train.packing import Packing, pad_token_id
 
 
 class RewardModelScorer(Reward):
     """Scores with a sequence-classification reward model saved in HF format (e.g. `alignkit rm`'s final/).
 
     max_length: tokens of prompt + response (prompts keep their end, responses their start, as in training).
-    max_tokens_per_batch / max_tokens_per_row: token budget of one packed forward pass and of one of its rows
-    (the dense attention mask costs row length squared).
+    packing: the token budget of one packed forward pass and of one of its rows (the dense attention mask costs row
+    length squared); default: 8192 tokens in rows of at most 1024, with the tokenizer's pad id.
     """
 
-    def __init__(self, model_dir: str, max_length: int = 1024, max_tokens_per_batch: int = 8192,
-                 max_tokens_per_row: int = 1024, name: str = "reward_model"):
+    def __init__(self, model_dir: str, max_length: int = 1024, packing: Packing | None = None,
+                 name: str = "reward_model"):
         model, tokenizer = load_reward_model(model_dir)
-        self._setup(model, tokenizer, max_length, max_tokens_per_batch, max_tokens_per_row, name)
+        self._setup(model, tokenizer, max_length, packing, name)
 
     @classmethod
-    def from_model(cls, model, tokenizer, max_length: int = 1024, max_tokens_per_batch: int = 8192,
-                   max_tokens_per_row: int = 1024, name: str = "reward_model") -> RewardModelScorer:
+    def from_model(cls, model, tokenizer, max_length: int = 1024, packing: Packing | None = None,
+                   name: str = "reward_model") -> RewardModelScorer:
         """A scorer around an already loaded model (e.g. TrainResult.model)."""
         scorer = cls.__new__(cls)
-        scorer._setup(model, tokenizer, max_length, max_tokens_per_batch, max_tokens_per_row, name)
+        scorer._setup(model, tokenizer, max_length, packing, name)
         return scorer
 
-    def _setup(self, model, tokenizer, max_length, max_tokens_per_batch, max_tokens_per_row, name):
-        self.model, self.tokenizer = model, tokenizer
-        self.max_length, self.max_tokens_per_batch, self.name = max_length, max_tokens_per_batch, name
-        self.max_tokens_per_row = max_tokens_per_row
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    def _setup(self, model, tokenizer, max_length, packing, name):
+        self.model, self.tokenizer, self.max_length, self.name = model, tokenizer, max_length, name
+        self.packing = packing if packing is not None else Packing(8192, 1024, pad_token_id(tokenizer))
 
     def score(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
         if not responses:
@@ -56,9 +54,8 @@ class RewardModelScorer(Reward):
         examples = prepare_reward_examples(self.model, self.tokenizer, examples, self.max_length)
         rewards = torch.zeros(len(examples), len(examples[0].response_ids))
         with eval_mode(self.model):
-            for indices in token_budget_batches(examples, self.max_tokens_per_batch, seed=0, shuffle=False):
-                batch = pack([examples[i] for i in indices], indices, max_tokens_per_row=self.max_tokens_per_row,
-                             pad_token_id=self.pad_token_id)
+            for indices in self.packing.batches(examples):
+                batch = self.packing.pack([examples[i] for i in indices], indices)
                 rewards[indices] = sequence_rewards(self.model, batch).float().cpu()
         return rewards
 

@@ -19,19 +19,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config import TrainConfig
-
-
-def extrapolated_weights(current: dict[str, torch.Tensor], previous: dict[str, torch.Tensor],
-                         alpha: float) -> dict[str, torch.Tensor]:
-    """theta + alpha (theta - theta_prev) for every floating-point tensor; any other entry (integer buffers) as
-    in `current`."""
-    out = {}
-    for name, value in current.items():
-        if value.is_floating_point():
-            out[name] = value + alpha * (value - previous[name].to(value.dtype))
-        else:
-            out[name] = value.clone()
-    return out
+from alignkit.train.ref_update import MovingReference, extrapolated_weights
 
 
 def extrapolated_logps(current: torch.Tensor, previous: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -46,30 +34,28 @@ class APORound:
     final_metrics: dict[str, float]
 
 
-def _weights(model) -> dict[str, torch.Tensor]:
-    return {name: value.detach().clone() for name, value in model.state_dict().items()}
-
-
 def apo_rounds(cfg: TrainConfig, model, tokenizer, rounds: int, alpha: float,
-               round_data: Callable[[int, object], str] | None = None, train_fn=None) -> tuple[object, list[APORound]]:
+               round_data: Callable[[int, object], str] | None = None) -> tuple[object, list[APORound]]:
     """`rounds` rounds of cfg's method through the one loop, each in <output_dir>/round-<t>, with momentum `alpha`
     between them. round_data(t, model) -> train_data path gives round t (1-based) fresh data, e.g. pairs sampled
     from the current policy and scored (the iterative setting); by default every round reuses cfg.train_data.
     Returns the final (extrapolated) model and each round's metrics."""
+    from alignkit.train import loop
+
     if rounds < 1:
         raise ValueError("apo_rounds needs at least one round")
-    if train_fn is None:
-        from alignkit.train.loop import train as train_fn
-    previous = _weights(model)  # theta_hat_0 = theta_0
+    trained = MovingReference(model, every=1, keep_previous=True)  # theta_hat_0 = theta_0
     history = []
     for t in range(1, rounds + 1):
         update = {"output_dir": str(Path(cfg.output_dir) / f"round-{t}")}
         if round_data is not None:
             update["train_data"] = round_data(t, model)
-        result = train_fn(cfg.model_copy(update=update), model, tokenizer)
+        result = loop.train(cfg.model_copy(update=update), model, tokenizer)
         model = result.model
-        trained = _weights(model)
-        model.load_state_dict(extrapolated_weights(trained, previous, alpha))
-        previous = trained
+        trained.update(model)  # theta_hat_t, with theta_hat_{t-1} kept
+        model.load_state_dict(trained.extrapolated(alpha))
         history.append(APORound(t, result.output_dir, result.final_metrics))
     return model, history
+
+
+__all__ = ["APORound", "apo_rounds", "extrapolated_logps", "extrapolated_weights"]

@@ -61,27 +61,42 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(output_dir, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep_last: int, *,
-                    rng_states: list[dict] | None = None, model_state: dict | None = None,
-                    optimizer_state: dict | None = None, extra_models: dict | None = None) -> Path:
-    """Write checkpoint `step`. rng_states: one per rank (default: this process's); model_state and
-    optimizer_state: gathered full states where the live ones are sharded (FSDP2); extra_models: file name ->
-    module saved with safetensors (TR-DPO's moving reference)."""
+@dataclass
+class CheckpointParts:
+    """What a checkpoint holds: the model (HF format) and tokenizer, the optimizer and schedule, and `state`, the
+    values of trainer_state.json. model_state / optimizer_state: the full states gathered where the live ones are
+    sharded (FSDP2); rng_states: one per rank (default: this process's); extra_models: file name -> module saved
+    with safetensors beside the policy (a moving reference, PPO's value head)."""
+
+    model: object
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    state: dict
+    model_state: dict | None = None
+    optimizer_state: dict | None = None
+    rng_states: list[dict] | None = None
+    extra_models: dict | None = None
+
+
+def save_checkpoint(output_dir, step: int, parts: CheckpointParts, keep_last: int) -> Path:
+    """Write checkpoint `step`, keeping the newest keep_last."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    extra = {"state_dict": model_state} if model_state is not None else {}
-    model.save_pretrained(tmp, safe_serialization=True, **extra)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
-                "scheduler": scheduler.state_dict(), "rng": rng_states or [rng_state()]}, tmp / TRAINER_FILE)
-    for name, module in (extra_models or {}).items():  # in a sub-folder: the policy's weights are *.safetensors
+    extra = {"state_dict": parts.model_state} if parts.model_state is not None else {}
+    parts.model.save_pretrained(tmp, safe_serialization=True, **extra)
+    if parts.tokenizer is not None:
+        parts.tokenizer.save_pretrained(tmp)
+    optimizer_state = parts.optimizer.state_dict() if parts.optimizer_state is None else parts.optimizer_state
+    torch.save({"optimizer": optimizer_state, "scheduler": parts.scheduler.state_dict(),
+                "rng": parts.rng_states or [rng_state()]}, tmp / TRAINER_FILE)
+    for name, module in (parts.extra_models or {}).items():  # in a sub-folder: the policy's weights are *.safetensors
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         save_model(module, str(tmp / name))
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}))  # last: the directory is complete
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **parts.state}))  # last: the directory is complete
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(root.glob("step-*"))[:-keep_last]:
@@ -181,17 +196,15 @@ def load_latest_checkpoint(output_dir, model) -> Resumed | None:
     return None
 
 
-def save_from_ranks(output_dir, step: int, model, tokenizer, optimizer, scheduler, train_model, ctx: Dist,
-                    state: dict, keep_last: int, extra_models: dict | None = None) -> None:
-    """Every rank calls this: the states are gathered (RNG of each rank; weights and optimizer under FSDP2),
-    rank 0 writes the checkpoint, and all wait for it."""
-    model_state = full_model_state(model, train_model)
-    optimizer_state = full_optimizer_state(model, optimizer, train_model)
-    rng_states = gather_objects(rng_state(), ctx)
+def save_from_ranks(output_dir, step: int, parts: CheckpointParts, train_model, ctx: Dist, keep_last: int) -> None:
+    """Every rank calls this: the states are gathered (RNG of each rank; weights and optimizer under FSDP2), rank 0
+    writes the checkpoint, and all wait for it. train_model: the module the step calls (DDP / FSDP2 around the
+    model)."""
+    parts.model_state = full_model_state(parts.model, train_model)
+    parts.optimizer_state = full_optimizer_state(parts.model, parts.optimizer, train_model)
+    parts.rng_states = gather_objects(rng_state(), ctx)
     if ctx.is_main:
-        save_checkpoint(output_dir, step, model, tokenizer, optimizer, scheduler, state, keep_last,
-                        rng_states=rng_states, model_state=model_state, optimizer_state=optimizer_state,
-                        extra_models=extra_models)
+        save_checkpoint(output_dir, step, parts, keep_last)
     barrier(ctx)
 
 

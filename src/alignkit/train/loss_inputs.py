@@ -5,11 +5,9 @@ Also the state a loss carries between training batches (BCO's reward shift)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
-from alignkit.data.pack import PackedBatch, pack, token_budget_batches, with_mismatched_completions
+from alignkit.data.pack import PackedBatch
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError, DataError
 from alignkit.losses import LossInputs
@@ -19,55 +17,23 @@ from alignkit.losses.tokenlevel import activation_token_weights
 from alignkit.models.logprobs import ResponseLogProbs, response_logprobs
 from alignkit.models.token_kl import logprobs_and_token_kl, pad_tokens, reference_forward
 from alignkit.train.distributed import Dist, gather_objects
-from alignkit.train.reference import Reference, build_reference
+from alignkit.train.reference import Reference
 
 
-def pack_batch(examples: list[TokenizedExample], indices: list[int], cfg, pad_token_id: int, spec: LossSpec,
-               opts) -> PackedBatch:
-    """examples[indices] packed; for KTO each example also gets the next one's completion as a last response."""
-    chosen = [examples[i] for i in indices]
-    if uses_kl_pairs(spec, opts):
-        chosen = with_mismatched_completions(chosen, cfg.max_length)
-    return pack(chosen, indices, cfg.max_tokens_per_row, pad_token_id)
+def mean_trained_lengths(examples: list[TokenizedExample], indices) -> torch.Tensor:
+    """[k] mean loss-carrying token count of each response column over examples[indices] (LossInputs'
+    step_mean_lengths, for token-means); a column counts the examples that have it (list data may hold different k)."""
+    lengths = [examples[i].trained_lengths for i in indices]
+    totals, counts = torch.zeros(max(map(len, lengths))), torch.zeros(max(map(len, lengths)))
+    for row in lengths:
+        totals[:len(row)] += torch.tensor(row, dtype=torch.float32)
+        counts[:len(row)] += 1
+    return totals / counts.clamp(min=1)
 
 
-def eval_batches(examples: list[TokenizedExample], cfg) -> list[list[int]]:
-    """The micro-batches of an evaluation (fixed: the reference of KTO's mismatched pairs is scored for them)."""
-    return token_budget_batches(examples, cfg.max_tokens_per_batch, seed=0, shuffle=False)
-
-
-def score_references(model, ref_model, train_examples, eval_examples, local_steps, spec: LossSpec, opts, cfg,
-                     pad_token_id: int, use_cache: bool | None = None) -> tuple[Reference | None, Reference | None]:
-    """The reference's values for the training and evaluation sets (None, None for a reference-free loss), from
-    `ref_model` where there is one, else from `model` (the starting policy, before any update). KTO's mismatched
-    pairs are scored for exactly the micro-batches this rank will pack (local_steps; eval_batches)."""
-    if not spec.needs_reference:
-        return None, None
-    source = ref_model if ref_model is not None else model
-    if spec.reference_context:  # LongPO: the reference reads each example's short context instead
-        train_examples, eval_examples = (with_reference_context(e, spec.reference_context)
-                                         for e in (train_examples, eval_examples))
-    kl_pairs = uses_kl_pairs(spec, opts)
-    train_batches = [mb for step in local_steps for mb in step] if kl_pairs else None
-    train_ref = build_reference(source, train_examples, cfg, pad_token_id, train_batches, use_cache)
-    eval_ref = None
-    if eval_examples:
-        eval_batches_ = eval_batches(eval_examples, cfg) if kl_pairs else None
-        eval_ref = build_reference(source, eval_examples, cfg, pad_token_id, eval_batches_, use_cache)
-    for ref in (train_ref, eval_ref):
-        if ref is not None:
-            ref.model = ref_model
-    return train_ref, eval_ref
-
-
-def with_reference_context(examples: list[TokenizedExample], name: str) -> list[TokenizedExample]:
-    """The examples with the prompt the reference reads (extras[name], token ids), their responses unchanged."""
-    return [replace(e, prompt_ids=e.extras[name]) for e in examples]
-
-
-def logprob_inputs(model, batch: PackedBatch, spec: LossSpec, opts, ref: Reference | None,
-                   chunk_size: int) -> LossInputs:
-    """The policy's (and reference's) log-probs of the batch, split into the loss's fields."""
+def logprob_inputs(model, batch: PackedBatch, method, ref: Reference | None) -> LossInputs:
+    """The policy's (and reference's) log-probs of the batch, split into the loss's fields (method: train/method.Method)."""
+    spec, opts, chunk_size = method.spec, method.opts, method.chunk_size
     live_ref = ref is not None and ref.model is not None and uses_ref_model(spec, opts)
     if live_ref:  # SparsePO: the reference runs on the same rows; the KL comes out of the policy's chunked pass
         ref_forward = reference_forward(ref.model, batch)
@@ -76,7 +42,7 @@ def logprob_inputs(model, batch: PackedBatch, spec: LossSpec, opts, ref: Referen
         out = response_logprobs(model, batch, chunk_size)
     seq_logps = out.seq_logps.float()
     kl_pairs = uses_kl_pairs(spec, opts)
-    if kl_pairs:  # the last column is the mismatched completion (pack_batch)
+    if kl_pairs:  # the last column is the mismatched completion (Method.pack)
         inputs = LossInputs(logps=seq_logps[:, :-1], lengths=out.lengths[:, :-1], kl_logps=seq_logps[:, -1])
     else:
         inputs = LossInputs(logps=seq_logps, lengths=out.lengths)

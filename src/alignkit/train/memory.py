@@ -41,14 +41,10 @@ def _glibc():
 
 def release_freed_memory() -> bool:
     """Allocations from 4 MiB up are mmapped for the rest of the process, so a freed activation goes back to the
-    OS at once. glibc starts at 128 KiB but raises the threshold to the size of each mmapped block freed (up to
-    32 MiB); after a few steps, activations of that size are carved from its heap, and what is freed there stays
-    in the process. Measured on a checkpointed DPO step of 4 pairs x 2k-token prompts (SmolLM2, fp32): peak RSS
-    5.8 GB with glibc's default, 3.4 GB at 4 MiB (3.0 GB at 128 KiB, but short prompts' steps were 20 % slower
-    there: their many MB-sized tensors then each cost fresh page faults). Even at 4 MiB every large block is faulted
-    in again (that step: -17 % pairs/s; fp32 without checkpointing -28 %), hence on by default only where a run asked
-    for less memory (train/step.release_memory). Returns whether the setting took (glibc only; elsewhere the C
-    library's own policy stays)."""
+    OS at once: glibc raises its threshold to each freed mmapped block's size, after which freed activations stay
+    in its heap. It costs page faults on every large block, hence on only where a run asked for less memory
+    (train/step.release_memory); measurements in docs/long_context.md ("What the process holds beyond the
+    tensors"). Returns whether the setting took (glibc only; elsewhere the C library's own policy stays)."""
     libc = _glibc()
     return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 

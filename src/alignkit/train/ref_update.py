@@ -1,67 +1,114 @@
-"""A live reference model: a frozen copy of the starting policy, made only when a method needs one — SparsePO's
-per-token reference distributions and activations, or TR-DPO's reference updates (`ref_update`).
+"""The moving reference: a frozen copy of the policy that follows it. One mechanism for three methods:
 
-TR-DPO (arXiv 2404.09656; TRL's SyncRefModelCallback): after every `every` optimizer steps the reference weights
-become alpha * policy + (1 - alpha) * reference (soft; mixed in parameter space), or a copy of the policy (hard).
-The reference log-probs the loop cached for the run are then stale: the caller recomputes them."""
+- TR-DPO (arXiv 2404.09656; TRL's SyncRefModelCallback): after every `every` optimizer steps the reference becomes
+  alpha * policy + (1 - alpha) * reference (soft; mixed in parameter space), or a copy of the policy (hard). The
+  reference log-probs the loop cached are then stale: the caller recomputes them.
+- Online `ref_update_every`: at the start of every `every`-th round the reference becomes a copy of the policy,
+  keeping the one it replaces (`last`) where APO's extrapolation or CREAM's judge compare consecutive rounds.
+- APO between offline rounds (train/apo.py): the reference follows each round's trained policy, and the next
+  policy is extrapolated from it and the previous one (`extrapolated`)."""
 
 from __future__ import annotations
 
-import copy
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_model
 
 from alignkit.errors import AlignkitError
-from alignkit.losses.registry import uses_ref_model
+from alignkit.models.inference import frozen_copy
 
-# In a checkpoint, beside (not among) the policy's *.safetensors, which are all loaded as the policy.
-REFERENCE_FILE = "reference/model.safetensors"
+# In a checkpoint, in sub-folders: its top-level *.safetensors are all loaded as the policy.
+REFERENCE_FILE, PREVIOUS_FILE = "reference/model.safetensors", "previous_reference/model.safetensors"
 
 
-def reference_model(model, spec, opts, cfg):
-    """A frozen copy of `model` (eval mode, no gradients) where the method needs one; None otherwise."""
-    if cfg.ref_update is None and not uses_ref_model(spec, opts):
-        return None
-    ref = copy.deepcopy(model).eval()
-    ref.requires_grad_(False)
-    return ref
+class MovingReference:
+    """model: the starting policy, copied frozen (precision bf16: linear weights in bf16, models/inference.frozen_copy);
+    every: updates (optimizer steps, rounds) between moves, 0: never; alpha: the policy's share in a move (1: a copy);
+    keep_previous: also keep the reference a move replaces."""
+
+    def __init__(self, model, every: int, alpha: float = 1.0, keep_previous: bool = False, precision: str = "fp32"):
+        self.reference = frozen_copy(model, precision)
+        self.previous = frozen_copy(model, precision) if keep_previous else None
+        self.every, self.alpha, self.has_previous = every, alpha, False
+
+    def due(self, count: int) -> bool:
+        """Whether the reference moves after `count` updates (count >= 1)."""
+        return bool(self.every) and count > 0 and count % self.every == 0
+
+    def follow(self, count: int, policy) -> bool:
+        """Move towards `policy` if due after `count` updates; whether it moved."""
+        if self.due(count):
+            self.update(policy)
+        return self.due(count)
+
+    @torch.no_grad()
+    def update(self, policy) -> None:
+        """theta_ref <- alpha * theta + (1 - alpha) * theta_ref for every parameter, the old reference kept first."""
+        if self.previous is not None:
+            _mix(self.previous, self.reference, 1.0)
+            self.has_previous = True
+        _mix(self.reference, policy, self.alpha)
+
+    @property
+    def last(self):
+        """The reference the last move replaced, once there is one."""
+        return self.previous if self.has_previous else None
+
+    def extrapolated(self, alpha: float) -> dict[str, torch.Tensor]:
+        """theta + alpha (theta - theta_last) of the reference over the one it replaced (APO's momentum)."""
+        return extrapolated_weights(self.reference.state_dict(), self.previous.state_dict(), alpha)
+
+    def checkpoint_models(self) -> dict:
+        """What a checkpoint holds besides the policy: a reference that moves (a fixed one is rebuilt on resume)."""
+        if not self.every:
+            return {}
+        return {REFERENCE_FILE: self.reference, **({PREVIOUS_FILE: self.previous} if self.previous is not None else {})}
+
+    def restore(self, path: Path, has_previous: bool = False) -> None:
+        """Load the references saved in checkpoint `path`."""
+        for name, module in self.checkpoint_models().items():
+            if not (path / name).exists():
+                raise AlignkitError(f"{path / name} is missing: this checkpoint was not saved by a run whose reference "
+                                    "moves; resume with the settings it was saved with, or use a new output_dir")
+            load_model(module, str(path / name))
+        self.has_previous = has_previous
 
 
 @torch.no_grad()
+def _mix(target, source, alpha: float) -> None:
+    params = dict(target.named_parameters())
+    for name, param in source.named_parameters():
+        if alpha >= 1.0:
+            params[name].copy_(param.detach())
+        else:
+            params[name].mul_(1 - alpha).add_(param.detach().to(params[name].dtype), alpha=alpha)
+
+
 def update_reference(reference, policy, alpha: float) -> None:
     """theta_ref <- alpha * theta + (1 - alpha) * theta_ref for every parameter; alpha = 1 copies the policy."""
-    ref_params = dict(reference.named_parameters())
-    for name, param in policy.named_parameters():
-        target = ref_params[name]
-        if alpha >= 1.0:
-            target.copy_(param.detach())
+    _mix(reference, policy, alpha)
+
+
+def extrapolated_weights(current: dict[str, torch.Tensor], previous: dict[str, torch.Tensor],
+                         alpha: float) -> dict[str, torch.Tensor]:
+    """theta + alpha (theta - theta_prev) for every floating-point tensor; any other entry (integer buffers) as
+    in `current`."""
+    out = {}
+    for name, value in current.items():
+        if value.is_floating_point():
+            out[name] = value + alpha * (value - previous[name].to(value.dtype))
         else:
-            target.mul_(1 - alpha).add_(param.detach().to(target.dtype), alpha=alpha)
+            out[name] = value.clone()
+    return out
 
 
-def reference_due(cfg, step: int) -> bool:
-    """Whether the reference is updated after optimizer step `step` (1-based)."""
-    return cfg.ref_update is not None and step % cfg.ref_update.every == 0
-
-
-def update_alpha(cfg) -> float:
-    return 1.0 if cfg.ref_update.mode == "hard" else cfg.ref_update.alpha
-
-
-def checkpoint_models(reference, cfg) -> dict:
-    """What a checkpoint must hold besides the policy: the moving reference of TR-DPO (a frozen one is rebuilt
-    from the starting model)."""
-    return {REFERENCE_FILE: reference} if cfg.ref_update is not None and reference is not None else {}
-
-
-def restore_reference(reference, resumed, cfg) -> bool:
-    """Load the moving reference saved with `resumed`; True when it was (the reference values must be rescored)."""
-    if resumed is None or not checkpoint_models(reference, cfg):
-        return False
-    path = resumed.path / REFERENCE_FILE
-    if not path.exists():
-        raise AlignkitError(f"{path} is missing: this checkpoint was not saved by a ref_update run; resume with the "
-                            "settings it was saved with, or use a new output_dir")
-    load_model(reference, path)
-    return True
+def offline_reference(model, cfg, live: bool) -> MovingReference | None:
+    """The offline loop's reference model, only where a method needs one: TR-DPO's (cfg.ref_update) or a live one
+    (live: SparsePO's per-token distributions). A plain copy in the model's own precision."""
+    if cfg.ref_update is None and not live:
+        return None
+    if cfg.ref_update is None:
+        return MovingReference(model, every=0)
+    alpha = 1.0 if cfg.ref_update.mode == "hard" else cfg.ref_update.alpha
+    return MovingReference(model, cfg.ref_update.every, alpha)

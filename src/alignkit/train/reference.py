@@ -15,12 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignkit.data.cache import cache_dir
-from alignkit.data.pack import mismatched_partners, pack, token_budget_batches, with_mismatched_completions
+from alignkit.data.pack import mismatched_partners, with_mismatched_completions
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import AlignkitError
 from alignkit.models.inference import eval_mode
 from alignkit.models.logprobs import response_logprobs
 from alignkit.models.lora import adapters_disabled
+from alignkit.train.packing import Packing
 
 log = logging.getLogger("alignkit.train")
 
@@ -65,20 +66,16 @@ def mismatched_examples(examples: list[TokenizedExample], pairs: list[tuple[int,
     return out
 
 
-def build_reference(model, examples: list[TokenizedExample], cfg, pad_token_id: int, batches=None,
-                    use_cache: bool | None = None) -> Reference:
-    """Reference values of `examples` under `model` (cfg: a TrainConfig). batches: the micro-batches (example
-    indices) the run will pack with mismatched completions (KTO); their pairs are scored too."""
-    args = (cfg.max_tokens_per_batch, cfg.max_tokens_per_row, pad_token_id, cfg.precision, cfg.chunk_size,
-            cfg.ref_cache if use_cache is None else use_cache)
-    ref = Reference(*reference_logps(model, examples, *args))
+def build_reference(model, examples: list[TokenizedExample], packing: Packing, batches=None,
+                    max_length: int | None = None, use_cache: bool = True) -> Reference:
+    """Reference values of `examples` under `model`. batches: the micro-batches (example indices) the run will pack
+    with mismatched completions (KTO), cut to max_length; their pairs are scored too."""
+    ref = Reference(*reference_logps(model, examples, packing, use_cache))
     if batches is not None:
         pairs = sorted({(mb[b], mb[p]) for mb in batches for b, p in enumerate(mismatched_partners(len(mb)))})
-        pair_seq, _ = reference_logps(model, mismatched_examples(examples, pairs, cfg.max_length), *args)
+        pair_seq, _ = reference_logps(model, mismatched_examples(examples, pairs, max_length), packing, use_cache)
         ref.pair_logps = dict(zip(pairs, pair_seq[:, 0].tolist()))
     return ref
-
-
 
 
 def weights_fingerprint(model) -> str:
@@ -102,8 +99,7 @@ def examples_fingerprint(examples: list[TokenizedExample]) -> str:
 
 
 @torch.no_grad()
-def score_examples(model, examples: list[TokenizedExample], max_tokens_per_batch: int, max_tokens_per_row: int | None,
-                   pad_token_id: int, precision: str = "fp32", chunk_size: int = 1024, with_values: bool = False):
+def score_examples(model, examples: list[TokenizedExample], packing: Packing, with_values: bool = False):
     """Per-sequence [n, k] and per-token (one flat tensor per example) log-probs, without gradients, in eval mode;
     with_values (a PolicyWithValueHead: PPO's behaviour policy): also its per-token values, flat per example."""
     k = len(examples[0].response_ids)
@@ -112,10 +108,10 @@ def score_examples(model, examples: list[TokenizedExample], max_tokens_per_batch
     values: list[torch.Tensor] = [torch.empty(0)] * len(examples)
     device = next(model.parameters()).device
     with eval_mode(model):
-        for indices in token_budget_batches(examples, max_tokens_per_batch, seed=0, shuffle=False):
-            batch = pack([examples[i] for i in indices], indices, max_tokens_per_row, pad_token_id)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                out = response_logprobs(model, batch, chunk_size)
+        for indices in packing.batches(examples):
+            batch = packing.pack([examples[i] for i in indices], indices)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=packing.precision == "bf16"):
+                out = response_logprobs(model, batch, packing.chunk_size)
             seq_logps[indices] = out.seq_logps.float().cpu()
             counts = out.lengths.sum(1).long().tolist()
             for i, part in zip(indices, torch.split(out.token_logps.float().cpu(), counts)):
@@ -126,21 +122,18 @@ def score_examples(model, examples: list[TokenizedExample], max_tokens_per_batch
     return (seq_logps, token_logps, values) if with_values else (seq_logps, token_logps)
 
 
-def reference_logps(model, examples, max_tokens_per_batch, max_tokens_per_row, pad_token_id, precision="fp32",
-                    chunk_size=1024, use_cache=True):
+def reference_logps(model, examples, packing: Packing, use_cache: bool = True):
     """Reference log-probs of `examples` under `model` with any LoRA adapters disabled (so the reference
     is the base model, with no second copy of it), from the disk cache when the fingerprint matches."""
     with adapters_disabled(model):
-        return _reference_logps(model, examples, max_tokens_per_batch, max_tokens_per_row, pad_token_id, precision,
-                                chunk_size, use_cache)
+        if not use_cache:
+            return score_examples(model, examples, packing)
+        return _cached_logps(model, examples, packing)
 
 
-def _reference_logps(model, examples, max_tokens_per_batch, max_tokens_per_row, pad_token_id, precision, chunk_size,
-                     use_cache):
-    if not use_cache:
-        return score_examples(model, examples, max_tokens_per_batch, max_tokens_per_row, pad_token_id, precision, chunk_size)
+def _cached_logps(model, examples, packing: Packing):
     key = hashlib.blake2b(
-        f"{weights_fingerprint(model)}|{examples_fingerprint(examples)}|{precision}".encode(), digest_size=16
+        f"{weights_fingerprint(model)}|{examples_fingerprint(examples)}|{packing.precision}".encode(), digest_size=16
     ).hexdigest()
     path = cache_dir() / "ref_logps" / f"{key}.safetensors"
     if path.exists():
@@ -151,8 +144,7 @@ def _reference_logps(model, examples, max_tokens_per_batch, max_tokens_per_row, 
             return stored["seq_logps"], list(torch.split(stored["token_logps"], counts))
         except Exception as err:  # noqa: BLE001 - a broken cache file is recomputed, not fatal
             log.warning("reference cache %s unreadable (%s); recomputing", path, err)
-    seq_logps, token_logps = score_examples(model, examples, max_tokens_per_batch, max_tokens_per_row, pad_token_id,
-                                            precision, chunk_size)
+    seq_logps, token_logps = score_examples(model, examples, packing)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"seq_logps": seq_logps.contiguous(), "token_logps": torch.cat(token_logps).contiguous(),

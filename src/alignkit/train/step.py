@@ -1,7 +1,7 @@
 """The one optimizer step, shared by offline training (train/loop.py) and every online round (online/run.py):
-micro-batches -> forward (the caller's, through compute_losses) -> backward with accumulation -> non-finite guard
--> clip -> optimizer step -> LR schedule -> metrics. Also what sets the step up: the model's device, gradient
-checkpointing and LoRA (prepare_model), the fused AdamW with parameter groups, the warmup + schedule."""
+micro-batches -> forward (the caller's, through train/method.Method.forward) -> backward with accumulation ->
+non-finite guard -> clip -> optimizer step -> LR schedule -> metrics. Also what sets the step up: the model's device,
+gradient checkpointing and LoRA (prepare_model), the fused AdamW with parameter groups, the warmup + schedule."""
 
 from __future__ import annotations
 

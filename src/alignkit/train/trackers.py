@@ -14,6 +14,14 @@ def _missing(name: str, package: str) -> ConfigError:
     return ConfigError("report_to", f"'{name}' needs the {package} package: pip install {package}")
 
 
+def _backend(name: str, package: str):
+    """The backend's module, imported only when asked for; missing, a ConfigError naming what to install."""
+    try:
+        return __import__(name)  # (through builtins.__import__, as an `import` statement)
+    except ImportError:
+        raise _missing(name, package) from None
+
+
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:
     """{"a": {"b": 1}} -> {"a.b": 1}: nested config as flat parameters."""
     out = {}
@@ -49,10 +57,7 @@ class TensorBoard:
 
 class WandB:
     def __init__(self, output_dir: Path, run_name: str, config: dict, required: bool = True):
-        try:
-            import wandb
-        except ImportError:
-            raise _missing("wandb", "wandb") from None
+        wandb = _backend("wandb", "wandb")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "alignkit"), name=run_name, config=config,
                               dir=str(output_dir), reinit="finish_previous")
 
@@ -65,11 +70,7 @@ class WandB:
 
 class MLflow:
     def __init__(self, output_dir: Path, run_name: str, config: dict, required: bool = True):
-        try:
-            import mlflow
-        except ImportError:
-            raise _missing("mlflow", "mlflow-skinny") from None
-        self.mlflow = mlflow
+        self.mlflow = mlflow = _backend("mlflow", "mlflow-skinny")
         if not os.environ.get("MLFLOW_TRACKING_URI"):  # a local file store: no server, nothing to install
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((output_dir / "mlruns").resolve().as_uri())
