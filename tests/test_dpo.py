@@ -117,7 +117,7 @@ def test_registry_options_and_validation():
     spec = get_loss("dpo")
     assert spec.fn is dpo_loss and spec.data_shape == "pairs" and spec.needs_reference
     assert build_options(spec, {}) == DPOOptions(beta=0.1, label_smoothing=0.0)
-    assert build_options(spec, {"beta": 0.5, "label_smoothing": 0.2}) == DPOOptions(0.5, 0.2)
+    assert build_options(spec, {"beta": 0.5, "label_smoothing": 0.2}) == DPOOptions(beta=0.5, label_smoothing=0.2)
     for values, key in [({"beta": 0}, "loss_options.beta"), ({"beta": -0.1}, "loss_options.beta"),
                         ({"beta": float("nan")}, "loss_options.beta"), ({"beta": "high"}, "loss_options.beta"),
                         ({"label_smoothing": 0.5}, "loss_options.label_smoothing"),

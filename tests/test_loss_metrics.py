@@ -248,7 +248,7 @@ def test_ppo_kl_loss_term_is_off_at_zero_and_k3_otherwise():
         return ppo_loss(LossInputs(logps=t(logps.sum(-1)), lengths=t(mask.sum(-1).astype(float)),
                                    token_logps=t(logps), token_mask=t(mask), old_token_logps=t(old),
                                    ref_token_logps=t(ref), advantages=t(adv), returns=t(returns), values=t(values),
-                                   old_values=t(values)), PPOOptions(kl_loss_coef=coef))[0]
+                                   old_values=t(values)), PPOOptions(kl_coef=coef))[0]
     d = ref - logps
     k3 = np.exp(d) - d - 1
     expected = 0.5 * (k3 * mask).sum((-1, -2)) / mask.sum((-1, -2)).mean()  # token-mean over the batch's tokens
@@ -384,8 +384,8 @@ def test_ppo_defaults_and_guards():
                     token_mask=t(mask), old_token_logps=t(old), ref_token_logps=None, advantages=t(adv),
                     returns=t(returns), values=t(values), old_values=None)
         return LossInputs(**{**base, **over})
-    no_old, metrics = ppo_loss(inputs(), PPOOptions(kl_loss_coef=0.0))  # no reference needed without the KL term
-    with_old, _ = ppo_loss(inputs(old_values=t(values)), PPOOptions(kl_loss_coef=0.0))
+    no_old, metrics = ppo_loss(inputs(), PPOOptions(kl_coef=0.0))  # no reference needed without the KL term
+    with_old, _ = ppo_loss(inputs(old_values=t(values)), PPOOptions(kl_coef=0.0))
     torch.testing.assert_close(no_old, with_old)  # old values default to the values themselves
     value_loss = 0.5 * (values - returns) ** 2  # unclipped: old values = values
     np.testing.assert_allclose(metrics["value_loss"].numpy(), (value_loss * mask).sum((1, 2)) / mask.sum((1, 2)))
@@ -393,7 +393,7 @@ def test_ppo_defaults_and_guards():
     policy = np.maximum(-adv * ratio, -adv * np.clip(ratio, 0.8, 1.2))
     np.testing.assert_allclose(metrics["policy_loss"].numpy(), (policy * mask).sum((1, 2)) / mask.sum((1, 2)))
     step = torch.tensor([3.0])
-    stepped, _ = ppo_loss(inputs(step_mean_lengths=step), PPOOptions(kl_loss_coef=0.0))
+    stepped, _ = ppo_loss(inputs(step_mean_lengths=step), PPOOptions(kl_coef=0.0))
     torch.testing.assert_close(stepped * 3.0, no_old * mask.sum((1, 2)).mean())  # the step's length divides
     for missing in ("values", "advantages", "returns"):
         with pytest.raises(ValueError, match="value head"):
@@ -458,9 +458,13 @@ def test_unknown_loss_options_list_the_known_ones():
         build_options(get_loss("dpo"), {"nope": 1})
     assert err.value.key == "loss_options.nope" and "known: beta, " in err.value.reason
     spec = get_loss("sft")
-    from dataclasses import make_dataclass, replace
+    from dataclasses import replace
 
-    bare = replace(spec, options=make_dataclass("NoOptions", []))
+    from pydantic import create_model
+
+    from alignkit.losses.options import LossOptions
+
+    bare = replace(spec, options=create_model("NoOptions", __base__=LossOptions))
     with pytest.raises(ConfigError) as err:
         build_options(bare, {"x": 1})
     assert err.value.reason.endswith("known: none")

@@ -47,7 +47,7 @@ def np_logo(logps, lengths, beta, gamma, lam):
 def test_logo_equals_numpy(m, beta, gamma, lam):
     logps, lengths = batch(m, seed=m)
     policy = torch.tensor(logps, requires_grad=True)
-    losses, metrics = logo_loss(LossInputs(logps=policy, lengths=torch.tensor(lengths)), LOGOOptions(beta, gamma, lam))
+    losses, metrics = logo_loss(LossInputs(logps=policy, lengths=torch.tensor(lengths)), LOGOOptions(beta=beta, gamma=gamma, sft_weight=lam))
     expected, preference = np_logo(logps, lengths, beta, gamma, lam)
     assert float(losses.mean()) == pytest.approx(expected, rel=1e-10)
     if lam == 0:
@@ -97,7 +97,7 @@ def test_longpo_equals_numpy(beta, lam, nll):
     ref_short = logps + np.random.default_rng(4).normal(0, 3, logps.shape)
     policy = torch.tensor(logps, requires_grad=True)
     losses, metrics = longpo_loss(LossInputs(logps=policy, lengths=torch.tensor(lengths),
-                                             ref_logps=torch.tensor(ref_short)), LongPOOptions(beta, lam, nll))
+                                             ref_logps=torch.tensor(ref_short)), LongPOOptions(beta=beta, dpo_weight=lam, nll=nll))
     np.testing.assert_allclose(losses.detach().numpy(), np_longpo(logps, ref_short, lengths, beta, lam, nll),
                                rtol=1e-10)
     np.testing.assert_allclose(metrics["rewards/chosen"].numpy(), beta * (logps[:, 0] - ref_short[:, 0]))

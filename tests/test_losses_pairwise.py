@@ -230,7 +230,7 @@ def test_dpop_equals_dpo_while_the_chosen_logratio_is_positive():
     _, _, logps, ref_logps, lengths = make_batch(seed=4)
     ref_logps[:, 0] = logps[:, 0] - 1.0  # r_w = 1 > 0 everywhere
     inputs = as_inputs(logps, ref_logps, lengths)
-    torch.testing.assert_close(pw.dpop_loss(inputs, pw.DPOPOptions(beta=0.3))[0], dpo_loss(inputs, DPOOptions(0.3))[0])
+    torch.testing.assert_close(pw.dpop_loss(inputs, pw.DPOPOptions(beta=0.3))[0], dpo_loss(inputs, DPOOptions(beta=0.3))[0])
 
 
 def test_ipo_is_zero_at_the_target_margin():

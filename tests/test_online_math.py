@@ -294,7 +294,7 @@ def test_ppo_loss_matches_numpy(how):
     advantages, returns, old_values = (torch.randn(B, K, T, generator=g) * mask for _ in range(3))
     values = (old_values + 0.4 * torch.randn(B, K, T, generator=g)) * mask  # some beyond the value clip
     policy, value_param = logps.clone().requires_grad_(), values.clone().requires_grad_()
-    opts = PPOOptions(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, kl_loss_coef=0.02, loss_aggregation=how)
+    opts = PPOOptions(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, kl_coef=0.02, loss_aggregation=how)
     inputs = LossInputs(logps=(policy * mask).sum(-1), lengths=mask.sum(-1).float(), token_logps=policy,
                         token_mask=mask, old_token_logps=old, ref_token_logps=ref, advantages=advantages,
                         returns=returns, values=value_param, old_values=old_values)
@@ -464,7 +464,7 @@ def test_a_reference_is_needed_only_with_a_kl_term(options):
 
 
 def test_ppo_always_needs_the_reference_and_the_value_head():
-    assert PPOOptions(kl_coef=0.0).needs() == PPOOptions().needs() == {"reference", "values"}
+    assert PPOOptions(kl_reward_coef=0.0).needs() == PPOOptions().needs() == {"reference", "values"}
 
 
 @pytest.mark.parametrize("norm,clip", [("scale", 0.0), ("normalize", 0.5)])
@@ -475,7 +475,7 @@ def test_ppo_reward_scale_and_advantage_clip(norm, clip):
     mask = torch.arange(T)[None, None] < torch.randint(2, T + 1, (B, K, 1), generator=g)
     scores = torch.randn(B, K, generator=g) * 3 + 1
     logps, ref, values = (torch.randn(B, K, T, generator=g) * mask for _ in range(3))
-    opts = PPOOptions(reward_norm=norm, advantage_clip=clip, reward_clip=0.0, kl_coef=0.05)
+    opts = PPOOptions(reward_norm=norm, advantage_clip=clip, reward_clip=0.0, kl_reward_coef=0.05)
     rewards = normalise_scores(scores, RunningMoments(), opts.reward_norm, opts.reward_clip)
     out = ppo_advantages(rewards, logps, ref, values, mask, opts)
     s = scores.numpy().astype(np.float64)

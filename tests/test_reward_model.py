@@ -54,7 +54,7 @@ def rm_inputs(chosen=CHOSEN, rejected=REJECTED, margins=None) -> LossInputs:
                                                        (0.3, 0.05, True)])
 def test_bradley_terry_loss_matches_numpy(margin, eta, record_margins):
     margins = RECORD_MARGINS if record_margins else None
-    losses, metrics = bradley_terry_loss(rm_inputs(margins=margins), RewardModelOptions(margin, eta))
+    losses, metrics = bradley_terry_loss(rm_inputs(margins=margins), RewardModelOptions(margin=margin, center_rewards_coefficient=eta))
     c, r = CHOSEN.double().numpy(), REJECTED.double().numpy()
     m = margin + (RECORD_MARGINS.double().numpy() if record_margins else 0.0)
     expected = -np_log_sigmoid(c - r - m) + eta * (c + r) ** 2

@@ -50,7 +50,7 @@ def test_a_trl_grpo_config_maps_onto_online():
                                "num_generations": 8, "max_completion_length": 96, "beta": 0.0, "loss_type": "dr_grpo",
                                "epsilon_high": 0.28, "temperature": 0.9, "num_iterations": 2, "max_steps": 50,
                                "mask_truncated_completions": True})
-    assert cfg.prompts.path == "data/prompts" and cfg.num_samples == 8 and cfg.rounds == 50 and cfg.epochs == 2
+    assert cfg.prompts.path == "data/prompts" and cfg.num_samples == 8 and cfg.rounds == 50 and cfg.num_iterations == 2
     assert cfg.sampling.max_new_tokens == 96 and cfg.sampling.temperature == 0.9 and cfg.mask_truncated
     assert cfg.loss_options == {"kl_coef": 0.0, "loss_aggregation": "const-norm", "epsilon_high": 0.28}
     assert online_config(None, {"method": "grpo", "model": "m", "prompts": "p", "loss_type": "cispo"}).method == "cispo"

@@ -2,34 +2,27 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 from alignkit.config import TrainConfig, load_command_config, load_config_file
 from alignkit.errors import ConfigError
-from alignkit.losses import build_options, get_loss
-
-
-def _loss_option_names(values: dict) -> set[str]:
-    loss_name = values.get("loss", "dpo")
-    return {f.name for f in dataclasses.fields(get_loss(loss_name).options)} if isinstance(loss_name, str) else set()
+from alignkit.losses import build_options, get_loss, loss_option_names
 
 
 def build_config(method: str | None = None, config: str | Path | dict | None = None,
                  overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The one loader (config.load_command_config): config file (or dict) < overrides. `method` sets `loss`; a key
     naming one of the loss's options (e.g. beta) goes to loss_options, so `--beta 0.2` works as well as
-    `--loss_options.beta 0.2`."""
+    `--loss_options.beta 0.2`. The options are built here, once, at load (losses.options_of gives them to the loop)."""
     overrides = dict(overrides or {})
     raw = load_config_file(config) if isinstance(config, (str, Path)) else dict(config or {})
     if method is not None and not (method == "dpo" and "loss_type" in raw):  # TRL's DPO loss_type picks the loss
         overrides["loss"] = method
-    config = raw
-    cfg = load_command_config(TrainConfig, config, overrides, _loss_option_names)
+    cfg = load_command_config(TrainConfig, raw, overrides, lambda values: loss_option_names(values.get("loss", "dpo")))
     if get_loss(cfg.loss).data_shape == "rollouts":  # GRPO, RLOO, PPO train on the policy's own samples
         raise ConfigError("loss", f"'{cfg.loss}' is an online method: run `alignkit online --method {cfg.loss}`")
-    build_options(get_loss(cfg.loss), cfg.loss_options)  # the loss and its options are checked at load too
+    cfg._loss_options = build_options(get_loss(cfg.loss), cfg.loss_options)
     return cfg
 
 

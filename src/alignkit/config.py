@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from alignkit import trl_keys
 from alignkit.errors import ConfigError
@@ -96,17 +96,18 @@ class OptimConfig(Strict):
     seed: int = 0
     max_tokens_per_batch: int = Field(4096, gt=0, description="token budget of one micro-batch")
     max_tokens_per_row: int | None = Field(
-        None, gt=0, description="packed row length (examples per row up to this); default: one row per micro-batch "
-                                "(packed_sdpa, flex_attention), the micro-batch's longest example (sdpa, eager)")
+        None, gt=0, description="packed row length (examples per row up to this); default offline: one row per "
+                                "micro-batch (packed_sdpa, flex_attention), the micro-batch's longest example (sdpa, "
+                                "eager); online: the micro-batch's longest example")
     chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the vocabulary projection")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     selective_recompute: bool = Field(False, description="keep matmul outputs, recompute RMSNorm and SwiGLU in "
                                                          "backward (between all activations and checkpointing)")
     release_memory: bool | None = Field(
         None, description="hand freed activations back to the OS at once (glibc: a fixed mmap threshold): a lower "
-                          "peak RSS, paid in page faults (measured: -46 % peak, -17 % pairs/s with checkpointing at "
-                          "4 x 2k-token prompts); default: on with gradient_checkpointing or max_memory_gb, off "
-                          "otherwise (glibc's default, which can keep GBs of freed activations in its heap)")
+                          "peak RSS, paid in page faults (docs/memory.md); default: on with gradient_checkpointing "
+                          "or max_memory_gb, off otherwise (glibc's default, which can keep GBs of freed activations "
+                          "in its heap)")
     attention: Literal["packed_sdpa", "sdpa", "eager", "flex_attention"] = Field(
         "packed_sdpa", description="attention over packed rows: packed_sdpa runs SDPA per example span (no cost for "
                                    "long rows); sdpa/eager use a dense block mask per row; flex_attention a "
@@ -169,6 +170,8 @@ class TrainConfig(OptimConfig):
     ref_update: RefUpdateOptions | None = Field(
         None, description="TR-DPO: update the reference every `every` steps, {mode: soft|hard, every, alpha}")
     eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations (0: only at the end)")
+    # The loss's options model, built from loss_options when the config is loaded (api.build_config).
+    _loss_options: Any = PrivateAttr(None)
 
 
 # Keys a resumed run may change: they do not change what is trained (the rest must equal the saved config).
@@ -241,13 +244,24 @@ def parse_override(raw: str) -> Any:
 
 
 def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
+    """values[a][b] = value for "a.b"; a mapping set over a mapping is merged into it (later keys win)."""
     keys = dotted.replace("-", "_").split(".")
     target = values
     for key in keys[:-1]:
         target = target.setdefault(key, {})
         if not isinstance(target, dict):
             raise ConfigError(dotted, "cannot set a sub-key of a non-mapping value")
-    target[keys[-1]] = value
+    current = target.get(keys[-1])
+    target[keys[-1]] = merged(current, value) if isinstance(current, dict) and isinstance(value, dict) else value
+
+
+def merged(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """base with values laid over it, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in values.items():
+        both = isinstance(out.get(key), dict) and isinstance(value, dict)
+        out[key] = merged(out[key], value) if both else value
+    return out
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -275,26 +289,52 @@ def _sections(cls: type[BaseModel]) -> dict[str, type[BaseModel]]:
     return out
 
 
-# Keys of earlier versions: named with their new place instead of "unknown key".
-RENAMED = {"out": "output_dir", "generation_batch_size": "sampling.batch_size",
+# Keys of earlier versions, by command config: still accepted, read as their new name with one log line naming it
+# (docs/glossary.md). Dotted keys of a section are renamed too (online.epochs in `alignkit rl`).
+RENAMED: dict[str, dict[str, str]] = {
+    "OnlineConfig": {"epochs": "num_iterations", "evaluate": "eval_before_after"},
+    "DecodeConfig": {"n": "num_samples"},
+    "SynthConfig": {"n": "num_prompts"},
+    "AlignConfig": {"train_prompts": "num_train_prompts", "eval_prompts": "num_eval_prompts"},
+}
+# Keys renamed long ago: named with their new place instead of "unknown key", and refused.
+RETIRED = {"out": "output_dir", "generation_batch_size": "sampling.batch_size",
            "sample_batch_size": "sampling.batch_size"}
+log = logging.getLogger("alignkit.config")
+
+
+def _renamed(key: str, cls: type[BaseModel]) -> str:
+    """key, or its new name if cls (or the section a dotted key names) renamed it, logged once per use."""
+    head, _, rest = key.rpartition(".")
+    section = _sections(cls).get(head) if head and "." not in head else (cls if not head else None)
+    new = RENAMED.get(section.__name__, {}).get(rest) if section is not None else None
+    if new is None:
+        return key
+    new = f"{head}.{new}" if head else new
+    log.info("config key '%s' is now '%s' (the old name still works)", key, new)
+    return new
 
 
 def route_key(key: str, cls: type[BaseModel], option_names: set[str] = frozenset()) -> str:
     """Where a top-level key goes: a field of cls stays; one of the loss's options goes to loss_options; a key of
     exactly one nested section (sampling.temperature) goes there. Anything else stays (and is named as unknown)."""
-    key = key.replace("-", "_")
+    key = _renamed(key.replace("-", "_"), cls)
     if "." in key or key in cls.model_fields:
         return key
-    if key in RENAMED:
-        raise ConfigError(key, f"renamed: use {RENAMED[key]}")
+    if key in RETIRED:
+        raise ConfigError(key, f"renamed: use {RETIRED[key]}")
     if key == "train_data" and "prompts" in cls.model_fields:  # named before a missing `prompts` is
         raise ConfigError(key, "online methods sample from prompts (--prompts p.jsonl, records with a prompt), not "
                                "from a training set")
     if key in option_names and "loss_options" in cls.model_fields:
         return f"loss_options.{key}"
     owners = [name for name, section in _sections(cls).items() if key in section.model_fields]
-    return f"{owners[0]}.{key}" if len(owners) == 1 else key
+    if len(owners) == 1:
+        return f"{owners[0]}.{key}"
+    holders = [name for name, section in _sections(cls).items() if "loss_options" in section.model_fields]
+    if key in option_names and len(holders) == 1:  # a recipe's nested command config (rl's online:)
+        return f"{holders[0]}.loss_options.{key}"
+    return key
 
 
 def load_command_config(cls: type[BaseModel], config: str | Path | dict | None = None,
@@ -327,9 +367,10 @@ def load_command_config(cls: type[BaseModel], config: str | Path | dict | None =
     return make_config(values, cls)
 
 
-def render_help(cls: type[BaseModel], usage: str, notes: list[str] = ()) -> str:
+def render_help(cls: type[BaseModel], usage: str, notes: list[str] = (),
+                options: tuple[str, type[BaseModel]] | None = None) -> str:
     """`alignkit <command> --help`: the usage line, every key (nested sections as dotted keys) with its default
-    and description, then notes."""
+    and description, then notes; options: (title, model) of a method's options (a loss's), listed the same way."""
     shared = set(OptimConfig.model_fields) - set(vars(cls).get("__annotations__", {})) if issubclass(cls, OptimConfig) else set()
     lines = [usage]
     for title, names in (("keys:", [n for n in cls.model_fields if n not in shared]),
@@ -343,6 +384,8 @@ def render_help(cls: type[BaseModel], usage: str, notes: list[str] = ()) -> str:
             section = _sections(cls).get(name)
             for sub_name, sub_field in (section.model_fields.items() if section else ()):
                 lines.append(_help_line(f"{name}.{sub_name}", sub_field))
+    if options is not None:
+        lines += ["", options[0], *(_help_line(n, f) for n, f in options[1].model_fields.items())]
     return "\n".join([*lines, *(["", *notes] if notes else [])])
 
 

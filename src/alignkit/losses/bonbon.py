@@ -3,10 +3,10 @@ beta at which the trained policy matches the best-of-n distribution."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import Field
 
-from alignkit.errors import ConfigError
 from alignkit.losses.base import LossInputs, LossOutput, logratios, pair_reward_metrics
+from alignkit.losses.options import Beta, LossOptions
 
 
 def bonbon_beta(n: int) -> float:
@@ -18,14 +18,9 @@ def bonbon_beta(n: int) -> float:
     return 1.0 / (2 * (n - 1) * harmonic)
 
 
-@dataclass
-class BonBonOptions:
-    alpha: float = 0.005  # weight of the SFT term (the official README's value)
-    beta: float = 0.0275482094  # bonbon_beta(8): pairs are best vs worst of 8
-
-    def __post_init__(self):
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError("loss_options.alpha", f"must be in [0, 1], got {self.alpha}")
+class BonBonOptions(LossOptions):
+    alpha: float = Field(0.005, ge=0, le=1, description="weight of the SFT term (the official README's value)")
+    beta: Beta = Field(0.0275482094, description="bonbon_beta(8): pairs are best vs worst of 8")
 
 
 def bonbon_loss(inputs: LossInputs, opts: BonBonOptions) -> LossOutput:

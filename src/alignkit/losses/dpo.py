@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from alignkit.losses.base import LossInputs, logratios, pair_reward_metrics
+from alignkit.losses.options import Beta, LabelSmoothing, LossOptions
 
 
-@dataclass
-class DPOOptions:
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # cDPO's epsilon: probability that a label is flipped
+class DPOOptions(LossOptions):
+    beta: Beta = 0.1
+    label_smoothing: LabelSmoothing = Field(0.0, description="cDPO's epsilon: probability that a label is flipped")
 
 
 def dpo_loss(inputs: LossInputs, opts: DPOOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

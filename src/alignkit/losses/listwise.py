@@ -5,12 +5,11 @@ Each response's implicit reward is s_i = beta (l_i - l_ref_i) from summed respon
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from alignkit.losses.base import LossInputs, LossOutput
+from alignkit.losses.options import Beta, LossOptions
 
 
 def _rewards_and_scores(inputs: LossInputs, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,9 +31,8 @@ def _list_metrics(rewards: torch.Tensor, scores: torch.Tensor) -> dict[str, torc
     }
 
 
-@dataclass
-class LiPOOptions:
-    beta: float = 0.1
+class LiPOOptions(LossOptions):
+    beta: Beta = 0.1
 
 
 def lipo_lambda_loss(inputs: LossInputs, opts: LiPOOptions) -> LossOutput:
@@ -60,9 +58,8 @@ def lipo_lambda_loss(inputs: LossInputs, opts: LiPOOptions) -> LossOutput:
     return losses, _list_metrics(rewards, scores)
 
 
-@dataclass
-class ListMLEOptions:
-    beta: float = 0.1
+class ListMLEOptions(LossOptions):
+    beta: Beta = 0.1
 
 
 def listmle_loss(inputs: LossInputs, opts: ListMLEOptions) -> LossOutput:

@@ -11,25 +11,18 @@ policy reads the long context and the reference the short one, r(y) = beta log p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch.nn.functional as F
+from pydantic import Field
 
-from alignkit.errors import ConfigError
 from alignkit.losses.base import LossInputs, LossOutput, logratios, pair_reward_metrics, sft_nll
+from alignkit.losses.options import Beta, LossOptions
 
 
-@dataclass
-class LOGOOptions:
-    beta: float = 10.0  # the paper's Llama-3 setting (Mistral 2.5, Llama-2 3)
-    gamma: float = 3.0  # margin in reward units (the code's beta * gamma_beta_ratio: 10 * 0.3)
-    sft_weight: float = 0.1  # lambda on the chosen response's NLL (0 drops it)
+class LOGOOptions(LossOptions):
+    beta: Beta = Field(10.0, description="the paper's Llama-3 setting (Mistral 2.5, Llama-2 3)")
+    gamma: float = Field(3.0, description="margin in reward units (the code's beta * gamma_beta_ratio: 10 * 0.3)")
+    sft_weight: float = Field(0.1, ge=0, description="lambda on the chosen response's NLL (0 drops it)")
 
-    def __post_init__(self) -> None:
-        if not self.beta > 0:
-            raise ConfigError("loss_options.beta", f"must be > 0, got {self.beta}")
-        if self.sft_weight < 0:
-            raise ConfigError("loss_options.sft_weight", f"must be >= 0, got {self.sft_weight}")
 
 
 def logo_loss(inputs: LossInputs, opts: LOGOOptions) -> LossOutput:
@@ -49,17 +42,11 @@ def logo_loss(inputs: LossInputs, opts: LOGOOptions) -> LossOutput:
     return losses, pair_reward_metrics(chosen, rejected)
 
 
-@dataclass
-class LongPOOptions:
-    beta: float = 0.1  # the paper's; the released training script uses 0.01
-    dpo_weight: float = 0.01  # lambda: the weight of the preference term (the NLL's is 1)
-    nll: bool = True  # the NLL on the chosen response under the long context
+class LongPOOptions(LossOptions):
+    beta: Beta = Field(0.1, description="the paper's; the released training script uses 0.01")
+    dpo_weight: float = Field(0.01, gt=0, description="lambda: the weight of the preference term (the NLL's is 1)")
+    nll: bool = Field(True, description="the NLL on the chosen response under the long context")
 
-    def __post_init__(self) -> None:
-        if not self.beta > 0:
-            raise ConfigError("loss_options.beta", f"must be > 0, got {self.beta}")
-        if not self.dpo_weight > 0:
-            raise ConfigError("loss_options.dpo_weight", f"must be > 0, got {self.dpo_weight}")
 
 
 def longpo_loss(inputs: LossInputs, opts: LongPOOptions) -> LossOutput:

@@ -7,25 +7,29 @@ or with `margin` = sum_k w_k (r_k(x, y_w) - r_k(x, y_l)) already weighted (LossI
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 
-from alignkit.errors import ConfigError
 from alignkit.losses.base import LossInputs, LossOutput, logratios, pair_reward_metrics
+from alignkit.losses.options import Beta, LossOptions
 
 
-@dataclass
-class MODPOOptions:
-    beta: float = 0.1
-    weight: float = 0.5  # w0: the weight of the objective these preferences express
-    other_weights: tuple[float, ...] = ()  # w_1..w_K of the other objectives; () = (1 - w0) / K each (sum to 1)
-    hinge: bool = False  # True: relu(1 - z) instead of -log s(z)
+class MODPOOptions(LossOptions):
+    beta: Beta = 0.1
+    weight: float = Field(0.5, gt=0, description="w0: the weight of the objective these preferences express (it divides the margin)")
+    other_weights: tuple[float, ...] = Field((), description="w_1..w_K of the other objectives; () = (1 - w0) / K each (sum to 1)")
+    hinge: bool = Field(False, description="True: relu(1 - z) instead of -log s(z)")
 
-    def __post_init__(self) -> None:
-        if not self.weight > 0:
-            raise ConfigError("loss_options.weight", f"MODPO's w0 must be > 0 (it divides the margin), got {self.weight}")
+    @field_validator("other_weights", mode="before")
+    @classmethod
+    def _numbers(cls, value):  # YAML gives a list; each weight a finite number, not a bool or text
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+            raise ValueError(f"must be a list of finite numbers, got {value!r}")
+        return tuple(float(v) for v in value)
 
 
 def margin_from_other_rewards(inputs: LossInputs, opts: MODPOOptions) -> torch.Tensor:

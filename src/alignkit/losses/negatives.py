@@ -7,17 +7,16 @@ initial model. The reference is the initial model for both (pi_r+ = pi_r- in the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch.nn.functional as F
+from pydantic import Field
 
 from alignkit.losses.base import LossInputs, LossOutput
+from alignkit.losses.options import Beta, LossOptions
 
 
-@dataclass
-class D2OOptions:
-    beta: float = 0.1  # weight of the self-samples' mean log-ratio
-    alpha: float = 0.1  # weight of the negative's log-ratio
+class D2OOptions(LossOptions):
+    beta: Beta = Field(0.1, description="weight of the self-samples' mean log-ratio")
+    alpha: float = Field(0.1, description="weight of the negative's log-ratio")
 
 
 def d2o_loss(inputs: LossInputs, opts: D2OOptions) -> LossOutput:

@@ -14,20 +14,22 @@ over the examples of an optimizer step is the method's aggregate:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import typing
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 
 from alignkit.errors import ConfigError
 from alignkit.losses.base import LossInputs, LossOutput
+from alignkit.losses.options import LossOptions
 
-AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "const-norm")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-
-
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"loss_options.{key}", f"must be one of {', '.join(choices)}, got {value!r}")
+# The choices of the options below: the Literal types are what pydantic checks, the tuples what error messages list.
+Aggregation = Literal["seq-mean-token-mean", "token-mean", "const-norm"]
+KLEstimator = Literal["k1", "k2", "k3"]
+ScaleRewards = Literal["group", "none"]
+AGGREGATIONS = typing.get_args(Aggregation)
+KL_ESTIMATORS = typing.get_args(KLEstimator)
 
 
 def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -116,44 +118,39 @@ def _kl_metrics(logps: torch.Tensor, ref_logps: torch.Tensor | None, mask: torch
             for e in estimators}
 
 
-IS_LEVELS = ("token", "sequence")
 
 
-@dataclass
-class GRPOOptions:
-    epsilon: float = 0.2  # clip range below 1
-    epsilon_high: float = 0.0  # clip range above 1; 0: epsilon (DAPO's clip-higher: 0.28)
-    kl_coef: float = 0.04  # beta of the k3 KL to the reference in the loss; 0: no KL term (TRL's default)
-    scale_rewards: str = "group"  # "group": divide by the group's std; "none": Dr. GRPO
-    loss_aggregation: str = "seq-mean-token-mean"
-    max_completion_length: int = 0  # const-norm's length; 0: the longest response of the micro-batch
-    # "token": rho per token (GRPO); "sequence": GSPO's s_i = exp(mean_t log rho_t), one ratio and one clip per
-    # response, the same for every token (TRL's importance_sampling_level).
-    importance_sampling_level: str = "token"
-    # Truncated importance sampling (TRL's vllm_importance_sampling_correction, token_truncate): each token's
-    # surrogate is weighted by min(pi_old / pi_engine, tis_cap), a constant; 0: off.
-    tis_cap: float = 0.0
+class _ReferenceIfKL(LossOptions):
+    kl_coef: float = Field(0.0, ge=0, description="weight of the KL to the reference in the loss; 0: no KL term")
 
     def needs(self) -> set[str]:  # no KL term, no reference (TRL then loads none)
         return {"reference"} if self.kl_coef > 0 else set()
 
-    def __post_init__(self):
-        _check_choice("scale_rewards", self.scale_rewards, ("group", "none"))
-        _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS)
-        _check_choice("importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
+
+class GRPOOptions(_ReferenceIfKL):
+    epsilon: float = Field(0.2, description="clip range below 1")
+    epsilon_high: float = Field(0.0, description="clip range above 1; 0: epsilon (DAPO's clip-higher: 0.28)")
+    kl_coef: float = Field(0.04, ge=0, description="beta of the k3 KL to the reference in the loss; 0: no KL term "
+                                                   "(TRL's default)")
+    scale_rewards: ScaleRewards = Field("group", description="group: divide by the group's std; none: Dr. GRPO")
+    loss_aggregation: Aggregation = "seq-mean-token-mean"
+    max_completion_length: int = Field(0, description="const-norm's length; 0: the longest response of the micro-batch")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="token: rho per token (GRPO); sequence: GSPO's s_i = exp(mean_t log rho_t), one ratio "
+                             "and one clip per response (TRL's importance_sampling_level)")
+    tis_cap: float = Field(0.0, description="truncated importance sampling (TRL's token_truncate): each token's "
+                                            "surrogate weighted by min(pi_old / pi_engine, tis_cap); 0: off")
 
 
-@dataclass
 class DAPOOptions(GRPOOptions):
     """DAPO (arXiv 2503.14476 sec. 3, 4.1): clip-higher 0.2 / 0.28, token-level loss, no KL. Its dynamic sampling
     and overlong shaping act on the rollout (online config: dynamic_sampling, overlong_cache)."""
 
     epsilon_high: float = 0.28
     kl_coef: float = 0.0
-    loss_aggregation: str = "token-mean"
+    loss_aggregation: Aggregation = "token-mean"
 
 
-@dataclass
 class GSPOOptions(GRPOOptions):
     """GSPO (arXiv 2507.18071): the sequence-level, length-normalised ratio clipped to [1 - 3e-4, 1 + 4e-4], no KL,
     a mean over each response then over responses (TRL's recipe: importance_sampling_level "sequence", loss "grpo")."""
@@ -161,7 +158,7 @@ class GSPOOptions(GRPOOptions):
     epsilon: float = 3e-4
     epsilon_high: float = 4e-4
     kl_coef: float = 0.0
-    importance_sampling_level: str = "sequence"
+    importance_sampling_level: Literal["token", "sequence"] = "sequence"
 
 
 def _ratio(logps: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
@@ -211,41 +208,36 @@ def grpo_loss(inputs: LossInputs, opts: GRPOOptions) -> LossOutput:
     ratio = _ratio(logps, old, mask, opts.importance_sampling_level)
     eps_high = opts.epsilon_high or opts.epsilon
     per_token = clipped_surrogate(ratio, advantages, opts.epsilon, eps_high).expand_as(logps)
-    return _group_loss(per_token, inputs, old, opts, "grpo", ratio, advantages, (1 - opts.epsilon, 1 + eps_high))
+    clip = _clip_metrics(ratio, advantages, mask, 1 - opts.epsilon, 1 + eps_high)
+    return _group_loss(per_token, inputs, old, opts, "grpo", clip)
 
 
-def _group_loss(per_token, inputs: LossInputs, old, opts, name: str, ratio, advantages, bounds) -> LossOutput:
-    """The shared tail of the group-advantage losses: TIS weights, the k3 KL term, the aggregation, the metrics."""
+def _group_loss(per_token, inputs: LossInputs, old, opts, name: str, clip: dict) -> LossOutput:
+    """The shared tail of the group-advantage losses: TIS weights, the k3 KL term, the aggregation, the metrics
+    (clip: the caller's clip fractions)."""
     logps, mask = inputs.token_logps, inputs.token_mask
     per_token = _tis(per_token, inputs, old, mask, opts.tis_cap, name)
     per_token = _kl_term(per_token, inputs, logps, opts.kl_coef, name)
     losses = aggregate(per_token, mask, opts.loss_aggregation, inputs.step_mean_lengths, opts.max_completion_length)
     return losses, {
         "reward": inputs.rewards.mean(1).detach(),
-        **_clip_metrics(ratio, advantages, mask, *bounds),
+        **clip,
         **_kl_metrics(logps, inputs.ref_token_logps, mask, ("k1", "k3")),
     }
 
 
-@dataclass
-class CISPOOptions:
+class CISPOOptions(_ReferenceIfKL):
     """CISPO (MiniMax-M1, arXiv 2506.13585 eq. 4-5): REINFORCE on every token, weighted by the detached IS weight
     clipped to [weight_min, weight_max]. TRL's loss_type "cispo" caps at epsilon_high = 5.0 with no lower bound."""
 
-    weight_max: float = 5.0  # the paper's 1 + eps_high^IS (TRL's epsilon_high, an absolute cap)
-    weight_min: float = 0.0  # the paper's 1 - eps_low^IS; 0: no lower bound (the paper's choice)
-    kl_coef: float = 0.0
-    scale_rewards: str = "group"
-    loss_aggregation: str = "token-mean"
+    weight_max: float = Field(5.0, description="the paper's 1 + eps_high^IS (TRL's epsilon_high, an absolute cap)")
+    weight_min: float = Field(0.0, description="the paper's 1 - eps_low^IS; 0: no lower bound (the paper's choice)")
+    scale_rewards: ScaleRewards = "group"
+    loss_aggregation: Aggregation = "token-mean"
     max_completion_length: int = 0
     tis_cap: float = 0.0
 
-    def needs(self) -> set[str]:
-        return {"reference"} if self.kl_coef > 0 else set()
-
-    def __post_init__(self):
-        _check_choice("scale_rewards", self.scale_rewards, ("group", "none"))
-        _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS)
+    def model_post_init(self, context, /) -> None:
         if not 0 <= self.weight_min < self.weight_max:
             raise ConfigError("loss_options.weight_max", f"need 0 <= weight_min < weight_max, got {self.weight_min} "
                                                          f"and {self.weight_max}")
@@ -260,30 +252,22 @@ def cispo_loss(inputs: LossInputs, opts: CISPOOptions) -> LossOutput:
     ratio = torch.exp(logps - old).detach()
     weights = ratio.clamp(min=opts.weight_min or None, max=opts.weight_max)
     per_token = -weights * advantages * logps
-    return _group_loss(per_token, inputs, old, opts, "cispo", ratio, advantages, (opts.weight_min or None,
-                                                                                  opts.weight_max))
+    clip = _clip_metrics(ratio, advantages, inputs.token_mask, opts.weight_min or None, opts.weight_max)
+    return _group_loss(per_token, inputs, old, opts, "cispo", clip)
 
 
-@dataclass
-class ReinforcePPOptions:
+class ReinforcePPOptions(_ReferenceIfKL):
     """REINFORCE++-baseline (arXiv 2501.03262; OpenRLHF's reinforce_baseline with the KL in the loss): the advantage
     r_i - mean(group) broadcast to the tokens and whitened over every token of the rollout (online/advantages.py),
     a PPO clip, and a k2 or k3 KL to the reference in the loss, token-mean."""
 
     epsilon: float = 0.2
-    epsilon_high: float = 0.0  # 0: epsilon
-    kl_coef: float = 1e-3
-    kl_estimator: str = "k2"  # k2 (OpenRLHF's recommendation for the loss) or k3
-    baseline: str = "group"  # "group": subtract the group's mean reward (-baseline); "none": REINFORCE++ proper
-    loss_aggregation: str = "token-mean"
-
-    def needs(self) -> set[str]:
-        return {"reference"} if self.kl_coef > 0 else set()
-
-    def __post_init__(self):
-        _check_choice("kl_estimator", self.kl_estimator, ("k2", "k3"))
-        _check_choice("baseline", self.baseline, ("group", "none"))
-        _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS)
+    epsilon_high: float = Field(0.0, description="0: epsilon")
+    kl_coef: float = Field(1e-3, ge=0)
+    kl_estimator: Literal["k2", "k3"] = Field("k2", description="k2 (OpenRLHF's recommendation for the loss) or k3")
+    baseline: Literal["group", "none"] = Field(
+        "group", description="group: subtract the group's mean reward (-baseline); none: REINFORCE++ proper")
+    loss_aggregation: Aggregation = "token-mean"
 
 
 def reinforce_pp_loss(inputs: LossInputs, opts: ReinforcePPOptions) -> LossOutput:
@@ -305,14 +289,12 @@ def reinforce_pp_loss(inputs: LossInputs, opts: ReinforcePPOptions) -> LossOutpu
     }
 
 
-@dataclass
-class RLOOOptions:
-    kl_coef: float = 0.05  # beta: R_i = r_i - beta * (log pi_old(y_i) - log pi_ref(y_i)), summed over the sequence
-    epsilon: float = 0.2  # sequence-level ratio clip (inactive with one update per rollout)
-    normalize_advantages: bool = False  # divide by the micro-batch's std after centring (TRL's option)
-
-    def needs(self) -> set[str]:
-        return {"reference"} if self.kl_coef > 0 else set()
+class RLOOOptions(_ReferenceIfKL):
+    kl_coef: float = Field(0.05, ge=0, description="beta: R_i = r_i - beta * (log pi_old(y_i) - log pi_ref(y_i)), "
+                                                   "summed over the sequence")
+    epsilon: float = Field(0.2, description="sequence-level ratio clip (inactive with one update per rollout)")
+    normalize_advantages: bool = Field(False, description="divide by the micro-batch's std after centring (TRL's "
+                                                          "option)")
 
 
 def rloo_loss(inputs: LossInputs, opts: RLOOOptions) -> LossOutput:
@@ -336,36 +318,45 @@ def rloo_loss(inputs: LossInputs, opts: RLOOOptions) -> LossOutput:
     return losses, metrics
 
 
-@dataclass
-class PPOOptions:
+class PPOOptions(LossOptions):
     # The loss.
     cliprange: float = 0.2
     cliprange_value: float = 0.2
-    vf_coef: float = 0.1  # weight of the value loss (the value head shares the policy's backbone)
-    loss_aggregation: str = "token-mean"
-    kl_loss_coef: float = 0.0  # weight of a k3 KL-to-reference term in the loss (the alternative to kl_coef)
+    vf_coef: float = Field(0.1, description="weight of the value loss (the value head shares the policy's backbone)")
+    loss_aggregation: Aggregation = "token-mean"
+    kl_coef: float = Field(0.0, ge=0, description="weight of a k3 KL-to-reference term in the loss (the alternative "
+                                                  "to kl_reward_coef)")
     # The rollout's advantages (online/advantages.py reads these when it scores a rollout).
-    kl_coef: float = 0.05  # eta: per-token reward -eta * KL_t, the score added at the last token (PPO-max)
-    kl_estimator: str = "k1"
+    kl_reward_coef: float = Field(0.05, description="eta: per-token reward -eta * KL_t, the score added at the last "
+                                                    "token (PPO-max)")
+    kl_estimator: KLEstimator = "k1"
     gamma: float = 1.0
     lam: float = 0.95
-    reward_norm: str = "normalize"  # scores vs running moments: "normalize" (r - mu) / sigma, "scale" r / sigma, "none"
-    reward_clip: float = 10.0  # |normalised score| <= this; 0: no clipping
-    whiten_advantages: bool = True  # over the whole rollout (TRL, OpenRLHF); PPO-max whitens per minibatch
-    advantage_clip: float = 0.0  # |A| <= this after whitening (MOSS-RLHF code: 0.5); 0: none
+    reward_norm: Literal["normalize", "scale", "none"] = Field(
+        "normalize", description="scores vs running moments: normalize (r - mu) / sigma, scale r / sigma, none")
+    reward_clip: float = Field(10.0, description="|normalised score| <= this; 0: no clipping")
+    whiten_advantages: bool = Field(True, description="over the whole rollout (TRL, OpenRLHF); PPO-max whitens per "
+                                                      "minibatch")
+    advantage_clip: float = Field(0.0, description="|A| <= this after whitening (MOSS-RLHF code: 0.5); 0: none")
+
+    renamed: ClassVar[dict[str, str]] = {"kl_loss_coef": "kl_coef"}
 
     def needs(self) -> set[str]:  # the KL-shaped reward reads the reference; GAE the value head
         return {"reference", "values"}
 
-    def __post_init__(self):
-        _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS)
-        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _check_choice("reward_norm", self.reward_norm, ("normalize", "scale", "none"))
+    @classmethod
+    def refuse_ambiguous(cls, values: dict) -> None:
+        """kl_coef was PPO's reward shaping before it became the loss term every method has: a config naming
+        kl_coef without kl_reward_coef may be either, so it is refused rather than read one way."""
+        if "kl_coef" in values and "kl_reward_coef" not in values:
+            raise ConfigError("loss_options.kl_coef", "ppo's kl_coef is now the KL term in the loss (was kl_loss_coef);"
+                              " the KL in the reward is kl_reward_coef (was kl_coef): set kl_reward_coef too, or "
+                              "rename kl_coef to kl_reward_coef (docs/glossary.md)")
 
 
 def ppo_loss(inputs: LossInputs, opts: PPOOptions) -> LossOutput:
     """l_t = max(-A_t rho_t, -A_t clip(rho_t, 1-e, 1+e)) + c_v * 1/2 max((V_t - R_t)^2, (V_old,t + clip(V_t - V_old,t,
-    -e_v, e_v) - R_t)^2) [+ kl_loss_coef * k3_t], with A_t, R_t from GAE on the KL-shaped reward (online/advantages.py).
+    -e_v, e_v) - R_t)^2) [+ kl_coef * k3_t], with A_t, R_t from GAE on the KL-shaped reward (online/advantages.py).
     Schulman et al. arXiv 1707.06347; Zheng et al. ("Secrets of RLHF" I, PPO-max) arXiv 2307.04964 eq. 8-17."""
     if inputs.values is None or inputs.advantages is None or inputs.returns is None:
         raise ValueError("ppo needs values (a value head), advantages and returns")
@@ -376,8 +367,8 @@ def ppo_loss(inputs: LossInputs, opts: PPOOptions) -> LossOutput:
     policy_loss = clipped_surrogate(ratio, inputs.advantages, opts.cliprange, opts.cliprange)
     value_loss = clipped_value_loss(inputs.values, old_values, inputs.returns, opts.cliprange_value)
     per_token = policy_loss + opts.vf_coef * value_loss
-    if opts.kl_loss_coef > 0:
-        per_token = per_token + opts.kl_loss_coef * kl_estimate(logps, inputs.ref_token_logps, "k3")
+    if opts.kl_coef > 0:
+        per_token = per_token + opts.kl_coef * kl_estimate(logps, inputs.ref_token_logps, "k3")
     losses = aggregate(per_token, mask, opts.loss_aggregation, inputs.step_mean_lengths)
     clipped = ((ratio < 1 - opts.cliprange) | (ratio > 1 + opts.cliprange)).float()
     return losses, {

@@ -5,19 +5,18 @@ Notation: r = l - l_ref (summed response log-probs), h = r_w - r_l, n = response
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from alignkit.errors import ConfigError
 from alignkit.losses.base import LossInputs, LossOutput, RunningMean, logratios, pair_reward_metrics, sft_nll
+from alignkit.losses.options import Beta, LabelSmoothing, LossOptions
 
 
-@dataclass
-class RobustDPOOptions:
-    beta: float = 0.1
-    label_smoothing: float = 0.1  # probability that a preference label was flipped
+class RobustDPOOptions(LossOptions):
+    beta: Beta = 0.1
+    label_smoothing: LabelSmoothing = Field(0.1, description="probability that a preference label was flipped")
 
 
 def robust_dpo_loss(inputs: LossInputs, opts: RobustDPOOptions) -> LossOutput:
@@ -32,10 +31,9 @@ def robust_dpo_loss(inputs: LossInputs, opts: RobustDPOOptions) -> LossOutput:
     return losses, pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
 
 
-@dataclass
-class IPOOptions:
-    beta: float = 0.1  # IPO's tau: the target margin is 1 / (2 tau)
-    length_normalize: bool = False  # True: per-token average log-ratios (TRL's form)
+class IPOOptions(LossOptions):
+    beta: Beta = Field(0.1, description="IPO's tau: the target margin is 1 / (2 tau)")
+    length_normalize: bool = Field(False, description="True: per-token average log-ratios (TRL's form)")
 
 
 def ipo_loss(inputs: LossInputs, opts: IPOOptions) -> LossOutput:
@@ -52,9 +50,8 @@ def ipo_loss(inputs: LossInputs, opts: IPOOptions) -> LossOutput:
     return losses, pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
 
 
-@dataclass
-class HingeOptions:
-    beta: float = 0.1  # the margin is 1/beta nats of log-ratio
+class HingeOptions(LossOptions):
+    beta: Beta = Field(0.1, description="the margin is 1/beta nats of log-ratio")
 
 
 def hinge_loss(inputs: LossInputs, opts: HingeOptions) -> LossOutput:
@@ -64,10 +61,9 @@ def hinge_loss(inputs: LossInputs, opts: HingeOptions) -> LossOutput:
     return losses, pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
 
 
-@dataclass
-class SLiCOptions:
-    margin: float = 1.0  # delta: the calibration margin in nats of summed log-prob
-    nll_weight: float = 0.1  # lambda on the chosen response's summed NLL
+class SLiCOptions(LossOptions):
+    margin: float = Field(1.0, description="delta: the calibration margin in nats of summed log-prob")
+    nll_weight: float = Field(0.1, description="lambda on the chosen response's summed NLL")
 
 
 def slic_loss(inputs: LossInputs, opts: SLiCOptions) -> LossOutput:
@@ -79,9 +75,8 @@ def slic_loss(inputs: LossInputs, opts: SLiCOptions) -> LossOutput:
     return losses, metrics
 
 
-@dataclass
-class NCAOptions:
-    beta: float = 0.1
+class NCAOptions(LossOptions):
+    beta: Beta = 0.1
 
 
 def nca_pair_loss(inputs: LossInputs, opts: NCAOptions) -> LossOutput:
@@ -94,12 +89,11 @@ def nca_pair_loss(inputs: LossInputs, opts: NCAOptions) -> LossOutput:
     return losses, pair_reward_metrics(chosen_rewards, rejected_rewards)
 
 
-@dataclass
-class EXOOptions:
-    beta: float = 0.1
-    label_smoothing: float = 1e-3  # the target puts 1-e on chosen and e on rejected; must be > 0
+class EXOOptions(LossOptions):
+    beta: Beta = 0.1
+    label_smoothing: LabelSmoothing = Field(1e-3, description="the target puts 1-e on chosen and e on rejected; must be > 0")
 
-    def __post_init__(self) -> None:
+    def model_post_init(self, context, /) -> None:
         if not self.label_smoothing > 0:
             raise ConfigError("loss_options.label_smoothing", "EXO needs label_smoothing > 0 (e.g. 1e-3)")
 
@@ -116,10 +110,9 @@ def exo_pair_loss(inputs: LossInputs, opts: EXOOptions) -> LossOutput:
     return losses, pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
 
 
-@dataclass
-class DPOPOptions:
-    beta: float = 0.1
-    dpop_lambda: float = 50.0  # weight of the penalty for pushing the chosen log-prob below the reference
+class DPOPOptions(LossOptions):
+    beta: Beta = 0.1
+    dpop_lambda: float = Field(50.0, description="weight of the penalty for pushing the chosen log-prob below the reference")
 
 
 def dpop_loss(inputs: LossInputs, opts: DPOPOptions) -> LossOutput:
@@ -132,10 +125,9 @@ def dpop_loss(inputs: LossInputs, opts: DPOPOptions) -> LossOutput:
     return losses, metrics
 
 
-@dataclass
-class RDPOOptions:
-    beta: float = 0.1
-    alpha: float = 0.01  # reward per response token subtracted by the length regulariser
+class RDPOOptions(LossOptions):
+    beta: Beta = 0.1
+    alpha: float = Field(0.01, description="reward per response token subtracted by the length regulariser")
 
 
 def rdpo_loss(inputs: LossInputs, opts: RDPOOptions) -> LossOutput:
@@ -146,10 +138,9 @@ def rdpo_loss(inputs: LossInputs, opts: RDPOOptions) -> LossOutput:
     return losses, pair_reward_metrics(opts.beta * chosen_logratio, opts.beta * rejected_logratio)
 
 
-@dataclass
-class BCOPairOptions:
-    beta: float = 0.1
-    use_reward_shift: bool = True  # False: TRL >= 0.29 `bco_pair`, which has no shift (delta = 0)
+class BCOPairOptions(LossOptions):
+    beta: Beta = 0.1
+    use_reward_shift: bool = Field(True, description="False: TRL >= 0.29 `bco_pair`, which has no shift (delta = 0)")
 
 
 def bco_pair_loss(inputs: LossInputs, opts: BCOPairOptions) -> LossOutput:
@@ -174,11 +165,10 @@ def bco_pair_loss(inputs: LossInputs, opts: BCOPairOptions) -> LossOutput:
     return losses, metrics
 
 
-@dataclass
-class RPOOptions:
-    beta: float = 0.1
-    nll_weight: float = 1.0  # alpha on the chosen response's NLL
-    nll_token_mean: bool = False  # True: token-mean NLL over the batch (TRL's loss_type=["sigmoid", "sft"])
+class RPOOptions(LossOptions):
+    beta: Beta = 0.1
+    nll_weight: float = Field(1.0, description="alpha on the chosen response's NLL")
+    nll_token_mean: bool = Field(False, description="True: token-mean NLL over the batch (TRL's loss_type=['sigmoid', 'sft'])")
 
 
 def rpo_loss(inputs: LossInputs, opts: RPOOptions) -> LossOutput:
@@ -191,9 +181,8 @@ def rpo_loss(inputs: LossInputs, opts: RPOOptions) -> LossOutput:
     return losses, metrics
 
 
-@dataclass
-class CREAMOptions:
-    beta: float = 0.1
+class CREAMOptions(LossOptions):
+    beta: Beta = 0.1
 
 
 def cream_loss(inputs: LossInputs, opts: CREAMOptions) -> LossOutput:

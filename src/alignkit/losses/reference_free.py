@@ -6,12 +6,12 @@ Notation: l = summed response log-prob, n = response token count, a = l / n (ave
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from alignkit.losses.base import LossInputs, LossOutput, pair_reward_metrics, sft_nll
+from alignkit.losses.options import Beta, LabelSmoothing, LossOptions
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -19,10 +19,9 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-@dataclass
-class ORPOOptions:
-    beta: float = 0.1  # lambda: weight of the odds-ratio term (TRL's `beta`, the official code's `alpha`)
-    nll_token_mean: bool = True  # False: each chosen response's NLL normalised by its own length
+class ORPOOptions(LossOptions):
+    beta: Beta = Field(0.1, description="lambda: weight of the odds-ratio term (TRL's `beta`, the official code's `alpha`)")
+    nll_token_mean: bool = Field(True, description="False: each chosen response's NLL normalised by its own length")
 
 
 def orpo_loss(inputs: LossInputs, opts: ORPOOptions) -> LossOutput:
@@ -42,13 +41,12 @@ def orpo_loss(inputs: LossInputs, opts: ORPOOptions) -> LossOutput:
     return losses, metrics
 
 
-@dataclass
-class SimPOOptions:
-    beta: float = 2.0
-    gamma_beta_ratio: float = 0.25  # the target margin gamma, in units of beta (gamma = ratio * beta)
-    label_smoothing: float = 0.0  # cDPO-style smoothing of the sigmoid loss
-    hinge: bool = False  # max(0, 1 - b(a_w - a_l - gamma/b)) instead of the sigmoid loss
-    nll_weight: float = 0.0  # the official `sft_weight`; > 0 with the defaults of CPO gives CPO-SimPO
+class SimPOOptions(LossOptions):
+    beta: Beta = 2.0
+    gamma_beta_ratio: float = Field(0.25, description="the target margin gamma, in units of beta (gamma = ratio * beta)")
+    label_smoothing: LabelSmoothing = Field(0.0, description="cDPO-style smoothing of the sigmoid loss")
+    hinge: bool = Field(False, description="max(0, 1 - b(a_w - a_l - gamma/b)) instead of the sigmoid loss")
+    nll_weight: float = Field(0.0, description="the official `sft_weight`; > 0 with the defaults of CPO gives CPO-SimPO")
     nll_token_mean: bool = True
 
 
@@ -70,12 +68,11 @@ def simpo_loss(inputs: LossInputs, opts: SimPOOptions) -> LossOutput:
     return losses, metrics
 
 
-@dataclass
-class CPOOptions:
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    nll_weight: float = 1.0  # TRL's `cpo_alpha`: weight of the behaviour-cloning (NLL) term on the chosen response
-    nll_token_mean: bool = True  # the CPO code's token-mean cross-entropy; False: per-sequence -l_w / n_w
+class CPOOptions(LossOptions):
+    beta: Beta = 0.1
+    label_smoothing: LabelSmoothing = 0.0
+    nll_weight: float = Field(1.0, description="TRL's `cpo_alpha`: weight of the behaviour-cloning (NLL) term on the chosen response")
+    nll_token_mean: bool = Field(True, description="the CPO code's token-mean cross-entropy; False: per-sequence -l_w / n_w")
 
 
 def cpo_loss(inputs: LossInputs, opts: CPOOptions) -> LossOutput:

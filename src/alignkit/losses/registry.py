@@ -1,9 +1,8 @@
-"""One table names every method: its loss function, its options dataclass and the data shape it needs."""
+"""One table names every method: its loss function, its options model (losses/options.py) and the data shape it
+needs."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from alignkit.losses import (
 )
 from alignkit.losses.base import RunningMean, needs
 from alignkit.losses.dpo import DPOOptions, dpo_loss
+from alignkit.losses.options import build_options, option_names
 from alignkit.losses.sft import SFTOptions, sft_loss
 from alignkit.shapes import DATA_SHAPES
 
@@ -95,10 +95,11 @@ register(LossSpec("d2o", negatives.d2o_loss, negatives.D2OOptions, "negatives", 
 # MODPO: pairs carry the other objectives' rewards ("other_rewards") or their weighted margin ("margin").
 register(LossSpec("modpo", multiobjective.modpo_loss, multiobjective.MODPOOptions, "pairs", True, "arXiv 2310.03708",
                   record_fields=("other_rewards", "margin")))
-# BoNBoN: pairs are best vs worst of n samples (decode/bonbon.py makes them); beta = bonbon_beta(n).
+# LOGO: one preferred response against M dis-preferred ones (data shape "rejections").
 register(LossSpec("logo", long_context.logo_loss, long_context.LOGOOptions, "rejections", False, "arXiv 2410.18533"))
 register(LossSpec("longpo", long_context.longpo_loss, long_context.LongPOOptions, "pairs", True, "arXiv 2502.13922",
                   record_fields=("short_prompt",), reference_context="short_prompt"))
+# BoNBoN: pairs are best vs worst of n samples (decode/bonbon.py makes them); beta = bonbon_beta(n).
 register(LossSpec("bonbon", bonbon.bonbon_loss, bonbon.BonBonOptions, "pairs", True, "arXiv 2406.00832"))
 # Reward model: Bradley–Terry on scalar rewards (`alignkit rm`); centering arXiv 2312.09244.
 register(LossSpec("rm", reward.bradley_terry_loss, reward.RewardModelOptions, "pairs", False, "arXiv 2203.02155",
@@ -137,37 +138,10 @@ def uses_ref_model(spec: LossSpec, opts: Any) -> bool:
     return spec.needs_ref_model and bool(needs(opts) & {"token_kl", "activations"})
 
 
-def build_options(spec: LossSpec, values: dict[str, Any]) -> Any:
-    """Options dataclass from a dict, with checks every loss shares (known keys, finite numbers, beta > 0)."""
-    fields = {f.name: f for f in dataclasses.fields(spec.options)}
-    for key, value in values.items():
-        if key not in fields:
-            known = ", ".join(fields) or "none"
-            raise ConfigError(f"loss_options.{key}", f"unknown option for loss '{spec.name}'; known: {known}")
-        default = fields[key].default
-        if isinstance(default, str):
-            if not isinstance(value, str):
-                raise ConfigError(f"loss_options.{key}", f"must be text, got {value!r}")
-        elif isinstance(default, tuple):
-            if not isinstance(value, (list, tuple)) or not all(_finite_number(v) for v in value):
-                raise ConfigError(f"loss_options.{key}", f"must be a list of finite numbers, got {value!r}")
-            values = {**values, key: tuple(float(v) for v in value)}
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(f"loss_options.{key}", f"must be true or false, got {value!r}")
-        elif isinstance(default, (int, float)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"loss_options.{key}", f"must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ConfigError(f"loss_options.{key}", f"must be a finite number, got {value}")
-    opts = spec.options(**values)  # an options class may check more in __post_init__ (ConfigError)
-    if getattr(opts, "beta", 1.0) <= 0:
-        raise ConfigError("loss_options.beta", f"must be > 0, got {opts.beta}")
-    eps = getattr(opts, "label_smoothing", 0.0)
-    if not 0 <= eps < 0.5:
-        raise ConfigError("loss_options.label_smoothing", f"must be in [0, 0.5), got {eps}")
-    return opts
+def loss_option_names(name: Any) -> set[str]:
+    """The option names of the loss called `name` (none for a name that is no loss): the keys that may be given at
+    the top level of a config (`--beta 0.2`) and go to loss_options."""
+    return option_names(LOSSES[name].options) if isinstance(name, str) and name in LOSSES else set()
 
 
-def _finite_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+__all__ = ["DATA_SHAPES", "LOSSES", "LossSpec", "build_options", "get_loss", "loss_option_names", "register"]

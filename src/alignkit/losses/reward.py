@@ -6,23 +6,18 @@ instead of `logps` because the registry line says output="rewards".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from alignkit.errors import ConfigError
 from alignkit.losses.base import LossInputs, LossOutput, pair_reward_metrics
+from alignkit.losses.options import LossOptions
 
 
-@dataclass
-class RewardModelOptions:
-    margin: float = 0.0  # m added to every pair's margin (a record's own "margin" field is added to it)
-    center_rewards_coefficient: float = 0.0  # eta of the reward-centering term eta (r_c + r_r)^2
+class RewardModelOptions(LossOptions):
+    margin: float = Field(0.0, description="m added to every pair's margin (a record's own 'margin' field is added to it)")
+    center_rewards_coefficient: float = Field(0.0, ge=0, description="eta of the reward-centering term eta (r_c + r_r)^2")
 
-    def __post_init__(self):
-        if self.center_rewards_coefficient < 0:
-            raise ConfigError("loss_options.center_rewards_coefficient", f"must be >= 0, got {self.center_rewards_coefficient}")
 
 
 def bradley_terry_loss(inputs: LossInputs, opts: RewardModelOptions) -> LossOutput:

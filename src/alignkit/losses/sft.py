@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from alignkit.losses.base import LossInputs
+from alignkit.losses.options import LossOptions
 
 
-@dataclass
-class SFTOptions:
+class SFTOptions(LossOptions):
     # False: each sequence's NLL is averaged over its own tokens, then over sequences (seq-mean-token-mean).
     # True: the sum over every trained token of the optimizer step / their count (TRL's SFT, the token-mean).
     token_mean: bool = False

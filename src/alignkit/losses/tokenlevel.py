@@ -6,13 +6,14 @@ token_weights (the mask m_t) and token_kl (KL(pi_ref || pi_theta) at each positi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from alignkit.errors import ConfigError
 from alignkit.losses.base import LossInputs, LossOutput, pair_reward_metrics
+from alignkit.losses.options import Beta, LossOptions
 
 
 def activation_token_weights(activations: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
@@ -36,24 +37,19 @@ def activation_token_weights(activations: torch.Tensor, token_mask: torch.Tensor
 TOKEN_WEIGHTS = ("activations", "uniform")
 
 
-@dataclass
-class SparsePOOptions:
-    beta: float = 0.1
-    use_token_kl: bool = True  # False: drop the KL term (a masked token-level DPO)
-    l1_weight: float = 0.0  # lambda_u on ||m_w||_1 + ||m_l||_1 of the log-ratio mask
-    kl_l1_weight: float = 0.0  # lambda_d on the KL mask's L1 norms
+class SparsePOOptions(LossOptions):
+    beta: Beta = 0.1
+    use_token_kl: bool = Field(True, description="False: drop the KL term (a masked token-level DPO)")
+    l1_weight: float = Field(0.0, description="lambda_u on ||m_w||_1 + ||m_l||_1 of the log-ratio mask")
+    kl_l1_weight: float = Field(0.0, description="lambda_d on the KL mask's L1 norms")
     # How the loop makes the mask m: "activations" (the reference's activations, activation_token_weights; the
     # code's mapo) or "uniform" (1 on every token: token-level DPO with the KL term)
-    token_weights: str = "activations"
+    token_weights: Literal["activations", "uniform"] = "activations"
 
     def needs(self) -> set[str]:
         return {name for name, on in (("token_kl", self.use_token_kl),
                                       ("activations", self.token_weights == "activations")) if on}
 
-    def __post_init__(self) -> None:
-        if self.token_weights not in TOKEN_WEIGHTS:
-            raise ConfigError("loss_options.token_weights", f"must be one of {', '.join(TOKEN_WEIGHTS)}, "
-                                                            f"got {self.token_weights!r}")
 
 
 def sparsepo_loss(inputs: LossInputs, opts: SparsePOOptions) -> LossOutput:

@@ -5,12 +5,12 @@ logps, lengths and ref_logps are [B, 1]; labels is [B]. r = l - l_ref (summed re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from alignkit.losses.base import LossInputs, LossOutput, RunningMean
+from alignkit.losses.options import Beta, LossOptions
 
 
 def _labels_and_logratio(inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,12 +32,11 @@ def _unpaired_metrics(desirable: torch.Tensor, rewards: torch.Tensor) -> dict[st
     }
 
 
-@dataclass
-class KTOOptions:
-    beta: float = 0.1
-    desirable_weight: float = 1.0  # lambda_D
-    undesirable_weight: float = 1.0  # lambda_U
-    use_kl_estimate: bool = True  # False: reference point z0 = 0 (no mismatched pairs needed)
+class KTOOptions(LossOptions):
+    beta: Beta = 0.1
+    desirable_weight: float = Field(1.0, description="lambda_D")
+    undesirable_weight: float = Field(1.0, description="lambda_U")
+    use_kl_estimate: bool = Field(True, description="False: reference point z0 = 0 (no mismatched pairs needed)")
 
     def needs(self) -> set[str]:
         return {"kl_pairs"} if self.use_kl_estimate else set()
@@ -64,9 +63,8 @@ def kto_loss(inputs: LossInputs, opts: KTOOptions) -> LossOutput:
     return losses, metrics
 
 
-@dataclass
-class BCOOptions:
-    beta: float = 0.1
+class BCOOptions(LossOptions):
+    beta: Beta = 0.1
 
 
 def bco_loss(inputs: LossInputs, opts: BCOOptions) -> LossOutput:

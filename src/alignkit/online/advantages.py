@@ -94,11 +94,11 @@ def ppo_advantages(rewards: torch.Tensor, logps: torch.Tensor, ref_logps: torch.
                    mask: torch.Tensor, opts) -> dict[str, torch.Tensor]:
     """A rollout's advantages and returns for the ppo loss, from its rewards already normalised (normalise_scores).
     logps are the behaviour policy's (pi_old), values the value head's at rollout time; opts: PPOOptions. The KL
-    term goes in the reward only when opts.kl_coef > 0."""
+    term goes in the reward only when opts.kl_reward_coef > 0."""
     from alignkit.losses.online import kl_estimate
 
     token_kl = kl_estimate(logps, ref_logps, opts.kl_estimator) * mask
-    shaped = kl_shaped_rewards(rewards, token_kl, mask, opts.kl_coef)
+    shaped = kl_shaped_rewards(rewards, token_kl, mask, opts.kl_reward_coef)
     advantages, returns = gae(shaped, values, mask, opts.gamma, opts.lam)  # returns before any whitening
     if opts.whiten_advantages:
         advantages = masked_whiten(advantages, mask)

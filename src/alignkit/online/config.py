@@ -3,14 +3,13 @@ shared `sampling:` section, and what a round needs (prompts, reward, samples per
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Literal
 
 from pydantic import Field
 
 from alignkit.config import DataSource, OptimConfig, SamplingOptions, load_command_config, render_help
 from alignkit.errors import ConfigError
-from alignkit.losses import build_options, get_loss
+from alignkit.losses import build_options, get_loss, loss_option_names
 from alignkit.online.methods import ONLINE_METHODS
 
 
@@ -26,7 +25,9 @@ class OnlineConfig(OptimConfig):
     rounds: int = Field(20, gt=0, description="rollout + learner iterations")
     prompts_per_round: int = Field(16, gt=0, description="under torchrun: split evenly over the ranks")
     num_samples: int = Field(4, ge=2, description="samples per prompt (k; GRPO's G)")
-    # Temperature 1, no top-p / top-k by default: the log-probs trained are of the untempered policy.
+    # Temperature 1, no top-p / top-k by default. The learner's log-probs are always the untempered policy's and
+    # nothing refuses another temperature: then the ratios to the engine's log-probs (engine_gap, tis_cap) compare a
+    # tempered distribution with an untempered one.
     sampling: SamplingOptions = Field(default_factory=SamplingOptions, description="how rollouts are sampled")
     max_length: int = Field(1024, gt=1, description="max tokens of prompt + response when tokenising samples")
     missing_eos_penalty: float | None = Field(None, description="subtracted from the reward of samples cut short")
@@ -43,9 +44,9 @@ class OnlineConfig(OptimConfig):
     # The learner: the shared step's keys (learning_rate, lr_schedule, warmup_steps, ...) plus these.
     learning_rate: float = Field(1e-6, gt=0)
     lr_schedule: Literal["cosine", "linear", "constant"] = Field(
-        "constant", description="over rounds x epochs x minibatches optimizer steps")
+        "constant", description="over rounds x num_iterations x minibatches optimizer steps")
     value_learning_rate: float | None = Field(None, gt=0, description="ppo: the value head's (default learning_rate)")
-    epochs: int = Field(1, gt=0, description="passes over each rollout (PPO epochs / GRPO iterations)")
+    num_iterations: int = Field(1, gt=0, description="passes over each rollout (PPO epochs; TRL's num_iterations)")
     minibatches: int = Field(1, gt=0, description="optimizer steps per pass")
     loss: str | None = Field(None, description="online-dpo / self-reward: the pairwise loss (dpo; cream with consistency)")
     loss_options: dict[str, Any] = Field(default_factory=dict, description="options of the method's loss; each may "
@@ -61,13 +62,13 @@ class OnlineConfig(OptimConfig):
     judge_max_new_tokens: int = Field(128, gt=0)
     consistency: Literal["none", "kendall", "toporder"] = Field("none", description="CREAM weights (loss cream)")
     # Report.
-    evaluate: bool = Field(True, description="sample the held-out prompts before and after for summary.json "
-                           "(off where a recipe runs its own evaluation)")
+    eval_before_after: bool = Field(True, description="sample the held-out prompts before and after for "
+                                    "summary.json (off where a recipe runs its own evaluation)")
     eval_samples: int = Field(4, gt=0, description="samples per held-out prompt for summary.json")
 
     @property
     def updates_per_round(self) -> int:
-        return self.epochs * self.minibatches
+        return self.num_iterations * self.minibatches
 
     @property
     def reference_every(self) -> int:
@@ -118,11 +119,7 @@ def method_loss(cfg: OnlineConfig):
 def _loss_option_names(values: dict) -> set[str]:
     if values.get("method") not in ONLINE_METHODS:
         return set()
-    name = loss_name_of(values["method"], values.get("loss"), values.get("consistency", "none"))
-    try:
-        return {f.name for f in dataclasses.fields(get_loss(name).options)}
-    except ConfigError:
-        return set()
+    return loss_option_names(loss_name_of(values["method"], values.get("loss"), values.get("consistency", "none")))
 
 
 def online_config(config=None, overrides: dict[str, Any] | None = None) -> OnlineConfig:

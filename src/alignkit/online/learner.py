@@ -9,7 +9,7 @@ from alignkit.train.loss_inputs import mean_trained_lengths
 
 
 def learn(stepper, method, packing, experience, cfg, round_index: int) -> dict:
-    """cfg.epochs passes over the experience, each in cfg.minibatches optimizer steps of the shared step (examples
+    """cfg.num_iterations passes over the experience, each in cfg.minibatches optimizer steps of the shared step (examples
     shuffled, seeded by the round); a minibatch over max_tokens_per_batch accumulates over micro-batches, which are
     shared out over the ranks. Returns the loss metrics averaged over the round's steps, and the engine/trainer gap
     of the first step (before any update). stepper: train/step.Stepper; method: train/method.Method; packing:
@@ -20,7 +20,7 @@ def learn(stepper, method, packing, experience, cfg, round_index: int) -> dict:
     gap = {"sum": 0.0, "tokens": 0.0, "max": 0.0}
     steps = 0
     stepper.train_model.train()
-    for _ in range(cfg.epochs):
+    for _ in range(cfg.num_iterations):
         order = list(range(len(examples)))
         rng.shuffle(order)
         for part in (order[i::cfg.minibatches] for i in range(cfg.minibatches)):

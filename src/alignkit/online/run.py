@@ -180,7 +180,7 @@ class OnlineRun:
         saved in it or measured now."""
         saved, cfg = self.run.saved, self.cfg
         if self.run.resumed is None:
-            return self.evaluate(final=False) if cfg.evaluate else {"reward": None}
+            return self.evaluate(final=False) if cfg.eval_before_after else {"reward": None}
         self.moments = RunningMoments(**saved["moments"])
         if self.method.value_head:
             load_model(self.trained.value_head, str(self.run.resumed.path / VALUE_HEAD_FILE))
@@ -262,7 +262,7 @@ class OnlineRun:
 
     def finish(self, rows: list[dict]) -> OnlineResult:
         cfg, run = self.cfg, self.run
-        after = self.evaluate(final=True) if cfg.evaluate else {"reward": None}
+        after = self.evaluate(final=True) if cfg.eval_before_after else {"reward": None}
         summary = summarize(cfg, self.before, after, rows)
         policy = run.finish({**(rows[-1] if rows else {}), **summary}, run.stepper.steps_done)
         value_head = self.trained.value_head if self.method.value_head else None
@@ -277,7 +277,7 @@ def run_online_cli(config=None, overrides: dict[str, Any] | None = None) -> Onli
     cfg = online_config(config, overrides)
     result = run_online(cfg)
     s = result.summary
-    if cfg.evaluate:
+    if cfg.eval_before_after:
         log.info("%s: reward %+.4f -> %+.4f (KL to the start %.3f) in %.0f s; wrote %s", cfg.method,
                  s["reward_start"], s["reward_final"], s["kl_to_start"], s["seconds"], result.output_dir)
     return result

@@ -38,7 +38,7 @@ def summarize(cfg, before: dict, after: dict, rows: list[dict]) -> dict:
     samples = len(rows) * cfg.prompts_per_round * cfg.num_samples
     return {
         "method": cfg.method, "rounds": cfg.rounds, "samples": samples,
-        "reward_start": before["reward"], "reward_final": after["reward"], "reward_gain": after["reward"] - before["reward"] if cfg.evaluate else None,
+        "reward_start": before["reward"], "reward_final": after["reward"], "reward_gain": after["reward"] - before["reward"] if cfg.eval_before_after else None,
         "kl_to_start": after.get("kl"), "kl_to_start_sem": after.get("kl_sem"),
         "seconds": seconds, "samples_per_s": samples / seconds if seconds else None,
         "cpu_seconds": total("time/cpu_s"),  # process CPU time (all threads): steadier than wall time when shared

@@ -9,7 +9,7 @@ import torch
 
 from alignkit.data.pack import PackedBatch, with_mismatched_completions
 from alignkit.data.tokenize import TokenizedExample
-from alignkit.losses import LossInputs, build_options, get_loss
+from alignkit.losses import LossInputs, get_loss, options_of
 from alignkit.losses.base import LossOutput
 from alignkit.losses.registry import LossSpec, uses_kl_pairs, uses_ref_model
 from alignkit.losses.sft import SFTOptions, sft_loss
@@ -35,7 +35,7 @@ class Method:
     def from_config(cls, cfg) -> Method:
         """The offline method of a TrainConfig: cfg.loss with cfg.loss_options."""
         spec = get_loss(cfg.loss)
-        return cls(spec, build_options(spec, cfg.loss_options), cfg.chunk_size, cfg.sft_weight, cfg.max_length)
+        return cls(spec, options_of(spec, cfg), cfg.chunk_size, cfg.sft_weight, cfg.max_length)
 
     @property
     def kl_pairs(self) -> bool:
