@@ -15,13 +15,18 @@ import torch
 
 from alignkit.cli import main
 from alignkit.data.load import load_records, write_jsonl_atomic
-from alignkit.decode.args import ARGSConfig, args_decode
-from alignkit.decode.base import Compute, efficiency
+from alignkit.decode.args import ARGSOptions, args_decode
+from alignkit.decode.base import Search, efficiency
 from alignkit.decode.bon import best_of_n, plain_sampling
-from alignkit.decode.bonbon import best_worst_pairs, bonbon_pairs, recommended_options
-from alignkit.decode.calibrated import CalibratedReward, calibrated_best_of_n, empirical_cdf
-from alignkit.decode.deal import DeALConfig, deal_decode
-from alignkit.decode.tq import TQConfig, implicit_values, tq_decode
+from alignkit.decode.bonbon import BonBonPairsOptions, best_worst_pairs, bonbon_pairs, recommended_options
+from alignkit.decode.calibrated import (
+    CalibratedOptions,
+    CalibratedReward,
+    calibrated_best_of_n,
+    empirical_cdf,
+)
+from alignkit.decode.deal import DeALOptions, deal_decode
+from alignkit.decode.tq import TQOptions, implicit_values, tq_decode
 from alignkit.errors import ConfigError
 from alignkit.generate.engines import encode_prompts
 from alignkit.generate.sample import SamplingConfig, sample
@@ -127,7 +132,7 @@ def test_calibrating_components_puts_them_on_one_scale():
 
 
 def test_calibrated_best_of_n(task, questions):
-    result = calibrated_best_of_n(task.model, task.tokenizer, questions, SENTIMENT, 4, SAMPLING, num_reference=16)
+    result = calibrated_best_of_n(task.model, task.tokenizer, questions, SENTIMENT, CalibratedOptions(num_samples=4, num_reference=16), SAMPLING)
     plain = best_of_n(task.model, task.tokenizer, questions, SENTIMENT, 4, SAMPLING)
     assert result.responses == plain.responses  # one reward: the calibrated argmax is the reward's argmax
     calibrated = [d["calibrated_reward"] for d in result.details]
@@ -143,23 +148,23 @@ def test_calibrated_best_of_n(task, questions):
 
 def test_args_beats_plain_sampling(task, questions):
     plain = plain_sampling(task.model, task.tokenizer, questions, SENTIMENT, SAMPLING)
-    guided = args_decode(task.model, task.tokenizer, questions, SENTIMENT, ARGSConfig(top_k=10, weight=4.0,
+    guided = args_decode(task.model, task.tokenizer, questions, SENTIMENT, ARGSOptions(top_k=10, weight=4.0,
                                                                                        max_new_tokens=10))
     gain = guided.summary()["mean_reward"] - plain.summary()["mean_reward"]
     assert gain > 0.3, (plain.summary(), guided.summary())  # measured: +0.75 (-0.04 -> 0.71)
     assert guided.rewards == SENTIMENT(questions, guided.responses)
     assert guided.compute.reward_calls >= 10 * guided.compute.generated_tokens  # top-k candidates scored per token
     stochastic = args_decode(task.model, task.tokenizer, questions, SENTIMENT,
-                             ARGSConfig(top_k=10, weight=4.0, max_new_tokens=10, mode="sample", seed=1))
+                             ARGSOptions(top_k=10, weight=4.0, max_new_tokens=10, mode="sample", seed=1))
     assert stochastic.summary()["mean_reward"] > plain.summary()["mean_reward"] + 0.1  # measured: +0.19
 
 
 def test_zero_weight_searches_are_greedy_decoding(task, questions):
     greedy = [s[0] for s in sample(task.model, task.tokenizer, questions, SamplingConfig(max_new_tokens=10,
                                                                                         temperature=0.0))]
-    args = args_decode(task.model, task.tokenizer, questions, SENTIMENT, ARGSConfig(top_k=1, weight=0.0,
+    args = args_decode(task.model, task.tokenizer, questions, SENTIMENT, ARGSOptions(top_k=1, weight=0.0,
                                                                                      max_new_tokens=10, batch_size=7))
-    tq = tq_decode(task.model, task.tokenizer, questions, task.model, TQConfig(top_k=5, weight=0.0, max_new_tokens=10))
+    tq = tq_decode(task.model, task.tokenizer, questions, task.model, TQOptions(top_k=5, weight=0.0, max_new_tokens=10))
     assert args.responses == greedy  # the KV-cached stepping over a left-padded batch reproduces HF generate
     assert tq.responses == greedy
     assert tq.rewards == [0.0] * len(questions)  # implicit reward of a model against itself
@@ -167,9 +172,9 @@ def test_zero_weight_searches_are_greedy_decoding(task, questions):
 
 def test_deal_lookahead_search_beats_greedy(task, questions):
     batch = questions[:12]
-    base = deal_decode(task.model, task.tokenizer, batch, SENTIMENT, DeALConfig(beams=2, top_k=10, lookahead=2,
+    base = deal_decode(task.model, task.tokenizer, batch, SENTIMENT, DeALOptions(beams=2, top_k=10, lookahead=2,
                                                                                  weight=0.0, max_new_tokens=8))
-    search = deal_decode(task.model, task.tokenizer, batch, SENTIMENT, DeALConfig(beams=2, top_k=10, lookahead=2,
+    search = deal_decode(task.model, task.tokenizer, batch, SENTIMENT, DeALOptions(beams=2, top_k=10, lookahead=2,
                                                                                    weight=5.0, max_new_tokens=8))
     assert search.summary()["mean_reward"] > base.summary()["mean_reward"] + 0.3  # measured: 0.00 -> 0.71
     assert all(len(d["beams"]) <= 2 for d in search.details)
@@ -180,12 +185,12 @@ def test_deal_lookahead_search_beats_greedy(task, questions):
 def test_transfer_q_star_beats_greedy(task, questions):
     aligned = aligned_model()
     batch = questions[:16]
-    greedy = tq_decode(task.model, task.tokenizer, batch, aligned, TQConfig(top_k=8, weight=0.0, max_new_tokens=8),
+    greedy = tq_decode(task.model, task.tokenizer, batch, aligned, TQOptions(top_k=8, weight=0.0, max_new_tokens=8),
                        SENTIMENT)
-    guided = tq_decode(task.model, task.tokenizer, batch, aligned, TQConfig(top_k=8, weight=1.0, lookahead=3,
+    guided = tq_decode(task.model, task.tokenizer, batch, aligned, TQOptions(top_k=8, weight=1.0, lookahead=3,
                                                                              max_new_tokens=8), SENTIMENT)
     assert guided.summary()["mean_reward"] > greedy.summary()["mean_reward"] + 0.2  # measured: 0.00 -> 0.55
-    by_reward = tq_decode(task.model, task.tokenizer, batch, aligned, TQConfig(top_k=8, weight=4.0, lookahead=3,
+    by_reward = tq_decode(task.model, task.tokenizer, batch, aligned, TQOptions(top_k=8, weight=4.0, lookahead=3,
                                                                                 max_new_tokens=8, value="reward"), SENTIMENT)
     assert by_reward.summary()["mean_reward"] > greedy.summary()["mean_reward"] + 0.2
 
@@ -195,7 +200,9 @@ def test_implicit_values_equal_separate_forward_passes(task, questions):
     contexts = encode_prompts(task.tokenizer, questions[:5])
     continuations = [task.tokenizer(t, add_special_tokens=False)["input_ids"]
                      for t in ["good day", "the bad", "it was great fine", "so", ""]]
-    values = implicit_values(task.model, aligned, contexts, continuations, 0, TQConfig(max_tokens_per_row=24), Compute())
+    search = Search.start(task.model, task.tokenizer, None, TQOptions(max_tokens_per_row=24), aligned=aligned)
+    search.pad_id = 0
+    values = implicit_values(search, contexts, continuations)
 
     def logp(model, context, continuation):
         ids = torch.tensor([context + continuation])
@@ -212,7 +219,7 @@ def test_implicit_values_equal_separate_forward_passes(task, questions):
 
 
 def test_bonbon_pairs_train_with_bonbon_and_dpo(task, questions, tmp_path):
-    pairs, result = bonbon_pairs(task.model, task.tokenizer, questions, SENTIMENT, 8, SAMPLING)
+    pairs, result = bonbon_pairs(task.model, task.tokenizer, questions, SENTIMENT, BonBonPairsOptions(num_samples=8), SAMPLING)
     assert len(pairs) > len(questions) // 2
     assert all(p["chosen_reward"] > p["rejected_reward"] and p["n"] == 8 for p in pairs)
     groups = [d["candidates"] for d in result.details]
@@ -328,10 +335,10 @@ def rows_forwarded(model):
 def test_decode_compute_counts_are_exact(task, questions):
     batch = questions[:6]
     for run in (lambda r: best_of_n(task.model, task.tokenizer, batch, r, 3, SAMPLING),
-                lambda r: calibrated_best_of_n(task.model, task.tokenizer, batch, r, 3, SAMPLING, num_reference=5),
-                lambda r: args_decode(task.model, task.tokenizer, batch, r, ARGSConfig(top_k=4, weight=2.0,
+                lambda r: calibrated_best_of_n(task.model, task.tokenizer, batch, r, CalibratedOptions(num_samples=3, num_reference=5), SAMPLING),
+                lambda r: args_decode(task.model, task.tokenizer, batch, r, ARGSOptions(top_k=4, weight=2.0,
                                                                                        max_new_tokens=6)),
-                lambda r: deal_decode(task.model, task.tokenizer, batch, r, DeALConfig(beams=2, top_k=3, lookahead=2,
+                lambda r: deal_decode(task.model, task.tokenizer, batch, r, DeALOptions(beams=2, top_k=3, lookahead=2,
                                                                                         max_new_tokens=5))):
         reward = CountingReward()
         assert run(reward).compute.reward_calls == reward.pairs > 0
@@ -339,7 +346,7 @@ def test_decode_compute_counts_are_exact(task, questions):
     from alignkit.decode.calibrated import REFERENCE_SEED_OFFSET
     from alignkit.generate.engines import make_engine
 
-    result = calibrated_best_of_n(task.model, task.tokenizer, batch, SENTIMENT, 3, SAMPLING, num_reference=5)
+    result = calibrated_best_of_n(task.model, task.tokenizer, batch, SENTIMENT, CalibratedOptions(num_samples=3, num_reference=5), SAMPLING)
     ids = encode_prompts(task.tokenizer, batch)
     made = []
     for n, cfg in ((5, SamplingConfig(max_new_tokens=10, batch_size=32, seed=REFERENCE_SEED_OFFSET)), (3, SAMPLING)):
@@ -350,7 +357,7 @@ def test_decode_compute_counts_are_exact(task, questions):
     # DeAL without lookahead: one uncached forward over the live beams per step, top_k children of each
     seen, handle = rows_forwarded(task.model)
     try:
-        deal = deal_decode(task.model, task.tokenizer, batch, SENTIMENT, DeALConfig(beams=2, top_k=3, lookahead=0,
+        deal = deal_decode(task.model, task.tokenizer, batch, SENTIMENT, DeALOptions(beams=2, top_k=3, lookahead=0,
                                                                                       max_new_tokens=5))
     finally:
         handle.remove()
@@ -370,8 +377,8 @@ def test_decode_cli_methods_equal_the_library(task, questions, tmp_path):
     expected = {
         "sample": best_of_n(task.model, task.tokenizer, batch, reward, 1, sampling),
         "bon": best_of_n(task.model, task.tokenizer, batch, reward, 3, sampling),
-        "bon-calibrated": calibrated_best_of_n(task.model, task.tokenizer, batch, reward, 3, sampling, num_reference=4),
-        "deal": deal_decode(task.model, task.tokenizer, batch, reward, DeALConfig(beams=2, top_k=3, lookahead=1,
+        "bon-calibrated": calibrated_best_of_n(task.model, task.tokenizer, batch, reward, CalibratedOptions(num_samples=3, num_reference=4), sampling),
+        "deal": deal_decode(task.model, task.tokenizer, batch, reward, DeALOptions(beams=2, top_k=3, lookahead=1,
                                                                                     weight=2.0, max_new_tokens=8)),
     }
     for method, result in expected.items():

@@ -7,58 +7,48 @@ Stops at EOS (the official code has no EOS stop and always runs max_new_tokens).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 
-from alignkit.decode.base import (
-    Compute,
-    DecodeResult,
-    IncrementalLM,
-    choose,
-    commit_tokens,
-    decode_text,
-)
-from alignkit.generate.engines import encode_prompts, stop_token_ids
+from alignkit.config import Strict
+from alignkit.decode.base import DecodeResult, IncrementalLM, Search, choose, commit_tokens
+from alignkit.generate.engines import encode_prompts
 from alignkit.models.inference import eval_mode
-from alignkit.train.packing import pad_token_id
 
 
-@dataclass
-class ARGSConfig:
-    top_k: int = 10
-    weight: float = 1.0  # w: reward weight against the log-prob
-    mode: str = "greedy"  # or "sample"
-    temperature: float = 0.7  # for mode "sample" (the official default)
-    max_new_tokens: int = 64
-    batch_size: int = 16  # prompts decoded together
+class ARGSOptions(Strict):
+    top_k: int = Field(10, gt=0, description="candidate tokens per step")
+    weight: float = Field(1.0, description="w: reward weight against the log-prob")
+    mode: Literal["greedy", "sample"] = "greedy"
+    temperature: float = Field(0.7, gt=0, description="for mode sample (the official default)")
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(16, gt=0, description="prompts decoded together")
     seed: int = 0
 
+    # `alignkit decode` keys that fill these fields under other names.
+    config_keys: ClassVar[dict[str, str]] = {"top_k": "search_top_k", "temperature": "search_temperature"}
 
-def args_decode(model, tokenizer, prompts: list, reward, cfg: ARGSConfig) -> DecodeResult:
+
+def args_decode(model, tokenizer, prompts: list, reward, cfg: ARGSOptions) -> DecodeResult:
     """ARGS responses for every prompt, with the reward of each final response and the compute spent."""
-    if cfg.top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {cfg.top_k}")
     prompt_ids = encode_prompts(tokenizer, prompts)
-    end_ids = stop_token_ids(tokenizer, ())
-    pad_id = pad_token_id(tokenizer)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    compute = Compute()
+    search = Search.start(model, tokenizer, reward, cfg)
     responses: list[str] = []
     with eval_mode(model):
         for start in range(0, len(prompts), cfg.batch_size):
             chunk = list(range(start, min(start + cfg.batch_size, len(prompts))))
-            responses += _decode_batch(model, tokenizer, [prompts[i] for i in chunk], [prompt_ids[i] for i in chunk],
-                                       reward, cfg, end_ids, pad_id, generator, compute)
+            responses += _decode_batch(search, [prompts[i] for i in chunk], [prompt_ids[i] for i in chunk])
     rewards = reward(list(prompts), responses)
-    compute.add(rewards=len(prompts))
-    return DecodeResult(method="args", prompts=list(prompts), responses=responses, rewards=rewards, compute=compute,
-                        options=asdict(cfg))
+    search.compute.add(rewards=len(prompts))
+    return DecodeResult(method="args", prompts=list(prompts), responses=responses, rewards=rewards,
+                        compute=search.compute, options=cfg.model_dump())
 
 
-def _decode_batch(model, tokenizer, prompts, prompt_ids, reward, cfg: ARGSConfig, end_ids, pad_id, generator,
-                  compute: Compute) -> list[str]:
-    lm = IncrementalLM(model, prompt_ids, pad_id)
+def _decode_batch(search: Search, prompts, prompt_ids) -> list[str]:
+    cfg, reward = search.opts, search.reward
+    lm = IncrementalLM(search.model, prompt_ids, search.pad_id)
     generated: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     k = min(cfg.top_k, lm.logps.shape[-1])
@@ -69,11 +59,11 @@ def _decode_batch(model, tokenizer, prompts, prompt_ids, reward, cfg: ARGSConfig
         top_logps, top_ids = lm.logps[active].topk(k, dim=-1)  # [A, k]
         scores = top_logps
         if cfg.weight != 0:
-            texts = [tokenizer.decode(generated[i] + [t], skip_special_tokens=True).strip()
+            texts = [search.tokenizer.decode(generated[i] + [t], skip_special_tokens=True).strip()
                      for i, ids in zip(active, top_ids.tolist()) for t in ids]
             values = reward([prompts[i] for i in active for _ in range(k)], texts)
-            compute.add(rewards=len(texts))
+            search.compute.add(rewards=len(texts))
             scores = top_logps + cfg.weight * torch.tensor(values, dtype=top_logps.dtype).view(len(active), k)
-        picked = top_ids.gather(1, choose(scores, cfg.mode, cfg.temperature, generator)[:, None]).squeeze(1)
-        commit_tokens(lm, generated, finished, active, picked, end_ids, pad_id, compute)
-    return [decode_text(tokenizer, ids, end_ids) for ids in generated]
+        picked = top_ids.gather(1, choose(scores, cfg.mode, cfg.temperature, search.generator)[:, None]).squeeze(1)
+        commit_tokens(search, lm, generated, finished, active, picked)
+    return [search.text(ids) for ids in generated]

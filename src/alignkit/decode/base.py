@@ -8,10 +8,13 @@ forwards (Transfer Q*'s log-probs of a continuation) count one pass per sequence
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
+from alignkit.generate.engines import stop_token_ids
 from alignkit.models.inference import left_pad
+from alignkit.train.packing import pad_token_id
 
 
 @dataclass
@@ -144,15 +147,42 @@ def choose(scores: torch.Tensor, mode: str, temperature: float, generator: torch
     raise ValueError(f"mode must be 'greedy' or 'sample', got {mode!r}")
 
 
-def commit_tokens(lm: IncrementalLM, generated: list[list[int]], finished: list[bool], active: list[int],
-                  picked: torch.Tensor, end_ids: list[int], pad_id: int, compute: Compute) -> None:
+@dataclass
+class Search:
+    """What a token-level search (ARGS, DeAL, Transfer Q*) holds for a whole run: the model, the reward, the
+    method's options, the end and pad ids, the seeded generator and the compute spent."""
+
+    model: Any
+    tokenizer: Any
+    reward: Any
+    opts: Any
+    end_ids: list[int]
+    pad_id: int
+    compute: Compute = field(default_factory=Compute)
+    generator: torch.Generator | None = None
+    aligned: Any = None  # Transfer Q*: the aligned model whose rollouts value the candidates
+
+    @classmethod
+    def start(cls, model, tokenizer, reward, opts, aligned=None) -> Search:
+        """Stops at EOS only; the generator is seeded with opts.seed where the options have one."""
+        pad_id = pad_token_id(tokenizer)
+        seed = getattr(opts, "seed", None)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        return cls(model, tokenizer, reward, opts, stop_token_ids(tokenizer, ()), pad_id, Compute(), generator, aligned)
+
+    def text(self, ids: list[int]) -> str:
+        return decode_text(self.tokenizer, ids, self.end_ids)
+
+
+def commit_tokens(search: Search, lm: IncrementalLM, generated: list[list[int]], finished: list[bool],
+                  active: list[int], picked: torch.Tensor) -> None:
     """Append each active row's picked token, mark rows that ended, and advance the KV cache by one step."""
-    next_tokens = torch.full((len(generated),), pad_id, dtype=torch.long)
+    next_tokens = torch.full((len(generated),), search.pad_id, dtype=torch.long)
     for row, token in zip(active, picked.tolist()):
         generated[row].append(token)
         next_tokens[row] = token
-        finished[row] = token in end_ids
-    compute.add(tokens=len(active), passes=len(active))
+        finished[row] = token in search.end_ids
+    search.compute.add(tokens=len(active), passes=len(active))
     if not all(finished):
         lm.step(next_tokens)
 
@@ -166,3 +196,5 @@ def decode_text(tokenizer, ids: list[int], end_ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+__all__ = ["Compute", "DecodeResult", "IncrementalLM", "Search", "choose", "commit_tokens", "cut_at_end", "decode_text",
+           "efficiency", "greedy_rollouts", "last_token_logps"]

@@ -5,9 +5,16 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from pydantic import Field
+
+from alignkit.config import Strict
 from alignkit.decode.base import Compute, DecodeResult
 from alignkit.generate.sample import SamplingConfig, sample_with_counts
-from alignkit.rewards.base import score_groups  # noqa: F401 - decode's scorer
+from alignkit.rewards.base import score_groups
+
+
+class BoNOptions(Strict):
+    num_samples: int = Field(8, gt=0, description="samples per prompt; the highest-reward one is kept")
 
 
 def argmax_first(values: list[float]) -> int:

@@ -4,23 +4,30 @@ alpha * SFT on the best + (1 - alpha) * IPO at the best-of-n matching beta) or a
 
 from __future__ import annotations
 
-from alignkit.data.pairs import best_worst_pairs  # noqa: F401 - BoNBoN's pairs
+from pydantic import Field
+
+from alignkit.config import Strict
+from alignkit.data.pairs import best_worst_pairs
 from alignkit.decode.base import DecodeResult
 from alignkit.decode.bon import best_of_n
 from alignkit.generate.sample import SamplingConfig
 from alignkit.losses.bonbon import bonbon_beta
 
 
-def bonbon_pairs(model, tokenizer, prompts: list, reward, n: int, cfg: SamplingConfig,
-                 min_gap: float = 0.0) -> tuple[list[dict], DecodeResult]:
+class BonBonPairsOptions(Strict):
+    num_samples: int = Field(8, ge=2, description="samples per prompt; the best and the worst form a pair")
+    min_gap: float = Field(0.0, ge=0, description="smallest best-worst reward gap kept")
+
+
+def bonbon_pairs(model, tokenizer, prompts: list, reward, opts: BonBonPairsOptions,
+                 cfg: SamplingConfig) -> tuple[list[dict], DecodeResult]:
     """(pairs records, the best-of-n result they came from). Train them with loss 'bonbon' and
     beta = bonbon_beta(n), which `recommended_options(n)` returns."""
-    if n < 2:
-        raise ValueError(f"BoNBoN needs n >= 2 samples per prompt, got {n}")
+    n = opts.num_samples
     result = best_of_n(model, tokenizer, prompts, reward, n, cfg)
     groups = [d["candidates"] for d in result.details]
     scores = [d["candidate_rewards"] for d in result.details]
-    return best_worst_pairs(prompts, groups, scores, min_gap, n), result
+    return best_worst_pairs(prompts, groups, scores, opts.min_gap, n), result
 
 
 def recommended_options(n: int, alpha: float = 0.005) -> dict:

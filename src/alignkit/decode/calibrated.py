@@ -17,7 +17,11 @@ from __future__ import annotations
 import bisect
 import json
 from dataclasses import asdict
+from typing import Any
 
+from pydantic import Field
+
+from alignkit.config import Strict
 from alignkit.decode.base import Compute, DecodeResult
 from alignkit.errors import AlignkitError
 from alignkit.generate.sample import SamplingConfig, sample_with_counts
@@ -75,12 +79,21 @@ class CalibratedReward(Reward):
         return totals
 
 
-def calibrated_best_of_n(model, tokenizer, prompts: list, reward: Reward, n: int, cfg: SamplingConfig,
-                         num_reference: int = 16, reference_model=None, tie_weight: float = 0.5,
-                         calibrate_components: bool = False) -> DecodeResult:
-    """Best of n by calibrated reward. Reference samples come from reference_model (default: the policy itself)
+class CalibratedOptions(Strict):
+    num_samples: int = Field(8, gt=0, description="candidates per prompt")
+    num_reference: int = Field(16, gt=0, description="reference samples per prompt")
+    tie_weight: float = Field(0.5, ge=0, le=1, description="share of a tie counted as a win (0.5: the mid-rank)")
+    calibrate_components: bool = Field(False, description="calibrate each part of a WeightedSum on its own")
+    reference: Any = Field(None, exclude=True, description="the reference policy, loaded (default: the policy)")
+
+
+def calibrated_best_of_n(model, tokenizer, prompts: list, reward: Reward, opts: CalibratedOptions,
+                         cfg: SamplingConfig) -> DecodeResult:
+    """Best of n by calibrated reward. Reference samples come from opts.reference (default: the policy itself)
     with a separate seed stream, and count in the compute. Returned rewards are the raw rewards; details hold
     each candidate's calibrated reward (for the chosen one: its win rate against a reference sample)."""
+    n, num_reference, tie_weight = opts.num_samples, opts.num_reference, opts.tie_weight
+    reference_model, calibrate_components = opts.reference, opts.calibrate_components
     reference_cfg = SamplingConfig(**{**asdict(cfg), "seed": cfg.seed + REFERENCE_SEED_OFFSET})
     reference = sample_with_counts(reference_model or model, tokenizer, prompts, reference_cfg, num_reference)
     calibrated = CalibratedReward(reward, prompts, reference.texts, tie_weight, calibrate_components)

@@ -9,27 +9,31 @@ candidate counts and the exact f are UNVERIFIED against the paper (see the metho
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import ClassVar
 
+from pydantic import Field
+
+from alignkit.config import Strict
 from alignkit.decode.base import (
-    Compute,
     DecodeResult,
-    decode_text,
+    Search,
     greedy_rollouts,
     last_token_logps,
 )
-from alignkit.generate.engines import encode_prompts, stop_token_ids
+from alignkit.generate.engines import encode_prompts
 from alignkit.models.inference import eval_mode
-from alignkit.train.packing import pad_token_id
 
 
-@dataclass
-class DeALConfig:
-    beams: int = 2  # hypotheses kept per prompt
-    top_k: int = 3  # next tokens proposed per hypothesis
-    lookahead: int = 4  # greedy tokens rolled out to score a candidate
-    weight: float = 1.0  # lambda: reward weight against the log-prob
-    max_new_tokens: int = 32
+class DeALOptions(Strict):
+    beams: int = Field(2, gt=0, description="hypotheses kept per prompt")
+    top_k: int = Field(3, gt=0, description="next tokens proposed per hypothesis")
+    lookahead: int = Field(4, ge=0, description="greedy tokens rolled out to score a candidate")
+    weight: float = Field(1.0, description="lambda: reward weight against the log-prob")
+    max_new_tokens: int = Field(32, gt=0)
+
+    # `alignkit decode` keys that fill these fields under other names.
+    config_keys: ClassVar[dict[str, str]] = {"top_k": "search_top_k"}
 
 
 @dataclass
@@ -40,12 +44,11 @@ class _Beam:
     score: float = 0.0
 
 
-def deal_decode(model, tokenizer, prompts: list, reward, cfg: DeALConfig) -> DecodeResult:
+def deal_decode(model, tokenizer, prompts: list, reward, cfg: DeALOptions) -> DecodeResult:
     """DeAL responses for every prompt (all prompts searched together, one batched forward per step)."""
     prompt_ids = encode_prompts(tokenizer, prompts)
-    end_ids = stop_token_ids(tokenizer, ())
-    pad_id = pad_token_id(tokenizer)
-    compute = Compute()
+    search = Search.start(model, tokenizer, reward, cfg)
+    end_ids, pad_id, compute = search.end_ids, search.pad_id, search.compute
     beams = [[_Beam([], 0.0)] for _ in prompts]
     with eval_mode(model):
         for _ in range(cfg.max_new_tokens):
@@ -63,28 +66,30 @@ def deal_decode(model, tokenizer, prompts: list, reward, cfg: DeALConfig) -> Dec
                     candidates[p].append(child)
                     fresh.append((p, child))
             compute.add(tokens=len(fresh))
-            _score(model, tokenizer, prompts, prompt_ids, fresh, reward, cfg, end_ids, pad_id, compute)
+            _score(search, prompts, prompt_ids, fresh)
             beams = [sorted(group, key=lambda b: -b.score)[:cfg.beams] for group in candidates]
     final = []
     for group in beams:
-        texts = [decode_text(tokenizer, b.ids, end_ids) for b in group]
+        texts = [search.text(b.ids) for b in group]
         final.append(texts)
     scores = [reward([p] * len(texts), texts) for p, texts in zip(prompts, final)]
     compute.add(rewards=sum(len(t) for t in final))
     picks = [max(range(len(s)), key=lambda i, s=s: (s[i], -i)) for s in scores]
     return DecodeResult(method="deal", prompts=list(prompts), responses=[t[i] for t, i in zip(final, picks)],
                         rewards=[s[i] for s, i in zip(scores, picks)], compute=compute,
-                        details=[{"beams": t, "beam_rewards": s} for t, s in zip(final, scores)], options=asdict(cfg))
+                        details=[{"beams": t, "beam_rewards": s} for t, s in zip(final, scores)],
+                        options=cfg.model_dump())
 
 
-def _score(model, tokenizer, prompts, prompt_ids, fresh, reward, cfg: DeALConfig, end_ids, pad_id, compute) -> None:
+def _score(search: Search, prompts, prompt_ids, fresh) -> None:
     """f = log p + lambda * r(prefix + greedy lookahead) for every new candidate (finished ones: no lookahead)."""
     open_ = [(p, b) for p, b in fresh if not b.done]
-    rollouts = greedy_rollouts(model, [prompt_ids[p] + b.ids for p, b in open_], cfg.lookahead, pad_id, end_ids)
+    rollouts = greedy_rollouts(search.model, [prompt_ids[p] + b.ids for p, b in open_], search.opts.lookahead,
+                               search.pad_id, search.end_ids)
     rolled = {id(b): r for (_, b), r in zip(open_, rollouts)}
-    compute.add(tokens=sum(len(r) for r in rollouts), passes=sum(len(r) for r in rollouts))
-    texts = [decode_text(tokenizer, b.ids + rolled.get(id(b), []), end_ids) for _, b in fresh]
-    values = reward([prompts[p] for p, _ in fresh], texts)
-    compute.add(rewards=len(texts))
+    search.compute.add(tokens=sum(len(r) for r in rollouts), passes=sum(len(r) for r in rollouts))
+    texts = [search.text(b.ids + rolled.get(id(b), [])) for _, b in fresh]
+    values = search.reward([prompts[p] for p, _ in fresh], texts)
+    search.compute.add(rewards=len(texts))
     for (_, beam), value in zip(fresh, values):
-        beam.score = beam.logp + cfg.weight * value
+        beam.score = beam.logp + search.opts.weight * value

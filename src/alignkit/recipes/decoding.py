@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field, model_validator
 
-from alignkit.config import SamplingOptions, Strict, load_command_config, render_help
+from alignkit.config import SamplingOptions, Strict, load_command_config, make_config, render_help
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.errors import ConfigError
 from alignkit.generate.sample import SamplingConfig, sample
@@ -34,10 +36,23 @@ class GenerateConfig(_Sampled):
     model: str = Field(description="model directory, alias or hub id")
     prompts: str = Field(description="JSONL of {'prompt': ...} (other fields are carried to the output)")
     output_dir: str = Field(description="writes samples.jsonl: each prompt record + 'responses' (+ 'completion' "
-                                        "when n = 1)")
+                                        "when num_samples = 1)")
     num_samples: int = Field(1, gt=0)
-    backend: Literal["auto", "hf", "vllm"] = "auto"
     on_bad_record: Literal["error", "skip"] = "error"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backend_is_engine(cls, values: Any) -> Any:
+        """`backend` (before sampling.engine named the engine here too): vllm is engine vllm; hf and auto meant
+        "not vLLM", with the engine sampling.engine chose, which is what engine auto does now."""
+        if isinstance(values, dict) and "backend" in values:
+            values = dict(values)
+            backend = values.pop("backend")
+            log.info("config key 'backend' is now 'sampling.engine' (the old name still works: %r is engine %r)",
+                     backend, "vllm" if backend == "vllm" else "as sampling.engine says")
+            if backend == "vllm":
+                values["sampling"] = {**(values.get("sampling") or {}), "engine": "vllm"}
+        return values
 
 
 class DecodeConfig(_Sampled):
@@ -46,7 +61,7 @@ class DecodeConfig(_Sampled):
     prompts: str = Field(description="JSONL of {'prompt': ...}")
     output_dir: str = Field(description="writes decoded.jsonl (bonbon: pairs.jsonl) and summary.json")
     reward: str = "synthetic"
-    n: int = Field(8, gt=0, description="bon / bon-calibrated / bonbon: samples per prompt")
+    num_samples: int = Field(8, gt=0, description="bon / bon-calibrated / bonbon: samples per prompt")
     num_reference: int = Field(16, gt=0, description="bon-calibrated: reference samples per prompt")
     reference_model: str | None = Field(None, description="bon-calibrated: reference policy (default: model)")
     tie_weight: float = Field(0.5, ge=0, le=1)
@@ -68,7 +83,7 @@ class SynthConfig(_Sampled):
     method: Literal["magpie", "self-instruct", "principles"]
     model: str = Field(description="an instruct model with a chat template (magpie), or any model")
     output_dir: str = Field(description="writes data.jsonl: prompts / sft / pairs records")
-    n: int = Field(100, gt=0, description="prompts to make (magpie / self-instruct)")
+    num_prompts: int = Field(100, gt=0, description="prompts to make (magpie / self-instruct)")
     shape: Literal["prompts", "sft", "pairs"] = "prompts"
     reward: str | None = Field(None, description="orders responses into pairs")
     num_responses: int = Field(4, ge=2)
@@ -97,7 +112,8 @@ def run_generate(config=None, overrides: dict[str, Any] | None = None) -> Path:
     records = _prompt_records(cfg.prompts, cfg.on_bad_record)  # validate before loading a model
     from alignkit.generate.vllm_backend import load_generator
 
-    model, tokenizer = load_generator(cfg.model, cfg.backend)
+    # vLLM only when named (engine auto: the fast engine where it runs, else HF generate, as in every command)
+    model, tokenizer = load_generator(cfg.model, "vllm" if cfg.sampling.engine == "vllm" else "hf")
     samples = sample(model, tokenizer, [r["prompt"] for r in records], cfg.sampling_config(), cfg.num_samples)
     rows = [{**_carry(r), "responses": s, **({"completion": s[0]} if cfg.num_samples == 1 else {})}
             for r, s in zip(records, samples)]
@@ -141,51 +157,93 @@ def run_decode(config=None, overrides: dict[str, Any] | None = None) -> dict:
     return summary
 
 
-def decode_with(cfg: DecodeConfig, model, tokenizer, prompts: list, reward):
-    """(DecodeResult, extra summary fields) of the configured method."""
-    sampling = cfg.sampling_config()
-    if cfg.method in ("sample", "bon"):
-        from alignkit.decode.bon import best_of_n
+def decoder_options(cfg: DecodeConfig, options: type[BaseModel]) -> BaseModel:
+    """A decoder's options from the command's keys, by name (config_keys: fields read from a differently named
+    key, e.g. top_k from search_top_k); a field the command has no key for keeps the decoder's default."""
+    keys = {**cfg.model_dump(exclude={"sampling"}), "max_new_tokens": cfg.sampling.max_new_tokens,
+            "batch_size": cfg.sampling.batch_size}
+    renamed = getattr(options, "config_keys", {})
+    values = {name: keys[renamed.get(name, name)] for name in options.model_fields if renamed.get(name, name) in keys}
+    return make_config(values, options)
 
-        return best_of_n(model, tokenizer, prompts, reward, 1 if cfg.method == "sample" else cfg.n, sampling), {}
-    if cfg.method == "bon-calibrated":
-        from alignkit.decode.calibrated import calibrated_best_of_n
 
-        reference = None
-        if cfg.reference_model:
-            from alignkit.models.resolve import load_model_and_tokenizer
-
-            reference, _ = load_model_and_tokenizer(cfg.reference_model)
-        return calibrated_best_of_n(model, tokenizer, prompts, reward, cfg.n, sampling, cfg.num_reference, reference,
-                                    cfg.tie_weight), {}
-    if cfg.method == "bonbon":
-        from alignkit.decode.bonbon import bonbon_pairs, recommended_options
-
-        pairs, result = bonbon_pairs(model, tokenizer, prompts, reward, cfg.n, sampling, cfg.min_gap)
-        return result, {"pairs": pairs, "pair_count": len(pairs), "train_with": {"loss": "bonbon",
-                                                                                  "loss_options": recommended_options(cfg.n)}}
-    if cfg.method == "args":
-        from alignkit.decode.args import ARGSConfig, args_decode
-
-        return args_decode(model, tokenizer, prompts, reward, ARGSConfig(
-            cfg.search_top_k, cfg.weight, cfg.mode, cfg.search_temperature, cfg.sampling.max_new_tokens,
-            cfg.sampling.batch_size,
-            cfg.seed)), {}
-    if cfg.method == "deal":
-        from alignkit.decode.deal import DeALConfig, deal_decode
-
-        return deal_decode(model, tokenizer, prompts, reward, DeALConfig(
-            cfg.beams, cfg.search_top_k, cfg.lookahead, cfg.weight, cfg.sampling.max_new_tokens)), {}
-    from alignkit.decode.tq import TQConfig, tq_decode
+def _load_model(path: str):
     from alignkit.models.resolve import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(path)[0]
+
+
+def _bon(cfg: DecodeConfig, opts, model, tokenizer, prompts: list, reward):
+    from alignkit.decode.bon import best_of_n
+
+    n = 1 if cfg.method == "sample" else opts.num_samples
+    return best_of_n(model, tokenizer, prompts, reward, n, cfg.sampling_config()), {}
+
+
+def _calibrated(cfg: DecodeConfig, opts, model, tokenizer, prompts: list, reward):
+    from alignkit.decode.calibrated import calibrated_best_of_n
+
+    if cfg.reference_model:
+        opts = opts.model_copy(update={"reference": _load_model(cfg.reference_model)})
+    return calibrated_best_of_n(model, tokenizer, prompts, reward, opts, cfg.sampling_config()), {}
+
+
+def _bonbon(cfg: DecodeConfig, opts, model, tokenizer, prompts: list, reward):
+    from alignkit.decode.bonbon import bonbon_pairs, recommended_options
+
+    pairs, result = bonbon_pairs(model, tokenizer, prompts, reward, opts, cfg.sampling_config())
+    return result, {"pairs": pairs, "pair_count": len(pairs),
+                    "train_with": {"loss": "bonbon", "loss_options": recommended_options(opts.num_samples)}}
+
+
+def _args(cfg: DecodeConfig, opts, model, tokenizer, prompts: list, reward):
+    from alignkit.decode.args import args_decode
+
+    return args_decode(model, tokenizer, prompts, reward, opts), {}
+
+
+def _deal(cfg: DecodeConfig, opts, model, tokenizer, prompts: list, reward):
+    from alignkit.decode.deal import deal_decode
+
+    return deal_decode(model, tokenizer, prompts, reward, opts), {}
+
+
+def _tq(cfg: DecodeConfig, opts, model, tokenizer, prompts: list, reward):
+    from alignkit.decode.tq import tq_decode
 
     if not cfg.aligned:
         raise ConfigError("aligned", "method tq needs the aligned baseline model (--aligned DIR)")
-    aligned, _ = load_model_and_tokenizer(cfg.aligned)
-    return tq_decode(model, tokenizer, prompts, aligned, TQConfig(
-        top_k=cfg.search_top_k, weight=cfg.weight, beta=cfg.beta, value=cfg.value, lookahead=cfg.lookahead,
-        mode=cfg.mode, temperature=cfg.search_temperature, max_new_tokens=cfg.sampling.max_new_tokens,
-        batch_size=cfg.sampling.batch_size, seed=cfg.seed), reward), {}
+    return tq_decode(model, tokenizer, prompts, _load_model(cfg.aligned), opts, reward), {}
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """A decoding method: its options (module:Class, built from the command's keys) and how it runs; the run gives
+    (DecodeResult, extra summary fields)."""
+
+    options: str
+    run: Callable
+
+
+DECODERS: dict[str, Decoder] = {
+    "sample": Decoder("alignkit.decode.bon:BoNOptions", _bon),
+    "bon": Decoder("alignkit.decode.bon:BoNOptions", _bon),
+    "bon-calibrated": Decoder("alignkit.decode.calibrated:CalibratedOptions", _calibrated),
+    "bonbon": Decoder("alignkit.decode.bonbon:BonBonPairsOptions", _bonbon),
+    "args": Decoder("alignkit.decode.args:ARGSOptions", _args),
+    "deal": Decoder("alignkit.decode.deal:DeALOptions", _deal),
+    "tq": Decoder("alignkit.decode.tq:TQOptions", _tq),
+}
+
+
+def decode_with(cfg: DecodeConfig, model, tokenizer, prompts: list, reward):
+    """(DecodeResult, extra summary fields) of the configured method."""
+    import importlib
+
+    decoder = DECODERS[cfg.method]
+    module, _, name = decoder.options.partition(":")
+    opts = decoder_options(cfg, getattr(importlib.import_module(module), name))
+    return decoder.run(cfg, opts, model, tokenizer, prompts, reward)
 
 
 def run_synth(config=None, overrides: dict[str, Any] | None = None) -> Path:
@@ -208,12 +266,12 @@ def run_synth(config=None, overrides: dict[str, Any] | None = None) -> Path:
         records = synth.principle_driven(model, tokenizer, questions, principles, sampling, reward)
     else:
         if cfg.method == "magpie":
-            records = synth.magpie_prompts(model, tokenizer, cfg.n, sampling, synth.MagpieOptions(system=cfg.system))
+            records = synth.magpie_prompts(model, tokenizer, cfg.num_prompts, sampling, synth.MagpieOptions(system=cfg.system))
         else:
             if not seeds:
                 raise ConfigError("seeds", "method self-instruct needs --seeds FILE (prompts JSONL of seed tasks)")
             options = synth.SelfInstructOptions(seed=cfg.seed)
-            records = synth.self_instruct_prompts(model, tokenizer, seeds, cfg.n, sampling, options)
+            records = synth.self_instruct_prompts(model, tokenizer, seeds, cfg.num_prompts, sampling, options)
         if cfg.shape != "prompts":
             pairs = synth.PairOptions(reward, cfg.num_responses)
             records = synth.respond(model, tokenizer, records, cfg.shape, None, pairs)
