@@ -264,6 +264,21 @@ def merged(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def with_recipe_defaults(values: Any, defaults: dict[str, Any], section: str, set_by_recipe: tuple[str, ...]) -> Any:
+    """A recipe's nested command config (align's train:, rl's online:): the keys given laid over the recipe's
+    defaults. Nested sections given are taken whole, as anywhere else, but loss_options are merged key by key (the
+    recipe's own options, e.g. rl's tis_cap, stay unless named); keys the recipe sets itself are refused."""
+    if not isinstance(values, dict):
+        return values
+    for key in set_by_recipe:
+        if key in values:
+            raise ConfigError(f"{section}.{key}", f"set by the recipe: give the recipe's own `{key}`")
+    out = {**defaults, **values}
+    if isinstance(values.get("loss_options"), dict):
+        out["loss_options"] = {**defaults.get("loss_options", {}), **values["loss_options"]}
+    return out
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -296,6 +311,7 @@ RENAMED: dict[str, dict[str, str]] = {
     "DecodeConfig": {"n": "num_samples"},
     "SynthConfig": {"n": "num_prompts"},
     "AlignConfig": {"train_prompts": "num_train_prompts", "eval_prompts": "num_eval_prompts"},
+    "RLConfig": {"train_prompts": "online.prompts"},
 }
 # Keys renamed long ago: named with their new place instead of "unknown key", and refused.
 RETIRED = {"out": "output_dir", "generation_batch_size": "sampling.batch_size",
@@ -347,13 +363,15 @@ def load_command_config(cls: type[BaseModel], config: str | Path | dict | None =
     overrides = {str(k).replace("-", "_"): v for k, v in (overrides or {}).items()}
     _check_finite(base)
     fields = set(cls.model_fields)
-    if trl_keys.is_trl_config({**base, **overrides}, fields):  # a TRL config, run as it is
+    names = option_names({**base, **overrides}) if option_names is not None else set()
+    routable = fields | names | {k for section in _sections(cls).values() for k in section.model_fields}
+    if trl_keys.is_trl_config({**base, **overrides}, routable):  # a TRL config, run as it is
         command = "online" if "prompts" in fields else "train"
         base, lines = trl_keys.translate(base, fields, command)
         overrides, more = trl_keys.translate(overrides, fields, command)
         logging.getLogger("alignkit.config").info("TRL keys mapped onto alignkit's (docs/from_trl.md):\n  %s",
                                                   "\n  ".join(lines + more))
-    names = option_names({**base, **overrides}) if option_names is not None else set()
+        names = option_names({**base, **overrides}) if option_names is not None else set()  # TRL may set the loss
     values: dict[str, Any] = {}
     for source in (base, overrides):
         for key, value in source.items():

@@ -13,16 +13,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from rich.console import Console
 
-from alignkit.config import SamplingOptions, Strict, TrainConfig, load_command_config
+from alignkit.config import SamplingOptions, Strict, TrainConfig, load_command_config, with_recipe_defaults
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.data.pairs import best_worst_pairs
 from alignkit.eval.metrics import bootstrap_mean_ci, distinct_n, mean_words, win_rate
 from alignkit.eval.plots import plot_curves
 from alignkit.eval.report import rich_table, write_html_report
 from alignkit.generate.sample import SamplingConfig, sample
+from alignkit.losses import loss_option_names
 from alignkit.recipes.stages import Stages
 from alignkit.rewards.base import score_groups
 from alignkit.rewards.spec import default_reward  # noqa: F401 - the main job's reward, importable from here
@@ -30,13 +31,19 @@ from alignkit.rewards.text import VaderSentiment
 from alignkit.train.logging import read_metrics
 from alignkit.train.loop import train
 
+# The DPO run: `alignkit train`'s keys with this job's defaults (model, seed, train_data and output_dir are the job's).
+TRAIN = {"model": "smollm2-135m-instruct", "loss": "dpo", "loss_options": {"beta": 0.1}, "learning_rate": 3e-5,
+         "warmup_steps": 2, "lr_schedule": "cosine", "epochs": 3, "max_length": 256, "max_tokens_per_batch": 1200,
+         "precision": "bf16", "ref_cache": False}
+SET_BY_RECIPE = ("model", "seed", "train_data", "output_dir")
+
 
 class AlignConfig(Strict):
     model: str = "smollm2-135m-instruct"
     prompts: str | None = Field(None, description="JSONL of {'prompt': ...}; default: the shipped prompts")
     output_dir: str = "runs/align"
-    train_prompts: int = Field(128, gt=0)
-    eval_prompts: int = Field(64, gt=0)
+    num_train_prompts: int = Field(128, gt=0, description="prompts answered for the training pairs")
+    num_eval_prompts: int = Field(64, gt=0, description="held-out prompts answered before and after")
     samples_per_prompt: int = Field(4, ge=2)
     sampling: SamplingOptions = Field(
         default_factory=lambda: SamplingOptions(max_new_tokens=32, temperature=0.8, top_p=0.95, batch_size=48,
@@ -44,12 +51,20 @@ class AlignConfig(Strict):
         description="how the answers are sampled (the fast engine with bf16 weights: this job trains on the texts, "
                     "not on the engine's log-probs)")
     min_reward_gap: float = Field(0.1, ge=0, description="pairs whose best-worst gap is smaller are dropped")
-    beta: float = Field(0.1, gt=0)
-    learning_rate: float = Field(3e-5, gt=0)
-    epochs: int = Field(3, gt=0)
-    max_tokens_per_batch: int = Field(1200, gt=0)
-    precision: str = Field("bf16", pattern="^(fp32|bf16)$")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**TRAIN),
+                               description="the DPO run: train's keys (--learning_rate, --beta, ... reach it too)")
     seed: int = 0
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _job_defaults(cls, values):
+        return with_recipe_defaults(values, TRAIN, "train", SET_BY_RECIPE)
+
+
+def _option_names(values: dict) -> set[str]:
+    """The DPO loss's options (--beta), given at the top level."""
+    train = values.get("train") if isinstance(values.get("train"), dict) else {}
+    return loss_option_names(train.get("loss", TRAIN["loss"]))
 
 
 def build_pairs(prompts: list, samples: list[list[str]], reward, min_gap: float) -> tuple[list[dict], list[float]]:
@@ -61,7 +76,7 @@ def build_pairs(prompts: list, samples: list[list[str]], reward, min_gap: float)
 
 def run_align(config: str | Path | None = None, overrides: dict[str, Any] | None = None,
               console: Console | None = None) -> dict:
-    cfg: AlignConfig = load_command_config(AlignConfig, config, overrides)
+    cfg: AlignConfig = load_command_config(AlignConfig, config, overrides, _option_names)
     console = console or Console()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,9 +89,10 @@ def run_align(config: str | Path | None = None, overrides: dict[str, Any] | None
     stages.seconds["load model"] = time.perf_counter() - tic
     source = cfg.prompts or str(resources.files("alignkit") / "assets" / "align_prompts.jsonl")
     prompts = [r["prompt"] for r in load_records(source, shape="prompts")]
-    if len(prompts) < cfg.train_prompts + cfg.eval_prompts:
-        raise ValueError(f"{source} has {len(prompts)} prompts; need train_prompts + eval_prompts")
-    eval_prompts, train_prompts = prompts[:cfg.eval_prompts], prompts[cfg.eval_prompts:cfg.eval_prompts + cfg.train_prompts]
+    if len(prompts) < cfg.num_train_prompts + cfg.num_eval_prompts:
+        raise ValueError(f"{source} has {len(prompts)} prompts; need num_train_prompts + num_eval_prompts")
+    eval_prompts = prompts[:cfg.num_eval_prompts]
+    train_prompts = prompts[cfg.num_eval_prompts:cfg.num_eval_prompts + cfg.num_train_prompts]
     reward = default_reward()
     sampling = SamplingConfig.from_options(cfg.sampling, cfg.seed)
 
@@ -86,12 +102,8 @@ def run_align(config: str | Path | None = None, overrides: dict[str, Any] | None
     pairs, _ = build_pairs(train_prompts, samples, reward, cfg.min_reward_gap)
     write_jsonl_atomic(out / "pairs.jsonl", pairs)
     console.print(f"{len(pairs)} preference pairs (best vs worst of {cfg.samples_per_prompt})")
-    train_cfg = TrainConfig(
-        model=cfg.model, train_data=str(out / "pairs.jsonl"), loss="dpo", loss_options={"beta": cfg.beta},
-        learning_rate=cfg.learning_rate, warmup_steps=2, lr_schedule="cosine", epochs=cfg.epochs, max_length=256,
-        max_tokens_per_batch=cfg.max_tokens_per_batch,
-        precision=cfg.precision, seed=cfg.seed, output_dir=str(out / "dpo"), ref_cache=False,
-    )
+    train_cfg = cfg.train.model_copy(update={"model": cfg.model, "seed": cfg.seed, "train_data": str(out / "pairs.jsonl"),
+                                             "output_dir": str(out / "dpo")})
     stages.run("DPO", lambda: train(train_cfg, model, tokenizer))
     after = stages.run("answer held-out prompts (aligned)", lambda: [s[0] for s in sample(model, tokenizer, eval_prompts, sampling)])
     summary = evaluate_before_after(eval_prompts, before, after, reward)

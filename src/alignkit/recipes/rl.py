@@ -15,19 +15,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from rich.console import Console
 from rich.markup import escape
 
-from alignkit.config import SamplingOptions, Strict, load_command_config
+from alignkit.config import SamplingOptions, Strict, load_command_config, with_recipe_defaults
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.data.tokenize import TokenizedExample
+from alignkit.errors import ConfigError
 from alignkit.eval.kl import example_log_ratios, kl_packing, kl_summary
 from alignkit.eval.metrics import bootstrap_mean_ci, distinct_n, mean_words
 from alignkit.eval.plots import plot_curves
 from alignkit.eval.report import rich_table, write_html_report
 from alignkit.generate.sample import SamplingConfig, sample_with_counts
-from alignkit.online.config import OnlineConfig
+from alignkit.losses import loss_option_names
+from alignkit.online.config import OnlineConfig, loss_name_of
 from alignkit.online.run import OnlineInputs, run_online
 from alignkit.recipes.stages import Stages
 from alignkit.rewards.verifiable.constraints import ConstraintReward, check_all
@@ -43,19 +45,31 @@ TYPES = ("max_words", "include", "starts_with", "ends_with", "no_commas", "title
 PROMPT_SETS = {"n_train": 512, "n_eval": 96, "seed": 0}
 
 
+def shipped(name: str) -> str:
+    return str(resources.files("alignkit") / "assets" / name)
+
+
+# The training run: `alignkit online`'s keys with this job's defaults (model, seed and output_dir are the job's).
+ONLINE = {"method": "grpo", "model": "smollm2-135m-instruct", "prompts": shipped("rl_train.jsonl"),
+          "reward": "constraints+bonus", "rounds": 16, "prompts_per_round": 8, "num_samples": 8,
+          # the fast engine, bf16 weights; tis_cap corrects its gap to the trainer
+          "sampling": {"max_new_tokens": 48, "temperature": 1.0, "batch_size": 64, "engine_precision": "bf16"},
+          "learning_rate": 5e-4, "lora": {"r": 16, "alpha": 32}, "precision": "bf16",
+          # no KL term (with LoRA the reference is the adapters off); truncated IS against the bf16 engine
+          "loss_options": {"kl_coef": 0.0, "tis_cap": 2.0},
+          "eval_before_after": False, "save_every": 0, "progress": False}
+SET_BY_RECIPE = ("model", "seed", "output_dir")
+
+
 class RLConfig(Strict):
     model: str = "smollm2-135m-instruct"
-    train_prompts: str | None = Field(None, description="JSONL with `prompt` and `constraints`; default: shipped")
-    eval_prompts: str | None = Field(None, description="held-out JSONL of the same shape; default: shipped")
+    eval_prompts: str | None = Field(None, description="held-out JSONL with `prompt` and `constraints`; default: "
+                                                       "shipped")
     output_dir: str = "runs/rl"
-    method: str = Field("grpo", description="an online method of the GRPO family: grpo, dapo, gspo, cispo, ...")
-    rounds: int = Field(16, gt=0)
-    prompts_per_round: int = Field(8, gt=0)
-    num_samples: int = Field(8, ge=2)
-    sampling: SamplingOptions = Field(
-        default_factory=lambda: SamplingOptions(max_new_tokens=48, temperature=1.0, batch_size=64,
-                                                engine_precision="bf16"),
-        description="rollouts (the fast engine, bf16 weights; tis_cap corrects its gap to the trainer)")
+    online: OnlineConfig = Field(default_factory=lambda: OnlineConfig(**ONLINE),
+                                 description="the training run: online's keys (method grpo or another of its family; "
+                                             "reward constraints or constraints+bonus; --rounds, --kl_coef, ... "
+                                             "reach it too)")
     eval_sampling: SamplingOptions = Field(
         default_factory=lambda: SamplingOptions(max_new_tokens=48, temperature=0.7, batch_size=96,
                                                 engine_precision="bf16"),
@@ -65,19 +79,26 @@ class RLConfig(Strict):
                            "bare answers that game the checkers)")
     max_repeat: float = Field(0.3, ge=0, le=1, description="training reward 0 above this share of repeated bigrams")
     kl_answers: int = Field(32, gt=1, description="answers sampled at temperature 1 for the KL to the start")
-    reward: str = Field("constraints+bonus", pattern="^constraints(\\+bonus)?$",
-                        description="the fraction of constraints met (+1 when all are, with +bonus)")
-    learning_rate: float = Field(5e-4, gt=0)
-    lora: dict | None = Field(default_factory=lambda: {"r": 16, "alpha": 32}, description="null: full fine-tuning")
-    kl_coef: float = Field(0.0, ge=0, description="beta of the k3 KL to the start in the loss (LoRA: adapters off)")
-    tis_cap: float = Field(2.0, ge=0, description="truncated IS against the bf16 engine's log-probs; 0: off")
-    loss_options: dict[str, Any] = Field(default_factory=dict, description="other options of the method's loss")
-    precision: str = Field("bf16", pattern="^(fp32|bf16)$")
     seed: int = 0
 
+    @field_validator("online", mode="before")
+    @classmethod
+    def _job_defaults(cls, values):
+        return with_recipe_defaults(values, ONLINE, "online", SET_BY_RECIPE)
 
-def shipped(name: str) -> str:
-    return str(resources.files("alignkit") / "assets" / name)
+    @model_validator(mode="after")
+    def _constraint_reward(self):
+        if self.online.reward not in ("constraints", "constraints+bonus"):
+            raise ConfigError("online.reward", f"this job's reward is constraints or constraints+bonus (the fraction "
+                                               f"of constraints met, +1 when all are), got {self.online.reward!r}")
+        return self
+
+
+def _option_names(values: dict) -> set[str]:
+    """The options of the method's loss (--kl_coef, --tis_cap), given at the top level."""
+    online = {**ONLINE, **(values.get("online") if isinstance(values.get("online"), dict) else {})}
+    method = values.get("method", online["method"])
+    return loss_option_names(loss_name_of(method, online.get("loss"), online.get("consistency", "none")))
 
 
 def answer(model, tokenizer, prompts: list, sampling: SamplingConfig, num_samples: int):
@@ -97,7 +118,8 @@ def kl_to_start(trained, initial, tokenizer, prompts: list, cfg: RLConfig) -> di
     sampling = SamplingConfig.from_options(cfg.eval_sampling.model_copy(update={"temperature": 1.0}), cfg.seed + 23)
     chosen = [prompts[i % len(prompts)] for i in range(cfg.kl_answers)]
     _, examples = answer(trained, tokenizer, chosen, sampling, 1)
-    return kl_summary(example_log_ratios(trained, initial, examples, kl_packing(pad_token_id(tokenizer), cfg.precision)))
+    return kl_summary(example_log_ratios(trained, initial, examples,
+                                         kl_packing(pad_token_id(tokenizer), cfg.online.precision)))
 
 
 def compliance(records: list[dict], texts: list[list[str]]) -> dict:
@@ -130,11 +152,11 @@ def compare(before: dict, after: dict) -> dict:
 
 def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = None,
            console: Console | None = None) -> dict:
-    cfg: RLConfig = load_command_config(RLConfig, config, overrides)
+    cfg: RLConfig = load_command_config(RLConfig, config, overrides, _option_names)
     console = console or Console()
-    train_path, eval_path = cfg.train_prompts or shipped("rl_train.jsonl"), cfg.eval_prompts or shipped("rl_eval.jsonl")
+    train_path, eval_path = cfg.online.prompts, cfg.eval_prompts or shipped("rl_eval.jsonl")
     train_records, eval_records = load_records(train_path, shape="prompts"), load_records(eval_path, shape="prompts")
-    reward = ConstraintReward(all_met_bonus=1.0 if cfg.reward.endswith("+bonus") else 0.0, min_words=cfg.min_words,
+    reward = ConstraintReward(all_met_bonus=1.0 if cfg.online.reward.endswith("+bonus") else 0.0, min_words=cfg.min_words,
                               max_repeat=cfg.max_repeat)
     reward.bind(train_records + eval_records)  # every constraints field validated before anything is written
     out = Path(cfg.output_dir)
@@ -150,14 +172,9 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
     initial = copy.deepcopy(model).eval()
     before_texts, _ = stages.run("answer held-out prompts (original)",
                                  lambda: answer(model, tokenizer, eval_prompts, eval_sampling, cfg.eval_samples))
-    online = OnlineConfig(method=cfg.method, model=cfg.model, prompts=train_path, reward=cfg.reward,
-                          output_dir=str(out / "online"), rounds=cfg.rounds, prompts_per_round=cfg.prompts_per_round,
-                          num_samples=cfg.num_samples, sampling=cfg.sampling, learning_rate=cfg.learning_rate,
-                          lora=cfg.lora, precision=cfg.precision, seed=cfg.seed,
-                          loss_options={"kl_coef": cfg.kl_coef, "tis_cap": cfg.tis_cap, **cfg.loss_options},
-                          evaluate=False, save_every=0, progress=False)
-    result = stages.run(f"{cfg.method}: {cfg.rounds} rounds x {cfg.prompts_per_round} prompts x "
-                        f"{cfg.num_samples} samples",
+    online = cfg.online.model_copy(update={"model": cfg.model, "seed": cfg.seed, "output_dir": str(out / "online")})
+    result = stages.run(f"{online.method}: {online.rounds} rounds x {online.prompts_per_round} prompts x "
+                        f"{online.num_samples} samples",
                         lambda: run_online(online, model, tokenizer,
                                            OnlineInputs([r["prompt"] for r in train_records], eval_prompts, reward)))
     trained = result.model.eval()
@@ -165,8 +182,8 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
                                 lambda: answer(trained, tokenizer, eval_prompts, eval_sampling, cfg.eval_samples))
     kl = stages.run("KL to the start", lambda: kl_to_start(trained, initial, tokenizer, eval_prompts, cfg))
     summary = compare(compliance(eval_records, before_texts), compliance(eval_records, after_texts))
-    summary.update(kl_to_start=kl["kl"], kl_to_start_sem=kl["kl_sem"], method=cfg.method, rounds=cfg.rounds,
-                   samples=cfg.rounds * cfg.prompts_per_round * cfg.num_samples, eval_answers=len(before_texts) *
+    summary.update(kl_to_start=kl["kl"], kl_to_start_sem=kl["kl_sem"], method=online.method, rounds=online.rounds,
+                   samples=online.rounds * online.prompts_per_round * online.num_samples, eval_answers=len(before_texts) *
                    cfg.eval_samples, timings_s=stages.seconds, run_s=time.perf_counter() - tic, types=list(TYPES))
     write_report(out, summary, eval_records, before_texts, after_texts, result.rounds, console)
     return summary
