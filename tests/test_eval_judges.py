@@ -17,7 +17,14 @@ from alignkit.data.load import write_jsonl_atomic
 from alignkit.data.synthetic import VOCABULARY, preference_records
 from alignkit.decode.bon import best_of_n
 from alignkit.errors import AlignkitError
-from alignkit.eval.evaluate import SECTION_TITLES, evaluate, report_tables, reward_accuracy, write_eval_report
+from alignkit.eval.evaluate import (
+    SECTION_TITLES,
+    EvalExtras,
+    evaluate_responses,
+    report_tables,
+    reward_accuracy,
+    write_eval_report,
+)
 from alignkit.eval.judges import (
     JUDGE_TEMPLATE,
     FunctionJudge,
@@ -216,8 +223,9 @@ def test_report_files_hold_the_computed_numbers(task, tmp_path):
     cfg = SamplingConfig(max_new_tokens=10, seed=3)
     answers_a = [s[0] for s in sample(aligned, task.tokenizer, questions, cfg)]
     answers_b = [s[0] for s in sample(task.model, task.tokenizer, questions, cfg)]
-    summary = evaluate(questions, answers_a, SENTIMENT, answers_b, first_position_bias(0.1), policy=aligned,
-                       reference=task.model, tokenizer=task.tokenizer, preferences=preference_records(20, seed=1))
+    summary = evaluate_responses(questions, answers_a, SENTIMENT, answers_b, first_position_bias(0.1),
+                                 EvalExtras(policy=aligned, reference=task.model, tokenizer=task.tokenizer,
+                                            preferences=preference_records(20, seed=1)))
     paths = write_eval_report(tmp_path / "report", summary, ("aligned", "sft"))
     saved = json.loads(paths["json"].read_text())
     assert {k: v for k, v in saved.items() if k != "names"} == summary  # floats survive JSON exactly

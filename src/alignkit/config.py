@@ -400,15 +400,20 @@ def render_help(cls: type[BaseModel], usage: str, notes: list[str] = (),
             field = cls.model_fields[name]
             lines.append(_help_line(name, field))
             section = _sections(cls).get(name)
+            # a recipe's section shows the recipe's defaults (rl's online.learning_rate), not its class's
+            instance = None if field.is_required() else field.get_default(call_default_factory=True)
             for sub_name, sub_field in (section.model_fields.items() if section else ()):
-                lines.append(_help_line(f"{name}.{sub_name}", sub_field))
+                lines.append(_help_line(f"{name}.{sub_name}", sub_field, instance))
     if options is not None:
         lines += ["", options[0], *(_help_line(n, f) for n, f in options[1].model_fields.items())]
     return "\n".join([*lines, *(["", *notes] if notes else [])])
 
 
-def _help_line(name: str, field) -> str:
-    if field.is_required():
+def _help_line(name: str, field, section: BaseModel | None = None) -> str:
+    if isinstance(section, BaseModel):
+        value = getattr(section, name.rpartition(".")[2])
+        default = type(value).__name__ if isinstance(value, BaseModel) else repr(value)
+    elif field.is_required():
         default = "required"
     else:
         value = field.get_default(call_default_factory=True)

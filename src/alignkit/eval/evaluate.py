@@ -8,6 +8,7 @@ formatted (`eval.json` holds them exactly)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,24 @@ def reward_accuracy(reward, records: list[dict]) -> dict:
             "pairs": n}
 
 
-def evaluate(prompts: list, responses_a: list[str], reward, responses_b: list[str] | None = None,
-             judge: Judge | None = None, split_merge: bool = False, policy=None, reference=None, tokenizer=None,
-             preferences: list[dict] | None = None) -> dict:
+@dataclass
+class EvalExtras:
+    """What the optional measures need: split-merge judging, the models of the KL (policy A and its reference,
+    with the tokenizer, which also counts lengths in tokens) and a preference set for reward accuracy."""
+
+    split_merge: bool = False
+    policy: Any = None
+    reference: Any = None
+    tokenizer: Any = None
+    preferences: list[dict] | None = None
+
+
+def evaluate_responses(prompts: list, responses_a: list[str], reward, responses_b: list[str] | None = None,
+                       judge: Judge | None = None, extras: EvalExtras | None = None) -> dict:
     """Every measure the inputs allow; sections are flat dicts of numbers (the report's tables)."""
+    extras = extras or EvalExtras()
+    split_merge, policy, reference, tokenizer = extras.split_merge, extras.policy, extras.reference, extras.tokenizer
+    preferences = extras.preferences
     rewards_a = reward(prompts, responses_a)
     summary: dict[str, Any] = {"reward": {"name": getattr(reward, "name", "reward"),
                                           "mean_a": sum(rewards_a) / len(rewards_a)}}
@@ -192,8 +207,9 @@ def run_eval(config: str | Path | None = None, overrides: dict[str, Any] | None 
     if cfg.reference:
         reference, _ = load_model_and_tokenizer(cfg.reference)
     preferences = load_records(cfg.preferences, shape="pairs") if cfg.preferences else None
-    summary = evaluate(prompts, responses_a, reward, responses_b, load_judge(cfg.judge, reward) if responses_b else None,
-                       cfg.split_merge, policy, reference, tokenizer, preferences)
+    judge = load_judge(cfg.judge, reward) if responses_b else None
+    summary = evaluate_responses(prompts, responses_a, reward, responses_b, judge,
+                                 EvalExtras(cfg.split_merge, policy, reference, tokenizer, preferences))
     names = (cfg.model or cfg.responses or "A", cfg.baseline or cfg.baseline_responses or "B")
     examples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "A": a, **({"B": b} if responses_b else {})}
                 for p, a, b in list(zip(prompts, responses_a, responses_b or responses_a))[:8]]

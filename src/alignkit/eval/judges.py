@@ -74,10 +74,12 @@ class LLMJudge(Judge):
 
     name = "llm"
 
-    def __init__(self, model, tokenizer, template: str = JUDGE_TEMPLATE, choices: tuple[str, str] = ("A", "B"),
-                 merged_template: str = MERGED_TEMPLATE, segments: int = 3, batch_size: int = 16):
+    def __init__(self, model, tokenizer, choices: tuple[str, str] = ("A", "B"), segments: int = 3, batch_size: int = 16,
+                 templates: tuple[str, str] = (JUDGE_TEMPLATE, MERGED_TEMPLATE)):
+        """templates: the judge prompt of whole responses, and of responses split into aligned parts (split-merge)."""
         self.model, self.tokenizer = model, tokenizer
-        self.template, self.merged_template, self.segments, self.batch_size = template, merged_template, segments, batch_size
+        self.template, self.merged_template = templates
+        self.segments, self.batch_size = segments, batch_size
         self.choice_ids = []
         for choice in choices:
             ids = tokenizer(choice, add_special_tokens=False)["input_ids"]

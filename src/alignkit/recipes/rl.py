@@ -185,7 +185,7 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
     summary.update(kl_to_start=kl["kl"], kl_to_start_sem=kl["kl_sem"], method=online.method, rounds=online.rounds,
                    samples=online.rounds * online.prompts_per_round * online.num_samples, eval_answers=len(before_texts) *
                    cfg.eval_samples, timings_s=stages.seconds, run_s=time.perf_counter() - tic, types=list(TYPES))
-    write_report(out, summary, eval_records, before_texts, after_texts, result.rounds, console)
+    write_report(out, summary, (eval_records, before_texts, after_texts), result.rounds, console)
     return summary
 
 
@@ -197,7 +197,9 @@ def _points(ci) -> str:
     return f"{100 * ci[0]:+.1f} pts [{100 * ci[1]:+.1f}, {100 * ci[2]:+.1f}]"
 
 
-def write_report(out: Path, s: dict, records, before, after, rounds: list[dict], console: Console) -> None:
+def write_report(out: Path, s: dict, answers: tuple, rounds: list[dict], console: Console) -> None:
+    """answers: (held-out records, the original's answers, the trained model's), aligned by prompt."""
+    records, before, after = answers
     rows = [
         ["metric (held-out combinations)", "original", "trained", "change (95% CI)"],
         ["all constraints met", _pct(s["all_met_before"]), _pct(s["all_met_after"]), _points(s["all_met_change"])],
