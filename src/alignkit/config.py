@@ -252,31 +252,7 @@ def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(target, dict):
             raise ConfigError(dotted, "cannot set a sub-key of a non-mapping value")
     current = target.get(keys[-1])
-    target[keys[-1]] = merged(current, value) if isinstance(current, dict) and isinstance(value, dict) else value
-
-
-def merged(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """base with values laid over it, nested mappings merged key by key."""
-    out = dict(base)
-    for key, value in values.items():
-        both = isinstance(out.get(key), dict) and isinstance(value, dict)
-        out[key] = merged(out[key], value) if both else value
-    return out
-
-
-def with_recipe_defaults(values: Any, defaults: dict[str, Any], section: str, set_by_recipe: tuple[str, ...]) -> Any:
-    """A recipe's nested command config (align's train:, rl's online:): the keys given laid over the recipe's
-    defaults. Nested sections given are taken whole, as anywhere else, but loss_options are merged key by key (the
-    recipe's own options, e.g. rl's tis_cap, stay unless named); keys the recipe sets itself are refused."""
-    if not isinstance(values, dict):
-        return values
-    for key in set_by_recipe:
-        if key in values:
-            raise ConfigError(f"{section}.{key}", f"set by the recipe: give the recipe's own `{key}`")
-    out = {**defaults, **values}
-    if isinstance(values.get("loss_options"), dict):
-        out["loss_options"] = {**defaults.get("loss_options", {}), **values["loss_options"]}
-    return out
+    target[keys[-1]] = {**current, **value} if isinstance(current, dict) and isinstance(value, dict) else value
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -410,12 +386,10 @@ def render_help(cls: type[BaseModel], usage: str, notes: list[str] = (),
 
 
 def _help_line(name: str, field, section: BaseModel | None = None) -> str:
-    if isinstance(section, BaseModel):
-        value = getattr(section, name.rpartition(".")[2])
+    if isinstance(section, BaseModel) or not field.is_required():
+        value = getattr(section, name.rpartition(".")[2]) if isinstance(section, BaseModel) else \
+            field.get_default(call_default_factory=True)
         default = type(value).__name__ if isinstance(value, BaseModel) else repr(value)
-    elif field.is_required():
-        default = "required"
     else:
-        value = field.get_default(call_default_factory=True)
-        default = type(value).__name__ if isinstance(value, BaseModel) else repr(value)
+        default = "required"
     return f"  --{name:<26} {default:<16} {field.description or ''}".rstrip()

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from alignkit.config import Strict
-from alignkit.decode.base import DecodeResult, IncrementalLM, Search, choose, commit_tokens
+from alignkit.decode.base import DecodeResult, Search, token_search
 from alignkit.generate.engines import encode_prompts
 from alignkit.models.inference import eval_mode
 
@@ -47,23 +47,11 @@ def args_decode(model, tokenizer, prompts: list, reward, cfg: ARGSOptions) -> De
 
 
 def _decode_batch(search: Search, prompts, prompt_ids) -> list[str]:
-    cfg, reward = search.opts, search.reward
-    lm = IncrementalLM(search.model, prompt_ids, search.pad_id)
-    generated: list[list[int]] = [[] for _ in prompts]
-    finished = [False] * len(prompts)
-    k = min(cfg.top_k, lm.logps.shape[-1])
-    for _ in range(cfg.max_new_tokens):
-        active = [i for i, done in enumerate(finished) if not done]
-        if not active:
-            break
-        top_logps, top_ids = lm.logps[active].topk(k, dim=-1)  # [A, k]
-        scores = top_logps
-        if cfg.weight != 0:
-            texts = [search.tokenizer.decode(generated[i] + [t], skip_special_tokens=True).strip()
-                     for i, ids in zip(active, top_ids.tolist()) for t in ids]
-            values = reward([prompts[i] for i in active for _ in range(k)], texts)
-            search.compute.add(rewards=len(texts))
-            scores = top_logps + cfg.weight * torch.tensor(values, dtype=top_logps.dtype).view(len(active), k)
-        picked = top_ids.gather(1, choose(scores, cfg.mode, cfg.temperature, search.generator)[:, None]).squeeze(1)
-        commit_tokens(search, lm, generated, finished, active, picked)
-    return [search.text(ids) for ids in generated]
+    def rewards(active, top_ids, generated):  # r(x, y_<t + v) of every candidate v
+        texts = [search.tokenizer.decode(generated[i] + [t], skip_special_tokens=True).strip()
+                 for i, ids in zip(active, top_ids.tolist()) for t in ids]
+        values = search.reward([prompts[i] for i in active for _ in range(top_ids.shape[1])], texts)
+        search.compute.add(rewards=len(texts))
+        return torch.tensor(values, dtype=torch.float32)
+
+    return [search.text(ids) for ids in token_search(search, prompt_ids, rewards)]

@@ -7,6 +7,7 @@ forwards (Transfer Q*'s log-probs of a continuation) count one pass per sequence
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -187,6 +188,28 @@ def commit_tokens(search: Search, lm: IncrementalLM, generated: list[list[int]],
         lm.step(next_tokens)
 
 
+def token_search(search: Search, prompt_ids: list[list[int]], guide: Callable) -> list[list[int]]:
+    """ARGS's and Transfer Q*'s loop: each step, the top_k next tokens of every unfinished row, scored by their
+    log-prob plus opts.weight * guide(active rows, candidate ids [A, k], generated so far) [A, k] (not called at
+    weight 0), one picked per row (opts.mode), until every row ended or max_new_tokens. Returns the generated ids."""
+    cfg = search.opts
+    lm = IncrementalLM(search.model, prompt_ids, search.pad_id)
+    generated: list[list[int]] = [[] for _ in prompt_ids]
+    finished = [False] * len(prompt_ids)
+    k = min(cfg.top_k, lm.logps.shape[-1])
+    for _ in range(cfg.max_new_tokens):
+        active = [i for i, done in enumerate(finished) if not done]
+        if not active:
+            break
+        top_logps, top_ids = lm.logps[active].topk(k, dim=-1)  # [A, k]
+        scores = top_logps
+        if cfg.weight != 0:
+            scores = top_logps + cfg.weight * guide(active, top_ids, generated).to(top_logps.dtype).view(len(active), k)
+        picked = top_ids.gather(1, choose(scores, cfg.mode, cfg.temperature, search.generator)[:, None]).squeeze(1)
+        commit_tokens(search, lm, generated, finished, active, picked)
+    return generated
+
+
 def decode_text(tokenizer, ids: list[int], end_ids: list[int]) -> str:
     """The response text of generated ids (cut at the first end token, special tokens dropped)."""
     for i, token in enumerate(ids):
@@ -197,4 +220,4 @@ def decode_text(tokenizer, ids: list[int], end_ids: list[int]) -> str:
 
 
 __all__ = ["Compute", "DecodeResult", "IncrementalLM", "Search", "choose", "commit_tokens", "cut_at_end", "decode_text",
-           "efficiency", "greedy_rollouts", "last_token_logps"]
+           "efficiency", "greedy_rollouts", "last_token_logps", "token_search"]

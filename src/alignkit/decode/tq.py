@@ -24,11 +24,9 @@ from alignkit.data.pack import pack
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.decode.base import (
     DecodeResult,
-    IncrementalLM,
     Search,
-    choose,
-    commit_tokens,
     greedy_rollouts,
+    token_search,
 )
 from alignkit.generate.engines import encode_prompts
 from alignkit.models.inference import eval_mode
@@ -94,23 +92,8 @@ def implicit_values(search: Search, contexts: list[list[int]], continuations: li
 
 
 def _decode_batch(search: Search, prompts, prompt_ids) -> list[list[int]]:
-    cfg = search.opts
-    lm = IncrementalLM(search.model, prompt_ids, search.pad_id)
-    generated: list[list[int]] = [[] for _ in prompts]
-    finished = [False] * len(prompts)
-    k = min(cfg.top_k, lm.logps.shape[-1])
-    for _ in range(cfg.max_new_tokens):
-        active = [i for i, done in enumerate(finished) if not done]
-        if not active:
-            break
-        top_logps, top_ids = lm.logps[active].topk(k, dim=-1)
-        scores = top_logps
-        if cfg.weight != 0:
-            q = _q_values(search, prompts, prompt_ids, generated, active, top_ids)
-            scores = top_logps + cfg.weight * q.view(len(active), k)
-        picked = top_ids.gather(1, choose(scores, cfg.mode, cfg.temperature, search.generator)[:, None]).squeeze(1)
-        commit_tokens(search, lm, generated, finished, active, picked)
-    return generated
+    return token_search(search, prompt_ids, lambda active, top_ids, generated: _q_values(
+        search, prompts, prompt_ids, generated, active, top_ids))
 
 
 def _q_values(search: Search, prompts, prompt_ids, generated, active, top_ids) -> torch.Tensor:

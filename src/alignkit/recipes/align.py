@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import Field, field_validator
 from rich.console import Console
 
-from alignkit.config import SamplingOptions, Strict, TrainConfig, load_command_config, with_recipe_defaults
+from alignkit.config import SamplingOptions, Strict, TrainConfig, load_command_config
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.data.pairs import best_worst_pairs
 from alignkit.eval.metrics import bootstrap_mean_ci, distinct_n, mean_words, win_rate
@@ -24,7 +24,7 @@ from alignkit.eval.plots import plot_curves
 from alignkit.eval.report import rich_table, write_html_report
 from alignkit.generate.sample import SamplingConfig, sample
 from alignkit.losses import loss_option_names
-from alignkit.recipes.stages import Stages
+from alignkit.recipes.stages import Stages, with_recipe_defaults
 from alignkit.rewards.base import score_groups
 from alignkit.rewards.spec import default_reward  # noqa: F401 - the main job's reward, importable from here
 from alignkit.rewards.text import VaderSentiment

@@ -19,7 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from rich.console import Console
 from rich.markup import escape
 
-from alignkit.config import SamplingOptions, Strict, load_command_config, with_recipe_defaults
+from alignkit.config import SamplingOptions, Strict, load_command_config
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError
@@ -31,7 +31,7 @@ from alignkit.generate.sample import SamplingConfig, sample_with_counts
 from alignkit.losses import loss_option_names
 from alignkit.online.config import OnlineConfig, loss_name_of
 from alignkit.online.run import OnlineInputs, run_online
-from alignkit.recipes.stages import Stages
+from alignkit.recipes.stages import Stages, with_recipe_defaults
 from alignkit.rewards.verifiable.constraints import ConstraintReward, check_all
 from alignkit.train.packing import pad_token_id
 

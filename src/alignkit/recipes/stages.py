@@ -1,10 +1,13 @@
-"""A main job's stages, announced as they start and timed (the summary's `timings_s`)."""
+"""What the main jobs share: their stages, announced as they start and timed (the summary's `timings_s`), and
+the defaults of the command configs they nest."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from typing import Any
+
+from alignkit.errors import ConfigError
 
 
 class Stages:
@@ -17,3 +20,18 @@ class Stages:
         value = fn()
         self.seconds[name] = time.perf_counter() - start
         return value
+
+
+def with_recipe_defaults(values: Any, defaults: dict[str, Any], section: str, set_by_recipe: tuple[str, ...]) -> Any:
+    """A recipe's nested command config (align's train:, rl's online:): the keys given laid over the recipe's
+    defaults. Nested sections given are taken whole, as anywhere else, but loss_options are merged key by key (the
+    recipe's own options, e.g. rl's tis_cap, stay unless named); keys the recipe sets itself are refused."""
+    if not isinstance(values, dict):
+        return values
+    for key in set_by_recipe:
+        if key in values:
+            raise ConfigError(f"{section}.{key}", f"set by the recipe: give the recipe's own `{key}`")
+    out = {**defaults, **values}
+    if isinstance(values.get("loss_options"), dict):
+        out["loss_options"] = {**defaults.get("loss_options", {}), **values["loss_options"]}
+    return out
