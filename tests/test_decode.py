@@ -305,7 +305,7 @@ def test_decode_cli_writes_records_and_compute_summary(task, tmp_path):
     assert summary["efficiency"]["reward_gain"] == pytest.approx(
         summary["mean_reward"] - summary["efficiency"]["baseline_mean_reward"])
     assert summary["compute"]["generated_tokens"] > 0 and summary["compute"]["reward_calls"] > 0
-    assert main(["decode", "--method", "bonbon", "--n", "4", *common, "--output_dir", str(tmp_path / "bonbon")]) == 0
+    assert main(["decode", "--method", "bonbon", "--num_samples", "4", *common, "--output_dir", str(tmp_path / "bonbon")]) == 0
     assert load_records(tmp_path / "bonbon" / "pairs.jsonl", shape="pairs")
     bonbon_summary = json.loads((tmp_path / "bonbon" / "summary.json").read_text())
     assert bonbon_summary["train_with"] == {"loss": "bonbon", "loss_options": recommended_options(4)}
@@ -384,7 +384,7 @@ def test_decode_cli_methods_equal_the_library(task, questions, tmp_path):
     for method, result in expected.items():
         out = tmp_path / method
         code = main(["decode", "--method", method, "--model", str(task.model_dir), "--prompts",
-                     str(tmp_path / "prompts.jsonl"), "--reward", "synthetic", "--n", "3", "--num_reference", "4",
+                     str(tmp_path / "prompts.jsonl"), "--reward", "synthetic", "--num_samples", "3", "--num_reference", "4",
                      "--beams", "2", "--search_top_k", "3", "--lookahead", "1", "--weight", "2.0",
                      "--max_new_tokens", "8", "--seed", "3", "--output_dir", str(out)])
         assert code == 0, method

@@ -105,7 +105,7 @@ def test_generate_cli_writes_jsonl_atomically(task, tmp_path):
     write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": q, "id": i} for i, q in enumerate(questions)])
     out = tmp_path / "out" / "samples.jsonl"
     code = main(["generate", "--model", str(task.model_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
-                 "--output_dir", str(out.parent), "--num_samples", "2", "--max_new_tokens", "8", "--seed", "4", "--backend", "hf"])
+                 "--output_dir", str(out.parent), "--num_samples", "2", "--max_new_tokens", "8", "--seed", "4", "--engine", "auto"])
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == questions and [r["id"] for r in rows] == list(range(6))
@@ -199,10 +199,10 @@ def test_principle_driven_sft_and_contrast_pairs(task):
 
 def test_synth_cli_writes_magpie_prompts_and_pairs(task, tmp_path):
     out = tmp_path / "magpie" / "data.jsonl"
-    assert main(["synth", "--method", "magpie", "--model", str(task.model_dir), "--output_dir", str(out.parent), "--n", "12",
+    assert main(["synth", "--method", "magpie", "--model", str(task.model_dir), "--output_dir", str(out.parent), "--num_prompts", "12",
                  "--max_new_tokens", "12"]) == 0
     assert 6 <= len(load_records(out, shape="prompts")) <= 12
-    assert main(["synth", "--method", "magpie", "--model", str(task.model_dir), "--output_dir", str(out.parent), "--n", "12",
+    assert main(["synth", "--method", "magpie", "--model", str(task.model_dir), "--output_dir", str(out.parent), "--num_prompts", "12",
                  "--max_new_tokens", "12", "--shape", "pairs", "--reward", "synthetic"]) == 0
     assert load_records(out, shape="pairs")
     assert main(["synth", "--method", "magpie", "--model", str(task.model_dir), "--output_dir", str(out.parent),

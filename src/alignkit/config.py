@@ -105,9 +105,9 @@ class OptimConfig(Strict):
                                                          "backward (between all activations and checkpointing)")
     release_memory: bool | None = Field(
         None, description="hand freed activations back to the OS at once (glibc: a fixed mmap threshold): a lower "
-                          "peak RSS, paid in page faults (docs/memory.md); default: on with gradient_checkpointing "
-                          "or max_memory_gb, off otherwise (glibc's default, which can keep GBs of freed activations "
-                          "in its heap)")
+                          "peak RSS, paid in page faults (measured in docs/long_context.md); default: on with "
+                          "gradient_checkpointing or max_memory_gb, off otherwise (glibc's default, which can keep GBs "
+                          "of freed activations in its heap)")
     attention: Literal["packed_sdpa", "sdpa", "eager", "flex_attention"] = Field(
         "packed_sdpa", description="attention over packed rows: packed_sdpa runs SDPA per example span (no cost for "
                                    "long rows); sdpa/eager use a dense block mask per row; flex_attention a "
