@@ -193,6 +193,6 @@ TRL_KEYS = {
     "num_generations": _num_generations, "reward_funcs": _reward_funcs, "max_completion_length": _same("sampling.max_new_tokens"),
     "temperature": _same("sampling.temperature"), "top_p": _same("sampling.top_p"), "top_k": _same("sampling.top_k"),
     "epsilon": _same("loss_options.epsilon"), "epsilon_high": _same("loss_options.epsilon_high"),
-    "num_iterations": _same("epochs"), "scale_rewards": _same("loss_options.scale_rewards"),
+    "num_iterations": _same("num_iterations"), "scale_rewards": _same("loss_options.scale_rewards"),
     "mask_truncated_completions": _same("mask_truncated"), "label_smoothing": _same("loss_options.label_smoothing"),
 }
