@@ -61,7 +61,7 @@ class Trajectory:
     turns: int = 0
     cut_turns: int = 0  # assistant turns cut at max_new_tokens
     tool_calls: int = 0
-    tool_errors: int = 0  # malformed calls, unknown tools, calls over the per-turn limit
+    tool_errors: int = 0  # tool replies that are {"error": ...}: malformed or unknown calls, failures, timeouts
 
     @property
     def forks(self) -> int:
@@ -190,7 +190,6 @@ def _limit_tool_calls(run: _Run, message: dict, limits: Limits) -> None:
         message["tool_call_errors"] = errors
         run.trajectory.flags.append("max_tool_calls")
     run.trajectory.tool_calls += len(message.get("tool_calls") or []) + len(errors)
-    run.trajectory.tool_errors += len(errors)
 
 
 def _add_step(run: _Run, tokenizer, step: Step, limits: Limits) -> None:
@@ -200,7 +199,7 @@ def _add_step(run: _Run, tokenizer, step: Step, limits: Limits) -> None:
     trajectory.turn_rewards.append(step.reward)
     trajectory.infos.append(step.info)
     trajectory.messages += step.messages
-    trajectory.tool_errors += sum(m.get("name") == "error" for m in step.messages if m["role"] == "tool")
+    trajectory.tool_errors += sum(m["role"] == "tool" and m["content"].startswith('{"error": ') for m in step.messages)
     if step.done:
         trajectory.done, run.ended = True, True
         return
