@@ -26,7 +26,7 @@ FORGETFUL_TEMPLATE = (
 WORDS = ["<|tool|>", "...", "hello", "again", "please", "try", "answer", "the", "sum", "of", "is", "two", "three",
          "five", "yes", "no", "good", "done", "what", "<tool_call>", "</tool_call>", '{"name":', '"add",',
          '"arguments":', '{"a":', "2,", '"b":', "3}}", "{bad", "5", "{", '"mul",', "5}", '"fails",', '"slow",',
-         '{"x":', "1}}"]
+         '{"x":', "1}}", '"calculate",', '{"expression":', '"2*3"}}', "6", "7"]
 SAMPLING = SamplingConfig(max_new_tokens=6, temperature=1.0, stop=("<|end|>",), engine="hf", seed=0)
 
 

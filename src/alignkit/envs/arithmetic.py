@@ -1,0 +1,97 @@
+"""Tool use on generated arithmetic word problems: the model may call `calculate(expression)` (run in the sandbox)
+as often as its turns allow; the turn without a call is its answer, and the reward is 1 when that answer's final
+number is exactly the problem's (rewards/verifiable/math.py reads it), else 0.
+
+Problems are two-step (a product, then a sum or difference) with two- and three-digit numbers: easy to state, hard
+to do in one's head for a small model, one calculate call away from right."""
+
+from __future__ import annotations
+
+import random
+
+from alignkit.envs.adapters import prompt_messages
+from alignkit.envs.base import DEFAULT_LIMITS, Limits, Step
+from alignkit.envs.sandbox import calculate
+from alignkit.envs.tools import run_tool_calls, tool_schema
+from alignkit.rewards.verifiable.math import extract_answer, same_answer
+
+INSTRUCTION = " Use the calculate tool for the arithmetic, then give the final answer as a number."
+NAMES = ("Ana", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jonas", "Kemal", "Lena")
+# (question, answer) templates over a, b: two-digit, c: three-digit numbers.
+PROBLEMS = (
+    ("A shop has {a} boxes with {b} pencils in each box. It sells {c} pencils. How many pencils are left?",
+     lambda a, b, c: a * b - c),
+    ("{name} saves {a} dollars a week for {b} weeks, then spends {c} dollars. How many dollars are left?",
+     lambda a, b, c: a * b - c),
+    ("A train has {b} cars with {a} passengers in each. At the station {c} more people get on. How many passengers "
+     "are on the train?", lambda a, b, c: a * b + c),
+    ("A farm fills {a} crates with {b} apples each and already has {c} apples in the barn. How many apples does it "
+     "have?", lambda a, b, c: a * b + c),
+    ("{name} reads {a} pages a day for {b} days. The book has {c} more pages than that. How many pages does the book "
+     "have?", lambda a, b, c: a * b + c),
+    ("A hall has {a} rows of {b} seats. {c} seats are taken. How many seats are free?", lambda a, b, c: a * b - c),
+    ("A baker makes {a} trays of {b} rolls and gives away {c} rolls. How many rolls are left?",
+     lambda a, b, c: a * b - c),
+    ("{name} buys {a} stamps at {b} cents each and has {c} cents left. How many cents did {name} have at first?",
+     lambda a, b, c: a * b + c),
+)
+
+
+def make_problem(rng: random.Random, template: int) -> dict:
+    question, answer = PROBLEMS[template]
+    a, b = rng.randint(12, 99), rng.randint(12, 99)
+    c = rng.randint(100, a * b - 1)  # keeps every answer positive
+    text = question.format(a=a, b=b, c=c, name=rng.choice(NAMES))
+    return {"prompt": [{"role": "user", "content": text + INSTRUCTION}], "answer": str(answer(a, b, c))}
+
+
+def arithmetic_sets(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) problems, each cycling through the templates; the held-out numbers are drawn from
+    their own seeded stream and no held-out question appears in training."""
+    train_rng, eval_rng = random.Random(seed), random.Random(seed + 1_000_003)
+    train = [make_problem(train_rng, i % len(PROBLEMS)) for i in range(n_train)]
+    seen = {r["prompt"][0]["content"] for r in train}
+    held: list[dict] = []
+    while len(held) < n_eval:
+        record = make_problem(eval_rng, len(held) % len(PROBLEMS))
+        if record["prompt"][0]["content"] not in seen:
+            held.append(record)
+    return train, held
+
+
+class ArithmeticTools:
+    """One problem per rollout; rows: {"prompt", "answer"}."""
+
+    name = "arithmetic_tools"
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS):
+        self.functions = {"calculate": calculate}
+        self.tools = [tool_schema(calculate, self.name)]
+        self.timeout, self.max_chars = limits.tool_timeout, limits.tool_output_chars
+        self.answer, self.calls = "", 0
+
+    def reset(self, row: dict) -> list[dict]:
+        self.answer, self.calls = str(row["answer"]), 0
+        return prompt_messages(row)
+
+    def step(self, message: dict) -> Step:
+        if message.get("tool_calls") or message.get("tool_call_errors"):
+            self.calls += len(message.get("tool_calls") or [])
+            return Step(run_tool_calls(message, self.functions, self.timeout, self.max_chars), None, False, {})
+        correct = same_answer(extract_answer(message["content"]), self.answer)
+        return Step([], float(correct), True, {"correct": correct, "calculate_calls": self.calls})
+
+    def final_reward(self) -> float:
+        return 0.0  # out of turns before answering
+
+    def close(self) -> None:
+        pass
+
+
+def arithmetic_report(trajectories) -> dict[str, float]:
+    """Accuracy (a final answer equal to the problem's) and tool-call rate (share of trajectories that called
+    calculate at least once)."""
+    n = max(len(trajectories), 1)
+    return {"accuracy": sum(t.reward == 1.0 for t in trajectories) / n,
+            "tool_call_rate": sum(t.tool_calls > 0 for t in trajectories) / n,
+            "tool_errors_per_trajectory": sum(t.tool_errors for t in trajectories) / n}
