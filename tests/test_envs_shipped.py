@@ -87,7 +87,7 @@ def test_arithmetic_sets_are_seeded_disjoint_and_correct():
     assert not set(questions) & {r["prompt"][0]["content"] for r in held}
     for record in train[:len(PROBLEMS)] + held[:len(PROBLEMS)]:
         a, b, c = (int(x) for x in re.findall(r"\d+", record["prompt"][0]["content"]))
-        assert int(record["answer"]) > 0 and int(record["answer"]) in (a * b - c, a * b + c)
+        assert int(record["answer"]) > 0 and int(record["answer"]) in (a * b - c, a * b + c) and 100 <= c <= 999
 
 
 @pytest.mark.parametrize("spec", ["alignkit.envs.self_correction:SelfCorrection",

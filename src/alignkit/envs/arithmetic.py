@@ -40,7 +40,7 @@ PROBLEMS = (
 def make_problem(rng: random.Random, template: int) -> dict:
     question, answer = PROBLEMS[template]
     a, b = rng.randint(12, 99), rng.randint(12, 99)
-    c = rng.randint(100, a * b - 1)  # keeps every answer positive
+    c = rng.randint(100, min(999, a * b - 1))  # three digits, and every answer positive
     text = question.format(a=a, b=b, c=c, name=rng.choice(NAMES))
     return {"prompt": [{"role": "user", "content": text + INSTRUCTION}], "answer": str(answer(a, b, c))}
 
