@@ -26,7 +26,7 @@ from alignkit.envs.base import (
     resolve,
 )
 from alignkit.envs.tools import parse_reply, template_supports_tools, with_tool_block
-from alignkit.generate.sample import stop_token_ids
+from alignkit.generate.engines.base import stop_token_ids
 
 SEED_STRIDE = 7919  # each turn's generate calls are seeded apart, so turn 2 does not replay turn 1's draws
 
