@@ -100,3 +100,24 @@ def add(a: int, b: int) -> int:
 
 def tool_call(name: str, **arguments) -> str:
     return "<tool_call> " + json.dumps({"name": name, "arguments": arguments}) + " </tool_call>"
+
+
+class Notebook:
+    """A TRL-style environment with a tool and no get_reward: the run's reward scores the last answer."""
+
+    def reset(self, **row):
+        self.notes = []
+
+    def note(self, text: str) -> str:
+        """Write a note down.
+
+        Args:
+            text: What to note.
+        """
+        self.notes.append(text)
+        return f"noted {len(self.notes)}"
+
+
+def word_count(prompt, response: str) -> float:
+    """A reward that varies on a random policy's answers: words / 10."""
+    return len(response.split()) / 10

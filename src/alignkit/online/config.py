@@ -61,6 +61,16 @@ class OnlineConfig(OptimConfig):
     judge_samples: int = Field(3, gt=0, description="judgements averaged per sample")
     judge_max_new_tokens: int = Field(128, gt=0)
     consistency: Literal["none", "kendall", "toporder"] = Field("none", description="CREAM weights (loss cream)")
+    # Environments (alignkit.envs, docs/environments.md): multi-turn rollouts.
+    environment: str | dict[str, str] | None = Field(
+        None, description="module:attr (a TRL environment_factory class, an alignkit environment or a list of tool "
+        "functions), skyrl:<id>, or {name: either} routed by each record's `environment` field: each sample becomes "
+        "a conversation with the environment, and the loss falls on the assistant tokens only (GRPO family, RLOO, "
+        "REINFORCE++)")
+    max_turns: int = Field(4, gt=0, description="environment: assistant turns per conversation at most")
+    environment_reward: Literal["final", "sum"] = Field("final", description="environment: a conversation's reward, "
+                                                        "its last turn's or the sum of its turns'; where the "
+                                                        "environment gives none, `reward` scores the last answer")
     # Report.
     eval_before_after: bool = Field(True, description="sample the held-out prompts before and after for "
                                     "summary.json (off where a recipe runs its own evaluation)")
@@ -110,6 +120,9 @@ def method_loss(cfg: OnlineConfig):
         raise ConfigError("consistency", "CREAM consistency applies to method self-reward")
     if cfg.mask_truncated and (method.pairs or not spec.needs_token_logps):
         raise ConfigError("mask_truncated", f"masks tokens of a token-level loss (grpo, ppo), not '{name}'")
+    if cfg.environment is not None and (method.pairs or method.value_head or method.self_judge):
+        raise ConfigError("environment", f"multi-turn environments train the GRPO family, RLOO and REINFORCE++ so "
+                                         f"far, not {cfg.method}")
     if cfg.lora is not None and cfg.reference_every:
         raise ConfigError("ref_update_every", "cannot be combined with lora (the reference is the base model with the "
                                               "adapters off); set 0")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,7 @@ class Rollout:
     generate_seconds: float
     reward_seconds: float
     engine_logps: list[torch.Tensor] | None = None  # per example, flat over its responses' tokens: the engine's
+    stats: dict[str, float] = field(default_factory=dict)  # what else users watch (multi-turn: turns, tool calls)
 
     @property
     def num_samples(self) -> int:
@@ -44,10 +45,14 @@ def join_rollouts(parts: list[Rollout], sequential: bool = False) -> Rollout:
     slowest rank's (they ran side by side), or their sum for rollouts drawn one after another (refills)."""
     total = sum if sequential else max
     engine = None if any(r.engine_logps is None for r in parts) else [t for r in parts for t in r.engine_logps]
-    return Rollout([p for r in parts for p in r.prompts], [t for r in parts for t in r.texts],
-                   [e for r in parts for e in r.examples], torch.cat([r.rewards for r in parts]),
-                   torch.cat([r.finished for r in parts]), sum(r.generated_tokens for r in parts),
-                   total(r.generate_seconds for r in parts), total(r.reward_seconds for r in parts), engine)
+    joined = Rollout([p for r in parts for p in r.prompts], [t for r in parts for t in r.texts],
+                     [e for r in parts for e in r.examples], torch.cat([r.rewards for r in parts]),
+                     torch.cat([r.finished for r in parts]), sum(r.generated_tokens for r in parts),
+                     total(r.generate_seconds for r in parts), total(r.reward_seconds for r in parts), engine)
+    samples = [r.num_samples for r in parts]
+    for key in parts[0].stats:  # per-sample means, weighted by each part's samples
+        joined.stats[key] = sum(r.stats[key] * n for r, n in zip(parts, samples)) / max(sum(samples), 1)
+    return joined
 
 
 def select_groups(rollout: Rollout, rows: list[int]) -> Rollout:
@@ -58,7 +63,8 @@ def select_groups(rollout: Rollout, rows: list[int]) -> Rollout:
                    rollout.rewards[index], rollout.finished[index],
                    sum(len(s) for e in examples for s in e.response_ids), rollout.generate_seconds,
                    rollout.reward_seconds,
-                   None if rollout.engine_logps is None else [rollout.engine_logps[i] for i in rows])
+                   None if rollout.engine_logps is None else [rollout.engine_logps[i] for i in rows],
+                   dict(rollout.stats))
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from alignkit.models.value_head import PolicyWithValueHead
 from alignkit.online import sampling
 from alignkit.online.advantages import RunningMoments
 from alignkit.online.config import OnlineConfig, command_help, method_loss, online_config
+from alignkit.online.env_rollout import EnvironmentSetup
 from alignkit.online.experience import RoundContext, Scorer
 from alignkit.online.learner import learn
 from alignkit.online.methods import ONLINE_METHODS
@@ -110,11 +111,13 @@ def prompt_order(n: int, needed: int, seed: int) -> list[int]:
 def resolve_inputs(cfg: OnlineConfig, given: OnlineInputs) -> OnlineInputs:
     """The prompts, held-out prompts and reward of the run: given, else from the config."""
     records = _read_records(cfg.prompts) if given.prompts is None else []
-    prompts = given.prompts if given.prompts is not None else [r["prompt"] for r in records]
+    # With an environment the whole record is the prompt: the environment reads its fields at reset.
+    prompts_of = (lambda rs: list(rs)) if cfg.environment is not None else (lambda rs: [r["prompt"] for r in rs])
+    prompts = given.prompts if given.prompts is not None else prompts_of(records)
     eval_prompts = given.eval_prompts
     if eval_prompts is None and cfg.eval_prompts:
         eval_records = _read_records(cfg.eval_prompts)
-        records, eval_prompts = records + eval_records, [r["prompt"] for r in eval_records]
+        records, eval_prompts = records + eval_records, prompts_of(eval_records)
     if eval_prompts is None:
         eval_prompts = random.Random(cfg.seed).sample(prompts, min(64, len(prompts)))
     reward = given.reward
@@ -151,6 +154,7 @@ class OnlineRun:
         self.loss = Method(spec, opts, cfg.chunk_size)
         inputs = resolve_inputs(cfg, given)
         self.prompts, self.eval_prompts, self.reward = inputs.prompts, inputs.eval_prompts, inputs.reward
+        self.environments = EnvironmentSetup.from_config(cfg, self.reward)  # None: single-turn rollouts
         model, tokenizer = model_and_tokenizer
         if model is None:
             from alignkit.models.resolve import load_model_and_tokenizer
@@ -193,8 +197,8 @@ class OnlineRun:
         cfg = self.cfg
         # The starting evaluation has always cut samples at 1024 tokens, not max_length: kept, so summaries compare.
         shape = RolloutShape(cfg.eval_samples, cfg.max_length if final else 1024)
-        result, rollout = sampling.evaluate_policy(self.engine, self.tokenizer, self.eval_prompts, self.reward,
-                                                   self.eval_sampling, shape)
+        result, rollout = sampling.evaluate_policy(self.engine, self.tokenizer, self.eval_prompts,
+                                                   self.environments or self.reward, self.eval_sampling, shape)
         if final:
             result.update(sample_kl(self.policy, self.initial, rollout, self.packing))
         return result

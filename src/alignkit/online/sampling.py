@@ -9,6 +9,7 @@ import random
 import torch
 
 from alignkit.generate.sample import SamplingConfig
+from alignkit.online.env_rollout import EnvironmentSetup, environment_rollout
 from alignkit.online.rollout import Rollout, RolloutShape, generate_rollout, join_rollouts, select_groups
 from alignkit.train.distributed import gather_objects
 
@@ -55,7 +56,7 @@ def collect_rollout(online, prompts: list, round_index: int) -> tuple[Rollout, d
     cfg = online.cfg
     rollout = sharded_rollout(online, prompts, round_index)
     tied = tied_groups(rollout.rewards)
-    metrics = {"zero_std_share": float(tied.float().mean()), **rollout_stats(rollout)}
+    metrics = {"zero_std_share": float(tied.float().mean()), **rollout_stats(rollout), **rollout.stats}
     if not cfg.dynamic:
         return rollout, metrics
     kept, refills = untied(rollout, tied), 0
@@ -79,7 +80,12 @@ def sharded_rollout(online, prompts: list, round_index: int, refill: int = 0) ->
     reward = online.judge_for(online.policy) if online.judge_for is not None else online.reward
     overlong = (cfg.sampling.max_new_tokens, cfg.overlong_cache, cfg.overlong_penalty) if cfg.overlong_cache else None
     shape = RolloutShape(cfg.num_samples, cfg.max_length, cfg.missing_eos_penalty, overlong)
-    local = generate_rollout(online.engine, online.tokenizer, prompts[first:first + share], reward, sampling, shape)
+    if online.environments is not None:  # multi-turn: the prompts are records, each talked through k times
+        local = environment_rollout(online.engine, online.tokenizer, prompts[first:first + share], sampling, shape,
+                                    online.environments)
+    else:
+        local = generate_rollout(online.engine, online.tokenizer, prompts[first:first + share], reward, sampling,
+                                 shape)
     return join_rollouts(gather_objects(local, ctx)) if ctx.enabled else local
 
 
@@ -90,7 +96,11 @@ def mean_reward(rollout: Rollout) -> float:
 
 def evaluate_policy(model, tokenizer, prompts: list, reward, sampling: SamplingConfig,
                     shape: RolloutShape) -> tuple[dict, Rollout]:
-    """Mean reward of shape.num_samples samples per prompt (model: the policy, or an engine holding its weights),
-    and the rollout, for a KL on exactly the sampled tokens (online/summary.sample_kl)."""
-    rollout = generate_rollout(model, tokenizer, prompts, reward, sampling, shape)
+    """Mean reward of shape.num_samples samples per prompt (model: the policy, or an engine holding its weights;
+    reward: a Reward, or the run's EnvironmentSetup, the prompts then being records talked through), and the
+    rollout, for a KL on exactly the sampled tokens (online/summary.sample_kl)."""
+    if isinstance(reward, EnvironmentSetup):
+        rollout = environment_rollout(model, tokenizer, prompts, sampling, shape, reward)
+    else:
+        rollout = generate_rollout(model, tokenizer, prompts, reward, sampling, shape)
     return {"reward": mean_reward(rollout), "samples": rollout.num_samples}, rollout

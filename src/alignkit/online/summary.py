@@ -23,7 +23,9 @@ def sample_kl(policy, reference, rollout: Rollout, packing: Packing) -> dict:
     """The KL estimate mean_y log pi(y)/pi_ref(y) on exactly the sampled tokens (unbiased at temperature 1;
     reference None: the policy's LoRA base), with the run's pad id and precision (a bf16 run's reference holds bf16
     weights) in eval/kl.kl_packing's rows."""
-    singles = [TokenizedExample(e.prompt_ids, [ids]) for e in rollout.examples for ids in e.response_ids]
+    singles = [TokenizedExample(e.prompt_ids, [ids], response_loss_masks=None if e.response_loss_masks is None
+                                else [e.response_loss_masks[i]])  # multi-turn: the sampled tokens only
+               for e in rollout.examples for i, ids in enumerate(e.response_ids)]
     packing = kl_packing(packing.pad_token_id, packing.precision)
     summary = kl_summary(example_log_ratios(policy, reference, singles, packing))
     return {"kl": summary["kl"], "kl_sem": summary["kl_sem"]}

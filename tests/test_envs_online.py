@@ -1,0 +1,75 @@
+"""Environments in the online run: the multi-turn rollout keeps the single-turn layout (a record's prompt once, its k
+conversations as responses) with the loss mask on the sampled tokens only and the engine's log-probs on exactly
+those; a TRL-style environment class trains through `alignkit online` on a tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import yaml
+
+from alignkit.cli import main
+from alignkit.data.load import write_jsonl_atomic
+from alignkit.envs import Limits, load_environment
+from alignkit.errors import ConfigError
+from alignkit.online import online_config
+from alignkit.online.config import method_loss
+from alignkit.online.env_rollout import EnvironmentSetup, environment_rollout
+from alignkit.online.rollout import RolloutShape
+from envs_support import SAMPLING, ScriptedEngine, chat_model, chat_tokenizer, tool_call, word_count
+from test_envs_adapters import Counter
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_a_multi_turn_rollout_trains_exactly_the_sampled_tokens():
+    tokenizer = chat_tokenizer()
+    records = [{"prompt": [{"role": "user", "content": "hello what"}], "target": 5, "_row": 1},
+               {"prompt": [{"role": "user", "content": "what is three"}], "target": 6, "_row": 2}]
+    replies = {"hello": [tool_call("add", a=2, b=3), "yes", "five"], "three": ["no", "yes"]}  # not in the tool block
+    engine = ScriptedEngine(tokenizer, replies)
+    limits = Limits(max_turns=3, require_reward=False)
+    setup = EnvironmentSetup(load_environment(Counter, limits), limits)
+    rollout = environment_rollout(engine, tokenizer, records, dataclasses.replace(SAMPLING, max_new_tokens=40),
+                                  RolloutShape(2, 256), setup)
+    assert rollout.rewards.tolist() == [[1.0, 0.0], [0.0, 0.0]]  # get_reward: the first conversation added 2 + 3
+    assert rollout.finished.tolist() == [[True, True], [True, True]] and rollout.stats["tool_calls"] == 0.25
+    for example, logps in zip(rollout.examples, rollout.engine_logps):
+        for response, mask in zip(example.response_ids, example.response_loss_masks):
+            context = example.prompt_ids + response
+            sampled = [call for call in engine.calls if context[:len(call[0]) + len(call[1])] == call[0] + call[1]]
+            assert sum(mask) == sum(len(s) for _, s in sampled)  # every trained token was sampled, and only those
+        assert len(logps) == sum(example.trained_lengths)
+    assert "[tool] 5" in rollout.texts[0][0]
+
+
+def test_environments_train_the_grpo_family_and_rloo_only(tmp_path):
+    base = {"model": "m", "prompts": "p.jsonl", "environment": "envs_support:Notebook"}
+    for method in ("grpo", "rloo", "dapo", "reinforce++"):
+        method_loss(online_config({**base, "method": method}))
+    with pytest.raises(ConfigError, match="environment.*not ppo"):
+        method_loss(online_config({**base, "method": "ppo"}))
+
+
+def test_a_trl_environment_class_through_alignkit_online(tmp_path):
+    tokenizer = chat_tokenizer()
+    chat_model(tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    questions = ["what is the sum of two", "what is three", "what is five", "hello what"]
+    write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": q}]} for q in questions])
+    config = {"method": "grpo", "model": str(tmp_path / "model"), "prompts": str(tmp_path / "prompts.jsonl"),
+              "environment": "envs_support:Notebook", "max_turns": 2, "reward": "envs_support:word_count",
+              "rounds": 2, "prompts_per_round": 2, "num_samples": 3, "learning_rate": 1e-3, "max_length": 256,
+              "sampling": {"max_new_tokens": 8, "engine": "hf"}, "eval_samples": 2, "seed": 0, "progress": False,
+              "output_dir": str(tmp_path / "run")}
+    (tmp_path / "online.yaml").write_text(yaml.safe_dump(config))
+    assert main(["online", "--config", str(tmp_path / "online.yaml")]) == 0
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rounds) == 2 and all(1 <= r["turns"] <= 2 and r["forks"] == 0 for r in rounds)
+    assert max(r["turns"] for r in rounds) > 1  # a malformed call was answered and the conversation went on
+    rollouts = [json.loads(line) for line in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
+    assert rollouts and all(text.startswith("[assistant] ") for r in rollouts for group in r["texts"]
+                                for text in group)
+    assert word_count("", "a b") == 0.2 and (tmp_path / "run" / "final" / "model.safetensors").exists()
