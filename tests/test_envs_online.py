@@ -18,7 +18,7 @@ from alignkit.online import online_config
 from alignkit.online.config import method_loss
 from alignkit.online.env_rollout import EnvironmentSetup, environment_rollout
 from alignkit.online.rollout import RolloutShape
-from envs_support import SAMPLING, ScriptedEngine, chat_model, chat_tokenizer, tool_call, word_count
+from envs_support import SAMPLING, ScriptedEngine, chat_model, chat_tokenizer, tool_call
 from test_envs_adapters import Counter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,23 +53,37 @@ def test_environments_train_the_grpo_family_and_rloo_only(tmp_path):
         method_loss(online_config({**base, "method": "ppo"}))
 
 
-def test_a_trl_environment_class_through_alignkit_online(tmp_path):
+def run_online_cli(tmp_path, environment: str, fields: dict) -> list[dict]:
+    """`alignkit online` with an environment on a tiny random policy; the metrics of its rounds."""
     tokenizer = chat_tokenizer()
     chat_model(tokenizer).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     questions = ["what is the sum of two", "what is three", "what is five", "hello what"]
-    write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": q}]} for q in questions])
+    write_jsonl_atomic(tmp_path / "prompts.jsonl",
+                       [{"prompt": [{"role": "user", "content": q}], **fields} for q in questions])
     config = {"method": "grpo", "model": str(tmp_path / "model"), "prompts": str(tmp_path / "prompts.jsonl"),
-              "environment": "envs_support:Notebook", "max_turns": 2, "reward": "envs_support:word_count",
+              "environment": environment, "max_turns": 2, "reward": "envs_support:word_count",
               "rounds": 2, "prompts_per_round": 2, "num_samples": 3, "learning_rate": 1e-3, "max_length": 256,
               "sampling": {"max_new_tokens": 8, "engine": "hf"}, "eval_samples": 2, "seed": 0, "progress": False,
               "output_dir": str(tmp_path / "run")}
     (tmp_path / "online.yaml").write_text(yaml.safe_dump(config))
     assert main(["online", "--config", str(tmp_path / "online.yaml")]) == 0
-    rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    return [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_trl_environment_class_through_alignkit_online(tmp_path):
+    rounds = run_online_cli(tmp_path, "envs_support:Notebook", {})
     assert len(rounds) == 2 and all(1 <= r["turns"] <= 2 and r["forks"] == 0 for r in rounds)
     assert max(r["turns"] for r in rounds) > 1  # a malformed call was answered and the conversation went on
     rollouts = [json.loads(line) for line in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
     assert rollouts and all(text.startswith("[assistant] ") for r in rollouts for group in r["texts"]
-                                for text in group)
-    assert word_count("", "a b") == 0.2 and (tmp_path / "run" / "final" / "model.safetensors").exists()
+                            for text in group)
+
+
+def test_skyrl_gym_gsm8k_multi_turn_through_alignkit_online(tmp_path):
+    pytest.importorskip("skyrl_gym")
+    fields = {"env_class": "gsm8k_multi_turn", "reward_spec": {"method": "rule", "ground_truth": "5"},
+              "extra_info": {"max_turns": 2}}
+    rounds = run_online_cli(tmp_path, "skyrl:gsm8k_multi_turn", fields)
+    assert len(rounds) == 2 and all(r["turns"] == 2 for r in rounds)  # a random policy never answers "#### 5"
