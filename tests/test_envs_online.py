@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 import yaml
 
 from alignkit.cli import main
@@ -43,6 +44,16 @@ def test_a_multi_turn_rollout_trains_exactly_the_sampled_tokens():
             assert sum(mask) == sum(len(s) for _, s in sampled)  # every trained token was sampled, and only those
         assert len(logps) == sum(example.trained_lengths)
     assert "[tool] 5" in rollout.texts[0][0]
+
+
+def test_a_prompt_with_no_room_for_an_answer_is_a_config_error():
+    tokenizer = chat_tokenizer()
+    limits = Limits(max_turns=2, max_tokens=8, require_reward=False)
+    setup = EnvironmentSetup(load_environment(Counter, limits), limits)
+    record = {"prompt": [{"role": "user", "content": "hello what"}], "target": 5, "_row": 4}
+    with pytest.raises(ConfigError, match="prompt of record 4 .Counter. leaves no room.*max_length 8"):
+        environment_rollout(ScriptedEngine(tokenizer, {"hello": ["yes"] * 2}), tokenizer, [record], SAMPLING,
+                            RolloutShape(2, 8), setup)
 
 
 def test_environments_train_the_grpo_family_and_rloo_only(tmp_path):
@@ -87,3 +98,48 @@ def test_skyrl_gym_gsm8k_multi_turn_through_alignkit_online(tmp_path):
               "extra_info": {"max_turns": 2}}
     rounds = run_online_cli(tmp_path, "skyrl:gsm8k_multi_turn", fields)
     assert len(rounds) == 2 and all(r["turns"] == 2 for r in rounds)  # a random policy never answers "#### 5"
+
+
+def online_env_config(tmp_path, name: str, **overrides) -> dict:
+    return {"method": "grpo", "model": str(tmp_path / "model"), "prompts": str(tmp_path / "prompts.jsonl"),
+            "environment": "envs_support:Notebook", "max_turns": 2, "reward": "envs_support:word_count",
+            "rounds": 3, "prompts_per_round": 2, "num_samples": 3, "learning_rate": 1e-3, "max_length": 256,
+            "sampling": {"max_new_tokens": 8, "engine": "hf"}, "evaluate": False, "seed": 0, "progress": False,
+            "save_every": 1, "output_dir": str(tmp_path / name), **overrides}
+
+
+def test_a_crashed_run_with_an_environment_resumes_to_the_same_conversations_and_weights(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from alignkit.online import run as online_run
+    from alignkit.online import run_online
+
+    tokenizer = chat_tokenizer()
+    chat_model(tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": q}]} for q in
+                                                    ["what is two", "what is three", "what is five", "hello what"]])
+    run_online(online_config(online_env_config(tmp_path, "straight")))
+    real, calls = online_run.OnlineRun.learn, [0]
+
+    def crashing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(online_run.OnlineRun, "learn", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_online(online_config(online_env_config(tmp_path, "crashed")))
+    monkeypatch.setattr(online_run.OnlineRun, "learn", real)
+    run_online(online_config(online_env_config(tmp_path, "crashed")))  # resumes from round 2's checkpoint
+
+    def lines(name, file):
+        rows = [json.loads(line) for line in (tmp_path / name / file).read_text().splitlines()]
+        return [{k: v for k, v in row.items() if not k.startswith(("time/", "samples_per_s", "tokens_per_s"))}
+                for row in rows]
+
+    assert lines("crashed", "metrics.jsonl") == lines("straight", "metrics.jsonl")
+    assert lines("crashed", "rollouts.jsonl") == lines("straight", "rollouts.jsonl")
+    final, expected = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("crashed", "straight"))
+    assert all(torch.equal(final[key], expected[key]) for key in expected)

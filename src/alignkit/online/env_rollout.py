@@ -17,6 +17,7 @@ import torch
 
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.envs import EnvError, EnvironmentFactory, Limits, Trajectory, load_environment, run_trajectories
+from alignkit.errors import ConfigError
 from alignkit.generate.sample import SamplingConfig
 from alignkit.online.rollout import Rollout, RolloutShape
 
@@ -49,6 +50,10 @@ def environment_rollout(engine, tokenizer, records: list[dict], sampling: Sampli
     envs = [setup.factory.make(row, number) for row, number in zip(rows, numbers)]
     trajectories = run_trajectories(engine, tokenizer, envs, rows, sampling, setup.limits)
     generated = time.perf_counter() - tic
+    unanswered = next((i for i, t in enumerate(trajectories) if t.turns == 0), None)
+    if unanswered is not None:
+        raise ConfigError("max_length", f"the prompt of record {numbers[unanswered]} ({trajectories[unanswered].env}) "
+                                        f"leaves no room for an answer within max_length {shape.max_length}")
     examples, engine_logps, finished, texts = [], [], [], []
     for b in range(len(records)):
         group = trajectories[b * k:(b + 1) * k]
