@@ -51,19 +51,19 @@ def run_one(args) -> dict:
     """One contender in this process: warm-up, then `repeats` timed calls; the fastest is reported."""
     import torch
 
+    from alignkit.config import SamplingOptions
     from alignkit.generate.engines import encode_prompts
-    from alignkit.generate.sample import SamplingConfig
 
     torch.set_num_threads(args.threads)
     model, tokenizer, prompts = load(args.model)
     engine = engine_for(args.engine, args.precision, model, tokenizer)
     ids = encode_prompts(tokenizer, prompts[:args.sequences // 4])
-    cfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0, batch_size=len(ids), seed=0)
-    engine.generate(ids[:2], SamplingConfig(max_new_tokens=4, seed=0), 2)  # warm-up
+    cfg = SamplingOptions(max_new_tokens=args.new_tokens, temperature=1.0, batch_size=len(ids))
+    engine.generate(ids[:2], SamplingOptions(max_new_tokens=4), 2)  # warm-up
     best = None
     for repeat in range(args.repeats):
         tic = time.perf_counter()
-        out = engine.generate(ids, SamplingConfig(**{**cfg.__dict__, "seed": repeat}), 4)
+        out = engine.generate(ids, cfg, 4, repeat)
         seconds = time.perf_counter() - tic
         tokens = sum(len(s) for row in out.ids for s in row)
         if best is None or tokens / seconds > best["tokens_per_s"]:
@@ -75,9 +75,9 @@ def exactness(model_name: str, threads: int) -> dict:
     """Greedy tokens of the fast engine against HF's, and its log-probs against the trainer's, per precision."""
     import torch
 
+    from alignkit.config import SamplingOptions
     from alignkit.generate.engines import HFEngine, encode_prompts
     from alignkit.generate.engines.fast import FastEngine
-    from alignkit.generate.sample import SamplingConfig
     from alignkit.online.rollout import RolloutShape, generate_rollout
     from alignkit.train.packing import Packing
     from alignkit.train.reference import score_examples
@@ -85,7 +85,7 @@ def exactness(model_name: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     model, tokenizer, prompts = load(model_name)
     ids = encode_prompts(tokenizer, prompts[:8])
-    greedy = SamplingConfig(max_new_tokens=32, temperature=0, batch_size=8)
+    greedy = SamplingOptions(max_new_tokens=32, temperature=0, batch_size=8)
     out = {}
     for precision in ("fp32", "bf16"):
         fast = FastEngine(model, tokenizer, dtype=precision)
@@ -93,7 +93,7 @@ def exactness(model_name: str, threads: int) -> dict:
         same = HFEngine(hf_model, tokenizer).generate(ids, greedy).ids == fast.generate(ids, greedy).ids
         model.to(torch.float32)
         rollout = generate_rollout(fast, tokenizer, prompts[:8], lambda p, r: [0.0] * len(r),
-                                   SamplingConfig(max_new_tokens=32, seed=1), RolloutShape(4, 1024))
+                                   SamplingOptions(max_new_tokens=32), RolloutShape(4, 1024, seed=1))
         _, trainer = score_examples(model, rollout.examples, Packing(4096, None, tokenizer.pad_token_id or 0))
         gaps = torch.cat([(e - t).abs() for e, t in zip(rollout.engine_logps, trainer)])
         out[precision] = {"greedy_equal_hf": same, "logp_gap_mean": float(gaps.mean()), "logp_gap_max": float(gaps.max())}

@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
 
-    from alignkit.generate.sample import SamplingConfig, sample
+    from alignkit.config import SamplingOptions
+    from alignkit.generate.sample import sample
     from alignkit.models.resolve import load_model_and_tokenizer
     from alignkit.recipes.rl import TYPES
     from alignkit.rewards.verifiable.constraints import CHECKERS, check_all
@@ -37,8 +38,8 @@ def main() -> None:
     rng = random.Random(1)
     records = [make_record(rng, rng.choice(TOPICS), (kind,)) for kind in CHECKERS
                for _ in range(args.prompts_per_type)]
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=1.0, batch_size=48, seed=0, engine="fast",
-                         engine_precision="bf16")
+    cfg = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=1.0, batch_size=48, engine="fast",
+                          engine_precision="bf16")
     tic = time.perf_counter()
     texts = sample(model, tokenizer, [r["prompt"] for r in records], cfg, args.samples)
     seconds = time.perf_counter() - tic

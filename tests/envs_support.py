@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 
+from alignkit.config import SamplingOptions
 from alignkit.envs import Step
 from alignkit.generate.engines import Generation
-from alignkit.generate.sample import SamplingConfig
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
 
 # An empty turn renders with one space, as the word-level decoder joins an empty answer and its end token.
@@ -27,7 +27,7 @@ WORDS = ["<|tool|>", "...", "hello", "again", "please", "try", "answer", "the", 
          "five", "yes", "no", "good", "done", "what", "<tool_call>", "</tool_call>", '{"name":', '"add",',
          '"arguments":', '{"a":', "2,", '"b":', "3}}", "{bad", "5", "{", '"mul",', "5}", '"fails",', '"slow",',
          '{"x":', "1}}", '"calculate",', '{"expression":', '"2*3"}}', "6", "7"]
-SAMPLING = SamplingConfig(max_new_tokens=6, temperature=1.0, stop=("<|end|>",), engine="hf", seed=0)
+SAMPLING = SamplingOptions(max_new_tokens=6, temperature=1.0, stop=("<|end|>",), engine="hf")
 
 
 def chat_tokenizer(template: str = CHAT_TEMPLATE):
@@ -49,7 +49,7 @@ class ScriptedEngine:
         self.tokenizer, self.calls = tokenizer, []
         self.replies = {tokenizer.convert_tokens_to_ids(word): list(texts) for word, texts in replies.items()}
 
-    def generate(self, prompt_ids, sampling, num_samples=1):
+    def generate(self, prompt_ids, sampling, num_samples=1, seed=0):
         out = Generation(list(prompt_ids), [], [], [], [], [])
         rows, logps = [], []
         for ids in prompt_ids:
@@ -60,7 +60,7 @@ class ScriptedEngine:
             logps.append([-0.5 - 0.01 * j for j in range(len(row))])
             self.calls.append((list(ids), row))
         end = [self.tokenizer.eos_token_id]
-        out.add_rows(self.tokenizer, rows, logps, num_samples, end, sampling.stop)
+        out.add_rows(self.tokenizer, rows, logps, num_samples, end, sampling.stop_strings)
         return out
 
     def update_weights(self, model):

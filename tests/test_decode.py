@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from alignkit.cli import main
+from alignkit.config import SamplingOptions
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.decode.args import ARGSOptions, args_decode
 from alignkit.decode.base import Search, efficiency
-from alignkit.decode.bon import best_of_n, plain_sampling
+from alignkit.decode.bon import BoNOptions, best_of_n, plain_sampling
 from alignkit.decode.bonbon import BonBonPairsOptions, best_worst_pairs, bonbon_pairs, recommended_options
 from alignkit.decode.calibrated import (
     CalibratedOptions,
@@ -29,7 +30,7 @@ from alignkit.decode.deal import DeALOptions, deal_decode
 from alignkit.decode.tq import TQOptions, implicit_values, tq_decode
 from alignkit.errors import ConfigError
 from alignkit.generate.engines import encode_prompts
-from alignkit.generate.sample import SamplingConfig, sample
+from alignkit.generate.sample import sample
 from alignkit.losses import build_options, get_loss
 from alignkit.losses.base import LossInputs
 from alignkit.losses.bonbon import BonBonOptions, bonbon_beta, bonbon_loss
@@ -37,7 +38,7 @@ from alignkit.losses.pairwise import IPOOptions, ipo_loss
 from alignkit.rewards.base import FunctionReward, WeightedSum
 from synthetic_task import SENTIMENT, aligned_model, prompts
 
-SAMPLING = SamplingConfig(max_new_tokens=10, batch_size=32, seed=0)
+SAMPLING = SamplingOptions(max_new_tokens=10, batch_size=32)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny models run on one thread (tests/conftest.py)
@@ -57,7 +58,7 @@ def mean(values) -> float:
 
 def test_best_of_n_beats_plain_sampling(task, questions):
     plain = plain_sampling(task.model, task.tokenizer, questions, SENTIMENT, SAMPLING)
-    best = best_of_n(task.model, task.tokenizer, questions, SENTIMENT, 8, SAMPLING)
+    best = best_of_n(task.model, task.tokenizer, questions, SENTIMENT, BoNOptions(num_samples=8), SAMPLING)
     gain = best.summary()["mean_reward"] - plain.summary()["mean_reward"]
     assert gain > 0.15, (plain.summary(), best.summary())  # measured: +0.34 (-0.04 -> 0.31)
     report = efficiency(best, plain)
@@ -68,14 +69,14 @@ def test_best_of_n_beats_plain_sampling(task, questions):
 
 
 def test_more_samples_more_reward(task, questions):
-    means = {n: mean([best_of_n(task.model, task.tokenizer, questions, SENTIMENT, n,
-                                SamplingConfig(max_new_tokens=10, batch_size=32, seed=seed)).summary()["mean_reward"]
+    means = {n: mean([best_of_n(task.model, task.tokenizer, questions, SENTIMENT, BoNOptions(num_samples=n, seed=seed),
+                                SamplingOptions(max_new_tokens=10, batch_size=32)).summary()["mean_reward"]
                       for seed in (0, 1, 2)]) for n in (1, 2, 4, 8)}
     assert means[1] < means[2] < means[4] < means[8], means  # measured: 0.01, 0.15, 0.21, 0.30
 
 
 def test_best_of_n_picks_the_max_and_counts_compute(task, questions):
-    result = best_of_n(task.model, task.tokenizer, questions[:8], SENTIMENT, 4, SAMPLING)
+    result = best_of_n(task.model, task.tokenizer, questions[:8], SENTIMENT, BoNOptions(num_samples=4), SAMPLING)
     for detail, response, reward in zip(result.details, result.responses, result.rewards):
         scores = detail["candidate_rewards"]
         assert reward == max(scores) and detail["chosen_index"] == scores.index(max(scores))  # first of ties
@@ -133,7 +134,7 @@ def test_calibrating_components_puts_them_on_one_scale():
 
 def test_calibrated_best_of_n(task, questions):
     result = calibrated_best_of_n(task.model, task.tokenizer, questions, SENTIMENT, CalibratedOptions(num_samples=4, num_reference=16), SAMPLING)
-    plain = best_of_n(task.model, task.tokenizer, questions, SENTIMENT, 4, SAMPLING)
+    plain = best_of_n(task.model, task.tokenizer, questions, SENTIMENT, BoNOptions(num_samples=4), SAMPLING)
     assert result.responses == plain.responses  # one reward: the calibrated argmax is the reward's argmax
     calibrated = [d["calibrated_reward"] for d in result.details]
     assert 0.6 < mean(calibrated) <= 1.0  # best of 4 beats most reference samples (4/5 for a continuous reward)
@@ -160,7 +161,7 @@ def test_args_beats_plain_sampling(task, questions):
 
 
 def test_zero_weight_searches_are_greedy_decoding(task, questions):
-    greedy = [s[0] for s in sample(task.model, task.tokenizer, questions, SamplingConfig(max_new_tokens=10,
+    greedy = [s[0] for s in sample(task.model, task.tokenizer, questions, SamplingOptions(max_new_tokens=10,
                                                                                         temperature=0.0))]
     args = args_decode(task.model, task.tokenizer, questions, SENTIMENT, ARGSOptions(top_k=1, weight=0.0,
                                                                                      max_new_tokens=10, batch_size=7))
@@ -334,7 +335,7 @@ def rows_forwarded(model):
 
 def test_decode_compute_counts_are_exact(task, questions):
     batch = questions[:6]
-    for run in (lambda r: best_of_n(task.model, task.tokenizer, batch, r, 3, SAMPLING),
+    for run in (lambda r: best_of_n(task.model, task.tokenizer, batch, r, BoNOptions(num_samples=3), SAMPLING),
                 lambda r: calibrated_best_of_n(task.model, task.tokenizer, batch, r, CalibratedOptions(num_samples=3, num_reference=5), SAMPLING),
                 lambda r: args_decode(task.model, task.tokenizer, batch, r, ARGSOptions(top_k=4, weight=2.0,
                                                                                        max_new_tokens=6)),
@@ -349,8 +350,8 @@ def test_decode_compute_counts_are_exact(task, questions):
     result = calibrated_best_of_n(task.model, task.tokenizer, batch, SENTIMENT, CalibratedOptions(num_samples=3, num_reference=5), SAMPLING)
     ids = encode_prompts(task.tokenizer, batch)
     made = []
-    for n, cfg in ((5, SamplingConfig(max_new_tokens=10, batch_size=32, seed=REFERENCE_SEED_OFFSET)), (3, SAMPLING)):
-        made.append(make_engine(task.model, task.tokenizer, cfg).generate(ids, cfg, n))
+    for n, cfg, seed in ((5, SamplingOptions(max_new_tokens=10, batch_size=32), REFERENCE_SEED_OFFSET), (3, SAMPLING, 0)):
+        made.append(make_engine(task.model, task.tokenizer, cfg).generate(ids, cfg, n, seed))
     assert [d["candidates"] for d in result.details] == made[1].texts
     tokens = sum(len(x) for g in made for row in g.ids for x in row)
     assert result.compute.generated_tokens == result.compute.forward_passes == tokens
@@ -373,11 +374,11 @@ def test_decode_cli_methods_equal_the_library(task, questions, tmp_path):
     batch = questions[:6]
     write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": q} for q in batch])
     reward = load_reward("synthetic")
-    sampling = SamplingConfig(max_new_tokens=8, seed=3)
+    sampling = SamplingOptions(max_new_tokens=8)
     expected = {
-        "sample": best_of_n(task.model, task.tokenizer, batch, reward, 1, sampling),
-        "bon": best_of_n(task.model, task.tokenizer, batch, reward, 3, sampling),
-        "bon-calibrated": calibrated_best_of_n(task.model, task.tokenizer, batch, reward, CalibratedOptions(num_samples=3, num_reference=4), sampling),
+        "sample": best_of_n(task.model, task.tokenizer, batch, reward, BoNOptions(num_samples=1, seed=3), sampling),
+        "bon": best_of_n(task.model, task.tokenizer, batch, reward, BoNOptions(num_samples=3, seed=3), sampling),
+        "bon-calibrated": calibrated_best_of_n(task.model, task.tokenizer, batch, reward, CalibratedOptions(num_samples=3, num_reference=4, seed=3), sampling),
         "deal": deal_decode(task.model, task.tokenizer, batch, reward, DeALOptions(beams=2, top_k=3, lookahead=1,
                                                                                     weight=2.0, max_new_tokens=8)),
     }

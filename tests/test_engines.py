@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from alignkit.config import SamplingOptions
 from alignkit.generate.engines import HFEngine, as_engine, encode_prompts
-from alignkit.generate.sample import SamplingConfig
 from alignkit.losses import LossInputs
 from alignkit.losses.online import GRPOOptions, grpo_loss
 from alignkit.online import OnlineInputs, online_config, run_online, sampling
@@ -28,9 +28,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny models run on one
 def test_hf_engine_ids_logprobs_and_finish_reasons(task):
     questions = prompts(8, seed=4)
     for max_new_tokens in (5, 12):
-        cfg = SamplingConfig(max_new_tokens=max_new_tokens, seed=3, engine="hf")
-        rollout = generate_rollout(task.model, task.tokenizer, questions, SENTIMENT, cfg, RolloutShape(3, 64))
-        generation = HFEngine(task.model, task.tokenizer).generate(encode_prompts(task.tokenizer, questions), cfg, 3)
+        cfg = SamplingOptions(max_new_tokens=max_new_tokens, engine="hf")
+        rollout = generate_rollout(task.model, task.tokenizer, questions, SENTIMENT, cfg, RolloutShape(3, 64, seed=3))
+        generation = HFEngine(task.model, task.tokenizer).generate(encode_prompts(task.tokenizer, questions), cfg, 3, 3)
         eos = task.tokenizer.eos_token_id
         for example, ids, reasons, done in zip(rollout.examples, generation.ids, generation.finish_reasons,
                                               rollout.finished.tolist()):
@@ -46,14 +46,14 @@ def test_hf_engine_ids_logprobs_and_finish_reasons(task):
 def test_engine_logprobs_are_of_the_distribution_sampled_from(task):
     ids = encode_prompts(task.tokenizer, prompts(4, seed=5))
     engine = HFEngine(task.model, task.tokenizer)
-    top1 = engine.generate(ids, SamplingConfig(max_new_tokens=6, temperature=0.7, top_k=1, seed=1), 2)
+    top1 = engine.generate(ids, SamplingOptions(max_new_tokens=6, temperature=0.7, top_k=1), 2, 1)
     assert all(lp == pytest.approx(0.0, abs=1e-6) for row in top1.logprobs for s in row for lp in s)  # p = 1
-    greedy = engine.generate(ids, SamplingConfig(max_new_tokens=6, temperature=0, seed=1), 1)
+    greedy = engine.generate(ids, SamplingOptions(max_new_tokens=6, temperature=0), 1, 1)
     assert [row[0] for row in greedy.ids] == [s[0] for s in top1.ids]  # top-1 sampling is greedy decoding
-    hot = engine.generate(ids, SamplingConfig(max_new_tokens=6, temperature=2.0, seed=1), 2)
+    hot = engine.generate(ids, SamplingOptions(max_new_tokens=6, temperature=2.0), 2, 1)
     examples = generate_rollout(engine, task.tokenizer, prompts(4, seed=5), SENTIMENT,
-                                SamplingConfig(max_new_tokens=6, temperature=2.0, seed=1, engine="hf"),
-                                RolloutShape(2, 64)).examples
+                                SamplingOptions(max_new_tokens=6, temperature=2.0, engine="hf"),
+                                RolloutShape(2, 64, seed=1)).examples
     _, trainer = score_examples(task.model, examples, Packing(1024, 512, task.tokenizer.pad_token_id))
     flat_hot = torch.tensor([lp for row in hot.logprobs for s in row for lp in s])
     assert not torch.allclose(flat_hot, torch.cat(trainer), atol=1e-3)  # tempered: not the policy's own log-probs
@@ -68,8 +68,8 @@ class Perturbed:
     def update_weights(self, model):
         self.inner.update_weights(model)
 
-    def generate(self, prompt_ids, sampling, num_samples=1):
-        out = self.inner.generate(prompt_ids, sampling, num_samples)
+    def generate(self, prompt_ids, sampling, num_samples=1, seed=0):
+        out = self.inner.generate(prompt_ids, sampling, num_samples, seed)
         out.logprobs = [[[lp + self.shift for lp in s] for s in row] for row in out.logprobs]
         return out
 
@@ -164,24 +164,26 @@ def test_fast_engine_greedy_is_hf_greedy_and_its_logprobs_are_the_trainers(task)
     from alignkit.generate.engines import FastEngine
 
     ids = encode_prompts(task.tokenizer, prompts(12, seed=6))
-    greedy = SamplingConfig(max_new_tokens=12, temperature=0, batch_size=5)
+    greedy = SamplingOptions(max_new_tokens=12, temperature=0, batch_size=5)
     for batch in (ids, [ids[0][:1], ids[1]]):  # also a one-token prompt (its prefill is a single query)
         assert FastEngine(task.model, task.tokenizer).generate(batch, greedy).ids == \
             HFEngine(task.model, task.tokenizer).generate(batch, greedy).ids
     # sampled: most samples end at the 8th token, so finished rows leave the batch mid-way; every row's log-probs
     # must still be the trainer's on that row's tokens
-    cfg = SamplingConfig(max_new_tokens=12, seed=2, batch_size=6, engine="fast")
-    rollout = generate_rollout(task.model, task.tokenizer, prompts(12, seed=6), SENTIMENT, cfg, RolloutShape(4, 64))
+    cfg = SamplingOptions(max_new_tokens=12, batch_size=6, engine="fast")
+    rollout = generate_rollout(task.model, task.tokenizer, prompts(12, seed=6), SENTIMENT, cfg,
+                               RolloutShape(4, 64, seed=2))
     assert 0 < float(rollout.finished.float().mean()) < 1 or bool(rollout.finished.all())
     _, trainer = score_examples(task.model, rollout.examples, Packing(1024, 512, task.tokenizer.pad_token_id))
     for engine, ours in zip(rollout.engine_logps, trainer):
         torch.testing.assert_close(engine, ours, rtol=0, atol=1e-4)
-    again = generate_rollout(task.model, task.tokenizer, prompts(12, seed=6), SENTIMENT, cfg, RolloutShape(4, 64))
+    again = generate_rollout(task.model, task.tokenizer, prompts(12, seed=6), SENTIMENT, cfg,
+                             RolloutShape(4, 64, seed=2))
     assert [e.response_ids for e in again.examples] == [e.response_ids for e in rollout.examples]  # seeded
     # bf16 weights: the stated bound on the log-prob gap to the fp32 trainer
     bf16 = generate_rollout(task.model, task.tokenizer, prompts(12, seed=6), SENTIMENT,
-                            SamplingConfig(max_new_tokens=12, seed=2, engine="fast", engine_precision="bf16"),
-                            RolloutShape(4, 64))
+                            SamplingOptions(max_new_tokens=12, engine="fast", engine_precision="bf16"),
+                            RolloutShape(4, 64, seed=2))
     _, trainer = score_examples(task.model, bf16.examples, Packing(1024, 512, task.tokenizer.pad_token_id))
     assert max(float((e - t).abs().max()) for e, t in zip(bf16.engine_logps, trainer)) < 0.1
 
@@ -191,12 +193,12 @@ def test_fast_engine_top_k_top_p_and_temperature(task):
 
     engine = FastEngine(task.model, task.tokenizer)
     ids = encode_prompts(task.tokenizer, prompts(4, seed=5))
-    top1 = engine.generate(ids, SamplingConfig(max_new_tokens=6, temperature=0.7, top_k=1, seed=1), 2)
+    top1 = engine.generate(ids, SamplingOptions(max_new_tokens=6, temperature=0.7, top_k=1), 2, 1)
     assert all(lp == pytest.approx(0.0, abs=1e-6) for row in top1.logprobs for s in row for lp in s)
-    greedy = engine.generate(ids, SamplingConfig(max_new_tokens=6, temperature=0), 1)
+    greedy = engine.generate(ids, SamplingOptions(max_new_tokens=6, temperature=0), 1)
     assert [row[0] for row in greedy.ids] == [row[0] for row in top1.ids]
     # top-p: every sampled token lies in the smallest set of mass >= p, and its log-prob is renormalised over it
-    nucleus = engine.generate(ids, SamplingConfig(max_new_tokens=1, top_p=0.5, seed=3), 8)
+    nucleus = engine.generate(ids, SamplingOptions(max_new_tokens=1, top_p=0.5), 8, 3)
     logits = task.model(torch.tensor([ids[0]])).logits[0, -1].double()
     probs = logits.softmax(-1)
     order = probs.argsort(descending=True)
@@ -212,16 +214,16 @@ def test_fast_engine_weight_push_equals_reloading(task):
     model = copy.deepcopy(task.model)
     engine = FastEngine(model, task.tokenizer)
     ids = encode_prompts(task.tokenizer, prompts(6, seed=7))
-    cfg = SamplingConfig(max_new_tokens=10, seed=4)
-    before = engine.generate(ids, cfg, 3)
+    cfg = SamplingOptions(max_new_tokens=10)
+    before = engine.generate(ids, cfg, 3, 4)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    assert engine.generate(ids, cfg, 3).ids == before.ids  # the engine holds its own copy until pushed
+    assert engine.generate(ids, cfg, 3, 4).ids == before.ids  # the engine holds its own copy until pushed
     engine.update_weights(model)
-    pushed = engine.generate(ids, cfg, 3)
-    reloaded = FastEngine(copy.deepcopy(model), task.tokenizer).generate(ids, cfg, 3)
+    pushed = engine.generate(ids, cfg, 3, 4)
+    reloaded = FastEngine(copy.deepcopy(model), task.tokenizer).generate(ids, cfg, 3, 4)
     assert pushed.ids == reloaded.ids and pushed.logprobs == reloaded.logprobs and pushed.ids != before.ids
 
 
@@ -233,14 +235,14 @@ def test_fast_engine_sleeps_through_the_learner_and_wakes_with_the_new_weights(t
     model = copy.deepcopy(task.model)
     engine = FastEngine(model, task.tokenizer)
     ids = encode_prompts(task.tokenizer, prompts(4, seed=7))
-    cfg = SamplingConfig(max_new_tokens=8, seed=4)
-    before = engine.generate(ids, cfg, 2)
+    cfg = SamplingOptions(max_new_tokens=8)
+    before = engine.generate(ids, cfg, 2, 4)
     engine.sleep()
     assert engine.layers is None and engine.head is None and engine.embed is None
     with pytest.raises(RuntimeError, match="asleep"):
-        engine.generate(ids, cfg, 2)
+        engine.generate(ids, cfg, 2, 4)
     engine.update_weights(model)
-    awake = engine.generate(ids, cfg, 2)
+    awake = engine.generate(ids, cfg, 2, 4)
     assert awake.ids == before.ids and awake.logprobs == before.logprobs
 
     events, held = [], []
@@ -282,21 +284,21 @@ def test_fast_engine_samples_a_lora_policy_with_its_adapters_merged(task):
             if "lora_B" in name:
                 p.normal_(0, 0.3)
     state = {k: v.clone() for k, v in peft_model.state_dict().items()}
-    engine = make_engine(peft_model, task.tokenizer, SamplingConfig(engine="auto"))
+    engine = make_engine(peft_model, task.tokenizer, SamplingOptions(engine="auto"))
     assert isinstance(engine, FastEngine)
     ids = encode_prompts(task.tokenizer, prompts(6, seed=8))
-    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, seed=3)
-    ours = engine.generate(ids, cfg, 3)
-    merged = FastEngine(copy.deepcopy(peft_model).merge_and_unload(), task.tokenizer).generate(ids, cfg, 3)
-    base = FastEngine(task.model, task.tokenizer).generate(ids, cfg, 3)
+    cfg = SamplingOptions(max_new_tokens=8, temperature=1.0)
+    ours = engine.generate(ids, cfg, 3, 3)
+    merged = FastEngine(copy.deepcopy(peft_model).merge_and_unload(), task.tokenizer).generate(ids, cfg, 3, 3)
+    base = FastEngine(task.model, task.tokenizer).generate(ids, cfg, 3, 3)
     assert ours.ids == merged.ids and ours.ids != base.ids
     np.testing.assert_allclose(np.concatenate([np.concatenate(g) for g in ours.logprobs]),
                                np.concatenate([np.concatenate(g) for g in merged.logprobs]), atol=1e-5)
     assert all(torch.equal(v, peft_model.state_dict()[k]) for k, v in state.items())
     embedded = apply_lora(copy.deepcopy(task.model), LoraOptions(r=2, target_modules=["q_proj", "embed_tokens"]))
-    assert isinstance(make_engine(embedded, task.tokenizer, SamplingConfig(engine="auto")), HFEngine)
+    assert isinstance(make_engine(embedded, task.tokenizer, SamplingOptions(engine="auto")), HFEngine)
     with pytest.raises(ConfigError, match="sampling.engine"):
-        make_engine(embedded, task.tokenizer, SamplingConfig(engine="fast"))
+        make_engine(embedded, task.tokenizer, SamplingOptions(engine="fast"))
 
 
 # ---- the vLLM engine, driven by a fake LLM ----
@@ -338,7 +340,7 @@ class FakeLLM:
         self.calls.append((prompts, params))
         engine = HFEngine(self.model, self.tokenizer)
         generation = engine.generate([p["prompt_token_ids"] for p in prompts],
-                                     SamplingConfig(max_new_tokens=params.max_tokens, temperature=0), 1)
+                                     SamplingOptions(max_new_tokens=params.max_tokens, temperature=0), 1)
         results = []
         for ids, logps, reasons in zip(generation.ids, generation.logprobs, generation.finish_reasons):
             outputs = [SimpleNamespace(token_ids=ids[0], logprobs=[{t: FakeLogprob(lp)} for t, lp in zip(ids[0], logps[0])],
@@ -361,14 +363,14 @@ def test_vllm_engine_data_flow_and_weight_push_with_a_fake_llm(task):
     engine = VLLMEngine(fake, task.tokenizer, sampling_params=FakeParams, load_weights=fake.load_weights,
                         sleep_mode=True)
     questions = prompts(4, seed=11)
-    cfg = SamplingConfig(max_new_tokens=9, temperature=0.8, top_k=5, seed=7)
-    rollout = generate_rollout(engine, task.tokenizer, questions, SENTIMENT, cfg, RolloutShape(2, 64))
+    cfg = SamplingOptions(max_new_tokens=9, temperature=0.8, top_k=5)
+    rollout = generate_rollout(engine, task.tokenizer, questions, SENTIMENT, cfg, RolloutShape(2, 64, seed=7))
     sent, params = fake.calls[-1]
     assert [p["prompt_token_ids"] for p in sent] == encode_prompts(task.tokenizer, questions)  # ids in, not text
     assert (params.n, params.max_tokens, params.temperature, params.top_k, params.seed, params.logprobs) == \
         (2, 9, 0.8, 5, 7, 0)
     hf = HFEngine(task.model, task.tokenizer).generate(encode_prompts(task.tokenizer, questions),
-                                                      SamplingConfig(max_new_tokens=9, temperature=0), 1)
+                                                      SamplingOptions(max_new_tokens=9, temperature=0), 1)
     assert [e.response_ids for e in rollout.examples] == [[row[0], row[0]] for row in hf.ids]  # ids out, trained as is
     for engine_logps, row in zip(rollout.engine_logps, hf.logprobs):
         torch.testing.assert_close(engine_logps, torch.tensor(row[0] * 2), rtol=0, atol=1e-6)
@@ -380,14 +382,14 @@ def test_vllm_engine_data_flow_and_weight_push_with_a_fake_llm(task):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     engine.sleep()  # the learner's turn: vLLM's weights and KV cache are freed, and sampling is refused
     with pytest.raises(RuntimeError, match="asleep"):
-        engine.generate(encode_prompts(task.tokenizer, questions), cfg, 1)
+        engine.generate(encode_prompts(task.tokenizer, questions), cfg, 1, 7)
     engine.update_weights(policy)  # wakes the weights, pushes into them, then wakes the KV cache
     assert fake.events == [("sleep", 2), ("wake_up", ("weights",)), ("load", ["kv_cache"]), ("wake_up", ("kv_cache",))]
     assert all(torch.equal(fake.pushed[-1][k], v) for k, v in policy.state_dict().items())
-    after = generate_rollout(engine, task.tokenizer, questions, SENTIMENT, SamplingConfig(max_new_tokens=9, temperature=0),
+    after = generate_rollout(engine, task.tokenizer, questions, SENTIMENT, SamplingOptions(max_new_tokens=9, temperature=0),
                              RolloutShape(1, 64))
     reloaded = HFEngine(policy, task.tokenizer).generate(encode_prompts(task.tokenizer, questions),
-                                                        SamplingConfig(max_new_tokens=9, temperature=0), 1)
+                                                        SamplingOptions(max_new_tokens=9, temperature=0), 1)
     assert [e.response_ids[0] for e in after.examples] == [row[0] for row in reloaded.ids]
     # LoRA: the adapters are merged into the pushed base weights, under the base model's names; the policy keeps them
     lora = apply_lora(copy.deepcopy(task.model), LoraOptions(r=2))

@@ -5,8 +5,6 @@ can break its contract is one named error: the environment, the row, what to fix
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from alignkit.envs import EnvError, Limits, Step, load_environment, run_trajectories
@@ -14,7 +12,7 @@ from alignkit.envs.base import DEFAULT_LIMITS
 from alignkit.errors import ConfigError
 from envs_support import SAMPLING, Echo, ScriptedEngine, chat_tokenizer, tool_call
 
-LONG = dataclasses.replace(SAMPLING, max_new_tokens=40)
+LONG = SAMPLING.model_copy(update={"max_new_tokens": 40})
 
 
 class Counter:

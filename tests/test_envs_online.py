@@ -4,7 +4,6 @@ those; a TRL-style environment class trains through `alignkit online` on a tiny 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -33,7 +32,7 @@ def test_a_multi_turn_rollout_trains_exactly_the_sampled_tokens():
     engine = ScriptedEngine(tokenizer, replies)
     limits = Limits(max_turns=3, require_reward=False)
     setup = EnvironmentSetup(load_environment(Counter, limits), limits)
-    rollout = environment_rollout(engine, tokenizer, records, dataclasses.replace(SAMPLING, max_new_tokens=40),
+    rollout = environment_rollout(engine, tokenizer, records, SAMPLING.model_copy(update={"max_new_tokens": 40}),
                                   RolloutShape(2, 256), setup)
     assert rollout.rewards.tolist() == [[1.0, 0.0], [0.0, 0.0]]  # get_reward: the first conversation added 2 + 3
     assert rollout.finished.tolist() == [[True, True], [True, True]] and rollout.stats["tool_calls"] == 0.25

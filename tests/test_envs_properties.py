@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from alignkit.config import SamplingOptions
 from alignkit.data.template import render_chat
 from alignkit.envs import Limits, Step, run_trajectories
 from alignkit.generate.engines import Generation
-from alignkit.generate.sample import SamplingConfig
 
 SMOLLM2_TEMPLATE = (  # SmolLM2-135M-Instruct's chat template (no tool support)
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
@@ -30,7 +30,7 @@ DROPS_THINKING = (
     "{% endif %}{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-SAMPLING = SamplingConfig(max_new_tokens=64, temperature=1.0, engine="hf")
+SAMPLING = SamplingOptions(max_new_tokens=64, temperature=1.0, engine="hf")
 
 
 @functools.cache
@@ -58,7 +58,7 @@ class Replay:
     def __init__(self, replies: list[tuple[list[int], bool]]):
         self.replies, self.calls = list(replies), []
 
-    def generate(self, prompt_ids, sampling, num_samples=1):
+    def generate(self, prompt_ids, sampling, num_samples=1, seed=0):
         tokenizer = byte_tokenizer()
         ids, ended = self.replies.pop(0)
         row = ids + [tokenizer.eos_token_id] * ended

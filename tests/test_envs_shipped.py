@@ -4,7 +4,6 @@ tool and an exact-answer reward; both with seeded, disjoint training and held-ou
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import pytest
@@ -21,7 +20,7 @@ from alignkit.envs.self_correction import (
 from alignkit.rewards.verifiable.constraints import validate_constraints
 from envs_support import SAMPLING, ScriptedEngine, chat_tokenizer, tool_call
 
-LONG = dataclasses.replace(SAMPLING, max_new_tokens=40)
+LONG = SAMPLING.model_copy(update={"max_new_tokens": 40})
 CONSTRAINTS = [{"type": "max_words", "n": 2}, {"type": "include", "words": ["good"]}]
 
 

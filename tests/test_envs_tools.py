@@ -5,7 +5,6 @@ tool runs in."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 
@@ -25,7 +24,7 @@ from envs_support import SAMPLING, ScriptedEngine, add, chat_tokenizer, tool_cal
 
 ROW = {"prompt": [{"role": "user", "content": "what is the sum of two and three"}]}
 NO_REWARD = Limits(require_reward=False, tool_timeout=2.0)
-LONG = dataclasses.replace(SAMPLING, max_new_tokens=40)
+LONG = SAMPLING.model_copy(update={"max_new_tokens": 40})
 
 
 def one_trajectory(replies: list[str], functions, limits: Limits = NO_REWARD, tokenizer=None):

@@ -23,8 +23,8 @@ class Recording:
     def __init__(self, engine):
         self.engine, self.calls = engine, []
 
-    def generate(self, prompt_ids, sampling, num_samples=1):
-        out = self.engine.generate(prompt_ids, sampling, num_samples)
+    def generate(self, prompt_ids, sampling, num_samples=1, seed=0):
+        out = self.engine.generate(prompt_ids, sampling, num_samples, seed)
         self.calls += [(list(p), ids[0], lps[0]) for p, ids, lps in zip(prompt_ids, out.ids, out.logprobs)]
         return out
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from alignkit.cli import main
+from alignkit.config import SamplingOptions
 from alignkit.data.load import write_jsonl_atomic
 from alignkit.data.synthetic import VOCABULARY, preference_records
-from alignkit.decode.bon import best_of_n
+from alignkit.decode.bon import BoNOptions, best_of_n
 from alignkit.errors import AlignkitError
 from alignkit.eval.evaluate import (
     SECTION_TITLES,
@@ -36,7 +37,7 @@ from alignkit.eval.judges import (
 )
 from alignkit.eval.kl import kl_summary, sequence_log_ratios
 from alignkit.eval.metrics import length_stats, win_rate
-from alignkit.generate.sample import SamplingConfig, sample
+from alignkit.generate.sample import sample
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
 from alignkit.rewards.base import FunctionReward
 from synthetic_task import SENTIMENT, aligned_model, prompts
@@ -75,9 +76,9 @@ def test_biased_judge_raw_win_rate_is_biased_and_calibrated_recovers_the_truth()
 
 def test_position_bias_on_model_answers(task):
     questions = prompts(48, seed=7)
-    cfg = SamplingConfig(max_new_tokens=10, batch_size=48, seed=0)
-    better = best_of_n(task.model, task.tokenizer, questions, SENTIMENT, 4, cfg).responses
-    plain = [s[0] for s in sample(task.model, task.tokenizer, questions, SamplingConfig(max_new_tokens=10, seed=9))]
+    cfg = SamplingOptions(max_new_tokens=10, batch_size=48)
+    better = best_of_n(task.model, task.tokenizer, questions, SENTIMENT, BoNOptions(num_samples=4), cfg).responses
+    plain = [s[0] for s in sample(task.model, task.tokenizer, questions, SamplingOptions(max_new_tokens=10), seed=9)]
     truth = win_rate(SENTIMENT(questions, better), SENTIMENT(questions, plain))
     # A tiny bonus only breaks exact ties (frequent with this reward) in favour of the first shown: exact recovery.
     tie_bias = pairwise_win_rate(first_position_bias(1e-9), questions, better, plain)
@@ -154,7 +155,7 @@ def test_reward_accuracy_on_a_preference_set():
 def test_kl_to_reference(task):
     aligned = aligned_model()
     questions = prompts(128, seed=8)
-    answers = [s[0] for s in sample(aligned, task.tokenizer, questions, SamplingConfig(max_new_tokens=10, seed=2))]
+    answers = [s[0] for s in sample(aligned, task.tokenizer, questions, SamplingOptions(max_new_tokens=10), seed=2)]
     assert sequence_log_ratios(task.model, task.model, task.tokenizer, questions, answers) == [0.0] * 128
     ratios = sequence_log_ratios(aligned, task.model, task.tokenizer, questions, answers)
     # the aligned model's samples are likelier under it: measured 0.23-0.30 nats (standard error ~0.08) over seeds
@@ -220,9 +221,9 @@ class TableCells(HTMLParser):
 def test_report_files_hold_the_computed_numbers(task, tmp_path):
     aligned = aligned_model()
     questions = prompts(16, seed=12)
-    cfg = SamplingConfig(max_new_tokens=10, seed=3)
-    answers_a = [s[0] for s in sample(aligned, task.tokenizer, questions, cfg)]
-    answers_b = [s[0] for s in sample(task.model, task.tokenizer, questions, cfg)]
+    cfg = SamplingOptions(max_new_tokens=10)
+    answers_a = [s[0] for s in sample(aligned, task.tokenizer, questions, cfg, seed=3)]
+    answers_b = [s[0] for s in sample(task.model, task.tokenizer, questions, cfg, seed=3)]
     summary = evaluate_responses(questions, answers_a, SENTIMENT, answers_b, first_position_bias(0.1),
                                  EvalExtras(policy=aligned, reference=task.model, tokenizer=task.tokenizer,
                                             preferences=preference_records(20, seed=1)))
@@ -262,9 +263,9 @@ def test_eval_cli(task, tmp_path):
                  "--max_new_tokens", "8", "--seed", "5"])
     assert code == 0
     saved = json.loads((out / "eval.json").read_text())
-    cfg = SamplingConfig(max_new_tokens=8, seed=5)
-    answers_a = [s[0] for s in sample(aligned_model(), task.tokenizer, questions, cfg)]
-    answers_b = [s[0] for s in sample(task.model, task.tokenizer, questions, cfg)]
+    cfg = SamplingOptions(max_new_tokens=8)
+    answers_a = [s[0] for s in sample(aligned_model(), task.tokenizer, questions, cfg, seed=5)]
+    answers_b = [s[0] for s in sample(task.model, task.tokenizer, questions, cfg, seed=5)]
     assert saved["rewards_a"] == SENTIMENT(questions, answers_a) and saved["rewards_b"] == SENTIMENT(questions, answers_b)
     assert saved["reward_accuracy"]["accuracy"] == 1.0 and saved["judge"]["consistency_rate"] == 1.0
     assert saved["kl"]["samples"] == 8

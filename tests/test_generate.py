@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from alignkit.cli import main
+from alignkit.config import SamplingOptions
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.data.synthetic import TOPICS
 from alignkit.errors import AlignkitError, DataError
 from alignkit.generate.engines import make_engine, truncate_at_stop
 from alignkit.generate.engines.vllm import vllm_available
-from alignkit.generate.sample import SamplingConfig, sample, sample_with_counts
+from alignkit.generate.sample import sample, sample_with_counts
 from alignkit.generate.synth import (
+    MagpieOptions,
     PairOptions,
     Principles,
     SelfInstructOptions,
@@ -40,13 +42,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny models run on one
 
 
 def test_same_seed_same_samples_other_seed_other_samples(task):
-    cfg = SamplingConfig(max_new_tokens=10, batch_size=8, seed=5)
+    cfg = SamplingOptions(max_new_tokens=10, batch_size=8)
     questions = prompts(16)
     before = torch.get_rng_state()
-    first = sample(task.model, task.tokenizer, questions, cfg, num_samples=3)
+    first = sample(task.model, task.tokenizer, questions, cfg, num_samples=3, seed=5)
     assert torch.equal(torch.get_rng_state(), before)  # the global RNG is left alone
-    again = sample(task.model, task.tokenizer, questions, cfg, num_samples=3)
-    other = sample(task.model, task.tokenizer, questions, SamplingConfig(max_new_tokens=10, batch_size=8, seed=6), 3)
+    again = sample(task.model, task.tokenizer, questions, cfg, num_samples=3, seed=5)
+    other = sample(task.model, task.tokenizer, questions, SamplingOptions(max_new_tokens=10, batch_size=8), 3, 6)
     assert first == again
     assert first != other
     assert sum(a != b for x, y in zip(first, other) for a, b in zip(x, y)) > 24  # most of the 48 samples differ
@@ -54,9 +56,9 @@ def test_same_seed_same_samples_other_seed_other_samples(task):
 
 def test_stop_strings_cut_the_same_samples(task):
     questions = prompts(16)
-    plain = sample_with_counts(task.model, task.tokenizer, questions, SamplingConfig(max_new_tokens=10, seed=1), 2)
-    stopped = sample(task.model, task.tokenizer, questions, SamplingConfig(max_new_tokens=10, seed=1,
-                                                                          stop=("good", "bad")), 2)
+    plain = sample_with_counts(task.model, task.tokenizer, questions, SamplingOptions(max_new_tokens=10), 2, 1)
+    stopped = sample(task.model, task.tokenizer, questions, SamplingOptions(max_new_tokens=10,
+                                                                          stop=("good", "bad")), 2, 1)
     expected = [[truncate_at_stop(t, ("good", "bad")).strip() for t in group] for group in plain.texts]
     assert stopped == expected
     assert any(a != b for x, y in zip(plain.texts, stopped) for a, b in zip(x, y))  # some sample was cut
@@ -76,10 +78,10 @@ def test_a_stop_string_that_is_a_special_token_stops_generation(task, one_thread
     tok = task.tokenizer
     end = tok.convert_tokens_to_ids("<|end|>")
     ids = [tok("<|user|>", add_special_tokens=False)["input_ids"]] * 6
-    free_cfg = SamplingConfig(max_new_tokens=16, seed=2, engine=engine)
-    free = make_engine(task.model, tok, free_cfg).generate(ids, free_cfg, 2)
-    stop_cfg = SamplingConfig(max_new_tokens=16, seed=2, engine=engine, stop=("<|end|>",))
-    stopped = make_engine(task.model, tok, stop_cfg).generate(ids, stop_cfg, 2)
+    free_cfg = SamplingOptions(max_new_tokens=16, engine=engine)
+    free = make_engine(task.model, tok, free_cfg).generate(ids, free_cfg, 2, 2)
+    stop_cfg = SamplingOptions(max_new_tokens=16, engine=engine, stop=("<|end|>",))
+    stopped = make_engine(task.model, tok, stop_cfg).generate(ids, stop_cfg, 2, 2)
     hits = 0
     for group_free, group_stop, texts, reasons in zip(free.ids, stopped.ids, stopped.texts, stopped.finish_reasons):
         for row_free, row_stop, text, reason in zip(group_free, group_stop, texts, reasons):
@@ -95,8 +97,8 @@ def test_a_stop_string_that_is_a_special_token_stops_generation(task, one_thread
 
 def test_top_k_one_is_greedy(task):
     questions = prompts(8)
-    greedy = sample(task.model, task.tokenizer, questions, SamplingConfig(max_new_tokens=8, temperature=0.0))
-    top1 = sample(task.model, task.tokenizer, questions, SamplingConfig(max_new_tokens=8, top_k=1, seed=3))
+    greedy = sample(task.model, task.tokenizer, questions, SamplingOptions(max_new_tokens=8, temperature=0.0))
+    top1 = sample(task.model, task.tokenizer, questions, SamplingOptions(max_new_tokens=8, top_k=1), seed=3)
     assert greedy == top1
 
 
@@ -109,7 +111,7 @@ def test_generate_cli_writes_jsonl_atomically(task, tmp_path):
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == questions and [r["id"] for r in rows] == list(range(6))
-    expected = sample(task.model, task.tokenizer, questions, SamplingConfig(max_new_tokens=8, seed=4), 2)
+    expected = sample(task.model, task.tokenizer, questions, SamplingOptions(max_new_tokens=8), 2, 4)
     assert [r["responses"] for r in rows] == expected  # the CLI samples what the Python API samples
     assert sorted(p.name for p in out.parent.iterdir()) == ["samples.jsonl"]  # no temporary file left
 
@@ -144,7 +146,7 @@ def test_vllm_backend_is_guarded(task):
 def test_magpie_elicits_prompts_from_the_pre_query_template(task):
     assert pre_query_template(task.tokenizer) == ("<|user|> ", "<|end|>")
     assert pre_query_template(task.tokenizer, system="be kind")[0] == "<|system|> be kind <|end|> <|user|> "
-    records = magpie_prompts(task.model, task.tokenizer, 40, SamplingConfig(max_new_tokens=12, seed=0))
+    records = magpie_prompts(task.model, task.tokenizer, 40, SamplingOptions(max_new_tokens=12))
     texts = [r["prompt"] for r in records]
     assert 20 <= len(texts) <= 40 and len(set(texts)) == len(texts)
     assert all("<|" not in t for t in texts)  # cut at the end-of-turn token, special tokens dropped
@@ -154,12 +156,12 @@ def test_magpie_elicits_prompts_from_the_pre_query_template(task):
 
 
 def test_magpie_responses_as_sft_and_pairs(task):
-    records = magpie_prompts(task.model, task.tokenizer, 12, SamplingConfig(max_new_tokens=12, seed=1))
-    sft = respond(task.model, task.tokenizer, records, "sft", SamplingConfig(max_new_tokens=8, temperature=0.0))
+    records = magpie_prompts(task.model, task.tokenizer, 12, SamplingOptions(max_new_tokens=12), MagpieOptions(seed=1))
+    sft = respond(task.model, task.tokenizer, records, "sft", SamplingOptions(max_new_tokens=8, temperature=0.0))
     assert sft and load_records(sft, shape="sft")
     assert all(r["prompt"][0]["role"] == "user" for r in sft)
-    pairs = respond(task.model, task.tokenizer, records, "pairs", SamplingConfig(max_new_tokens=8, seed=2),
-                    PairOptions(SENTIMENT, num_responses=4))
+    pairs = respond(task.model, task.tokenizer, records, "pairs", SamplingOptions(max_new_tokens=8),
+                    PairOptions(SENTIMENT, num_responses=4, seed=2))
     assert pairs and load_records(pairs, shape="pairs")
     assert all(p["chosen_reward"] > p["rejected_reward"] for p in pairs)
     with pytest.raises(AlignkitError, match="reward"):
@@ -174,7 +176,7 @@ def test_dedupe_and_rouge_l():
 
 def test_self_instruct_keeps_new_dissimilar_tasks(task):
     seeds = prompts(6, seed=21)
-    records = self_instruct_prompts(task.model, task.tokenizer, seeds, 5, SamplingConfig(max_new_tokens=8, seed=0),
+    records = self_instruct_prompts(task.model, task.tokenizer, seeds, 5, SamplingOptions(max_new_tokens=8),
                                     SelfInstructOptions(example_format="{task}", separator=" "))
     assert 1 <= len(records) <= 5
     texts = [r["prompt"] for r in records]
@@ -188,11 +190,11 @@ def test_self_instruct_keeps_new_dissimilar_tasks(task):
 def test_principle_driven_sft_and_contrast_pairs(task):
     questions = prompts(10, seed=31)
     sft = principle_driven(task.model, task.tokenizer, questions, Principles(["be positive"]),
-                           SamplingConfig(max_new_tokens=8))
+                           SamplingOptions(max_new_tokens=8))
     assert sft and load_records(sft, shape="sft")
     assert all("principle" not in json.dumps(r["prompt"]) for r in sft)  # stored without the principles
     pairs = principle_driven(task.model, task.tokenizer, questions, Principles(["be positive"], ["be negative"]),
-                             SamplingConfig(max_new_tokens=8), reward=SENTIMENT)
+                             SamplingOptions(max_new_tokens=8), reward=SENTIMENT)
     assert pairs and load_records(pairs, shape="pairs")
     assert all(SENTIMENT([p["prompt"]], [p["chosen"]])[0] > SENTIMENT([p["prompt"]], [p["rejected"]])[0] for p in pairs)
 

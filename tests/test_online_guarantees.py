@@ -22,9 +22,9 @@ import yaml
 from safetensors.torch import load_file
 
 from alignkit.cli import main
+from alignkit.config import SamplingOptions
 from alignkit.data.load import write_jsonl_atomic
 from alignkit.errors import AlignkitError, ConfigError
-from alignkit.generate.sample import SamplingConfig
 from alignkit.models.lora import is_peft
 from alignkit.online import OnlineInputs, online_config, run_online
 from alignkit.online import run as online_run
@@ -199,7 +199,7 @@ def test_lora_online_trains_adapters_against_the_base_as_reference(task, tmp_pat
     # the reference of a LoRA run is the policy with its adapters off: exactly the starting model's log-probs
     cfg = online_config(values("grpo", tmp_path, lora={"r": 4}))
     rollout = generate_rollout(start, task.tokenizer, prompts(4, seed=5), SENTIMENT,
-                               SamplingConfig(max_new_tokens=8, seed=1), RolloutShape(2, 64))
+                               SamplingOptions(max_new_tokens=8), RolloutShape(2, 64, seed=1))
     scorer = Scorer(policy, policy, Packing.from_config(cfg, task.tokenizer))
     ref_seq, _ = scorer.reference(None, rollout.examples)
     start_seq, _ = score_examples(start, rollout.examples, Packing(1024, 512, task.tokenizer.pad_token_id))

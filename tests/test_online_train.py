@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_model
 
 from alignkit.cli import main
+from alignkit.config import SamplingOptions
 from alignkit.data.load import write_jsonl_atomic
 from alignkit.data.synthetic import sentiment_reward
 from alignkit.errors import ConfigError
-from alignkit.generate.sample import SamplingConfig
 from alignkit.models.value_head import PolicyWithValueHead, ValueHead
 from alignkit.online import OnlineInputs, run_online
 from alignkit.online import online_config as load_online_config
@@ -150,7 +150,7 @@ def test_rollout_tokens_and_learner_bookkeeping(task):
     # the sample stopped on it, without where it was cut at max_new_tokens (the SFT answers are 7 words + EOS)
     for max_new_tokens, stopped in [(5, False), (12, True)]:
         rollout = generate_rollout(model, task.tokenizer, questions, SENTIMENT,
-                                   SamplingConfig(max_new_tokens=max_new_tokens, seed=3), RolloutShape(3, 64))
+                                   SamplingOptions(max_new_tokens=max_new_tokens), RolloutShape(3, 64, seed=3))
         assert rollout.rewards.shape == (8, 3) and rollout.finished.shape == (8, 3)
         assert bool(rollout.finished.all()) == stopped and bool(rollout.finished.any()) == stopped
         assert sum(len(ids) for e in rollout.examples for ids in e.response_ids) == rollout.generated_tokens
@@ -188,9 +188,9 @@ def test_rollout_tokens_and_learner_bookkeeping(task):
 
 def test_missing_eos_penalty_is_subtracted_from_samples_cut_short(task, one_thread):
     reward = FunctionReward(lambda p, r: float(len(r.split())))
-    args = (task.model, task.tokenizer, prompts(8, seed=5), reward, SamplingConfig(max_new_tokens=8, seed=1))
-    plain = generate_rollout(*args, RolloutShape(4))
-    penalised = generate_rollout(*args, RolloutShape(4, missing_eos_penalty=0.5))
+    args = (task.model, task.tokenizer, prompts(8, seed=5), reward, SamplingOptions(max_new_tokens=8))
+    plain = generate_rollout(*args, RolloutShape(4, seed=1))
+    penalised = generate_rollout(*args, RolloutShape(4, missing_eos_penalty=0.5, seed=1))
     assert plain.examples[0].response_ids == penalised.examples[0].response_ids  # the same samples
     assert plain.finished.any() and (~plain.finished).any()  # both kinds present
     torch.testing.assert_close(penalised.rewards, plain.rewards - 0.5 * (~plain.finished).float())

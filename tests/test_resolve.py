@@ -296,10 +296,10 @@ def test_smollm2_alias_converts_loads_and_generates(smollm2):
 def test_smollm2_packed_logps_and_fast_engine_equal_the_reference_paths(smollm2):
     """On the real default model (the session's one conversion): packed prefix-shared log-probs equal separate
     forward passes, and the fast engine's greedy tokens equal HF generate's."""
+    from alignkit.config import SamplingOptions
     from alignkit.data.pack import pack
     from alignkit.data.tokenize import TokenizedExample
     from alignkit.generate.engines import FastEngine, HFEngine, encode_prompts
-    from alignkit.generate.sample import SamplingConfig
     from alignkit.models.attention import set_attention
     from alignkit.models.logprobs import response_logprobs
 
@@ -319,6 +319,6 @@ def test_smollm2_packed_logps_and_fast_engine_equal_the_reference_paths(smollm2)
                 ids = torch.tensor([example.prompt_ids + response])
                 expected = sequence_logps(model, ids)[0, len(example.prompt_ids) - 1:].sum()
                 assert float(packed[b, i]) == pytest.approx(float(expected), abs=2e-4)
-    greedy = SamplingConfig(max_new_tokens=12, temperature=0.0, seed=0)
+    greedy = SamplingOptions(max_new_tokens=12, temperature=0.0)
     assert FastEngine(model, tokenizer).generate(prompt_ids, greedy).ids == \
         HFEngine(model, tokenizer).generate(prompt_ids, greedy).ids

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from alignkit.generate.sample import SamplingConfig
+from alignkit.config import SamplingOptions
 from alignkit.online import OnlineInputs, online_config, run_online
 from alignkit.online.rollout import RolloutShape, generate_rollout
 from alignkit.online.sampling import refill_prompts, tied_groups
@@ -77,7 +77,7 @@ def test_dynamic_sampling_honours_the_refill_cap(task, tmp_path):
 def test_overlong_shaping_enters_the_rollout_rewards(task, tmp_path):
     """reward + DAPO's penalty on the sampled token count: 0 up to 8 of 10 tokens, then -(n - 8) / 2."""
     rollout = generate_rollout(task.model, task.tokenizer, prompts(8, seed=5), FunctionReward(lambda p, r: 0.5),
-                               SamplingConfig(max_new_tokens=10, seed=1), RolloutShape(4, overlong=(10, 2, 1.0)))
+                               SamplingOptions(max_new_tokens=10), RolloutShape(4, overlong=(10, 2, 1.0), seed=1))
     lengths = torch.tensor([[len(ids) for ids in e.response_ids] for e in rollout.examples]).float()
     expected = 0.5 - torch.where(lengths <= 8, torch.zeros_like(lengths), (lengths - 8) / 2)
     torch.testing.assert_close(rollout.rewards, expected)

@@ -30,6 +30,13 @@ class Compute:
         self.reward_calls += rewards
 
 
+def sampling_record(sampling, seed: int) -> dict:
+    """The sampling keys and seed a result records in its options (stop as a tuple, as it always was)."""
+    return {"max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "top_k": sampling.top_k, "batch_size": sampling.batch_size, "seed": seed, "stop": sampling.stop_strings,
+            "engine": sampling.engine, "engine_precision": sampling.engine_precision}
+
+
 @dataclass
 class DecodeResult:
     method: str

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import bisect
 import json
-from dataclasses import asdict
 from typing import Any
 
 from pydantic import Field
 
-from alignkit.config import Strict
-from alignkit.decode.base import Compute, DecodeResult
+from alignkit.config import SamplingOptions, Strict
+from alignkit.decode.base import Compute, DecodeResult, sampling_record
 from alignkit.errors import AlignkitError
-from alignkit.generate.sample import SamplingConfig, sample_with_counts
+from alignkit.generate.sample import sample_with_counts
 from alignkit.rewards.base import Reward, WeightedSum, score_groups
 
 REFERENCE_SEED_OFFSET = 1_000_003  # reference samples use a seed stream apart from the candidates'
@@ -85,19 +84,20 @@ class CalibratedOptions(Strict):
     tie_weight: float = Field(0.5, ge=0, le=1, description="share of a tie counted as a win (0.5: the mid-rank)")
     calibrate_components: bool = Field(False, description="calibrate each part of a WeightedSum on its own")
     reference: Any = Field(None, exclude=True, description="the reference policy, loaded (default: the policy)")
+    seed: int = Field(0, description="of the candidates' sampling (the reference's: seed + REFERENCE_SEED_OFFSET)")
 
 
 def calibrated_best_of_n(model, tokenizer, prompts: list, reward: Reward, opts: CalibratedOptions,
-                         cfg: SamplingConfig) -> DecodeResult:
+                         sampling: SamplingOptions) -> DecodeResult:
     """Best of n by calibrated reward. Reference samples come from opts.reference (default: the policy itself)
     with a separate seed stream, and count in the compute. Returned rewards are the raw rewards; details hold
     each candidate's calibrated reward (for the chosen one: its win rate against a reference sample)."""
     n, num_reference, tie_weight = opts.num_samples, opts.num_reference, opts.tie_weight
     reference_model, calibrate_components = opts.reference, opts.calibrate_components
-    reference_cfg = SamplingConfig(**{**asdict(cfg), "seed": cfg.seed + REFERENCE_SEED_OFFSET})
-    reference = sample_with_counts(reference_model or model, tokenizer, prompts, reference_cfg, num_reference)
+    reference = sample_with_counts(reference_model or model, tokenizer, prompts, sampling, num_reference,
+                                   opts.seed + REFERENCE_SEED_OFFSET)
     calibrated = CalibratedReward(reward, prompts, reference.texts, tie_weight, calibrate_components)
-    candidates = sample_with_counts(model, tokenizer, prompts, cfg, n)
+    candidates = sample_with_counts(model, tokenizer, prompts, sampling, n, opts.seed)
     raw = score_groups(reward, prompts, candidates.texts)
     reward_parts = len(calibrated.parts)
     if reward_parts == 1:  # the raw rewards are all it needs: no second call of the reward
@@ -116,5 +116,5 @@ def calibrated_best_of_n(model, tokenizer, prompts: list, reward: Reward, opts: 
         details=[{"candidates": group, "candidate_rewards": r, "calibrated_rewards": c, "chosen_index": i,
                   "calibrated_reward": c[i]} for group, r, c, i in zip(candidates.texts, raw, cal, picks)],
         options={"n": n, "num_reference": num_reference, "tie_weight": tie_weight,
-                 "calibrate_components": calibrate_components, **asdict(cfg)},
+                 "calibrate_components": calibrate_components, **sampling_record(sampling, opts.seed)},
     )

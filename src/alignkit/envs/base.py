@@ -58,6 +58,7 @@ class Limits(BaseModel):
     tool_output_chars: int = Field(2000, ge=16)  # a longer tool result is cut (and says so)
     reward: Literal["final", "sum"] = "final"  # the trajectory's reward: the last turn's, or the sum over turns
     require_reward: bool = True  # a trajectory that ends with no reward is an error (False: the caller scores it)
+    seed: int = 0  # of the first turn's sampling; turn t samples with seed + SEED_STRIDE * t
 
 
 DEFAULT_LIMITS = Limits()

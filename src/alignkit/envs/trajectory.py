@@ -9,7 +9,6 @@ trajectory forks: a new segment starts from the rendered context, and the fork i
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from alignkit.data.template import render_chat
@@ -107,13 +106,11 @@ def run_trajectories(engine, tokenizer, environments: list, rows: list[dict], sa
         raise ValueError(f"{len(environments)} environments for {len(rows)} rows: give one environment per rollout")
     try:
         runs = [_start(env, row, _row_number(row, i), tokenizer) for i, (env, row) in enumerate(zip(environments, rows))]
-        end_ids = stop_token_ids(tokenizer, sampling.stop)
         for turn in range(limits.max_turns):
             live = [run for run in runs if not run.ended]
             if not live:
                 break
-            _take_turn(engine, tokenizer, live, dataclasses.replace(sampling, seed=sampling.seed + SEED_STRIDE * turn),
-                       limits, end_ids)
+            _take_turn(engine, tokenizer, live, sampling, limits, limits.seed + SEED_STRIDE * turn)
         for run in runs:
             _finish(run, limits)
         return [run.trajectory for run in runs]
@@ -142,8 +139,9 @@ def _start(env, row: dict, index: int, tokenizer) -> _Run:
     return _Run(env, index, trajectory, list(rendered), template_tools, text)
 
 
-def _take_turn(engine, tokenizer, live: list[_Run], sampling, limits: Limits, end_ids: list[int]) -> None:
+def _take_turn(engine, tokenizer, live: list[_Run], sampling, limits: Limits, seed: int) -> None:
     """Sample one assistant turn for every live trajectory, then let each environment answer it."""
+    end_ids = stop_token_ids(tokenizer, sampling.stop_strings)
     caps: dict[int, list[_Run]] = {}
     for run in live:
         room = limits.max_tokens - len(run.trajectory.segments[-1].ids)
@@ -153,7 +151,7 @@ def _take_turn(engine, tokenizer, live: list[_Run], sampling, limits: Limits, en
         caps.setdefault(min(sampling.max_new_tokens, room), []).append(run)
     for cap, group in caps.items():
         generation = engine.generate([run.trajectory.segments[-1].ids for run in group],
-                                     dataclasses.replace(sampling, max_new_tokens=cap), 1)
+                                     sampling.model_copy(update={"max_new_tokens": cap}), 1, seed)
         for i, run in enumerate(group):
             ids, logps = generation.ids[i][0], generation.logprobs[i][0]
             message = _add_reply(run, tokenizer, ids, logps, end_ids)

@@ -22,7 +22,7 @@ from alignkit.eval.kl import kl_summary, sequence_log_ratios
 from alignkit.eval.metrics import bootstrap_mean_ci, length_stats, win_rate
 from alignkit.eval.plots import plot_reward_histograms, plot_table
 from alignkit.eval.report import write_html_report
-from alignkit.generate.sample import SamplingConfig, sample
+from alignkit.generate.sample import sample
 from alignkit.rewards.spec import load_object, load_reward
 
 
@@ -176,7 +176,6 @@ def run_eval(config: str | Path | None = None, overrides: dict[str, Any] | None 
     from alignkit.models.resolve import load_model_and_tokenizer
 
     reward = load_reward(cfg.reward)
-    sampling = SamplingConfig.from_options(cfg.sampling, cfg.seed)
     policy = baseline = tokenizer = None
     if cfg.model:
         policy, tokenizer = load_model_and_tokenizer(cfg.model)
@@ -192,7 +191,7 @@ def run_eval(config: str | Path | None = None, overrides: dict[str, Any] | None 
         if not cfg.prompts:
             raise ConfigError("prompts", f"needed to sample {name}'s responses (or give {name}'s responses file)")
         prompts = [r["prompt"] for r in load_records(cfg.prompts, shape="prompts")][:cfg.max_prompts]
-        return prompts, [s[0] for s in sample(model, tokenizer, prompts, sampling)]
+        return prompts, [s[0] for s in sample(model, tokenizer, prompts, cfg.sampling, seed=cfg.seed)]
 
     prompts, responses_a = responses_of(policy, cfg.responses, "model")
     if responses_a is None:

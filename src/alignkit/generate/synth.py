@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
+from alignkit.config import SamplingOptions
 from alignkit.data.pairs import best_worst_pairs
 from alignkit.data.template import render_chat
 from alignkit.errors import AlignkitError
-from alignkit.generate.sample import SamplingConfig, sample
+from alignkit.generate.sample import sample
 from alignkit.rewards.base import Reward, score_groups
 
 QUERY_MARKER = "ALIGNKIT_USER_QUERY_MARKER"
@@ -58,15 +59,17 @@ class MagpieOptions:
     system: str | None = None  # a system turn before the elicited user turn
     early_stop: bool = True  # also stop at the first newline (the official default)
     min_words: int = 1  # shorter queries are dropped
+    seed: int = 0  # of the sampling
 
 
-def magpie_prompts(model, tokenizer, n: int, cfg: SamplingConfig | None = None,
+def magpie_prompts(model, tokenizer, n: int, cfg: SamplingOptions | None = None,
                    options: MagpieOptions = MagpieOptions()) -> list[dict]:
     """Up to n prompt records {prompt, source} elicited from the pre-query template (fewer after dedup)."""
-    cfg = cfg or SamplingConfig(max_new_tokens=64, temperature=1.0)
+    cfg = cfg or SamplingOptions(max_new_tokens=64, temperature=1.0)
     head, end_of_turn = pre_query_template(tokenizer, options.system)
     stop = tuple(s for s in (end_of_turn, "\n" if options.early_stop else "") if s)
-    queries = [s[0] for s in sample(model, tokenizer, [head] * n, replace(cfg, stop=tuple(cfg.stop) + stop))]
+    queries = [s[0] for s in sample(model, tokenizer, [head] * n,
+                                          cfg.model_copy(update={"stop": [*cfg.stop_strings, *stop]}), 1, options.seed)]
     queries = [q for q in dedupe(queries) if len(q.split()) >= options.min_words]
     return [{"prompt": q, "source": "magpie"} for q in queries]
 
@@ -83,23 +86,24 @@ class PairOptions:
     reward: Reward | None = None
     num_responses: int = 4
     min_gap: float = 0.0
+    seed: int = 0  # of the sampling
 
 
-def respond(model, tokenizer, prompt_records: list[dict], shape: str = "sft", cfg: SamplingConfig | None = None,
+def respond(model, tokenizer, prompt_records: list[dict], shape: str = "sft", cfg: SamplingOptions | None = None,
             pairs: PairOptions = PairOptions()) -> list[dict]:
     """Answer prompt records through the chat template. shape 'sft': one answer each (greedy by default, as Magpie
     does) -> {prompt (as a user turn), completion}; shape 'pairs': best vs worst of sampled responses (PairOptions)
     -> pair records."""
     prompts = [r["prompt"] if isinstance(r["prompt"], list) else chat_prompt(r["prompt"]) for r in prompt_records]
     if shape == "sft":
-        cfg = cfg or SamplingConfig(max_new_tokens=64, temperature=0.0)
-        answers = [s[0] for s in sample(model, tokenizer, prompts, cfg)]
+        cfg = cfg or SamplingOptions(max_new_tokens=64, temperature=0.0)
+        answers = [s[0] for s in sample(model, tokenizer, prompts, cfg, 1, pairs.seed)]
         return [{"prompt": p, "completion": a} for p, a in zip(prompts, answers) if a.strip()]
     if shape == "pairs":
         if pairs.reward is None:
             raise AlignkitError("pairs need a reward to order the responses")
-        cfg = cfg or SamplingConfig(max_new_tokens=64, temperature=1.0)
-        groups = sample(model, tokenizer, prompts, cfg, pairs.num_responses)
+        cfg = cfg or SamplingOptions(max_new_tokens=64, temperature=1.0)
+        groups = sample(model, tokenizer, prompts, cfg, pairs.num_responses, pairs.seed)
         return best_worst_pairs(prompts, groups, score_groups(pairs.reward, prompts, groups), pairs.min_gap)
     raise AlignkitError(f"shape '{shape}': use sft or pairs (or keep the prompt records as they are)")
 
@@ -126,15 +130,15 @@ class SelfInstructOptions:
     separator: str = "\n"
     min_words: int = 2
     max_rounds: int = 10
-    seed: int = 0  # draws the few-shot examples
+    seed: int = 0  # draws the few-shot examples and seeds the sampling
 
 
-def self_instruct_prompts(model, tokenizer, seed_tasks: list[str], n: int, cfg: SamplingConfig | None = None,
+def self_instruct_prompts(model, tokenizer, seed_tasks: list[str], n: int, cfg: SamplingOptions | None = None,
                           options: SelfInstructOptions = SelfInstructOptions()) -> list[dict]:
     """Up to n new task prompts {prompt, source}, each from a few-shot prompt of pool tasks (seed + made so far)."""
     if not seed_tasks:
         raise AlignkitError("self-instruct needs at least one seed task")
-    cfg = cfg or SamplingConfig(max_new_tokens=48, temperature=1.0)
+    cfg = cfg or SamplingOptions(max_new_tokens=48, temperature=1.0)
     rng = random.Random(options.seed)
     separator, example_format = options.separator, options.example_format
     lead = example_format.split("{task}")[0].rstrip()
@@ -144,8 +148,8 @@ def self_instruct_prompts(model, tokenizer, seed_tasks: list[str], n: int, cfg: 
             break
         shots = [rng.sample(pool, min(options.num_examples, len(pool))) for _ in range(n - len(made))]
         prompts = [separator.join(example_format.format(task=t) for t in s) + separator + lead for s in shots]
-        round_cfg = replace(cfg, seed=cfg.seed + 7919 * round_index, stop=tuple(cfg.stop) + (separator.strip() or "\n",))
-        for text in (s[0] for s in sample(model, tokenizer, prompts, round_cfg)):
+        round_cfg = cfg.model_copy(update={"stop": [*cfg.stop_strings, separator.strip() or "\n"]})
+        for text in (s[0] for s in sample(model, tokenizer, prompts, round_cfg, 1, options.seed + 7919 * round_index)):
             text = re.sub(r"\s+", " ", text).strip()
             if len(text.split()) < options.min_words or any(rouge_l(text, t) >= options.max_similarity for t in pool):
                 continue
@@ -158,19 +162,20 @@ def self_instruct_prompts(model, tokenizer, seed_tasks: list[str], n: int, cfg: 
 class Principles:
     rules: list[str]  # Self-Align's principles
     contrast: list[str] | None = None  # RLCD's contrasting principles: given, every prompt becomes a pair
+    seed: int = 0  # of the sampling (the contrasting answers: seed + 1)
 
 
-def principle_driven(model, tokenizer, prompts: list, principles: Principles, cfg: SamplingConfig | None = None,
+def principle_driven(model, tokenizer, prompts: list, principles: Principles, cfg: SamplingOptions | None = None,
                      reward=None) -> list[dict]:
     """sft records answered under the principles (stored without them); with contrast principles, pair records
     (principled answer chosen, contrasting answer rejected, or ordered by `reward` when given)."""
-    cfg = cfg or SamplingConfig(max_new_tokens=64, temperature=0.7)
+    cfg = cfg or SamplingOptions(max_new_tokens=64, temperature=0.7)
     queries = [p if isinstance(p, list) else chat_prompt(p) for p in prompts]
 
     def answer(rules: list[str], seed_offset: int) -> list[str]:
         system = "Follow these principles:\n" + "\n".join(f"{i + 1}. {r}" for i, r in enumerate(rules))
         framed = [[{"role": "system", "content": system}, *q] for q in queries]
-        return [s[0] for s in sample(model, tokenizer, framed, replace(cfg, seed=cfg.seed + seed_offset))]
+        return [s[0] for s in sample(model, tokenizer, framed, cfg, 1, principles.seed + seed_offset)]
 
     good = answer(principles.rules, 0)
     if not principles.contrast:

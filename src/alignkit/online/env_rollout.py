@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from alignkit.config import SamplingOptions
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.envs import EnvError, EnvironmentFactory, Limits, Trajectory, load_environment, run_trajectories
 from alignkit.errors import ConfigError
-from alignkit.generate.sample import SamplingConfig
 from alignkit.online.rollout import Rollout, RolloutShape
 
 
@@ -40,7 +40,7 @@ class EnvironmentSetup:
         return cls(load_environment(cfg.environment, limits), limits, reward)
 
 
-def environment_rollout(engine, tokenizer, records: list[dict], sampling: SamplingConfig, shape: RolloutShape,
+def environment_rollout(engine, tokenizer, records: list[dict], sampling: SamplingOptions, shape: RolloutShape,
                         setup: EnvironmentSetup) -> Rollout:
     """shape.num_samples conversations per record, each with its own environment instance."""
     k = shape.num_samples
@@ -48,7 +48,8 @@ def environment_rollout(engine, tokenizer, records: list[dict], sampling: Sampli
     rows = [record for record in records for _ in range(k)]
     numbers = [record.get("_row") or i // k + 1 for i, record in enumerate(rows)]
     envs = [setup.factory.make(row, number) for row, number in zip(rows, numbers)]
-    trajectories = run_trajectories(engine, tokenizer, envs, rows, sampling, setup.limits)
+    trajectories = run_trajectories(engine, tokenizer, envs, rows, sampling,
+                                    setup.limits.model_copy(update={"seed": shape.seed}))
     generated = time.perf_counter() - tic
     unanswered = next((i for i, t in enumerate(trajectories) if t.turns == 0), None)
     if unanswered is not None:

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from alignkit.config import SamplingOptions
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError
 from alignkit.generate.engines import as_engine, encode_prompts
-from alignkit.generate.sample import SamplingConfig
 from alignkit.rewards.shaping import soft_overlong_penalty
 
 
@@ -78,9 +78,10 @@ class RolloutShape:
     max_length: int = 1024
     missing_eos_penalty: float | None = None
     overlong: tuple[int, int, float] | None = None
+    seed: int = 0  # of this rollout's sampling
 
 
-def generate_rollout(generator, tokenizer, prompts: list, reward, sampling: SamplingConfig,
+def generate_rollout(generator, tokenizer, prompts: list, reward, sampling: SamplingOptions,
                      shape: RolloutShape) -> Rollout:
     """Sample shape.num_samples responses per prompt with `generator` (an engine, or the policy for the hf engine),
     score them with `reward` (reward(prompts, responses) -> floats) and keep their token ids."""
@@ -91,7 +92,7 @@ def generate_rollout(generator, tokenizer, prompts: list, reward, sampling: Samp
     if too_long is not None:
         raise ConfigError("max_length", f"prompt {too_long + 1} of the round has {len(prompt_ids[too_long])} tokens, "
                                         f"leaving no room for a response within max_length {max_length}")
-    generation = as_engine(generator, tokenizer, sampling).generate(prompt_ids, sampling, num_samples)
+    generation = as_engine(generator, tokenizer, sampling).generate(prompt_ids, sampling, num_samples, shape.seed)
     generated = time.perf_counter() - tic
     examples, engine_logps, finished = [], [], []
     for ids, samples, logps, reasons in zip(prompt_ids, generation.ids, generation.logprobs,

@@ -23,7 +23,6 @@ from safetensors.torch import load_model, save_model
 
 from alignkit.errors import ConfigError
 from alignkit.generate.engines import make_engine, sleep_engine
-from alignkit.generate.sample import SamplingConfig
 from alignkit.models.inference import frozen_copy
 from alignkit.models.value_head import PolicyWithValueHead
 from alignkit.online import sampling
@@ -171,8 +170,7 @@ class OnlineRun:
         self.trained = PolicyWithValueHead(self.policy) if self.method.value_head else self.policy
         groups = self.trained.parameter_groups(cfg.value_learning_rate) if self.method.value_head else None
         self.run.resume(cfg.rounds * cfg.updates_per_round, self.trained, groups)
-        self.eval_sampling = SamplingConfig.from_options(cfg.sampling, cfg.seed + 999_983)
-        self.engine = make_engine(self.policy, tokenizer, self.eval_sampling)  # given new weights every round
+        self.engine = make_engine(self.policy, tokenizer, cfg.sampling)  # given new weights every round
         self.moments = RunningMoments()  # PPO's reward normalisation (a checkpoint's, on resume)
         self.before = self._restore()
         self.run.open_log(cfg.rounds, "rollouts.jsonl")
@@ -196,9 +194,9 @@ class OnlineRun:
         """The held-out reward (the engine samples with the policy's weights); final: with the KL to the start."""
         cfg = self.cfg
         # The starting evaluation has always cut samples at 1024 tokens, not max_length: kept, so summaries compare.
-        shape = RolloutShape(cfg.eval_samples, cfg.max_length if final else 1024)
+        shape = RolloutShape(cfg.eval_samples, cfg.max_length if final else 1024, seed=cfg.seed + 999_983)
         result, rollout = sampling.evaluate_policy(self.engine, self.tokenizer, self.eval_prompts,
-                                                   self.environments or self.reward, self.eval_sampling, shape)
+                                                   self.environments or self.reward, cfg.sampling, shape)
         if final:
             result.update(sample_kl(self.policy, self.initial, rollout, self.packing))
         return result

@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from alignkit.generate.sample import SamplingConfig
+from alignkit.config import SamplingOptions
 from alignkit.online.env_rollout import EnvironmentSetup, environment_rollout
 from alignkit.online.rollout import Rollout, RolloutShape, generate_rollout, join_rollouts, select_groups
 from alignkit.train.distributed import gather_objects
@@ -76,15 +76,15 @@ def sharded_rollout(online, prompts: list, round_index: int, refill: int = 0) ->
     cfg, ctx = online.cfg, online.run.ctx
     share = len(prompts) // ctx.world_size
     first = ctx.rank * share
-    sampling = SamplingConfig.from_options(cfg.sampling, cfg.seed + 10_007 * (round_index + 1) + 7_919 * refill + first)
+    seed = cfg.seed + 10_007 * (round_index + 1) + 7_919 * refill + first
     reward = online.judge_for(online.policy) if online.judge_for is not None else online.reward
     overlong = (cfg.sampling.max_new_tokens, cfg.overlong_cache, cfg.overlong_penalty) if cfg.overlong_cache else None
-    shape = RolloutShape(cfg.num_samples, cfg.max_length, cfg.missing_eos_penalty, overlong)
+    shape = RolloutShape(cfg.num_samples, cfg.max_length, cfg.missing_eos_penalty, overlong, seed)
     if online.environments is not None:  # multi-turn: the prompts are records, each talked through k times
-        local = environment_rollout(online.engine, online.tokenizer, prompts[first:first + share], sampling, shape,
+        local = environment_rollout(online.engine, online.tokenizer, prompts[first:first + share], cfg.sampling, shape,
                                     online.environments)
     else:
-        local = generate_rollout(online.engine, online.tokenizer, prompts[first:first + share], reward, sampling,
+        local = generate_rollout(online.engine, online.tokenizer, prompts[first:first + share], reward, cfg.sampling,
                                  shape)
     return join_rollouts(gather_objects(local, ctx)) if ctx.enabled else local
 
@@ -94,7 +94,7 @@ def mean_reward(rollout: Rollout) -> float:
     return float(rewards.mean()) if len(rewards) else float("nan")
 
 
-def evaluate_policy(model, tokenizer, prompts: list, reward, sampling: SamplingConfig,
+def evaluate_policy(model, tokenizer, prompts: list, reward, sampling: SamplingOptions,
                     shape: RolloutShape) -> tuple[dict, Rollout]:
     """Mean reward of shape.num_samples samples per prompt (model: the policy, or an engine holding its weights;
     reward: a Reward, or the run's EnvironmentSetup, the prompts then being records talked through), and the

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.generate.sample import SamplingConfig, sample
+from alignkit.config import SamplingOptions
+from alignkit.generate.sample import sample
 from alignkit.rewards.base import Reward
 
 # The additive 5-point prompt as several reimplementations give it (lucidrains/self-rewarding-lm-pytorch, Oxen-AI);
@@ -61,8 +62,9 @@ class LLMJudge(Reward):
     model: object = None
     tokenizer: object = None
     template: str = JUDGE_TEMPLATE
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=128, temperature=0.7,
-                                                                            top_p=0.9))
+    sampling: SamplingOptions = field(default_factory=lambda: SamplingOptions(max_new_tokens=128, temperature=0.7,
+                                                                              top_p=0.9))
+    seed: int = 0
     num_judgements: int = 3
     name: str = "llm_judge"
 
@@ -70,7 +72,8 @@ class LLMJudge(Reward):
         texts = [self.template.format(prompt=_prompt_text(p), response=r) for p, r in zip(prompts, responses)]
         # A chat model reads the judge prompt as a user turn; a plain LM reads it verbatim.
         judge_prompts = [[{"role": "user", "content": t}] for t in texts] if self.tokenizer.chat_template else texts
-        judgements = sample(self.model, self.tokenizer, judge_prompts, self.sampling, self.num_judgements)
+        judgements = sample(self.model, self.tokenizer, judge_prompts, self.sampling, self.num_judgements,
+                            self.seed)
         scores = []
         for group in judgements:
             parsed = [s for s in map(parse_score, group) if s is not None]
@@ -132,6 +135,7 @@ def judge_factory(cfg, tokenizer, judge=None):
 
         fixed = load_reward(cfg.judge, key="judge")
         return lambda model: fixed
-    sampling = SamplingConfig(max_new_tokens=cfg.judge_max_new_tokens, temperature=0.7, top_p=0.9,
-                              batch_size=cfg.sampling.batch_size, seed=cfg.seed)
-    return lambda model: LLMJudge(model=model, tokenizer=tokenizer, sampling=sampling, num_judgements=cfg.judge_samples)
+    sampling = SamplingOptions(max_new_tokens=cfg.judge_max_new_tokens, temperature=0.7, top_p=0.9,
+                               batch_size=cfg.sampling.batch_size)
+    return lambda model: LLMJudge(model=model, tokenizer=tokenizer, sampling=sampling, seed=cfg.seed,
+                                  num_judgements=cfg.judge_samples)

@@ -22,7 +22,7 @@ from alignkit.data.pairs import best_worst_pairs
 from alignkit.eval.metrics import bootstrap_mean_ci, distinct_n, mean_words, win_rate
 from alignkit.eval.plots import plot_curves
 from alignkit.eval.report import rich_table, write_html_report
-from alignkit.generate.sample import SamplingConfig, sample
+from alignkit.generate.sample import sample
 from alignkit.losses import loss_option_names
 from alignkit.recipes.stages import Stages, with_recipe_defaults
 from alignkit.rewards.base import score_groups
@@ -94,18 +94,18 @@ def run_align(config: str | Path | None = None, overrides: dict[str, Any] | None
     eval_prompts = prompts[:cfg.num_eval_prompts]
     train_prompts = prompts[cfg.num_eval_prompts:cfg.num_eval_prompts + cfg.num_train_prompts]
     reward = default_reward()
-    sampling = SamplingConfig.from_options(cfg.sampling, cfg.seed)
+    sampling = cfg.sampling
 
-    before = stages.run("answer held-out prompts (original)", lambda: [s[0] for s in sample(model, tokenizer, eval_prompts, sampling)])
+    before = stages.run("answer held-out prompts (original)", lambda: [s[0] for s in sample(model, tokenizer, eval_prompts, sampling, seed=cfg.seed)])
     samples = stages.run(f"sample {cfg.samples_per_prompt} answers x {len(train_prompts)} prompts",
-                    lambda: sample(model, tokenizer, train_prompts, sampling, num_samples=cfg.samples_per_prompt))
+                    lambda: sample(model, tokenizer, train_prompts, sampling, cfg.samples_per_prompt, cfg.seed))
     pairs, _ = build_pairs(train_prompts, samples, reward, cfg.min_reward_gap)
     write_jsonl_atomic(out / "pairs.jsonl", pairs)
     console.print(f"{len(pairs)} preference pairs (best vs worst of {cfg.samples_per_prompt})")
     train_cfg = cfg.train.model_copy(update={"model": cfg.model, "seed": cfg.seed, "train_data": str(out / "pairs.jsonl"),
                                              "output_dir": str(out / "dpo")})
     stages.run("DPO", lambda: train(train_cfg, model, tokenizer))
-    after = stages.run("answer held-out prompts (aligned)", lambda: [s[0] for s in sample(model, tokenizer, eval_prompts, sampling)])
+    after = stages.run("answer held-out prompts (aligned)", lambda: [s[0] for s in sample(model, tokenizer, eval_prompts, sampling, seed=cfg.seed)])
     summary = evaluate_before_after(eval_prompts, before, after, reward)
     summary["pairs"] = len(pairs)
     summary["timings_s"] = stages.seconds

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, model_validator
 from alignkit.config import SamplingOptions, Strict, load_command_config, make_config, render_help
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.errors import ConfigError
-from alignkit.generate.sample import SamplingConfig, sample
+from alignkit.generate.sample import sample
 
 log = logging.getLogger("alignkit.decode")
 
@@ -27,9 +27,6 @@ class _Sampled(Strict):
     sampling: SamplingOptions = Field(default_factory=SamplingOptions, description="how responses are sampled")
     seed: int = 0
     output_dir: str = Field(description="where the command writes (see the command's own line)")
-
-    def sampling_config(self) -> SamplingConfig:
-        return SamplingConfig.from_options(self.sampling, self.seed)
 
 
 class GenerateConfig(_Sampled):
@@ -114,7 +111,7 @@ def run_generate(config=None, overrides: dict[str, Any] | None = None) -> Path:
 
     # vLLM only when named (engine auto: the fast engine where it runs, else HF generate, as in every command)
     model, tokenizer = load_generator(cfg.model, "vllm" if cfg.sampling.engine == "vllm" else "hf")
-    samples = sample(model, tokenizer, [r["prompt"] for r in records], cfg.sampling_config(), cfg.num_samples)
+    samples = sample(model, tokenizer, [r["prompt"] for r in records], cfg.sampling, cfg.num_samples, cfg.seed)
     rows = [{**_carry(r), "responses": s, **({"completion": s[0]} if cfg.num_samples == 1 else {})}
             for r, s in zip(records, samples)]
     out = Path(cfg.output_dir) / "samples.jsonl"
@@ -138,7 +135,7 @@ def run_decode(config=None, overrides: dict[str, Any] | None = None) -> dict:
         from alignkit.decode.bon import plain_sampling
 
         summary["efficiency"] = efficiency(result, plain_sampling(model, tokenizer, prompts, reward,
-                                                                  cfg.sampling_config()))
+                                                                  cfg.sampling, cfg.seed))
     out_dir = Path(cfg.output_dir)
     out = out_dir / ("pairs.jsonl" if cfg.method == "bonbon" else "decoded.jsonl")
     if cfg.method == "bonbon":
@@ -176,8 +173,9 @@ def _load_model(path: str):
 def _bon(cfg: DecodeConfig, opts, model, tokenizer, prompts: list, reward):
     from alignkit.decode.bon import best_of_n
 
-    n = 1 if cfg.method == "sample" else opts.num_samples
-    return best_of_n(model, tokenizer, prompts, reward, n, cfg.sampling_config()), {}
+    if cfg.method == "sample":
+        opts = opts.model_copy(update={"num_samples": 1})
+    return best_of_n(model, tokenizer, prompts, reward, opts, cfg.sampling), {}
 
 
 def _calibrated(cfg: DecodeConfig, opts, model, tokenizer, prompts: list, reward):
@@ -185,13 +183,13 @@ def _calibrated(cfg: DecodeConfig, opts, model, tokenizer, prompts: list, reward
 
     if cfg.reference_model:
         opts = opts.model_copy(update={"reference": _load_model(cfg.reference_model)})
-    return calibrated_best_of_n(model, tokenizer, prompts, reward, opts, cfg.sampling_config()), {}
+    return calibrated_best_of_n(model, tokenizer, prompts, reward, opts, cfg.sampling), {}
 
 
 def _bonbon(cfg: DecodeConfig, opts, model, tokenizer, prompts: list, reward):
     from alignkit.decode.bonbon import bonbon_pairs, recommended_options
 
-    pairs, result = bonbon_pairs(model, tokenizer, prompts, reward, opts, cfg.sampling_config())
+    pairs, result = bonbon_pairs(model, tokenizer, prompts, reward, opts, cfg.sampling)
     return result, {"pairs": pairs, "pair_count": len(pairs),
                     "train_with": {"loss": "bonbon", "loss_options": recommended_options(opts.num_samples)}}
 
@@ -258,22 +256,22 @@ def run_synth(config=None, overrides: dict[str, Any] | None = None) -> Path:
     seeds = [r["prompt"] for r in _prompt_records(cfg.seeds)] if cfg.seeds else None
     questions = [r["prompt"] for r in _prompt_records(cfg.prompts)] if cfg.prompts else None
     model, tokenizer = load_model_and_tokenizer(cfg.model)
-    sampling = cfg.sampling_config()
+    sampling = cfg.sampling
     if cfg.method == "principles":
         if not questions or not cfg.principles:
             raise ConfigError("principles", "method principles needs --prompts FILE and --principles '[...]'")
-        principles = synth.Principles(cfg.principles, cfg.contrast_principles or None)
+        principles = synth.Principles(cfg.principles, cfg.contrast_principles or None, cfg.seed)
         records = synth.principle_driven(model, tokenizer, questions, principles, sampling, reward)
     else:
         if cfg.method == "magpie":
-            records = synth.magpie_prompts(model, tokenizer, cfg.num_prompts, sampling, synth.MagpieOptions(system=cfg.system))
+            records = synth.magpie_prompts(model, tokenizer, cfg.num_prompts, sampling, synth.MagpieOptions(system=cfg.system, seed=cfg.seed))
         else:
             if not seeds:
                 raise ConfigError("seeds", "method self-instruct needs --seeds FILE (prompts JSONL of seed tasks)")
             options = synth.SelfInstructOptions(seed=cfg.seed)
             records = synth.self_instruct_prompts(model, tokenizer, seeds, cfg.num_prompts, sampling, options)
         if cfg.shape != "prompts":
-            pairs = synth.PairOptions(reward, cfg.num_responses)
+            pairs = synth.PairOptions(reward, cfg.num_responses, seed=cfg.seed)
             records = synth.respond(model, tokenizer, records, cfg.shape, None, pairs)
     out = Path(cfg.output_dir) / "data.jsonl"
     write_jsonl_atomic(out, records)

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from alignkit.config import TrainConfig
+from alignkit.config import SamplingOptions, TrainConfig
 from alignkit.data.load import write_jsonl_atomic
 from alignkit.data.synthetic import (
     VOCABULARY,
@@ -22,7 +22,7 @@ from alignkit.data.synthetic import (
     sft_records,
 )
 from alignkit.eval.plots import plot_curves
-from alignkit.generate.sample import SamplingConfig, sample
+from alignkit.generate.sample import sample
 from alignkit.models.tiny import build_tiny_model, build_tiny_reward_model, build_word_tokenizer
 from alignkit.rewards.model import RewardModelScorer, pair_accuracy
 from alignkit.train.logging import read_metrics
@@ -42,8 +42,8 @@ class QuickstartSize:
 
 
 def mean_sample_reward(model, tokenizer, prompts: list[str], seed: int) -> tuple[float, list[str]]:
-    completions = sample(model, tokenizer, prompts, SamplingConfig(max_new_tokens=12, temperature=1.0, batch_size=64,
-                                                                   seed=seed))
+    sampling = SamplingOptions(max_new_tokens=12, temperature=1.0, batch_size=64)
+    completions = sample(model, tokenizer, prompts, sampling, seed=seed)
     texts = [c[0] for c in completions]
     return sum(sentiment_reward(t) for t in texts) / len(texts), texts
 

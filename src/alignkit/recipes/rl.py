@@ -27,7 +27,7 @@ from alignkit.eval.kl import example_log_ratios, kl_packing, kl_summary
 from alignkit.eval.metrics import bootstrap_mean_ci, distinct_n, mean_words
 from alignkit.eval.plots import plot_curves
 from alignkit.eval.report import rich_table, write_html_report
-from alignkit.generate.sample import SamplingConfig, sample_with_counts
+from alignkit.generate.sample import sample_with_counts
 from alignkit.losses import loss_option_names
 from alignkit.online.config import OnlineConfig, loss_name_of
 from alignkit.online.run import OnlineInputs, run_online
@@ -101,11 +101,11 @@ def _option_names(values: dict) -> set[str]:
     return loss_option_names(loss_name_of(method, online.get("loss"), online.get("consistency", "none")))
 
 
-def answer(model, tokenizer, prompts: list, sampling: SamplingConfig, num_samples: int):
+def answer(model, tokenizer, prompts: list, sampling: SamplingOptions, num_samples: int, seed: int):
     """num_samples answers per prompt: (texts [prompt][sample], token-exact examples for the KL)."""
     from alignkit.generate.engines import encode_prompts
 
-    out = sample_with_counts(model, tokenizer, prompts, sampling, num_samples)
+    out = sample_with_counts(model, tokenizer, prompts, sampling, num_samples, seed)
     generation = out.extra["generation"]
     examples = [TokenizedExample(list(p), [list(ids)]) for p, group in zip(encode_prompts(tokenizer, prompts),
                                                                            generation.ids) for ids in group]
@@ -115,9 +115,9 @@ def answer(model, tokenizer, prompts: list, sampling: SamplingConfig, num_sample
 def kl_to_start(trained, initial, tokenizer, prompts: list, cfg: RLConfig) -> dict:
     """KL(trained || original) estimated on kl_answers answers the trained model samples at temperature 1 (the
     held-out answers are tempered, so their log-ratio is no KL), scored token-exactly at the run's precision."""
-    sampling = SamplingConfig.from_options(cfg.eval_sampling.model_copy(update={"temperature": 1.0}), cfg.seed + 23)
+    sampling = cfg.eval_sampling.model_copy(update={"temperature": 1.0})
     chosen = [prompts[i % len(prompts)] for i in range(cfg.kl_answers)]
-    _, examples = answer(trained, tokenizer, chosen, sampling, 1)
+    _, examples = answer(trained, tokenizer, chosen, sampling, 1, cfg.seed + 23)
     return kl_summary(example_log_ratios(trained, initial, examples,
                                          kl_packing(pad_token_id(tokenizer), cfg.online.precision)))
 
@@ -168,10 +168,10 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
 
     model, tokenizer = stages.run("load model", lambda: load_model_and_tokenizer(cfg.model))
     eval_prompts = [r["prompt"] for r in eval_records]
-    eval_sampling = SamplingConfig.from_options(cfg.eval_sampling, cfg.seed + 17)
+    eval_sampling, eval_seed = cfg.eval_sampling, cfg.seed + 17
     initial = copy.deepcopy(model).eval()
     before_texts, _ = stages.run("answer held-out prompts (original)",
-                                 lambda: answer(model, tokenizer, eval_prompts, eval_sampling, cfg.eval_samples))
+                                 lambda: answer(model, tokenizer, eval_prompts, eval_sampling, cfg.eval_samples, eval_seed))
     online = cfg.online.model_copy(update={"model": cfg.model, "seed": cfg.seed, "output_dir": str(out / "online")})
     result = stages.run(f"{online.method}: {online.rounds} rounds x {online.prompts_per_round} prompts x "
                         f"{online.num_samples} samples",
@@ -179,7 +179,7 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
                                            OnlineInputs([r["prompt"] for r in train_records], eval_prompts, reward)))
     trained = result.model.eval()
     after_texts, _ = stages.run("answer held-out prompts (trained)",
-                                lambda: answer(trained, tokenizer, eval_prompts, eval_sampling, cfg.eval_samples))
+                                lambda: answer(trained, tokenizer, eval_prompts, eval_sampling, cfg.eval_samples, eval_seed))
     kl = stages.run("KL to the start", lambda: kl_to_start(trained, initial, tokenizer, eval_prompts, cfg))
     summary = compare(compliance(eval_records, before_texts), compliance(eval_records, after_texts))
     summary.update(kl_to_start=kl["kl"], kl_to_start_sem=kl["kl_sem"], method=online.method, rounds=online.rounds,

@@ -41,7 +41,8 @@ class Generation:
 
 
 class Engine(Protocol):
-    def generate(self, prompt_ids: list[list[int]], sampling, num_samples: int = 1) -> Generation: ...
+    def generate(self, prompt_ids: list[list[int]], sampling, num_samples: int = 1,
+                 seed: int = 0) -> Generation: ...
 
     def update_weights(self, model) -> None:
         """Called after every optimizer step with the trained policy."""

@@ -183,20 +183,21 @@ class FastEngine:
         return tokens, logps.gather(1, tokens[:, None])[:, 0]
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], sampling, num_samples: int = 1) -> Generation:
+    def generate(self, prompt_ids: list[list[int]], sampling, num_samples: int = 1,
+                 seed: int = 0) -> Generation:
         """num_samples samples per prompt, in chunks of sampling.batch_size prompts, each chunk seeded by
-        sampling.seed + its first prompt's index (so the same prompts give the same samples)."""
+        seed + its first prompt's index (so the same prompts give the same samples)."""
         if self.layers is None:
             raise RuntimeError("the fast engine is asleep (its weights were dropped for the learner): call "
                                "update_weights(model) before generate")
         tokenizer = self.tokenizer
-        end_ids = stop_token_ids(tokenizer, sampling.stop)
+        end_ids = stop_token_ids(tokenizer, sampling.stop_strings)
         out = Generation(list(prompt_ids), [], [], [], [], [])
         for start in range(0, len(prompt_ids), sampling.batch_size):
             chunk = prompt_ids[start:start + sampling.batch_size]
             rows, row_logps = self._generate_chunk(chunk, sampling, num_samples, end_ids,
-                                                   torch.Generator(self.device).manual_seed(sampling.seed + start))
-            out.add_rows(tokenizer, rows, row_logps, num_samples, end_ids, sampling.stop)
+                                                   torch.Generator(self.device).manual_seed(seed + start))
+            out.add_rows(tokenizer, rows, row_logps, num_samples, end_ids, sampling.stop_strings)
         return out
 
     def _generate_chunk(self, chunk, sampling, k, end_ids, generator):

@@ -49,12 +49,13 @@ class HFEngine:
         self.model = model  # the same module: nothing to copy
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], sampling, num_samples: int = 1) -> Generation:
+    def generate(self, prompt_ids: list[list[int]], sampling, num_samples: int = 1,
+                 seed: int = 0) -> Generation:
         """num_samples samples per prompt; each generate call of sampling.batch_size prompts is seeded by
-        sampling.seed + its first prompt's index, so the same prompts give the same samples; the global RNG is left
+        seed + its first prompt's index, so the same prompts give the same samples; the global RNG is left
         as it was."""
         model, tokenizer = self.model, self.tokenizer
-        end_ids = stop_token_ids(tokenizer, sampling.stop)
+        end_ids = stop_token_ids(tokenizer, sampling.stop_strings)
         device = next(model.parameters()).device
         do_sample = sampling.temperature > 0
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (end_ids or [0])[0]
@@ -70,7 +71,7 @@ class HFEngine:
                     warpers += [TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []
                     warpers += [TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1 else []
                     processors = [*warpers, recorder]
-                torch.manual_seed(sampling.seed + start)
+                torch.manual_seed(seed + start)
                 generated = model.generate(
                     input_ids=input_ids, attention_mask=mask, do_sample=do_sample,
                     max_new_tokens=sampling.max_new_tokens, num_return_sequences=num_samples,
@@ -78,5 +79,5 @@ class HFEngine:
                     logits_processor=LogitsProcessorList(processors), pad_token_id=pad_id, eos_token_id=end_ids or None)
                 new = generated[:, input_ids.shape[1]:]
                 logps = recorder.finish(new[:, -1]) if new.shape[1] else torch.zeros(len(new), 0)
-                out.add_rows(tokenizer, new.tolist(), logps.tolist(), num_samples, end_ids, sampling.stop)
+                out.add_rows(tokenizer, new.tolist(), logps.tolist(), num_samples, end_ids, sampling.stop_strings)
         return out

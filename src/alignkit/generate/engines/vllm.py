@@ -73,7 +73,8 @@ class VLLMEngine:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
 
-    def generate(self, prompt_ids: list[list[int]], sampling, num_samples: int = 1) -> Generation:
+    def generate(self, prompt_ids: list[list[int]], sampling, num_samples: int = 1,
+                 seed: int = 0) -> Generation:
         if self.asleep:
             raise RuntimeError("the vllm engine is asleep (its weights were discarded for the learner): call "
                                "update_weights(model) before generate")
@@ -81,10 +82,10 @@ class VLLMEngine:
         params = self.params(n=num_samples, temperature=0.0 if greedy else sampling.temperature,
                              top_p=1.0 if greedy else sampling.top_p,
                              top_k=sampling.top_k if sampling.top_k > 0 and not greedy else -1,
-                             max_tokens=sampling.max_new_tokens, seed=sampling.seed, logprobs=0,
+                             max_tokens=sampling.max_new_tokens, seed=seed, logprobs=0,
                              skip_special_tokens=True)
         results = self.llm.generate([{"prompt_token_ids": list(ids)} for ids in prompt_ids], params, use_tqdm=False)
-        end_ids = stop_token_ids(self.tokenizer, sampling.stop)
+        end_ids = stop_token_ids(self.tokenizer, sampling.stop_strings)
         out = Generation(list(prompt_ids), [], [], [], [], [])
         for result in results:
             for field in (out.ids, out.logprobs, out.finish_reasons, out.texts, out.generated):
@@ -92,7 +93,7 @@ class VLLMEngine:
             for sample in result.outputs:
                 row = list(sample.token_ids)
                 logps = [step[token].logprob for step, token in zip(sample.logprobs, row)]
-                ids, text, stopped = cut_at_stop(self.tokenizer, row, end_ids, sampling.stop)
+                ids, text, stopped = cut_at_stop(self.tokenizer, row, end_ids, sampling.stop_strings)
                 out.ids[-1].append(ids)
                 out.logprobs[-1].append(logps[:len(ids)])
                 out.finish_reasons[-1].append("stop" if stopped or sample.finish_reason == "stop" else "length")
