@@ -1,16 +1,19 @@
 """`alignkit rl`'s plumbing on the tiny model: it trains through `alignkit online`, answers the shipped held-out
-prompts before and after, and writes a summary whose compliance figures recompute from the answers it saved, the
-report with its curves and per-type chart, and refuses malformed constraints before it trains."""
+prompts before and after, and writes a summary whose compliance figures and flagged shares recompute from the
+answers it saved, with a fluency NLL, the report with its curves, per-type chart and flag tables, and refuses
+malformed constraints before it trains."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from alignkit.errors import DataError
-from alignkit.recipes.rl import run_rl
+from alignkit.recipes.rl import answer_flags, degeneracy, flagged_examples, run_rl
 from alignkit.rewards.verifiable.constraints import check_all
+from alignkit.rewards.verifiable.degenerate import FLAGS, flagged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,8 +38,44 @@ def test_rl_recipe_writes_a_summary_that_recomputes_from_its_answers(task, tmp_p
     assert summary["kl_to_start"] == summary["kl_to_start"] and summary["samples"] == 2 * 4 * 2
     html = (tmp_path / "report.html").read_text()
     assert "Per constraint type" in html and html.count("<img") == 2
+    assert "Degeneracy flags" in html and "Flagged answers" in html and "fluency" in html
     rounds = [json.loads(line) for line in (tmp_path / "online" / "metrics.jsonl").read_text().splitlines()]
     assert len(rounds) == 2 and all("entropy" in r for r in rounds)
+    check_flags_and_fluency(summary, answers)
+
+
+def check_flags_and_fluency(summary: dict, answers: list[dict]) -> None:
+    """Flagged shares recompute from the per-answer flags answers.jsonl holds; the fluency NLLs are positive."""
+    assert list(summary["flagged"]) == [*FLAGS, "any"]
+    for i, side in enumerate(("original", "trained")):
+        hits = [flagged(t, a["constraints"], a["prompt"]) for a in answers for t in a[side]]
+        assert hits == [f for a in answers for f in a[f"{side}_flags"]]
+        assert summary["flagged"]["any"][i] == pytest.approx(sum(map(bool, hits)) / len(hits))
+        for name in FLAGS:
+            assert 0 <= summary["flagged"][name][i] <= summary["flagged"]["any"][i] <= 1
+    change = summary["flagged_any_change"]
+    assert change[0] == pytest.approx(summary["flagged"]["any"][1] - summary["flagged"]["any"][0])
+    assert change[1] <= change[0] <= change[2]
+    for key in ("fluency_nll_before", "fluency_nll_after"):
+        assert math.isfinite(summary[key]) and summary[key] > 0
+
+
+def test_flagged_shares_and_examples_on_hand_written_answers():
+    records = [{"prompt": [{"role": "user", "content": 'Tell me about the post office. Include the word "window".'}],
+                "constraints": [{"type": "include", "words": ["window"]}]},
+               {"prompt": [{"role": "user", "content": "Describe markets. Include at least 2 placeholders in square "
+                                                       "brackets, like [name]."}],
+                "constraints": [{"type": "placeholders", "n": 2}]}]
+    before = [["The post office sells stamps and has a window for parcels."], ["Markets sell fruit at [stall] on [day]."]]
+    after = [["window window window window window window"], ["In [name], [name] markets [name] are [name]."]]
+    flags = answer_flags(records, before), answer_flags(records, after)
+    assert flags[0] == [[[]], [[]]] and "keyword_stuffing" in flags[1][0][0] and "copied_example" in flags[1][1][0]
+    summary = degeneracy(*flags)
+    assert summary["flagged"]["any"] == [0.0, 1.0] and summary["flagged"]["empty_items"] == [0.0, 0.0]
+    assert summary["flagged_any_change"][0] == 1.0
+    rows = flagged_examples((records, before, after, *flags))
+    assert [r[0] for r in rows] == ["model", "trained", "trained", "original"]
+    assert rows[1][2] == after[0][0] and "keyword_stuffing" in rows[1][3] and rows[3][2] == "(none flagged)"
 
 
 def test_rl_recipe_refuses_malformed_constraints_before_training(task, tmp_path):

@@ -4,7 +4,8 @@ shipped constraint prompts (rewards/verifiable/prompts.py: a topic x a combinati
 constraints) -> `alignkit online` (GRPO by default) with the fraction of constraints met as the reward -> the
 held-out prompts, whose constraint combinations and topics training never saw, answered by the original and the
 trained model -> all-met compliance and mean fraction met with bootstrap intervals, compliance per constraint type,
-words, distinct-2, KL to the start -> table + HTML report with the training curves and examples."""
+words, distinct-2, KL to the start, then the share of answers with degeneracy flags (rewards/verifiable/degenerate.py)
+and the fluency NLL under the starting model -> table + HTML report with the training curves and examples."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from alignkit.config import SamplingOptions, Strict, load_command_config
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError
+from alignkit.eval.fluency import mean_token_nll
 from alignkit.eval.kl import example_log_ratios, kl_packing, kl_summary
 from alignkit.eval.metrics import bootstrap_mean_ci, distinct_n, mean_words
 from alignkit.eval.plots import plot_curves
@@ -32,7 +34,8 @@ from alignkit.losses import loss_option_names
 from alignkit.online.config import OnlineConfig, loss_name_of
 from alignkit.online.run import OnlineInputs, run_online
 from alignkit.recipes.stages import Stages, with_recipe_defaults
-from alignkit.rewards.verifiable.constraints import ConstraintReward, check_all
+from alignkit.rewards.verifiable.constraints import ConstraintReward, check_all, validate_constraints
+from alignkit.rewards.verifiable.degenerate import FLAGS, flagged, prompt_text
 from alignkit.train.packing import pad_token_id
 
 # Kept after the pilot (benchmarks/rl_pilot.py, results/rl_pilot.md: base compliance per type on single-constraint
@@ -150,6 +153,32 @@ def compare(before: dict, after: dict) -> dict:
     return out
 
 
+def answer_flags(records: list[dict], texts: list[list[str]]) -> list[list[list[str]]]:
+    """The degeneracy flags each answer trips, [prompt][sample] like texts."""
+    specs = [validate_constraints(r["constraints"]) for r in records]
+    return [[flagged(t, spec, r["prompt"]) for t in group] for r, spec, group in zip(records, specs, texts)]
+
+
+def degeneracy(before: list[list[list[str]]], after: list[list[list[str]]]) -> dict:
+    """From answer_flags before and after: the share of answers tripping each flag and any, [before, after], and
+    the paired change in "any" with its bootstrap interval."""
+    b, a = ([f for group in side for f in group] for side in (before, after))
+
+    def share(side, name):
+        return sum(name in f if name != "any" else bool(f) for f in side) / len(side)
+
+    return {"flagged": {name: [share(b, name), share(a, name)] for name in (*FLAGS, "any")},
+            "flagged_any_change": bootstrap_mean_ci([float(bool(y)) - float(bool(x)) for x, y in zip(b, a)])}
+
+
+def fluency(initial, tokenizer, answers: tuple, precision: str) -> dict:
+    """Mean per-token NLL of the (before, after) answers' sampled tokens under the starting model, scored as the
+    KL is (kl_packing at the run's precision)."""
+    packing = kl_packing(pad_token_id(tokenizer), precision)
+    before, after = (mean_token_nll(initial, examples, packing) for examples in answers)
+    return {"fluency_nll_before": before["nll"], "fluency_nll_after": after["nll"]}
+
+
 def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = None,
            console: Console | None = None) -> dict:
     cfg: RLConfig = load_command_config(RLConfig, config, overrides, _option_names)
@@ -170,22 +199,29 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
     eval_prompts = [r["prompt"] for r in eval_records]
     eval_sampling, eval_seed = cfg.eval_sampling, cfg.seed + 17
     initial = copy.deepcopy(model).eval()
-    before_texts, _ = stages.run("answer held-out prompts (original)",
-                                 lambda: answer(model, tokenizer, eval_prompts, eval_sampling, cfg.eval_samples, eval_seed))
+    before_texts, before_examples = stages.run("answer held-out prompts (original)",
+                                               lambda: answer(model, tokenizer, eval_prompts, eval_sampling,
+                                                              cfg.eval_samples, eval_seed))
     online = cfg.online.model_copy(update={"model": cfg.model, "seed": cfg.seed, "output_dir": str(out / "online")})
     result = stages.run(f"{online.method}: {online.rounds} rounds x {online.prompts_per_round} prompts x "
                         f"{online.num_samples} samples",
                         lambda: run_online(online, model, tokenizer,
                                            OnlineInputs([r["prompt"] for r in train_records], eval_prompts, reward)))
     trained = result.model.eval()
-    after_texts, _ = stages.run("answer held-out prompts (trained)",
-                                lambda: answer(trained, tokenizer, eval_prompts, eval_sampling, cfg.eval_samples, eval_seed))
+    after_texts, after_examples = stages.run("answer held-out prompts (trained)",
+                                             lambda: answer(trained, tokenizer, eval_prompts, eval_sampling,
+                                                            cfg.eval_samples, eval_seed))
     kl = stages.run("KL to the start", lambda: kl_to_start(trained, initial, tokenizer, eval_prompts, cfg))
+    # after every stage that samples: scoring draws no random numbers, but nothing reported before may move
+    answers = before_examples, after_examples
+    nll = stages.run("fluency NLL under the start", lambda: fluency(initial, tokenizer, answers, cfg.online.precision))
     summary = compare(compliance(eval_records, before_texts), compliance(eval_records, after_texts))
     summary.update(kl_to_start=kl["kl"], kl_to_start_sem=kl["kl_sem"], method=online.method, rounds=online.rounds,
                    samples=online.rounds * online.prompts_per_round * online.num_samples, eval_answers=len(before_texts) *
                    cfg.eval_samples, timings_s=stages.seconds, run_s=time.perf_counter() - tic, types=list(TYPES))
-    write_report(out, summary, (eval_records, before_texts, after_texts), result.rounds, console)
+    flags = answer_flags(eval_records, before_texts), answer_flags(eval_records, after_texts)
+    summary.update(degeneracy(*flags), **nll)
+    write_report(out, summary, (eval_records, before_texts, after_texts, *flags), result.rounds, console)
     return summary
 
 
@@ -197,10 +233,8 @@ def _points(ci) -> str:
     return f"{100 * ci[0]:+.1f} pts [{100 * ci[1]:+.1f}, {100 * ci[2]:+.1f}]"
 
 
-def write_report(out: Path, s: dict, answers: tuple, rounds: list[dict], console: Console) -> None:
-    """answers: (held-out records, the original's answers, the trained model's), aligned by prompt."""
-    records, before, after = answers
-    rows = [
+def _result_rows(s: dict) -> list[list[str]]:
+    return [
         ["metric (held-out combinations)", "original", "trained", "change (95% CI)"],
         ["all constraints met", _pct(s["all_met_before"]), _pct(s["all_met_after"]), _points(s["all_met_change"])],
         ["fraction of constraints met", _pct(s["fraction_before"]), _pct(s["fraction_after"]),
@@ -209,12 +243,38 @@ def write_report(out: Path, s: dict, answers: tuple, rounds: list[dict], console
         ["distinct-2", f"{s['distinct2_before']:.3f}", f"{s['distinct2_after']:.3f}",
          f"{s['distinct2_after'] / max(s['distinct2_before'], 1e-9) - 1:+.1%}"],
         ["KL to the start (nats / answer)", "", f"{s['kl_to_start']:.2f} ± {s['kl_to_start_sem']:.2f}", ""],
+        ["answers with a degeneracy flag", f"{s['flagged']['any'][0]:.1%}", f"{s['flagged']['any'][1]:.1%}",
+         _points(s["flagged_any_change"])],
+        ["fluency: NLL under the start (nats / token)", f"{s['fluency_nll_before']:.3f}",
+         f"{s['fluency_nll_after']:.3f}", f"{s['fluency_nll_after'] / s['fluency_nll_before'] - 1:+.1%}"],
     ]
+
+
+def flagged_examples(answers: tuple, n_trained: int = 6, n_original: int = 3) -> list[list[str]]:
+    """The first flagged answers of each model, in prompt order: model, prompt, answer, flags."""
+    records, before, after, flags_before, flags_after = answers
+    rows = [["model", "prompt", "answer", "flags"]]
+    for name, texts, flags, n in (("trained", after, flags_after, n_trained),
+                                  ("original", before, flags_before, n_original)):
+        hits = [[name, prompt_text(r["prompt"]), t, ", ".join(f)] for r, group, fs in zip(records, texts, flags)
+                for t, f in zip(group, fs) if f]
+        rows += hits[:n] or [[name, "", "(none flagged)", ""]]
+    return rows
+
+
+def write_report(out: Path, s: dict, answers: tuple, rounds: list[dict], console: Console) -> None:
+    """answers: (held-out records, the original's answers, the trained model's, and each answer's degeneracy
+    flags: the original's, the trained model's), aligned by prompt."""
+    records, before, after = answers[:3]
+    rows = _result_rows(s)
     type_rows = [["constraint type", "original", "trained"]] + [
         [k, f"{b:.1%}", f"{a:.1%}"] for k, (b, a) in sorted(s["by_type"].items())]
+    flag_rows = [["degeneracy flag", "original", "trained"]] + [
+        [k, f"{b:.1%}", f"{a:.1%}"] for k, (b, a) in s["flagged"].items()]
     console.print(rich_table(f"SmolLM2-135M-Instruct, {s['method']} on verifiable constraint rewards "
                              f"({s['samples']} samples, {s['run_s'] / 60:.1f} min)", rows))
     console.print(rich_table("compliance per constraint type (held-out)", type_rows))
+    console.print(rich_table("share of held-out answers with each degeneracy flag", flag_rows))
     examples = [{"prompt": r["prompt"][-1]["content"], "original": b[0], "trained": a[0]}
                 for r, b, a in list(zip(records, before, after))[:8]]
     for e in examples[:3]:
@@ -226,11 +286,13 @@ def write_report(out: Path, s: dict, answers: tuple, rounds: list[dict], console
               _type_bars(out / "per_type.png", s["by_type"])]
     (out / "summary.json").write_text(json.dumps(s, indent=2))
     write_jsonl_atomic(out / "answers.jsonl", [{"prompt": r["prompt"], "constraints": r["constraints"], "original": b,
-                                                "trained": a} for r, b, a in zip(records, before, after)])
+                                                "trained": a, "original_flags": fb, "trained_flags": fa}
+                                               for r, b, a, fb, fa in zip(*answers)])
     timing_rows = [["stage", "seconds"]] + [[k, f"{v:.1f}"] for k, v in s["timings_s"].items()]
     write_html_report(out / "report.html", f"alignkit rl: SmolLM2-135M-Instruct before and after {s['method']}",
-                      {"Held-out results": rows, "Per constraint type": type_rows, "Time": timing_rows}, images,
-                      examples)
+                      {"Held-out results": rows, "Per constraint type": type_rows, "Degeneracy flags (share of "
+                       "held-out answers)": flag_rows, "Flagged answers": flagged_examples(answers), "Time":
+                       timing_rows}, images, examples)
     console.print(f"report: {out / 'report.html'}  (numbers: {out / 'summary.json'})")
 
 
