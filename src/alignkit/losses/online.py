@@ -127,10 +127,19 @@ class _ReferenceIfKL(LossOptions):
         return {"reference"} if self.kl_coef > 0 else set()
 
 
-class GRPOOptions(_ReferenceIfKL):
+class _GroupKL(_ReferenceIfKL):
+    """The KL term of the group-advantage losses: which estimator, and TRL's bias correction (docs/online.md)."""
+
+    kl_estimator: KLEstimator = Field("k3", description="the per-token estimate of KL(pi || pi_ref) in the loss: k1 "
+                                      "log-ratio, k2 its square / 2, k3 Schulman's (the GRPO paper's and TRL's)")
+    kl_bias_correction: bool = Field(False, description="the estimate times rho = pi / pi_old, with gradient "
+                                     "(TRL's use_bias_correction_kl, DeepSeek-V3.2's unbiased KL; TRL's default)")
+
+
+class GRPOOptions(_GroupKL):
     epsilon: float = Field(0.2, description="clip range below 1")
     epsilon_high: float = Field(0.0, description="clip range above 1; 0: epsilon (DAPO's clip-higher: 0.28)")
-    kl_coef: float = Field(0.04, ge=0, description="beta of the k3 KL to the reference in the loss; 0: no KL term "
+    kl_coef: float = Field(0.04, ge=0, description="beta of the KL to the reference in the loss; 0: no KL term "
                                                    "(TRL's default)")
     scale_rewards: ScaleRewards = Field("group", description="group: divide by the group's std; none: Dr. GRPO")
     loss_aggregation: Aggregation = "seq-mean-token-mean"
@@ -189,17 +198,22 @@ def _tis(per_token, inputs: LossInputs, old, mask, cap: float, name: str):
     return per_token * truncated_is_weights(old, inputs.engine_token_logps, mask, cap)
 
 
-def _kl_term(per_token, inputs: LossInputs, logps, kl_coef: float, name: str, estimator: str = "k3"):
-    if kl_coef <= 0:
+def _kl_term(per_token, inputs: LossInputs, logps, opts, name: str, weight: torch.Tensor | None = None):
+    """per_token + kl_coef * KL estimate (opts.kl_estimator), the estimate times `weight` where given (TRL's order:
+    beta * (k3 * coef_1))."""
+    if opts.kl_coef <= 0:
         return per_token
     if inputs.ref_token_logps is None:
         raise ValueError(f"{name} with kl_coef > 0 needs reference per-token log-probs")
-    return per_token + kl_coef * kl_estimate(logps, inputs.ref_token_logps, estimator)
+    kl = kl_estimate(logps, inputs.ref_token_logps, opts.kl_estimator)
+    if weight is not None:
+        kl = kl * weight
+    return per_token + opts.kl_coef * kl
 
 
 def grpo_loss(inputs: LossInputs, opts: GRPOOptions) -> LossOutput:
-    """l_{i,t} = -min(rho A_i, clip(rho, 1-e, 1+e_high) A_i) + kl_coef * k3_t, rho = pi / pi_old per token (or GSPO's
-    sequence ratio s_i), A_i = group-relative advantage of sample i among its prompt's k samples; aggregated per
+    """l_{i,t} = -min(rho A_i, clip(rho, 1-e, 1+e_high) A_i) + kl_coef * k_t [* rho], rho = pi / pi_old per token (or
+    GSPO's sequence ratio s_i), k_t the kl_estimator (k3), rho on it with kl_bias_correction, A_i = group-relative advantage of sample i among its prompt's k samples; aggregated per
     `loss_aggregation`. DeepSeekMath, arXiv 2402.03300 (objective as transcribed in TRL's docs); Dr. GRPO, arXiv
     2503.20783; DAPO, arXiv 2503.14476; GSPO, arXiv 2507.18071."""
     logps, mask = inputs.token_logps, inputs.token_mask
@@ -209,24 +223,25 @@ def grpo_loss(inputs: LossInputs, opts: GRPOOptions) -> LossOutput:
     eps_high = opts.epsilon_high or opts.epsilon
     per_token = clipped_surrogate(ratio, advantages, opts.epsilon, eps_high).expand_as(logps)
     clip = _clip_metrics(ratio, advantages, mask, 1 - opts.epsilon, 1 + eps_high)
-    return _group_loss(per_token, inputs, old, opts, "grpo", clip)
+    return _group_loss(per_token, inputs, ratio, opts, "grpo", clip)
 
 
-def _group_loss(per_token, inputs: LossInputs, old, opts, name: str, clip: dict) -> LossOutput:
-    """The shared tail of the group-advantage losses: TIS weights, the k3 KL term, the aggregation, the metrics
-    (clip: the caller's clip fractions)."""
+def _group_loss(per_token, inputs: LossInputs, ratio, opts, name: str, clip: dict) -> LossOutput:
+    """The shared tail of the group-advantage losses: TIS weights, the KL term, the aggregation, the metrics (ratio:
+    pi / pi_old with its gradient, TRL's coef_1; clip: the caller's clip fractions)."""
     logps, mask = inputs.token_logps, inputs.token_mask
+    old = inputs.old_token_logps if inputs.old_token_logps is not None else logps.detach()
     per_token = _tis(per_token, inputs, old, mask, opts.tis_cap, name)
-    per_token = _kl_term(per_token, inputs, logps, opts.kl_coef, name)
+    per_token = _kl_term(per_token, inputs, logps, opts, name, ratio if opts.kl_bias_correction else None)
     losses = aggregate(per_token, mask, opts.loss_aggregation, inputs.step_mean_lengths, opts.max_completion_length)
     return losses, {
         "reward": inputs.rewards.mean(1).detach(),
         **clip,
-        **_kl_metrics(logps, inputs.ref_token_logps, mask, ("k1", "k3")),
+        **_kl_metrics(logps, inputs.ref_token_logps, mask, tuple(dict.fromkeys(("k1", "k3", opts.kl_estimator)))),
     }
 
 
-class CISPOOptions(_ReferenceIfKL):
+class CISPOOptions(_GroupKL):
     """CISPO (MiniMax-M1, arXiv 2506.13585 eq. 4-5): REINFORCE on every token, weighted by the detached IS weight
     clipped to [weight_min, weight_max]. TRL's loss_type "cispo" caps at epsilon_high = 5.0 with no lower bound."""
 
@@ -244,16 +259,16 @@ class CISPOOptions(_ReferenceIfKL):
 
 
 def cispo_loss(inputs: LossInputs, opts: CISPOOptions) -> LossOutput:
-    """l_{i,t} = -sg[clip(rho_t, w_min, w_max)] A_i log pi(o_t) (+ kl_coef * k3_t): no token loses its gradient,
-    unlike the PPO clip; aggregated per `loss_aggregation` (the paper: token-mean)."""
+    """l_{i,t} = -sg[clip(rho_t, w_min, w_max)] A_i log pi(o_t) (+ kl_coef * k_t [* rho_t], as grpo): no token loses
+    its gradient, unlike the PPO clip; aggregated per `loss_aggregation` (the paper: token-mean)."""
     logps = inputs.token_logps
     old = inputs.old_token_logps if inputs.old_token_logps is not None else logps.detach()
     advantages = group_advantages(inputs.rewards.to(logps.device), opts.scale_rewards)[..., None]
-    ratio = torch.exp(logps - old).detach()
-    weights = ratio.clamp(min=opts.weight_min or None, max=opts.weight_max)
+    ratio = torch.exp(logps - old)  # with its gradient for the KL's bias correction; the weights stop it
+    weights = ratio.detach().clamp(min=opts.weight_min or None, max=opts.weight_max)
     per_token = -weights * advantages * logps
     clip = _clip_metrics(ratio, advantages, inputs.token_mask, opts.weight_min or None, opts.weight_max)
-    return _group_loss(per_token, inputs, old, opts, "cispo", clip)
+    return _group_loss(per_token, inputs, ratio, opts, "cispo", clip)
 
 
 class ReinforcePPOptions(_ReferenceIfKL):
@@ -280,7 +295,7 @@ def reinforce_pp_loss(inputs: LossInputs, opts: ReinforcePPOptions) -> LossOutpu
     ratio = torch.exp(logps - old)
     eps_high = opts.epsilon_high or opts.epsilon
     per_token = clipped_surrogate(ratio, inputs.advantages, opts.epsilon, eps_high)
-    per_token = _kl_term(per_token, inputs, logps, opts.kl_coef, "reinforce++", opts.kl_estimator)
+    per_token = _kl_term(per_token, inputs, logps, opts, "reinforce++")
     losses = aggregate(per_token, mask, opts.loss_aggregation, inputs.step_mean_lengths)
     return losses, {
         "reward": inputs.rewards.mean(1).detach(),

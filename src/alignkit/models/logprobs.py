@@ -57,6 +57,11 @@ class ChunkSettings:
     chunk_size: int  # tokens per chunk
     compute_dtype: torch.dtype  # of the head's matmuls (the autocast dtype, else the hidden states')
     keep_bytes: int = 0  # softmax bytes the forward may keep for the backward (0: the backward recomputes)
+    temperature: float = 1.0  # the logits are divided by it (online: the sampling temperature, as TRL does)
+
+    def __post_init__(self):
+        if self.temperature <= 0:  # greedy decoding has no log-probs to score: the policy is a point mass
+            raise ValueError(f"log-probs at temperature {self.temperature}: it must be > 0")
 
 
 class HeadGrads:
@@ -100,13 +105,13 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, settings: ChunkSettings):
-        chunk_size, compute_dtype = settings.chunk_size, settings.compute_dtype
+        chunk_size, compute_dtype, temperature = settings.chunk_size, settings.compute_dtype, settings.temperature
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         keep = any(ctx.needs_input_grad[:3]) and hidden.shape[0] * weight.shape[0] * 4 <= settings.keep_bytes
         ctx.probs = [] if keep else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_size):
-                logits = _chunk_logits(hidden[start:start + chunk_size], weight, bias, compute_dtype)
+                logits = _chunk_logits(hidden[start:start + chunk_size], weight, bias, compute_dtype, temperature)
                 target_logits = logits.gather(1, targets[start:start + chunk_size, None]).squeeze(1)
                 maxes, sums = _shifted_exp_(logits)
                 out[start:start + chunk_size] = target_logits - sums.log() - maxes.squeeze(1)
@@ -119,16 +124,20 @@ class ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, targets = ctx.saved_tensors
-        chunk_size, compute_dtype = ctx.settings.chunk_size, ctx.settings.compute_dtype
+        settings = ctx.settings
+        chunk_size, compute_dtype, temperature = settings.chunk_size, settings.compute_dtype, settings.temperature
         kept, ctx.probs = ctx.probs, None  # consumed in place below; a second backward recomputes
         grads = HeadGrads(ctx, hidden, weight, bias, compute_dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for i, start in enumerate(range(0, hidden.shape[0], chunk_size)):
                 h = hidden[start:start + chunk_size]
                 g = grad_out[start:start + chunk_size].float()
+                if temperature != 1:  # the chain rule through logits / T
+                    g = g / temperature
                 # d/dlogits of (logit[target] - logsumexp) = onehot - softmax, built in place in the softmax
                 # buffer: one [chunk, vocab] buffer alive instead of three.
-                probs = kept[i] if kept is not None else _softmax_(_chunk_logits(h, weight, bias, compute_dtype))
+                probs = kept[i] if kept is not None else _softmax_(_chunk_logits(h, weight, bias, compute_dtype,
+                                                                                  temperature))
                 grad_logits = probs.mul_(-g[:, None])
                 grad_logits[torch.arange(len(g)), targets[start:start + chunk_size]] += g
                 grads.add(grad_logits, h, slice(start, start + chunk_size))
@@ -138,11 +147,13 @@ class ChunkedTokenLogps(torch.autograd.Function):
         return *grads.result(zero_if_no_tokens=True), None, None
 
 
-def _chunk_logits(h, weight, bias, compute_dtype):
+def _chunk_logits(h, weight, bias, compute_dtype, temperature: float = 1.0):
     logits = h.to(compute_dtype) @ weight.to(compute_dtype).T
     if bias is not None:
         logits.add_(bias.to(compute_dtype))
-    return logits.float()
+    logits = logits.float()
+    # T = 1 skips the division, so untempered runs keep their numbers bit for bit
+    return logits.div_(temperature) if temperature != 1 else logits
 
 
 def _shifted_exp_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,8 +209,8 @@ class PackedForward(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: PackedBatch, chunk_size: int = 1024):
-        out = response_logprobs(self.model, batch, chunk_size)
+    def forward(self, batch: PackedBatch, chunk_size: int = 1024, temperature: float = 1.0):
+        out = response_logprobs(self.model, batch, chunk_size, temperature)
         # clone: FSDP2 hooks must not see a view
         return out.token_logps, out.seq_logps.clone(), out.lengths, out.values
 
@@ -208,12 +219,12 @@ def _wraps_packed_forward(model) -> bool:
     return isinstance(model, PackedForward) or isinstance(getattr(model, "module", None), PackedForward)
 
 
-def response_logprobs(model, batch: PackedBatch, chunk_size: int = 1024) -> ResponseLogProbs:
-    """Per-token and per-sequence log-probs of every response token in the batch (prompt tokens get none).
-    `model` is a causal LM, a peft model, a PolicyWithValueHead (values from the same hidden states), or a
-    PackedForward around one of them (bare, DDP-wrapped or FSDP2-sharded)."""
+def response_logprobs(model, batch: PackedBatch, chunk_size: int = 1024, temperature: float = 1.0) -> ResponseLogProbs:
+    """Per-token and per-sequence log-probs of every response token in the batch (prompt tokens get none), of the
+    policy at `temperature` (its logits divided by it). `model` is a causal LM, a peft model, a PolicyWithValueHead
+    (values from the same hidden states), or a PackedForward around one of them (bare, DDP-wrapped or FSDP2-sharded)."""
     if _wraps_packed_forward(model):
-        return ResponseLogProbs(*model(batch, chunk_size))
+        return ResponseLogProbs(*model(batch, chunk_size, temperature))
     value_head = model.value_head if isinstance(model, PolicyWithValueHead) else None
     model = model.policy if value_head is not None else model
     hidden = packed_hidden_states(model, batch)
@@ -221,7 +232,8 @@ def response_logprobs(model, batch: PackedBatch, chunk_size: int = 1024) -> Resp
     rows, cols = batch.token_rows.to(device), batch.token_pred_positions.to(device)
     selected = hidden[rows, cols]
     head = model.get_output_embeddings()
-    token_logps = chunked_token_logps(selected, head.weight, head.bias, batch.token_targets.to(device), chunk_size)
+    settings = ChunkSettings(chunk_size, _compute_dtype(selected), KEEP_PROBS_BYTES, temperature)
+    token_logps = ChunkedTokenLogps.apply(selected, head.weight, head.bias, batch.token_targets.to(device), settings)
     num_seq = batch.num_examples * batch.num_responses
     seq_logps = torch.zeros(num_seq, dtype=token_logps.dtype, device=device).index_add(
         0, batch.token_seq.to(device), token_logps)

@@ -25,9 +25,8 @@ class OnlineConfig(OptimConfig):
     rounds: int = Field(20, gt=0, description="rollout + learner iterations")
     prompts_per_round: int = Field(16, gt=0, description="under torchrun: split evenly over the ranks")
     num_samples: int = Field(4, ge=2, description="samples per prompt (k; GRPO's G)")
-    # Temperature 1, no top-p / top-k by default. The learner's log-probs are always the untempered policy's and
-    # nothing refuses another temperature: then the ratios to the engine's log-probs (engine_gap, tis_cap) compare a
-    # tempered distribution with an untempered one.
+    # Temperature 1, no top-p / top-k by default. The learner scores at the sampling temperature (logits / T, as
+    # TRL); top-k / top-p are the engine's alone (docs/online.md: the gap they leave).
     sampling: SamplingOptions = Field(default_factory=SamplingOptions, description="how rollouts are sampled")
     max_length: int = Field(1024, gt=1, description="max tokens of prompt + response when tokenising samples")
     missing_eos_penalty: float | None = Field(None, description="subtracted from the reward of samples cut short")

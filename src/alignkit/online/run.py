@@ -14,7 +14,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,9 @@ def check_online_setup(cfg: OnlineConfig, ctx) -> None:
         raise ConfigError("distributed" if cfg.distributed == "fsdp" else "prompts_per_round",
                           "online runs ddp (every rank samples with whole weights), with prompts_per_round a multiple "
                           f"of the {ctx.world_size} processes")
+    if cfg.sampling.temperature <= 0:
+        raise ConfigError("sampling.temperature", "online runs sample at a temperature > 0: greedy samples have no "
+                          "distribution the learner could score (TRL refuses it too), and a prompt's k samples tie")
     if cfg.neftune_alpha > 0:
         raise ConfigError("neftune_alpha", "noise on the learner's inputs would make the log-probs it trains differ "
                                            "from those the samples were drawn and scored with; online runs take 0")
@@ -150,7 +153,8 @@ class OnlineRun:
         self.cfg, self.method = cfg, ONLINE_METHODS[cfg.method]
         spec, opts = method_loss(cfg)
         check_online_setup(cfg, ctx)
-        self.loss = Method(spec, opts, cfg.chunk_size)
+        # the learner, the behaviour scorer and the reference score at the sampling temperature (TRL: logits / T)
+        self.loss = Method(spec, opts, cfg.chunk_size, temperature=cfg.sampling.temperature)
         inputs = resolve_inputs(cfg, given)
         self.prompts, self.eval_prompts, self.reward = inputs.prompts, inputs.eval_prompts, inputs.reward
         self.environments = EnvironmentSetup.from_config(cfg, self.reward)  # None: single-turn rollouts
@@ -162,7 +166,8 @@ class OnlineRun:
         self.tokenizer, self.run = tokenizer, Run(cfg, ctx, tokenizer)
         self.run.open()  # a resume is checked before anything is written
         self.judge_for = judge_factory(cfg, tokenizer, inputs.judge) if self.method.self_judge else None
-        self.packing = Packing.from_config(cfg, tokenizer)  # rows: max_tokens_per_row, else the longest example
+        # rows: max_tokens_per_row, else the longest example
+        self.packing = replace(Packing.from_config(cfg, tokenizer), temperature=cfg.sampling.temperature)
         if ctx.device is not None:
             model.to(ctx.device)  # before the reference copies are made
         self.references, self.initial = online_references(model, cfg, self.method.self_judge)

@@ -36,10 +36,12 @@ def logprob_inputs(model, batch: PackedBatch, method, ref: Reference | None) -> 
     spec, opts, chunk_size = method.spec, method.opts, method.chunk_size
     live_ref = ref is not None and ref.model is not None and uses_ref_model(spec, opts)
     if live_ref:  # SparsePO: the reference runs on the same rows; the KL comes out of the policy's chunked pass
+        if method.temperature != 1:  # offline only: nothing was sampled at a temperature
+            raise ConfigError("temperature", f"loss '{spec.name}' with a live reference scores at temperature 1")
         ref_forward = reference_forward(ref.model, batch)
         out, token_kl = logprobs_and_token_kl(model, batch, ref_forward, chunk_size)
     else:
-        out = response_logprobs(model, batch, chunk_size)
+        out = response_logprobs(model, batch, chunk_size, method.temperature)
     seq_logps = out.seq_logps.float()
     kl_pairs = uses_kl_pairs(spec, opts)
     if kl_pairs:  # the last column is the mismatched completion (Method.pack)

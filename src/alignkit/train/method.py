@@ -23,13 +23,15 @@ from alignkit.train.reference import Reference
 class Method:
     """spec: the loss's registry entry; opts: its options; chunk_size: of the vocabulary projection; sft_weight: an
     NLL term on the first response (RPO-style), added to every example's loss; max_length: tokens of prompt + one
-    response (KTO's mismatched completions are cut to it)."""
+    response (KTO's mismatched completions are cut to it); temperature: the policy's logits are divided by it (online:
+    the sampling temperature, so the learner scores the distribution that sampled)."""
 
     spec: LossSpec
     opts: object
     chunk_size: int = 1024
     sft_weight: float = 0.0
     max_length: int | None = None
+    temperature: float = 1.0
 
     @classmethod
     def from_config(cls, cfg) -> Method:

@@ -17,7 +17,8 @@ def pad_token_id(tokenizer) -> int:
 
 @dataclass(frozen=True)
 class Packing:
-    """Token budget of one micro-batch, row length, pad id, the forward's precision and the vocabulary chunk.
+    """Token budget of one micro-batch, row length, pad id, the forward's precision, the vocabulary chunk and the
+    temperature the log-probs are scored at (online: the sampling temperature; 1 everywhere else).
 
     The row length (max_tokens_per_row) is the user's where set. Otherwise `from_config` resolves it with
     models/attention.default_row_tokens for the attention named: the whole micro-batch where attention skips other
@@ -30,6 +31,7 @@ class Packing:
     pad_token_id: int = 0
     precision: str = "fp32"
     chunk_size: int = 1024
+    temperature: float = 1.0
 
     @classmethod
     def from_config(cls, cfg, tokenizer, attention: str | None = None) -> Packing:

@@ -111,7 +111,7 @@ def score_examples(model, examples: list[TokenizedExample], packing: Packing, wi
         for indices in packing.batches(examples):
             batch = packing.pack([examples[i] for i in indices], indices)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=packing.precision == "bf16"):
-                out = response_logprobs(model, batch, packing.chunk_size)
+                out = response_logprobs(model, batch, packing.chunk_size, packing.temperature)
             seq_logps[indices] = out.seq_logps.float().cpu()
             counts = out.lengths.sum(1).long().tolist()
             for i, part in zip(indices, torch.split(out.token_logps.float().cpu(), counts)):
@@ -132,8 +132,9 @@ def reference_logps(model, examples, packing: Packing, use_cache: bool = True):
 
 
 def _cached_logps(model, examples, packing: Packing):
+    settings = packing.precision if packing.temperature == 1 else f"{packing.precision}|T={packing.temperature!r}"
     key = hashlib.blake2b(
-        f"{weights_fingerprint(model)}|{examples_fingerprint(examples)}|{packing.precision}".encode(), digest_size=16
+        f"{weights_fingerprint(model)}|{examples_fingerprint(examples)}|{settings}".encode(), digest_size=16
     ).hexdigest()
     path = cache_dir() / "ref_logps" / f"{key}.safetensors"
     if path.exists():
