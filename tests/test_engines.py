@@ -6,18 +6,22 @@ weights the GRPO surrogate by min(pi_trainer / pi_engine, C) as NumPy computes i
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from alignkit.config import SamplingOptions
+from alignkit.errors import ConfigError
 from alignkit.generate.engines import HFEngine, as_engine, encode_prompts
 from alignkit.losses import LossInputs
 from alignkit.losses.online import GRPOOptions, grpo_loss
 from alignkit.online import OnlineInputs, online_config, run_online, sampling
 from alignkit.online import run as online_run
 from alignkit.online.rollout import RolloutShape, generate_rollout
+from alignkit.online.run import check_online_setup
+from alignkit.train.method import Method
 from alignkit.train.packing import Packing
 from alignkit.train.reference import score_examples
 from synthetic_task import SENTIMENT, prompts
@@ -133,6 +137,49 @@ def test_a_perturbed_engine_shows_its_gap(task, tmp_path):
     assert corrected.rounds[0]["grad_norm"] == pytest.approx(np.exp(-0.3) * row["grad_norm"], rel=1e-4)
     capped, _ = one_round(task, tmp_path / "cap", "grpo", engine_shift=-0.3, tis_cap=1.2)  # exp(0.3) > 1.2
     assert capped.rounds[0]["grad_norm"] == pytest.approx(1.2 * row["grad_norm"], rel=1e-4)
+
+
+def first_step_inputs(monkeypatch) -> list:
+    """Records the LossInputs of every learner forward (the first is before any update)."""
+    seen, real = [], Method._with_extras
+
+    def record(self, inputs, losses, metrics):
+        seen.append(inputs)
+        return real(self, inputs, losses, metrics)
+
+    monkeypatch.setattr(Method, "_with_extras", record)
+    return seen
+
+
+@pytest.mark.parametrize("engine", ["hf", "fast"])
+def test_a_tempered_rollout_is_scored_at_its_temperature(task, tmp_path, monkeypatch, engine):
+    """At T = 0.7 the learner, the behaviour scorer and the reference divide the logits by T: before any update the
+    engine's log-probs equal the trainer's (fp32 engines), the ratio to the behaviour policy is exactly 1, and the
+    KL to the reference (a copy of the policy) is exactly 0."""
+    seen = first_step_inputs(monkeypatch)
+    result, _ = one_round(task, tmp_path, "grpo", temperature=0.7, engine=engine, num_iterations=2)
+    row = result.rounds[0]
+    assert row["engine_gap_mean"] < 1e-4 and row["engine_gap_max"] < 1e-4
+    first = seen[0]
+    mask, logps = first.token_mask, first.token_logps.detach()
+    assert torch.equal(torch.exp(logps - first.old_token_logps)[mask], torch.ones(int(mask.sum())))
+    assert torch.equal(first.ref_token_logps[mask], logps[mask])
+
+
+def test_top_k_top_p_leave_the_kept_mass_as_the_gap(task, tmp_path, monkeypatch):
+    """With top-k / top-p the engine's log-probs are of the renormalised kept set; the trainer's are of the whole
+    tempered distribution (as TRL's), so log pi_engine - log pi_trainer = -log(kept mass) >= 0 on every token."""
+    seen = first_step_inputs(monkeypatch)
+    result, _ = one_round(task, tmp_path, "grpo", temperature=0.7, top_k=8, top_p=0.9, engine="fast")
+    first = seen[0]
+    gap = (first.engine_token_logps - first.token_logps.detach())[first.token_mask]
+    assert (gap > -1e-5).all() and result.rounds[0]["engine_gap_mean"] > 1e-3
+
+
+def test_greedy_online_training_is_refused():
+    cfg = online_config(dict(method="grpo", model="tiny", prompts="-", temperature=0.0))
+    with pytest.raises(ConfigError, match="sampling.temperature"):
+        check_online_setup(cfg, SimpleNamespace(enabled=False))
 
 
 def test_tis_weights_match_numpy():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from alignkit.errors import ConfigError
 from alignkit.losses import LossInputs, build_options, get_loss
 from alignkit.losses.dpo import DPOOptions, dpo_loss
 from alignkit.losses.online import (
@@ -22,6 +23,7 @@ from alignkit.losses.online import (
     ReinforcePPOptions,
     RLOOOptions,
     aggregate,
+    cispo_loss,
     clipped_surrogate,
     clipped_value_loss,
     group_advantages,
@@ -241,6 +243,59 @@ def test_grpo_loss_matches_numpy(how, scale):
     assert metrics["kl"].shape == (B,) and metrics["clip_fraction"].shape == (B,)
 
 
+@pytest.mark.parametrize("bias_correction", [False, True])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_grpo_kl_estimators_match_numpy(estimator, bias_correction):
+    """The KL term alone (advantages 0: the surrogate is 0): kl_coef * k(d) [* rho], d = log pi - log pi_ref,
+    rho = pi / pi_old; its gradient with rho differentiated (TRL's use_bias_correction_kl) or without it."""
+    logps, old, ref, mask, _ = rollout_tensors(seed=3)
+    inputs, policy = grpo_inputs(logps, old, ref, mask, torch.zeros(B, K))
+    opts = GRPOOptions(kl_coef=0.1, kl_estimator=estimator, kl_bias_correction=bias_correction,
+                       loss_aggregation="token-mean")
+    losses, metrics = grpo_loss(inputs, opts)
+    lp, lo, lr, m = logps.numpy(), old.numpy(), ref.numpy(), mask.numpy()
+    d = lp - lr
+    k = {"k1": d, "k2": d ** 2 / 2, "k3": np.exp(-d) - 1 + d}[estimator]
+    rho = np.exp(lp - lo)
+    # d/dlp of k: 1, d, 1 - exp(-d); of k * rho: (dk + k) * rho
+    dk = {"k1": np.ones_like(d), "k2": d, "k3": 1 - np.exp(-d)}[estimator]
+    per_token, grad = (k * rho, (dk + k) * rho) if bias_correction else (k, dk)
+    assert float(losses.detach().mean()) == pytest.approx(0.1 * float((per_token * m).sum() / m.sum()), abs=1e-6)
+    losses.mean().backward()
+    np.testing.assert_allclose(policy.grad.numpy(), 0.1 * grad * m / m.sum(), atol=1e-7, rtol=1e-5)
+    assert set(metrics) >= {"kl", "kl_k3"} and (estimator != "k2" or "kl_k2" in metrics)
+
+
+def test_kl_options_default_to_the_plain_k3_and_are_checked():
+    opts = GRPOOptions()
+    assert (opts.kl_estimator, opts.kl_bias_correction) == ("k3", False)
+    for spec in ("grpo", "dapo", "gspo", "cispo"):
+        assert build_options(get_loss(spec), {"kl_estimator": "k2", "kl_bias_correction": True}).kl_bias_correction
+    with pytest.raises(ConfigError, match="loss_options.kl_estimator"):
+        build_options(get_loss("grpo"), {"kl_estimator": "k4"})
+    with pytest.raises(ConfigError, match="loss_options.kl_bias_correction"):
+        build_options(get_loss("grpo"), {"kl_bias_correction": "yes"})
+
+
+def test_trl_default_is_the_bias_corrected_kl():
+    """What docs/online.md states of the installed TRL: GRPOConfig's use_bias_correction_kl defaults to True."""
+    grpo_config = import_trl("trl.trainer.grpo_config")
+    assert grpo_config.GRPOConfig.__dataclass_fields__["use_bias_correction_kl"].default is True
+
+
+def test_cispo_bias_corrected_kl_is_rho_times_the_estimate_with_gradient():
+    """CISPO's weights stop the ratio's gradient; its KL term's bias correction does not."""
+    logps, old, ref, mask, _ = rollout_tensors(seed=4)
+    inputs, policy = grpo_inputs(logps, old, ref, mask, torch.zeros(B, K))
+    losses, _ = cispo_loss(inputs, CISPOOptions(kl_coef=0.1, kl_bias_correction=True))
+    losses.mean().backward()
+    d, rho, m = (logps - ref).numpy(), np.exp((logps - old).numpy()), mask.numpy()
+    k3 = np.exp(-d) - 1 + d
+    assert float(losses.detach().mean()) == pytest.approx(0.1 * float((k3 * rho * m).sum() / m.sum()), abs=1e-6)
+    np.testing.assert_allclose(policy.grad.numpy(), 0.1 * (1 - np.exp(-d) + k3) * rho * m / m.sum(), atol=1e-7,
+                               rtol=1e-5)
+
+
 def test_grpo_with_one_update_is_the_policy_gradient():
     """pi_old = pi (detached): the loss value is -mean(A) and d loss / d log pi_t = -A_i / |o_i| / K per example."""
     logps, _, ref, mask, scores = rollout_tensors()
@@ -385,15 +440,16 @@ class _Accelerator:
         return x
 
 
-def _trl_stub(per_token_logps, **attributes):
+def _trl_stub(per_token_logps, use_bias_correction_kl=False, **attributes):
     """Enough of a TRL trainer for its `_compute_loss`: the model's per-token log-probs are given."""
     entropies = torch.zeros_like(per_token_logps)
-    return SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *a, **k: (per_token_logps, entropies, None),
-        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None, use_vllm=False,
-        importance_sampling_level="token", current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False,
-        model=SimpleNamespace(training=True), accelerator=_Accelerator(), _metrics=defaultdict(lambda: defaultdict(list)),
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None), **attributes)
+    return SimpleNamespace(**{
+        "_get_per_token_logps_and_entropies": lambda *a, **k: (per_token_logps, entropies, None),
+        "aux_loss_enabled": False, "top_entropy_quantile": 1.0, "off_policy_mask_threshold": None, "use_vllm": False,
+        "importance_sampling_level": "token", "current_gradient_accumulation_steps": 1, "_entropy_bonus_enabled": False,
+        "model": SimpleNamespace(training=True), "accelerator": _Accelerator(),
+        "_metrics": defaultdict(lambda: defaultdict(list)),
+        "args": SimpleNamespace(use_bias_correction_kl=use_bias_correction_kl, delta=None), **attributes})
 
 
 def _trl_batch(mask, **tensors):
@@ -403,18 +459,23 @@ def _trl_batch(mask, **tensors):
             "completion_mask": mask.reshape(rows, T).long(), **tensors}
 
 
-@pytest.mark.parametrize("loss_type,how", [("grpo", "seq-mean-token-mean"), ("bnpo", "token-mean"),
-                                           ("dr_grpo", "const-norm")])
-def test_grpo_loss_equals_trl(loss_type, how):
+@pytest.mark.parametrize("bias_correction", [False, True], ids=["plain-k3", "bias-corrected"])
+@pytest.mark.parametrize("loss_type,how,level", [("grpo", "seq-mean-token-mean", "token"), ("bnpo", "token-mean", "token"),
+                                                 ("dr_grpo", "const-norm", "token"),
+                                                 ("grpo", "seq-mean-token-mean", "sequence")])
+def test_grpo_loss_equals_trl(loss_type, how, level, bias_correction):
+    """alignkit's kl_bias_correction is TRL's use_bias_correction_kl (TRL 1.16's default: True), in value and
+    gradient; at the sequence level (GSPO) TRL broadcasts the sequence ratio onto the per-token KL, and so do we."""
     grpo_trainer = import_trl("trl.trainer.grpo_trainer")
     logps, old, ref, mask, scores = rollout_tensors(seed=5)
     inputs, policy = grpo_inputs(logps, old, ref, mask, scores)
     ours, _ = grpo_loss(inputs, GRPOOptions(epsilon=0.2, epsilon_high=0.28, kl_coef=0.04, loss_aggregation=how,
-                                            max_completion_length=T))
+                                            max_completion_length=T, importance_sampling_level=level,
+                                            kl_bias_correction=bias_correction))
     ours.mean().backward()
     theirs_logps = logps.reshape(B * K, T).clone().requires_grad_()
-    stub = _trl_stub(theirs_logps, beta=0.04, loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28,
-                     max_completion_length=T)
+    stub = _trl_stub(theirs_logps, bias_correction, beta=0.04, loss_type=loss_type, epsilon_low=0.2,
+                     epsilon_high=0.28, max_completion_length=T, importance_sampling_level=level)
     batch = _trl_batch(mask, advantages=group_advantages(scores).reshape(-1),
                        old_per_token_logps=old.reshape(B * K, T), ref_per_token_logps=ref.reshape(B * K, T))
     theirs = grpo_trainer.GRPOTrainer._compute_loss(stub, None, batch)

@@ -302,6 +302,33 @@ def test_chunked_logps_only_hidden_needs_grad():
     assert weight.grad is None and bias.grad is None
 
 
+@pytest.mark.parametrize("keep_bytes", [0, 2**20], ids=["recompute", "keep-probs"])
+def test_tempered_chunked_logps_are_log_softmax_of_logits_over_t(keep_bytes):
+    """At temperature T the values and gradients are those of log_softmax(logits / T) (TRL's form); at T = 1 the
+    division is skipped, so the numbers are bit for bit those of before; T <= 0 is refused."""
+    N, H, V, T = 19, 16, 37, 0.7
+    gen = torch.Generator().manual_seed(3)
+    hidden, weight, bias = torch.randn(N, H, generator=gen), torch.randn(V, H, generator=gen), torch.randn(V, generator=gen)
+    targets, upstream = torch.randint(0, V, (N,), generator=gen), torch.randn(N, generator=gen)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    settings = logprobs_module.ChunkSettings(5, torch.float32, keep_bytes, temperature=T)
+    tempered = logprobs_module.ChunkedTokenLogps.apply(*leaves, targets, settings)
+    (tempered * upstream).sum().backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    logits = ref_leaves[0] @ ref_leaves[1].T + ref_leaves[2]
+    naive = torch.log_softmax(logits / T, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    (naive * upstream).sum().backward()
+    torch.testing.assert_close(tempered, naive, rtol=0, atol=1e-5)
+    for ours, ref in zip(leaves, ref_leaves):
+        torch.testing.assert_close(ours.grad, ref.grad, rtol=0, atol=1e-5)
+    assert not torch.allclose(tempered, naive_token_logps(hidden, weight, bias, targets), atol=1e-3)
+    untempered = logprobs_module.ChunkSettings(5, torch.float32, keep_bytes, temperature=1.0)
+    assert torch.equal(logprobs_module.ChunkedTokenLogps.apply(hidden, weight, bias, targets, untempered),
+                       chunked_token_logps(hidden, weight, bias, targets, 5, keep_bytes))
+    with pytest.raises(ValueError, match="temperature"):
+        logprobs_module.ChunkSettings(5, torch.float32, temperature=0.0)
+
+
 def test_response_last_tokens_are_each_responses_final_position():
     examples = random_examples(6, 3, seed=4)
     batch = pack(examples, max_tokens_per_row=2 * max(e.num_tokens for e in examples), pad_token_id=PAD_ID)

@@ -156,9 +156,10 @@ def test_reinforce_pp_loss_matches_numpy(estimator):
 
 # -- TRL ------------------------------------------------------------------------------------------------------------
 
-def _trl_loss(theirs_logps, mask, scores, old, ref, loss_type, eps_low, eps_high, beta=0.0, level="token"):
+def _trl_loss(theirs_logps, mask, scores, old, ref, loss_type, eps_low, eps_high, beta=0.0, level="token",
+              bias_correction=False):
     grpo_trainer = import_trl("trl.trainer.grpo_trainer")
-    stub = _trl_stub(theirs_logps, beta=beta, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high,
+    stub = _trl_stub(theirs_logps, bias_correction, beta=beta, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high,
                      max_completion_length=T)
     stub.importance_sampling_level = level
     stub.args.steps_per_generation = 1
@@ -169,20 +170,22 @@ def _trl_loss(theirs_logps, mask, scores, old, ref, loss_type, eps_low, eps_high
     return grpo_trainer.GRPOTrainer._compute_loss(stub, None, batch)
 
 
+@pytest.mark.parametrize("bias_correction", [False, True])
 @pytest.mark.parametrize("name", ["dapo", "cispo", "gspo"])
-def test_family_equals_trl(name):
+def test_family_equals_trl(name, bias_correction):
     logps, old, ref, mask, scores = rollout_tensors(seed=16)
     if name == "gspo":
         old = logps + (old - logps) * 0.01 * mask
     inputs, policy = grpo_inputs(logps, old, ref, mask, scores)
     spec = get_loss(name)
-    opts = build_options(spec, {"kl_coef": 0.04} if name != "gspo" else {})
+    opts = build_options(spec, {"kl_coef": 0.04, "kl_bias_correction": bias_correction} if name != "gspo"
+                         else {"kl_bias_correction": bias_correction})
     ours, _ = spec.fn(inputs, opts)
     ours.mean().backward()
     theirs_logps = logps.reshape(B * K, T).clone().requires_grad_()
     trl_args = {"dapo": ("dapo", 0.2, 0.28, 0.04, "token"), "cispo": ("cispo", 0.2, 5.0, 0.04, "token"),
                 "gspo": ("grpo", 3e-4, 4e-4, 0.0, "sequence")}[name]
-    theirs = _trl_loss(theirs_logps, mask, scores, old, ref, *trl_args)
+    theirs = _trl_loss(theirs_logps, mask, scores, old, ref, *trl_args, bias_correction=bias_correction)
     theirs.backward()
     assert float(ours.detach().mean()) == pytest.approx(float(theirs.detach()), abs=1e-6)
     flat = mask.reshape(B * K, T)
