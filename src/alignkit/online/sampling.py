@@ -80,13 +80,17 @@ def sharded_rollout(online, prompts: list, round_index: int, refill: int = 0) ->
     reward = online.judge_for(online.policy) if online.judge_for is not None else online.reward
     overlong = (cfg.sampling.max_new_tokens, cfg.overlong_cache, cfg.overlong_penalty) if cfg.overlong_cache else None
     shape = RolloutShape(cfg.num_samples, cfg.max_length, cfg.missing_eos_penalty, overlong, seed)
-    if online.environments is not None:  # multi-turn: the prompts are records, each talked through k times
-        local = environment_rollout(online.engine, online.tokenizer, prompts[first:first + share], cfg.sampling, shape,
-                                    online.environments)
-    else:
-        local = generate_rollout(online.engine, online.tokenizer, prompts[first:first + share], reward, cfg.sampling,
-                                 shape)
+    local = rollout_of(online.engine, online.tokenizer, prompts[first:first + share], online.environments or reward,
+                       cfg.sampling, shape)
     return join_rollouts(gather_objects(local, ctx)) if ctx.enabled else local
+
+
+def rollout_of(model, tokenizer, prompts: list, source, sampling: SamplingOptions, shape: RolloutShape) -> Rollout:
+    """One rollout of the prompts. source: a Reward (single-turn answers), or the run's EnvironmentSetup (multi-turn:
+    the prompts are records, each talked through shape.num_samples times)."""
+    if isinstance(source, EnvironmentSetup):
+        return environment_rollout(model, tokenizer, prompts, sampling, shape, source)
+    return generate_rollout(model, tokenizer, prompts, source, sampling, shape)
 
 
 def mean_reward(rollout: Rollout) -> float:
@@ -97,10 +101,7 @@ def mean_reward(rollout: Rollout) -> float:
 def evaluate_policy(model, tokenizer, prompts: list, reward, sampling: SamplingOptions,
                     shape: RolloutShape) -> tuple[dict, Rollout]:
     """Mean reward of shape.num_samples samples per prompt (model: the policy, or an engine holding its weights;
-    reward: a Reward, or the run's EnvironmentSetup, the prompts then being records talked through), and the
-    rollout, for a KL on exactly the sampled tokens (online/summary.sample_kl)."""
-    if isinstance(reward, EnvironmentSetup):
-        rollout = environment_rollout(model, tokenizer, prompts, sampling, shape, reward)
-    else:
-        rollout = generate_rollout(model, tokenizer, prompts, reward, sampling, shape)
+    reward: as rollout_of's source), and the rollout, for a KL on exactly the sampled tokens
+    (online/summary.sample_kl)."""
+    rollout = rollout_of(model, tokenizer, prompts, reward, sampling, shape)
     return {"reward": mean_reward(rollout), "samples": rollout.num_samples}, rollout
