@@ -153,8 +153,6 @@ class OnlineRun:
         self.cfg, self.method = cfg, ONLINE_METHODS[cfg.method]
         spec, opts = method_loss(cfg)
         check_online_setup(cfg, ctx)
-        # the learner, the behaviour scorer and the reference score at the sampling temperature (TRL: logits / T)
-        self.loss = Method(spec, opts, cfg.chunk_size, temperature=cfg.sampling.temperature)
         inputs = resolve_inputs(cfg, given)
         self.prompts, self.eval_prompts, self.reward = inputs.prompts, inputs.eval_prompts, inputs.reward
         self.environments = EnvironmentSetup.from_config(cfg, self.reward)  # None: single-turn rollouts
@@ -167,7 +165,10 @@ class OnlineRun:
         self.run.open()  # a resume is checked before anything is written
         self.judge_for = judge_factory(cfg, tokenizer, inputs.judge) if self.method.self_judge else None
         # rows: max_tokens_per_row, else the longest example
+        # the learner, the behaviour scorer and the reference score at the sampling temperature (TRL: logits / T):
+        # the learner reads chunk size and temperature from the same packing as the scorers
         self.packing = replace(Packing.from_config(cfg, tokenizer), temperature=cfg.sampling.temperature)
+        self.loss = Method(spec, opts, self.packing.chunk_size, temperature=self.packing.temperature)
         if ctx.device is not None:
             model.to(ctx.device)  # before the reference copies are made
         self.references, self.initial = online_references(model, cfg, self.method.self_judge)

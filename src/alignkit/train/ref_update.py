@@ -38,9 +38,10 @@ class MovingReference:
 
     def follow(self, count: int, policy) -> bool:
         """Move towards `policy` if due after `count` updates; whether it moved."""
-        if self.due(count):
+        moved = self.due(count)
+        if moved:
             self.update(policy)
-        return self.due(count)
+        return moved
 
     @torch.no_grad()
     def update(self, policy) -> None:
