@@ -34,9 +34,6 @@ def activation_token_weights(activations: torch.Tensor, token_mask: torch.Tensor
     return (rescaled * mask).mean(dim=-1)
 
 
-TOKEN_WEIGHTS = ("activations", "uniform")
-
-
 class SparsePOOptions(LossOptions):
     beta: Beta = 0.1
     use_token_kl: bool = Field(True, description="False: drop the KL term (a masked token-level DPO)")
