@@ -45,6 +45,27 @@ def test_a_multi_turn_rollout_trains_exactly_the_sampled_tokens():
     assert "[tool] 5" in rollout.texts[0][0]
 
 
+def test_missing_eos_penalty_falls_on_conversations_cut_by_a_limit():
+    tokenizer = chat_tokenizer()
+    records = [{"prompt": [{"role": "user", "content": "hello what"}], "target": 5, "_row": 1},
+               {"prompt": [{"role": "user", "content": "what is three"}], "target": 6, "_row": 2}]
+    replies = {"hello": [tool_call("add", a=2, b=3), "yes", "five"], "three": ["no", "yes"]}
+    limits = Limits(max_turns=1, require_reward=False)
+    setup = EnvironmentSetup(load_environment(Counter, limits), limits)
+    sampling = SAMPLING.model_copy(update={"max_new_tokens": 40})
+    plain, penalised = (environment_rollout(ScriptedEngine(tokenizer, replies), tokenizer, records, sampling,
+                                            RolloutShape(2, 256, penalty), setup) for penalty in (0.0, 0.5))
+    assert not plain.finished.all()  # the tool call at the only turn allowed cuts the first record's conversations
+    assert torch.equal(penalised.rewards, plain.rewards - 0.5 * (~plain.finished).float())
+
+
+def test_overlong_shaping_is_refused_with_environments():
+    cfg = online_config({"model": "m", "prompts": "p.jsonl", "environment": "envs_support:Notebook", "method": "grpo",
+                         "overlong_cache": 8})
+    with pytest.raises(ConfigError, match="overlong_cache.*single answer"):
+        method_loss(cfg)
+
+
 def test_a_prompt_with_no_room_for_an_answer_is_a_config_error():
     tokenizer = chat_tokenizer()
     limits = Limits(max_turns=2, max_tokens=8, require_reward=False)

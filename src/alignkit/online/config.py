@@ -122,6 +122,10 @@ def method_loss(cfg: OnlineConfig):
     if cfg.environment is not None and (method.pairs or method.value_head or method.self_judge):
         raise ConfigError("environment", f"multi-turn environments train the GRPO family, RLOO and REINFORCE++ so "
                                          f"far, not {cfg.method}")
+    if cfg.environment is not None and cfg.overlong_cache:
+        raise ConfigError("overlong_cache", "shapes a single answer's length against sampling.max_new_tokens; a "
+                                            "conversation's budget is max_length (a conversation cut by it counts as "
+                                            "cut: missing_eos_penalty, mask_truncated)")
     if cfg.lora is not None and cfg.reference_every:
         raise ConfigError("ref_update_every", "cannot be combined with lora (the reference is the base model with the "
                                               "adapters off); set 0")

@@ -9,7 +9,6 @@ max_new_tokens does."""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from alignkit.config import SamplingOptions
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.envs import EnvError, EnvironmentFactory, Limits, Trajectory, load_environment, run_trajectories
 from alignkit.errors import ConfigError
-from alignkit.online.rollout import Rollout, RolloutShape
+from alignkit.online.rollout import Rollout, RolloutShape, shaped_rewards
 
 
 @dataclass
@@ -64,11 +63,12 @@ def environment_rollout(engine, tokenizer, records: list[dict], sampling: Sampli
         finished.append(done)
         texts.append([_conversation_text(t) for t in group])
     tic = time.perf_counter()
-    rewards = _rewards(trajectories, records, k, setup.reward)
+    finished = torch.tensor(finished, dtype=torch.bool)
+    rewards = shaped_rewards(_rewards(trajectories, records, k, setup.reward), finished,
+                             [e.response_ids for e in examples], shape)
     total = sum(len(s) for example in examples for s in example.response_ids)
-    rollout = Rollout([r.get("prompt") for r in records], texts, examples, rewards,
-                      torch.tensor(finished, dtype=torch.bool), total, generated, time.perf_counter() - tic,
-                      engine_logps)
+    rollout = Rollout([r.get("prompt") for r in records], texts, examples, rewards, finished, total, generated,
+                      time.perf_counter() - tic, engine_logps)
     rollout.stats = trajectory_stats(trajectories)
     return rollout
 
@@ -91,15 +91,15 @@ def _group_example(group: list[Trajectory], max_length: int, row: int):
     return TokenizedExample(list(prompt_ids), responses, response_loss_masks=masks), logps, done
 
 
-def _rewards(trajectories: list[Trajectory], records: list[dict], k: int, reward) -> torch.Tensor:
-    """[B, k]: each conversation's reward; where the environment gave none, `reward` scores the last answer."""
+def _rewards(trajectories: list[Trajectory], records: list[dict], k: int, reward) -> list:
+    """Each conversation's reward (None: none); where the environment gave none, `reward` scores the last answer."""
     values = [t.reward for t in trajectories]
     missing = [i for i, v in enumerate(values) if v is None]
     if missing and reward is not None:
         answers = [_last_answer(trajectories[i]) for i in missing]
         for i, score in zip(missing, reward([records[i // k].get("prompt") for i in missing], answers)):
             values[i] = score
-    return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32).view(-1, k)
+    return values
 
 
 def _last_answer(trajectory: Trajectory) -> str:

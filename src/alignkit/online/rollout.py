@@ -85,7 +85,7 @@ def generate_rollout(generator, tokenizer, prompts: list, reward, sampling: Samp
                      shape: RolloutShape) -> Rollout:
     """Sample shape.num_samples responses per prompt with `generator` (an engine, or the policy for the hf engine),
     score them with `reward` (reward(prompts, responses) -> floats) and keep their token ids."""
-    num_samples, max_length, overlong = shape.num_samples, shape.max_length, shape.overlong
+    num_samples, max_length = shape.num_samples, shape.max_length
     tic = time.perf_counter()
     prompt_ids = encode_prompts(tokenizer, prompts)
     too_long = next((i for i, ids in enumerate(prompt_ids) if len(ids) >= max_length), None)
@@ -105,13 +105,20 @@ def generate_rollout(generator, tokenizer, prompts: list, reward, sampling: Samp
     tic = time.perf_counter()
     flat = reward([p for p, group in zip(prompts, generation.texts) for _ in group],
                   [text for group in generation.texts for text in group])
-    rewards = torch.tensor([math.nan if r is None else float(r) for r in flat], dtype=torch.float32)
-    rewards = rewards.view(len(prompts), num_samples)
-    if shape.missing_eos_penalty:
-        rewards = rewards - shape.missing_eos_penalty * (~finished).float()
-    if overlong is not None:
-        lengths = torch.tensor([[len(s) for s in samples] for samples in generation.ids])
-        rewards = rewards + soft_overlong_penalty(lengths, *overlong)
+    rewards = shaped_rewards(flat, finished, generation.ids, shape)
     total = sum(len(s) for example in examples for s in example.response_ids)
     return Rollout(list(prompts), generation.texts, examples, rewards, finished, total, generated,
                    time.perf_counter() - tic, engine_logps)
+
+
+def shaped_rewards(values: list, finished: torch.Tensor, responses: list[list], shape: RolloutShape) -> torch.Tensor:
+    """[B, k] rewards from the flat reward values (None: no reward, NaN), less missing_eos_penalty where a sample
+    was cut and plus the soft overlong penalty on each response's length (responses: [B][k] token ids)."""
+    rewards = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
+    rewards = rewards.view(-1, shape.num_samples)
+    if shape.missing_eos_penalty:
+        rewards = rewards - shape.missing_eos_penalty * (~finished).float()
+    if shape.overlong is not None:
+        lengths = torch.tensor([[len(s) for s in samples] for samples in responses])
+        rewards = rewards + soft_overlong_penalty(lengths, *shape.overlong)
+    return rewards
