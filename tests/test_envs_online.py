@@ -12,14 +12,14 @@ import yaml
 
 from alignkit.cli import main
 from alignkit.data.load import write_jsonl_atomic
-from alignkit.envs import Limits, load_environment
+from alignkit.envs import EnvError, Limits, load_environment
 from alignkit.errors import ConfigError
 from alignkit.online import online_config
 from alignkit.online.config import method_loss
 from alignkit.online.env_rollout import EnvironmentSetup, environment_rollout
 from alignkit.online.rollout import RolloutShape
 from envs_support import SAMPLING, ScriptedEngine, chat_model, chat_tokenizer, tool_call
-from test_envs_adapters import Counter
+from test_envs_adapters import Broken, Counter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,6 +64,26 @@ def test_overlong_shaping_is_refused_with_environments():
                          "overlong_cache": 8})
     with pytest.raises(ConfigError, match="overlong_cache.*single answer"):
         method_loss(cfg)
+
+
+class FailsOnBad(Broken):
+    def __init__(self):
+        super().__init__("ok")
+
+    def reset(self, row):
+        if row.get("bad"):
+            raise ValueError("no such puzzle")
+        return super().reset(row)
+
+
+def test_an_error_names_the_record_not_its_copy():
+    tokenizer = chat_tokenizer()
+    limits = Limits(max_turns=1, require_reward=False)
+    setup = EnvironmentSetup(load_environment(FailsOnBad, limits), limits)
+    records = [{"prompt": "what is two"}, {"prompt": "what is two", "bad": True}]  # no _row: numbered in order
+    with pytest.raises(EnvError, match=r"FailsOnBad, row 2: reset raised ValueError"):
+        environment_rollout(ScriptedEngine(tokenizer, {"two": ["yes"] * 4}), tokenizer, records, SAMPLING,
+                            RolloutShape(2, 256), setup)
 
 
 def test_a_prompt_with_no_room_for_an_answer_is_a_config_error():

@@ -44,8 +44,10 @@ def environment_rollout(engine, tokenizer, records: list[dict], sampling: Sampli
     """shape.num_samples conversations per record, each with its own environment instance."""
     k = shape.num_samples
     tic = time.perf_counter()
-    rows = [record for record in records for _ in range(k)]
-    numbers = [record.get("_row") or i // k + 1 for i, record in enumerate(rows)]
+    # each record's number rides in its rows, so its errors name one row wherever they arise
+    numbered = [record if record.get("_row") else {**record, "_row": b + 1} for b, record in enumerate(records)]
+    rows = [record for record in numbered for _ in range(k)]
+    numbers = [row["_row"] for row in rows]
     envs = [setup.factory.make(row, number) for row, number in zip(rows, numbers)]
     trajectories = run_trajectories(engine, tokenizer, envs, rows, sampling,
                                     setup.limits.model_copy(update={"seed": shape.seed}))
