@@ -43,6 +43,10 @@ def synthetic_inputs(data_shape: str, needs_token_logps: bool) -> LossInputs:
         inputs.ref_token_logps, inputs.token_mask = ref_token_logps, token_mask
         inputs.token_weights = torch.rand(B, k, T, generator=generator)
         inputs.token_kl = torch.rand(B, k, T, generator=generator) * token_mask
+        # Distillation: a teacher's log-probs of the tokens, and a divergence to it that depends on the policy (as
+        # the loop's chunked one does)
+        inputs.teacher_token_logps = -torch.rand(B, k, T, generator=generator) * token_mask
+        inputs.token_divergence = (inputs.token_logps - inputs.teacher_token_logps).pow(2) * token_mask
     return inputs
 
 

@@ -101,6 +101,10 @@ class LossInputs:
     consistency: torch.Tensor | None = None  # [B] CREAM: how far two judges agree on a pair's order, in [0, 1]
     # The rollout engine's log-probs of the sampled tokens (generate/engines), for the engine/trainer gap and TIS.
     engine_token_logps: torch.Tensor | None = None  # [B, k, T]
+    # Distillation (losses/distill.py): a frozen teacher's log-probs of the sampled tokens (on-policy distillation),
+    # and the per-token divergence to its distribution over the vocabulary (GKD; losses/divergence.py)
+    teacher_token_logps: torch.Tensor | None = None  # [B, k, T]
+    token_divergence: torch.Tensor | None = None  # [B, k, T] >= 0, 0 where masked
 
     @property
     def chosen_logps(self) -> torch.Tensor:

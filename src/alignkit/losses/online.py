@@ -223,10 +223,10 @@ def grpo_loss(inputs: LossInputs, opts: GRPOOptions) -> LossOutput:
     eps_high = opts.epsilon_high or opts.epsilon
     per_token = clipped_surrogate(ratio, advantages, opts.epsilon, eps_high).expand_as(logps)
     clip = _clip_metrics(ratio, advantages, mask, 1 - opts.epsilon, 1 + eps_high)
-    return _group_loss(per_token, inputs, ratio, opts, "grpo", clip)
+    return group_loss(per_token, inputs, ratio, opts, "grpo", clip)
 
 
-def _group_loss(per_token, inputs: LossInputs, ratio, opts, name: str, clip: dict) -> LossOutput:
+def group_loss(per_token, inputs: LossInputs, ratio, opts, name: str, clip: dict) -> LossOutput:
     """The shared tail of the group-advantage losses: TIS weights, the KL term, the aggregation, the metrics (ratio:
     pi / pi_old with its gradient, TRL's coef_1; clip: the caller's clip fractions)."""
     logps, mask = inputs.token_logps, inputs.token_mask
@@ -268,7 +268,7 @@ def cispo_loss(inputs: LossInputs, opts: CISPOOptions) -> LossOutput:
     weights = ratio.detach().clamp(min=opts.weight_min or None, max=opts.weight_max)
     per_token = -weights * advantages * logps
     clip = _clip_metrics(ratio, advantages, inputs.token_mask, opts.weight_min or None, opts.weight_max)
-    return _group_loss(per_token, inputs, ratio, opts, "cispo", clip)
+    return group_loss(per_token, inputs, ratio, opts, "cispo", clip)
 
 
 class ReinforcePPOptions(_ReferenceIfKL):

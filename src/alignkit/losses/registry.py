@@ -10,6 +10,7 @@ from typing import Any
 from alignkit.errors import ConfigError
 from alignkit.losses import (
     bonbon,
+    distill,
     listwise,
     long_context,
     multiobjective,
@@ -54,6 +55,8 @@ class LossSpec:
     # The record field holding the prompt the reference reads instead of `prompt` (LongPO: "short_prompt"; the
     # loop scores the reference on it). None: the reference reads what the policy reads.
     reference_context: str | None = None
+    # A frozen teacher scores the batch (distillation): its per-token log-probs or its divergence to the policy.
+    needs_teacher: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -118,6 +121,12 @@ register(LossSpec("reinforce++", online.reinforce_pp_loss, online.ReinforcePPOpt
 register(LossSpec("rloo", online.rloo_loss, online.RLOOOptions, "rollouts", True, "arXiv 2402.14740"))
 register(LossSpec("ppo", online.ppo_loss, online.PPOOptions, "rollouts", True, "arXiv 1707.06347, 2307.04964",
                   needs_token_logps=True))
+# Distillation (docs/distillation.md): gkd reads the per-token divergence to a teacher (LossSpec.needs_teacher),
+# opd the teacher's log-probs of the student's samples (`alignkit online --method opd`).
+register(LossSpec("gkd", distill.gkd_loss, distill.GKDOptions, "sft", False, "arXiv 2306.13649",
+                  needs_token_logps=True, needs_teacher=True))
+register(LossSpec("opd", distill.opd_loss, distill.OPDOptions, "rollouts", True, "Thinking Machines, on-policy "
+                  "distillation (2025)", needs_token_logps=True, needs_teacher=True))
 # CREAM: DPO weighted by the consistency of two iterations' rankings (`alignkit online --method self-reward`).
 register(LossSpec("cream", pairwise.cream_loss, pairwise.CREAMOptions, "pairs", True, "arXiv 2410.12735"))
 
