@@ -70,6 +70,9 @@ class OnlineConfig(OptimConfig):
     environment_reward: Literal["final", "sum"] = Field("final", description="environment: a conversation's reward, "
                                                         "its last turn's or the sum of its turns'; where the "
                                                         "environment gives none, `reward` scores the last answer")
+    # Distillation (docs/distillation.md): methods opd and gkd.
+    teacher: str | None = Field(None, description="opd / gkd: the frozen teacher (alias, directory or hub id) with the "
+                                "student's vocabulary; it may be larger")
     # Report.
     eval_before_after: bool = Field(True, description="sample the held-out prompts before and after for "
                                     "summary.json (off where a recipe runs its own evaluation)")
@@ -126,6 +129,9 @@ def method_loss(cfg: OnlineConfig):
         raise ConfigError("overlong_cache", "shapes a single answer's length against sampling.max_new_tokens; a "
                                             "conversation's budget is max_length (a conversation cut by it counts as "
                                             "cut: missing_eos_penalty, mask_truncated)")
+    if spec.needs_teacher != (cfg.teacher is not None):
+        raise ConfigError("teacher", f"method {cfg.method} needs a teacher: a model with the student's vocabulary"
+                          if spec.needs_teacher else f"method {cfg.method} has no teacher; leave teacher unset")
     if cfg.lora is not None and cfg.reference_every:
         raise ConfigError("ref_update_every", "cannot be combined with lora (the reference is the base model with the "
                                               "adapters off); set 0")

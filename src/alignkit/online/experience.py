@@ -90,6 +90,7 @@ class RoundContext:
     judge_for: Callable | None  # model -> Reward (self-rewarding: the previous iteration's judge)
     prompt_pool: list = field(default_factory=list)  # every training prompt (dynamic sampling refills from it)
     metrics: dict[str, float] = field(default_factory=dict)
+    teacher: object = None  # distillation's frozen teacher
 
     @property
     def reference(self):
@@ -127,6 +128,18 @@ def rl_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
     """GRPO / RLOO: behaviour log-probs only where a rollout feeds several updates (else the ratio is 1 and the
     policy's own detached log-probs stand in, as TRL does)."""
     return _scored(rollout, round_ctx, behaviour=round_ctx.cfg.updates_per_round > 1)
+
+
+def distill_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
+    """On-policy distillation: GRPO's experience plus the teacher's log-probs of every sampled token, scored once
+    per rollout in the learner's packing (at the sampling temperature, as the student)."""
+    if round_ctx.teacher is None:
+        raise ValueError("on-policy distillation needs a teacher model in the round")
+    experience = rl_experience(rollout, round_ctx)
+    seq_logps, token_logps = round_ctx.scorer.reference(round_ctx.teacher, rollout.examples)
+    experience.per_token["teacher_token_logps"] = token_logps
+    experience.metrics["teacher_logp"] = float(seq_logps.mean())
+    return experience
 
 
 def reinforce_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:

@@ -8,7 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from alignkit.online.experience import pair_experience, ppo_experience, reinforce_experience, rl_experience
+from alignkit.online.experience import (
+    distill_experience,
+    pair_experience,
+    ppo_experience,
+    reinforce_experience,
+    rl_experience,
+)
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,10 @@ ONLINE_METHODS: dict[str, OnlineMethod] = {
     "rloo": OnlineMethod("rloo", rl_experience, "arXiv 2402.14740"),
     "ppo": OnlineMethod("ppo", ppo_experience, "arXiv 1707.06347, 2307.04964", value_head=True),
     "online-dpo": OnlineMethod("dpo", pair_experience, "arXiv 2402.04792", pairs=True),
+    # Distillation toward `teacher` (docs/distillation.md): its log-probs of the samples as a per-token advantage,
+    # or GKD's divergence over the vocabulary on the student's samples (TRL's DistillationTrainer: beta 1).
+    "opd": OnlineMethod("opd", distill_experience, "Thinking Machines 2025, on-policy distillation"),
+    "gkd": OnlineMethod("gkd", rl_experience, "arXiv 2306.13649"),
     "self-reward": OnlineMethod("dpo", pair_experience, "arXiv 2401.10020", pairs=True, self_judge=True,
                                 reference_every=1),
 }

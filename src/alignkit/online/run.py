@@ -23,7 +23,10 @@ from safetensors.torch import load_model, save_model
 
 from alignkit.errors import ConfigError
 from alignkit.generate.engines import make_engine, sleep_engine
+from alignkit.losses import build_options
+from alignkit.losses.base import needs
 from alignkit.models.inference import frozen_copy
+from alignkit.models.teacher import load_teacher
 from alignkit.models.value_head import PolicyWithValueHead
 from alignkit.online import sampling
 from alignkit.online.advantages import RunningMoments
@@ -131,6 +134,18 @@ def resolve_inputs(cfg: OnlineConfig, given: OnlineInputs) -> OnlineInputs:
     return OnlineInputs(prompts, eval_prompts, reward, given.judge)
 
 
+def online_teacher(cfg: OnlineConfig, spec, model, tokenizer, ctx):
+    """Distillation's frozen teacher (None for other methods), loaded and checked against the student; GKD's
+    divergence runs inside the learner's forward, which DDP does not wrap yet."""
+    if not spec.needs_teacher:
+        return None
+    if ctx.enabled and "teacher" in needs(build_options(spec, cfg.loss_options)):
+        raise ConfigError("distributed", f"method {cfg.method} compares the student with the teacher inside the "
+                                         "learner's forward: one process for now (opd runs under torchrun)")
+    teacher = load_teacher(cfg.teacher, model, tokenizer, cfg.precision)
+    return teacher.to(ctx.device) if ctx.device is not None else teacher
+
+
 def online_references(model, cfg: OnlineConfig, self_judge: bool = False):
     """(the reference, the starting policy for the summary's KL): frozen copies of `model` (bf16 linear weights in
     a bf16 run: the same log-probs under autocast); the reference moves every ref_update_every rounds, keeping the
@@ -161,6 +176,7 @@ class OnlineRun:
             from alignkit.models.resolve import load_model_and_tokenizer
 
             model, tokenizer = load_model_and_tokenizer(cfg.model)
+        self.teacher = online_teacher(cfg, spec, model, tokenizer, ctx)  # refused before anything is written
         self.tokenizer, self.run = tokenizer, Run(cfg, ctx, tokenizer)
         self.run.open()  # a resume is checked before anything is written
         self.judge_for = judge_factory(cfg, tokenizer, inputs.judge) if self.method.self_judge else None
@@ -168,7 +184,8 @@ class OnlineRun:
         # the learner, the behaviour scorer and the reference score at the sampling temperature (TRL: logits / T):
         # the learner reads chunk size and temperature from the same packing as the scorers
         self.packing = replace(Packing.from_config(cfg, tokenizer), temperature=cfg.sampling.temperature)
-        self.loss = Method(spec, opts, self.packing.chunk_size, temperature=self.packing.temperature)
+        self.loss = Method(spec, opts, self.packing.chunk_size, temperature=self.packing.temperature,
+                           teacher=self.teacher if "teacher" in needs(opts) else None)
         if ctx.device is not None:
             model.to(ctx.device)  # before the reference copies are made
         self.references, self.initial = online_references(model, cfg, self.method.self_judge)
@@ -233,7 +250,7 @@ class OnlineRun:
         start = round_index * cfg.prompts_per_round
         batch = [self.prompts[i] for i in self.order[start:start + cfg.prompts_per_round]]
         round_ctx = RoundContext(cfg, self.loss.opts, self.scorer, self.references, self.moments, self.judge_for,
-                                 self.prompts)
+                                 self.prompts, teacher=self.teacher)
         cpu = time.process_time()
         rollout, metrics = sampling.collect_rollout(self, batch, round_index)
         tic = time.perf_counter()

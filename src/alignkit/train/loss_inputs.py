@@ -18,6 +18,7 @@ from alignkit.models.logprobs import ResponseLogProbs, response_logprobs
 from alignkit.models.token_kl import logprobs_and_token_kl, pad_tokens, reference_forward
 from alignkit.train.distributed import Dist, gather_objects
 from alignkit.train.reference import Reference
+from alignkit.train.teacher import logprobs_and_divergence
 
 
 def mean_trained_lengths(examples: list[TokenizedExample], indices) -> torch.Tensor:
@@ -35,7 +36,10 @@ def logprob_inputs(model, batch: PackedBatch, method, ref: Reference | None) -> 
     """The policy's (and reference's) log-probs of the batch, split into the loss's fields (method: train/method.Method)."""
     spec, opts, chunk_size = method.spec, method.opts, method.chunk_size
     live_ref = ref is not None and ref.model is not None and uses_ref_model(spec, opts)
-    if live_ref:  # SparsePO: the reference runs on the same rows; the KL comes out of the policy's chunked pass
+    divergence = None
+    if method.teacher is not None and "teacher" in needs(opts):  # GKD: the teacher runs on the same rows
+        out, divergence = logprobs_and_divergence(model, batch, method.teacher, opts, chunk_size, method.temperature)
+    elif live_ref:  # SparsePO: the reference runs on the same rows; the KL comes out of the policy's chunked pass
         if method.temperature != 1:  # offline only: nothing was sampled at a temperature
             raise ConfigError("temperature", f"loss '{spec.name}' with a live reference scores at temperature 1")
         ref_forward = reference_forward(ref.model, batch)
@@ -58,6 +62,8 @@ def logprob_inputs(model, batch: PackedBatch, method, ref: Reference | None) -> 
             inputs.ref_token_logps, _ = ref_out.padded(batch)
     if spec.needs_token_logps:
         inputs.token_logps, inputs.token_mask = out.padded(batch)
+    if divergence is not None:
+        inputs.token_divergence = pad_tokens(divergence, batch)
     if out.values is not None:  # a policy with a value head (PPO): V(s_t) from the same forward
         inputs.values = pad_tokens(out.values, batch)
     if spec.needs_ref_model:

@@ -24,7 +24,8 @@ class Method:
     """spec: the loss's registry entry; opts: its options; chunk_size: of the vocabulary projection; sft_weight: an
     NLL term on the first response (RPO-style), added to every example's loss; max_length: tokens of prompt + one
     response (KTO's mismatched completions are cut to it); temperature: the policy's logits are divided by it (online:
-    the sampling temperature, so the learner scores the distribution that sampled)."""
+    the sampling temperature, so the learner scores the distribution that sampled); teacher: a frozen teacher model
+    (distillation: GKD's divergence is taken against it in every forward)."""
 
     spec: LossSpec
     opts: object
@@ -32,6 +33,7 @@ class Method:
     sft_weight: float = 0.0
     max_length: int | None = None
     temperature: float = 1.0
+    teacher: object = None
 
     @classmethod
     def from_config(cls, cfg) -> Method:
