@@ -56,7 +56,7 @@ def test_packed_divergence_equals_separate_runs_values_and_gradients(tmp_path, b
     examples, batch = pairs_batch(tmp_path)
     student, teacher = tiny_llama(0).eval(), tiny_llama(1, hidden=48).eval()  # a wider teacher
     opts = build_options(get_loss("gkd"), {"beta": beta, "temperature": 0.8})
-    out, divergence = logprobs_and_divergence(student, batch, teacher, opts, chunk_size=7)
+    out, divergence = logprobs_and_divergence(student, batch, (teacher, None), opts, chunk_size=7)
     weights = torch.linspace(0.5, 1.5, len(divergence))
     grads = torch.autograd.grad((divergence * weights).sum(), list(student.parameters()))
     expected = separate_divergence(student, teacher, examples, beta, 0.8)

@@ -170,6 +170,9 @@ class TrainConfig(OptimConfig):
     ref_update: RefUpdateOptions | None = Field(
         None, description="TR-DPO: update the reference every `every` steps, {mode: soft|hard, every, alpha}")
     eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations (0: only at the end)")
+    # Distillation (docs/distillation.md): gkd / dckd / adpa's frozen teacher, and adpa's teacher reference.
+    teacher: str | None = Field(None, description="the teacher (alias, directory or hub id), the student's vocabulary")
+    teacher_reference: str | None = Field(None, description="adpa: the teacher's reference (its SFT starting point)")
     # The loss's options model, built from loss_options when the config is loaded (api.build_config).
     _loss_options: Any = PrivateAttr(None)
 

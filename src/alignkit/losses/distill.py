@@ -4,14 +4,15 @@ gkd: the generalized JSD per response token over the vocabulary (or the teacher'
 the loop with losses/divergence.py into LossInputs.token_divergence, token-mean over the step (GKD, arXiv
 2306.13649; TRL's DistillationTrainer / GKDTrainer). opd: on-policy distillation as a per-token advantage
 A_t = -c (log pi_S - log pi_T) on the student's own samples, in the GRPO family's clipped policy-gradient loss,
-optionally plus a task reward's group advantage (tinker-cookbook, verl use_task_rewards)."""
+optionally plus a task reward's group advantage (tinker-cookbook, verl use_task_rewards). dckd and adpa: the seed
+paper's distillation on preference pairs (arXiv 2502.17927)."""
 
 from __future__ import annotations
 
 import torch
 from pydantic import Field
 
-from alignkit.losses.base import LossInputs, LossOutput
+from alignkit.losses.base import LossInputs, LossOutput, logratios, pair_reward_metrics
 from alignkit.losses.online import (
     Aggregation,
     GRPOOptions,
@@ -20,7 +21,7 @@ from alignkit.losses.online import (
     group_advantages,
     group_loss,
 )
-from alignkit.losses.options import LossOptions
+from alignkit.losses.options import Beta, LossOptions
 
 
 class GKDOptions(LossOptions):
@@ -36,6 +37,10 @@ class GKDOptions(LossOptions):
 
     def needs(self) -> set[str]:
         return {"teacher"}
+
+    def divergence(self) -> tuple[float, float]:
+        """(JSD beta, temperature) of the per-token divergence the loop computes."""
+        return self.beta, self.temperature
 
 
 def gkd_loss(inputs: LossInputs, opts: GKDOptions) -> LossOutput:
@@ -94,3 +99,73 @@ def opd_loss(inputs: LossInputs, opts: OPDOptions) -> LossOutput:
     teacher_gap = ((old - inputs.teacher_token_logps) * weights).sum((1, 2)) / weights.sum((1, 2)).clamp(min=1)
     metrics["distill/reverse_kl"] = teacher_gap.detach()  # mean log pi_S - log pi_T on the samples (k1 estimate)
     return losses, metrics
+
+
+def column_token_mean(per_token: torch.Tensor, mask: torch.Tensor, column: int,
+                      step_mean_lengths: torch.Tensor | None) -> torch.Tensor:
+    """[B] per-example sums over response `column`'s tokens divided by that column's mean token count over the step
+    (default: the batch's), so the learner's mean over examples is the token-mean over the step's tokens."""
+    weights = mask[:, column].to(per_token.dtype)
+    mean_tokens = step_mean_lengths[column] if step_mean_lengths is not None else weights.sum(-1).mean()
+    return (per_token[:, column] * weights).sum(-1) / mean_tokens.clamp(min=1)
+
+
+class DCKDOptions(LossOptions):
+    """DCKD (arXiv 2502.17927): forward-KL distillation from an aligned teacher on both responses of a pair."""
+
+    chosen_kd_weight: float = Field(1.0, ge=0, description="weight of KL(teacher || student) on the chosen tokens")
+    rejected_kd_weight: float = Field(1.0, ge=0, description="weight of KL(teacher || student) on the rejected "
+                                                             "tokens")
+    dpo_weight: float = Field(0.0, ge=0, description="a DPO term as well (the authors' trainer: dpo_weight); 0: none")
+    beta: Beta = Field(0.1, description="the DPO term's beta")
+    temperature: float = Field(1.0, gt=0, description="both models' logits are divided by it")
+    top_k: int = Field(0, ge=0, description="the teacher's k most likely tokens only (plus a tail); 0: all")
+    tail: bool = True
+
+    def needs(self) -> set[str]:
+        return {"teacher"}
+
+    def divergence(self) -> tuple[float, float]:
+        return 0.0, self.temperature  # forward KL(teacher || student)
+
+
+def dckd_loss(inputs: LossInputs, opts: DCKDOptions) -> LossOutput:
+    """l = w_c KL_w + w_l KL_l [+ d (-log s(b (log-ratio_w - log-ratio_l)))], KL_y the token-mean of
+    KL(pi_T(.|s_t) || pi_S(.|s_t)) over response y's tokens (token_divergence at beta 0). Gao et al., arXiv 2502.17927
+    (DCKD; the DPO term as in the authors' trainer)."""
+    if inputs.token_divergence is None or inputs.token_mask is None:
+        raise ValueError("dckd needs the per-token KL to a teacher (token_divergence); give a `teacher`")
+    mask, divergence = inputs.token_mask, inputs.token_divergence
+    chosen_kl = column_token_mean(divergence, mask, 0, inputs.step_mean_lengths)
+    rejected_kl = column_token_mean(divergence, mask, 1, inputs.step_mean_lengths)
+    losses = opts.chosen_kd_weight * chosen_kl + opts.rejected_kd_weight * rejected_kl
+    metrics = {"distill/chosen_kl": chosen_kl.detach(), "distill/rejected_kl": rejected_kl.detach()}
+    if opts.dpo_weight > 0:
+        chosen_ratio, rejected_ratio = logratios(inputs)
+        losses = losses - opts.dpo_weight * torch.nn.functional.logsigmoid(opts.beta * (chosen_ratio - rejected_ratio))
+        metrics.update(pair_reward_metrics(opts.beta * chosen_ratio.detach(), opts.beta * rejected_ratio.detach()))
+    return losses, metrics
+
+
+class ADPAOptions(LossOptions):
+    """ADPA (arXiv 2502.17927): the student's distribution on its own samples (the pairs' rejected responses) scored
+    by an aligned teacher's advantage over its reference, log pi_T(a|s) - log pi_Tref(a|s), for every token a."""
+
+    temperature: float = Field(1.0, gt=0, description="the three models' logits are divided by it")
+
+    def needs(self) -> set[str]:
+        return {"teacher", "teacher_reference"}
+
+    def divergence(self) -> tuple[float, float]:
+        return 1.0, self.temperature  # beta is unused by the advantage
+
+
+def adpa_loss(inputs: LossInputs, opts: ADPAOptions) -> LossOutput:
+    """l = -(1/|y_l|) sum_t sum_a pi_S(a|s_t) (log pi_T(a|s_t) - log pi_Tref(a|s_t)) over the rejected response's
+    tokens (token-mean over the step; the loop puts the per-token term in token_divergence). The chosen response
+    gets the loop's NLL term where sft_weight > 0 (the authors' sft_on_chosen). Gao et al., arXiv 2502.17927."""
+    if inputs.token_divergence is None or inputs.token_mask is None:
+        raise ValueError("adpa needs the teacher's advantage under the student (token_divergence); give a `teacher` "
+                         "and a `teacher_reference`")
+    losses = column_token_mean(inputs.token_divergence, inputs.token_mask, 1, inputs.step_mean_lengths)
+    return losses, {"distill/advantage": -losses.detach()}

@@ -60,6 +60,15 @@ class TopKTeacher:
 
 
 @dataclass(frozen=True)
+class AdvantageTeacher:
+    """An aligned teacher and its reference, both dense (ADPA): at each position the student is scored on
+    sum_a p_S(a) (log pi_T(a) - log pi_Tref(a)), the teacher's advantage of every token under the student."""
+
+    teacher: DenseTeacher
+    reference: DenseTeacher
+
+
+@dataclass(frozen=True)
 class DistillSettings:
     beta: float = 1.0  # 0: forward KL(teacher || student), 1: reverse KL(student || teacher)
     temperature: float = 1.0  # both models' logits are divided by it
@@ -82,9 +91,20 @@ def head_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return torch.log_softmax(logits / temperature if temperature != 1 else logits, dim=-1)
 
 
+def expected_advantage(student_logps: torch.Tensor, teacher_logps: torch.Tensor,
+                       reference_logps: torch.Tensor) -> torch.Tensor:
+    """-sum_a p_S(a) (log pi_T(a) - log pi_Tref(a)) per row: ADPA's per-token loss (arXiv 2502.17927), the negative
+    of the teacher's advantage expected under the student's distribution."""
+    return -(student_logps.exp() * (teacher_logps - reference_logps)).sum(-1)
+
+
 def chunk_divergence(hidden, weight, bias, teacher, rows: slice, settings: DistillSettings) -> torch.Tensor:
     """The divergence at the chunk `rows` of the response tokens (hidden: the chunk's student hidden states)."""
     student = head_logps(hidden, weight, bias, settings.temperature)
+    if isinstance(teacher, AdvantageTeacher):
+        aligned, reference = (head_logps(t.hidden[rows], t.head_weight, t.head_bias, settings.temperature)
+                              for t in (teacher.teacher, teacher.reference))
+        return expected_advantage(student, aligned.to(student.dtype), reference.to(student.dtype))
     if isinstance(teacher, DenseTeacher):
         bias_t = teacher.head_bias
         target = head_logps(teacher.hidden[rows], teacher.head_weight, bias_t, settings.temperature)
@@ -102,7 +122,7 @@ def chunk_divergence(hidden, weight, bias, teacher, rows: slice, settings: Disti
 
 class ChunkedDistillation(torch.autograd.Function):
     """The per-token divergence [N] between the student (hidden [N, H], head weight, bias: these take gradients)
-    and a DenseTeacher or TopKTeacher (no gradients), chunk by chunk over the N tokens. The backward recomputes each
+    and a DenseTeacher, TopKTeacher or AdvantageTeacher (no gradients), chunk by chunk over the N tokens. The backward recomputes each
     chunk's logits and differentiates it alone, so one chunk's [chunk, V] buffers are alive at a time."""
 
     @staticmethod
@@ -148,8 +168,10 @@ class ChunkedDistillation(torch.autograd.Function):
 
 
 def chunked_divergence(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       teacher: DenseTeacher | TopKTeacher, settings: DistillSettings) -> torch.Tensor:
-    """Generalized JSD per response token [N] of the student's head on `hidden` against `teacher` (see above)."""
+                       teacher: DenseTeacher | TopKTeacher | AdvantageTeacher,
+                       settings: DistillSettings) -> torch.Tensor:
+    """Per response token [N]: the generalized JSD of the student's head on `hidden` to `teacher` (dense or top-k),
+    or ADPA's expected advantage (an AdvantageTeacher; beta unused)."""
     return ChunkedDistillation.apply(hidden, weight, bias, teacher, settings)
 
 

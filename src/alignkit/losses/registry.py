@@ -121,9 +121,14 @@ register(LossSpec("reinforce++", online.reinforce_pp_loss, online.ReinforcePPOpt
 register(LossSpec("rloo", online.rloo_loss, online.RLOOOptions, "rollouts", True, "arXiv 2402.14740"))
 register(LossSpec("ppo", online.ppo_loss, online.PPOOptions, "rollouts", True, "arXiv 1707.06347, 2307.04964",
                   needs_token_logps=True))
-# Distillation (docs/distillation.md): gkd reads the per-token divergence to a teacher (LossSpec.needs_teacher),
-# opd the teacher's log-probs of the student's samples (`alignkit online --method opd`).
+# Distillation (docs/distillation.md): gkd, dckd and adpa read a per-token divergence to a teacher
+# (LossSpec.needs_teacher; adpa's also reads the teacher's reference), opd the teacher's log-probs of the student's
+# samples (`alignkit online --method opd`).
 register(LossSpec("gkd", distill.gkd_loss, distill.GKDOptions, "sft", False, "arXiv 2306.13649",
+                  needs_token_logps=True, needs_teacher=True))
+register(LossSpec("dckd", distill.dckd_loss, distill.DCKDOptions, "pairs", True, "arXiv 2502.17927",
+                  needs_token_logps=True, needs_teacher=True))
+register(LossSpec("adpa", distill.adpa_loss, distill.ADPAOptions, "pairs", False, "arXiv 2502.17927",
                   needs_token_logps=True, needs_teacher=True))
 register(LossSpec("opd", distill.opd_loss, distill.OPDOptions, "rollouts", True, "Thinking Machines, on-policy "
                   "distillation (2025)", needs_token_logps=True, needs_teacher=True))

@@ -7,16 +7,18 @@ metrics log, checkpoints, the final save) is train/run.Run's; a resume is refuse
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from alignkit.config import TrainConfig
 from alignkit.errors import AlignkitError, ConfigError
+from alignkit.losses.base import needs
 from alignkit.models.attention import attention_implementation, loadable_attention
 from alignkit.models.inference import eval_mode
 from alignkit.models.logprobs import response_logprobs
+from alignkit.models.teacher import load_teacher
 from alignkit.train.distributed import Dist, init_distributed, shard_steps, shutdown
 from alignkit.train.loss_inputs import CarriedState, check_method_setup, mean_trained_lengths
 from alignkit.train.method import Method
@@ -163,11 +165,31 @@ def load_model(cfg: TrainConfig, method: Method, ctx: Dist, model=None, tokenize
     return model, tokenizer
 
 
+def offline_teachers(cfg: TrainConfig, method: Method, model, tokenizer, ctx: Dist) -> Method:
+    """The method with its frozen teacher (and ADPA's teacher reference) loaded and checked against the student;
+    a teacher given to a loss that reads none is refused."""
+    wanted = needs(method.opts)
+    for key, name in (("teacher", cfg.teacher), ("teacher_reference", cfg.teacher_reference)):
+        if (name is not None) != (key in wanted):
+            raise ConfigError(key, f"loss '{cfg.loss}' needs a {key}" if key in wanted else
+                              f"loss '{cfg.loss}' reads no {key}; leave it unset")
+    if "teacher" not in wanted:
+        return method
+    if ctx.enabled:
+        raise ConfigError("distributed", f"loss '{cfg.loss}' compares the student with its teacher inside the "
+                                         "forward: one process for now")
+    device = ctx.device if ctx.device is not None else next(model.parameters()).device
+    teachers = [load_teacher(name, model, tokenizer, cfg.precision, key).to(device) if name is not None else None
+                for key, name in (("teacher", cfg.teacher), ("teacher_reference", cfg.teacher_reference))]
+    return replace(method, teacher=teachers[0], teacher_reference=teachers[1])
+
+
 def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     set_seed(cfg.seed)
     method = Method.from_config(cfg)
     check_offline_setup(cfg, method, ctx)
     model, tokenizer = load_model(cfg, method, ctx, model, tokenizer)
+    method = offline_teachers(cfg, method, model, tokenizer, ctx)  # refused before anything is written
     reward_model = method.spec.output == "rewards"
     attention = cfg.attention if not reward_model else attention_implementation(model)
     packing = Packing.from_config(cfg, tokenizer, attention)

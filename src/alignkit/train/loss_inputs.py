@@ -38,7 +38,8 @@ def logprob_inputs(model, batch: PackedBatch, method, ref: Reference | None) -> 
     live_ref = ref is not None and ref.model is not None and uses_ref_model(spec, opts)
     divergence = None
     if method.teacher is not None and "teacher" in needs(opts):  # GKD: the teacher runs on the same rows
-        out, divergence = logprobs_and_divergence(model, batch, method.teacher, opts, chunk_size, method.temperature)
+        teachers = (method.teacher, method.teacher_reference)
+        out, divergence = logprobs_and_divergence(model, batch, teachers, opts, chunk_size, method.temperature)
     elif live_ref:  # SparsePO: the reference runs on the same rows; the KL comes out of the policy's chunked pass
         if method.temperature != 1:  # offline only: nothing was sampled at a temperature
             raise ConfigError("temperature", f"loss '{spec.name}' with a live reference scores at temperature 1")

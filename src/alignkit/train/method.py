@@ -25,7 +25,7 @@ class Method:
     NLL term on the first response (RPO-style), added to every example's loss; max_length: tokens of prompt + one
     response (KTO's mismatched completions are cut to it); temperature: the policy's logits are divided by it (online:
     the sampling temperature, so the learner scores the distribution that sampled); teacher: a frozen teacher model
-    (distillation: GKD's divergence is taken against it in every forward)."""
+    (distillation: GKD's divergence is taken against it in every forward; teacher_reference: ADPA's second model)."""
 
     spec: LossSpec
     opts: object
@@ -34,6 +34,7 @@ class Method:
     max_length: int | None = None
     temperature: float = 1.0
     teacher: object = None
+    teacher_reference: object = None  # ADPA: the teacher's reference, for its advantage
 
     @classmethod
     def from_config(cls, cfg) -> Method:

@@ -1,5 +1,5 @@
 """The policy's response log-probs and its per-token divergence to a frozen teacher from one forward of each
-(GKD: losses/distill.gkd_loss): the policy's hidden states go through its head twice per chunk, once for the
+(GKD, DCKD, ADPA: losses/distill.py): the policy's hidden states go through its head twice per chunk, once for the
 sampled tokens' log-probs and once against the teacher's distribution, never as whole [tokens x vocab] logits."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import torch
 
 from alignkit.data.pack import PackedBatch
 from alignkit.losses.divergence import (
+    AdvantageTeacher,
     DenseTeacher,
     DistillSettings,
     TopKTeacher,
@@ -25,29 +26,34 @@ from alignkit.models.logprobs import (
 from alignkit.models.teacher import teacher_hidden
 
 
-def teacher_target(teacher, batch: PackedBatch, opts, chunk_size: int) -> DenseTeacher | TopKTeacher:
-    """What the policy is compared with on `batch`: the teacher's hidden states and head (full vocabulary), or its
-    top-k log-probs at the distillation temperature (opts.top_k > 0; opts: GKDOptions)."""
-    dense = DenseTeacher(*teacher_hidden(teacher, batch))
-    if not opts.top_k:
+def teacher_target(teachers: tuple, batch: PackedBatch, opts, chunk_size: int):
+    """What the policy is compared with on `batch`: the teacher's hidden states and head (full vocabulary), its
+    top-k log-probs at the distillation temperature (opts.top_k > 0), or, with a second model (ADPA), the teacher
+    and its reference. teachers: (teacher, its reference or None); opts: the loss's options."""
+    dense = DenseTeacher(*teacher_hidden(teachers[0], batch))
+    if teachers[1] is not None:
+        return AdvantageTeacher(dense, DenseTeacher(*teacher_hidden(teachers[1], batch)))
+    if not getattr(opts, "top_k", 0):
         return dense
     top = teacher_topk(dense, opts.top_k, opts.temperature, chunk_size)
     return TopKTeacher(top.logps, top.token_ids, opts.tail)
 
 
-def logprobs_and_divergence(model, batch: PackedBatch, teacher, opts, chunk_size: int = 1024,
+def logprobs_and_divergence(model, batch: PackedBatch, teachers: tuple, opts, chunk_size: int = 1024,
                             temperature: float = 1.0) -> tuple[ResponseLogProbs, torch.Tensor]:
-    """(the policy's response log-probs at `temperature`, as response_logprobs; the generalized JSD [N] to the
-    teacher at each response token, at opts.temperature with opts.beta), both differentiable through the policy."""
+    """(the policy's response log-probs at `temperature`, as response_logprobs; the divergence [N] to the teacher at
+    each response token: the generalized JSD with (beta, temperature) = opts.divergence(), or ADPA's expected
+    advantage where teachers holds a reference), both differentiable through the policy."""
     hidden = packed_hidden_states(model, batch)
     device = hidden.device
     selected = hidden[batch.token_rows.to(device), batch.token_pred_positions.to(device)]
     head = model.get_output_embeddings()
     settings = ChunkSettings(chunk_size, _compute_dtype(selected), KEEP_PROBS_BYTES, temperature)
     token_logps = ChunkedTokenLogps.apply(selected, head.weight, head.bias, batch.token_targets.to(device), settings)
-    target = teacher_target(teacher, batch, opts, chunk_size)
+    target = teacher_target(teachers, batch, opts, chunk_size)
+    beta, divergence_temperature = opts.divergence()
     divergence = chunked_divergence(selected, head.weight, head.bias, target,
-                                    DistillSettings(opts.beta, opts.temperature, chunk_size))
+                                    DistillSettings(beta, divergence_temperature, chunk_size))
     num_seq = batch.num_examples * batch.num_responses
     seq_logps = torch.zeros(num_seq, dtype=token_logps.dtype, device=device).index_add(
         0, batch.token_seq.to(device), token_logps)
