@@ -5,6 +5,7 @@ those; a TRL-style environment class trains through `alignkit online` on a tiny 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -18,7 +19,15 @@ from alignkit.online import online_config
 from alignkit.online.config import method_loss
 from alignkit.online.env_rollout import EnvironmentSetup, environment_rollout
 from alignkit.online.rollout import RolloutShape
-from envs_support import SAMPLING, ScriptedEngine, chat_model, chat_tokenizer, tool_call
+from envs_support import (
+    CHAT_TEMPLATE,
+    FORGETFUL_TEMPLATE,
+    SAMPLING,
+    ScriptedEngine,
+    chat_model,
+    chat_tokenizer,
+    tool_call,
+)
 from test_envs_adapters import Broken, Counter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,17 +105,18 @@ def test_a_prompt_with_no_room_for_an_answer_is_a_config_error():
                             RolloutShape(2, 8), setup)
 
 
-def test_environments_train_the_grpo_family_and_rloo_only(tmp_path):
+def test_environments_train_the_grpo_family_rloo_and_ppo_not_pair_methods(tmp_path):
     base = {"model": "m", "prompts": "p.jsonl", "environment": "envs_support:Notebook"}
-    for method in ("grpo", "rloo", "dapo", "reinforce++"):
+    for method in ("grpo", "rloo", "dapo", "reinforce++", "ppo"):
         method_loss(online_config({**base, "method": method}))
-    with pytest.raises(ConfigError, match="environment.*not ppo"):
-        method_loss(online_config({**base, "method": "ppo"}))
+    for method in ("online-dpo", "self-reward"):
+        with pytest.raises(ConfigError, match=f"environment.*not {method}: preference pairs of conversations"):
+            method_loss(online_config({**base, "method": method}))
 
 
-def run_online_cli(tmp_path, environment: str, fields: dict) -> list[dict]:
+def run_online_cli(tmp_path, environment: str, fields: dict, template: str = CHAT_TEMPLATE, **overrides) -> list[dict]:
     """`alignkit online` with an environment on a tiny random policy; the metrics of its rounds."""
-    tokenizer = chat_tokenizer()
+    tokenizer = chat_tokenizer(template)
     chat_model(tokenizer).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     questions = ["what is the sum of two", "what is three", "what is five", "hello what"]
@@ -116,7 +126,7 @@ def run_online_cli(tmp_path, environment: str, fields: dict) -> list[dict]:
               "environment": environment, "max_turns": 2, "reward": "envs_support:word_count",
               "rounds": 2, "prompts_per_round": 2, "num_samples": 3, "learning_rate": 1e-3, "max_length": 256,
               "sampling": {"max_new_tokens": 8, "engine": "hf"}, "eval_samples": 2, "seed": 0, "progress": False,
-              "output_dir": str(tmp_path / "run")}
+              "output_dir": str(tmp_path / "run"), **overrides}
     (tmp_path / "online.yaml").write_text(yaml.safe_dump(config))
     assert main(["online", "--config", str(tmp_path / "online.yaml")]) == 0
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
@@ -130,6 +140,13 @@ def test_a_trl_environment_class_through_alignkit_online(tmp_path):
     rollouts = [json.loads(line) for line in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
     assert rollouts and all(text.startswith("[assistant] ") for r in rollouts for group in r["texts"]
                             for text in group)
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_forked_conversations_train_through_alignkit_online(tmp_path, method):
+    """A template that drops earlier answers: every later turn forks, and every segment trains."""
+    rounds = run_online_cli(tmp_path, "envs_support:Notebook", {}, FORGETFUL_TEMPLATE, method=method, max_turns=3)
+    assert sum(r["forks"] for r in rounds) > 0 and all(math.isfinite(r["loss"]) for r in rounds)
 
 
 def test_skyrl_gym_gsm8k_multi_turn_through_alignkit_online(tmp_path):

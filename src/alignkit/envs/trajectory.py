@@ -91,6 +91,7 @@ class _Run:
 
     env: object
     index: int | None
+    position: int  # in the call's list of rollouts: fixes its generate chunk and seed whichever others still run
     trajectory: Trajectory
     rendered: list[dict]
     template_tools: list[dict] | None
@@ -105,7 +106,8 @@ def run_trajectories(engine, tokenizer, environments: list, rows: list[dict], sa
     if len(environments) != len(rows):
         raise ValueError(f"{len(environments)} environments for {len(rows)} rows: give one environment per rollout")
     try:
-        runs = [_start(env, row, _row_number(row, i), tokenizer) for i, (env, row) in enumerate(zip(environments, rows))]
+        runs = [_start(env, row, (i, _row_number(row, i)), tokenizer) for i, (env, row) in enumerate(zip(environments,
+                                                                                                          rows))]
         for turn in range(limits.max_turns):
             live = [run for run in runs if not run.ended]
             if not live:
@@ -123,9 +125,10 @@ def _row_number(row: dict, i: int) -> int:
     return row.get("_row") or i + 1
 
 
-def _start(env, row: dict, index: int, tokenizer) -> _Run:
+def _start(env, row: dict, place: tuple[int, int], tokenizer) -> _Run:
     """Reset the environment and render its prompt once: with the tools through the template where it renders
-    them, else with the default tool block in the system turn."""
+    them, else with the default tool block in the system turn. place: (position, row number)."""
+    position, index = place
     messages = checked_reset(env, row, index)
     tools = list(getattr(env, "tools", None) or [])
     in_template = bool(tools) and template_supports_tools(tokenizer)
@@ -136,7 +139,7 @@ def _start(env, row: dict, index: int, tokenizer) -> _Run:
     segment = Segment([], [], [])
     segment.extend(ids)
     trajectory = Trajectory(describe(env), row, list(messages), [segment])
-    return _Run(env, index, trajectory, list(rendered), template_tools, text)
+    return _Run(env, index, position, trajectory, list(rendered), template_tools, text)
 
 
 def _take_turn(engine, tokenizer, live: list[_Run], sampling, limits: Limits, seed: int) -> None:
@@ -149,9 +152,13 @@ def _take_turn(engine, tokenizer, live: list[_Run], sampling, limits: Limits, se
             _stop(run, "max_tokens")
             continue
         caps.setdefault(min(sampling.max_new_tokens, room), []).append(run)
-    for cap, group in caps.items():
+    chunks: dict[tuple[int, int], list[_Run]] = {}
+    for cap, group in caps.items():  # chunks of fixed positions, so a rollout's draws never depend on which others
+        for run in group:            # still run (nor on how a round's rollouts are shared out over ranks)
+            chunks.setdefault((cap, run.position // sampling.batch_size), []).append(run)
+    for (cap, _), group in chunks.items():
         generation = engine.generate([run.trajectory.segments[-1].ids for run in group],
-                                     sampling.model_copy(update={"max_new_tokens": cap}), 1, seed)
+                                     sampling.model_copy(update={"max_new_tokens": cap}), 1, seed + group[0].position)
         for i, run in enumerate(group):
             ids, logps = generation.ids[i][0], generation.logprobs[i][0]
             message = _add_reply(run, tokenizer, ids, logps, end_ids)

@@ -64,8 +64,8 @@ class OnlineConfig(OptimConfig):
     environment: str | dict[str, str] | None = Field(
         None, description="module:attr (a TRL environment_factory class, an alignkit environment or a list of tool "
         "functions), skyrl:<id>, or {name: either} routed by each record's `environment` field: each sample becomes "
-        "a conversation with the environment, and the loss falls on the assistant tokens only (GRPO family, RLOO, "
-        "REINFORCE++)")
+        "a conversation with the environment, and the loss falls on the assistant tokens only, on every segment of a "
+        "conversation that forked (GRPO family, RLOO, REINFORCE++; PPO, whose GAE runs over the assistant tokens)")
     max_turns: int = Field(4, gt=0, description="environment: assistant turns per conversation at most")
     environment_reward: Literal["final", "sum"] = Field("final", description="environment: a conversation's reward, "
                                                         "its last turn's or the sum of its turns'; where the "
@@ -122,9 +122,11 @@ def method_loss(cfg: OnlineConfig):
         raise ConfigError("consistency", "CREAM consistency applies to method self-reward")
     if cfg.mask_truncated and (method.pairs or not spec.needs_token_logps):
         raise ConfigError("mask_truncated", f"masks tokens of a token-level loss (grpo, ppo), not '{name}'")
-    if cfg.environment is not None and (method.pairs or method.value_head or method.self_judge):
-        raise ConfigError("environment", f"multi-turn environments train the GRPO family, RLOO and REINFORCE++ so "
-                                         f"far, not {cfg.method}")
+    if cfg.environment is not None and (method.pairs or method.self_judge):
+        raise ConfigError("environment", f"multi-turn environments train the GRPO family, RLOO, REINFORCE++ and "
+                                         f"PPO, not {cfg.method}: preference pairs of conversations (their environment "
+                                         f"tokens, their forked segments) are not built; use grpo, rloo, reinforce++ "
+                                         f"or ppo")
     if cfg.environment is not None and cfg.overlong_cache:
         raise ConfigError("overlong_cache", "shapes a single answer's length against sampling.max_new_tokens; a "
                                             "conversation's budget is max_length (a conversation cut by it counts as "

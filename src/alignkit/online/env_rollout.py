@@ -3,9 +3,11 @@ in the single-turn rollout's layout so every experience builder and loss takes i
 its k conversations' shared prefix; each conversation after it is one response whose loss mask covers exactly the
 tokens the engine sampled (environment turns carry none), with the engine's log-probs on those tokens.
 
-A conversation that forked (its template re-rendered earlier turns) trains on its first segment only, and a
-conversation stopped by a limit counts as cut (finished False; mask_truncated drops it), as a sample cut at
-max_new_tokens does."""
+A conversation that forked (its template re-rendered earlier turns) trains on every segment: its later segments go in
+Rollout.forked, one example per record and level in the record's k slots, so each segment is a training sequence
+whose mask covers its own sampled tokens and which takes its conversation's reward (the group stays the record's k
+conversations). A conversation stopped by a limit counts as cut (finished False; mask_truncated drops it), as a
+sample cut at max_new_tokens does."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from alignkit.config import SamplingOptions
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.envs import EnvError, EnvironmentFactory, Limits, Trajectory, load_environment, run_trajectories
+from alignkit.envs.trajectory import Segment
 from alignkit.errors import ConfigError
 from alignkit.online.rollout import Rollout, RolloutShape, shaped_rewards
 
@@ -49,48 +52,70 @@ def environment_rollout(engine, tokenizer, records: list[dict], sampling: Sampli
     rows = [record for record in numbered for _ in range(k)]
     numbers = [row["_row"] for row in rows]
     envs = [setup.factory.make(row, number) for row, number in zip(rows, numbers)]
+    # shape.seed is seeded by the first record's place in the round, so seed * k + j counts conversations from the
+    # round's start: a rank's share draws what one process draws (trajectory.run_trajectories)
     trajectories = run_trajectories(engine, tokenizer, envs, rows, sampling,
-                                    setup.limits.model_copy(update={"seed": shape.seed}))
+                                    setup.limits.model_copy(update={"seed": shape.seed * k}))
     generated = time.perf_counter() - tic
     unanswered = next((i for i, t in enumerate(trajectories) if t.turns == 0), None)
     if unanswered is not None:
         raise ConfigError("max_length", f"the prompt of record {numbers[unanswered]} ({trajectories[unanswered].env}) "
                                         f"leaves no room for an answer within max_length {shape.max_length}")
-    examples, engine_logps, finished, texts = [], [], [], []
+    examples, engine_logps, finished, texts, forked = [], [], [], [], []
     for b in range(len(records)):
         group = trajectories[b * k:(b + 1) * k]
-        example, logps, done = _group_example(group, shape.max_length, numbers[b * k])
+        check_one_prompt(group, numbers[b * k])
+        levels = [_level_examples([t.segments[level] if level < len(t.segments) else None for t in group],
+                                  shape.max_length) for level in range(1 + max(t.forks for t in group))]
+        example, logps = levels[0][0]
         examples.append(example)
         engine_logps.append(logps)
-        finished.append(done)
+        forked.append([part for level in levels[1:] for part in level])
+        finished.append([t.done and all(len(s.ids) <= shape.max_length for s in t.segments) for t in group])
         texts.append([_conversation_text(t) for t in group])
     tic = time.perf_counter()
     finished = torch.tensor(finished, dtype=torch.bool)
     rewards = shaped_rewards(_rewards(trajectories, records, k, setup.reward), finished,
                              [e.response_ids for e in examples], shape)
-    total = sum(len(s) for example in examples for s in example.response_ids)
+    total = sum(len(s) for e in examples + [e for parts in forked for e, _ in parts] for s in e.response_ids)
     rollout = Rollout([r.get("prompt") for r in records], texts, examples, rewards, finished, total, generated,
-                      time.perf_counter() - tic, engine_logps)
+                      time.perf_counter() - tic, engine_logps, forked=forked if any(forked) else None)
     rollout.stats = trajectory_stats(trajectories)
     return rollout
 
 
-def _group_example(group: list[Trajectory], max_length: int, row: int):
-    """(the example of one record's k conversations, the engine's log-probs on their trained tokens, finished)."""
-    segments = [t.segments[0] for t in group]
-    first = [s.loss_mask.index(1) if 1 in s.loss_mask else len(s.ids) for s in segments]
-    start = min(first)
-    prompt_ids = segments[0].ids[:start]
-    if any(s.ids[:start] != prompt_ids for s in segments):
+def check_one_prompt(group: list[Trajectory], row: int) -> None:
+    """A record's k conversations start from one prompt: group-relative methods compare samples of one prompt."""
+    heads = [_head(t.segments[0]) for t in group]
+    start = min(heads)
+    if any(t.segments[0].ids[:start] != group[0].segments[0].ids[:start] for t in group):
         raise EnvError(group[0].env, row, "its reset gave the rollouts of one record different prompts",
                        "group-relative methods compare samples of one prompt: make reset depend on the row only")
+
+
+def _head(segment: Segment) -> int:
+    """Tokens before the segment's first sampled one."""
+    return segment.loss_mask.index(1) if 1 in segment.loss_mask else len(segment.ids)
+
+
+def _level_examples(slots: list[Segment | None], max_length: int) -> list[tuple[TokenizedExample, torch.Tensor]]:
+    """[(example, the engine's log-probs on its trained tokens)] of one level of a record's k conversations (their
+    first segments, or their second, ...): one example in the k slots, a slot empty (None) where a conversation has
+    no such segment; its prompt is the segments' common head. Later segments that share no first token: one example
+    per segment."""
+    present = [s for s in slots if s is not None]
+    start = min(_head(s) for s in present)
+    while start and any(s.ids[:start] != present[0].ids[:start] for s in present):
+        start -= 1
+    if not start:  # a prompt needs a first token: each segment alone, in its own slot
+        return [part for i, s in enumerate(slots) if s is not None
+                for part in _level_examples([s if j == i else None for j in range(len(slots))], max_length)]
     room = max_length - start
-    responses = [s.ids[start:][:room] for s in segments]
-    masks = [[bool(m) for m in s.loss_mask[start:][:room]] for s in segments]
-    logps = torch.tensor([lp for s, mask in zip(segments, masks) for lp, m in zip(s.engine_logps[start:], mask) if m],
-                         dtype=torch.float32)
-    done = [t.done and not t.forks and len(s.ids) <= max_length for t, s in zip(group, segments)]
-    return TokenizedExample(list(prompt_ids), responses, response_loss_masks=masks), logps, done
+    responses = [[] if s is None else s.ids[start:][:room] for s in slots]
+    masks = [[] if s is None else [bool(m) for m in s.loss_mask[start:][:room]] for s in slots]
+    logps = torch.tensor([lp for s, mask in zip(slots, masks) if s is not None
+                          for lp, m in zip(s.engine_logps[start:], mask) if m], dtype=torch.float32)
+    return [(TokenizedExample(list(present[0].ids[:start]), responses, response_loss_masks=masks), logps)]
 
 
 def _rewards(trajectories: list[Trajectory], records: list[dict], k: int, reward) -> list:

@@ -24,7 +24,7 @@ from alignkit.online.advantages import (
     ppo_advantages,
     reinforce_pp_advantages,
 )
-from alignkit.online.rollout import Rollout
+from alignkit.online.rollout import Rollout, training_examples
 from alignkit.online.self_reward import consistency_weights, implicit_reward_agreement
 from alignkit.train.apo import extrapolated_logps
 from alignkit.train.packing import Packing
@@ -104,21 +104,25 @@ class RoundContext:
 
 
 def _scored(rollout: Rollout, round_ctx: RoundContext, behaviour: bool, with_values: bool = False):
-    """Experience with rewards, the reference where the loss reads it, the behaviour policy's log-probs if asked."""
-    examples = rollout.examples
-    experience = Experience(examples, per_response={"rewards": rollout.rewards})
-    if rollout.engine_logps is not None:
-        experience.per_token["engine_token_logps"] = rollout.engine_logps
+    """Experience with rewards, the reference where the loss reads it, the behaviour policy's log-probs if asked.
+    The later segments of forked conversations are examples too, each with its prompt's rewards (and finished), so
+    a segment's slot takes its conversation's group-relative advantage."""
+    examples, engine_logps, rows = training_examples(rollout)
+    index = torch.tensor(rows, dtype=torch.long)
+    experience = Experience(examples, per_response={"rewards": rollout.rewards[index]})
+    if engine_logps is not None:
+        experience.per_token["engine_token_logps"] = engine_logps
     if round_ctx.cfg.mask_truncated:
-        experience.trained = rollout.finished.clone()
+        experience.trained = rollout.finished[index].clone()
     if "reference" in needs(round_ctx.opts):
         experience.reference = Reference(*round_ctx.scorer.reference(round_ctx.reference, examples))
     if behaviour:
         old = round_ctx.scorer.behaviour(examples, with_values)
         experience.per_response["old_logps"] = old[0]
         experience.per_token["old_token_logps"] = old[1]
-        if experience.reference is not None:
-            experience.metrics["kl"] = float((old[0] - experience.reference.seq_logps).mean())
+        if experience.reference is not None:  # per conversation: the sum over its segments
+            kl = torch.zeros_like(rollout.rewards).index_add_(0, index, old[0] - experience.reference.seq_logps)
+            experience.metrics["kl"] = float(kl.mean())
         if with_values:
             experience.per_token["old_values"] = old[2]
     return experience
@@ -150,23 +154,26 @@ def reinforce_experience(rollout: Rollout, round_ctx: RoundContext) -> Experienc
     _, mask = pad_flat([torch.zeros(sum(e.trained_lengths)) for e in examples], examples)
     if experience.trained is not None:
         mask = mask & experience.trained[..., None]
-    advantages = reinforce_pp_advantages(rollout.rewards, mask, round_ctx.opts.baseline)
+    advantages = reinforce_pp_advantages(experience.per_response["rewards"], mask, round_ctx.opts.baseline)
     experience.per_token["advantages"] = split_flat(advantages, examples)
     return experience
 
 
 def ppo_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
-    """PPO: behaviour log-probs and values always (the KL-shaped reward and value clipping read them), then GAE."""
+    """PPO: behaviour log-probs and values always (the KL-shaped reward and value clipping read them), then GAE.
+    GAE runs over each response's trained tokens in order: in a multi-turn conversation over its assistant tokens
+    only, the environment's skipped (verl's convention), across its segments where it forked, with the score on its
+    last sampled token."""
     experience = _scored(rollout, round_ctx, behaviour=True, with_values=True)
-    examples = experience.examples
-    values, mask = pad_flat(experience.per_token["old_values"], examples)
-    old_logps, _ = pad_flat(experience.per_token["old_token_logps"], examples)
-    ref_logps, _ = pad_flat(experience.reference.token_logps, examples)
+    examples, rows = experience.examples, training_examples(rollout)[2]
+    values, mask = pad_flat(experience.per_token["old_values"], examples, rows)
+    old_logps, _ = pad_flat(experience.per_token["old_token_logps"], examples, rows)
+    ref_logps, _ = pad_flat(experience.reference.token_logps, examples, rows)
     opts = round_ctx.opts
     rewards = normalise_scores(rollout.rewards, round_ctx.moments, opts.reward_norm, opts.reward_clip)
     out = ppo_advantages(rewards, old_logps, ref_logps, values, mask, opts)
-    experience.per_token.update(advantages=split_flat(out["advantages"], examples),
-                                returns=split_flat(out["returns"], examples))
+    experience.per_token.update(advantages=split_flat(out["advantages"], examples, rows),
+                                returns=split_flat(out["returns"], examples, rows))
     experience.metrics["value_mean"] = float(values[mask].mean())
     experience.metrics["return_mean"] = float(out["returns"][mask].mean())
     return experience
@@ -230,22 +237,38 @@ def preference_pairs(rewards: torch.Tensor, mode: str = "best-worst") -> list[tu
     return triples
 
 
-def split_flat(values: torch.Tensor, examples: list[TokenizedExample]) -> list[torch.Tensor]:
-    """A [B, k, T] tensor back to one flat tensor per example (its responses' tokens in order), the Experience form."""
-    out = []
-    for b, example in enumerate(examples):
-        out.append(torch.cat([values[b, i, :n] for i, n in enumerate(example.trained_lengths)]))
-    return out
+def _offsets(examples: list[TokenizedExample], rows: list[int] | None):
+    """(rows, per example and response its first token's place in its prompt's row of [B, k, T], T)."""
+    rows = list(range(len(examples))) if rows is None else rows
+    k = len(examples[0].response_ids)
+    filled = torch.zeros(max(rows) + 1, k, dtype=torch.long)
+    starts = []
+    for row, example in zip(rows, examples):
+        starts.append(filled[row].tolist())
+        filled[row] += torch.tensor(example.trained_lengths, dtype=torch.long)
+    return rows, starts, int(filled.max())
 
 
-def pad_flat(flat: list[torch.Tensor], examples: list[TokenizedExample]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One flat tensor per example -> ([B, k, T] zero-padded, bool mask): the inverse of split_flat."""
-    lengths = [e.trained_lengths for e in examples]
-    k, T = len(lengths[0]), max(max(row) for row in lengths)
-    values = torch.zeros(len(examples), k, T)
-    mask = torch.zeros(len(examples), k, T, dtype=torch.bool)
-    for b, (row, counts) in enumerate(zip(flat, lengths)):
-        for i, part in enumerate(torch.split(row, counts)):
-            values[b, i, :len(part)] = part
-            mask[b, i, :len(part)] = True
+def split_flat(values: torch.Tensor, examples: list[TokenizedExample], rows: list[int] | None = None
+               ) -> list[torch.Tensor]:
+    """A [B, k, T] tensor back to one flat tensor per example (its responses' tokens in order), the Experience form;
+    rows: the prompt (row of values) of each example, whose responses continue that row's (default: example b is
+    row b)."""
+    rows, starts, _ = _offsets(examples, rows)
+    return [torch.cat([values[row, i, start:start + n] for i, (start, n) in enumerate(zip(first, e.trained_lengths))])
+            for row, first, e in zip(rows, starts, examples)]
+
+
+def pad_flat(flat: list[torch.Tensor], examples: list[TokenizedExample], rows: list[int] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One flat tensor per example -> ([B, k, T] zero-padded, bool mask): the inverse of split_flat (rows: the
+    same)."""
+    rows, starts, T = _offsets(examples, rows)
+    k = len(examples[0].response_ids)
+    values = torch.zeros(max(rows) + 1, k, T)
+    mask = torch.zeros(max(rows) + 1, k, T, dtype=torch.bool)
+    for row, first, part_flat, example in zip(rows, starts, flat, examples):
+        for i, part in enumerate(torch.split(part_flat, example.trained_lengths)):
+            values[row, i, first[i]:first[i] + len(part)] = part
+            mask[row, i, first[i]:first[i] + len(part)] = True
     return values, mask

@@ -34,10 +34,24 @@ class Rollout:
     reward_seconds: float
     engine_logps: list[torch.Tensor] | None = None  # per example, flat over its responses' tokens: the engine's
     stats: dict[str, float] = field(default_factory=dict)  # what else users watch (multi-turn: turns, tool calls)
+    # Multi-turn: per prompt, the later segments of its forked conversations, each level one example in the prompt's
+    # k slots (empty where that conversation has no such segment), with the engine's log-probs on its tokens.
+    forked: list[list[tuple[TokenizedExample, torch.Tensor]]] | None = None
 
     @property
     def num_samples(self) -> int:
         return sum(len(group) for group in self.texts)
+
+
+def training_examples(rollout: Rollout) -> tuple[list[TokenizedExample], list[torch.Tensor] | None, list[int]]:
+    """The sequences the learner trains on: every prompt's example, then the later segments of forked conversations;
+    with the engine's log-probs on each and the prompt (row of rewards, finished) each belongs to."""
+    rows = list(range(len(rollout.examples)))
+    if not rollout.forked:
+        return rollout.examples, rollout.engine_logps, rows
+    extra = [(b, example, logps) for b, parts in enumerate(rollout.forked) for example, logps in parts]
+    engine = None if rollout.engine_logps is None else rollout.engine_logps + [logps for _, _, logps in extra]
+    return rollout.examples + [e for _, e, _ in extra], engine, rows + [b for b, _, _ in extra]
 
 
 def join_rollouts(parts: list[Rollout], sequential: bool = False) -> Rollout:
@@ -50,6 +64,8 @@ def join_rollouts(parts: list[Rollout], sequential: bool = False) -> Rollout:
                      torch.cat([r.finished for r in parts]), sum(r.generated_tokens for r in parts),
                      total(r.generate_seconds for r in parts), total(r.reward_seconds for r in parts), engine)
     samples = [r.num_samples for r in parts]
+    if any(r.forked for r in parts):
+        joined.forked = [f for r in parts for f in (r.forked or [[] for _ in r.examples])]
     for key in parts[0].stats:  # per-sample means, weighted by each part's samples
         joined.stats[key] = sum(r.stats[key] * n for r, n in zip(parts, samples)) / max(sum(samples), 1)
     return joined
@@ -59,12 +75,13 @@ def select_groups(rollout: Rollout, rows: list[int]) -> Rollout:
     """The rollout of the prompts at `rows` only (in that order)."""
     index = torch.tensor(rows, dtype=torch.long)
     examples = [rollout.examples[i] for i in rows]
+    forked = None if rollout.forked is None else [rollout.forked[i] for i in rows]
     return Rollout([rollout.prompts[i] for i in rows], [rollout.texts[i] for i in rows], examples,
                    rollout.rewards[index], rollout.finished[index],
                    sum(len(s) for e in examples for s in e.response_ids), rollout.generate_seconds,
                    rollout.reward_seconds,
                    None if rollout.engine_logps is None else [rollout.engine_logps[i] for i in rows],
-                   dict(rollout.stats))
+                   dict(rollout.stats), forked)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,14 @@ import torch
 
 from alignkit.config import SamplingOptions
 from alignkit.online.env_rollout import EnvironmentSetup, environment_rollout
-from alignkit.online.rollout import Rollout, RolloutShape, generate_rollout, join_rollouts, select_groups
+from alignkit.online.rollout import (
+    Rollout,
+    RolloutShape,
+    generate_rollout,
+    join_rollouts,
+    select_groups,
+    training_examples,
+)
 from alignkit.train.distributed import gather_objects
 
 
@@ -33,8 +40,9 @@ def rollout_stats(rollout: Rollout) -> dict:
     lengths = [len(ids) for e in rollout.examples for ids in e.response_ids]
     stats = {"response_length": sum(lengths) / max(len(lengths), 1),
              "truncated_share": float((~rollout.finished).float().mean())}
-    if rollout.engine_logps is not None:
-        tokens = torch.cat(rollout.engine_logps) if rollout.engine_logps else torch.zeros(0)
+    engine_logps = training_examples(rollout)[1]  # with the later segments of forked conversations
+    if engine_logps is not None:
+        tokens = torch.cat(engine_logps) if engine_logps else torch.zeros(0)
         if len(tokens):
             stats["entropy"] = float(-tokens.mean())
     return stats
