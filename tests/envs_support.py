@@ -121,3 +121,25 @@ class Notebook:
 def word_count(prompt, response: str) -> float:
     """A reward that varies on a random policy's answers: words / 10."""
     return len(response.split()) / 10
+
+
+class Parity:
+    """Goes on while the answer has an odd number of words, for 3 turns at most: a random policy's conversations end
+    after 1, 2 or 3 turns. Rewards each answer's length in words / 10."""
+
+    tools: list = []
+
+    def __init__(self):
+        self.seen = 0
+
+    def reset(self, row):
+        return list(row["prompt"])
+
+    def step(self, message):
+        self.seen += 1
+        words = len(message["content"].split())
+        done = words % 2 == 0 or self.seen >= 3
+        return Step([] if done else [{"role": "user", "content": "try again please"}], words / 10, done, {})
+
+    def close(self):
+        pass

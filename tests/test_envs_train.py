@@ -29,7 +29,7 @@ from alignkit.online.experience import (
     rl_experience,
 )
 from alignkit.online.methods import ONLINE_METHODS, OnlineMethod
-from alignkit.online.rollout import RolloutShape, training_examples
+from alignkit.online.rollout import RolloutShape, join_rollouts, select_groups, training_examples
 from alignkit.train.packing import Packing
 from envs_support import FORGETFUL_TEMPLATE, SAMPLING, ScriptedEngine, chat_model, chat_tokenizer
 
@@ -215,3 +215,14 @@ def test_ppo_runs_gae_across_the_segments_of_a_forked_conversation():
             rewards[-1] = float(rollout.rewards[b, i])  # the score on the conversation's last sampled token
             expected, _ = skipping_gae(rewards, values.astype(np.float64), np.ones(len(values)), 0.9, 0.8)
             np.testing.assert_allclose(advantages, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_joined_and_selected_rollouts_keep_each_records_later_segments():
+    """Ranks' rollouts are joined, and dynamic sampling selects groups: the later segments follow their record."""
+    _, _, rollout = forked_rollout()
+    plain = select_groups(rollout, [0])
+    plain.forked = None  # a rank whose conversations never forked
+    joined = join_rollouts([rollout, plain])
+    assert training_examples(joined)[2] == [0, 1, 2, 0, 0, 1]
+    assert joined.forked[2] == [] and select_groups(joined, [1, 0]).forked == [rollout.forked[1], rollout.forked[0]]
+    assert join_rollouts([plain, plain]).forked is None

@@ -259,19 +259,14 @@ def write_online_config(root: Path, task, name: str, **overrides) -> str:
     return str(path)
 
 
-@pytest.mark.slow
-def test_online_sigkill_at_a_random_round_then_resume_is_exact(task, tmp_path):
-    model = copy.deepcopy(task.model)
-    model.config.attention_dropout = 0.1  # training draws random numbers: resuming must restore the RNG too
-    model.save_pretrained(tmp_path / "model")
-    task.tokenizer.save_pretrained(tmp_path / "model")
-    write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts(64, seed=31)])
+def kill_at_a_random_round(config: str, out: Path, rounds: int, env: dict | None = None) -> int:
+    """`alignkit online --config config` in a subprocess, SIGKILLed once a random round in 2..5 is logged; the rounds
+    logged by then."""
     kill_after = random.randint(2, 5)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    config = write_online_config(tmp_path, task, "killed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     job = subprocess.Popen([sys.executable, "-m", "alignkit.cli", "online", "--config", config], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
+    metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 240
 
     def logged():
@@ -286,16 +281,33 @@ def test_online_sigkill_at_a_random_round_then_resume_is_exact(task, tmp_path):
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == -signal.SIGKILL, f"the run ended before the kill (round {kill_after}):\n{stderr[-3000:]}"
     killed_at = logged()
-    assert kill_after <= killed_at < 8 and not (tmp_path / "killed" / "final").exists()
+    assert kill_after <= killed_at < rounds and not (out / "final").exists()
+    return killed_at
 
+
+def assert_resumed_exactly(killed: Path, straight: Path, rounds: int, killed_at: int) -> None:
+    """The resumed run logged every round once, the same numbers, rollouts and final weights as the straight one."""
+    resumed, expected = read_metrics(killed), read_metrics(straight)
+    assert [r["step"] for r in resumed] == list(range(1, rounds + 1)), f"killed after round {killed_at}"
+    assert without_timing(resumed) == without_timing(expected), f"killed after round {killed_at}"
+    assert rollout_lines(killed) == rollout_lines(straight)  # the same sampled texts
+    for file in sorted(p.name for p in (straight / "final").glob("*.safetensors")):
+        final, reference = (load_file(d / "final" / file) for d in (killed, straight))
+        assert all(torch.equal(final[k], reference[k]) for k in reference), f"killed after round {killed_at}: {file}"
+
+
+@pytest.mark.slow
+def test_online_sigkill_at_a_random_round_then_resume_is_exact(task, tmp_path):
+    model = copy.deepcopy(task.model)
+    model.config.attention_dropout = 0.1  # training draws random numbers: resuming must restore the RNG too
+    model.save_pretrained(tmp_path / "model")
+    task.tokenizer.save_pretrained(tmp_path / "model")
+    write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts(64, seed=31)])
+    config = write_online_config(tmp_path, task, "killed")
+    killed_at = kill_at_a_random_round(config, tmp_path / "killed", 8)
     assert main(["online", "--config", config]) == 0  # resumes
     assert main(["online", "--config", write_online_config(tmp_path, task, "straight", save_every=0)]) == 0
-    resumed, straight = read_metrics(tmp_path / "killed"), read_metrics(tmp_path / "straight")
-    assert [r["step"] for r in resumed] == list(range(1, 9)), f"killed after round {killed_at}"
-    assert without_timing(resumed) == without_timing(straight), f"killed after round {killed_at}"
-    assert rollout_lines(tmp_path / "killed") == rollout_lines(tmp_path / "straight")  # the same sampled texts
-    final, expected = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("killed", "straight"))
-    assert all(torch.equal(final[k], expected[k]) for k in expected), f"killed after round {killed_at}"
+    assert_resumed_exactly(tmp_path / "killed", tmp_path / "straight", 8, killed_at)
 
 
 def test_a_resume_with_a_changed_config_is_refused_naming_the_keys(task, tmp_path, capsys):
@@ -413,3 +425,70 @@ def test_online_micro_batch_size_does_not_change_the_step(task, tmp_path, method
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5, msg=name)
         moved = max(moved, float((b - start).abs().max()))
     assert moved > 1e-3  # the runs trained (two Adam steps of lr 1e-3)
+
+
+# ---- with an environment: multi-turn conversations ----
+
+TESTS = Path(__file__).parent
+ENV_PATH = {"PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}  # envs_support
+
+
+def write_environment_run(root: Path) -> None:
+    """A tiny random chat policy and four records for envs_support's TRL-style Notebook environment (a tool, a reply
+    to each malformed call, no reward of its own: word_count scores the last answer)."""
+    from envs_support import chat_model, chat_tokenizer
+
+    tokenizer = chat_tokenizer()
+    chat_model(tokenizer).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    write_jsonl_atomic(root / "prompts.jsonl", [{"prompt": [{"role": "user", "content": q}]} for q in
+                                                ["what is two", "what is three", "what is five", "hello what"]])
+
+
+def write_environment_config(root: Path, name: str, **overrides) -> str:
+    config = {"method": "ppo", "model": str(root / "model"), "prompts": str(root / "prompts.jsonl"),
+              "environment": "envs_support:Notebook", "max_turns": 3, "reward": "envs_support:word_count",
+              "rounds": 6, "prompts_per_round": 4, "num_samples": 3, "learning_rate": 1e-3, "max_length": 256,
+              "sampling": {"max_new_tokens": 8, "engine": "hf"}, "eval_samples": 2, "seed": 0, "progress": False,
+              "save_every": 1, "output_dir": str(root / name), **overrides}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_online_ddp_with_an_environment_two_processes_equal_one(tmp_path):
+    """PPO on conversations of 1 to 3 turns: each rank talks through its 2 records' 6 conversations, in generate calls
+    of 3 (a multiple of which each rank's share is), and the ranks learn together; one process does it all."""
+    write_environment_run(tmp_path)
+    common = dict(rounds=3, save_every=0, environment="envs_support:Parity", max_tokens_per_batch=100, sampling={"max_new_tokens": 8, "engine": "hf",
+                                                                              "batch_size": 3})
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **ENV_PATH}
+    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(tmp_path / "worker.py"), write_environment_config(tmp_path, "ddp", **common)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]
+    assert main(["online", "--config", write_environment_config(tmp_path, "single", **common)]) == 0
+    assert rollout_lines(tmp_path / "ddp") == rollout_lines(tmp_path / "single")  # the same conversations
+    ours, theirs = without_timing(read_metrics(tmp_path / "ddp")), without_timing(read_metrics(tmp_path / "single"))
+    assert len(ours) == len(theirs) == 3 and all(1 < r["turns"] < 3 for r in theirs)  # some ran on, some ended
+    for a, b in zip(ours, theirs):  # every logged number
+        assert sorted(a) == sorted(b)
+        for key, value in b.items():
+            assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (a["step"], key)
+    for file in ("model.safetensors", "value_head.safetensors"):
+        final, expected = (load_file(tmp_path / n / "final" / file) for n in ("ddp", "single"))
+        for key in expected:
+            torch.testing.assert_close(final[key], expected[key], rtol=0, atol=1e-5, msg=f"{file}: {key}")
+
+
+@pytest.mark.slow
+def test_online_sigkill_with_an_environment_then_resume_is_exact(tmp_path):
+    write_environment_run(tmp_path)
+    config = write_environment_config(tmp_path, "killed")
+    killed_at = kill_at_a_random_round(config, tmp_path / "killed", 6, ENV_PATH)
+    assert main(["online", "--config", config]) == 0  # resumes
+    assert main(["online", "--config", write_environment_config(tmp_path, "straight", save_every=0)]) == 0
+    assert max(r["turns"] for r in read_metrics(tmp_path / "straight")) > 1
+    assert_resumed_exactly(tmp_path / "killed", tmp_path / "straight", 6, killed_at)
