@@ -226,3 +226,15 @@ def test_joined_and_selected_rollouts_keep_each_records_later_segments():
     assert training_examples(joined)[2] == [0, 1, 2, 0, 0, 1]
     assert joined.forked[2] == [] and select_groups(joined, [1, 0]).forked == [rollout.forked[1], rollout.forked[0]]
     assert join_rollouts([plain, plain]).forked is None
+
+
+def test_distillation_scores_every_segment_of_a_forked_conversation_with_the_teacher():
+    from alignkit.online.experience import distill_experience
+
+    tokenizer, _, rollout = forked_rollout()
+    ctx = round_context("opd", tokenizer)
+    ctx.teacher = chat_model(tokenizer, seed=2)
+    experience = distill_experience(rollout, ctx)
+    examples = experience.examples
+    assert len(examples) == 5 and [len(t) for t in experience.per_token["teacher_token_logps"]] == [
+        sum(e.trained_lengths) for e in examples]

@@ -140,7 +140,7 @@ def distill_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
     if round_ctx.teacher is None:
         raise ValueError("on-policy distillation needs a teacher model in the round")
     experience = rl_experience(rollout, round_ctx)
-    seq_logps, token_logps = round_ctx.scorer.reference(round_ctx.teacher, rollout.examples)
+    seq_logps, token_logps = round_ctx.scorer.reference(round_ctx.teacher, experience.examples)  # forked segments too
     experience.per_token["teacher_token_logps"] = token_logps
     experience.metrics["teacher_logp"] = float(seq_logps.mean())
     return experience
