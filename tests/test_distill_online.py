@@ -101,9 +101,30 @@ def test_bad_distillation_setups_are_refused_before_anything_is_written(task, tm
         ("grpo", teacher_dir, {}, r"'teacher': method grpo has no teacher; leave teacher unset"),
         ("opd", str(tmp_path / "nowhere"), {}, r"'teacher': the teacher does not load"),
         ("gkd", teacher_dir, {"beta": 1.5}, r"'loss_options.beta': must be <= 1"),
+        ("gkd", teacher_dir, {"lmbda": 0.5}, r"'seq_kd': lmbda < 1 online takes the other rounds' samples"),
+        ("opd", teacher_dir, {"seq_kd": True}, r"'seq_kd': GKD's mixing of student and teacher samples: method gkd"),
     ]
     for i, (method, teacher, options, message) in enumerate(cases):
         out = tmp_path / f"run{i}"
         with pytest.raises(ConfigError, match=message):
             run(task, method, out, teacher, **options)
         assert not out.exists(), method
+
+
+def test_gkd_lambda_mixes_student_and_teacher_sampled_rounds(task, tmp_path, teacher_dir):
+    from alignkit.online.sampling import student_samples
+
+    assert all(student_samples(0, r, 1.0) for r in range(50)) and not any(student_samples(0, r, 0.0) for r in range(50))
+    assert 70 < sum(student_samples(0, r, 0.5) for r in range(200)) < 130
+    seed = online_config(values("gkd", "unused", teacher_dir)).seed
+    mixed = run(task, "gkd", tmp_path / "mixed", teacher_dir, lmbda=0.5, seq_kd=True, eval_before_after=False)
+    flags = [row["student_sampled"] for row in mixed.rounds]
+    assert flags == [float(student_samples(seed, r, 0.5)) for r in range(len(flags))] and 0 < sum(flags) < len(flags)
+    common = dict(rounds=2, eval_before_after=False, learning_rate=1e-9)
+    teacher_sampled = run(task, "gkd", tmp_path / "teacher", teacher_dir, lmbda=0.0, seq_kd=True, **common)
+    student_sampled = run(task, "gkd", tmp_path / "student", teacher_dir, **common)
+    # the teacher was tuned toward positive answers: its samples score higher than the student's
+    mean = lambda result: sum(r["rollout_reward"] for r in result.rounds) / len(result.rounds)  # noqa: E731
+    print(f"rollout reward: teacher-sampled {mean(teacher_sampled):+.3f}, student-sampled {mean(student_sampled):+.3f}")
+    assert mean(teacher_sampled) > mean(student_sampled) + 0.05
+    assert "engine_gap_mean" not in teacher_sampled.rounds[0] and "engine_gap_mean" in student_sampled.rounds[0]

@@ -73,6 +73,10 @@ class OnlineConfig(OptimConfig):
     # Distillation (docs/distillation.md): methods opd and gkd.
     teacher: str | None = Field(None, description="opd / gkd: the frozen teacher (alias, directory or hub id) with the "
                                 "student's vocabulary; it may be larger")
+    lmbda: float = Field(1.0, ge=0, le=1, description="gkd: the share of rounds the student samples (GKD's lambda); "
+                         "the others are sampled by the teacher (seq_kd)")
+    seq_kd: bool = Field(False, description="gkd: rounds the student does not sample are the teacher's samples "
+                         "(needed for lmbda < 1; dataset completions: alignkit train --loss gkd)")
     # Report.
     eval_before_after: bool = Field(True, description="sample the held-out prompts before and after for "
                                     "summary.json (off where a recipe runs its own evaluation)")
@@ -131,6 +135,12 @@ def method_loss(cfg: OnlineConfig):
         raise ConfigError("overlong_cache", "shapes a single answer's length against sampling.max_new_tokens; a "
                                             "conversation's budget is max_length (a conversation cut by it counts as "
                                             "cut: missing_eos_penalty, mask_truncated)")
+    if (cfg.lmbda < 1 or cfg.seq_kd) and cfg.method != "gkd":
+        raise ConfigError("lmbda" if cfg.lmbda < 1 else "seq_kd", f"GKD's mixing of student and teacher samples: "
+                                                                  f"method gkd only, not {cfg.method}")
+    if cfg.lmbda < 1 and not cfg.seq_kd:
+        raise ConfigError("seq_kd", "lmbda < 1 online takes the other rounds' samples from the teacher: set seq_kd: "
+                                    "true (dataset completions: alignkit train --loss gkd)")
     if spec.needs_teacher != (cfg.teacher is not None):
         raise ConfigError("teacher", f"method {cfg.method} needs a teacher: a model with the student's vocabulary"
                           if spec.needs_teacher else f"method {cfg.method} has no teacher; leave teacher unset")

@@ -194,11 +194,19 @@ class OnlineRun:
         groups = self.trained.parameter_groups(cfg.value_learning_rate) if self.method.value_head else None
         self.run.resume(cfg.rounds * cfg.updates_per_round, self.trained, groups)
         self.engine = make_engine(self.policy, tokenizer, cfg.sampling)  # given new weights every round
+        # GKD's seq_kd rounds: the teacher samples (its engine keeps its weights)
+        self.teacher_engine = make_engine(self.teacher, tokenizer, cfg.sampling) if cfg.lmbda < 1 else None
         self.moments = RunningMoments()  # PPO's reward normalisation (a checkpoint's, on resume)
         self.before = self._restore()
         self.run.open_log(cfg.rounds, "rollouts.jsonl")
         self.order = prompt_order(len(self.prompts), cfg.rounds * cfg.prompts_per_round, cfg.seed)
         self.scorer = Scorer(self.trained, self.policy, self.packing)
+
+    def engine_for(self, round_index: int):
+        """The engine that samples the round: the policy's, or in GKD's seq_kd rounds the teacher's."""
+        if self.teacher_engine is None or sampling.student_samples(self.cfg.seed, round_index, self.cfg.lmbda):
+            return self.engine
+        return self.teacher_engine
 
     def _restore(self) -> dict:
         """What a checkpoint adds to the run's (moments, value head, references); the held-out reward at the start,
@@ -253,6 +261,10 @@ class OnlineRun:
                                  self.prompts, teacher=self.teacher)
         cpu = time.process_time()
         rollout, metrics = sampling.collect_rollout(self, batch, round_index)
+        if self.teacher_engine is not None:
+            metrics["student_sampled"] = float(self.engine_for(round_index) is self.engine)
+            if self.engine_for(round_index) is not self.engine:
+                rollout.engine_logps = None  # the teacher's log-probs: no engine/trainer gap to measure
         tic = time.perf_counter()
         if rollout.examples:
             sleep_engine(self.engine)  # its weights go stale at this round's step: scoring and learning run without them

@@ -48,6 +48,12 @@ def rollout_stats(rollout: Rollout) -> dict:
     return stats
 
 
+def student_samples(seed: int, round_index: int, lmbda: float) -> bool:
+    """GKD's coin for one round: the student samples it with probability lmbda, else the teacher does (seq_kd);
+    seeded by the round, so a resumed run draws the same."""
+    return lmbda >= 1 or random.Random(seed * 1_000_003 + 7 * round_index + 3).random() < lmbda
+
+
 def refill_prompts(pool: list, count: int, seed: int, round_index: int, refill: int) -> list:
     """Fresh prompts for a dynamic-sampling refill, seeded by the round and the refill (so a resumed run redraws
     the same ones)."""
@@ -88,7 +94,7 @@ def sharded_rollout(online, prompts: list, round_index: int, refill: int = 0) ->
     reward = online.judge_for(online.policy) if online.judge_for is not None else online.reward
     overlong = (cfg.sampling.max_new_tokens, cfg.overlong_cache, cfg.overlong_penalty) if cfg.overlong_cache else None
     shape = RolloutShape(cfg.num_samples, cfg.max_length, cfg.missing_eos_penalty, overlong, seed)
-    local = rollout_of(online.engine, online.tokenizer, prompts[first:first + share], online.environments or reward,
+    local = rollout_of(online.engine_for(round_index), online.tokenizer, prompts[first:first + share], online.environments or reward,
                        cfg.sampling, shape)
     return join_rollouts(gather_objects(local, ctx)) if ctx.enabled else local
 
