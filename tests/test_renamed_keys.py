@@ -7,6 +7,7 @@ import json
 import logging
 
 import pytest
+import torch
 
 from alignkit.cli import main
 from alignkit.data.load import write_jsonl_atomic
@@ -36,6 +37,7 @@ def prompt_file(tmp_path):
     (["--epochs", "2"], "num_iterations"),
     (["--evaluate", "false"], "eval_before_after"),
     (["--method", "ppo", "--kl_loss_coef", "0.01"], "kl_coef"),
+    (["--method", "grpo", "--tis_cap", "2.0"], "engine_correction"),
 ])
 def test_old_online_keys_train_and_name_the_new_key(task, tmp_path, prompt_file, caplog, old, new):
     caplog.set_level(logging.INFO, logger="alignkit")
@@ -46,6 +48,22 @@ def test_old_online_keys_train_and_name_the_new_key(task, tmp_path, prompt_file,
     assert main(args) == 0
     assert len(lines_naming(caplog, new)) == 1
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+def test_tis_cap_gives_the_numbers_of_token_truncate_below_the_cap():
+    """tis_cap C (the earlier key) is engine_correction token_truncate with engine_ratio_max C: the same loss."""
+    from test_loss_metrics import group_inputs
+
+    spec = get_loss("grpo")
+    losses = []
+    for values in ({"tis_cap": 1.2}, {"engine_correction": "token_truncate", "engine_ratio_max": 1.2}):
+        inputs = group_inputs(seed=3)[-1]
+        inputs.engine_token_logps = inputs.old_token_logps + 0.2
+        losses.append(spec.fn(inputs, build_options(spec, {"kl_coef": 0.0, **values}))[0])
+    assert torch.equal(losses[0], losses[1])
+    inputs = group_inputs(seed=3)[-1]
+    inputs.engine_token_logps = inputs.old_token_logps + 0.2
+    assert not torch.equal(spec.fn(inputs, build_options(spec, {"kl_coef": 0.0}))[0], losses[0])
 
 
 def test_ppo_kl_coef_of_an_old_config_is_refused_not_reread():

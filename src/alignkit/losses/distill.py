@@ -94,7 +94,7 @@ def opd_loss(inputs: LossInputs, opts: OPDOptions) -> LossOutput:
     ratio = torch.exp(logps - old)
     eps_high = opts.epsilon_high or opts.epsilon
     per_token = clipped_surrogate(ratio, advantages, opts.epsilon, eps_high)
-    losses, metrics = group_loss(per_token, inputs, ratio, opts, "opd", {})
+    losses, metrics = group_loss(per_token, inputs, (ratio, advantages), opts, "opd", {})
     weights = mask.to(logps.dtype)
     teacher_gap = ((old - inputs.teacher_token_logps) * weights).sum((1, 2)) / weights.sum((1, 2)).clamp(min=1)
     metrics["distill/reverse_kl"] = teacher_gap.detach()  # mean log pi_S - log pi_T on the samples (k1 estimate)

@@ -22,7 +22,10 @@ from pydantic import Field
 
 from alignkit.errors import ConfigError
 from alignkit.losses.base import LossInputs, LossOutput
-from alignkit.losses.options import LossOptions
+from alignkit.losses.offpolicy import TOKEN_CORRECTIONS, OffPolicyOptions, correct_sequences, correct_tokens
+from alignkit.losses.offpolicy import (
+    truncated_is_weights as truncated_is_weights,  # re-exported: callers use it here
+)
 
 # The choices of the options below: the Literal types are what pydantic checks, the tuples what error messages list.
 Aggregation = Literal["seq-mean-token-mean", "token-mean", "const-norm"]
@@ -75,14 +78,6 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return 0.5 * torch.max((values - returns).pow(2), (clipped - returns).pow(2))
 
 
-def truncated_is_weights(trainer_logps: torch.Tensor, engine_logps: torch.Tensor, mask: torch.Tensor,
-                         cap: float) -> torch.Tensor:
-    """TIS (Yao et al.; TRL token_truncate): w_t = min(exp(log pi_trainer - log pi_engine), cap) on the sampled tokens,
-    1 off the mask; a constant (no gradient), multiplying the surrogate before any KL term is added."""
-    diff = torch.where(mask, trainer_logps.detach() - engine_logps.to(trainer_logps.device), torch.zeros_like(trainer_logps))
-    return torch.exp(diff).clamp(max=cap)
-
-
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, step_mean_lengths: torch.Tensor | None = None,
               max_completion_length: int = 0) -> torch.Tensor:
     """[B, k, T] per-token losses -> [B] per-example losses whose mean over a step's examples is `how` (see above).
@@ -120,7 +115,7 @@ def _kl_metrics(logps: torch.Tensor, ref_logps: torch.Tensor | None, mask: torch
 
 
 
-class _ReferenceIfKL(LossOptions):
+class _ReferenceIfKL(OffPolicyOptions):
     kl_coef: float = Field(0.0, ge=0, description="weight of the KL to the reference in the loss; 0: no KL term")
 
     def needs(self) -> set[str]:  # no KL term, no reference (TRL then loads none)
@@ -147,8 +142,6 @@ class GRPOOptions(_GroupKL):
     importance_sampling_level: Literal["token", "sequence"] = Field(
         "token", description="token: rho per token (GRPO); sequence: GSPO's s_i = exp(mean_t log rho_t), one ratio "
                              "and one clip per response (TRL's importance_sampling_level)")
-    tis_cap: float = Field(0.0, description="truncated importance sampling (TRL's token_truncate): each token's "
-                                            "surrogate weighted by min(pi_old / pi_engine, tis_cap); 0: off")
 
 
 class DAPOOptions(GRPOOptions):
@@ -190,14 +183,6 @@ def _clip_metrics(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Ten
             "clip_fraction": _per_example_mean((low_hit | high_hit).float(), mask)}
 
 
-def _tis(per_token, inputs: LossInputs, old, mask, cap: float, name: str):
-    if cap <= 0:
-        return per_token
-    if inputs.engine_token_logps is None:
-        raise ValueError(f"{name} with tis_cap needs the rollout engine's per-token log-probs")
-    return per_token * truncated_is_weights(old, inputs.engine_token_logps, mask, cap)
-
-
 def _kl_term(per_token, inputs: LossInputs, logps, opts, name: str, weight: torch.Tensor | None = None):
     """per_token + kl_coef * KL estimate (opts.kl_estimator), the estimate times `weight` where given (TRL's order:
     beta * (k3 * coef_1))."""
@@ -223,21 +208,24 @@ def grpo_loss(inputs: LossInputs, opts: GRPOOptions) -> LossOutput:
     eps_high = opts.epsilon_high or opts.epsilon
     per_token = clipped_surrogate(ratio, advantages, opts.epsilon, eps_high).expand_as(logps)
     clip = _clip_metrics(ratio, advantages, mask, 1 - opts.epsilon, 1 + eps_high)
-    return group_loss(per_token, inputs, ratio, opts, "grpo", clip)
+    return group_loss(per_token, inputs, (ratio, advantages), opts, "grpo", clip)
 
 
-def group_loss(per_token, inputs: LossInputs, ratio, opts, name: str, clip: dict) -> LossOutput:
-    """The shared tail of the group-advantage losses: TIS weights, the KL term, the aggregation, the metrics (ratio:
-    pi / pi_old with its gradient, TRL's coef_1; clip: the caller's clip fractions)."""
+def group_loss(per_token, inputs: LossInputs, ratio_and_advantages, opts, name: str, clip: dict) -> LossOutput:
+    """The shared tail of the group-advantage losses: the off-policy corrections, the KL term, the aggregation, the
+    metrics (ratio: pi / pi_old with its gradient, TRL's coef_1; advantages [B, k, 1] or [B, k, T], for the
+    off-policy mask; clip: the caller's clip fractions)."""
     logps, mask = inputs.token_logps, inputs.token_mask
+    ratio, advantages = ratio_and_advantages
     old = inputs.old_token_logps if inputs.old_token_logps is not None else logps.detach()
-    per_token = _tis(per_token, inputs, old, mask, opts.tis_cap, name)
+    per_token, corrections = correct_tokens(per_token, inputs, old, advantages, opts, name)
     per_token = _kl_term(per_token, inputs, logps, opts, name, ratio if opts.kl_bias_correction else None)
     losses = aggregate(per_token, mask, opts.loss_aggregation, inputs.step_mean_lengths, opts.max_completion_length)
     return losses, {
         "reward": inputs.rewards.mean(1).detach(),
         **clip,
         **_kl_metrics(logps, inputs.ref_token_logps, mask, tuple(dict.fromkeys(("k1", "k3", opts.kl_estimator)))),
+        **corrections,
     }
 
 
@@ -250,9 +238,9 @@ class CISPOOptions(_GroupKL):
     scale_rewards: ScaleRewards = "group"
     loss_aggregation: Aggregation = "token-mean"
     max_completion_length: int = 0
-    tis_cap: float = 0.0
 
     def model_post_init(self, context, /) -> None:
+        super().model_post_init(context)
         if not 0 <= self.weight_min < self.weight_max:
             raise ConfigError("loss_options.weight_max", f"need 0 <= weight_min < weight_max, got {self.weight_min} "
                                                          f"and {self.weight_max}")
@@ -268,7 +256,7 @@ def cispo_loss(inputs: LossInputs, opts: CISPOOptions) -> LossOutput:
     weights = ratio.detach().clamp(min=opts.weight_min or None, max=opts.weight_max)
     per_token = -weights * advantages * logps
     clip = _clip_metrics(ratio, advantages, inputs.token_mask, opts.weight_min or None, opts.weight_max)
-    return group_loss(per_token, inputs, ratio, opts, "cispo", clip)
+    return group_loss(per_token, inputs, (ratio, advantages), opts, "cispo", clip)
 
 
 class ReinforcePPOptions(_ReferenceIfKL):
@@ -295,12 +283,14 @@ def reinforce_pp_loss(inputs: LossInputs, opts: ReinforcePPOptions) -> LossOutpu
     ratio = torch.exp(logps - old)
     eps_high = opts.epsilon_high or opts.epsilon
     per_token = clipped_surrogate(ratio, inputs.advantages, opts.epsilon, eps_high)
+    per_token, corrections = correct_tokens(per_token, inputs, old, inputs.advantages, opts, "reinforce++")
     per_token = _kl_term(per_token, inputs, logps, opts, "reinforce++")
     losses = aggregate(per_token, mask, opts.loss_aggregation, inputs.step_mean_lengths)
     return losses, {
         "reward": inputs.rewards.mean(1).detach(),
         **_clip_metrics(ratio, inputs.advantages, mask, 1 - opts.epsilon, 1 + eps_high),
         **_kl_metrics(logps, inputs.ref_token_logps, mask, ("k1", opts.kl_estimator)),
+        **corrections,
     }
 
 
@@ -310,6 +300,12 @@ class RLOOOptions(_ReferenceIfKL):
     epsilon: float = Field(0.2, description="sequence-level ratio clip (inactive with one update per rollout)")
     normalize_advantages: bool = Field(False, description="divide by the micro-batch's std after centring (TRL's "
                                                           "option)")
+
+    def model_post_init(self, context, /) -> None:
+        super().model_post_init(context)
+        if self.engine_correction in TOKEN_CORRECTIONS:
+            raise ConfigError("loss_options.engine_correction", f"rloo's loss is one per response: "
+                              f"{self.engine_correction} weighs tokens; use sequence_truncate or sequence_mask")
 
 
 def rloo_loss(inputs: LossInputs, opts: RLOOOptions) -> LossOutput:
@@ -328,12 +324,13 @@ def rloo_loss(inputs: LossInputs, opts: RLOOOptions) -> LossOutput:
     if opts.normalize_advantages:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-4)
     ratio = torch.exp(logps - old)
-    losses = clipped_surrogate(ratio, advantages, opts.epsilon, opts.epsilon).mean(1)
+    per_response = clipped_surrogate(ratio, advantages, opts.epsilon, opts.epsilon)
+    per_response, corrections = correct_sequences(per_response, inputs, old, advantages, opts)
     metrics["advantage_abs"] = advantages.abs().mean(1).detach()
-    return losses, metrics
+    return per_response.mean(1), {**metrics, **corrections}
 
 
-class PPOOptions(LossOptions):
+class PPOOptions(OffPolicyOptions):
     # The loss.
     cliprange: float = 0.2
     cliprange_value: float = 0.2
@@ -380,6 +377,7 @@ def ppo_loss(inputs: LossInputs, opts: PPOOptions) -> LossOutput:
     old_values = inputs.old_values if inputs.old_values is not None else inputs.values.detach()
     ratio = torch.exp(logps - old)
     policy_loss = clipped_surrogate(ratio, inputs.advantages, opts.cliprange, opts.cliprange)
+    policy_loss, corrections = correct_tokens(policy_loss, inputs, old, inputs.advantages, opts, "ppo")
     value_loss = clipped_value_loss(inputs.values, old_values, inputs.returns, opts.cliprange_value)
     per_token = policy_loss + opts.vf_coef * value_loss
     if opts.kl_coef > 0:
@@ -391,4 +389,5 @@ def ppo_loss(inputs: LossInputs, opts: PPOOptions) -> LossOutput:
         "value_loss": _per_example_mean(value_loss, mask),
         "clip_fraction": _per_example_mean(clipped, mask),
         **_kl_metrics(logps, inputs.ref_token_logps, mask),
+        **corrections,
     }

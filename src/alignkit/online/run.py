@@ -25,6 +25,7 @@ from alignkit.errors import ConfigError
 from alignkit.generate.engines import make_engine, sleep_engine
 from alignkit.losses import build_options
 from alignkit.losses.base import needs
+from alignkit.losses.offpolicy import resolve_correction
 from alignkit.models.inference import frozen_copy
 from alignkit.models.teacher import load_teacher
 from alignkit.models.value_head import PolicyWithValueHead
@@ -146,6 +147,16 @@ def online_teacher(cfg: OnlineConfig, spec, model, tokenizer, ctx):
     return teacher.to(ctx.device) if ctx.device is not None else teacher
 
 
+def engine_corrected(opts, engine):
+    """The loss options with engine_correction `auto` made concrete for the run's engine (losses/offpolicy.py)."""
+    resolved = resolve_correction(opts, getattr(engine, "exact_logprobs", False))
+    if resolved is not opts:
+        log.info("engine_correction auto: %s (the %s engine's log-probs %s the trainer's)", resolved.engine_correction,
+                 getattr(engine, "name", type(engine).__name__),
+                 "are" if resolved.engine_correction == "none" else "differ from")
+    return resolved
+
+
 def online_references(model, cfg: OnlineConfig, self_judge: bool = False):
     """(the reference, the starting policy for the summary's KL): frozen copies of `model` (bf16 linear weights in
     a bf16 run: the same log-probs under autocast); the reference moves every ref_update_every rounds, keeping the
@@ -194,6 +205,7 @@ class OnlineRun:
         groups = self.trained.parameter_groups(cfg.value_learning_rate) if self.method.value_head else None
         self.run.resume(cfg.rounds * cfg.updates_per_round, self.trained, groups)
         self.engine = make_engine(self.policy, tokenizer, cfg.sampling)  # given new weights every round
+        self.loss = replace(self.loss, opts=engine_corrected(self.loss.opts, self.engine))
         # GKD's seq_kd rounds: the teacher samples (its engine keeps its weights)
         self.teacher_engine = make_engine(self.teacher, tokenizer, cfg.sampling) if cfg.lmbda < 1 else None
         self.moments = RunningMoments()  # PPO's reward normalisation (a checkpoint's, on resume)

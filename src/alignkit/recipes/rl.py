@@ -55,11 +55,11 @@ def shipped(name: str) -> str:
 # The training run: `alignkit online`'s keys with this job's defaults (model, seed and output_dir are the job's).
 ONLINE = {"method": "grpo", "model": "smollm2-135m-instruct", "prompts": shipped("rl_train.jsonl"),
           "reward": "constraints+bonus", "rounds": 16, "prompts_per_round": 8, "num_samples": 8,
-          # the fast engine, bf16 weights; tis_cap corrects its gap to the trainer
+          # the fast engine, bf16 weights; truncated IS (below 2) corrects its gap to the trainer
           "sampling": {"max_new_tokens": 48, "temperature": 1.0, "batch_size": 64, "engine_precision": "bf16"},
           "learning_rate": 5e-4, "lora": {"r": 16, "alpha": 32}, "precision": "bf16",
           # no KL term (with LoRA the reference is the adapters off); truncated IS against the bf16 engine
-          "loss_options": {"kl_coef": 0.0, "tis_cap": 2.0},
+          "loss_options": {"kl_coef": 0.0, "engine_correction": "token_truncate", "engine_ratio_max": 2.0},
           "eval_before_after": False, "save_every": 0, "progress": False}
 SET_BY_RECIPE = ("model", "seed", "output_dir")
 
@@ -98,7 +98,7 @@ class RLConfig(Strict):
 
 
 def _option_names(values: dict) -> set[str]:
-    """The options of the method's loss (--kl_coef, --tis_cap), given at the top level."""
+    """The options of the method's loss (--kl_coef, --engine_ratio_max), given at the top level."""
     online = {**ONLINE, **(values.get("online") if isinstance(values.get("online"), dict) else {})}
     method = values.get("method", online["method"])
     return loss_option_names(loss_name_of(method, online.get("loss"), online.get("consistency", "none")))

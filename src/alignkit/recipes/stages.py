@@ -25,7 +25,7 @@ class Stages:
 def with_recipe_defaults(values: Any, defaults: dict[str, Any], section: str, set_by_recipe: tuple[str, ...]) -> Any:
     """A recipe's nested command config (align's train:, rl's online:): the keys given laid over the recipe's
     defaults. Nested sections given are taken whole, as anywhere else, but loss_options are merged key by key (the
-    recipe's own options, e.g. rl's tis_cap, stay unless named); keys the recipe sets itself are refused."""
+    recipe's own options, e.g. rl's engine_correction, stay unless named); keys the recipe sets itself are refused."""
     if not isinstance(values, dict):
         return values
     for key in set_by_recipe:

@@ -80,6 +80,12 @@ class _Layer:
 class FastEngine:
     name = "fast"
 
+    @property
+    def exact_logprobs(self) -> bool:
+        """Whether its log-probs are the trainer's (online runs correct the gap otherwise): in the model's own
+        dtype yes (fp32: within 1e-4, tested); bf16 weights no (a mean gap of 0.04 nats on SmolLM2)."""
+        return self.dtype is None
+
     def __init__(self, model, tokenizer, dtype: str = "fp32"):
         if not fast_engine_supports(model):
             raise ConfigError("sampling.engine", f"the fast engine runs Llama-family decoders on the CPU (LoRA on their "

@@ -41,6 +41,7 @@ class _LogprobRecorder(LogitsProcessor):
 
 class HFEngine:
     name = "hf"
+    exact_logprobs = True  # it samples from the training model itself
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer

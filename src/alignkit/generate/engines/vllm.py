@@ -27,6 +27,7 @@ def _colocated_load_weights(llm):
 
 class VLLMEngine:
     name = "vllm"
+    exact_logprobs = False  # its kernels (and precision) give log-probs that differ from the trainer's
 
     def __init__(self, llm, tokenizer, sampling_params=None, load_weights=None, sleep_mode: bool = False):
         """llm: a vllm.LLM (or anything with its generate); sampling_params: vllm.SamplingParams (default);
