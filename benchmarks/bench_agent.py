@@ -264,7 +264,7 @@ def run_alignkit(args, model_dir: Path) -> dict:
             "rewards": [r["rollout_reward"] for r in timed], "turns": _mean(r.get("turns") for r in timed),
             "tool_calls": _mean(r.get("tool_calls") for r in timed), "forks": sum(r.get("forks", 0) for r in timed),
             "generate_share": sum(r["time/generate_s"] for r in timed) / sum(seconds),
-            "completion_tokens": _mean(r.get("generated_tokens") for r in timed),
+            "completion_tokens": _mean(r.get("generated_tokens") for r in timed) / (args.prompts * args.k),
             "prefill": meter.report(sum(r["time/generate_s"] for r in result.rounds))}
 
 
