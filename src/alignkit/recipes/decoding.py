@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, model_validator
 from alignkit.config import SamplingOptions, Strict, load_command_config, make_config, render_help
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.errors import ConfigError
+from alignkit.generate.realign import RealignOptions, realigned_engine
 from alignkit.generate.sample import sample
 
 log = logging.getLogger("alignkit.decode")
@@ -36,6 +37,8 @@ class GenerateConfig(_Sampled):
                                         "when num_samples = 1)")
     num_samples: int = Field(1, gt=0)
     on_bad_record: Literal["error", "skip"] = "error"
+    realign: RealignOptions | None = Field(None, description="DeRa: {reference: DIR, lambda: x}, sample from "
+                                                             "softmax(x z_model + (1 - x) z_reference)")
 
     @model_validator(mode="before")
     @classmethod
@@ -74,6 +77,8 @@ class DecodeConfig(_Sampled):
     beta: float = Field(1.0, gt=0, description="tq: scale of the implicit reward")
     baseline: bool = Field(True, description="also sample plainly and report gain per extra compute")
     on_bad_record: Literal["error", "skip"] = "error"
+    realign: RealignOptions | None = Field(None, description="DeRa (methods sample, bon, bonbon): {reference: DIR, "
+                                                             "lambda: x}, candidates sampled from the realigned model")
 
 
 class SynthConfig(_Sampled):
@@ -111,6 +116,7 @@ def run_generate(config=None, overrides: dict[str, Any] | None = None) -> Path:
 
     # vLLM only when named (engine auto: the fast engine where it runs, else HF generate, as in every command)
     model, tokenizer = load_generator(cfg.model, "vllm" if cfg.sampling.engine == "vllm" else "hf")
+    model = _realigned(cfg, model, tokenizer)
     samples = sample(model, tokenizer, [r["prompt"] for r in records], cfg.sampling, cfg.num_samples, cfg.seed)
     rows = [{**_carry(r), "responses": s, **({"completion": s[0]} if cfg.num_samples == 1 else {})}
             for r, s in zip(records, samples)]
@@ -128,6 +134,10 @@ def run_decode(config=None, overrides: dict[str, Any] | None = None) -> dict:
 
     reward = load_reward(cfg.reward)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
+    if cfg.realign and cfg.method not in REALIGNED_METHODS:
+        raise ConfigError("realign", f"method {cfg.method} decodes token by token with the model itself; realign "
+                                     f"works with {', '.join(REALIGNED_METHODS)}")
+    model = _realigned(cfg, model, tokenizer)
     result, extra = decode_with(cfg, model, tokenizer, prompts, reward)
     summary = {**result.summary(), **extra}
     if cfg.baseline and cfg.method != "sample":
@@ -152,6 +162,16 @@ def run_decode(config=None, overrides: dict[str, Any] | None = None) -> dict:
                  f"x{e['compute_ratio_reward_calls'] or 0:.1f} reward calls)")
     log.info("%s; wrote %s and %s", line, out, summary_path)
     return summary
+
+
+REALIGNED_METHODS = ("sample", "bon", "bonbon")
+
+
+def _realigned(cfg, model, tokenizer):
+    """The model, or with cfg.realign an engine sampling the realigned distribution (generate/realign.py)."""
+    if cfg.realign is None:
+        return model
+    return realigned_engine(model, _load_model(cfg.realign.reference), tokenizer, cfg.sampling, cfg.realign.lambda_)
 
 
 def decoder_options(cfg: DecodeConfig, options: type[BaseModel]) -> BaseModel:

@@ -83,15 +83,21 @@ class FastEngine:
     @property
     def exact_logprobs(self) -> bool:
         """Whether its log-probs are the trainer's (online runs correct the gap otherwise): in the model's own
-        dtype yes (fp32: within 1e-4, tested); bf16 weights no (a mean gap of 0.04 nats on SmolLM2)."""
-        return self.dtype is None
+        dtype yes (fp32: within 1e-4, tested); bf16 weights no (a mean gap of 0.04 nats on SmolLM2); realigned
+        no (they are the mixed distribution's)."""
+        return self.dtype is None and self.reference is None
 
-    def __init__(self, model, tokenizer, dtype: str = "fp32"):
+    def __init__(self, model, tokenizer, dtype: str = "fp32", realign=None):
+        """realign: (reference model, lambda): sample from softmax(lambda z_policy + (1 - lambda) z_reference),
+        the reference decoded beside the policy in the same loop (DeRa, generate/realign.py)."""
         if not fast_engine_supports(model):
             raise ConfigError("sampling.engine", f"the fast engine runs Llama-family decoders on the CPU (LoRA on their "
                                                  f"linear layers), not {type(model).__name__}; use hf (or auto)")
         self.tokenizer, self.dtype = tokenizer, torch.bfloat16 if dtype == "bf16" else None
         self.update_weights(model)
+        self.reference, self.realign_lambda = None, None
+        if realign is not None:
+            self.reference, self.realign_lambda = FastEngine(realign[0], tokenizer, dtype), float(realign[1])
 
     def sleep(self) -> None:
         """Drop the engine's weight copies while the learner runs (they are rebuilt by the next update_weights, as
@@ -162,10 +168,18 @@ class FastEngine:
         out = torch.matmul(torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype), v)  # [N, hk, g, d]
         return out.view(N, hq, 1, d)
 
-    def _next(self, hidden, sampling, generator):
-        """(tokens [N], their log-probs [N]) from the last hidden states [N, H]: temperature, top-k, top-p as HF
+    def _logits(self, hiddens):
+        """Next-token logits [N, V] from the last hidden states of the policy (and of the reference, realigned)."""
+        logits = (hiddens[0] @ self.head.T).float()
+        if self.reference is None:
+            return logits
+        lam = self.realign_lambda
+        return lam * logits + (1 - lam) * (hiddens[1] @ self.reference.head.T).float()
+
+    @staticmethod
+    def _next(logits, sampling, generator):
+        """(tokens [N], their log-probs [N]) from the next-token logits [N, V]: temperature, top-k, top-p as HF
         applies them, one log-softmax for both sampling and the log-prob."""
-        logits = (hidden @ self.head.T).float()
         if sampling.temperature <= 0:
             logps = torch.log_softmax(logits, -1)
             tokens = logps.argmax(-1)
@@ -206,10 +220,10 @@ class FastEngine:
             out.add_rows(tokenizer, rows, row_logps, num_samples, end_ids, sampling.stop_strings)
         return out
 
-    def _generate_chunk(self, chunk, sampling, k, end_ids, generator):
-        B, new = len(chunk), sampling.max_new_tokens
-        input_ids, mask, positions = left_pad(chunk, 0, self.device)
-        P = input_ids.shape[1]
+    def _prefill(self, input_ids, mask, positions, k: int, new: int):
+        """(last hidden states [B k, H], static KV caches for B k samples, RoPE tables) after each prompt of the
+        left-padded batch: a prompt is run once and its KV copied to its k samples (the shared prefix)."""
+        B, P = input_ids.shape
         prompt_caches = [(torch.empty(B, self.kv_heads, P, self.head_dim, dtype=self.compute_dtype),
                           torch.empty(B, self.kv_heads, P, self.head_dim, dtype=self.compute_dtype))
                          for _ in self.layers]
@@ -218,28 +232,32 @@ class FastEngine:
         prefill_mask |= torch.eye(P, dtype=torch.bool)[None, None]  # a padded query attends to itself (no NaN)
         rope = self._rope_tables(P + new)
         hidden = self._forward(input_ids, positions, prompt_caches, 0, prefill_mask, rope)[:, -1]
-        # The k samples of a prompt share its prefill: its KV, copied into each sample's static cache.
-        N = B * k
         caches = []
         for k_prompt, v_prompt in prompt_caches:
-            k_cache = torch.empty(N, self.kv_heads, P + new, self.head_dim, dtype=self.compute_dtype)
+            k_cache = torch.empty(B * k, self.kv_heads, P + new, self.head_dim, dtype=self.compute_dtype)
             v_cache = torch.empty_like(k_cache)
             k_cache[:, :, :P] = k_prompt.repeat_interleave(k, 0)
             v_cache[:, :, :P] = v_prompt.repeat_interleave(k, 0)
             caches.append((k_cache, v_cache))
-        del prompt_caches
+        return hidden.repeat_interleave(k, 0), caches, rope
+
+    def _generate_chunk(self, chunk, sampling, k, end_ids, generator):
+        new = sampling.max_new_tokens
+        input_ids, mask, positions = left_pad(chunk, 0, self.device)
+        P, N = input_ids.shape[1], len(chunk) * k
+        engines = [self] if self.reference is None else [self, self.reference]
+        hiddens, caches, ropes = map(list, zip(*(e._prefill(input_ids, mask, positions, k, new) for e in engines)))
         # additive attention bias over the cache: -inf on the prompts' left padding, 0 elsewhere
         key_bias = torch.zeros(N, P + new, dtype=self.compute_dtype)
         key_bias[:, :P].masked_fill_(~mask.bool().repeat_interleave(k, 0), float("-inf"))
         next_position = positions[:, -1].repeat_interleave(k, 0) + 1
-        hidden = hidden.repeat_interleave(k, 0)
         live = torch.arange(N)  # the batch's rows, as indices into the chunk's N samples
         done = torch.zeros(N, dtype=torch.bool)  # rows of the batch that have ended (dropped at the next compaction)
         rows: list[list[int]] = [[] for _ in range(N)]
         row_logps: list[list[float]] = [[] for _ in range(N)]
         ends = torch.tensor(end_ids or [-1])
         for t in range(new):
-            tokens, logps = self._next(hidden, sampling, generator)
+            tokens, logps = self._next(self._logits(hiddens), sampling, generator)
             for i, token, lp, ended in zip(live.tolist(), tokens.tolist(), logps.tolist(), done.tolist()):
                 if not ended:
                     rows[i].append(token)
@@ -250,10 +268,10 @@ class FastEngine:
             if int(done.sum()) * 4 >= len(live):  # a quarter has ended: drop them (copying the caches costs a step)
                 keep = ~done
                 live, tokens, next_position, done = live[keep], tokens[keep], next_position[keep], done[keep]
-                caches = [(kc[keep], vc[keep]) for kc, vc in caches]
+                caches = [[(kc[keep], vc[keep]) for kc, vc in model_caches] for model_caches in caches]
                 key_bias = key_bias[keep]
-            hidden = self._forward(tokens[:, None], next_position[:, None], caches, P + t, key_bias[:, :P + t + 1],
-                                   rope)[:, -1]
+            hiddens = [e._forward(tokens[:, None], next_position[:, None], c, P + t, key_bias[:, :P + t + 1], rope)[:, -1]
+                       for e, c, rope in zip(engines, caches, ropes)]
             next_position = next_position + 1
         return rows, row_logps
 

@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from alignkit.generate.engines.base import Generation, stop_token_ids
+from alignkit.generate.engines.realign import ReferenceMix
 from alignkit.models.inference import eval_mode, left_pad
 
 
@@ -43,8 +44,11 @@ class HFEngine:
     name = "hf"
     exact_logprobs = True  # it samples from the training model itself
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, realign=None):
+        """realign: (reference model, lambda): sample from softmax(lambda z_policy + (1 - lambda) z_reference)
+        (DeRa, generate/realign.py); the reference runs beside generate with its own KV cache."""
+        self.model, self.tokenizer, self.realign = model, tokenizer, realign
+        self.exact_logprobs = realign is None  # realigned: the mixed distribution's log-probs, not the trainer's
 
     def update_weights(self, model) -> None:
         self.model = model  # the same module: nothing to copy
@@ -66,12 +70,14 @@ class HFEngine:
                 chunk = prompt_ids[start:start + sampling.batch_size]
                 input_ids, mask, _ = left_pad(chunk, pad_id, device)
                 recorder = _LogprobRecorder()
-                processors = [recorder]
-                if do_sample:  # warpers first, so the recorder sees the distribution actually sampled from
-                    warpers = [TemperatureLogitsWarper(sampling.temperature)] if sampling.temperature != 1 else []
-                    warpers += [TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []
-                    warpers += [TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1 else []
-                    processors = [*warpers, recorder]
+                # the mix first, then the warpers, so the recorder sees the distribution actually sampled from
+                processors = [] if self.realign is None else [
+                    ReferenceMix(*self.realign, mask.repeat_interleave(num_samples, 0))]
+                if do_sample:
+                    processors += [TemperatureLogitsWarper(sampling.temperature)] if sampling.temperature != 1 else []
+                    processors += [TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []
+                    processors += [TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1 else []
+                processors.append(recorder)
                 torch.manual_seed(seed + start)
                 generated = model.generate(
                     input_ids=input_ids, attention_mask=mask, do_sample=do_sample,
