@@ -22,6 +22,7 @@ from alignkit.eval.kl import kl_summary, sequence_log_ratios
 from alignkit.eval.metrics import bootstrap_mean_ci, length_stats, win_rate
 from alignkit.eval.plots import plot_reward_histograms, plot_table
 from alignkit.eval.report import write_html_report
+from alignkit.eval.token_shift import token_shift, token_shift_html
 from alignkit.generate.sample import sample
 from alignkit.rewards.spec import load_object, load_reward
 
@@ -41,6 +42,8 @@ class EvalConfig(Strict):
     max_prompts: int | None = Field(None, gt=0)
     sampling: SamplingOptions = Field(default_factory=SamplingOptions, description="how responses are sampled")
     seed: int = 0
+    token_shift: bool = Field(True, description="with a baseline model: rank each token of A's answers under it "
+                                                "(URIAL's unshifted / marginal / shifted shares, coloured in the report)")
 
 
 # ---------------------------------------------------------------------------------------------- measures
@@ -67,6 +70,7 @@ class EvalExtras:
     reference: Any = None
     tokenizer: Any = None
     preferences: list[dict] | None = None
+    shift_base: Any = None  # the base model of the token-shift report (eval/token_shift.py)
 
 
 def evaluate_responses(prompts: list, responses_a: list[str], reward, responses_b: list[str] | None = None,
@@ -91,6 +95,9 @@ def evaluate_responses(prompts: list, responses_a: list[str], reward, responses_
         summary["kl"] = kl_summary(sequence_log_ratios(policy, reference, tokenizer, prompts, responses_a))
     if preferences:
         summary["reward_accuracy"] = reward_accuracy(reward, preferences)
+    if extras.shift_base is not None:
+        summary["token_shift"], summary["token_shift_tokens"] = token_shift(extras.shift_base, tokenizer, prompts,
+                                                                            responses_a)
     summary["rewards_a"] = rewards_a
     return summary
 
@@ -99,7 +106,8 @@ def evaluate_responses(prompts: list, responses_a: list[str], reward, responses_
 
 SECTION_TITLES = {"reward": "Reward (A vs B)", "judge": "Win rate of A over B under the judge (both orders)",
                   "kl": "KL(A || reference) on A's samples", "length_a": "Length of A's responses",
-                  "length_b": "Length of B's responses", "reward_accuracy": "Reward accuracy on the preference set"}
+                  "length_b": "Length of B's responses", "reward_accuracy": "Reward accuracy on the preference set",
+                  "token_shift": "Token shift: A's answer tokens by their rank under B (URIAL)"}
 
 
 def format_value(value) -> str:
@@ -134,8 +142,10 @@ def write_eval_report(out: str | Path, summary: dict, names: tuple[str, str] = (
                 ["reward", "", "", f"{summary['reward']['win_rate']:.3f}", ""]]
         paths["win_rate_png"] = plot_table(rows, out / "win_rate.png", f"win rate of {names[0]} over {names[1]}")
         images.append(paths["win_rate_png"])
+    blocks = {"Token shift: the answers of A, coloured by rank under B": token_shift_html(summary["token_shift_tokens"])} \
+        if "token_shift" in summary else None
     paths["html"] = write_html_report(out / "report.html", f"alignkit eval: {names[0]} vs {names[1]}",
-                                      report_tables(summary), images, list(examples))
+                                      report_tables(summary), images, list(examples), blocks)
     return paths
 
 
@@ -208,7 +218,8 @@ def run_eval(config: str | Path | None = None, overrides: dict[str, Any] | None 
     preferences = load_records(cfg.preferences, shape="pairs") if cfg.preferences else None
     judge = load_judge(cfg.judge, reward) if responses_b else None
     summary = evaluate_responses(prompts, responses_a, reward, responses_b, judge,
-                                 EvalExtras(cfg.split_merge, policy, reference, tokenizer, preferences))
+                                 EvalExtras(cfg.split_merge, policy, reference, tokenizer, preferences,
+                                            baseline if cfg.token_shift else None))
     names = (cfg.model or cfg.responses or "A", cfg.baseline or cfg.baseline_responses or "B")
     examples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "A": a, **({"B": b} if responses_b else {})}
                 for p, a, b in list(zip(prompts, responses_a, responses_b or responses_a))[:8]]

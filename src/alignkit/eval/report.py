@@ -9,8 +9,9 @@ from pathlib import Path
 
 
 def write_html_report(path: str | Path, title: str, tables: dict[str, list[list[str]]], images: list[str | Path] = (),
-                      examples: list[dict[str, str]] = ()) -> Path:
-    """tables: caption -> rows (first row is the header). examples: dicts of column -> text."""
+                      examples: list[dict[str, str]] = (), blocks: dict[str, str] | None = None) -> Path:
+    """tables: caption -> rows (first row is the header). examples: dicts of column -> text. blocks: caption ->
+    HTML already rendered and escaped by its maker (e.g. eval/token_shift's coloured answers)."""
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left;vertical-align:top}"
@@ -30,6 +31,8 @@ def write_html_report(path: str | Path, title: str, tables: dict[str, list[list[
         for example in examples:
             parts.append("<tr>" + "".join(f"<td>{html.escape(str(example[c]))}</td>" for c in columns) + "</tr>")
         parts.append("</table>")
+    for caption, block in (blocks or {}).items():
+        parts.append(f"<h2>{html.escape(caption)}</h2>{block}")
     path = Path(path)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(parts), encoding="utf-8")

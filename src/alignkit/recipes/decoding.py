@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, model_validator
 from alignkit.config import SamplingOptions, Strict, load_command_config, make_config, render_help
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.errors import ConfigError
+from alignkit.generate.presets import PRESETS
 from alignkit.generate.realign import RealignOptions, realigned_engine
 from alignkit.generate.sample import sample
 
@@ -39,6 +40,8 @@ class GenerateConfig(_Sampled):
     on_bad_record: Literal["error", "skip"] = "error"
     realign: RealignOptions | None = Field(None, description="DeRa: {reference: DIR, lambda: x}, sample from "
                                                              "softmax(x z_model + (1 - x) z_reference)")
+    preset: Literal["urial"] | None = Field(None, description="urial: each prompt wrapped in URIAL's system text and "
+                                                              "three examples (plain text, for a base model)")
 
     @model_validator(mode="before")
     @classmethod
@@ -117,7 +120,12 @@ def run_generate(config=None, overrides: dict[str, Any] | None = None) -> Path:
     # vLLM only when named (engine auto: the fast engine where it runs, else HF generate, as in every command)
     model, tokenizer = load_generator(cfg.model, "vllm" if cfg.sampling.engine == "vllm" else "hf")
     model = _realigned(cfg, model, tokenizer)
-    samples = sample(model, tokenizer, [r["prompt"] for r in records], cfg.sampling, cfg.num_samples, cfg.seed)
+    prompts, sampling = [r["prompt"] for r in records], cfg.sampling
+    if cfg.preset:
+        wrap, stop = PRESETS[cfg.preset]
+        prompts = [wrap(p) for p in prompts]
+        sampling = sampling.model_copy(update={"stop": [*sampling.stop_strings, *stop]})
+    samples = sample(model, tokenizer, prompts, sampling, cfg.num_samples, cfg.seed)
     rows = [{**_carry(r), "responses": s, **({"completion": s[0]} if cfg.num_samples == 1 else {})}
             for r, s in zip(records, samples)]
     out = Path(cfg.output_dir) / "samples.jsonl"
