@@ -80,6 +80,10 @@ class SamplingOptions(Strict):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+class CHESFilter(Strict):  # arXiv 2410.08847: train/pair_filter.py
+    drop: float = Field(0.1, ge=0.0, lt=1.0, description="share of pairs dropped, the highest CHES scores first")
+
+
 class OptimConfig(Strict):
     """The keys of the shared optimizer step (train/step.py): every training command has them, offline and online."""
 
@@ -156,6 +160,7 @@ class TrainConfig(OptimConfig):
     max_length: int = Field(1024, gt=1, description="max tokens of prompt + one response")
     max_prompt_length: int | None = Field(None, gt=0, description="prompts keep their last this-many tokens")
     sft_include_prompt: bool = Field(False, description="SFT: train on prompt (and non-assistant) tokens too")
+    filter: dict[Literal["ches"], CHESFilter] = Field(default_factory=dict, description="pair filters: {ches: {drop}}")
     data_cache: bool = Field(True, description="cache tokenised examples on disk, keyed by files+tokenizer+settings")
     # Steps.
     grad_accum: int = Field(1, gt=0)

@@ -15,6 +15,7 @@ from alignkit.data.tokenize import train_on_prompt
 from alignkit.models.reward import prepare_reward_examples
 from alignkit.train.loss_inputs import check_record_fields
 from alignkit.train.packing import Packing
+from alignkit.train.pair_filter import ches_filter
 from alignkit.train.reference import Reference, build_reference
 
 
@@ -62,6 +63,8 @@ def offline_data(cfg: TrainConfig, model, tokenizer, spec) -> OfflineData:
     """The training and evaluation examples of the loss's data shape, checked for the fields it reads, in the
     reward model's layout where it trains one, and the steps planned over them."""
     train_examples, eval_examples = load_data(cfg, tokenizer, spec.data_shape)
+    if "ches" in cfg.filter:
+        train_examples = ches_filter(model, train_examples, cfg.filter["ches"].drop, cfg.output_dir)
     check_record_fields(spec, chain(train_examples, eval_examples))  # e.g. MODPO's other objectives' rewards
     if spec.output == "rewards":  # encoders read [CLS] prompt [SEP] response [SEP]
         train_examples = prepare_reward_examples(model, tokenizer, train_examples, cfg.max_length)
