@@ -160,7 +160,7 @@ class TrainConfig(OptimConfig):
     max_length: int = Field(1024, gt=1, description="max tokens of prompt + one response")
     max_prompt_length: int | None = Field(None, gt=0, description="prompts keep their last this-many tokens")
     sft_include_prompt: bool = Field(False, description="SFT: train on prompt (and non-assistant) tokens too")
-    filter: dict[Literal["ches"], CHESFilter] = Field(default_factory=dict, description="pair filters: {ches: {drop}}")
+    filter: dict[Literal["ches"], CHESFilter] | None = Field(None, description="pair filters: {ches: {drop}}")
     data_cache: bool = Field(True, description="cache tokenised examples on disk, keyed by files+tokenizer+settings")
     # Steps.
     grad_accum: int = Field(1, gt=0)
