@@ -25,7 +25,7 @@ from alignkit.losses import (
 from alignkit.losses.base import RunningMean, needs
 from alignkit.losses.dpo import DPOOptions, dpo_loss
 from alignkit.losses.options import build_options, option_names
-from alignkit.losses.sft import SFTOptions, sft_loss
+from alignkit.losses.sft import ConstrainedSFTOptions, SFTOptions, constrained_sft_loss, sft_loss
 from alignkit.shapes import DATA_SHAPES
 
 
@@ -70,6 +70,8 @@ def register(spec: LossSpec) -> None:
 
 register(LossSpec("dpo", dpo_loss, DPOOptions, "pairs", True, "arXiv 2305.18290"))
 register(LossSpec("sft", sft_loss, SFTOptions, "sft", False, "supervised fine-tuning (NLL)"))
+register(LossSpec("sft_constrained", constrained_sft_loss, ConstrainedSFTOptions, "sft", True, "arXiv 2406.05946",
+                  needs_token_logps=True))
 # Offline catalogue (docs/losses.md): name, function, options, data shape, needs reference, paper.
 register(LossSpec("robust_dpo", pairwise.robust_dpo_loss, pairwise.RobustDPOOptions, "pairs", True, "arXiv 2403.00409"))
 register(LossSpec("ipo", pairwise.ipo_loss, pairwise.IPOOptions, "pairs", True, "arXiv 2310.12036"))
