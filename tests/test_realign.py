@@ -1,6 +1,7 @@
 """DeRa (arXiv 2402.02992): sampling from softmax(lambda z_aligned + (1 - lambda) z_reference) in the hf and fast
 engines. lambda = 1 decodes the aligned model's tokens and lambda = 0 the reference's (greedy, token for token); the
-log-probs the engines return equal a NumPy computation of the mixed distribution on the sampled tokens."""
+log-probs the engines return equal a NumPy computation of the mixed distribution on the sampled tokens; eval's
+lambda sweep reports KL 0 at lambda 0 and the aligned model's own log-ratio at lambda 1."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import pytest
 import torch
 
 from alignkit.config import SamplingOptions
+from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError
-from alignkit.generate.engines import FastEngine, HFEngine
+from alignkit.eval.evaluate import run_eval
+from alignkit.generate.engines import FastEngine, HFEngine, encode_prompts
 from alignkit.generate.realign import RealignOptions, realigned_engine
 from alignkit.models.tiny import build_tiny_model, build_word_tokenizer
 from alignkit.recipes.decoding import run_decode, run_generate
+from alignkit.train.packing import Packing
+from alignkit.train.reference import score_examples
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,3 +122,31 @@ def test_generate_and_decode_realign_from_the_cli(pair, tmp_path):
     with pytest.raises(ConfigError, match="realign.*args"):
         run_decode(overrides={**common, "method": "args", "model": str(tmp_path / "aligned"),
                               "output_dir": str(tmp_path / "d"), "realign": {"reference": "x", "lambda": 0.5}})
+
+
+def test_eval_realign_sweep(pair, tmp_path):
+    aligned, reference, tokenizer = pair
+    for name, model in (("aligned", aligned), ("reference", reference)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 2}"}) + "\n" for i in range(6)))
+    common = {"model": str(tmp_path / "aligned"), "reference": str(tmp_path / "reference"), "prompts": str(prompts),
+              "max_new_tokens": 6, "reward": "length", "seed": 3}
+    result = run_eval(overrides={**common, "realign_sweep": "0,1", "output_dir": str(tmp_path / "eval")})
+    rows = result["summary"]["realign_sweep"]
+    assert [r["lambda"] for r in rows] == [0.0, 1.0]
+    assert abs(rows[0]["kl"]) < 1e-4  # lambda 0 samples the reference itself
+    # lambda 1: the aligned model's own samples (same seed), their log-ratio to the reference scored directly
+    sampling = SamplingOptions(max_new_tokens=6)
+    prompt_ids = encode_prompts(tokenizer, [json.loads(line)["prompt"] for line in prompts.read_text().splitlines()])
+    own = FastEngine(aligned, tokenizer).generate(prompt_ids, sampling, 1, 3)
+    examples = [TokenizedExample(p, [s[0]]) for p, s in zip(prompt_ids, own.ids)]
+    packing = Packing(4096, 1024, tokenizer.pad_token_id)
+    ratios = score_examples(aligned, examples, packing)[0][:, 0] - score_examples(reference, examples, packing)[0][:, 0]
+    assert rows[1]["kl"] == pytest.approx(float(ratios.mean()), abs=1e-3)
+    assert rows[1]["tokens"] == pytest.approx(np.mean([len(s[0]) for s in own.ids]))
+    assert (tmp_path / "eval" / "realign_sweep.png").exists()
+    assert "DeRa sweep" in (tmp_path / "eval" / "report.html").read_text()
+    with pytest.raises(ConfigError, match="realign_sweep"):
+        run_eval(overrides={**common, "realign_sweep": "0,x", "output_dir": str(tmp_path / "bad")})

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from alignkit.config import SamplingOptions, Strict, load_command_config
 from alignkit.data.load import load_records
@@ -20,7 +20,8 @@ from alignkit.errors import AlignkitError, ConfigError, DataError
 from alignkit.eval.judges import FunctionJudge, Judge, LLMJudge, RewardJudge, pairwise_win_rate
 from alignkit.eval.kl import kl_summary, sequence_log_ratios
 from alignkit.eval.metrics import bootstrap_mean_ci, length_stats, win_rate
-from alignkit.eval.plots import plot_reward_histograms, plot_table
+from alignkit.eval.plots import plot_realign_sweep, plot_reward_histograms, plot_table
+from alignkit.eval.realign_sweep import parse_lambdas, realign_sweep
 from alignkit.eval.report import write_html_report
 from alignkit.eval.token_shift import token_shift, token_shift_html
 from alignkit.generate.sample import sample
@@ -42,8 +43,15 @@ class EvalConfig(Strict):
     max_prompts: int | None = Field(None, gt=0)
     sampling: SamplingOptions = Field(default_factory=SamplingOptions, description="how responses are sampled")
     seed: int = 0
+    realign_sweep: list[float] | None = Field(None, description="DeRa: lambdas to sample A realigned with the "
+                                                                "reference at (0,0.25,...,1.5): reward, KL, length each")
     token_shift: bool = Field(True, description="with a baseline model: rank each token of A's answers under it "
                                                 "(URIAL's unshifted / marginal / shifted shares, coloured in the report)")
+
+    @field_validator("realign_sweep", mode="before")
+    @classmethod
+    def _lambdas(cls, value):
+        return parse_lambdas(value)
 
 
 # ---------------------------------------------------------------------------------------------- measures
@@ -142,10 +150,17 @@ def write_eval_report(out: str | Path, summary: dict, names: tuple[str, str] = (
                 ["reward", "", "", f"{summary['reward']['win_rate']:.3f}", ""]]
         paths["win_rate_png"] = plot_table(rows, out / "win_rate.png", f"win rate of {names[0]} over {names[1]}")
         images.append(paths["win_rate_png"])
+    tables = report_tables(summary)
+    if "realign_sweep" in summary:
+        sweep = summary["realign_sweep"]
+        tables["DeRa sweep: A realigned with the reference at each lambda"] = [list(sweep[0])] + [
+            [format_value(v) for v in row.values()] for row in sweep]
+        paths["realign_sweep_png"] = plot_realign_sweep(sweep, out / "realign_sweep.png", "DeRa: reward against KL")
+        images.append(paths["realign_sweep_png"])
     blocks = {"Token shift: the answers of A, coloured by rank under B": token_shift_html(summary["token_shift_tokens"])} \
         if "token_shift" in summary else None
     paths["html"] = write_html_report(out / "report.html", f"alignkit eval: {names[0]} vs {names[1]}",
-                                      report_tables(summary), images, list(examples), blocks)
+                                      tables, images, list(examples), blocks)
     return paths
 
 
@@ -220,6 +235,8 @@ def run_eval(config: str | Path | None = None, overrides: dict[str, Any] | None 
     summary = evaluate_responses(prompts, responses_a, reward, responses_b, judge,
                                  EvalExtras(cfg.split_merge, policy, reference, tokenizer, preferences,
                                             baseline if cfg.token_shift else None))
+    if cfg.realign_sweep:
+        summary["realign_sweep"] = realign_sweep(policy, reference, tokenizer, prompts, reward, cfg)
     names = (cfg.model or cfg.responses or "A", cfg.baseline or cfg.baseline_responses or "B")
     examples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "A": a, **({"B": b} if responses_b else {})}
                 for p, a, b in list(zip(prompts, responses_a, responses_b or responses_a))[:8]]

@@ -63,3 +63,18 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_realign_sweep(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """DeRa's sweep: mean reward against KL to the reference, one point per lambda (labelled)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot([r["kl"] for r in rows], [r["mean_reward"] for r in rows], marker="o")
+    for r in rows:
+        ax.annotate(f"λ={r['lambda']:g}", (r["kl"], r["mean_reward"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.set_xlabel("KL to the reference (nats per answer)")
+    ax.set_ylabel("mean reward")
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
