@@ -226,7 +226,7 @@ def test_report_files_hold_the_computed_numbers(task, tmp_path):
     answers_b = [s[0] for s in sample(task.model, task.tokenizer, questions, cfg, seed=3)]
     summary = evaluate_responses(questions, answers_a, SENTIMENT, answers_b, first_position_bias(0.1),
                                  EvalExtras(policy=aligned, reference=task.model, tokenizer=task.tokenizer,
-                                            preferences=preference_records(20, seed=1)))
+                                            preferences=preference_records(20, seed=1), shift_base=task.model))
     paths = write_eval_report(tmp_path / "report", summary, ("aligned", "sft"))
     saved = json.loads(paths["json"].read_text())
     assert {k: v for k, v in saved.items() if k != "names"} == summary  # floats survive JSON exactly

@@ -35,7 +35,7 @@ def token_ranks(base, prompt_ids: list[int], answer_ids: list[int]) -> list[int]
 
 
 def token_shift(base, tokenizer, prompts: list, answers: list[str], max_length: int = 1024) -> tuple[dict, list]:
-    """(summary, per answer [(token text, rank)]) of the answers' tokens under the base model. The answers are
+    """(summary, per answer [[token text, rank], ...]) of the answers' tokens under the base model. The answers are
     re-tokenised from their text as training would (the EOS training appends is not one of the answer's tokens).
     The summary holds each bucket's share of all answer tokens, the token and answer counts, and the mean rank."""
     records = [{"prompt": p, "completion": a, "_row": i + 1} for i, (p, a) in enumerate(zip(prompts, answers))]
@@ -49,7 +49,7 @@ def token_shift(base, tokenizer, prompts: list, answers: list[str], max_length: 
         for rank in ranks:
             counts[bucket_of(rank)] += 1
         ranks_total += sum(ranks)
-        per_answer.append([(tokenizer.decode([t]), r) for t, r in zip(answer_ids, ranks)])
+        per_answer.append([[tokenizer.decode([t]), r] for t, r in zip(answer_ids, ranks)])
     tokens = sum(counts.values())
     summary = {name: counts[name] / tokens if tokens else 0.0 for name in BUCKETS}
     summary.update({"tokens": tokens, "answers": len(per_answer), "mean_rank": ranks_total / tokens if tokens else 0.0})
