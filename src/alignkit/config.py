@@ -7,7 +7,7 @@ import math
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -78,10 +78,6 @@ class SamplingOptions(Strict):
     @property
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
-
-class CHESFilter(Strict):  # arXiv 2410.08847: train/pair_filter.py
-    drop: float = Field(0.1, ge=0.0, lt=1.0, description="share of pairs dropped, the highest CHES scores first")
 
 
 class OptimConfig(Strict):
@@ -160,7 +156,8 @@ class TrainConfig(OptimConfig):
     max_length: int = Field(1024, gt=1, description="max tokens of prompt + one response")
     max_prompt_length: int | None = Field(None, gt=0, description="prompts keep their last this-many tokens")
     sft_include_prompt: bool = Field(False, description="SFT: train on prompt (and non-assistant) tokens too")
-    filter: dict[Literal["ches"], CHESFilter] | None = Field(None, description="pair filters: {ches: {drop}}")
+    filter: dict[Literal["ches"], dict[Literal["drop"], Annotated[float, Field(ge=0.0, lt=1.0)]]] | None = Field(
+        None, description="pair filters (train/pair_filter.py): {ches: {drop: 0.1}}, the highest-CHES share dropped")
     data_cache: bool = Field(True, description="cache tokenised examples on disk, keyed by files+tokenizer+settings")
     # Steps.
     grad_accum: int = Field(1, gt=0)

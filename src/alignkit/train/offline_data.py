@@ -64,7 +64,7 @@ def offline_data(cfg: TrainConfig, model, tokenizer, spec) -> OfflineData:
     reward model's layout where it trains one, and the steps planned over them."""
     train_examples, eval_examples = load_data(cfg, tokenizer, spec.data_shape)
     if cfg.filter and "ches" in cfg.filter:
-        train_examples = ches_filter(model, train_examples, cfg.filter["ches"].drop, cfg.output_dir)
+        train_examples = ches_filter(model, train_examples, cfg.filter["ches"].get("drop", 0.1), cfg.output_dir)
     check_record_fields(spec, chain(train_examples, eval_examples))  # e.g. MODPO's other objectives' rewards
     if spec.output == "rewards":  # encoders read [CLS] prompt [SEP] response [SEP]
         train_examples = prepare_reward_examples(model, tokenizer, train_examples, cfg.max_length)
