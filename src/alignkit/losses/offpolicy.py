@@ -1,6 +1,6 @@
 """Off-policy corrections shared by the online losses (GRPO family, REINFORCE++, PPO per token; RLOO per sequence):
-importance weights pi_old / pi_engine against the rollout engine (TRL 1.16's four vllm_importance_sampling_modes, and
-IcePop), DeepSeek-V3.2's off-policy sequence mask, and the per-round metrics of the sampler-trainer mismatch.
+importance weights pi_old / pi_engine against the rollout engine (TRL 1.16's four vllm_importance_sampling_modes,
+IcePop, and AReaL's decoupled PPO for async rollouts), DeepSeek-V3.2's off-policy sequence mask, and the per-round metrics of the sampler-trainer mismatch.
 Formulas, sources and defaults: docs/online.md ("Off-policy corrections")."""
 
 from __future__ import annotations
@@ -17,14 +17,19 @@ from alignkit.losses.options import LossOptions
 
 log = logging.getLogger("alignkit.config")
 
-Correction = Literal["auto", "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "icepop"]
+Correction = Literal["auto", "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "icepop",
+                     "decoupled"]
 CORRECTIONS = typing.get_args(Correction)
-TOKEN_CORRECTIONS = ("token_truncate", "token_mask", "icepop")
+TOKEN_CORRECTIONS = ("token_truncate", "token_mask", "icepop", "decoupled")
 # TRL 1.16 GRPOConfig: vllm_importance_sampling_mode "sequence_mask", clip_max 3.0, clip_min None (what auto turns on
 # for an engine whose log-probs are not the trainer's). IcePop (Ring-1T, arXiv 2510.18855): [alpha, beta] = [0.5, 5].
 INEXACT_ENGINE_DEFAULT = "sequence_mask"
 TRL_RATIO_MAX = 3.0
 ICEPOP_BOUNDS = (0.5, 5.0)
+# What auto turns on for async rollouts (online `async: {max_staleness: N}`, N > 0): the engine's log-probs are then a
+# stale policy's, exact engine or not. Token-level losses: AReaL's decoupled PPO (arXiv 2505.24298 sec. 5.1); a loss
+# per response (rloo): the sequence ratio, truncated at TRL's cap.
+STALE_TOKEN_DEFAULT, STALE_SEQUENCE_DEFAULT = "decoupled", "sequence_truncate"
 
 
 class OffPolicyOptions(LossOptions):
@@ -33,8 +38,10 @@ class OffPolicyOptions(LossOptions):
     engine_correction: Correction = Field(
         "auto", description="importance weights pi_old / pi_engine against the rollout engine: token_truncate, "
         "token_mask, sequence_truncate, sequence_mask (TRL's vllm_importance_sampling_mode), icepop (token_mask in "
-        "[0.5, 5]), none; auto: sequence_mask (TRL's default) where the engine's log-probs are not the trainer's "
-        "(bf16 weights, vllm), none on the exact fp32 engines")
+        "[0.5, 5]), decoupled (AReaL's decoupled PPO: the clip against pi_old, the learner's weights before the "
+        "update, times pi_old / pi_engine; no bounds unless given), none; auto: sequence_mask (TRL's default) where "
+        "the engine's log-probs are not the trainer's (bf16 weights, vllm), none on the exact fp32 engines, "
+        "decoupled (rloo: sequence_truncate) for async rollouts")
     engine_ratio_min: float | None = Field(None, ge=0, description="lower bound of the engine ratio (truncate: "
                                            "clipped up to it; mask: below it carries no loss); none: the mode's "
                                            "(no bound; icepop 0.5)")
@@ -47,6 +54,7 @@ class OffPolicyOptions(LossOptions):
     tis_cap: float | None = Field(None, ge=0, description="the earlier name: tis_cap C is engine_correction "
                                   "token_truncate with engine_ratio_max C; 0: none")
     _named_by_tis_cap: bool = PrivateAttr(False)  # errors then name the key the config gave
+    per_token: typing.ClassVar[bool] = True  # a loss per token (False: one per response, rloo)
 
     def model_post_init(self, context, /) -> None:
         if self.tis_cap is not None:
@@ -73,18 +81,25 @@ class OffPolicyOptions(LossOptions):
 
 
 def ratio_bounds(opts) -> tuple[float | None, float | None]:
-    """(low, high) of the engine ratio for opts.engine_correction: the given bounds, else the mode's defaults."""
-    low, high = (ICEPOP_BOUNDS if opts.engine_correction == "icepop" else (None, TRL_RATIO_MAX))
+    """(low, high) of the engine ratio for opts.engine_correction: the given bounds, else the mode's defaults
+    (decoupled: none; AReaL's behav_imp_weight_cap is engine_ratio_max, above which a token carries no loss)."""
+    defaults = {"icepop": ICEPOP_BOUNDS, "decoupled": (None, None)}
+    low, high = defaults.get(opts.engine_correction, (None, TRL_RATIO_MAX))
     return (low if opts.engine_ratio_min is None else opts.engine_ratio_min,
             high if opts.engine_ratio_max is None else opts.engine_ratio_max)
 
 
-def resolve_correction(opts, engine_exact: bool):
+def resolve_correction(opts, engine_exact: bool, stale: bool = False):
     """The options with `auto` made concrete for a run's engine: none where its log-probs are the trainer's (fp32
-    hf / fast), TRL's default sequence_mask elsewhere (bf16 weights, vllm). Other modes stay as given."""
+    hf / fast), TRL's default sequence_mask elsewhere (bf16 weights, vllm); stale (async rollouts): decoupled PPO
+    (rloo: sequence_truncate), whatever the engine. Other modes stay as given."""
     if getattr(opts, "engine_correction", None) != "auto":
         return opts
-    return opts.model_copy(update={"engine_correction": "none" if engine_exact else INEXACT_ENGINE_DEFAULT})
+    if stale:
+        mode = STALE_TOKEN_DEFAULT if opts.per_token else STALE_SEQUENCE_DEFAULT
+    else:
+        mode = "none" if engine_exact else INEXACT_ENGINE_DEFAULT
+    return opts.model_copy(update={"engine_correction": mode})
 
 
 def engine_ratio(old_logps: torch.Tensor, engine_logps: torch.Tensor, mask: torch.Tensor,

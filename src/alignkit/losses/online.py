@@ -300,6 +300,7 @@ class RLOOOptions(_ReferenceIfKL):
     epsilon: float = Field(0.2, description="sequence-level ratio clip (inactive with one update per rollout)")
     normalize_advantages: bool = Field(False, description="divide by the micro-batch's std after centring (TRL's "
                                                           "option)")
+    per_token: ClassVar[bool] = False
 
     def model_post_init(self, context, /) -> None:
         super().model_post_init(context)

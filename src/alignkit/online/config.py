@@ -5,12 +5,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
-from alignkit.config import DataSource, OptimConfig, SamplingOptions, load_command_config, render_help
+from alignkit.config import DataSource, OptimConfig, SamplingOptions, Strict, load_command_config, render_help
 from alignkit.errors import ConfigError
 from alignkit.losses import build_options, get_loss, loss_option_names
+from alignkit.losses.offpolicy import OffPolicyOptions
 from alignkit.online.methods import ONLINE_METHODS
+
+
+class AsyncOptions(Strict):
+    """Async rollouts (docs/online.md, "Async rollouts"): round r is sampled with the weights of version
+    max(0, r - max_staleness) (version v: the policy after v rounds) while the learner trains the rounds before it."""
+
+    max_staleness: int = Field(1, ge=0, description="how many weight versions the rollouts run ahead of the learner "
+                               "at most; 0: the synchronous run")
 
 
 class OnlineConfig(OptimConfig):
@@ -77,6 +86,10 @@ class OnlineConfig(OptimConfig):
                          "the others are sampled by the teacher (seq_kd)")
     seq_kd: bool = Field(False, description="gkd: rounds the student does not sample are the teacher's samples "
                          "(needed for lmbda < 1; dataset completions: alignkit train --loss gkd)")
+    async_rollouts: AsyncOptions | None = Field(
+        None, validation_alias=AliasChoices("async", "async_rollouts"), description="key `async`: {max_staleness: N}"
+        " samples the next rounds on a background thread while the learner trains (tool calls and rewards overlap "
+        "learning); GRPO family, REINFORCE++, RLOO, PPO; one process")
     # Report.
     eval_before_after: bool = Field(True, description="sample the held-out prompts before and after for "
                                     "summary.json (off where a recipe runs its own evaluation)")
@@ -144,10 +157,29 @@ def method_loss(cfg: OnlineConfig):
     if spec.needs_teacher != (cfg.teacher is not None):
         raise ConfigError("teacher", f"method {cfg.method} needs a teacher: a model with the student's vocabulary"
                           if spec.needs_teacher else f"method {cfg.method} has no teacher; leave teacher unset")
+    check_async(cfg, method, spec)
     if cfg.lora is not None and cfg.reference_every:
         raise ConfigError("ref_update_every", "cannot be combined with lora (the reference is the base model with the "
                                               "adapters off); set 0")
     return spec, build_options(spec, cfg.loss_options)
+
+
+def check_async(cfg: OnlineConfig, method, spec) -> None:
+    """What async rollouts (max_staleness > 0) cannot run with, named before anything is loaded."""
+    staleness = cfg.async_rollouts.max_staleness if cfg.async_rollouts is not None else 0
+    if staleness == 0:
+        return
+    if method.pairs or method.self_judge or not issubclass(spec.options, OffPolicyOptions):
+        raise ConfigError("async.max_staleness", f"stale samples are corrected with their behaviour log-probs (the "
+                          f"losses with engine_correction: GRPO family, REINFORCE++, RLOO, PPO, opd), not "
+                          f"{cfg.method}; set 0")
+    if cfg.sampling.engine == "hf":
+        raise ConfigError("sampling.engine", "async rollouts sample while the learner trains, so the engine needs its "
+                                             "own copy of the weights: fast (or auto) or vllm; hf samples from the "
+                                             "training model itself")
+    if cfg.loss_options.get("engine_correction") == "none":
+        raise ConfigError("loss_options.engine_correction", f"none leaves samples up to {staleness} versions stale "
+                          "uncorrected (such runs fail to learn, silently); use auto (decoupled) or another mode")
 
 
 def _loss_option_names(values: dict) -> set[str]:

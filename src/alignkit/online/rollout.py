@@ -37,6 +37,9 @@ class Rollout:
     # Multi-turn: per prompt, the later segments of its forked conversations, each level one example in the prompt's
     # k slots (empty where that conversation has no such segment), with the engine's log-probs on its tokens.
     forked: list[list[tuple[TokenizedExample, torch.Tensor]]] | None = None
+    # The weight version that sampled each token (version v: the policy after v rounds), per training example
+    # (training_examples' order), flat over its responses' trained tokens; set once the rollout is complete.
+    token_versions: list[torch.Tensor] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -52,6 +55,14 @@ def training_examples(rollout: Rollout) -> tuple[list[TokenizedExample], list[to
     extra = [(b, example, logps) for b, parts in enumerate(rollout.forked) for example, logps in parts]
     engine = None if rollout.engine_logps is None else rollout.engine_logps + [logps for _, _, logps in extra]
     return rollout.examples + [e for _, e, _ in extra], engine, rows + [b for b, _, _ in extra]
+
+
+def stamp_version(rollout: Rollout, version: int) -> Rollout:
+    """Every token of the rollout sampled with the weights of `version` (a rollout is never split across a weight
+    push: partial rollouts are not built)."""
+    examples = training_examples(rollout)[0]
+    rollout.token_versions = [torch.full((sum(e.trained_lengths),), version, dtype=torch.long) for e in examples]
+    return rollout
 
 
 def join_rollouts(parts: list[Rollout], sequential: bool = False) -> Rollout:

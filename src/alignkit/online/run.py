@@ -36,7 +36,8 @@ from alignkit.online.env_rollout import EnvironmentSetup
 from alignkit.online.experience import RoundContext, Scorer
 from alignkit.online.learner import learn
 from alignkit.online.methods import ONLINE_METHODS
-from alignkit.online.rollout import Rollout, RolloutShape
+from alignkit.online.producer import INFLIGHT_FILE, RolloutProducer
+from alignkit.online.rollout import Rollout, RolloutShape, stamp_version
 from alignkit.online.self_reward import judge_factory
 from alignkit.online.summary import append_rollouts, sample_kl, summarize
 from alignkit.train.distributed import init_distributed, shutdown
@@ -90,6 +91,9 @@ def check_online_setup(cfg: OnlineConfig, ctx) -> None:
         raise ConfigError("distributed" if cfg.distributed == "fsdp" else "prompts_per_round",
                           "online runs ddp (every rank samples with whole weights), with prompts_per_round a multiple "
                           f"of the {ctx.world_size} processes")
+    if ctx.enabled and cfg.async_rollouts is not None and cfg.async_rollouts.max_staleness > 0:
+        raise ConfigError("async.max_staleness", "async rollouts run in one process for now (the sampling thread's "
+                                                 "gathers would interleave with the learner's collectives); set 0")
     if cfg.sampling.temperature <= 0:
         raise ConfigError("sampling.temperature", "online runs sample at a temperature > 0: greedy samples have no "
                           "distribution the learner could score (TRL refuses it too), and a prompt's k samples tie")
@@ -147,12 +151,18 @@ def online_teacher(cfg: OnlineConfig, spec, model, tokenizer, ctx):
     return teacher.to(ctx.device) if ctx.device is not None else teacher
 
 
-def engine_corrected(opts, engine):
-    """The loss options with engine_correction `auto` made concrete for the run's engine (losses/offpolicy.py)."""
-    resolved = resolve_correction(opts, getattr(engine, "exact_logprobs", False))
+def engine_corrected(opts, engine, stale: bool = False):
+    """The loss options with engine_correction `auto` made concrete for the run's engine (losses/offpolicy.py);
+    stale: async rollouts, whose engine samples with older weights than the learner's."""
+    name = getattr(engine, "name", type(engine).__name__)
+    if stale and name == "hf":
+        raise ConfigError("sampling.engine", "async rollouts sample while the learner trains; the hf engine (auto's "
+                                             "choice for this model) samples from the training model itself: use "
+                                             "fast or vllm, or async.max_staleness 0")
+    resolved = resolve_correction(opts, getattr(engine, "exact_logprobs", False), stale)
     if resolved is not opts:
         log.info("engine_correction auto: %s (the %s engine's log-probs %s the trainer's)", resolved.engine_correction,
-                 getattr(engine, "name", type(engine).__name__),
+                 name, "are stale policies', not" if stale else
                  "are" if resolved.engine_correction == "none" else "differ from")
     return resolved
 
@@ -205,7 +215,8 @@ class OnlineRun:
         groups = self.trained.parameter_groups(cfg.value_learning_rate) if self.method.value_head else None
         self.run.resume(cfg.rounds * cfg.updates_per_round, self.trained, groups)
         self.engine = make_engine(self.policy, tokenizer, cfg.sampling)  # given new weights every round
-        self.loss = replace(self.loss, opts=engine_corrected(self.loss.opts, self.engine))
+        self.staleness = cfg.async_rollouts.max_staleness if cfg.async_rollouts is not None else None
+        self.loss = replace(self.loss, opts=engine_corrected(self.loss.opts, self.engine, bool(self.staleness)))
         # GKD's seq_kd rounds: the teacher samples (its engine keeps its weights)
         self.teacher_engine = make_engine(self.teacher, tokenizer, cfg.sampling) if cfg.lmbda < 1 else None
         self.moments = RunningMoments()  # PPO's reward normalisation (a checkpoint's, on resume)
@@ -213,6 +224,13 @@ class OnlineRun:
         self.run.open_log(cfg.rounds, "rollouts.jsonl")
         self.order = prompt_order(len(self.prompts), cfg.rounds * cfg.prompts_per_round, cfg.seed)
         self.scorer = Scorer(self.trained, self.policy, self.packing)
+        self.producer = None if self.staleness is None else RolloutProducer(
+            self.collect, cfg.rounds, self.staleness, self._saved_inflight())
+
+    def _saved_inflight(self) -> dict | None:
+        """The rounds a checkpoint had sampled ahead of the learner (async), trained as they were sampled."""
+        path = self.run.resumed.path / INFLIGHT_FILE if self.run.resumed is not None else None
+        return torch.load(path, weights_only=False) if path is not None and path.exists() else None
 
     def engine_for(self, round_index: int):
         """The engine that samples the round: the policy's, or in GKD's seq_kd rounds the teacher's."""
@@ -248,7 +266,7 @@ class OnlineRun:
         cfg, run = self.cfg, self.run
         rows = []
         try:
-            for round_index in range(run.start, cfg.rounds):
+            for round_index in range(run.start, cfg.rounds):  # async: the producer samples ahead meanwhile
                 row, rollout = self.round(round_index)
                 rows.append(row)
                 done = round_index + 1
@@ -258,6 +276,8 @@ class OnlineRun:
                 if done < cfg.rounds and cfg.save_every and done % cfg.save_every == 0:
                     self.save(done)
         finally:
+            if self.producer is not None:
+                self.producer.close()
             run.close_log()
         return self.finish(rows)
 
@@ -267,18 +287,12 @@ class OnlineRun:
         cfg = self.cfg
         if self.references is not None:
             self.references.follow(round_index, self.policy)
-        start = round_index * cfg.prompts_per_round
-        batch = [self.prompts[i] for i in self.order[start:start + cfg.prompts_per_round]]
         round_ctx = RoundContext(cfg, self.loss.opts, self.scorer, self.references, self.moments, self.judge_for,
                                  self.prompts, teacher=self.teacher)
         cpu = time.process_time()
-        rollout, metrics = sampling.collect_rollout(self, batch, round_index)
-        if self.teacher_engine is not None:
-            metrics["student_sampled"] = float(self.engine_for(round_index) is self.engine)
-            if self.engine_for(round_index) is not self.engine:
-                rollout.engine_logps = None  # the teacher's log-probs: no engine/trainer gap to measure
+        rollout, metrics = self.sample(round_index)
         tic = time.perf_counter()
-        if rollout.examples:
+        if rollout.examples and not self.staleness:  # async: the engine samples the next round meanwhile
             sleep_engine(self.engine)  # its weights go stale at this round's step: scoring and learning run without them
         experience = self.method.experience(rollout, round_ctx) if rollout.examples else None
         scored = time.perf_counter()
@@ -286,6 +300,8 @@ class OnlineRun:
         if experience is not None:
             metrics.update(self.learn(experience, round_index))
         if rollout.examples:
+            if self.producer is not None:
+                self.producer.drain()  # the rounds the current weights sample are done before the weights change
             self.engine.update_weights(self.policy)
             trim_freed_memory()  # what the learner and the engine's old copies freed in the heap: back to the OS
         learned = time.perf_counter()
@@ -299,6 +315,32 @@ class OnlineRun:
             "time/cpu_s": time.process_time() - cpu, "samples_per_s": rollout.num_samples / total, **metrics,
         }, rollout
 
+    def collect(self, round_index: int) -> tuple[Rollout, dict]:
+        """Round `round_index`'s prompts sampled with the engine's weights and scored (async: on the producer's
+        thread); GKD's teacher-sampled rounds keep no engine log-probs (no engine/trainer gap to measure)."""
+        start = round_index * self.cfg.prompts_per_round
+        batch = [self.prompts[i] for i in self.order[start:start + self.cfg.prompts_per_round]]
+        rollout, metrics = sampling.collect_rollout(self, batch, round_index)
+        if self.teacher_engine is not None:
+            metrics["student_sampled"] = float(self.engine_for(round_index) is self.engine)
+            if self.engine_for(round_index) is not self.engine:
+                rollout.engine_logps = None
+        return rollout, metrics
+
+    def sample(self, round_index: int) -> tuple[Rollout, dict]:
+        """The round's rollout, each token stamped with the weight version that sampled it: this round's
+        (synchronous), or from the producer, sampled max_staleness versions back at most (async: with the version,
+        its staleness and the seconds the learner waited for it)."""
+        if self.producer is None:
+            rollout, metrics = self.collect(round_index)
+            return stamp_version(rollout, round_index), metrics
+        tic = time.perf_counter()
+        self.producer.start(round_index)  # the weights are version round_index now
+        rollout, metrics = self.producer.take(round_index)
+        sampled = min((int(v.min()) for v in rollout.token_versions if len(v)), default=round_index)
+        return rollout, {**metrics, "weight_version": round_index, "sampled_version": sampled,
+                         "staleness": round_index - sampled, "time/wait_s": time.perf_counter() - tic}
+
     def learn(self, experience, round_index: int) -> dict:
         return learn(self.run.stepper, self.loss, self.packing, experience, self.cfg, round_index)
 
@@ -306,6 +348,8 @@ class OnlineRun:
         extra = self.references.checkpoint_models() if self.references is not None else {}
         if self.method.value_head:
             extra[VALUE_HEAD_FILE] = self.trained.value_head
+        if self.producer is not None:
+            extra[INFLIGHT_FILE] = self.producer.pending()
         self.run.save(done, {"before": self.before, "moments": asdict(self.moments),
                              "has_previous": self.references is not None and self.references.has_previous}, extra)
 

@@ -66,7 +66,7 @@ class CheckpointParts:
     """What a checkpoint holds: the model (HF format) and tokenizer, the optimizer and schedule, and `state`, the
     values of trainer_state.json. model_state / optimizer_state: the full states gathered where the live ones are
     sharded (FSDP2); rng_states: one per rank (default: this process's); extra_models: file name -> module saved
-    with safetensors beside the policy (a moving reference, PPO's value head)."""
+    with safetensors beside the policy (a moving reference, PPO's value head; any other object: torch.save)."""
 
     model: object
     tokenizer: object
@@ -95,7 +95,10 @@ def save_checkpoint(output_dir, step: int, parts: CheckpointParts, keep_last: in
                 "rng": parts.rng_states or [rng_state()]}, tmp / TRAINER_FILE)
     for name, module in (parts.extra_models or {}).items():  # in a sub-folder: the policy's weights are *.safetensors
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        save_model(module, str(tmp / name))
+        if isinstance(module, torch.nn.Module):
+            save_model(module, str(tmp / name))
+        else:  # run state that is not a module (async rollouts sampled ahead)
+            torch.save(module, tmp / name)
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **parts.state}))  # last: the directory is complete
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
