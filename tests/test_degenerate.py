@@ -257,7 +257,7 @@ def _shipped(name: str) -> list[dict]:
     return [json.loads(line) for line in files("alignkit.assets").joinpath(name).read_text().splitlines()]
 
 
-@pytest.mark.parametrize("source", ["rl_eval.jsonl", "rl_train.jsonl", "every type"])
+@pytest.mark.parametrize("source", ["rl_eval.jsonl", "rl_train.jsonl", "rl_eval_phrasings.jsonl", "every type"])
 def test_honest_answers_to_the_prompts_are_rarely_flagged(source):
     records = prompt_sets(tuple(CHECKERS), 300, 0)[0] if source == "every type" else _shipped(source)
     items = [(honest_answer(r), r["constraints"], r["prompt"]) for r in records]

@@ -1,7 +1,7 @@
 """`alignkit rl`'s plumbing on the tiny model: it trains through `alignkit online`, answers the shipped held-out
-prompts before and after, and writes a summary whose compliance figures and flagged shares recompute from the
-answers it saved, with a fluency NLL, the report with its curves, per-type chart and flag tables, and refuses
-malformed constraints before it trains."""
+prompts and the held-out-phrasings prompts before and after, and writes a summary whose compliance figures and
+flagged shares recompute from the answers it saved, with a fluency NLL, the report with its curves, per-type chart
+and flag tables, and refuses malformed constraints before it trains."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from alignkit.errors import DataError
 from alignkit.recipes.rl import answer_flags, degeneracy, flagged_examples, run_rl
-from alignkit.rewards.verifiable.constraints import check_all
+from alignkit.rewards.verifiable.constraints import CHECKERS, check_all
 from alignkit.rewards.verifiable.degenerate import FLAGS, flagged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,6 +42,33 @@ def test_rl_recipe_writes_a_summary_that_recomputes_from_its_answers(task, tmp_p
     rounds = [json.loads(line) for line in (tmp_path / "online" / "metrics.jsonl").read_text().splitlines()]
     assert len(rounds) == 2 and all("entropy" in r for r in rounds)
     check_flags_and_fluency(summary, answers)
+    check_phrasings(summary["phrasings"], tmp_path)
+    assert "Held-out phrasings" in html and "Per constraint type (held-out phrasings)" in html
+
+
+def check_phrasings(part: dict, out) -> None:
+    """The held-out-phrasings figures recompute from answers_phrasings.jsonl: all-met, fraction met (with their
+    intervals and paired change), per type over every checker, and the flagged shares."""
+    answers = [json.loads(line) for line in (out / "answers_phrasings.jsonl").read_text().splitlines()]
+    assert len(answers) == part["prompts"] == 96 and part["answers"] == 96
+    assert set(part["by_type"]) == set(CHECKERS)
+    per_answer = {}
+    for side, when in (("original", "before"), ("trained", "after")):
+        met = [check_all(a["constraints"], t) for a in answers for t in a[side]]
+        per_answer[when] = [float(all(m)) for m in met], [sum(m) / len(m) for m in met]
+        assert part[f"all_met_{when}"][0] == pytest.approx(sum(per_answer[when][0]) / len(met))
+        assert part[f"fraction_{when}"][0] == pytest.approx(sum(per_answer[when][1]) / len(met))
+        for key in ("all_met", "fraction"):
+            assert part[f"{key}_{when}"][1] <= part[f"{key}_{when}"][0] <= part[f"{key}_{when}"][2]
+        kind = sorted(CHECKERS)[0]
+        hits = [ok for a in answers for t in a[side]
+                for spec, ok in zip(a["constraints"], check_all(a["constraints"], t)) if spec["type"] == kind]
+        assert part["by_type"][kind][0 if when == "before" else 1] == pytest.approx(sum(hits) / len(hits))
+        flags = [flagged(t, a["constraints"], a["prompt"]) for a in answers for t in a[side]]
+        assert flags == [f for a in answers for f in a[f"{side}_flags"]]
+        assert part["flagged"]["any"][0 if when == "before" else 1] == pytest.approx(sum(map(bool, flags)) / len(flags))
+    change = [a - b for a, b in zip(per_answer["after"][0], per_answer["before"][0])]
+    assert part["all_met_change"][0] == pytest.approx(sum(change) / len(change))
 
 
 def check_flags_and_fluency(summary: dict, answers: list[dict]) -> None:

@@ -5,7 +5,9 @@ constraints) -> `alignkit online` (GRPO by default) with the fraction of constra
 held-out prompts, whose constraint combinations and topics training never saw, answered by the original and the
 trained model -> all-met compliance and mean fraction met with bootstrap intervals, compliance per constraint type,
 words, distinct-2, KL to the start, then the share of answers with degeneracy flags (rewards/verifiable/degenerate.py)
-and the fluency NLL under the starting model -> table + HTML report with the training curves and examples."""
+and the fluency NLL under the starting model -> the same compliance and flags on the held-out-phrasings prompts (every
+constraint type, each instruction worded as training never words it) -> table + HTML report with the training
+curves and examples."""
 
 from __future__ import annotations
 
@@ -46,6 +48,9 @@ TYPES = ("max_words", "include", "starts_with", "ends_with", "no_commas", "title
 # The shipped assets/rl_train.jsonl and rl_eval.jsonl: rewards.verifiable.prompts.write_prompt_sets(dir, TYPES,
 # **PROMPT_SETS) (a test regenerates and compares them).
 PROMPT_SETS = {"n_train": 512, "n_eval": 96, "seed": 0}
+# The shipped assets/rl_eval_phrasings.jsonl: prompts.write_phrasing_set(dir, TYPES, **PHRASING_SET): every type of
+# the checkers, each instruction in a held-out phrasing, on held-out topics and combinations.
+PHRASING_SET = {"n": 96, "seed": PROMPT_SETS["seed"]}
 
 
 def shipped(name: str) -> str:
@@ -78,6 +83,9 @@ class RLConfig(Strict):
                                                 engine_precision="bf16"),
         description="answers to the held-out prompts, before and after")
     eval_samples: int = Field(2, gt=0, description="answers per held-out prompt")
+    eval_phrasings: str | None = Field(None, description="held-out-phrasings JSONL (`prompt`, `constraints`; other "
+                                                         "wordings of the instructions), answered like eval_prompts; "
+                                                         "default: shipped")
     min_words: int = Field(5, ge=0, description="training reward 0 for answers shorter than this (a guard against "
                            "bare answers that game the checkers)")
     max_repeat: float = Field(0.3, ge=0, le=1, description="training reward 0 above this share of repeated bigrams")
@@ -188,6 +196,8 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
     reward = ConstraintReward(all_met_bonus=1.0 if cfg.online.reward.endswith("+bonus") else 0.0, min_words=cfg.min_words,
                               max_repeat=cfg.max_repeat)
     reward.bind(train_records + eval_records)  # every constraints field validated before anything is written
+    phrasing_records = load_records(cfg.eval_phrasings or shipped("rl_eval_phrasings.jsonl"), shape="prompts")
+    ConstraintReward().bind(phrasing_records)  # validated too, outside the training reward's table
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(console)
@@ -221,8 +231,26 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
                    cfg.eval_samples, timings_s=stages.seconds, run_s=time.perf_counter() - tic, types=list(TYPES))
     flags = answer_flags(eval_records, before_texts), answer_flags(eval_records, after_texts)
     summary.update(degeneracy(*flags), **nll)
-    write_report(out, summary, (eval_records, before_texts, after_texts, *flags), result.rounds, console)
+    summary["phrasings"], phrasing_answers = held_out_phrasings((initial, trained), tokenizer, phrasing_records, cfg,
+                                                                stages)
+    summary["total_s"] = time.perf_counter() - tic  # run_s and the held-out-phrasings answers
+    write_report(out, summary, (eval_records, before_texts, after_texts, *flags), result.rounds, console,
+                 phrasing_answers)
     return summary
+
+
+def held_out_phrasings(models: tuple, tokenizer, records: list[dict], cfg: RLConfig, stages: Stages) -> tuple:
+    """The (original, trained) models' answers to the held-out-phrasings prompts, sampled as the held-out prompts
+    are (same sampling, seed and count), after every other stage so no figure before moves: (summary part with
+    compliance and flag shares as the held-out ones have them, (records, before, after, flags before, after))."""
+    prompts, seed = [r["prompt"] for r in records], cfg.seed + 17
+    texts = [stages.run(f"answer held-out phrasings ({name})",
+                        lambda m=m: answer(m, tokenizer, prompts, cfg.eval_sampling, cfg.eval_samples, seed)[0])
+             for name, m in zip(("original", "trained"), models)]
+    flags = [answer_flags(records, side) for side in texts]
+    part = compare(compliance(records, texts[0]), compliance(records, texts[1]))
+    part.update(degeneracy(*flags), prompts=len(records), answers=len(records) * cfg.eval_samples)
+    return part, (records, *texts, *flags)
 
 
 def _pct(ci) -> str:
@@ -250,6 +278,33 @@ def _result_rows(s: dict) -> list[list[str]]:
     ]
 
 
+def phrasing_rows(p: dict) -> list[list[str]]:
+    return [["metric (held-out phrasings)", "original", "trained", "change (95% CI)"],
+            ["all constraints met", _pct(p["all_met_before"]), _pct(p["all_met_after"]), _points(p["all_met_change"])],
+            ["fraction of constraints met", _pct(p["fraction_before"]), _pct(p["fraction_after"]),
+             _points(p["fraction_change"])],
+            ["answers with a degeneracy flag", f"{p['flagged']['any'][0]:.1%}", f"{p['flagged']['any'][1]:.1%}",
+             _points(p["flagged_any_change"])]]
+
+
+def phrasing_tables(p: dict, answers: tuple) -> dict[str, list[list[str]]]:
+    """The held-out-phrasings tables: results, per type, per flag, and the first answers of each model."""
+    records, before, after = answers[:3]
+    return {"Held-out phrasings": phrasing_rows(p),
+            "Per constraint type (held-out phrasings)": [["constraint type", "original", "trained"]] + [
+                [k, f"{b:.1%}", f"{a:.1%}"] for k, (b, a) in sorted(p["by_type"].items())],
+            "Degeneracy flags (held-out phrasings)": [["degeneracy flag", "original", "trained"]] + [
+                [k, f"{b:.1%}", f"{a:.1%}"] for k, (b, a) in p["flagged"].items()],
+            "Examples (held-out phrasings)": [["prompt", "original", "trained"]] + [
+                [r["prompt"][-1]["content"], b[0], a[0]] for r, b, a in list(zip(records, before, after))[:6]]}
+
+
+def write_answers(path: Path, answers: tuple) -> None:
+    """answers (records, the original's answers, the trained model's, their flags) as JSONL, one line a prompt."""
+    write_jsonl_atomic(path, [{"prompt": r["prompt"], "constraints": r["constraints"], "original": b, "trained": a,
+                               "original_flags": fb, "trained_flags": fa} for r, b, a, fb, fa in zip(*answers)])
+
+
 def flagged_examples(answers: tuple, n_trained: int = 6, n_original: int = 3) -> list[list[str]]:
     """The first flagged answers of each model, in prompt order: model, prompt, answer, flags."""
     records, before, after, flags_before, flags_after = answers
@@ -262,9 +317,11 @@ def flagged_examples(answers: tuple, n_trained: int = 6, n_original: int = 3) ->
     return rows
 
 
-def write_report(out: Path, s: dict, answers: tuple, rounds: list[dict], console: Console) -> None:
+def write_report(out: Path, s: dict, answers: tuple, rounds: list[dict], console: Console,
+                 phrasing_answers: tuple) -> None:
     """answers: (held-out records, the original's answers, the trained model's, and each answer's degeneracy
-    flags: the original's, the trained model's), aligned by prompt."""
+    flags: the original's, the trained model's), aligned by prompt; phrasing_answers: the same for the
+    held-out-phrasings prompts."""
     records, before, after = answers[:3]
     rows = _result_rows(s)
     type_rows = [["constraint type", "original", "trained"]] + [
@@ -272,9 +329,13 @@ def write_report(out: Path, s: dict, answers: tuple, rounds: list[dict], console
     flag_rows = [["degeneracy flag", "original", "trained"]] + [
         [k, f"{b:.1%}", f"{a:.1%}"] for k, (b, a) in s["flagged"].items()]
     console.print(rich_table(f"SmolLM2-135M-Instruct, {s['method']} on verifiable constraint rewards "
-                             f"({s['samples']} samples, {s['run_s'] / 60:.1f} min)", rows))
+                             f"({s['samples']} samples, {s['total_s'] / 60:.1f} min)", rows))
     console.print(rich_table("compliance per constraint type (held-out)", type_rows))
     console.print(rich_table("share of held-out answers with each degeneracy flag", flag_rows))
+    phrasings = phrasing_tables(s["phrasings"], phrasing_answers)
+    for caption in ("Held-out phrasings", "Per constraint type (held-out phrasings)"):
+        console.print(rich_table(f"{caption} ({s['phrasings']['prompts']} prompts: every type, wordings training "
+                                 f"never saw)" if caption == "Held-out phrasings" else caption, phrasings[caption]))
     examples = [{"prompt": r["prompt"][-1]["content"], "original": b[0], "trained": a[0]}
                 for r, b, a in list(zip(records, before, after))[:8]]
     for e in examples[:3]:
@@ -285,14 +346,13 @@ def write_report(out: Path, s: dict, answers: tuple, rounds: list[dict], console
                           "rollout reward, sampled-token entropy, response length (tokens) per round"),
               _type_bars(out / "per_type.png", s["by_type"])]
     (out / "summary.json").write_text(json.dumps(s, indent=2))
-    write_jsonl_atomic(out / "answers.jsonl", [{"prompt": r["prompt"], "constraints": r["constraints"], "original": b,
-                                                "trained": a, "original_flags": fb, "trained_flags": fa}
-                                               for r, b, a, fb, fa in zip(*answers)])
+    write_answers(out / "answers.jsonl", answers)
+    write_answers(out / "answers_phrasings.jsonl", phrasing_answers)
     timing_rows = [["stage", "seconds"]] + [[k, f"{v:.1f}"] for k, v in s["timings_s"].items()]
     write_html_report(out / "report.html", f"alignkit rl: SmolLM2-135M-Instruct before and after {s['method']}",
                       {"Held-out results": rows, "Per constraint type": type_rows, "Degeneracy flags (share of "
-                       "held-out answers)": flag_rows, "Flagged answers": flagged_examples(answers), "Time":
-                       timing_rows}, images, examples)
+                       "held-out answers)": flag_rows, "Flagged answers": flagged_examples(answers), **phrasings,
+                       "Time": timing_rows}, images, examples)
     console.print(f"report: {out / 'report.html'}  (numbers: {out / 'summary.json'})")
 
 

@@ -95,6 +95,81 @@ CHECKERS: dict[str, Checker] = {
 }
 
 
+def _s(n: int) -> str:
+    return "s" * (n != 1)
+
+
+def _word_list(words: list[str], joiner: str) -> str:
+    return "word" + _s(len(words)) + " " + f" {joiner} ".join(f'"{w}"' for w in words)
+
+
+# Other wordings of each checker's instruction, for held-out prompts (prompts.phrasing_set): the same spec and the
+# same checker, never the training wording (no word 4-gram in common with it once the arguments are set aside).
+HELD_OUT_PHRASINGS: dict[str, tuple[Callable[..., str], ...]] = {
+    "max_words": (lambda n: f"Keep your answer to no more than {n} words.",
+                  lambda n: f"Your reply must not exceed {n} word{_s(n)}.",
+                  lambda n: f"Use {n} word{_s(n)} or fewer."),
+    "min_words": (lambda n: f"Write no fewer than {n} words.",
+                  lambda n: f"Your reply should be {n} words long or longer.",
+                  lambda n: f"Make your response contain {n} or more words."),
+    "max_sentences": (lambda n: f"Keep your reply to no more than {n} sentence{_s(n)}.",
+                      lambda n: f"Do not write more than {n} sentence{_s(n)}.",
+                      lambda n: f"Your response must have {n} sentence{_s(n)} or fewer."),
+    "min_sentences": (lambda n: f"Write no fewer than {n} sentences.",
+                      lambda n: f"Your reply should contain {n} or more sentences.",
+                      lambda n: f"Make your answer {n} sentences long or longer."),
+    "lowercase": (lambda: "Your entire reply must be in lowercase letters; capital letters are not allowed.",
+                  lambda: "Use only small letters: do not capitalise any letter, not even the first.",
+                  lambda: "Type your whole response in lower case, with no uppercase letters."),
+    "uppercase": (lambda: "Your entire reply must be in uppercase letters.",
+                  lambda: "Use only capital letters: no lowercase letter anywhere in your response.",
+                  lambda: "Type your whole response in upper case."),
+    "max_capital_words": (
+        lambda n: f"No more than {n} word{_s(n)} of your reply may be written entirely in uppercase." if n else
+        "No word of your reply may be written entirely in uppercase.",
+        lambda n: f"Limit all-caps words to {n} or fewer." if n else "Avoid all-caps words completely.",
+        lambda n: f"Put {n} whole word{_s(n)} or fewer in upper case." if n else
+        "Do not put any whole word in upper case."),
+    "include": (lambda words: f"Use the {_word_list(words, 'and')} somewhere in your answer.",
+                lambda words: f"Make sure your reply contains the {_word_list(words, 'and')}.",
+                lambda words: f"Your response must mention the {_word_list(words, 'and')}."),
+    "exclude": (lambda words: f"Avoid the {_word_list(words, 'and')}.",
+                lambda words: f"Never use the {_word_list(words, 'or')} in your reply.",
+                lambda words: f"Your response must not contain the {_word_list(words, 'or')}."),
+    "no_commas": (lambda: "Avoid commas entirely.",
+                  lambda: "Your reply must not contain a single comma.",
+                  lambda: "Leave out every comma: none may appear in your response."),
+    "starts_with": (lambda phrase: f'Begin your reply with "{phrase}".',
+                    lambda phrase: f'The first words of your response must be "{phrase}".',
+                    lambda phrase: f'Open your answer with the phrase "{phrase}".'),
+    "ends_with": (lambda phrase: f'Finish your reply with "{phrase}".',
+                  lambda phrase: f'The last words of your response must be "{phrase}".',
+                  lambda phrase: f'Close your answer with the phrase "{phrase}".'),
+    "bullets": (lambda n: f'Your reply must contain exactly {n} bullet point{_s(n)}, each a line beginning with "- ".',
+                lambda n: f'Format your answer as a list of exactly {n} item{_s(n)}, one per line, each starting '
+                          f'with "* ".',
+                lambda n: f'List exactly {n} point{_s(n)}, each on a new line that begins with "- ".'),
+    "paragraphs": (lambda n: f"Your reply must have exactly {n} paragraph{_s(n)}, with an empty line between them.",
+                   lambda n: f"Split your response into exactly {n} paragraph{_s(n)}, with a blank line between one "
+                             f"paragraph and the next.",
+                   lambda n: f"Write {n} paragraph{_s(n)}, no more and no fewer, divided by empty lines."),
+    "quoted": (lambda: "Put your entire response inside double quotes.",
+               lambda: "Enclose the whole reply in a pair of double quotes.",
+               lambda: 'Start and end your reply with a double quote mark (").'),
+    "title": (lambda: "Include a title in double angle brackets, such as <<my title>>.",
+              lambda: "Your reply must contain a title inside << and >>, for example <<A Good Day>>.",
+              lambda: "Add a title to your response, enclosed in double angle brackets like <<Notes on a Theme>>."),
+    "json": (lambda: "Your entire response must be valid JSON.",
+             lambda: "Reply only in JSON format: the whole reply has to parse as JSON.",
+             lambda: "Make your whole reply one valid JSON document."),
+    "placeholders": (lambda n: f"Use {n} or more placeholders written in square brackets, such as [address].",
+                     lambda n: f"Your reply must have no fewer than {n} bracketed placeholder{_s(n)}, for example "
+                               f"[date].",
+                     lambda n: f"Put {n} placeholder{_s(n)} or more in your answer, each inside square brackets "
+                               f"like [city]."),
+}
+
+
 def _check_arg(kind: str, name: str, value, where: str):
     if kind == "count":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -141,8 +216,18 @@ def check_all(constraints: list[dict], text: str) -> list[bool]:
     return [check(spec, text) for spec in constraints]
 
 
-def describe(spec: dict) -> str:
-    return CHECKERS[spec["type"]].describe(**{k: v for k, v in spec.items() if k != "type"})
+def describe(spec: dict, phrasing: int = 0) -> str:
+    """The instruction for a spec in one of its wordings: 0 is the checker's own (the training prompts' wording),
+    1.. the held-out phrasings. Every wording states exactly what the checker checks."""
+    args = {k: v for k, v in spec.items() if k != "type"}
+    if phrasing == 0:
+        return CHECKERS[spec["type"]].describe(**args)
+    return HELD_OUT_PHRASINGS[spec["type"]][phrasing - 1](**args)
+
+
+def n_phrasings(kind: str) -> int:
+    """How many wordings describe has for a type, the training one included."""
+    return 1 + len(HELD_OUT_PHRASINGS[kind])
 
 
 def repeated_share(text: str) -> float:

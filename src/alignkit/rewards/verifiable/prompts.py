@@ -1,6 +1,7 @@
 """Seeded constraint prompts: a task about a topic, followed by the instructions of a combination of constraints.
 The held-out set shares no topic and no combination of constraint types with the training set, so a gain there is
-generalisation, not memory. `alignkit rl` ships files written by write_prompt_sets and a test regenerates them."""
+generalisation, not memory; the held-out-phrasings set also words every instruction differently from training
+(constraints.HELD_OUT_PHRASINGS). `alignkit rl` ships files written by write_prompt_sets and a test regenerates them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import itertools
 import random
 from pathlib import Path
 
-from alignkit.rewards.verifiable.constraints import CHECKERS, describe, validate_constraints
+from alignkit.rewards.verifiable.constraints import CHECKERS, describe, n_phrasings, validate_constraints
 
 TASKS = ("Write a short description of {topic}.", "Tell me about {topic}.", "Explain {topic} to a child.",
          "Give me some advice about {topic}.", "What do you like about {topic}?", "Write a short note about {topic}.")
@@ -52,20 +53,23 @@ def combinations(types: tuple[str, ...], size: int) -> list[tuple[str, ...]]:
             if not any(frozenset(p) in CONFLICTS for p in itertools.combinations(c, 2))]
 
 
-def make_record(rng: random.Random, topic: str, combo: tuple[str, ...]) -> dict:
+def make_record(rng: random.Random, topic: str, combo: tuple[str, ...], held_out_phrasing: bool = False) -> dict:
+    """One prompt; its instructions in the training wording, or each in a held-out phrasing drawn from rng."""
     constraints = validate_constraints([{"type": t, **rng.choice(ARGUMENTS[t])} for t in combo])
-    text = " ".join([rng.choice(TASKS).format(topic=topic), *(describe(c) for c in constraints)])
+    task = rng.choice(TASKS).format(topic=topic)
+    wordings = [rng.randrange(1, n_phrasings(c["type"])) if held_out_phrasing else 0 for c in constraints]
+    text = " ".join([task, *(describe(c, k) for c, k in zip(constraints, wordings))])
     return {"prompt": [{"role": "user", "content": text}], "constraints": constraints}
 
 
-def prompt_sets(types: tuple[str, ...], n_train: int, n_eval: int, seed: int = 0, size: int = 2,
-                eval_share: float = 0.25) -> tuple[list[dict], list[dict]]:
-    """(training, held-out) records over `types`: the combinations and the topics are split, eval_share of each held
-    out; every type still appears in some training combination. Records cycle through their combinations."""
+def _check_types(types: tuple[str, ...]) -> None:
     unknown = [t for t in types if t not in CHECKERS]
     if unknown:
         raise ValueError(f"unknown constraint types {unknown}; known: {', '.join(CHECKERS)}")
-    rng = random.Random(seed)
+
+
+def split(rng: random.Random, types: tuple[str, ...], size: int, eval_share: float) -> tuple[list, list, list, list]:
+    """(training combinations, held-out combinations, training topics, held-out topics), drawn from rng."""
     combos = combinations(types, size)
     rng.shuffle(combos)
     n_held = max(1, round(len(combos) * eval_share))
@@ -76,12 +80,42 @@ def prompt_sets(types: tuple[str, ...], n_train: int, n_eval: int, seed: int = 0
     topics = list(TOPICS)
     rng.shuffle(topics)
     n_topics = max(1, round(len(topics) * eval_share))
-    held_topics, train_topics = topics[:n_topics], topics[n_topics:]
+    return train, held, topics[n_topics:], topics[:n_topics]
+
+
+def prompt_sets(types: tuple[str, ...], n_train: int, n_eval: int, seed: int = 0, size: int = 2,
+                eval_share: float = 0.25) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) records over `types`: the combinations and the topics are split, eval_share of each held
+    out; every type still appears in some training combination. Records cycle through their combinations."""
+    _check_types(types)
+    rng = random.Random(seed)
+    train, held, train_topics, held_topics = split(rng, types, size, eval_share)
 
     def draw(pool_combos, pool_topics, n):
         return [make_record(rng, rng.choice(pool_topics), pool_combos[i % len(pool_combos)]) for i in range(n)]
 
     return draw(train, train_topics, n_train), draw(held, held_topics, n_eval)
+
+
+def phrasing_set(train_types: tuple[str, ...], n: int, seed: int = 0, size: int = 2, eval_share: float = 0.25,
+                 types: tuple[str, ...] = tuple(CHECKERS)) -> list[dict]:
+    """Held-out-phrasings records for a training set made by prompt_sets(train_types, ..., seed, size, eval_share):
+    every instruction in a held-out phrasing, topics from that split's held-out topics, combinations of `types` that
+    are not among its training combinations. Record i has types[i % len(types)] in its combination, so every type
+    appears."""
+    _check_types(train_types + types)
+    rng = random.Random(seed)
+    seen, _, _, topics = split(rng, train_types, size, eval_share)
+    pool = [c for c in combinations(types, size) if c not in set(seen)]
+    by_type = {t: [c for c in pool if t in c] for t in types}
+    lacking = [t for t, combos in by_type.items() if not combos]
+    if lacking:
+        raise ValueError(f"types {lacking} are in no combination training did not see; add types")
+    records = []
+    for i in range(n):
+        combo = rng.choice(by_type[types[i % len(types)]])
+        records.append(make_record(rng, rng.choice(topics), combo, held_out_phrasing=True))
+    return records
 
 
 def write_prompt_sets(out_dir: str | Path, types: tuple[str, ...], n_train: int, n_eval: int, seed: int = 0) -> None:
@@ -90,3 +124,9 @@ def write_prompt_sets(out_dir: str | Path, types: tuple[str, ...], n_train: int,
     train, held = prompt_sets(types, n_train, n_eval, seed)
     write_jsonl_atomic(Path(out_dir) / "rl_train.jsonl", train)
     write_jsonl_atomic(Path(out_dir) / "rl_eval.jsonl", held)
+
+
+def write_phrasing_set(out_dir: str | Path, train_types: tuple[str, ...], n: int, seed: int = 0) -> None:
+    from alignkit.data.load import write_jsonl_atomic
+
+    write_jsonl_atomic(Path(out_dir) / "rl_eval_phrasings.jsonl", phrasing_set(train_types, n, seed))
