@@ -1,5 +1,5 @@
-"""Running a model outside training: eval mode without gradients, frozen copies (references), and left-padded
-batches of token ids."""
+"""Running a model outside training: eval mode without gradients, frozen copies (references), a sharded parameter
+gathered whole, and left-padded batches of token ids."""
 
 from __future__ import annotations
 
@@ -34,6 +34,13 @@ def frozen_copy(model, precision: str = "fp32"):
             if isinstance(module, torch.nn.Linear) and id(module.weight) not in embeddings:
                 module.to(torch.bfloat16)
     return copied
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter in full: an FSDP2 shard (a DTensor) is gathered from every rank, a collective that every rank
+    calls in the same order (the weight push and a moving reference read a sharded policy this way, one parameter
+    at a time, so no second whole copy of the model is ever gathered); any other tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

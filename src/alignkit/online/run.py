@@ -39,8 +39,9 @@ from alignkit.online.methods import ONLINE_METHODS
 from alignkit.online.producer import INFLIGHT_FILE, RolloutProducer
 from alignkit.online.rollout import Rollout, RolloutShape, stamp_version
 from alignkit.online.self_reward import judge_factory
+from alignkit.online.sharding import check_sharded_engine, check_sharded_setup
 from alignkit.online.summary import append_rollouts, sample_kl, summarize
-from alignkit.train.distributed import init_distributed, shutdown
+from alignkit.train.distributed import init_distributed, is_sharded, shutdown
 from alignkit.train.memory import trim_freed_memory
 from alignkit.train.method import Method
 from alignkit.train.packing import Packing
@@ -87,10 +88,11 @@ def run_online(cfg: OnlineConfig, model=None, tokenizer=None, inputs: OnlineInpu
 
 def check_online_setup(cfg: OnlineConfig, ctx) -> None:
     """What an online run cannot do, said before anything is loaded."""
-    if ctx.enabled and (cfg.distributed == "fsdp" or cfg.prompts_per_round % ctx.world_size):
-        raise ConfigError("distributed" if cfg.distributed == "fsdp" else "prompts_per_round",
-                          "online runs ddp (every rank samples with whole weights), with prompts_per_round a multiple "
-                          f"of the {ctx.world_size} processes")
+    if ctx.enabled and cfg.prompts_per_round % ctx.world_size:
+        raise ConfigError("prompts_per_round", f"must be a multiple of the {ctx.world_size} processes: each samples "
+                                               "an equal share of a round's prompts")
+    if ctx.enabled and cfg.distributed == "fsdp":
+        check_sharded_setup(cfg)
     if ctx.enabled and cfg.async_rollouts is not None and cfg.async_rollouts.max_staleness > 0:
         raise ConfigError("async.max_staleness", "async rollouts run in one process for now (the sampling thread's "
                                                  "gathers would interleave with the learner's collectives); set 0")
@@ -197,6 +199,7 @@ class OnlineRun:
             from alignkit.models.resolve import load_model_and_tokenizer
 
             model, tokenizer = load_model_and_tokenizer(cfg.model)
+        check_sharded_engine(cfg, model, ctx)
         self.teacher = online_teacher(cfg, spec, model, tokenizer, ctx)  # refused before anything is written
         self.tokenizer, self.run = tokenizer, Run(cfg, ctx, tokenizer)
         self.run.open()  # a resume is checked before anything is written
@@ -223,7 +226,10 @@ class OnlineRun:
         self.before = self._restore()
         self.run.open_log(cfg.rounds, "rollouts.jsonl")
         self.order = prompt_order(len(self.prompts), cfg.rounds * cfg.prompts_per_round, cfg.seed)
-        self.scorer = Scorer(self.trained, self.policy, self.packing)
+        # FSDP2: the scorers call the sharded module, which gathers each layer as it runs (every rank scores the
+        # whole rollout, so all take part in every forward)
+        scored = self.run.train_model if is_sharded(self.run.train_model) else self.trained
+        self.scorer = Scorer(scored, self.policy, self.packing)
         self.producer = None if self.staleness is None else RolloutProducer(
             self.collect, cfg.rounds, self.staleness, self._saved_inflight())
 
@@ -259,7 +265,8 @@ class OnlineRun:
         result, rollout = sampling.evaluate_policy(self.engine, self.tokenizer, self.eval_prompts,
                                                    self.environments or self.reward, cfg.sampling, shape)
         if final:
-            result.update(sample_kl(self.policy, self.initial, rollout, self.packing))
+            policy = self.run.train_model if is_sharded(self.run.train_model) else self.policy
+            result.update(sample_kl(policy, self.initial, rollout, self.packing))
         return result
 
     def train(self) -> OnlineResult:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_model
 
 from alignkit.errors import AlignkitError
-from alignkit.models.inference import frozen_copy
+from alignkit.models.inference import frozen_copy, whole
 
 # In a checkpoint, in sub-folders: its top-level *.safetensors are all loaded as the policy.
 REFERENCE_FILE, PREVIOUS_FILE = "reference/model.safetensors", "previous_reference/model.safetensors"
@@ -80,10 +80,11 @@ class MovingReference:
 def _mix(target, source, alpha: float) -> None:
     params = dict(target.named_parameters())
     for name, param in source.named_parameters():
+        param = whole(param.detach())  # an FSDP2-sharded policy, gathered a parameter at a time
         if alpha >= 1.0:
-            params[name].copy_(param.detach())
+            params[name].copy_(param)
         else:
-            params[name].mul_(1 - alpha).add_(param.detach().to(params[name].dtype), alpha=alpha)
+            params[name].mul_(1 - alpha).add_(param.to(params[name].dtype), alpha=alpha)
 
 
 def update_reference(reference, policy, alpha: float) -> None:

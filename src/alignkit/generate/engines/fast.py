@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from alignkit.errors import ConfigError
 from alignkit.generate.engines.base import Generation, stop_token_ids
-from alignkit.models.inference import left_pad
+from alignkit.models.inference import left_pad, whole
 
 SUPPORTED = ("llama", "mistral")
 
@@ -55,7 +55,7 @@ def _weight(linear) -> torch.Tensor:
     """A linear layer's weight with its active LoRA deltas added (peft's get_delta_weight: B A * scaling); the
     policy's own weights are not touched."""
     if not hasattr(linear, "lora_A"):
-        return linear.weight
+        return whole(linear.weight)
     weight = linear.get_base_layer().weight
     if getattr(linear, "merged", False) or getattr(linear, "disable_adapters", False):
         return weight
@@ -73,8 +73,8 @@ class _Layer:
         self.o = _weight(attn.o_proj).detach().to(dtype, copy=True)
         self.gate_up = torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)]).detach().to(dtype, copy=True)
         self.down = _weight(mlp.down_proj).detach().to(dtype, copy=True)
-        self.norm1 = layer.input_layernorm.weight.detach().to(dtype, copy=True)
-        self.norm2 = layer.post_attention_layernorm.weight.detach().to(dtype, copy=True)
+        self.norm1 = whole(layer.input_layernorm.weight).detach().to(dtype, copy=True)
+        self.norm2 = whole(layer.post_attention_layernorm.weight).detach().to(dtype, copy=True)
 
 
 class FastEngine:
@@ -106,15 +106,16 @@ class FastEngine:
 
     @torch.no_grad()
     def update_weights(self, model) -> None:
-        """Copy the policy's weights (LoRA deltas merged) into the engine's fused layout (one pass over the weights)."""
+        """Copy the policy's weights (LoRA deltas merged) into the engine's fused layout (one pass over the weights).
+        An FSDP2-sharded policy is gathered one parameter at a time as it is copied: every rank calls this at once."""
         model = _base(model)
         config = model.config
         dtype = self.dtype or model.get_output_embeddings().weight.dtype
         decoder = model.model
         self.layers = [_Layer(layer, dtype) for layer in decoder.layers]
-        self.embed = decoder.embed_tokens.weight.detach().to(dtype, copy=True)
-        self.norm = decoder.norm.weight.detach().to(dtype, copy=True)
-        self.head = model.get_output_embeddings().weight.detach().to(dtype, copy=True)
+        self.embed = whole(decoder.embed_tokens.weight).detach().to(dtype, copy=True)
+        self.norm = whole(decoder.norm.weight).detach().to(dtype, copy=True)
+        self.head = whole(model.get_output_embeddings().weight).detach().to(dtype, copy=True)
         self.rotary = decoder.rotary_emb
         self.eps = config.rms_norm_eps
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads

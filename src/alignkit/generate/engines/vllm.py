@@ -10,6 +10,7 @@ import importlib.util
 
 from alignkit.errors import ConfigError
 from alignkit.generate.engines.base import Generation, cut_at_stop, stop_token_ids
+from alignkit.models.inference import whole
 
 
 def vllm_available() -> bool:
@@ -49,7 +50,9 @@ class VLLMEngine:
         from vllm import LLM
 
         path = tempfile.mkdtemp(prefix="alignkit-vllm-")
-        _merged(model).save_pretrained(path)
+        merged = _merged(model)
+        sharded = any(hasattr(p, "full_tensor") for p in merged.parameters())  # FSDP2: save the gathered weights
+        merged.save_pretrained(path, **({"state_dict": _merged_state(merged)} if sharded else {}))
         tokenizer.save_pretrained(path)
         options = {"enable_sleep_mode": True, **llm_options}
         return cls(LLM(model=path, **options), tokenizer, sleep_mode=options["enable_sleep_mode"])
@@ -112,9 +115,10 @@ def _merged(model):
 
 
 def _merged_state(model) -> dict:
-    """The policy's weights as the base model names them; LoRA deltas folded in without touching the policy."""
+    """The policy's weights as the base model names them; LoRA deltas folded in without touching the policy. An
+    FSDP2-sharded policy's are gathered one tensor at a time (every rank pushes at once)."""
     if not hasattr(model, "peft_config"):
-        return {name: tensor.detach() for name, tensor in model.state_dict().items()}
+        return {name: whole(tensor).detach() for name, tensor in model.state_dict().items()}
     model.merge_adapter()
     try:
         state = {}
