@@ -232,7 +232,7 @@ REFUSED = {
     "sparsepo": ("train", dict(loss="sparsepo"), "live reference model"),
     "ref_update_fsdp": ("train", dict(ref_update={"mode": "hard", "every": 1}, distributed="fsdp"),
                         "needs an unsharded reference"),
-    "online": ("online", {}, "online runs ddp"),
+    "online": ("online", {}, "ppo's value head is not sharded yet"),
 }
 
 
@@ -253,7 +253,7 @@ def bco_values(root: Path) -> dict:
 
 def online_config(root: Path) -> str:
     online = root / "refused_online.yaml"
-    online.write_text(yaml.safe_dump(dict(method="grpo", model=str(root / "model"), prompts=str(root / "prompts.jsonl"),
+    online.write_text(yaml.safe_dump(dict(method="ppo", model=str(root / "model"), prompts=str(root / "prompts.jsonl"),
                                           reward="synthetic", distributed="fsdp", rounds=1, prompts_per_round=2,
                                           num_samples=2, max_new_tokens=4, output_dir=str(root / "refused_online"),
                                           progress=False)))
