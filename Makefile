@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart align rl test lint bench mutants clean
+.PHONY: setup quickstart align rl agent test lint bench mutants clean
 
 $(BIN)/alignkit:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ align: setup
 
 rl: setup
 	$(BIN)/alignkit rl --output_dir runs/rl
+
+agent: setup
+	$(BIN)/alignkit agent --output_dir runs/agent
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks

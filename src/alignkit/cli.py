@@ -160,6 +160,8 @@ COMMANDS: dict[str, Command] = {
                      _recipe("alignkit.recipes.align:run_align"), "alignkit.recipes.align:AlignConfig"),
     "rl": Command("the second main job: RL with verifiable constraint rewards on SmolLM2, before/after",
                   _recipe("alignkit.recipes.rl:run_rl"), "alignkit.recipes.rl:RLConfig"),
+    "agent": Command("the third main job: RL on multi-turn tool use (a calculate tool) on SmolLM2, before/after",
+                     _recipe("alignkit.recipes.agent:run_agent"), "alignkit.recipes.agent:AgentConfig"),
     "train": Command("train with the loss named in the config (`loss: dpo`)", _train, help=_loss_help),
     "sft": Command("supervised fine-tuning (prompt/completion or `messages` chats; assistant tokens only)", _train,
                    help=_loss_help),

@@ -2,8 +2,9 @@
 as often as its turns allow; the turn without a call is its answer, and the reward is 1 when that answer's final
 number is exactly the problem's (rewards/verifiable/math.py reads it), else 0.
 
-Problems are two-step (a product, then a sum or difference) with two- and three-digit numbers: easy to state, hard
-to do in one's head for a small model, one calculate call away from right."""
+Problems have two steps (a product, then a sum or difference, over two- and three-digit numbers) or one (the product
+alone): easy to state, hard to do in one's head for a small model, one calculate call away from right. `make agent`
+uses the one-step problems, which a 135M model can learn to hand to the tool on 2 cores (docs/agent_pilot.md)."""
 
 from __future__ import annotations
 
@@ -37,23 +38,41 @@ PROBLEMS = (
 )
 
 
-def make_problem(rng: random.Random, template: int) -> dict:
-    question, answer = PROBLEMS[template]
+# One-step problems: (question, answer) over two-digit a, b.
+ONE_STEP = (
+    ("A shop has {a} boxes with {b} pencils in each box. How many pencils does it have?", lambda a, b, c: a * b),
+    ("{name} saves {a} dollars a week for {b} weeks. How many dollars does {name} save?", lambda a, b, c: a * b),
+    ("A train has {b} cars with {a} passengers in each. How many passengers are on the train?",
+     lambda a, b, c: a * b),
+    ("A farm fills {a} crates with {b} apples each. How many apples are in the crates?", lambda a, b, c: a * b),
+    ("{name} reads {a} pages a day for {b} days. How many pages does {name} read?", lambda a, b, c: a * b),
+    ("A hall has {a} rows of {b} seats. How many seats does it have?", lambda a, b, c: a * b),
+    ("A baker makes {a} trays of {b} rolls. How many rolls does the baker make?", lambda a, b, c: a * b),
+    ("{name} buys {a} stamps at {b} cents each. How many cents does {name} pay?", lambda a, b, c: a * b),
+)
+TEMPLATES = {1: ONE_STEP, 2: PROBLEMS}
+
+
+def make_problem(rng: random.Random, template: int, steps: int = 2) -> dict:
+    question, answer = TEMPLATES[steps][template]
     a, b = rng.randint(12, 99), rng.randint(12, 99)
     c = rng.randint(100, min(999, a * b - 1))  # three digits, and every answer positive
     text = question.format(a=a, b=b, c=c, name=rng.choice(NAMES))
     return {"prompt": [{"role": "user", "content": text + INSTRUCTION}], "answer": str(answer(a, b, c))}
 
 
-def arithmetic_sets(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(training, held-out) problems, each cycling through the templates; the held-out numbers are drawn from
-    their own seeded stream and no held-out question appears in training."""
+def arithmetic_sets(n_train: int, n_eval: int, seed: int = 0, steps: int = 2) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) problems of `steps` steps (1 or 2), each set cycling through the templates; the held-out
+    numbers are drawn from their own seeded stream and no held-out question appears in training."""
+    if steps not in TEMPLATES:
+        raise ValueError(f"steps must be 1 or 2, got {steps!r}")
+    templates = TEMPLATES[steps]
     train_rng, eval_rng = random.Random(seed), random.Random(seed + 1_000_003)
-    train = [make_problem(train_rng, i % len(PROBLEMS)) for i in range(n_train)]
+    train = [make_problem(train_rng, i % len(templates), steps) for i in range(n_train)]
     seen = {r["prompt"][0]["content"] for r in train}
     held: list[dict] = []
     while len(held) < n_eval:
-        record = make_problem(eval_rng, len(held) % len(PROBLEMS))
+        record = make_problem(eval_rng, len(held) % len(templates), steps)
         if record["prompt"][0]["content"] not in seen:
             held.append(record)
     return train, held

@@ -14,7 +14,8 @@ def write_html_report(path: str | Path, title: str, tables: dict[str, list[list[
     HTML already rendered and escaped by its maker (e.g. eval/token_shift's coloured answers)."""
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
-             "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left;vertical-align:top}"
+             "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left;vertical-align:top;"
+             "white-space:pre-wrap}"
              "th{background:#f3f3f3}img{max-width:100%}</style>", f"<h1>{html.escape(title)}</h1>"]
     for caption, rows in tables.items():
         parts.append(f"<h2>{html.escape(caption)}</h2><table>")
