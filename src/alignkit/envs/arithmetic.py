@@ -16,7 +16,10 @@ from alignkit.envs.sandbox import calculate
 from alignkit.envs.tools import run_tool_calls, tool_schema
 from alignkit.rewards.verifiable.math import extract_answer, same_answer
 
-INSTRUCTION = " Use the calculate tool for the arithmetic, then give the final answer as a number."
+# The call is shown in full: SmolLM2-135M rarely writes a well-formed call from the schema alone (the pilot:
+# docs/agent_pilot.md).
+INSTRUCTION = (' Use the calculate tool for the arithmetic, like this: <tool_call>{"name": "calculate", "arguments": '
+               '{"expression": "12 * 34"}}</tool_call> Then give the final answer as a number.')
 NAMES = ("Ana", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jonas", "Kemal", "Lena")
 # (question, answer) templates over a, b: two-digit, c: three-digit numbers.
 PROBLEMS = (
