@@ -1,28 +1,34 @@
-"""The third main job: multi-turn tool use with RL on SmolLM2-135M-Instruct, on CPU, end to end.
+"""The third main job: multi-turn RL on SmolLM2-135M-Instruct, on CPU, end to end, in one of the two shipped
+environments (the pilot chose self-correction: docs/agent_pilot.md):
+- `self-correction` (SCoRe): the shipped constraint prompts of `make rl`; attempt 1, the checkers' verdict as a user
+  turn naming each broken instruction, attempt 2; success: every constraint met on attempt 2;
+- `arithmetic`: generated word problems with the sandboxed `calculate` tool; success: the exact answer.
 
-generated arithmetic word problems (envs/arithmetic.py; one step by default, as the pilot chose: docs/agent_pilot.md)
--> `alignkit online` (GRPO) where every sample is a conversation with the ArithmeticTools environment: the model may
-call the sandboxed `calculate` tool, reads its result, and answers; reward 1 for the exact answer -> the held-out
-problems (numbers training never saw), talked through by the original and the trained model -> accuracy and
-tool-call rate with bootstrap intervals, per-turn metrics -> table + HTML report with the training curves and
-example conversations (tool calls, tool results)."""
+-> `alignkit online` (GRPO) where every sample is a conversation with the environment -> the held-out records
+(constraint combinations and topics, or numbers, training never saw), talked through by the original and the trained
+model -> success and the environment's own rates with bootstrap intervals, per-turn metrics -> table + HTML report
+with the training curves and example conversations (feedback turns, tool calls and results)."""
 
 from __future__ import annotations
 
 import copy
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from rich.console import Console
 from rich.markup import escape
 
 from alignkit.config import SamplingOptions, Strict, load_command_config
-from alignkit.data.load import write_jsonl_atomic
+from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.envs import Limits, run_trajectories
 from alignkit.envs.arithmetic import ArithmeticTools, arithmetic_sets
+from alignkit.envs.self_correction import SelfCorrection
+from alignkit.errors import ConfigError
 from alignkit.eval.metrics import bootstrap_mean_ci
 from alignkit.eval.plots import plot_curves
 from alignkit.eval.report import rich_table, write_html_report
@@ -30,42 +36,93 @@ from alignkit.generate.engines import make_engine
 from alignkit.losses import loss_option_names
 from alignkit.online.config import OnlineConfig, loss_name_of
 from alignkit.online.run import OnlineInputs, run_online
+from alignkit.recipes.rl import shipped
 from alignkit.recipes.stages import Stages, with_recipe_defaults
 
-ENVIRONMENT = "alignkit.envs.arithmetic:ArithmeticTools"
-# The training run: `alignkit online`'s keys with this job's defaults (model, seed, output_dir and the prompts are the
-# job's). Settings from the pilot (benchmarks/agent_pilot.py).
-ONLINE = {"method": "grpo", "model": "smollm2-135m-instruct", "prompts": "generated", "environment": ENVIRONMENT,
-          "max_turns": 3, "max_length": 768, "rounds": 12, "prompts_per_round": 8, "num_samples": 8,
-          "sampling": {"max_new_tokens": 64, "temperature": 1.0, "batch_size": 64, "engine_precision": "bf16"},
+
+@dataclass(frozen=True)
+class Task:
+    """An environment as this job runs it: its factory (`environment:`), its turns, what counts as success per
+    conversation, and, per conversation, the rates the report shows (name -> 0/1 or a fraction)."""
+
+    environment: str
+    make: Callable[[], object]
+    max_turns: int
+    rates: Callable[[object], dict[str, float]]
+    turn_success: Callable[[object, int], bool]  # (trajectory, assistant turn index) -> succeeded at that turn
+
+
+def _correction_rates(t) -> dict[str, float]:
+    info = t.infos[-1] if t.infos and t.infos[-1].get("attempt") == 2 else {}
+    return {"success": float(bool(info.get("second_all_met"))), "first_all_met": float(bool(info.get("first_all_met"))),
+            "first_compliance": info.get("first_compliance", 0.0), "second_compliance": info.get("second_compliance",
+                                                                                                 0.0)}
+
+
+def _correction_turn(t, turn: int) -> bool:
+    info = t.infos[turn] if turn < len(t.infos) else {}
+    return bool(info.get("all_met") if turn == 0 else info.get("second_all_met"))
+
+
+def _arithmetic_rates(t) -> dict[str, float]:
+    return {"success": float(t.reward == 1.0), "called_tool": float(t.tool_calls > 0)}
+
+
+def _arithmetic_turn(t, turn: int) -> bool:
+    return t.done and t.turns == turn + 1 and t.reward == 1.0
+
+
+TASKS = {"self-correction": Task("alignkit.envs.self_correction:SelfCorrection", SelfCorrection, 2,
+                                 _correction_rates, _correction_turn),
+         "arithmetic": Task("alignkit.envs.arithmetic:ArithmeticTools", ArithmeticTools, 3, _arithmetic_rates,
+                            _arithmetic_turn)}
+RATE_NAMES = {"success": "success", "first_all_met": "all met, attempt 1", "first_compliance": "fraction met, attempt 1",
+              "second_compliance": "fraction met, attempt 2", "called_tool": "called calculate"}
+
+# The training run: `alignkit online`'s keys with this job's defaults (model, seed, output_dir, the prompts and the
+# environment are the job's). Settings from the pilot (benchmarks/agent_pilot.py, docs/agent_pilot.md).
+ONLINE = {"method": "grpo", "model": "smollm2-135m-instruct", "prompts": "set-by-the-job", "max_length": 768,
+          # SCoRe's stage-II objective: r1 + r2 + alpha (r2 - r1), alpha 1 (envs/self_correction.py)
+          "environment_reward": "sum", "rounds": 12, "prompts_per_round": 8, "num_samples": 8,
+          "sampling": {"max_new_tokens": 48, "temperature": 1.0, "batch_size": 64, "engine_precision": "bf16"},
           "learning_rate": 5e-4, "lora": {"r": 16, "alpha": 32}, "precision": "bf16",
           # no KL term (with LoRA the reference is the adapters off); truncated IS against the bf16 engine
           "loss_options": {"kl_coef": 0.0, "tis_cap": 2.0},
           "eval_before_after": False, "save_every": 0, "progress": False}
-SET_BY_RECIPE = ("model", "seed", "output_dir", "prompts", "eval_prompts")
+SET_BY_RECIPE = ("model", "seed", "output_dir", "prompts", "eval_prompts", "environment", "max_turns")
 
 
 class AgentConfig(Strict):
     model: str = "smollm2-135m-instruct"
     output_dir: str = "runs/agent"
-    steps: int = Field(1, ge=1, le=2, description="arithmetic steps per problem: 1 (a product) or 2 (then a sum or "
-                                                  "difference)")
-    num_train_problems: int = Field(256, gt=0, description="generated training problems (seeded)")
-    num_eval_problems: int = Field(64, gt=0, description="generated held-out problems (their own seeded numbers)")
+    task: Literal["self-correction", "arithmetic"] = Field("self-correction", description="the environment")
+    num_train: int = Field(512, gt=0, description="training records: the first of the shipped constraint prompts, "
+                                                  "or generated problems")
+    num_eval: int = Field(96, gt=0, description="held-out records: the first of the shipped held-out prompts, or "
+                                                "generated problems")
+    arithmetic_steps: int = Field(1, ge=1, le=2, description="arithmetic: 1 (a product) or 2 (then a sum or "
+                                                             "difference)")
     online: OnlineConfig = Field(default_factory=lambda: OnlineConfig(**ONLINE),
                                  description="the training run: online's keys (method grpo or another of its family, "
-                                             "max_turns, --rounds, ... reach it too)")
+                                             "--rounds, ... reach it too)")
     eval_sampling: SamplingOptions = Field(
-        default_factory=lambda: SamplingOptions(max_new_tokens=64, temperature=0.7, batch_size=64,
+        default_factory=lambda: SamplingOptions(max_new_tokens=48, temperature=0.7, batch_size=64,
                                                 engine_precision="bf16"),
         description="the held-out conversations, before and after")
-    eval_samples: int = Field(2, gt=0, description="conversations per held-out problem")
+    eval_samples: int = Field(2, gt=0, description="conversations per held-out record")
     seed: int = 0
 
     @field_validator("online", mode="before")
     @classmethod
     def _job_defaults(cls, values):
         return with_recipe_defaults(values, ONLINE, "online", SET_BY_RECIPE)
+
+    @model_validator(mode="after")
+    def _batch(self):
+        if self.online.prompts_per_round > self.num_train:
+            raise ConfigError("num_train", f"{self.num_train} training records for {self.online.prompts_per_round} "
+                                           f"per round: give at least prompts_per_round")
+        return self
 
 
 def _option_names(values: dict) -> set[str]:
@@ -75,32 +132,38 @@ def _option_names(values: dict) -> set[str]:
     return loss_option_names(loss_name_of(method, online.get("loss"), online.get("consistency", "none")))
 
 
+def records_of(cfg: AgentConfig) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) records: the shipped constraint prompt sets, or generated problems (seeded)."""
+    if cfg.task == "arithmetic":
+        return arithmetic_sets(cfg.num_train, cfg.num_eval, cfg.seed, cfg.arithmetic_steps)
+    train = load_records(shipped("rl_train.jsonl"), shape="prompts")[:cfg.num_train]
+    return train, load_records(shipped("rl_eval.jsonl"), shape="prompts")[:cfg.num_eval]
+
+
 def converse(model, tokenizer, records: list[dict], cfg: AgentConfig) -> list:
-    """cfg.eval_samples conversations per held-out problem with the model: trajectories, [problem][sample] flat."""
+    """cfg.eval_samples conversations per held-out record with the model: trajectories, [record][sample] flat."""
+    task = TASKS[cfg.task]
     engine = make_engine(model, tokenizer, cfg.eval_sampling)
     rows = [{**r, "_row": i + 1} for i, r in enumerate(records) for _ in range(cfg.eval_samples)]
-    limits = Limits(max_turns=cfg.online.max_turns, max_tokens=cfg.online.max_length, require_reward=False,
-                    seed=cfg.seed + 17)
-    return run_trajectories(engine, tokenizer, [ArithmeticTools() for _ in rows], rows, cfg.eval_sampling, limits)
+    limits = Limits(max_turns=task.max_turns, max_tokens=cfg.online.max_length, require_reward=False,
+                    reward=cfg.online.environment_reward, seed=cfg.seed + 17)
+    return run_trajectories(engine, tokenizer, [task.make() for _ in rows], rows, cfg.eval_sampling, limits)
 
 
-def outcomes(trajectories: list) -> dict:
-    """Per conversation: correct (0/1) and called the tool (0/1); per assistant turn t: the share of conversations
-    that reached it, called the tool in it, answered in it, and answered right in it."""
-    correct = [float(t.reward == 1.0) for t in trajectories]
-    called = [float(t.tool_calls > 0) for t in trajectories]
+def outcomes(trajectories: list, task: Task) -> dict:
+    """Per conversation: the task's rates; per assistant turn t, shares of all conversations: reached it, called a
+    tool in it, wrote a malformed call, succeeded at it (all met / answered right)."""
     n = max(len(trajectories), 1)
+    per = [task.rates(t) for t in trajectories]
     turns = []
     for turn in range(max((t.turns for t in trajectories), default=0)):
         reached = [t for t in trajectories if t.turns > turn]
         replies = [_replies(t)[turn] for t in reached]
-        answered = [t for t, m in zip(reached, replies) if not m.get("tool_calls") and not m.get("tool_call_errors")
-                    and t.done and t.turns == turn + 1]
         turns.append({"turn": turn + 1, "reached": len(reached) / n,
                       "tool_call": sum(bool(m.get("tool_calls")) for m in replies) / n,
                       "malformed_call": sum(bool(m.get("tool_call_errors")) for m in replies) / n,
-                      "answered": len(answered) / n, "answered_right": sum(t.reward == 1.0 for t in answered) / n})
-    return {"correct": correct, "called": called, "turns": turns,
+                      "succeeded": sum(task.turn_success(t, turn) for t in reached) / n})
+    return {"rates": {k: [p[k] for p in per] for k in (per[0] if per else {})}, "turns": turns,
             "tool_errors": sum(t.tool_errors for t in trajectories) / n}
 
 
@@ -109,12 +172,11 @@ def _replies(trajectory) -> list[dict]:
 
 
 def compare(before: dict, after: dict) -> dict:
-    """Rates with bootstrap 95 % intervals, and the paired change (same problems, same sample slots and seeds)."""
-    out = {}
-    for key in ("correct", "called"):
-        out[f"{key}_before"] = bootstrap_mean_ci(before[key])
-        out[f"{key}_after"] = bootstrap_mean_ci(after[key])
-        out[f"{key}_change"] = bootstrap_mean_ci([a - b for a, b in zip(after[key], before[key])])
+    """Rates with bootstrap 95 % intervals, and the paired change (same records, same sample slots and seeds)."""
+    out = {"rates": {}}
+    for key, values in before["rates"].items():
+        out["rates"][key] = {"before": bootstrap_mean_ci(values), "after": bootstrap_mean_ci(after["rates"][key]),
+                             "change": bootstrap_mean_ci([a - b for a, b in zip(after["rates"][key], values)])}
     out["turns_before"], out["turns_after"] = before["turns"], after["turns"]
     out["tool_errors_before"], out["tool_errors_after"] = before["tool_errors"], after["tool_errors"]
     return out
@@ -123,8 +185,8 @@ def compare(before: dict, after: dict) -> dict:
 def run_agent(config: str | Path | None = None, overrides: dict[str, Any] | None = None,
               console: Console | None = None) -> dict:
     cfg: AgentConfig = load_command_config(AgentConfig, config, overrides, _option_names)
-    console = console or Console()
-    train, held = arithmetic_sets(cfg.num_train_problems, cfg.num_eval_problems, cfg.seed, cfg.steps)
+    console, task = console or Console(), TASKS[cfg.task]
+    train, held = records_of(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(out / "train.jsonl", train)
@@ -138,13 +200,14 @@ def run_agent(config: str | Path | None = None, overrides: dict[str, Any] | None
     initial = copy.deepcopy(model).eval()
     before = stages.run("held-out conversations (original)", lambda: converse(initial, tokenizer, held, cfg))
     online = cfg.online.model_copy(update={"model": cfg.model, "seed": cfg.seed, "output_dir": str(out / "online"),
-                                           "prompts": str(out / "train.jsonl"), "eval_prompts": str(out / "eval.jsonl")})
-    result = stages.run(f"{online.method}: {online.rounds} rounds x {online.prompts_per_round} problems x "
-                        f"{online.num_samples} conversations",
+                                           "prompts": str(out / "train.jsonl"), "eval_prompts": str(out / "eval.jsonl"),
+                                           "environment": task.environment, "max_turns": task.max_turns})
+    result = stages.run(f"{online.method} in {cfg.task}: {online.rounds} rounds x {online.prompts_per_round} records "
+                        f"x {online.num_samples} conversations",
                         lambda: run_online(online, model, tokenizer, OnlineInputs(train, held)))
     after = stages.run("held-out conversations (trained)", lambda: converse(result.model.eval(), tokenizer, held, cfg))
-    summary = compare(outcomes(before), outcomes(after))
-    summary.update(method=online.method, rounds=online.rounds, steps=cfg.steps, max_turns=online.max_turns,
+    summary = compare(outcomes(before, task), outcomes(after, task))
+    summary.update(task=cfg.task, method=online.method, rounds=online.rounds, max_turns=task.max_turns,
                    conversations=online.rounds * online.prompts_per_round * online.num_samples,
                    eval_conversations=len(before), timings_s=stages.seconds, run_s=time.perf_counter() - tic)
     write_report(out, summary, (held, before, after), result.rounds, console)
@@ -160,21 +223,23 @@ def _points(ci) -> str:
 
 
 def result_rows(s: dict) -> list[list[str]]:
-    return [["metric (held-out problems)", "original", "trained", "change (95% CI)"],
-            ["exact answer", _pct(s["correct_before"]), _pct(s["correct_after"]), _points(s["correct_change"])],
-            ["called calculate", _pct(s["called_before"]), _pct(s["called_after"]), _points(s["called_change"])],
-            ["tool errors per conversation", f"{s['tool_errors_before']:.2f}", f"{s['tool_errors_after']:.2f}", ""]]
+    rows = [["metric (held-out)", "original", "trained", "change (95% CI)"]]
+    for key, r in s["rates"].items():
+        rows.append([RATE_NAMES.get(key, key), _pct(r["before"]), _pct(r["after"]), _points(r["change"])])
+    rows.append(["tool errors per conversation", f"{s['tool_errors_before']:.2f}", f"{s['tool_errors_after']:.2f}",
+                 ""])
+    return rows
 
 
 def turn_rows(s: dict) -> list[list[str]]:
     """Per assistant turn, original -> trained: shares of all conversations."""
-    rows = [["turn", "reached", "called the tool", "malformed call", "answered", "answered right"]]
+    rows = [["turn", "reached", "called a tool", "malformed call", "succeeded"]]
     before, after = s["turns_before"], s["turns_after"]
     for t in range(max(len(before), len(after))):
         b = before[t] if t < len(before) else {}
         a = after[t] if t < len(after) else {}
         rows.append([str(t + 1)] + [f"{b.get(k, 0.0):.0%} -> {a.get(k, 0.0):.0%}"
-                                    for k in ("reached", "tool_call", "malformed_call", "answered", "answered_right")])
+                                    for k in ("reached", "tool_call", "malformed_call", "succeeded")])
     return rows
 
 
@@ -190,29 +255,28 @@ def conversation(trajectory) -> str:
 
 
 def write_report(out: Path, s: dict, conversations: tuple, rounds: list[dict], console: Console) -> None:
-    """conversations: (held-out records, the original's trajectories, the trained model's), [problem][sample] flat."""
+    """conversations: (held-out records, the original's trajectories, the trained model's), [record][sample] flat."""
     held, before, after = conversations
     rows, per_turn = result_rows(s), turn_rows(s)
-    console.print(rich_table(f"SmolLM2-135M-Instruct, {s['method']} with the calculate tool ({s['conversations']} "
+    console.print(rich_table(f"SmolLM2-135M-Instruct, {s['method']} in {s['task']} ({s['conversations']} "
                              f"conversations, {s['run_s'] / 60:.1f} min)", rows))
     console.print(rich_table("per assistant turn (share of held-out conversations, original -> trained)", per_turn))
     k = len(before) // max(len(held), 1)
-    examples = [{"problem": held[i]["prompt"][0]["content"], "answer": held[i]["answer"],
-                 "original": conversation(before[i * k]), "trained": conversation(after[i * k])}
-                for i in range(min(8, len(held)))]
+    examples = [{"record": held[i]["prompt"][-1]["content"], "original": conversation(before[i * k]),
+                 "trained": conversation(after[i * k])} for i in range(min(8, len(held)))]
     for e in examples[:2]:
-        console.print(f"[bold]{escape(e['problem'])}[/] (answer {e['answer']})\n  original:\n{escape(e['original'])}"
+        console.print(f"[bold]{escape(e['record'])}[/]\n  original:\n{escape(e['original'])}"
                       f"\n  trained:\n{escape(e['trained'])}")
     curves = [{"step": r["round"], **r} for r in rounds]
-    images = [plot_curves({"train": curves}, ["rollout_reward", "tool_calls", "turns"], out / "curves.png",
-                          "rollout reward, tool calls and assistant turns per conversation, per round")]
+    images = [plot_curves({"train": curves}, ["rollout_reward", "turns", "response_length"], out / "curves.png",
+                          "rollout reward, assistant turns and trained tokens per conversation, per round")]
     (out / "summary.json").write_text(json.dumps(s, indent=2))
     write_jsonl_atomic(out / "conversations.jsonl",
-                       [{"problem": held[i // k]["prompt"], "answer": held[i // k]["answer"], "original": b.messages,
-                         "original_reward": b.reward, "trained": a.messages, "trained_reward": a.reward}
+                       [{"record": held[i // k], "original": b.messages, "original_reward": b.reward,
+                         "trained": a.messages, "trained_reward": a.reward}
                         for i, (b, a) in enumerate(zip(before, after))])
     timing_rows = [["stage", "seconds"]] + [[name, f"{v:.1f}"] for name, v in s["timings_s"].items()]
     write_html_report(out / "report.html", f"alignkit agent: SmolLM2-135M-Instruct before and after {s['method']} "
-                      f"with a calculate tool", {"Held-out results": rows, "Per assistant turn": per_turn,
-                                                 "Time": timing_rows}, images, examples)
+                      f"in {s['task']}", {"Held-out results": rows, "Per assistant turn": per_turn,
+                                          "Time": timing_rows}, images, examples)
     console.print(f"report: {out / 'report.html'}  (numbers: {out / 'summary.json'})")
