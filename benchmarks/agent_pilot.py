@@ -38,7 +38,7 @@ def pilot(name: str, engine, tokenizer, args) -> dict:
     rows = [{**r, "_row": i + 1} for i, r in enumerate(records) for _ in range(args.samples)]
     tic = time.perf_counter()
     trajectories = run_trajectories(engine, tokenizer, [make() for _ in rows], rows, sampling,
-                                    Limits(max_turns=turns, max_tokens=768, require_reward=False, seed=1))
+                                    Limits(max_turns=turns, max_tokens=1024, require_reward=False))
     figures = report(trajectories)
     success = figures["second_all_met"] if name == "self-correction" else figures["accuracy"]
     return {"success": success, **figures, "seconds": time.perf_counter() - tic, "conversations": len(rows)}
