@@ -87,7 +87,7 @@ ONLINE = {"method": "grpo", "model": "smollm2-135m-instruct", "prompts": "set-by
           "sampling": {"max_new_tokens": 48, "temperature": 1.0, "batch_size": 64, "engine_precision": "bf16"},
           "learning_rate": 5e-4, "lora": {"r": 16, "alpha": 32}, "precision": "bf16",
           # no KL term (with LoRA the reference is the adapters off); truncated IS against the bf16 engine
-          "loss_options": {"kl_coef": 0.0, "tis_cap": 2.0},
+          "loss_options": {"kl_coef": 0.0, "engine_correction": "token_truncate", "engine_ratio_max": 2.0},
           "eval_before_after": False, "save_every": 0, "progress": False}
 SET_BY_RECIPE = ("model", "seed", "output_dir", "prompts", "eval_prompts", "environment", "max_turns")
 
@@ -126,7 +126,7 @@ class AgentConfig(Strict):
 
 
 def _option_names(values: dict) -> set[str]:
-    """The options of the method's loss (--kl_coef, --tis_cap), given at the top level."""
+    """The options of the method's loss (--kl_coef, --engine_ratio_max), given at the top level."""
     online = {**ONLINE, **(values.get("online") if isinstance(values.get("online"), dict) else {})}
     method = values.get("method", online["method"])
     return loss_option_names(loss_name_of(method, online.get("loss"), online.get("consistency", "none")))
