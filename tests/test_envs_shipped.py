@@ -9,7 +9,14 @@ import re
 import pytest
 
 from alignkit.envs import Limits, load_environment, run_trajectories
-from alignkit.envs.arithmetic import PROBLEMS, ArithmeticTools, arithmetic_report, arithmetic_sets
+from alignkit.envs.arithmetic import (
+    INSTRUCTION,
+    ONE_STEP,
+    PROBLEMS,
+    ArithmeticTools,
+    arithmetic_report,
+    arithmetic_sets,
+)
 from alignkit.envs.self_correction import (
     ALL_MET,
     SelfCorrection,
@@ -85,8 +92,22 @@ def test_arithmetic_sets_are_seeded_disjoint_and_correct():
     questions = [r["prompt"][0]["content"] for r in train]
     assert not set(questions) & {r["prompt"][0]["content"] for r in held}
     for record in train[:len(PROBLEMS)] + held[:len(PROBLEMS)]:
-        a, b, c = (int(x) for x in re.findall(r"\d+", record["prompt"][0]["content"]))
+        question = record["prompt"][0]["content"].removesuffix(INSTRUCTION)
+        a, b, c = (int(x) for x in re.findall(r"\d+", question))
         assert int(record["answer"]) > 0 and int(record["answer"]) in (a * b - c, a * b + c) and 100 <= c <= 999
+
+
+def test_one_step_arithmetic_sets_ask_for_the_product():
+    train, held = arithmetic_sets(24, 16, seed=2, steps=1)
+    assert (train, held) == arithmetic_sets(24, 16, seed=2, steps=1)
+    assert not {r["prompt"][0]["content"] for r in train} & {r["prompt"][0]["content"] for r in held}
+    for record in train[:len(ONE_STEP)] + held[:len(ONE_STEP)]:
+        question = record["prompt"][0]["content"]
+        assert question.endswith(INSTRUCTION)
+        a, b = (int(x) for x in re.findall(r"\d+", question.removesuffix(INSTRUCTION)))
+        assert int(record["answer"]) == a * b and 12 <= min(a, b) and max(a, b) <= 99
+    with pytest.raises(ValueError, match="steps must be 1 or 2"):
+        arithmetic_sets(4, 4, steps=3)
 
 
 @pytest.mark.parametrize("spec", ["alignkit.envs.self_correction:SelfCorrection",
