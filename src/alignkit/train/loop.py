@@ -29,6 +29,7 @@ from alignkit.train.ref_update import MovingReference, offline_reference
 from alignkit.train.reference import Reference
 from alignkit.train.run import Run, set_seed
 from alignkit.train.step import accumulate, autocast, mean_metrics
+from alignkit.train.teacher_cache import TeacherCache, check_cache_options
 
 log = logging.getLogger("alignkit.train")
 
@@ -184,6 +185,25 @@ def offline_teachers(cfg: TrainConfig, method: Method, model, tokenizer, ctx: Di
     return replace(method, teacher=teachers[0], teacher_reference=teachers[1])
 
 
+def open_teacher_cache(cfg: TrainConfig, method: Method, data: OfflineData, packing: Packing) -> TeacherCache | None:
+    """cfg.teacher_cache checked against this run (a cache of other data, another teacher or k is refused)."""
+    if cfg.teacher_cache is None:
+        return None
+    if method.teacher is None:
+        raise ConfigError("teacher_cache", f"loss '{cfg.loss}' has no teacher to cache; leave it unset")
+    check_cache_options("teacher_cache", cfg.loss, method.opts, cfg.teacher_reference)
+    return TeacherCache.open(cfg.teacher_cache, method.teacher, method.opts, {"train": data.train, "eval": data.eval},
+                             packing.precision)
+
+
+def use_teacher_cache(cache: TeacherCache, method: Method, data: OfflineData, packing: Packing) -> Method:
+    """The examples with their cached teacher top-k (built now where the cache is new) and the method reading
+    them: the teacher no longer runs in the steps, and is let go."""
+    sets = cache.fill(method.teacher, method.opts, {"train": data.train, "eval": data.eval}, packing)
+    data.train, data.eval = sets["train"], sets["eval"]
+    return replace(method, teacher=None, teacher_topk=True)
+
+
 def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     set_seed(cfg.seed)
     method = Method.from_config(cfg)
@@ -200,7 +220,10 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     if cfg.max_memory_gb is not None:
         data.steps = plan_for_memory(model, data.steps, data.train, method, cfg, tokenizer)
     data.local_steps = shard_steps(data.steps, ctx)  # this rank's micro-batches of each step (all in one process)
+    teacher_cache = open_teacher_cache(cfg, method, data, packing)
     run.open()  # only now, with config, data and plan checked, is anything written
+    if teacher_cache is not None:
+        method = use_teacher_cache(teacher_cache, method, data, packing)
 
     training = OfflineTraining(run, method, data, packing, offline_reference(model, cfg, method.live_reference),
                                CarriedState(method.spec))  # the carried state: a stateful loss's (BCO's shift)

@@ -32,13 +32,14 @@ def mean_trained_lengths(examples: list[TokenizedExample], indices) -> torch.Ten
     return totals / counts.clamp(min=1)
 
 
-def logprob_inputs(model, batch: PackedBatch, method, ref: Reference | None) -> LossInputs:
-    """The policy's (and reference's) log-probs of the batch, split into the loss's fields (method: train/method.Method)."""
+def logprob_inputs(model, batch: PackedBatch, method, ref: Reference | None, cached_teacher=None) -> LossInputs:
+    """The policy's (and reference's) log-probs of the batch, split into the loss's fields (method: train/method.Method;
+    cached_teacher: the batch's teacher top-k read from a teacher cache, instead of running the teacher)."""
     spec, opts, chunk_size = method.spec, method.opts, method.chunk_size
     live_ref = ref is not None and ref.model is not None and uses_ref_model(spec, opts)
     divergence = None
-    if method.teacher is not None and "teacher" in needs(opts):  # GKD: the teacher runs on the same rows
-        teachers = (method.teacher, method.teacher_reference)
+    if cached_teacher is not None or method.teacher is not None and "teacher" in needs(opts):  # GKD: the teacher
+        teachers = cached_teacher if cached_teacher is not None else (method.teacher, method.teacher_reference)
         out, divergence = logprobs_and_divergence(model, batch, teachers, opts, chunk_size, method.temperature)
     elif live_ref:  # SparsePO: the reference runs on the same rows; the KL comes out of the policy's chunked pass
         if method.temperature != 1:  # offline only: nothing was sampled at a temperature

@@ -17,6 +17,7 @@ from alignkit.models.reward import sequence_rewards
 from alignkit.train.loss_inputs import add_record_fields, logprob_inputs
 from alignkit.train.packing import Packing
 from alignkit.train.reference import Reference
+from alignkit.train.teacher_cache import cached_topk
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Method:
     temperature: float = 1.0
     teacher: object = None
     teacher_reference: object = None  # ADPA: the teacher's reference, for its advantage
+    teacher_topk: bool = False  # the examples carry the teacher's cached top-k (train/teacher_cache.py)
 
     @classmethod
     def from_config(cls, cfg) -> Method:
@@ -68,7 +70,8 @@ class Method:
             predicted = sequence_rewards(model, batch).float()
             inputs = LossInputs(logps=None, lengths=batch.seq_lengths.to(predicted.device), predicted_rewards=predicted)
         else:  # policy and reference log-probs (and KTO's mismatched pairs, SparsePO's token KL and masks)
-            inputs = logprob_inputs(model, batch, self, ref)
+            cached = cached_topk([data[i] for i in batch.example_indices], self.opts.tail) if self.teacher_topk else None
+            inputs = logprob_inputs(model, batch, self, ref, cached)
         inputs.step_mean_lengths = step_mean_lengths
         inputs.loss_state = loss_state
         if hasattr(data, "fill"):  # an online experience: rollout rewards, behaviour log-probs, advantages

@@ -29,7 +29,10 @@ from alignkit.models.teacher import teacher_hidden
 def teacher_target(teachers: tuple, batch: PackedBatch, opts, chunk_size: int):
     """What the policy is compared with on `batch`: the teacher's hidden states and head (full vocabulary), its
     top-k log-probs at the distillation temperature (opts.top_k > 0), or, with a second model (ADPA), the teacher
-    and its reference. teachers: (teacher, its reference or None); opts: the loss's options."""
+    and its reference. teachers: (teacher, its reference or None), or the batch's cached top-k (a TopKTeacher, used
+    as it is); opts: the loss's options."""
+    if isinstance(teachers, TopKTeacher):
+        return teachers
     dense = DenseTeacher(*teacher_hidden(teachers[0], batch))
     if teachers[1] is not None:
         return AdvantageTeacher(dense, DenseTeacher(*teacher_hidden(teachers[1], batch)))
