@@ -47,6 +47,7 @@ def synthetic_inputs(data_shape: str, needs_token_logps: bool) -> LossInputs:
         # the loop's chunked one does)
         inputs.teacher_token_logps = -torch.rand(B, k, T, generator=generator) * token_mask
         inputs.token_divergence = (inputs.token_logps - inputs.teacher_token_logps).pow(2) * token_mask
+        inputs.group_divergence, inputs.group_mask = inputs.token_divergence, token_mask  # ULD: one token a group
     return inputs
 
 

@@ -175,17 +175,15 @@ class TrainConfig(OptimConfig):
     # Distillation (docs/distillation.md): gkd / dckd / adpa's frozen teacher, and adpa's teacher reference.
     teacher: str | None = Field(None, description="the teacher (alias, directory or hub id), the student's vocabulary")
     teacher_reference: str | None = Field(None, description="adpa: the teacher's reference (its SFT starting point)")
-    teacher_cache: str | None = Field(None, description="a directory for the teacher's top-k log-probs (gkd, dckd with "
-                                                        "top_k): computed once, then reused; refused when built for "
-                                                        "other data, another teacher or another k")
+    teacher_tokenizer: Literal["shared", "own"] = Field("shared", description="own: its own tokenizer (loss uld)")
+    teacher_cache: str | None = Field(None, description="a directory for the teacher's top-k (gkd, dckd)")
     # The loss's options model, built from loss_options when the config is loaded (api.build_config).
     _loss_options: Any = PrivateAttr(None)
 
 
 # Keys a resumed run may change: they do not change what is trained (the rest must equal the saved config).
 RESUMABLE_KEYS = frozenset({"output_dir", "progress", "log_every", "save_every", "keep_last", "eval_every", "report_to",
-                            "run_name", "max_memory_gb", "release_memory",
-                            "teacher_cache"})
+                            "run_name", "max_memory_gb", "release_memory", "teacher_cache"})
 
 
 def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

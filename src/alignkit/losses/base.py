@@ -105,6 +105,9 @@ class LossInputs:
     # and the per-token divergence to its distribution over the vocabulary (GKD; losses/divergence.py)
     teacher_token_logps: torch.Tensor | None = None  # [B, k, T]
     token_divergence: torch.Tensor | None = None  # [B, k, T] >= 0, 0 where masked
+    # Cross-tokenizer distillation (ULD, losses/uld.py): the distance at each aligned group of tokens, and its mask
+    group_divergence: torch.Tensor | None = None  # [B, k, G] >= 0, 0 where padded
+    group_mask: torch.Tensor | None = None  # [B, k, G] bool
 
     @property
     def chosen_logps(self) -> torch.Tensor:

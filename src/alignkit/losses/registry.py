@@ -20,6 +20,7 @@ from alignkit.losses import (
     reference_free,
     reward,
     tokenlevel,
+    uld,
     unpaired,
 )
 from alignkit.losses.base import RunningMean, needs
@@ -132,6 +133,9 @@ register(LossSpec("dckd", distill.dckd_loss, distill.DCKDOptions, "pairs", True,
                   needs_token_logps=True, needs_teacher=True))
 register(LossSpec("adpa", distill.adpa_loss, distill.ADPAOptions, "pairs", False, "arXiv 2502.17927",
                   needs_token_logps=True, needs_teacher=True))
+# ULD: a teacher with its own tokenizer, compared sorted at each aligned group of tokens (teacher_tokenizer: own).
+register(LossSpec("uld", uld.uld_loss, uld.ULDOptions, "sft", False, "arXiv 2402.12030", needs_token_logps=True,
+                  needs_teacher=True))
 register(LossSpec("opd", distill.opd_loss, distill.OPDOptions, "rollouts", True, "Thinking Machines, on-policy "
                   "distillation (2025)", needs_token_logps=True, needs_teacher=True))
 # CREAM: DPO weighted by the consistency of two iterations' rankings (`alignkit online --method self-reward`).

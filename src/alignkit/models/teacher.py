@@ -23,19 +23,27 @@ def check_teacher(teacher, student, teacher_tokenizer=None, student_tokenizer=No
     if rows_t != rows_s:
         raise ConfigError(key, f"the teacher's vocabulary has {rows_t} tokens, the student's {rows_s}; distillation "
                                "compares distributions over one shared tokenizer: use a teacher of the student's "
-                               "family")
+                               "family, or loss uld with teacher_tokenizer: own")
     if teacher_tokenizer is not None and student_tokenizer is not None:
         vocab_t, vocab_s = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
         if vocab_t != vocab_s:
             differing = sorted(set(vocab_t.items()) ^ set(vocab_s.items()), key=lambda item: item[1])[:1]
             raise ConfigError(key, f"the teacher's tokenizer maps tokens to ids differently from the student's (e.g. "
-                                   f"{differing[0][0]!r}); distillation needs one shared tokenizer")
+                                   f"{differing[0][0]!r}); distillation needs one shared tokenizer, or loss uld with "
+                                   "teacher_tokenizer: own")
 
 
 def load_teacher(path: str, student, student_tokenizer=None, precision: str = "fp32", key: str = "teacher"):
     """The frozen, eval-mode teacher at `path` (an alias, directory or hub id), checked against the student; in a
     bf16 run its linear weights are bf16 (as the reference's: models/inference.frozen_copy). A path that does not
     load is a ConfigError naming `key`."""
+    model, tokenizer = open_teacher(path, key)
+    check_teacher(model, student, tokenizer, student_tokenizer, key)
+    return frozen_copy(model, precision)
+
+
+def open_teacher(path: str, key: str = "teacher"):
+    """(model, tokenizer) at `path`, unchecked and not yet frozen; a path that does not load is a ConfigError."""
     from alignkit.models.resolve import load_model_and_tokenizer
 
     try:
@@ -46,8 +54,7 @@ def load_teacher(path: str, student, student_tokenizer=None, precision: str = "f
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(key, f"{path!r} does not load as a causal LM ({reason}); give a model alias, a local "
                                "model directory or a hub id") from None
-    check_teacher(model, student, tokenizer, student_tokenizer, key)
-    return frozen_copy(model, precision)
+    return model, tokenizer
 
 
 def teacher_model(model, student, precision: str = "fp32", key: str = "teacher"):

@@ -16,9 +16,10 @@ from alignkit.config import TrainConfig
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses.base import needs
 from alignkit.models.attention import attention_implementation, loadable_attention
-from alignkit.models.inference import eval_mode
+from alignkit.models.inference import eval_mode, frozen_copy
 from alignkit.models.logprobs import response_logprobs
-from alignkit.models.teacher import load_teacher
+from alignkit.models.teacher import load_teacher, open_teacher
+from alignkit.train.cross_teacher import with_teacher_tokens
 from alignkit.train.distributed import Dist, init_distributed, shard_steps, shutdown
 from alignkit.train.loss_inputs import CarriedState, check_method_setup, mean_trained_lengths
 from alignkit.train.method import Method
@@ -174,15 +175,23 @@ def offline_teachers(cfg: TrainConfig, method: Method, model, tokenizer, ctx: Di
         if (name is not None) != (key in wanted):
             raise ConfigError(key, f"loss '{cfg.loss}' needs a {key}" if key in wanted else
                               f"loss '{cfg.loss}' reads no {key}; leave it unset")
+    if cfg.teacher_tokenizer == "own" and "cross_tokenizer" not in wanted:
+        raise ConfigError("teacher_tokenizer", f"loss '{cfg.loss}' compares distributions over one vocabulary; a "
+                                               "teacher with its own tokenizer needs loss uld")
     if "teacher" not in wanted:
         return method
     if ctx.enabled:
         raise ConfigError("distributed", f"loss '{cfg.loss}' compares the student with its teacher inside the "
                                          "forward: one process for now")
     device = ctx.device if ctx.device is not None else next(model.parameters()).device
+    if cfg.teacher_tokenizer == "own":  # ULD: any vocabulary; the examples are re-tokenised for it
+        teacher, teacher_tokenizer = open_teacher(cfg.teacher)
+        return replace(method, teacher=frozen_copy(teacher, cfg.precision).to(device),
+                       teacher_tokenizer=teacher_tokenizer)
     teachers = [load_teacher(name, model, tokenizer, cfg.precision, key).to(device) if name is not None else None
                 for key, name in (("teacher", cfg.teacher), ("teacher_reference", cfg.teacher_reference))]
-    return replace(method, teacher=teachers[0], teacher_reference=teachers[1])
+    own_tokens = tokenizer if "cross_tokenizer" in wanted else None  # ULD with the student's own tokenizer
+    return replace(method, teacher=teachers[0], teacher_reference=teachers[1], teacher_tokenizer=own_tokens)
 
 
 def open_teacher_cache(cfg: TrainConfig, method: Method, data: OfflineData, packing: Packing) -> TeacherCache | None:
@@ -220,6 +229,9 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     if cfg.max_memory_gb is not None:
         data.steps = plan_for_memory(model, data.steps, data.train, method, cfg, tokenizer)
     data.local_steps = shard_steps(data.steps, ctx)  # this rank's micro-batches of each step (all in one process)
+    if method.teacher_tokenizer is not None:  # ULD: each example in the teacher's tokenisation, aligned
+        data.train, data.eval = (with_teacher_tokens(x, tokenizer, method.teacher_tokenizer)
+                                 for x in (data.train, data.eval))
     teacher_cache = open_teacher_cache(cfg, method, data, packing)
     run.open()  # only now, with config, data and plan checked, is anything written
     if teacher_cache is not None:

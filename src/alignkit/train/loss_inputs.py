@@ -16,6 +16,7 @@ from alignkit.losses.registry import LossSpec, uses_kl_pairs, uses_ref_model
 from alignkit.losses.tokenlevel import activation_token_weights
 from alignkit.models.logprobs import ResponseLogProbs, response_logprobs
 from alignkit.models.token_kl import logprobs_and_token_kl, pad_tokens, reference_forward
+from alignkit.train.cross_teacher import logprobs_and_groups
 from alignkit.train.distributed import Dist, gather_objects
 from alignkit.train.reference import Reference
 from alignkit.train.teacher import logprobs_and_divergence
@@ -34,11 +35,14 @@ def mean_trained_lengths(examples: list[TokenizedExample], indices) -> torch.Ten
 
 def logprob_inputs(model, batch: PackedBatch, method, ref: Reference | None, cached_teacher=None) -> LossInputs:
     """The policy's (and reference's) log-probs of the batch, split into the loss's fields (method: train/method.Method;
-    cached_teacher: the batch's teacher top-k read from a teacher cache, instead of running the teacher)."""
+    cached_teacher: the batch's teacher top-k read from a teacher cache, instead of running the teacher, or its
+    examples' teacher tokenisations, a list of CrossTokenized, for a teacher with its own tokenizer)."""
     spec, opts, chunk_size = method.spec, method.opts, method.chunk_size
     live_ref = ref is not None and ref.model is not None and uses_ref_model(spec, opts)
-    divergence = None
-    if cached_teacher is not None or method.teacher is not None and "teacher" in needs(opts):  # GKD: the teacher
+    divergence = groups = None
+    if isinstance(cached_teacher, list):  # ULD: the teacher runs on its own tokens; distances per aligned group
+        out, *groups = logprobs_and_groups(model, batch, method, cached_teacher)
+    elif cached_teacher is not None or method.teacher is not None and "teacher" in needs(opts):  # GKD: the teacher
         teachers = cached_teacher if cached_teacher is not None else (method.teacher, method.teacher_reference)
         out, divergence = logprobs_and_divergence(model, batch, teachers, opts, chunk_size, method.temperature)
     elif live_ref:  # SparsePO: the reference runs on the same rows; the KL comes out of the policy's chunked pass
@@ -66,6 +70,8 @@ def logprob_inputs(model, batch: PackedBatch, method, ref: Reference | None, cac
         inputs.token_logps, inputs.token_mask = out.padded(batch)
     if divergence is not None:
         inputs.token_divergence = pad_tokens(divergence, batch)
+    if groups is not None:
+        inputs.group_divergence, inputs.group_mask = groups
     if out.values is not None:  # a policy with a value head (PPO): V(s_t) from the same forward
         inputs.values = pad_tokens(out.values, batch)
     if spec.needs_ref_model:

@@ -10,10 +10,11 @@ import torch
 from alignkit.data.pack import PackedBatch, with_mismatched_completions
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.losses import LossInputs, get_loss, options_of
-from alignkit.losses.base import LossOutput
+from alignkit.losses.base import LossOutput, needs
 from alignkit.losses.registry import LossSpec, uses_kl_pairs, uses_ref_model
 from alignkit.losses.sft import SFTOptions, sft_loss
 from alignkit.models.reward import sequence_rewards
+from alignkit.train.cross_teacher import CROSS
 from alignkit.train.loss_inputs import add_record_fields, logprob_inputs
 from alignkit.train.packing import Packing
 from alignkit.train.reference import Reference
@@ -36,6 +37,7 @@ class Method:
     temperature: float = 1.0
     teacher: object = None
     teacher_reference: object = None  # ADPA: the teacher's reference, for its advantage
+    teacher_tokenizer: object = None  # ULD: the tokenizer of the teacher's tokenisation of each example
     teacher_topk: bool = False  # the examples carry the teacher's cached top-k (train/teacher_cache.py)
 
     @classmethod
@@ -51,6 +53,15 @@ class Method:
     @property
     def live_reference(self) -> bool:
         return uses_ref_model(self.spec, self.opts)
+
+    def teacher_data(self, data, indices: list[int]):
+        """What the examples data[indices] carry for the teacher (offline): its cached top-k, or its own
+        tokenisation (ULD); None where the teacher, if any, runs as it is."""
+        if self.teacher_topk:
+            return cached_topk([data[i] for i in indices], self.opts.tail)
+        if "cross_tokenizer" in needs(self.opts):
+            return [data[i].extras[CROSS] for i in indices]
+        return None
 
     def pack(self, examples: list[TokenizedExample], indices: list[int], packing: Packing) -> PackedBatch:
         """examples[indices] packed; for KTO each example also gets the next one's completion as a last response."""
@@ -70,7 +81,7 @@ class Method:
             predicted = sequence_rewards(model, batch).float()
             inputs = LossInputs(logps=None, lengths=batch.seq_lengths.to(predicted.device), predicted_rewards=predicted)
         else:  # policy and reference log-probs (and KTO's mismatched pairs, SparsePO's token KL and masks)
-            cached = cached_topk([data[i] for i in batch.example_indices], self.opts.tail) if self.teacher_topk else None
+            cached = self.teacher_data(data, batch.example_indices)
             inputs = logprob_inputs(model, batch, self, ref, cached)
         inputs.step_mean_lengths = step_mean_lengths
         inputs.loss_state = loss_state
