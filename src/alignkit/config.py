@@ -172,13 +172,11 @@ class TrainConfig(OptimConfig):
     ref_update: RefUpdateOptions | None = Field(
         None, description="TR-DPO: update the reference every `every` steps, {mode: soft|hard, every, alpha}")
     eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations (0: only at the end)")
-    # Distillation (docs/distillation.md): gkd / dckd / adpa's frozen teacher, and adpa's teacher reference.
-    teacher: str | None = Field(None, description="the teacher (alias, directory or hub id), the student's vocabulary")
+    teacher: str | None = Field(None, description="distillation's teacher: an alias, directory or hub id")
     teacher_reference: str | None = Field(None, description="adpa: the teacher's reference (its SFT starting point)")
     teacher_tokenizer: Literal["shared", "own"] = Field("shared", description="own: its own tokenizer (loss uld)")
     teacher_cache: str | None = Field(None, description="a directory for the teacher's top-k (gkd, dckd)")
-    # The loss's options model, built from loss_options when the config is loaded (api.build_config).
-    _loss_options: Any = PrivateAttr(None)
+    _loss_options: Any = PrivateAttr(None)  # the loss's options model, built from loss_options (api.build_config)
 
 
 # Keys a resumed run may change: they do not change what is trained (the rest must equal the saved config).
