@@ -48,6 +48,10 @@ def test_self_correction_summary_recomputes_from_its_conversations(task, tmp_pat
             first.append(all(check_all(s["record"]["constraints"], attempts[0]["text"].strip())))
             second.append(all(check_all(s["record"]["constraints"], attempts[1]["text"].strip())))
         assert summary["rates"]["first_all_met"][when][0] == pytest.approx(sum(first) / len(first))
+        fixed = [s and not f for f, s in zip(first, second)]
+        broken = [f and not s for f, s in zip(first, second)]
+        assert summary["rates"]["wrong_to_right"][when][0] == pytest.approx(sum(fixed) / len(fixed))
+        assert summary["rates"]["right_to_wrong"][when][0] == pytest.approx(sum(broken) / len(broken))
         assert summary["rates"]["success"][when][0] == pytest.approx(sum(second) / len(second))
         turn1, turn2 = summary[f"turns_{when}"]
         assert turn1["succeeded"] == pytest.approx(sum(first) / len(first))

@@ -54,9 +54,12 @@ class Task:
 
 def _correction_rates(t) -> dict[str, float]:
     info = t.infos[-1] if t.infos and t.infos[-1].get("attempt") == 2 else {}
-    return {"success": float(bool(info.get("second_all_met"))), "first_all_met": float(bool(info.get("first_all_met"))),
-            "first_compliance": info.get("first_compliance", 0.0), "second_compliance": info.get("second_compliance",
-                                                                                                 0.0)}
+    first, second = bool(info.get("first_all_met")), bool(info.get("second_all_met"))
+    return {"success": float(second), "first_all_met": float(first),
+            "first_compliance": info.get("first_compliance", 0.0),
+            "second_compliance": info.get("second_compliance", 0.0),
+            # SCoRe's own measures of self-correction: the attempts' transitions
+            "wrong_to_right": float(second and not first), "right_to_wrong": float(first and not second)}
 
 
 def _correction_turn(t, turn: int) -> bool:
@@ -77,7 +80,8 @@ TASKS = {"self-correction": Task("alignkit.envs.self_correction:SelfCorrection",
          "arithmetic": Task("alignkit.envs.arithmetic:ArithmeticTools", ArithmeticTools, 3, _arithmetic_rates,
                             _arithmetic_turn)}
 RATE_NAMES = {"success": "success", "first_all_met": "all met, attempt 1", "first_compliance": "fraction met, attempt 1",
-              "second_compliance": "fraction met, attempt 2", "called_tool": "called calculate"}
+              "second_compliance": "fraction met, attempt 2", "called_tool": "called calculate",
+              "wrong_to_right": "wrong on attempt 1, right on 2", "right_to_wrong": "right on attempt 1, wrong on 2"}
 
 # The training run: `alignkit online`'s keys with this job's defaults (model, seed, output_dir, the prompts and the
 # environment are the job's). Settings from the pilot (benchmarks/agent_pilot.py, docs/agent_pilot.md).
