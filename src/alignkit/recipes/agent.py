@@ -33,11 +33,10 @@ from alignkit.eval.metrics import bootstrap_mean_ci
 from alignkit.eval.plots import plot_curves
 from alignkit.eval.report import rich_table, write_html_report
 from alignkit.generate.engines import make_engine
-from alignkit.losses import loss_option_names
-from alignkit.online.config import OnlineConfig, loss_name_of
+from alignkit.online.config import OnlineConfig
 from alignkit.online.run import OnlineInputs, run_online
 from alignkit.recipes.rl import shipped
-from alignkit.recipes.stages import Stages, with_recipe_defaults
+from alignkit.recipes.stages import Stages, online_option_names, with_recipe_defaults
 
 
 @dataclass(frozen=True)
@@ -129,13 +128,6 @@ class AgentConfig(Strict):
         return self
 
 
-def _option_names(values: dict) -> set[str]:
-    """The options of the method's loss (--kl_coef, --engine_ratio_max), given at the top level."""
-    online = {**ONLINE, **(values.get("online") if isinstance(values.get("online"), dict) else {})}
-    method = values.get("method", online["method"])
-    return loss_option_names(loss_name_of(method, online.get("loss"), online.get("consistency", "none")))
-
-
 def records_of(cfg: AgentConfig) -> tuple[list[dict], list[dict]]:
     """(training, held-out) records: the shipped constraint prompt sets, or generated problems (seeded)."""
     if cfg.task == "arithmetic":
@@ -188,7 +180,7 @@ def compare(before: dict, after: dict) -> dict:
 
 def run_agent(config: str | Path | None = None, overrides: dict[str, Any] | None = None,
               console: Console | None = None) -> dict:
-    cfg: AgentConfig = load_command_config(AgentConfig, config, overrides, _option_names)
+    cfg: AgentConfig = load_command_config(AgentConfig, config, overrides, online_option_names(ONLINE))
     console, task = console or Console(), TASKS[cfg.task]
     train, held = records_of(cfg)
     out = Path(cfg.output_dir)

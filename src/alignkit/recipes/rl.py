@@ -32,10 +32,9 @@ from alignkit.eval.metrics import bootstrap_mean_ci, distinct_n, mean_words
 from alignkit.eval.plots import plot_curves
 from alignkit.eval.report import rich_table, write_html_report
 from alignkit.generate.sample import sample_with_counts
-from alignkit.losses import loss_option_names
-from alignkit.online.config import OnlineConfig, loss_name_of
+from alignkit.online.config import OnlineConfig
 from alignkit.online.run import OnlineInputs, run_online
-from alignkit.recipes.stages import Stages, with_recipe_defaults
+from alignkit.recipes.stages import Stages, online_option_names, with_recipe_defaults
 from alignkit.rewards.verifiable.constraints import ConstraintReward, check_all, validate_constraints
 from alignkit.rewards.verifiable.degenerate import FLAGS, flagged, prompt_text
 from alignkit.train.packing import pad_token_id
@@ -103,13 +102,6 @@ class RLConfig(Strict):
             raise ConfigError("online.reward", f"this job's reward is constraints or constraints+bonus (the fraction "
                                                f"of constraints met, +1 when all are), got {self.online.reward!r}")
         return self
-
-
-def _option_names(values: dict) -> set[str]:
-    """The options of the method's loss (--kl_coef, --engine_ratio_max), given at the top level."""
-    online = {**ONLINE, **(values.get("online") if isinstance(values.get("online"), dict) else {})}
-    method = values.get("method", online["method"])
-    return loss_option_names(loss_name_of(method, online.get("loss"), online.get("consistency", "none")))
 
 
 def answer(model, tokenizer, prompts: list, sampling: SamplingOptions, num_samples: int, seed: int):
@@ -189,7 +181,7 @@ def fluency(initial, tokenizer, answers: tuple, precision: str) -> dict:
 
 def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = None,
            console: Console | None = None) -> dict:
-    cfg: RLConfig = load_command_config(RLConfig, config, overrides, _option_names)
+    cfg: RLConfig = load_command_config(RLConfig, config, overrides, online_option_names(ONLINE))
     console = console or Console()
     train_path, eval_path = cfg.online.prompts, cfg.eval_prompts or shipped("rl_eval.jsonl")
     train_records, eval_records = load_records(train_path, shape="prompts"), load_records(eval_path, shape="prompts")

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from alignkit.errors import ConfigError
+from alignkit.losses import loss_option_names
+from alignkit.online.config import loss_name_of
 
 
 class Stages:
@@ -35,3 +37,14 @@ def with_recipe_defaults(values: Any, defaults: dict[str, Any], section: str, se
     if isinstance(values.get("loss_options"), dict):
         out["loss_options"] = {**defaults.get("loss_options", {}), **values["loss_options"]}
     return out
+
+
+def online_option_names(defaults: dict[str, Any]) -> Callable[[dict], set[str]]:
+    """For a recipe nesting `online:` with these defaults: the options of its method's loss (--kl_coef,
+    --engine_ratio_max), which may be given at the top level."""
+    def names(values: dict) -> set[str]:
+        online = {**defaults, **(values.get("online") if isinstance(values.get("online"), dict) else {})}
+        method = values.get("method", online["method"])
+        return loss_option_names(loss_name_of(method, online.get("loss"), online.get("consistency", "none")))
+
+    return names
