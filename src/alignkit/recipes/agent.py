@@ -36,7 +36,7 @@ from alignkit.generate.engines import make_engine
 from alignkit.online.config import OnlineConfig
 from alignkit.online.run import OnlineInputs, run_online
 from alignkit.recipes.rl import shipped
-from alignkit.recipes.stages import Stages, online_option_names, with_recipe_defaults
+from alignkit.recipes.stages import Stages, online_option_names, percent_ci, points_ci, with_recipe_defaults
 
 
 @dataclass(frozen=True)
@@ -210,18 +210,10 @@ def run_agent(config: str | Path | None = None, overrides: dict[str, Any] | None
     return summary
 
 
-def _pct(ci) -> str:
-    return f"{ci[0]:.1%} [{ci[1]:.1%}, {ci[2]:.1%}]"
-
-
-def _points(ci) -> str:
-    return f"{100 * ci[0]:+.1f} pts [{100 * ci[1]:+.1f}, {100 * ci[2]:+.1f}]"
-
-
 def result_rows(s: dict) -> list[list[str]]:
     rows = [["metric (held-out)", "original", "trained", "change (95% CI)"]]
     for key, r in s["rates"].items():
-        rows.append([RATE_NAMES.get(key, key), _pct(r["before"]), _pct(r["after"]), _points(r["change"])])
+        rows.append([RATE_NAMES.get(key, key), percent_ci(r["before"]), percent_ci(r["after"]), points_ci(r["change"])])
     rows.append(["tool errors per conversation", f"{s['tool_errors_before']:.2f}", f"{s['tool_errors_after']:.2f}",
                  ""])
     return rows

@@ -34,7 +34,7 @@ from alignkit.eval.report import rich_table, write_html_report
 from alignkit.generate.sample import sample_with_counts
 from alignkit.online.config import OnlineConfig
 from alignkit.online.run import OnlineInputs, run_online
-from alignkit.recipes.stages import Stages, online_option_names, with_recipe_defaults
+from alignkit.recipes.stages import Stages, online_option_names, percent_ci, points_ci, with_recipe_defaults
 from alignkit.rewards.verifiable.constraints import ConstraintReward, check_all, validate_constraints
 from alignkit.rewards.verifiable.degenerate import FLAGS, flagged, prompt_text
 from alignkit.train.packing import pad_token_id
@@ -245,26 +245,18 @@ def held_out_phrasings(models: tuple, tokenizer, records: list[dict], cfg: RLCon
     return part, (records, *texts, *flags)
 
 
-def _pct(ci) -> str:
-    return f"{ci[0]:.1%} [{ci[1]:.1%}, {ci[2]:.1%}]"
-
-
-def _points(ci) -> str:
-    return f"{100 * ci[0]:+.1f} pts [{100 * ci[1]:+.1f}, {100 * ci[2]:+.1f}]"
-
-
 def _result_rows(s: dict) -> list[list[str]]:
     return [
         ["metric (held-out combinations)", "original", "trained", "change (95% CI)"],
-        ["all constraints met", _pct(s["all_met_before"]), _pct(s["all_met_after"]), _points(s["all_met_change"])],
-        ["fraction of constraints met", _pct(s["fraction_before"]), _pct(s["fraction_after"]),
-         _points(s["fraction_change"])],
+        ["all constraints met", percent_ci(s["all_met_before"]), percent_ci(s["all_met_after"]), points_ci(s["all_met_change"])],
+        ["fraction of constraints met", percent_ci(s["fraction_before"]), percent_ci(s["fraction_after"]),
+         points_ci(s["fraction_change"])],
         ["mean words per answer", f"{s['words_before']:.1f}", f"{s['words_after']:.1f}", ""],
         ["distinct-2", f"{s['distinct2_before']:.3f}", f"{s['distinct2_after']:.3f}",
          f"{s['distinct2_after'] / max(s['distinct2_before'], 1e-9) - 1:+.1%}"],
         ["KL to the start (nats / answer)", "", f"{s['kl_to_start']:.2f} ± {s['kl_to_start_sem']:.2f}", ""],
         ["answers with a degeneracy flag", f"{s['flagged']['any'][0]:.1%}", f"{s['flagged']['any'][1]:.1%}",
-         _points(s["flagged_any_change"])],
+         points_ci(s["flagged_any_change"])],
         ["fluency: NLL under the start (nats / token)", f"{s['fluency_nll_before']:.3f}",
          f"{s['fluency_nll_after']:.3f}", f"{s['fluency_nll_after'] / s['fluency_nll_before'] - 1:+.1%}"],
     ]
@@ -272,11 +264,11 @@ def _result_rows(s: dict) -> list[list[str]]:
 
 def phrasing_rows(p: dict) -> list[list[str]]:
     return [["metric (held-out phrasings)", "original", "trained", "change (95% CI)"],
-            ["all constraints met", _pct(p["all_met_before"]), _pct(p["all_met_after"]), _points(p["all_met_change"])],
-            ["fraction of constraints met", _pct(p["fraction_before"]), _pct(p["fraction_after"]),
-             _points(p["fraction_change"])],
+            ["all constraints met", percent_ci(p["all_met_before"]), percent_ci(p["all_met_after"]), points_ci(p["all_met_change"])],
+            ["fraction of constraints met", percent_ci(p["fraction_before"]), percent_ci(p["fraction_after"]),
+             points_ci(p["fraction_change"])],
             ["answers with a degeneracy flag", f"{p['flagged']['any'][0]:.1%}", f"{p['flagged']['any'][1]:.1%}",
-             _points(p["flagged_any_change"])]]
+             points_ci(p["flagged_any_change"])]]
 
 
 def phrasing_tables(p: dict, answers: tuple) -> dict[str, list[list[str]]]:

@@ -48,3 +48,13 @@ def online_option_names(defaults: dict[str, Any]) -> Callable[[dict], set[str]]:
         return loss_option_names(loss_name_of(method, online.get("loss"), online.get("consistency", "none")))
 
     return names
+
+
+def percent_ci(ci) -> str:
+    """(mean, low, high) as a share: 12.0% [7.3%, 16.7%]."""
+    return f"{ci[0]:.1%} [{ci[1]:.1%}, {ci[2]:.1%}]"
+
+
+def points_ci(ci) -> str:
+    """(mean, low, high) of a change in shares, in percentage points: +8.3 pts [+2.1, +14.6]."""
+    return f"{100 * ci[0]:+.1f} pts [{100 * ci[1]:+.1f}, {100 * ci[2]:+.1f}]"
