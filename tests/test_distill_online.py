@@ -101,7 +101,8 @@ def test_bad_distillation_setups_are_refused_before_anything_is_written(task, tm
         ("grpo", teacher_dir, {}, r"'teacher': method grpo has no teacher; leave teacher unset"),
         ("opd", str(tmp_path / "nowhere"), {}, r"'teacher': the teacher does not load"),
         ("gkd", teacher_dir, {"beta": 1.5}, r"'loss_options.beta': must be <= 1"),
-        ("gkd", teacher_dir, {"lmbda": 0.5}, r"'seq_kd': lmbda < 1 online takes the other rounds' samples"),
+        ("gkd", teacher_dir, {"lmbda": 0.5}, r"'prompts': lmbda < 1 without seq_kd trains the rounds the student does "
+                                             r"not sample on the dataset's completions"),
         ("opd", teacher_dir, {"seq_kd": True}, r"'seq_kd': GKD's mixing of student and teacher samples: method gkd"),
     ]
     for i, (method, teacher, options, message) in enumerate(cases):

@@ -162,6 +162,10 @@ COMMANDS: dict[str, Command] = {
                   _recipe("alignkit.recipes.rl:run_rl"), "alignkit.recipes.rl:RLConfig"),
     "agent": Command("the third main job: RL on multi-turn tool use (a calculate tool) on SmolLM2, before/after",
                      _recipe("alignkit.recipes.agent:run_agent"), "alignkit.recipes.agent:AgentConfig"),
+    "distill": Command("--teacher T --model S [--lmbda 0..1 --seq_kd --loss gkd|opd|uld] [--train_data d.jsonl]: "
+                       "distillation\n" f"{'':24}on student samples, dataset completions or a seeded mix of them",
+                       _recipe("alignkit.recipes.distill:run_distill"), "alignkit.recipes.distill:DistillConfig",
+                       help=lambda name: _load("alignkit.recipes.distill:command_help")()),
     "train": Command("train with the loss named in the config (`loss: dpo`)", _train, help=_loss_help),
     "sft": Command("supervised fine-tuning (prompt/completion or `messages` chats; assistant tokens only)", _train,
                    help=_loss_help),

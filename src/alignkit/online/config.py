@@ -83,9 +83,9 @@ class OnlineConfig(OptimConfig):
     teacher: str | None = Field(None, description="opd / gkd: the frozen teacher (alias, directory or hub id) with the "
                                 "student's vocabulary; it may be larger")
     lmbda: float = Field(1.0, ge=0, le=1, description="gkd: the share of rounds the student samples (GKD's lambda); "
-                         "the others are sampled by the teacher (seq_kd)")
-    seq_kd: bool = Field(False, description="gkd: rounds the student does not sample are the teacher's samples "
-                         "(needed for lmbda < 1; dataset completions: alignkit train --loss gkd)")
+                         "the others are the teacher's samples (seq_kd) or the prompt records' completions")
+    seq_kd: bool = Field(False, description="gkd: rounds the student does not sample are the teacher's samples; "
+                         "false: the `completion` of each prompt record (online/mixing.py)")
     async_rollouts: AsyncOptions | None = Field(
         None, validation_alias=AliasChoices("async", "async_rollouts"), description="key `async`: {max_staleness: N}"
         " samples the next rounds on a background thread while the learner trains (tool calls and rewards overlap "
@@ -151,9 +151,6 @@ def method_loss(cfg: OnlineConfig):
     if (cfg.lmbda < 1 or cfg.seq_kd) and cfg.method != "gkd":
         raise ConfigError("lmbda" if cfg.lmbda < 1 else "seq_kd", f"GKD's mixing of student and teacher samples: "
                                                                   f"method gkd only, not {cfg.method}")
-    if cfg.lmbda < 1 and not cfg.seq_kd:
-        raise ConfigError("seq_kd", "lmbda < 1 online takes the other rounds' samples from the teacher: set seq_kd: "
-                                    "true (dataset completions: alignkit train --loss gkd)")
     if spec.needs_teacher != (cfg.teacher is not None):
         raise ConfigError("teacher", f"method {cfg.method} needs a teacher: a model with the student's vocabulary"
                           if spec.needs_teacher else f"method {cfg.method} has no teacher; leave teacher unset")

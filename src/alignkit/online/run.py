@@ -29,7 +29,7 @@ from alignkit.losses.offpolicy import resolve_correction
 from alignkit.models.inference import frozen_copy
 from alignkit.models.teacher import load_teacher
 from alignkit.models.value_head import PolicyWithValueHead
-from alignkit.online import sampling
+from alignkit.online import mixing, sampling
 from alignkit.online.advantages import RunningMoments
 from alignkit.online.config import OnlineConfig, command_help, method_loss, online_config
 from alignkit.online.env_rollout import EnvironmentSetup
@@ -58,12 +58,14 @@ VALUE_HEAD_FILE = "value_head/model.safetensors"  # in a checkpoint, beside the 
 class OnlineInputs:
     """What a caller may hand over in memory instead of the config's: prompts / eval_prompts (lists; default: read
     cfg.prompts / cfg.eval_prompts, else 64 of prompts), reward (a Reward; default: cfg.reward), judge (self-reward:
-    a Reward, or a function model -> Reward, standing in for the LLM judge; default: cfg.judge)."""
+    a Reward, or a function model -> Reward, standing in for the LLM judge; default: cfg.judge), completions (GKD's
+    dataset rounds: each prompt's TokenizedExample; default: the completions of cfg.prompts' records)."""
 
     prompts: list | None = None
     eval_prompts: list | None = None
     reward: object = None
     judge: object = None
+    completions: list | None = None
 
 
 @dataclass
@@ -138,7 +140,7 @@ def resolve_inputs(cfg: OnlineConfig, given: OnlineInputs) -> OnlineInputs:
         from alignkit.rewards.verifiable.records import bind_records
 
         reward = bind_records(load_reward(cfg.reward), records)  # rewards that read a record field get theirs
-    return OnlineInputs(prompts, eval_prompts, reward, given.judge)
+    return OnlineInputs(prompts, eval_prompts, reward, given.judge, given.completions)
 
 
 def online_teacher(cfg: OnlineConfig, spec, model, tokenizer, ctx):
@@ -201,6 +203,8 @@ class OnlineRun:
             model, tokenizer = load_model_and_tokenizer(cfg.model)
         check_sharded_engine(cfg, model, ctx)
         self.teacher = online_teacher(cfg, spec, model, tokenizer, ctx)  # refused before anything is written
+        self.completions = mixing.dataset_examples(cfg, tokenizer, self.prompts, None if given.prompts is not None
+                                                   else cfg.prompts, inputs.completions)  # GKD's dataset rounds
         self.tokenizer, self.run = tokenizer, Run(cfg, ctx, tokenizer)
         self.run.open()  # a resume is checked before anything is written
         self.judge_for = judge_factory(cfg, tokenizer, inputs.judge) if self.method.self_judge else None
@@ -221,7 +225,8 @@ class OnlineRun:
         self.staleness = cfg.async_rollouts.max_staleness if cfg.async_rollouts is not None else None
         self.loss = replace(self.loss, opts=engine_corrected(self.loss.opts, self.engine, bool(self.staleness)))
         # GKD's seq_kd rounds: the teacher samples (its engine keeps its weights)
-        self.teacher_engine = make_engine(self.teacher, tokenizer, cfg.sampling) if cfg.lmbda < 1 else None
+        self.teacher_engine = make_engine(self.teacher, tokenizer, cfg.sampling) if cfg.lmbda < 1 and cfg.seq_kd \
+            else None
         self.moments = RunningMoments()  # PPO's reward normalisation (a checkpoint's, on resume)
         self.before = self._restore()
         self.run.open_log(cfg.rounds, "rollouts.jsonl")
@@ -238,11 +243,13 @@ class OnlineRun:
         path = self.run.resumed.path / INFLIGHT_FILE if self.run.resumed is not None else None
         return torch.load(path, weights_only=False) if path is not None and path.exists() else None
 
+    def source(self, round_index: int) -> str:
+        """GKD's seeded draw of the round's responses (online/mixing.py): student, teacher or dataset."""
+        return mixing.round_source(self.cfg.seed, round_index, self.cfg.lmbda, self.cfg.seq_kd)
+
     def engine_for(self, round_index: int):
         """The engine that samples the round: the policy's, or in GKD's seq_kd rounds the teacher's."""
-        if self.teacher_engine is None or sampling.student_samples(self.cfg.seed, round_index, self.cfg.lmbda):
-            return self.engine
-        return self.teacher_engine
+        return self.teacher_engine if self.source(round_index) == "teacher" else self.engine
 
     def _restore(self) -> dict:
         """What a checkpoint adds to the run's (moments, value head, references); the held-out reward at the start,
@@ -324,14 +331,19 @@ class OnlineRun:
 
     def collect(self, round_index: int) -> tuple[Rollout, dict]:
         """Round `round_index`'s prompts sampled with the engine's weights and scored (async: on the producer's
-        thread); GKD's teacher-sampled rounds keep no engine log-probs (no engine/trainer gap to measure)."""
-        start = round_index * self.cfg.prompts_per_round
-        batch = [self.prompts[i] for i in self.order[start:start + self.cfg.prompts_per_round]]
-        rollout, metrics = sampling.collect_rollout(self, batch, round_index)
-        if self.teacher_engine is not None:
-            metrics["student_sampled"] = float(self.engine_for(round_index) is self.engine)
-            if self.engine_for(round_index) is not self.engine:
-                rollout.engine_logps = None
+        thread), or in GKD's dataset rounds their records' completions; teacher-sampled rounds keep no engine
+        log-probs (no engine/trainer gap to measure)."""
+        start, source = round_index * self.cfg.prompts_per_round, self.source(round_index)
+        rows = self.order[start:start + self.cfg.prompts_per_round]
+        batch = [self.prompts[i] for i in rows]
+        if source == "dataset":
+            rollout = mixing.dataset_rollout([self.completions[i] for i in rows], batch, self.reward, self.tokenizer)
+            metrics = sampling.rollout_stats(rollout)
+        else:
+            rollout, metrics = sampling.collect_rollout(self, batch, round_index)
+        if self.cfg.lmbda < 1:
+            metrics.update(mixing.source_metrics(source))
+            rollout.engine_logps = rollout.engine_logps if source == "student" else None
         return rollout, metrics
 
     def sample(self, round_index: int) -> tuple[Rollout, dict]:
