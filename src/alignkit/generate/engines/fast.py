@@ -2,7 +2,8 @@
 window), on the policy's own weights.
 
 What makes it faster than HF generate at rollout sizes (many sequences, short answers, a small model):
-- each prompt is prefilled once and its KV copied to its k samples (the shared prefix);
+- prompts that start alike (a record's k conversations, one system prompt) share their common prefix, prefilled once
+  (generate/engines/prefix.py), and each prompt's KV is copied to its k samples;
 - a static, pre-allocated KV cache per layer, written in place: no cache objects, no concatenation per step;
 - fused QKV and gate/up projections (one GEMM each instead of three and two);
 - finished sequences are dropped from the batch, so a round costs what its live samples cost;
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 
 from alignkit.errors import ConfigError
 from alignkit.generate.engines.base import Generation, stop_token_ids
-from alignkit.models.inference import left_pad, whole
+from alignkit.generate.engines.prefix import Layout, layout
+from alignkit.models.inference import whole
 
 SUPPORTED = ("llama", "mistral")
 
@@ -221,37 +223,47 @@ class FastEngine:
             out.add_rows(tokenizer, rows, row_logps, num_samples, end_ids, sampling.stop_strings)
         return out
 
-    def _prefill(self, input_ids, mask, positions, k: int, new: int):
-        """(last hidden states [B k, H], static KV caches for B k samples, RoPE tables) after each prompt of the
-        left-padded batch: a prompt is run once and its KV copied to its k samples (the shared prefix)."""
-        B, P = input_ids.shape
-        prompt_caches = [(torch.empty(B, self.kv_heads, P, self.head_dim, dtype=self.compute_dtype),
-                          torch.empty(B, self.kv_heads, P, self.head_dim, dtype=self.compute_dtype))
-                         for _ in self.layers]
-        causal = torch.ones(P, P, dtype=torch.bool).tril()
-        prefill_mask = causal[None, None] & mask.bool()[:, None, None, :]
-        prefill_mask |= torch.eye(P, dtype=torch.bool)[None, None]  # a padded query attends to itself (no NaN)
-        rope = self._rope_tables(P + new)
-        hidden = self._forward(input_ids, positions, prompt_caches, 0, prefill_mask, rope)[:, -1]
-        caches = []
-        for k_prompt, v_prompt in prompt_caches:
-            k_cache = torch.empty(B * k, self.kv_heads, P + new, self.head_dim, dtype=self.compute_dtype)
+    def _prefill(self, plan: Layout, k: int, new: int):
+        """(last hidden states [B k, H], static KV caches for B k samples, RoPE tables) after each prompt: each group's
+        shared prefix is run once, then each prompt's rest over it (generate/engines/prefix.py), and a prompt's KV is
+        copied to its k samples."""
+        width, rest = plan.width, plan.rest_ids.shape[1]
+        prefix = width - rest
+        rope = self._rope_tables(int(plan.lengths.max()) + new + 1)
+        shape = (len(plan.group), self.kv_heads, width + (new if k == 1 else 0), self.head_dim)
+        caches = [(torch.empty(shape, dtype=self.compute_dtype), torch.empty(shape, dtype=self.compute_dtype))
+                  for _ in self.layers]
+        if prefix:
+            shared = [(torch.empty(len(plan.prefix_ids), self.kv_heads, prefix, self.head_dim, dtype=self.compute_dtype),
+                       torch.empty(len(plan.prefix_ids), self.kv_heads, prefix, self.head_dim, dtype=self.compute_dtype))
+                      for _ in self.layers]
+            self._forward(plan.prefix_ids, plan.prefix_positions, shared, 0, plan.prefix_attention(), rope)
+            for (k_cache, v_cache), (k_shared, v_shared) in zip(caches, shared):
+                k_cache[:, :, :prefix] = k_shared[plan.group]
+                v_cache[:, :, :prefix] = v_shared[plan.group]
+        hidden = self._forward(plan.rest_ids, plan.rest_positions, caches, prefix, plan.rest_attention(), rope)[:, -1]
+        if k == 1:
+            return hidden, caches, rope
+        expanded = []
+        for k_prompt, v_prompt in caches:
+            k_cache = torch.empty(len(plan.group) * k, self.kv_heads, width + new, self.head_dim,
+                                  dtype=self.compute_dtype)
             v_cache = torch.empty_like(k_cache)
-            k_cache[:, :, :P] = k_prompt.repeat_interleave(k, 0)
-            v_cache[:, :, :P] = v_prompt.repeat_interleave(k, 0)
-            caches.append((k_cache, v_cache))
-        return hidden.repeat_interleave(k, 0), caches, rope
+            k_cache[:, :, :width] = k_prompt.repeat_interleave(k, 0)
+            v_cache[:, :, :width] = v_prompt.repeat_interleave(k, 0)
+            expanded.append((k_cache, v_cache))
+        return hidden.repeat_interleave(k, 0), expanded, rope
 
     def _generate_chunk(self, chunk, sampling, k, end_ids, generator):
         new = sampling.max_new_tokens
-        input_ids, mask, positions = left_pad(chunk, 0, self.device)
-        P, N = input_ids.shape[1], len(chunk) * k
+        plan = layout(chunk, self.device)
+        P, N = plan.width, len(chunk) * k
         engines = [self] if self.reference is None else [self, self.reference]
-        hiddens, caches, ropes = map(list, zip(*(e._prefill(input_ids, mask, positions, k, new) for e in engines)))
-        # additive attention bias over the cache: -inf on the prompts' left padding, 0 elsewhere
+        hiddens, caches, ropes = map(list, zip(*(e._prefill(plan, k, new) for e in engines)))
+        # additive attention bias over the cache: -inf on the prompts' padding, 0 elsewhere
         key_bias = torch.zeros(N, P + new, dtype=self.compute_dtype)
-        key_bias[:, :P].masked_fill_(~mask.bool().repeat_interleave(k, 0), float("-inf"))
-        next_position = positions[:, -1].repeat_interleave(k, 0) + 1
+        key_bias[:, :P].masked_fill_(~plan.key_mask().repeat_interleave(k, 0), float("-inf"))
+        next_position = plan.lengths.repeat_interleave(k, 0)
         live = torch.arange(N)  # the batch's rows, as indices into the chunk's N samples
         done = torch.zeros(N, dtype=torch.bool)  # rows of the batch that have ended (dropped at the next compaction)
         rows: list[list[int]] = [[] for _ in range(N)]
