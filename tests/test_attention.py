@@ -71,6 +71,46 @@ def test_packed_sdpa_runs_per_prompt_and_responses_and_equals_sdpa(family, monke
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
 
 
+def test_long_responses_attend_in_chunks_and_still_equal_sdpa(monkeypatch):
+    """Long responses (a record's k conversations): each chunk of consecutive responses, closed once it holds
+    RESPONSE_CHUNK tokens, attends to [prompt; itself] only, and log-probs and gradients equal dense sdpa's."""
+    from alignkit.models import attention
+
+    rng = torch.Generator().manual_seed(4)
+
+    def tokens(n):
+        return torch.randint(1, VOCAB, (n,), generator=rng).tolist()
+
+    examples = [TokenizedExample(tokens(17), [tokens(30), tokens(45)]), TokenizedExample(tokens(9), [tokens(20),
+                                                                                                  tokens(25)])]
+    examples.append(TokenizedExample(examples[0].prompt_ids, [tokens(12), tokens(50)]))
+    batch = pack(examples, max_tokens_per_row=400)
+    model = build_tiny_model("llama", VOCAB, seed=1, hidden=32, layers=2, heads=4)
+
+    def chunks():
+        spans = attention.packed_attention_kwargs(model, batch)[attention.SPANS_KWARG]
+        return [[(lo, hi) for lo, hi, _ in span[3]] for row in spans for span in row]
+
+    def logps_and_grads():
+        model.zero_grad()
+        logps = response_logprobs(model, batch).token_logps
+        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
+        return logps.detach(), [p.grad.clone() for p in model.parameters()]
+
+    expected, expected_grads = logps_and_grads()
+    set_attention(model, "packed_sdpa")
+    monkeypatch.setattr(attention, "RESPONSE_CHUNK", 200)  # every example's responses in one call
+    assert chunks() == [[(17, 92)], [(9, 54)], [(17, 79)]]
+    monkeypatch.setattr(attention, "RESPONSE_CHUNK", 25)  # 30 | 45; 20 + 25; 12 + 50
+    assert chunks() == [[(17, 47), (47, 92)], [(9, 54)], [(17, 79)]]
+    monkeypatch.setattr(attention, "RESPONSE_CHUNK", 10)  # one response per call
+    assert chunks() == [[(17, 47), (47, 92)], [(9, 29), (29, 54)], [(17, 29), (29, 79)]]
+    got, grads = logps_and_grads()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+
+
 def test_packed_sdpa_without_spans_refuses_the_placeholder_mask():
     """A model whose layers drop the spans must fail loudly, not attend without a mask."""
     from alignkit.models.attention import packed_sdpa_forward

@@ -4,8 +4,10 @@ packed_sdpa (default): per example span of each row (a CPU "varlen" attention), 
   no [L, L] tensor exists: the prompt runs causally through SDPA with no mask (the flash kernel, which saves
   its output and log-sum-exp, not the probabilities), then all the responses' queries attend to the example's
   keys at once under an [N, P + N] mask (the whole prompt, and their own response causally). Queries, keys and
-  values are views of the projections: nothing is concatenated or copied. Attention costs what the examples cost separately,
-  however many share a row, so rows can be long and need no padding. Without the spans (generation, plain HF
+  values are views of the projections. Long responses (k conversations of a few hundred tokens) run in chunks of
+  consecutive responses, each against [prompt; the chunk's own keys] (the prompt's keys copied: a small copy), so
+  a response does not pay for scores against its siblings that the mask throws away. Attention costs what the
+  examples cost separately, however many share a row, so rows can be long and need no padding. Without the spans (generation, plain HF
   calls) it is HF's sdpa.
 sdpa / eager: the dense additive [R, 1, T, T] mask over whole rows (built once per batch, shared by every
   layer); every row pays T^2, so keep rows short.
@@ -20,6 +22,7 @@ import torch
 from alignkit.data.pack import PackedBatch
 
 ATTENTION_IMPLEMENTATIONS = ("packed_sdpa", "sdpa", "eager", "flex_attention")
+RESPONSE_CHUNK = 128  # response tokens per attention call: fewer calls below it, fewer masked-out scores above
 SPANS_KWARG = "alignkit_spans"
 
 
@@ -47,12 +50,17 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
     length = query.shape[2]
     for r, row_spans in enumerate(spans):
         pieces = []
-        for start, prompt_end, end, mask in row_spans:
+        for start, prompt_end, end, chunks in row_spans:
             q, k, v = (t[r:r + 1, :, start:end] for t in (query, key, value))  # views: nothing is copied
             prompt = prompt_end - start
             pieces.append(attend(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], None))
-            if end > prompt_end:  # every response at once: its queries against the whole span, under `mask`
-                pieces.append(attend(q[:, :, prompt:], k, v, mask))
+            for lo, hi, mask in chunks:  # responses lo..hi of the span against [prompt; themselves], under `mask`
+                if lo == prompt and hi == end - start:
+                    keys, values = k, v
+                else:
+                    keys = torch.cat([k[:, :, :prompt], k[:, :, lo:hi]], 2)
+                    values = torch.cat([v[:, :, :prompt], v[:, :, lo:hi]], 2)
+                pieces.append(attend(q[:, :, lo:hi], keys, values, mask))
         used = row_spans[-1][2] if row_spans else 0
         if used < length:
             pieces.append(query.new_zeros(1, query.shape[1], length - used, query.shape[3]))
@@ -72,6 +80,18 @@ def responses_mask(prompt: int, lengths: list[int], device) -> torch.Tensor:
                                                                                  device=device).tril()
         first += size
     return mask[None, None]
+
+
+def response_chunks(prompt: int, lengths: list[int], device) -> list[tuple[int, int, torch.Tensor]]:
+    """(first column, end column, mask) within an example's span of each chunk of consecutive responses: a chunk
+    closes once it holds RESPONSE_CHUNK tokens."""
+    chunks, first, sizes = [], prompt, []
+    for i, size in enumerate(lengths):
+        sizes.append(size)
+        if sum(sizes) >= RESPONSE_CHUNK or i == len(lengths) - 1:
+            chunks.append((first, first + sum(sizes), responses_mask(prompt, sizes, device)))
+            first, sizes = first + sum(sizes), []
+    return chunks
 
 
 def example_spans(batch: PackedBatch) -> list[list[tuple[int, int]]]:
@@ -128,8 +148,7 @@ def packed_attention_kwargs(model, batch: PackedBatch) -> dict:
             if runs[0][0] != 0 or any(seg == 0 for seg, _ in runs[1:]):
                 raise ValueError("packed_sdpa: an example span must be its prompt followed by its responses")
             prompt = runs[0][1]
-            mask = responses_mask(prompt, [n for _, n in runs[1:]], device) if len(runs) > 1 else None
-            row_spans.append((start, start + prompt, end, mask))
+            row_spans.append((start, start + prompt, end, response_chunks(prompt, [n for _, n in runs[1:]], device)))
         spans.append(row_spans)
     return {SPANS_KWARG: spans}
 
