@@ -385,6 +385,10 @@ def valid_record(draw, shape: str) -> dict:
     elif shape == "rejections":  # M = 2 rejections in every record, as in LOGO
         record["chosen"] = draw(response)
         record["rejections"] = draw(st.lists(response, min_size=2, max_size=2))
+    elif shape == "stepwise":  # TRL's stepwise supervision: plain-text steps, one bool label each
+        steps = draw(st.lists(text, min_size=1, max_size=3))
+        record["completions"] = steps
+        record["labels"] = draw(st.lists(st.booleans(), min_size=len(steps), max_size=len(steps)))
     return record
 
 

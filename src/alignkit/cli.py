@@ -109,6 +109,14 @@ def _quickstart(name: str, config, overrides: dict) -> None:
     run_quickstart(overrides.get("output_dir", "runs/quickstart"), seed=int(overrides.get("seed", 0)))
 
 
+def _prm(name: str, config, overrides: dict) -> None:
+    from alignkit.config import load_command_config
+    from alignkit.train.prm import PRMConfig, train_prm
+
+    result = train_prm(load_command_config(PRMConfig, config, overrides))
+    console.print(f"saved {result.output_dir / 'final'}")
+
+
 def run_rm_eval(name: str, config, overrides: dict) -> None:
     from alignkit.rewards.model import RewardModelScorer, pair_accuracy
 
@@ -171,6 +179,8 @@ COMMANDS: dict[str, Command] = {
                    help=_loss_help),
     "rm": Command("train a reward model (Bradley–Terry on pairs); saves an HF sequence-classification model", _train,
                   help=_loss_help),
+    "prm": Command("train a process reward model (stepwise rows: prompt, completions, labels); saves an HF token "
+                   "classifier", _prm, "alignkit.train.prm:PRMConfig"),
     "rm-eval": Command("--model DIR --data pairs.jsonl: a reward model's pairwise accuracy", run_rm_eval,
                        help=lambda name: _RM_EVAL_HELP),
     "generate": Command("--model DIR --prompts p.jsonl --output_dir DIR [--num_samples N --stop ...]: sample",

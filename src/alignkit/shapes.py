@@ -14,6 +14,8 @@ SHAPES: dict[str, tuple[str, ...]] = {
     "negatives": ("prompt", "rejected", "samples"),
     # LOGO: one preferred response and M dis-preferred ones for the same prompt (M the same everywhere).
     "rejections": ("prompt", "chosen", "rejections"),
+    # TRL's stepwise supervision (process reward models): the steps of one solution and a label per step.
+    "stepwise": ("prompt", "completions", "labels"),
     "prompts": ("prompt",),
     # A whole conversation; every assistant turn is trained. An "sft" record may be a chat too (see fields_of).
     "chat": ("messages",),

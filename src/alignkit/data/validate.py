@@ -155,6 +155,27 @@ def _check_samples(samples: Any, field: str, what: str) -> None:
         _check_text(sample, f"{field}[{i}]", RESPONSE_ROLES)
 
 
+def _check_steps(record: dict, field: str) -> None:
+    """Stepwise records: `completions` a non-empty list of non-empty step strings."""
+    steps = record[field]
+    if not isinstance(steps, (list, tuple)) or not steps:
+        raise _Invalid(field, f"expected a non-empty list of step strings, got {_kind(steps)} {_preview(steps)}")
+    for i, step in enumerate(steps):
+        _check_string(step, f"{field}[{i}]")
+
+
+def _check_step_labels(record: dict, field: str) -> None:
+    """One true/false label per step of `completions`."""
+    labels, steps = record[field], record["completions"]
+    if not isinstance(labels, (list, tuple)):
+        raise _Invalid(field, f"expected a list of true/false, one per step, got {_kind(labels)}")
+    if len(labels) != len(steps):
+        raise _Invalid(field, f"{len(labels)} labels for {len(steps)} steps in 'completions'; give one per step")
+    for i, label in enumerate(labels):
+        if not isinstance(label, bool):
+            raise _Invalid(f"{field}[{i}]", f"expected true or false, got {_kind(label)} {_preview(label)}")
+
+
 def _check_other_rewards(value: Any, field: str) -> None:
     """MODPO: {"chosen": [r_1..r_K], "rejected": [r_1..r_K]}, the other objectives' rewards of each response."""
     if not isinstance(value, dict):
@@ -253,6 +274,8 @@ CHECKS: dict[str, Check] = {
     "other_rewards": _value_check(_check_other_rewards),
     "samples": _value_check(_check_samples, what="the model's own responses"),
     "rejections": _value_check(_check_samples, what="dis-preferred responses"),
+    "completions": _check_steps,  # stepwise: the steps, then one label per step
+    "labels": _check_step_labels,
 }
 # A shape's own check of a field, in the field's place in CHECKS.
 SHAPE_CHECKS: dict[str, dict[str, Check]] = {"pairs": {"rejected": _check_distinct_rejected}}

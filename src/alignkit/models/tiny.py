@@ -7,6 +7,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     BertConfig,
     GPT2Config,
     LlamaConfig,
@@ -78,3 +79,13 @@ def build_tiny_reward_model(family: str, vocab_size: int, seed: int = 0, attn_im
     config.num_labels = 1
     return AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation,
                                                           dtype=torch.float32)
+
+
+def build_tiny_prm(family: str, vocab_size: int, seed: int = 0, attn_implementation: str = "sdpa", **sizes):
+    """A tiny AutoModelForTokenClassification with two labels (bad, good): a process reward model."""
+    torch.manual_seed(seed)
+    config = tiny_config(family, vocab_size, **sizes)
+    config.num_labels = 2
+    config.classifier_dropout = 0.0  # tiny models train for a few hundred steps: no dropout on the head
+    return AutoModelForTokenClassification.from_config(config, attn_implementation=attn_implementation,
+                                                       dtype=torch.float32)

@@ -64,6 +64,10 @@ class DecodeConfig(_Sampled):
     prompts: str = Field(description="JSONL of {'prompt': ...}")
     output_dir: str = Field(description="writes decoded.jsonl (bonbon: pairs.jsonl) and summary.json")
     reward: str = "synthetic"
+    aggregate: Literal["last", "min", "prod"] | None = Field(None, description="with reward prm:DIR: how step "
+                                                             "scores make a response's (default last)")
+    weighted: bool = Field(False, description="bon: weighted best-of-n, the answer whose candidates' rewards sum "
+                                              "highest (answers read as the math reward reads them)")
     num_samples: int = Field(8, gt=0, description="bon / bon-calibrated / bonbon: samples per prompt")
     num_reference: int = Field(16, gt=0, description="bon-calibrated: reference samples per prompt")
     reference_model: str | None = Field(None, description="bon-calibrated: reference policy (default: model)")
@@ -140,7 +144,7 @@ def run_decode(config=None, overrides: dict[str, Any] | None = None) -> dict:
     from alignkit.models.resolve import load_model_and_tokenizer
     from alignkit.rewards.spec import load_reward
 
-    reward = load_reward(cfg.reward)
+    reward = load_reward(cfg.reward, aggregate=cfg.aggregate)
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     if cfg.realign and cfg.method not in REALIGNED_METHODS:
         raise ConfigError("realign", f"method {cfg.method} decodes token by token with the model itself; realign "

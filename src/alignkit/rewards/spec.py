@@ -9,6 +9,8 @@
   accuracy         math on each record's `solution` field (TRL's accuracy_reward and its datasets' column)
   module:attr      a Reward instance or class, or a callable f(prompt, response) -> float
   <directory>      a trained reward model (sequence classification, e.g. `alignkit rm`'s final/)
+  prm:<directory>  a process reward model (`alignkit prm`'s final/): step scores aggregated by `aggregate`
+                   (last, min or prod; default last)
 """
 
 from __future__ import annotations
@@ -23,10 +25,15 @@ NAMED = ("synthetic", "vader", "length", "format", "align", "constraints", "cons
          "accuracy")
 
 
-def load_reward(spec: str, key: str = "reward") -> Reward:
-    """The Reward a spec names; a ConfigError naming `key` if it names none."""
+def load_reward(spec: str, key: str = "reward", aggregate: str | None = None) -> Reward:
+    """The Reward a spec names; a ConfigError naming `key` if it names none. aggregate: of a prm: spec's steps."""
     if not isinstance(spec, str) or not spec:
         raise ConfigError(key, f"expected a reward spec ({', '.join(NAMED)}, module:attr or a directory), got {spec!r}")
+    if spec.startswith("prm:"):
+        return process_reward(spec[4:], key, aggregate or "last")
+    if aggregate is not None:
+        raise ConfigError("aggregate", f"aggregates the steps of a process reward model (prm:DIR); reward '{spec}' "
+                                       "has no steps, so leave it unset")
     if spec == "synthetic":
         from alignkit.data.synthetic import sentiment_reward
 
@@ -55,6 +62,15 @@ def load_reward(spec: str, key: str = "reward") -> Reward:
     if callable(obj):
         return FunctionReward(obj, name=spec)
     raise ConfigError(key, f"'{spec}' is neither a Reward nor a callable f(prompt, response)")
+
+
+def process_reward(directory: str, key: str, aggregate: str) -> Reward:
+    from alignkit.rewards.prm import ProcessRewardScorer, aggregate_steps
+
+    aggregate_steps([], aggregate)  # the name checked before the model loads
+    if not Path(directory).is_dir():
+        raise ConfigError(key, f"prm:{directory}: no such directory (a process reward model saved by alignkit prm)")
+    return ProcessRewardScorer(directory, aggregate=aggregate)
 
 
 def load_object(spec: str, key: str):
