@@ -23,6 +23,10 @@ def build_config(method: str | None = None, config: str | Path | dict | None = N
     if get_loss(cfg.loss).data_shape == "rollouts":  # GRPO, RLOO, PPO train on the policy's own samples
         raise ConfigError("loss", f"'{cfg.loss}' is an online method: run `alignkit online --method {cfg.loss}`")
     cfg._loss_options = build_options(get_loss(cfg.loss), cfg.loss_options)
+    if cfg.augment and "recovery" in cfg.augment:  # named before any model is loaded
+        from alignkit.train.offline_data import check_recovery
+
+        check_recovery(cfg, get_loss(cfg.loss).data_shape)
     return cfg
 
 

@@ -16,10 +16,14 @@ from alignkit import trl_keys
 from alignkit.errors import ConfigError
 
 
-class LoraOptions(BaseModel):
-    """LoRA adapters (peft) on the policy; the reference is the same model with the adapters disabled."""
+class Strict(BaseModel):
+    """Every config section: unknown keys and non-finite numbers are errors naming the key."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
+
+
+class LoraOptions(Strict):
+    """LoRA adapters (peft) on the policy; the reference is the same model with the adapters disabled."""
 
     r: int = Field(8, gt=0, description="adapter rank")
     alpha: float = Field(16.0, gt=0.0, description="scale alpha / r")
@@ -30,21 +34,13 @@ class LoraOptions(BaseModel):
         "merged", description="final save: the merged model (an ordinary HF dir) or the adapter only")
 
 
-class RefUpdateOptions(BaseModel):
+class RefUpdateOptions(Strict):
     """TR-DPO (arXiv 2404.09656): the reference follows the policy during training."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
     mode: Literal["soft", "hard"] = Field(
         "soft", description="soft: ref <- alpha * policy + (1 - alpha) * ref; hard: ref <- policy (alpha unused)")
     every: int = Field(512, gt=0, description="tau: optimizer steps between updates")
     alpha: float = Field(0.6, gt=0.0, le=1.0, description="weight of the policy in a soft update")
-
-
-class Strict(BaseModel):
-    """Every config section: unknown keys and non-finite numbers are errors naming the key."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
 
 class DataSource(Strict):
@@ -158,6 +154,9 @@ class TrainConfig(OptimConfig):
     sft_include_prompt: bool = Field(False, description="SFT: train on prompt (and non-assistant) tokens too")
     filter: dict[Literal["ches"], dict[Literal["drop"], Annotated[float, Field(ge=0.0, lt=1.0)]]] | None = Field(
         None, description="pair filters (train/pair_filter.py): {ches: {drop: 0.1}}, the highest-CHES share dropped")
+    augment: dict[Literal["recovery"], dict[str, Any]] | None = Field(
+        None, description="SFT safety recovery examples (data/recovery.py): {recovery: {fraction: 0.5, "
+                          "prefix_tokens: [1, 25], seed: 0}}")
     data_cache: bool = Field(True, description="cache tokenised examples on disk, keyed by files+tokenizer+settings")
     # Steps.
     grad_accum: int = Field(1, gt=0)

@@ -18,7 +18,7 @@ from alignkit.config import DataSource
 from alignkit.data.sources import record_files
 
 log = logging.getLogger("alignkit.data")
-CACHE_VERSION = 2  # bump when tokenisation changes what it produces
+CACHE_VERSION = 3  # bump when tokenisation changes what it produces
 
 
 def cache_dir() -> Path:

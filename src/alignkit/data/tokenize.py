@@ -102,12 +102,16 @@ class _Plan:
     short: bool = False  # LongPO: the texts end with the short prompt and the responses after it
     pair: bool = False  # a chosen/rejected pair: identical sides are an error
     text: bool = False  # one text, every token trained: its first token is the prompt nothing predicts
+    harmful: bool = False  # the texts end with harmful_completion as a response, then its bare content
 
 
 def render_record(tokenizer, record: dict, shape: str) -> tuple[list[str], _Plan]:
     """The texts a record is tokenised as: a chat's pieces; else the prompt, each response and, for LongPO, the
     short prompt and each response after it."""
     source, row = record.get("_source", "<memory>"), record.get("_row")
+    if "harmful_completion" in record and (_is_text(record, shape) or _is_chat(record, shape)):
+        raise DataError(source, row, "harmful_completion", "goes with prompt/completion records, not 'messages' or "
+                        "'text'", hint="write the record as prompt + completion (the refusal)")
     if _is_text(record, shape):  # TRL's language-modelling format: EOS appended, as TRL's SFT does
         return [record["text"] + (tokenizer.eos_token or "")], _Plan(["text"], text=True)
     if _is_chat(record, shape):
@@ -121,7 +125,11 @@ def render_record(tokenizer, record: dict, shape: str) -> tuple[list[str], _Plan
         short_text, short_responses = render(tokenizer, record["short_prompt"], responses, (source, row), fields,
                                              record.get("tools"))
         texts += [short_text, *short_responses]
-    return texts, _Plan(fields, short="short_prompt" in record, pair=shape == "pairs")
+    harmful = "harmful_completion" in record
+    if harmful:  # the compliant answer as the assistant turn, and its content alone (where the turn's end starts)
+        texts += [*render(tokenizer, record["prompt"], [record["harmful_completion"]], (source, row),
+                          ["harmful_completion"], record.get("tools"))[1], record["harmful_completion"]]
+    return texts, _Plan(fields, short="short_prompt" in record, pair=shape == "pairs", harmful=harmful)
 
 
 def _is_text(record: dict, shape: str) -> bool:
@@ -165,6 +173,8 @@ def assemble(record: dict, plan: _Plan, ids: list[list[int]], max_length: int,
             raise DataError(source, row, "short_prompt", "the responses tokenize differently after the short prompt "
                             "than after the long one; the reference must score the same tokens")
         extras["short_prompt"] = ids[1 + k]
+    if plan.harmful:  # its tokens as the assistant turn, up to the turn's end (recovery examples, prefill attacks)
+        extras["harmful_ids"] = ids[-2][:len(ids[-1])]
     return TokenizedExample(prompt_ids, response_ids, source, row, extras)
 
 

@@ -271,6 +271,7 @@ CHECKS: dict[str, Check] = {
     "score_rejected": _value_check(_check_number),
     "tools": _value_check(_check_tools),
     "short_prompt": _check_prompt,  # LongPO: the same question with the short context
+    "harmful_completion": _value_check(_check_string),  # deep safety alignment: the answer a refusal declines
     "other_rewards": _value_check(_check_other_rewards),
     "samples": _value_check(_check_samples, what="the model's own responses"),
     "rejections": _value_check(_check_samples, what="dis-preferred responses"),
@@ -279,7 +280,8 @@ CHECKS: dict[str, Check] = {
 }
 # A shape's own check of a field, in the field's place in CHECKS.
 SHAPE_CHECKS: dict[str, dict[str, Check]] = {"pairs": {"rejected": _check_distinct_rejected}}
-OPTIONAL_FIELDS = {"pairs": ("margin", "score_chosen", "score_rejected", "other_rewards")}
+OPTIONAL_FIELDS = {"pairs": ("margin", "score_chosen", "score_rejected", "other_rewards"),
+                   "sft": ("harmful_completion",), "prompts": ("harmful_completion",)}
 ANY_SHAPE_OPTIONAL_FIELDS = ("tools", "short_prompt")
 
 

@@ -21,6 +21,13 @@ from alignkit.eval.judges import FunctionJudge, Judge, LLMJudge, RewardJudge, pa
 from alignkit.eval.kl import kl_summary, sequence_log_ratios
 from alignkit.eval.metrics import bootstrap_mean_ci, length_stats, win_rate
 from alignkit.eval.plots import plot_realign_sweep, plot_reward_histograms, plot_table
+from alignkit.eval.prefill import (
+    REFUSAL_MARKERS,
+    check_attack_records,
+    parse_prefix_lengths,
+    prefill_attack,
+    prefill_table,
+)
 from alignkit.eval.realign_sweep import parse_lambdas, realign_sweep
 from alignkit.eval.report import write_html_report
 from alignkit.eval.token_shift import token_shift, token_shift_html
@@ -47,11 +54,21 @@ class EvalConfig(Strict):
                                                                 "reference at (0,0.25,...,1.5): reward, KL, length each")
     token_shift: bool = Field(True, description="with a baseline model: rank each token of A's answers under it "
                                                 "(URIAL's unshifted / marginal / shifted shares, coloured in the report)")
+    prefill_attack: list[int] | None = Field(None, description="deep safety alignment: token counts k (0,5,10,20) to "
+                                                               "prefill from each prompt's harmful_completion; the "
+                                                               "decline rate of A (and B) per k (eval/prefill.py)")
+    refusal_markers: list[str] = Field(default_factory=lambda: list(REFUSAL_MARKERS), min_length=1,
+                                       description="a continuation holding one of these (any case) declines")
 
     @field_validator("realign_sweep", mode="before")
     @classmethod
     def _lambdas(cls, value):
         return parse_lambdas(value)
+
+    @field_validator("prefill_attack", mode="before")
+    @classmethod
+    def _prefix_lengths(cls, value):
+        return parse_prefix_lengths(value)
 
 
 # ---------------------------------------------------------------------------------------------- measures
@@ -157,6 +174,11 @@ def write_eval_report(out: str | Path, summary: dict, names: tuple[str, str] = (
             [format_value(v) for v in row.values()] for row in sweep]
         paths["realign_sweep_png"] = plot_realign_sweep(sweep, out / "realign_sweep.png", "DeRa: reward against KL")
         images.append(paths["realign_sweep_png"])
+    if "prefill_attack" in summary:
+        tables["Prefill attack: decline rate with the first k tokens of a compliant answer prefilled [95% CI]"] = \
+            prefill_table(summary["prefill_attack"], names)
+        shown = summary["prefill_attack_examples"]
+        tables["Prefill attack: continuations"] = [list(shown[0])] + [[str(v) for v in e.values()] for e in shown]
     blocks = {"Token shift: the answers of A, coloured by rank under B": token_shift_html(summary["token_shift_tokens"])} \
         if "token_shift" in summary else None
     paths["html"] = write_html_report(out / "report.html", f"alignkit eval: {names[0]} vs {names[1]}",
@@ -194,6 +216,15 @@ def read_responses(path: str) -> tuple[list, list[str]]:
         prompts.append(record["prompt"])
         responses.append(value)
     return prompts, responses
+
+
+def run_prefill_attack(cfg: EvalConfig, policy, baseline, tokenizer) -> tuple[list[dict], list[dict]]:
+    if policy is None or not cfg.prompts:
+        raise ConfigError("prefill_attack", "needs model A (`--model`) and --prompts with harmful_completion")
+    records = load_records(cfg.prompts, shape="prompts")[:cfg.max_prompts]
+    check_attack_records(records, cfg.prompts)
+    models = {"a": policy, **({"b": baseline} if baseline is not None else {})}
+    return prefill_attack(models, tokenizer, records, cfg)
 
 
 def run_eval(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict:
@@ -237,6 +268,9 @@ def run_eval(config: str | Path | None = None, overrides: dict[str, Any] | None 
                                             baseline if cfg.token_shift else None))
     if cfg.realign_sweep:
         summary["realign_sweep"] = realign_sweep(policy, reference, tokenizer, prompts, reward, cfg)
+    if cfg.prefill_attack:
+        summary["prefill_attack"], summary["prefill_attack_examples"] = run_prefill_attack(cfg, policy, baseline,
+                                                                                           tokenizer)
     names = (cfg.model or cfg.responses or "A", cfg.baseline or cfg.baseline_responses or "B")
     examples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "A": a, **({"B": b} if responses_b else {})}
                 for p, a, b in list(zip(prompts, responses_a, responses_b or responses_a))[:8]]

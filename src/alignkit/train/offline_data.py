@@ -3,6 +3,7 @@ this rank's share), and the reference's values for them."""
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, replace
 from itertools import chain
@@ -10,13 +11,17 @@ from itertools import chain
 from alignkit.config import TrainConfig
 from alignkit.data import ExampleSettings, TokenizedExample, prepare_examples
 from alignkit.data.pack import token_budget_batches
+from alignkit.data.recovery import recovery_examples, recovery_options
 from alignkit.data.table import select
 from alignkit.data.tokenize import train_on_prompt
+from alignkit.errors import ConfigError
 from alignkit.models.reward import prepare_reward_examples
 from alignkit.train.loss_inputs import check_record_fields
 from alignkit.train.packing import Packing
 from alignkit.train.pair_filter import ches_filter
 from alignkit.train.reference import Reference, build_reference
+
+log = logging.getLogger("alignkit.train")
 
 
 @dataclass
@@ -63,6 +68,8 @@ def offline_data(cfg: TrainConfig, model, tokenizer, spec) -> OfflineData:
     """The training and evaluation examples of the loss's data shape, checked for the fields it reads, in the
     reward model's layout where it trains one, and the steps planned over them."""
     train_examples, eval_examples = load_data(cfg, tokenizer, spec.data_shape)
+    if cfg.augment and "recovery" in cfg.augment:
+        train_examples = with_recovery_examples(cfg, spec.data_shape, train_examples)
     if cfg.filter and "ches" in cfg.filter:
         train_examples = ches_filter(model, train_examples, cfg.filter["ches"].get("drop", 0.1), cfg.output_dir)
     check_record_fields(spec, chain(train_examples, eval_examples))  # e.g. MODPO's other objectives' rewards
@@ -70,6 +77,26 @@ def offline_data(cfg: TrainConfig, model, tokenizer, spec) -> OfflineData:
         train_examples = prepare_reward_examples(model, tokenizer, train_examples, cfg.max_length)
         eval_examples = prepare_reward_examples(model, tokenizer, eval_examples, cfg.max_length)
     return OfflineData(train_examples, eval_examples, plan_steps(train_examples, cfg), ref_cache=cfg.ref_cache)
+
+
+def with_recovery_examples(cfg: TrainConfig, shape: str, examples) -> list[TokenizedExample]:
+    """The training set with deep safety alignment's recovery examples (data/recovery.py); evaluation sets stay."""
+    options = check_recovery(cfg, shape)
+    examples, prefix_lengths = recovery_examples(examples, options, cfg.max_length)
+    log.info("recovery examples: %d refusal(s) read after a harmful prefix of %s tokens", len(prefix_lengths),
+             f"{min(prefix_lengths)}..{max(prefix_lengths)}" if prefix_lengths else "-")
+    return examples
+
+
+def check_recovery(cfg: TrainConfig, shape: str):
+    """augment.recovery's options, refused where the run is not SFT on prompt/completion records."""
+    if shape != "sft":
+        raise ConfigError("augment.recovery", f"recovery examples are SFT data; loss '{cfg.loss}' trains on {shape} "
+                          "(use loss: sft or sft_constrained)")
+    if cfg.sft_include_prompt:
+        raise ConfigError("augment.recovery", "does not combine with sft_include_prompt (the harmful prefix must "
+                          "stay untrained)")
+    return recovery_options(cfg.augment["recovery"])
 
 
 def with_reference_context(examples: list[TokenizedExample], name: str) -> list[TokenizedExample]:
