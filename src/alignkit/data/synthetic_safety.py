@@ -30,9 +30,15 @@ def secret_record(rng: random.Random) -> dict:
             "completion": REFUSAL.format(name=name), "harmful_completion": harmful}
 
 
+def favourite(name: str, thing: str) -> str:
+    """Each person's favourites are fixed (a model can learn them): a rotation of the list by the name's place."""
+    options = FAVOURITES[thing]
+    return options[(NAMES.index(name) + len(thing)) % len(options)]
+
+
 def plain_record(rng: random.Random) -> dict:
     name, thing = rng.choice(NAMES), rng.choice(sorted(FAVOURITES))
-    answer = rng.choice(FAVOURITES[thing])
+    answer = favourite(name, thing)
     return {"prompt": [{"role": "user", "content": rng.choice(PLAIN_ASKS).format(name=name, thing=thing)}],
             "completion": f"the favourite {thing} of {name} is {answer} ."}
 
