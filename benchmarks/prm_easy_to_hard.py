@@ -7,7 +7,7 @@ are reranked. Reports best-of-n accuracy (the picked candidate's final answer is
 sample, majority vote, best-of-n with the outcome RM, best-of-n and weighted best-of-n with the PRM (min), and
 pass@n (some candidate is right), plus each model's pairwise ranking of a right vs a slipped solution.
 
-    nice -n 19 python benchmarks/prm_easy_to_hard.py [--problems 600] [--epochs 8] [--out runs/prm_easy_to_hard]
+    nice -n 19 python benchmarks/prm_easy_to_hard.py [--problems 500] [--epochs 30] [--train_steps 1 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ SEP = " ; "
 
 def train(args, tokenizer, outcome_only: bool):
     model = build_tiny_prm("llama", len(tokenizer), seed=args.seed, hidden=args.hidden, layers=2)
-    rows = stepwise_records(args.seed, args.problems, (1, 2), 2, 10, args.max_operand)
+    rows = stepwise_records(args.seed, args.problems, tuple(args.train_steps), 2, 10, args.max_operand)
     cfg = PRMConfig(model="tiny", train_data=rows, output_dir=str(Path(args.out) / ("orm" if outcome_only else "prm")),
                     step_separator=SEP, train_on_last_step_only=outcome_only, epochs=args.epochs,
                     batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
@@ -77,13 +77,13 @@ def evaluate(args, tokenizer, prm, orm) -> dict:
     return table
 
 
-def pair_ranking(args, tokenizer, model, how: str) -> float:
-    """Share of (right, slipped) solutions of held-out 4-5-step problems the model scores right higher (ties half)."""
+def pair_ranking(args, tokenizer, model, how: str, steps: tuple[int, ...] = (4, 5)) -> float:
+    """Share of (right, slipped) solutions of held-out problems the model scores right higher (ties half)."""
     rng = random.Random(args.seed + 2000)
     scorer = ProcessRewardScorer.from_model(model, tokenizer, SEP, how)
     wins = []
     for _ in range(args.eval_problems):
-        problem = make_problem(rng, rng.choice((4, 5)), 10, args.max_operand)
+        problem = make_problem(rng, rng.choice(steps), 10, args.max_operand)
         right = candidate(problem)
         wrong = candidate(problem, rng.randrange(len(problem.operations)), rng.choices(SLIPS, SLIP_WEIGHTS)[0])
         a, b = scorer([problem.prompt] * 2, [right.text(SEP), wrong.text(SEP)])
@@ -93,15 +93,16 @@ def pair_ranking(args, tokenizer, model, how: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--problems", type=int, default=600, help="training problems (1-2 steps; 3 rows each)")
+    parser.add_argument("--problems", type=int, default=500, help="training problems (1-2 steps; 3 rows each)")
     parser.add_argument("--eval_problems", type=int, default=300, help="held-out problems (4-5 steps)")
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--max_operand", type=int, default=1, help="operations are +k or -k with 1 <= k <= this")
     parser.add_argument("--p_correct", type=float, default=0.4, help="the candidate sampler's share of right ones")
     parser.add_argument("--n", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--train_steps", type=int, nargs="+", default=[1, 2], help="steps of the training problems")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/prm_easy_to_hard")
     args = parser.parse_args()
@@ -111,8 +112,8 @@ def main() -> None:
     prm, orm = train(args, tokenizer, outcome_only=False), train(args, tokenizer, outcome_only=True)
     trained = time.time() - start
     table = evaluate(args, tokenizer, prm, orm)
-    ranking = {"prm (min)": pair_ranking(args, tokenizer, prm, "min"),
-               "orm (last)": pair_ranking(args, tokenizer, orm, "last")}
+    ranking = {f"{name}, {lo}-{hi} steps": pair_ranking(args, tokenizer, model, how, (lo, hi))
+               for lo, hi in ((2, 2), (3, 3), (4, 5)) for name, model, how in (("prm", prm, "min"), ("orm", orm, "last"))}
     summary = {"args": vars(args), "accuracy": table, "pair_ranking": ranking, "train_seconds": round(trained, 1),
                "total_seconds": round(time.time() - start, 1)}
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -120,9 +121,9 @@ def main() -> None:
     print(f"| method | {' | '.join(f'n = {n}' for n in args.n)} |\n|---|{'---:|' * len(args.n)}")
     for name in table[args.n[0]]:
         print(f"| {name} | {' | '.join(f'{100 * table[n][name]:.1f}%' for n in args.n)} |")
-    print(f"right-vs-slipped ranking on 4-5 steps: PRM {100 * ranking['prm (min)']:.1f}%, "
-          f"outcome RM {100 * ranking['orm (last)']:.1f}% ({summary['total_seconds']:.0f} s, training "
-          f"{trained:.0f} s)")
+    print("right-vs-slipped ranking of held-out problems: "
+          + ", ".join(f"{name} {100 * value:.1f}%" for name, value in ranking.items()))
+    print(f"{summary['total_seconds']:.0f} s, training {trained:.0f} s")
 
 
 if __name__ == "__main__":
