@@ -22,7 +22,7 @@ Setup, the same for both (each contender in its own process, 1 warm-up step then
   turn and tool reply after the prompt (each generate call may write up to C), so alignkit gets max_new_tokens C
   per turn and max_length = the longest prompt + C.
 
-Reported: trajectories/s, peak RSS (ru_maxrss), turns and tool calls per conversation, mean reward; for alignkit also
+Reported: trajectories/s, peak RSS (VmHWM), turns and tool calls per conversation, mean reward; for alignkit also
 the share of its rollout time spent prefilling context the engine had already processed (the fast engine re-prefills
 each conversation whole at every turn, and prefills each of a prompt's k copies at the first turn). Writes
 benchmarks/results/agent.{json,md}. Not run in CI (needs trl: `.[bench]`)."""
@@ -115,7 +115,13 @@ def warm_start(args) -> Path:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    """This process's peak RSS: VmHWM of its own address space. ru_maxrss would also count the pages a process
+    shared with its parent between fork and exec (a parent that made the warm start in-process: 7.7 GB for both)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def run_trl(args, model_dir: Path) -> dict:
