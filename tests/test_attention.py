@@ -24,6 +24,14 @@ from test_pack_logprobs import VOCAB, random_examples
 flex = pytest.importorskip("torch.nn.attention.flex_attention")
 
 
+def logps_and_grads(model, batch):
+    """Response log-probs of the packed batch and every parameter's gradient of a fixed weighting of them."""
+    model.zero_grad()
+    logps = response_logprobs(model, batch).token_logps
+    (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
+    return logps.detach(), [p.grad.clone() for p in model.parameters()]
+
+
 def test_example_spans_follow_the_rows():
     examples = random_examples(7, 2, seed=5)
     batch = pack(examples, max_tokens_per_row=3 * max(e.num_tokens for e in examples))
@@ -53,16 +61,10 @@ def test_packed_sdpa_runs_per_prompt_and_responses_and_equals_sdpa(family, monke
     batch = pack(examples, max_tokens_per_row=96)
     assert batch.input_ids.shape[0] < len(examples)  # several examples share a row
 
-    def logps_and_grads():
-        model.zero_grad()
-        logps = response_logprobs(model, batch).token_logps
-        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
-        return logps.detach(), [p.grad.clone() for p in model.parameters()]
-
-    expected, expected_grads = logps_and_grads()
+    expected, expected_grads = logps_and_grads(model, batch)
     calls.clear()
     set_attention(model, "packed_sdpa")
-    got, grads = logps_and_grads()
+    got, grads = logps_and_grads(model, batch)
     # per layer and example: one causal call over the prompt, one for all its responses' queries
     per_example = [n for e in examples for n in (len(e.prompt_ids), sum(map(len, e.response_ids)))]
     assert sorted(calls) == sorted(per_example * 2)
@@ -91,13 +93,7 @@ def test_long_responses_attend_in_chunks_and_still_equal_sdpa(monkeypatch):
         spans = attention.packed_attention_kwargs(model, batch)[attention.SPANS_KWARG]
         return [[(lo, hi) for lo, hi, _ in span[3]] for row in spans for span in row]
 
-    def logps_and_grads():
-        model.zero_grad()
-        logps = response_logprobs(model, batch).token_logps
-        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
-        return logps.detach(), [p.grad.clone() for p in model.parameters()]
-
-    expected, expected_grads = logps_and_grads()
+    expected, expected_grads = logps_and_grads(model, batch)
     set_attention(model, "packed_sdpa")
     monkeypatch.setattr(attention, "RESPONSE_CHUNK", 200)  # every example's responses in one call
     assert chunks() == [[(17, 92)], [(9, 54)], [(17, 79)]]
@@ -105,7 +101,7 @@ def test_long_responses_attend_in_chunks_and_still_equal_sdpa(monkeypatch):
     assert chunks() == [[(17, 47), (47, 92)], [(9, 54)], [(17, 79)]]
     monkeypatch.setattr(attention, "RESPONSE_CHUNK", 10)  # one response per call
     assert chunks() == [[(17, 47), (47, 92)], [(9, 29), (29, 54)], [(17, 29), (29, 79)]]
-    got, grads = logps_and_grads()
+    got, grads = logps_and_grads(model, batch)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)

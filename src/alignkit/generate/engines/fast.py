@@ -227,16 +227,11 @@ class FastEngine:
         """(last hidden states [B k, H], static KV caches for B k samples, RoPE tables) after each prompt: each group's
         shared prefix is run once, then each prompt's rest over it (generate/engines/prefix.py), and a prompt's KV is
         copied to its k samples."""
-        width, rest = plan.width, plan.rest_ids.shape[1]
-        prefix = width - rest
+        width, prefix, B = plan.width, plan.prefix_ids.shape[1], len(plan.group)
         rope = self._rope_tables(int(plan.lengths.max()) + new + 1)
-        shape = (len(plan.group), self.kv_heads, width + (new if k == 1 else 0), self.head_dim)
-        caches = [(torch.empty(shape, dtype=self.compute_dtype), torch.empty(shape, dtype=self.compute_dtype))
-                  for _ in self.layers]
+        caches = self._empty_caches(B, width + (new if k == 1 else 0))
         if prefix:
-            shared = [(torch.empty(len(plan.prefix_ids), self.kv_heads, prefix, self.head_dim, dtype=self.compute_dtype),
-                       torch.empty(len(plan.prefix_ids), self.kv_heads, prefix, self.head_dim, dtype=self.compute_dtype))
-                      for _ in self.layers]
+            shared = self._empty_caches(len(plan.prefix_ids), prefix)
             self._forward(plan.prefix_ids, plan.prefix_positions, shared, 0, plan.prefix_attention(), rope)
             for (k_cache, v_cache), (k_shared, v_shared) in zip(caches, shared):
                 k_cache[:, :, :prefix] = k_shared[plan.group]
@@ -244,15 +239,17 @@ class FastEngine:
         hidden = self._forward(plan.rest_ids, plan.rest_positions, caches, prefix, plan.rest_attention(), rope)[:, -1]
         if k == 1:
             return hidden, caches, rope
-        expanded = []
-        for k_prompt, v_prompt in caches:
-            k_cache = torch.empty(len(plan.group) * k, self.kv_heads, width + new, self.head_dim,
-                                  dtype=self.compute_dtype)
-            v_cache = torch.empty_like(k_cache)
+        expanded = self._empty_caches(B * k, width + new)
+        for (k_cache, v_cache), (k_prompt, v_prompt) in zip(expanded, caches):
             k_cache[:, :, :width] = k_prompt.repeat_interleave(k, 0)
             v_cache[:, :, :width] = v_prompt.repeat_interleave(k, 0)
-            expanded.append((k_cache, v_cache))
         return hidden.repeat_interleave(k, 0), expanded, rope
+
+    def _empty_caches(self, rows: int, width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One uninitialised (K, V) pair [rows, kv heads, width, head dim] per layer."""
+        shape = (rows, self.kv_heads, width, self.head_dim)
+        return [(torch.empty(shape, dtype=self.compute_dtype), torch.empty(shape, dtype=self.compute_dtype))
+                for _ in self.layers]
 
     def _generate_chunk(self, chunk, sampling, k, end_ids, generator):
         new = sampling.max_new_tokens
