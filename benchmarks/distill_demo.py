@@ -1,6 +1,6 @@
 """Distillation on a real model: can distillation recover what dropping layers lost? Teacher: SmolLM2-135M-Instruct
-(its base, not `make align`'s output). Student: the teacher with every other decoder layer dropped (15 of 30,
-weights copied; embeddings, norm and head kept: benchmarks/student_cut.py). Three ways to train the student, at equal
+(its base, not `make align`'s output). Student: the teacher with every other decoder layer dropped (15 of 30, weights
+copied; embeddings, norm and head kept: alignkit.models.cut.drop_layers). Three ways to train the student, at equal
 samples (each sees rounds x prompts_per_round x num_samples completions of the same training prompts, in as many
 optimizer steps, at the same learning rate):
 
@@ -23,6 +23,7 @@ Writes OUTPUT/summary.json, benchmarks/results/distill_demo.md and .png (--resul
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import shutil
@@ -31,7 +32,6 @@ import time
 from importlib import resources
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
 METHODS = ("opd", "gkd", "sft")
 
 
@@ -60,6 +60,10 @@ def common_keys(args, out: Path, name: str) -> dict:
     if args.lora_r:
         keys["lora"] = {"r": args.lora_r}
     return keys
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def run_online_method(args, name: str, student_dir: Path, train_file: Path, out: Path):
@@ -240,14 +244,13 @@ def main() -> None:
     args = parse_args()
     if args.render_only:
         return write_results(args, json.loads((args.output_dir / "summary.json").read_text()))
-    from student_cut import drop_layers, parameter_count
-
+    from alignkit.models.cut import drop_layers
     from alignkit.models.resolve import load_model_and_tokenizer
 
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = load_model_and_tokenizer(args.teacher)
-    cut = drop_layers(teacher)
+    cut = drop_layers(copy.deepcopy(teacher), range(0, teacher.config.num_hidden_layers, 2))
     student_dir = out / "student_cut"
     cut.save_pretrained(student_dir)
     tokenizer.save_pretrained(student_dir)
