@@ -224,9 +224,11 @@ def test_report_files_hold_the_computed_numbers(task, tmp_path):
     cfg = SamplingOptions(max_new_tokens=10)
     answers_a = [s[0] for s in sample(aligned, task.tokenizer, questions, cfg, seed=3)]
     answers_b = [s[0] for s in sample(task.model, task.tokenizer, questions, cfg, seed=3)]
+    answers_c = [s[0] for s in sample(task.model, task.tokenizer, questions, cfg, seed=4)]  # the URIAL row's place
     summary = evaluate_responses(questions, answers_a, SENTIMENT, answers_b, first_position_bias(0.1),
                                  EvalExtras(policy=aligned, reference=task.model, tokenizer=task.tokenizer,
-                                            preferences=preference_records(20, seed=1), shift_base=task.model))
+                                            preferences=preference_records(20, seed=1), shift_base=task.model,
+                                            urial_responses=answers_c, urial_name="sft"))
     paths = write_eval_report(tmp_path / "report", summary, ("aligned", "sft"))
     saved = json.loads(paths["json"].read_text())
     assert {k: v for k, v in saved.items() if k != "names"} == summary  # floats survive JSON exactly
@@ -245,6 +247,9 @@ def test_report_files_hold_the_computed_numbers(task, tmp_path):
                 assert float(text) == pytest.approx(value, abs=5e-7)
                 checked += 1
     assert checked > 30 and report_tables(summary).keys() <= parser.tables.keys()
+    baselines = parser.tables["A against each baseline"]
+    assert [row[0] for row in baselines[1:]] == ["sft", "sft + URIAL (training-free)"]
+    assert baselines[2][1] == f"{summary['urial']['mean_urial']:+.4f}"
     assert summary["reward"]["mean_a"] > summary["reward"]["mean_b"] and summary["kl"]["kl"] > 0
     for name in ("rewards_png", "win_rate_png"):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

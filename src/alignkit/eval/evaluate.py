@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from alignkit.config import SamplingOptions, Strict, load_command_config
-from alignkit.data.load import load_records
+from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.errors import AlignkitError, ConfigError, DataError
 from alignkit.eval.judges import FunctionJudge, Judge, LLMJudge, RewardJudge, pairwise_win_rate
 from alignkit.eval.kl import kl_summary, sequence_log_ratios
@@ -31,6 +31,13 @@ from alignkit.eval.prefill import (
 from alignkit.eval.realign_sweep import parse_lambdas, realign_sweep
 from alignkit.eval.report import write_html_report
 from alignkit.eval.token_shift import token_shift, token_shift_html
+from alignkit.eval.urial_row import (
+    URIAL_TITLES,
+    baselines_table,
+    urial_label,
+    urial_model_name,
+    urial_responses,
+)
 from alignkit.generate.sample import sample
 from alignkit.rewards.spec import load_object, load_reward
 
@@ -57,6 +64,10 @@ class EvalConfig(Strict):
     prefill_attack: list[int] | None = Field(None, description="deep safety alignment: token counts k (0,5,10,20) to "
                                                                "prefill from each prompt's harmful_completion; the "
                                                                "decline rate of A (and B) per k (eval/prefill.py)")
+    urial: bool = Field(False, description="add the training-free baseline row: the baseline (or urial_model) "
+                                           "prompted with the urial preset on the same prompts, sampling and seed; "
+                                           "A's gain and judged win rate over it (eval/urial_row.py)")
+    urial_model: str | None = Field(None, description="the base model the URIAL row prompts (default: baseline)")
     refusal_markers: list[str] = Field(default_factory=lambda: list(REFUSAL_MARKERS), min_length=1,
                                        description="a continuation holding one of these (any case) declines")
 
@@ -88,7 +99,8 @@ def reward_accuracy(reward, records: list[dict]) -> dict:
 @dataclass
 class EvalExtras:
     """What the optional measures need: split-merge judging, the models of the KL (policy A and its reference,
-    with the tokenizer, which also counts lengths in tokens) and a preference set for reward accuracy."""
+    with the tokenizer, which also counts lengths in tokens), a preference set for reward accuracy, and the URIAL
+    baseline's answers for the training-free row (eval/urial_row.py)."""
 
     split_merge: bool = False
     policy: Any = None
@@ -96,26 +108,48 @@ class EvalExtras:
     tokenizer: Any = None
     preferences: list[dict] | None = None
     shift_base: Any = None  # the base model of the token-shift report (eval/token_shift.py)
+    urial_responses: list[str] | None = None  # the training-free baseline's answers (eval/urial_row.py)
+    urial_name: str | None = None  # the model it prompted (the report's row label)
+
+
+def paired_sections(prompts: list, responses: tuple[list[str], list[str]], rewards: tuple[list[float], list[float]],
+                    judge: Judge, extras: EvalExtras) -> tuple[dict, dict, dict]:
+    """A against one baseline on the same prompts: (reward comparison, the baseline's length, judged win rates)."""
+    (responses_a, responses_b), (rewards_a, rewards_b) = responses, rewards
+    gain, low, high = bootstrap_mean_ci([a - b for a, b in zip(rewards_a, rewards_b)])
+    compared = {"mean_b": sum(rewards_b) / len(rewards_b), "gain": gain, "gain_ci_low": low, "gain_ci_high": high,
+                "win_rate": win_rate(rewards_a, rewards_b)}
+    return (compared, length_stats(responses_b, extras.tokenizer),
+            pairwise_win_rate(judge, prompts, responses_a, responses_b, extras.split_merge))
 
 
 def evaluate_responses(prompts: list, responses_a: list[str], reward, responses_b: list[str] | None = None,
                        judge: Judge | None = None, extras: EvalExtras | None = None) -> dict:
     """Every measure the inputs allow; sections are flat dicts of numbers (the report's tables)."""
     extras = extras or EvalExtras()
-    split_merge, policy, reference, tokenizer = extras.split_merge, extras.policy, extras.reference, extras.tokenizer
+    if extras.urial_responses is not None and len(extras.urial_responses) != len(prompts):
+        raise AlignkitError(f"urial_responses: {len(extras.urial_responses)} answers for {len(prompts)} prompts; "
+                            "give one answer per prompt, in the prompts' order")
+    policy, reference, tokenizer = extras.policy, extras.reference, extras.tokenizer
     preferences = extras.preferences
     rewards_a = reward(prompts, responses_a)
     summary: dict[str, Any] = {"reward": {"name": getattr(reward, "name", "reward"),
                                           "mean_a": sum(rewards_a) / len(rewards_a)}}
     summary["length_a"] = length_stats(responses_a, tokenizer)
+    judge = judge or RewardJudge(reward)
     if responses_b is not None:
         rewards_b = reward(prompts, responses_b)
-        gain, low, high = bootstrap_mean_ci([a - b for a, b in zip(rewards_a, rewards_b)])
-        summary["reward"].update({"mean_b": sum(rewards_b) / len(rewards_b), "gain": gain, "gain_ci_low": low,
-                                  "gain_ci_high": high, "win_rate": win_rate(rewards_a, rewards_b)})
-        summary["length_b"] = length_stats(responses_b, tokenizer)
-        summary["judge"] = pairwise_win_rate(judge or RewardJudge(reward), prompts, responses_a, responses_b, split_merge)
+        compared, summary["length_b"], summary["judge"] = paired_sections(prompts, (responses_a, responses_b),
+                                                                          (rewards_a, rewards_b), judge, extras)
+        summary["reward"].update(compared)
         summary["rewards_b"] = rewards_b
+    if extras.urial_responses is not None:
+        rewards_urial = reward(prompts, extras.urial_responses)
+        compared, summary["length_urial"], summary["judge_urial"] = paired_sections(
+            prompts, (responses_a, extras.urial_responses), (rewards_a, rewards_urial), judge, extras)
+        summary["urial"] = {"model": extras.urial_name or "B", "mean_a": summary["reward"]["mean_a"],
+                            "mean_urial": compared.pop("mean_b"), **compared}
+        summary["rewards_urial"] = rewards_urial
     if policy is not None and reference is not None:
         summary["kl"] = kl_summary(sequence_log_ratios(policy, reference, tokenizer, prompts, responses_a))
     if preferences:
@@ -132,7 +166,7 @@ def evaluate_responses(prompts: list, responses_a: list[str], reward, responses_
 SECTION_TITLES = {"reward": "Reward (A vs B)", "judge": "Win rate of A over B under the judge (both orders)",
                   "kl": "KL(A || reference) on A's samples", "length_a": "Length of A's responses",
                   "length_b": "Length of B's responses", "reward_accuracy": "Reward accuracy on the preference set",
-                  "token_shift": "Token shift: A's answer tokens by their rank under B (URIAL)"}
+                  "token_shift": "Token shift: A's answer tokens by their rank under B (URIAL)", **URIAL_TITLES}
 
 
 def format_value(value) -> str:
@@ -157,6 +191,8 @@ def write_eval_report(out: str | Path, summary: dict, names: tuple[str, str] = (
     series = {names[0]: summary["rewards_a"]}
     if "rewards_b" in summary:
         series[names[1]] = summary["rewards_b"]
+    if "rewards_urial" in summary:
+        series[urial_label(summary["urial"]["model"])] = summary["rewards_urial"]
     paths["rewards_png"] = plot_reward_histograms(series, out / "rewards.png", f"reward: {summary['reward']['name']}")
     images = [paths["rewards_png"]]
     if "judge" in summary:
@@ -168,6 +204,8 @@ def write_eval_report(out: str | Path, summary: dict, names: tuple[str, str] = (
         paths["win_rate_png"] = plot_table(rows, out / "win_rate.png", f"win rate of {names[0]} over {names[1]}")
         images.append(paths["win_rate_png"])
     tables = report_tables(summary)
+    if "urial" in summary:  # the eval table proper first: A against each baseline, the training-free one included
+        tables = {"A against each baseline": baselines_table(summary, names), **tables}
     if "realign_sweep" in summary:
         sweep = summary["realign_sweep"]
         tables["DeRa sweep: A realigned with the reference at each lambda"] = [list(sweep[0])] + [
@@ -227,12 +265,32 @@ def run_prefill_attack(cfg: EvalConfig, policy, baseline, tokenizer) -> tuple[li
     return prefill_attack(models, tokenizer, records, cfg)
 
 
+def example_rows(prompts: list, columns: dict[str, list[str] | None], count: int = 8) -> list[dict]:
+    """The report's first `count` examples: each prompt (a chat: its last message) with the columns that exist."""
+    present = {name: texts for name, texts in columns.items() if texts is not None}
+    return [{"prompt": p if isinstance(p, str) else p[-1]["content"], **{name: texts[i] for name, texts in present.items()}}
+            for i, p in enumerate(prompts[:count])]
+
+
+def urial_row_responses(cfg: EvalConfig, name: str, baseline: tuple, prompts: list) -> list[str]:
+    """The URIAL row's answers from model `name` (the loaded baseline (model, tokenizer) when it is that model),
+    also written as `alignkit generate` output (urial_samples.jsonl, usable as --baseline_responses)."""
+    from alignkit.models.resolve import load_model_and_tokenizer
+
+    model, tokenizer = baseline if name == cfg.baseline else load_model_and_tokenizer(name)
+    responses = urial_responses(model, tokenizer, prompts, cfg.sampling, cfg.seed)
+    write_jsonl_atomic(Path(cfg.output_dir) / "urial_samples.jsonl",
+                       [{"prompt": p, "responses": [r], "completion": r} for p, r in zip(prompts, responses)])
+    return responses
+
+
 def run_eval(config: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict:
     cfg: EvalConfig = load_command_config(EvalConfig, config, overrides)
     from alignkit.models.resolve import load_model_and_tokenizer
 
     reward = load_reward(cfg.reward)
-    policy = baseline = tokenizer = None
+    urial_name = urial_model_name(cfg)  # refused here, before any model loads, when there is no model to prompt
+    policy = baseline = tokenizer = tokenizer_b = None
     if cfg.model:
         policy, tokenizer = load_model_and_tokenizer(cfg.model)
     if cfg.baseline:
@@ -262,17 +320,17 @@ def run_eval(config: str | Path | None = None, overrides: dict[str, Any] | None 
     if cfg.reference:
         reference, _ = load_model_and_tokenizer(cfg.reference)
     preferences = load_records(cfg.preferences, shape="pairs") if cfg.preferences else None
-    judge = load_judge(cfg.judge, reward) if responses_b else None
+    responses_urial = urial_row_responses(cfg, urial_name, (baseline, tokenizer_b), prompts) if urial_name else None
+    judge = load_judge(cfg.judge, reward) if responses_b or responses_urial else None
     summary = evaluate_responses(prompts, responses_a, reward, responses_b, judge,
                                  EvalExtras(cfg.split_merge, policy, reference, tokenizer, preferences,
-                                            baseline if cfg.token_shift else None))
+                                            baseline if cfg.token_shift else None, responses_urial, urial_name))
     if cfg.realign_sweep:
         summary["realign_sweep"] = realign_sweep(policy, reference, tokenizer, prompts, reward, cfg)
     if cfg.prefill_attack:
         summary["prefill_attack"], summary["prefill_attack_examples"] = run_prefill_attack(cfg, policy, baseline,
                                                                                            tokenizer)
     names = (cfg.model or cfg.responses or "A", cfg.baseline or cfg.baseline_responses or "B")
-    examples = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "A": a, **({"B": b} if responses_b else {})}
-                for p, a, b in list(zip(prompts, responses_a, responses_b or responses_a))[:8]]
-    paths = write_eval_report(cfg.output_dir, summary, names, examples)
+    columns = {"A": responses_a, "B": responses_b, "URIAL (training-free)": responses_urial}
+    paths = write_eval_report(cfg.output_dir, summary, names, example_rows(prompts, columns))
     return {"summary": summary, "paths": {k: str(v) for k, v in paths.items()}}

@@ -4,6 +4,8 @@ template), so an untuned model answers in an assistant's style; the training-fre
 
 from __future__ import annotations
 
+from alignkit.config import SamplingOptions
+
 URIAL_SYSTEM = (
     "# Instructions\n\n"
     "What follows are conversations between a person and an AI assistant. The person's query is under "
@@ -52,3 +54,10 @@ def urial_prompt(prompt) -> str:
 
 
 PRESETS = {"urial": (urial_prompt, URIAL_STOP)}
+
+
+def apply_preset(name: str, prompts: list, sampling: SamplingOptions) -> tuple[list[str], SamplingOptions]:
+    """The prompts wrapped by preset `name` and the sampling settings with its stop strings added (what `generate
+    --preset` samples, and `eval --urial` for its training-free row)."""
+    wrap, stop = PRESETS[name]
+    return [wrap(p) for p in prompts], sampling.model_copy(update={"stop": [*sampling.stop_strings, *stop]})

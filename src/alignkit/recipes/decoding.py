@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, model_validator
 from alignkit.config import SamplingOptions, Strict, load_command_config, make_config, render_help
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.errors import ConfigError
-from alignkit.generate.presets import PRESETS
+from alignkit.generate.presets import apply_preset
 from alignkit.generate.realign import RealignOptions, realigned_engine
 from alignkit.generate.sample import sample
 
@@ -126,9 +126,7 @@ def run_generate(config=None, overrides: dict[str, Any] | None = None) -> Path:
     model = _realigned(cfg, model, tokenizer)
     prompts, sampling = [r["prompt"] for r in records], cfg.sampling
     if cfg.preset:
-        wrap, stop = PRESETS[cfg.preset]
-        prompts = [wrap(p) for p in prompts]
-        sampling = sampling.model_copy(update={"stop": [*sampling.stop_strings, *stop]})
+        prompts, sampling = apply_preset(cfg.preset, prompts, sampling)
     samples = sample(model, tokenizer, prompts, sampling, cfg.num_samples, cfg.seed)
     rows = [{**_carry(r), "responses": s, **({"completion": s[0]} if cfg.num_samples == 1 else {})}
             for r, s in zip(records, samples)]
