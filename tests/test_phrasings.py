@@ -16,9 +16,12 @@ from alignkit.recipes.rl import PHRASING_SET, PROMPT_SETS, TYPES
 from alignkit.rewards.verifiable.constraints import (
     CHECKERS,
     HELD_OUT_PHRASINGS,
+    TRAINING_PHRASINGS,
     check_all,
     describe,
+    describe_training,
     n_phrasings,
+    n_training_wordings,
     validate_constraints,
     words,
 )
@@ -79,10 +82,29 @@ def test_held_out_phrasings_share_no_wording_with_training(kind):
 
 
 @pytest.mark.parametrize("kind", sorted(CHECKERS))
+def test_training_phrasings_share_no_wording_with_the_held_out_ones(kind):
+    """The extra training wordings (prompts.vary_training) keep the held-out phrasings held out: no word 4-gram of
+    any held-out phrasing occurs in any training wording."""
+    assert set(TRAINING_PHRASINGS) == set(CHECKERS) and n_training_wordings(kind) >= 3
+    for spec in specs_of(kind):
+        training = [describe_training(spec, k) for k in range(n_training_wordings(kind))]
+        assert training[0] == describe(spec) and len(set(training)) == len(training)
+        for text in training:
+            for held in (describe(spec, k) for k in range(1, n_phrasings(kind))):
+                shared = masked_fourgrams(text, spec) & masked_fourgrams(held, spec)
+                assert not shared, (text, held, shared)
+
+
+def every_wording(spec: dict) -> list[str]:
+    kind = spec["type"]
+    return [describe(spec, k) for k in range(n_phrasings(kind))] + [
+        describe_training(spec, k) for k in range(1, n_training_wordings(kind))]
+
+
+@pytest.mark.parametrize("kind", sorted(CHECKERS))
 def test_every_phrasing_states_the_specs_arguments_and_bound(kind):
     for spec in specs_of(kind):
-        for k in range(n_phrasings(kind)):
-            text = describe(spec, k)
+        for text in every_wording(spec):
             for item in spec.get("words", []) + ([spec["phrase"]] if "phrase" in spec else []):
                 assert f'"{item}"' in text, (text, item)
             if "n" in spec and (spec["n"] or kind != "max_capital_words"):
@@ -130,13 +152,15 @@ def test_shipped_phrasing_set_is_held_out_in_topic_combination_and_wording():
     assert {t for r in phrased for t in combo(r)} == set(CHECKERS)
     assert {combo(r) for r in phrased}.isdisjoint({combo(r) for r in train})
     assert topics(phrased) and topics(phrased).isdisjoint(topics(train))
-    training_wordings = {describe(s) for r in train + held for s in r["constraints"]}
+    training_wordings = {describe_training(s, k) for r in train + held for s in r["constraints"]
+                         for k in range(n_training_wordings(s["type"]))}
     for record in phrased:
         text = record["prompt"][0]["content"]
         assert validate_constraints(record["constraints"]) == record["constraints"]
         assert not any(w in text for w in training_wordings), text
         for spec in record["constraints"]:
             assert any(describe(spec, k) in text for k in range(1, n_phrasings(spec["type"]))), text
+            assert not any(describe_training(spec, k) in text for k in range(n_training_wordings(spec["type"])))
 
 
 def test_phrasing_set_refuses_unknown_types():

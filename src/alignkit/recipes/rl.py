@@ -36,7 +36,7 @@ from alignkit.online.config import OnlineConfig
 from alignkit.online.run import OnlineInputs, run_online
 from alignkit.recipes.stages import Stages, online_option_names, percent_ci, points_ci, with_recipe_defaults
 from alignkit.rewards.verifiable.constraints import ConstraintReward, check_all, validate_constraints
-from alignkit.rewards.verifiable.degenerate import FLAGS, flagged, prompt_text
+from alignkit.rewards.verifiable.degenerate import FLAGS, DegenerateGuard, flagged, prompt_text
 from alignkit.train.packing import pad_token_id
 
 # Kept after the pilot (benchmarks/rl_pilot.py, results/rl_pilot.md: base compliance per type on single-constraint
@@ -88,6 +88,8 @@ class RLConfig(Strict):
     min_words: int = Field(5, ge=0, description="training reward 0 for answers shorter than this (a guard against "
                            "bare answers that game the checkers)")
     max_repeat: float = Field(0.3, ge=0, le=1, description="training reward 0 above this share of repeated bigrams")
+    flag_reward: float | None = Field(None, description="training reward of an answer with a degeneracy flag "
+                                      "(rewards/verifiable/degenerate.py DegenerateGuard); null: flags not used")
     kl_answers: int = Field(32, gt=1, description="answers sampled at temperature 1 for the KL to the start")
     seed: int = 0
 
@@ -102,6 +104,14 @@ class RLConfig(Strict):
             raise ConfigError("online.reward", f"this job's reward is constraints or constraints+bonus (the fraction "
                                                f"of constraints met, +1 when all are), got {self.online.reward!r}")
         return self
+
+
+def training_reward(cfg: RLConfig):
+    """The constraints reward with the job's guards (too short, repetitive: 0), and, with flag_reward set, an
+    answer tripping a degeneracy flag scored flag_reward (DegenerateGuard). Unbound."""
+    reward = ConstraintReward(all_met_bonus=1.0 if cfg.online.reward.endswith("+bonus") else 0.0,
+                              min_words=cfg.min_words, max_repeat=cfg.max_repeat)
+    return reward if cfg.flag_reward is None else DegenerateGuard(reward, value=cfg.flag_reward)
 
 
 def answer(model, tokenizer, prompts: list, sampling: SamplingOptions, num_samples: int, seed: int):
@@ -185,9 +195,7 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
     console = console or Console()
     train_path, eval_path = cfg.online.prompts, cfg.eval_prompts or shipped("rl_eval.jsonl")
     train_records, eval_records = load_records(train_path, shape="prompts"), load_records(eval_path, shape="prompts")
-    reward = ConstraintReward(all_met_bonus=1.0 if cfg.online.reward.endswith("+bonus") else 0.0, min_words=cfg.min_words,
-                              max_repeat=cfg.max_repeat)
-    reward.bind(train_records + eval_records)  # every constraints field validated before anything is written
+    reward = training_reward(cfg).bind(train_records + eval_records)  # every constraints field validated before anything is written
     phrasing_records = load_records(cfg.eval_phrasings or shipped("rl_eval_phrasings.jsonl"), shape="prompts")
     ConstraintReward().bind(phrasing_records)  # validated too, outside the training reward's table
     out = Path(cfg.output_dir)

@@ -170,6 +170,55 @@ HELD_OUT_PHRASINGS: dict[str, tuple[Callable[..., str], ...]] = {
 }
 
 
+# More training wordings of each checker's instruction, next to the checker's own (prompts.vary_training draws one
+# per instruction), so training rewards following the instruction rather than one sentence. Like the held-out ones
+# they state exactly what the checker checks, and they share no word 4-gram with any held-out phrasing.
+TRAINING_PHRASINGS: dict[str, tuple[Callable[..., str], ...]] = {
+    "max_words": (lambda n: f"Respond with {n} word{_s(n)} at most.",
+                  lambda n: f"Limit your answer to a maximum of {n} word{_s(n)}."),
+    "min_words": (lambda n: f"Your answer needs at least {n} words.",
+                  lambda n: f"Write a response of at least {n} words."),
+    "max_sentences": (lambda n: f"Respond in at most {n} sentence{_s(n)}.",
+                      lambda n: f"Limit your answer to {n} sentence{_s(n)}."),
+    "min_sentences": (lambda n: f"Your answer needs at least {n} sentences.",
+                      lambda n: f"Respond in at least {n} sentences."),
+    "lowercase": (lambda: "Respond in lowercase only; do not use a single capital letter.",
+                  lambda: "Do not use capital letters anywhere: write all of it in lowercase."),
+    "uppercase": (lambda: "Respond in capital letters only.",
+                  lambda: "Every letter of your answer must be a capital letter."),
+    "max_capital_words": (
+        lambda n: f"At most {n} word{_s(n)} in your answer may be all capitals." if n else
+        "None of your words may be in all capitals.",
+        lambda n: f"Write at most {n} word{_s(n)} in all capital letters." if n else
+        "Write no word in all capital letters."),
+    "include": (lambda words: f"Be sure to use the {_word_list(words, 'and')}.",
+                lambda words: f"Your answer should include the {_word_list(words, 'and')}."),
+    "exclude": (lambda words: f"Leave out the {_word_list(words, 'and')} entirely.",
+                lambda words: f"Your answer must not include the {_word_list(words, 'or')}."),
+    "no_commas": (lambda: "Write without using any commas.",
+                  lambda: "Commas are not allowed in your answer."),
+    "starts_with": (lambda phrase: f'Your answer must begin with "{phrase}".',
+                    lambda phrase: f'Put "{phrase}" at the very start of your answer.'),
+    "ends_with": (lambda phrase: f'Your answer must end with "{phrase}".',
+                  lambda phrase: f'Put "{phrase}" at the very end of your answer.'),
+    "bullets": (lambda n: f'Give exactly {n} bullet point{_s(n)}; start each line with "* ".',
+                lambda n: f'Write your answer as exactly {n} bullet point{_s(n)}: every bullet is its own line and '
+                          f'starts with "* ".'),
+    "paragraphs": (lambda n: f"Your answer should be exactly {n} paragraph{_s(n)} long; separate paragraphs by an "
+                             f"empty line.",
+                   lambda n: f"Structure your answer as exactly {n} paragraph{_s(n)}, each separated from the next "
+                             f"by a blank line."),
+    "quoted": (lambda: "Your whole answer must be in double quotation marks.",
+               lambda: 'Place the " character at the very start and the very end of your answer.'),
+    "title": (lambda: "Your answer needs a title surrounded by << and >>, for instance <<Morning Light>>.",
+              lambda: "Mark a title for your answer with double angular brackets, e.g. <<Quiet Roads>>."),
+    "json": (lambda: "Reply with valid JSON only.",
+             lambda: "Write your answer entirely in valid JSON."),
+    "placeholders": (lambda n: f"Add at least {n} bracketed placeholder{_s(n)} such as [place] to your answer.",
+                     lambda n: f"Include {n} or more placeholders in square brackets, for instance [time]."),
+}
+
+
 def _check_arg(kind: str, name: str, value, where: str):
     if kind == "count":
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -223,6 +272,18 @@ def describe(spec: dict, phrasing: int = 0) -> str:
     if phrasing == 0:
         return CHECKERS[spec["type"]].describe(**args)
     return HELD_OUT_PHRASINGS[spec["type"]][phrasing - 1](**args)
+
+
+def describe_training(spec: dict, wording: int = 0) -> str:
+    """The instruction for a spec in one of its training wordings: 0 the checker's own, 1.. TRAINING_PHRASINGS."""
+    args = {k: v for k, v in spec.items() if k != "type"}
+    if wording == 0:
+        return CHECKERS[spec["type"]].describe(**args)
+    return TRAINING_PHRASINGS[spec["type"]][wording - 1](**args)
+
+
+def n_training_wordings(kind: str) -> int:
+    return 1 + len(TRAINING_PHRASINGS[kind])
 
 
 def n_phrasings(kind: str) -> int:

@@ -9,7 +9,14 @@ import itertools
 import random
 from pathlib import Path
 
-from alignkit.rewards.verifiable.constraints import CHECKERS, describe, n_phrasings, validate_constraints
+from alignkit.rewards.verifiable.constraints import (
+    CHECKERS,
+    describe,
+    describe_training,
+    n_phrasings,
+    n_training_wordings,
+    validate_constraints,
+)
 
 TASKS = ("Write a short description of {topic}.", "Tell me about {topic}.", "Explain {topic} to a child.",
          "Give me some advice about {topic}.", "What do you like about {topic}?", "Write a short note about {topic}.")
@@ -118,10 +125,43 @@ def phrasing_set(train_types: tuple[str, ...], n: int, seed: int = 0, size: int 
     return records
 
 
-def write_prompt_sets(out_dir: str | Path, types: tuple[str, ...], n_train: int, n_eval: int, seed: int = 0) -> None:
+def task_of(record: dict) -> str:
+    """A prompt_sets record's task sentence: its text without the instructions in the training wording."""
+    text, instructions = record["prompt"][0]["content"], " ".join(describe(c) for c in record["constraints"])
+    if not text.endswith(" " + instructions):
+        raise ValueError(f"not a prompt_sets record in the training wording: {text[:80]!r}")
+    return text[:-len(instructions) - 1]
+
+
+def vary_training(records: list[dict], seed: int = 0, wordings: bool = True, single_types: tuple[str, ...] = (),
+                  single_every: int = 0) -> list[dict]:
+    """Training records with more variety, drawn from their own rng so the held-out sets stay as they are: each
+    instruction in one of its training wordings (constraints.TRAINING_PHRASINGS, the checker's own included) when
+    `wordings`; and every single_every-th record's constraints replaced by one constraint of single_types (in turn,
+    arguments drawn), on the same task, so types held out of the pairs are still trained (a single constraint is no
+    held-out pair)."""
+    _check_types(single_types)
+    if single_types and single_every < 1:
+        raise ValueError(f"single_every must be >= 1 with single_types, got {single_every!r}")
+    rng, out = random.Random(f"training variety {seed}"), []
+    for i, record in enumerate(records):
+        constraints = record["constraints"]
+        if single_types and i % single_every == single_every - 1:
+            kind = single_types[(i // single_every) % len(single_types)]
+            constraints = validate_constraints([{"type": kind, **rng.choice(ARGUMENTS[kind])}])
+        chosen = [rng.randrange(n_training_wordings(c["type"])) if wordings else 0 for c in constraints]
+        text = " ".join([task_of(record), *(describe_training(c, k) for c, k in zip(constraints, chosen))])
+        out.append({"prompt": [{"role": "user", "content": text}], "constraints": constraints})
+    return out
+
+
+def write_prompt_sets(out_dir: str | Path, types: tuple[str, ...], n_train: int, n_eval: int, seed: int = 0,
+                      variety: dict | None = None) -> None:
+    """rl_train.jsonl (vary_training(..., **variety) when variety is given) and rl_eval.jsonl."""
     from alignkit.data.load import write_jsonl_atomic
 
     train, held = prompt_sets(types, n_train, n_eval, seed)
+    train = vary_training(train, seed, **variety) if variety is not None else train
     write_jsonl_atomic(Path(out_dir) / "rl_train.jsonl", train)
     write_jsonl_atomic(Path(out_dir) / "rl_eval.jsonl", held)
 
