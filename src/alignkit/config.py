@@ -135,6 +135,24 @@ class OptimConfig(Strict):
         return value
 
 
+class SelectiveFilter(Strict):
+    """Selective DPO (arXiv 2502.09650): a pair's score is its loss under a model trained on the other folds."""
+
+    drop: float = Field(0.2, ge=0.0, lt=1.0, description="share of pairs dropped, the highest scores (hardest) first")
+    folds: int = Field(2, ge=2, description="the pairs are split into this many folds, one training run each")
+    seed: int | None = Field(None, description="the seeded fold assignment (default: the run's seed)")
+    epochs: int | None = Field(None, gt=0, description="each fold run's epochs (default: the run's epochs/max_steps)")
+
+
+class PairFilters(Strict):
+    """`filter:` pair filters of the data stage (train/pair_filter.py, train/selective.py), before steps are planned."""
+
+    ches: dict[Literal["drop"], Annotated[float, Field(ge=0.0, lt=1.0)]] | None = Field(
+        None, description="{drop: 0.1}: the highest-CHES share dropped (arXiv 2410.08847)")
+    selective: SelectiveFilter | None = Field(None, description="{drop: 0.2, folds: 2, seed, epochs}: Selective DPO "
+                                              "(arXiv 2502.09650), the pairs hardest for fold-trained models dropped")
+
+
 class TrainConfig(OptimConfig):
     # What to train and on what.
     model: str = Field(description="model alias (smollm2-135m-instruct), HF hub id or local directory")
@@ -152,8 +170,8 @@ class TrainConfig(OptimConfig):
     max_length: int = Field(1024, gt=1, description="max tokens of prompt + one response")
     max_prompt_length: int | None = Field(None, gt=0, description="prompts keep their last this-many tokens")
     sft_include_prompt: bool = Field(False, description="SFT: train on prompt (and non-assistant) tokens too")
-    filter: dict[Literal["ches"], dict[Literal["drop"], Annotated[float, Field(ge=0.0, lt=1.0)]]] | None = Field(
-        None, description="pair filters (train/pair_filter.py): {ches: {drop: 0.1}}, the highest-CHES share dropped")
+    filter: PairFilters | None = Field(None, description="pair filters of the data stage: {ches: {drop: 0.1}}, "
+                                                         "{selective: {drop: 0.2, folds: 2}}")
     augment: dict[Literal["recovery"], dict[str, Any]] | None = Field(
         None, description="SFT safety recovery examples (data/recovery.py): {recovery: {fraction: 0.5, "
                           "prefix_tokens: [1, 25], seed: 0}}")
@@ -176,29 +194,6 @@ class TrainConfig(OptimConfig):
     teacher_tokenizer: Literal["shared", "own"] = Field("shared", description="own: its own tokenizer (loss uld)")
     teacher_cache: str | None = Field(None, description="a directory for the teacher's top-k (gkd, dckd)")
     _loss_options: Any = PrivateAttr(None)  # the loss's options model, built from loss_options (api.build_config)
-
-
-# Keys a resumed run may change: they do not change what is trained (the rest must equal the saved config).
-RESUMABLE_KEYS = frozenset({"output_dir", "progress", "log_every", "save_every", "keep_last", "eval_every", "report_to",
-                            "run_name", "max_memory_gb", "release_memory", "teacher_cache"})
-
-
-def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two dumped configs, except RESUMABLE_KEYS."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        if not prefix and key in RESUMABLE_KEYS:
-            continue
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += changed_keys(a, b, prefix + key + ".")
-        elif _normalised(a) != _normalised(b):
-            out.append(prefix + key)
-    return out
-
-
-def _normalised(value):
-    return [_normalised(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def _first_error(err: ValidationError) -> ConfigError:

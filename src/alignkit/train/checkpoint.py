@@ -15,12 +15,12 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_model
 
-from alignkit.config import changed_keys
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.models.lora import is_peft, load_adapter_weights
 from alignkit.train.distributed import (
@@ -144,9 +144,32 @@ def _load_weights(model, weights: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
+# Keys a resumed run may change: they do not change what is trained (the rest must equal the saved config).
+RESUMABLE_KEYS = frozenset({"output_dir", "progress", "log_every", "save_every", "keep_last", "eval_every", "report_to",
+                            "run_name", "max_memory_gb", "release_memory", "teacher_cache"})
+
+
+def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two dumped configs, except RESUMABLE_KEYS."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if not prefix and key in RESUMABLE_KEYS:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, prefix + key + ".")
+        elif _normalised(a) != _normalised(b):
+            out.append(prefix + key)
+    return out
+
+
+def _normalised(value):
+    return [_normalised(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 def check_resume(output_dir, cfg) -> None:
     """A run that will resume from output_dir's checkpoints must be the run that saved them: keys that change what
-    is trained (data, seed, batch plan, loss, ...) must equal the saved config.json (config.RESUMABLE_KEYS may
+    is trained (data, seed, batch plan, loss, ...) must equal the saved config.json (RESUMABLE_KEYS may
     differ). Called before anything is written, so the saved config is the old run's."""
     saved_path = Path(output_dir) / "config.json"
     if not any(checkpoint_root(output_dir).glob("step-*")) or not saved_path.exists():

@@ -29,6 +29,7 @@ from alignkit.train.packing import Packing
 from alignkit.train.ref_update import MovingReference, offline_reference
 from alignkit.train.reference import Reference
 from alignkit.train.run import Run, set_seed
+from alignkit.train.selective import check_selective
 from alignkit.train.step import accumulate, autocast, mean_metrics
 from alignkit.train.teacher_cache import TeacherCache, check_cache_options
 
@@ -107,12 +108,13 @@ class OfflineTraining:
         self.run.save(done, self.carried.checkpoint(), extra)
 
 
-def train(cfg: TrainConfig, model=None, tokenizer=None) -> TrainResult:
+def train(cfg: TrainConfig, model=None, tokenizer=None, examples=None) -> TrainResult:
     """Train `model` (default: load cfg.model) with cfg.loss. Under torchrun every rank runs this same function
-    (see train/distributed.py); the results are the same as one process with the same global batches."""
+    (see train/distributed.py); the results are the same as one process with the same global batches. examples:
+    tokenised training examples to train on instead of reading cfg.train_data (Selective DPO's fold runs)."""
     ctx = init_distributed()
     try:
-        return _train(cfg, model, tokenizer, ctx)
+        return _train(cfg, model, tokenizer, ctx, examples)
     finally:
         shutdown(ctx)
 
@@ -145,6 +147,7 @@ def check_offline_setup(cfg: TrainConfig, method: Method, ctx: Dist) -> None:
     if spec.output == "rewards" and cfg.sft_weight > 0:
         raise ConfigError("sft_weight", f"loss '{cfg.loss}' trains a reward model, which has no log-probs; set 0")
     check_method_setup(spec, method.opts, cfg, ctx)
+    check_selective(cfg, spec)
 
 
 def load_model(cfg: TrainConfig, method: Method, ctx: Dist, model=None, tokenizer=None):
@@ -213,7 +216,7 @@ def use_teacher_cache(cache: TeacherCache, method: Method, data: OfflineData, pa
     return replace(method, teacher=None, teacher_topk=True)
 
 
-def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
+def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist, examples=None) -> TrainResult:
     set_seed(cfg.seed)
     method = Method.from_config(cfg)
     check_offline_setup(cfg, method, ctx)
@@ -223,7 +226,7 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist) -> TrainResult:
     attention = cfg.attention if not reward_model else attention_implementation(model)
     packing = Packing.from_config(cfg, tokenizer, attention)
     cfg = cfg.model_copy(update={"max_tokens_per_row": packing.max_tokens_per_row})  # as resolved, in config.json
-    data = offline_data(cfg, model, tokenizer, method.spec)
+    data = offline_data(cfg, model, tokenizer, method.spec, examples)
     run = Run(cfg, ctx, tokenizer)
     model = run.prepare(model, reward_model)
     if cfg.max_memory_gb is not None:

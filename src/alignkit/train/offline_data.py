@@ -20,6 +20,7 @@ from alignkit.train.loss_inputs import check_record_fields
 from alignkit.train.packing import Packing
 from alignkit.train.pair_filter import ches_filter
 from alignkit.train.reference import Reference, build_reference
+from alignkit.train.selective import selective_filter
 
 log = logging.getLogger("alignkit.train")
 
@@ -64,14 +65,20 @@ def load_data(cfg: TrainConfig, tokenizer, shape: str):
     return train_examples, []
 
 
-def offline_data(cfg: TrainConfig, model, tokenizer, spec) -> OfflineData:
+def offline_data(cfg: TrainConfig, model, tokenizer, spec, examples=None) -> OfflineData:
     """The training and evaluation examples of the loss's data shape, checked for the fields it reads, in the
-    reward model's layout where it trains one, and the steps planned over them."""
-    train_examples, eval_examples = load_data(cfg, tokenizer, spec.data_shape)
-    if cfg.augment and "recovery" in cfg.augment:
+    reward model's layout where it trains one, and the steps planned over them. examples: training examples already
+    prepared (Selective DPO's fold runs), trained as they are: no evaluation set, no augmentation or filter."""
+    if examples is not None:
+        train_examples, eval_examples = examples, []
+    else:
+        train_examples, eval_examples = load_data(cfg, tokenizer, spec.data_shape)
+    if cfg.augment and "recovery" in cfg.augment and examples is None:
         train_examples = with_recovery_examples(cfg, spec.data_shape, train_examples)
-    if cfg.filter and "ches" in cfg.filter:
-        train_examples = ches_filter(model, train_examples, cfg.filter["ches"].get("drop", 0.1), cfg.output_dir)
+    if cfg.filter is not None and cfg.filter.ches is not None and examples is None:
+        train_examples = ches_filter(model, train_examples, cfg.filter.ches.get("drop", 0.1), cfg.output_dir)
+    if cfg.filter is not None and cfg.filter.selective is not None and examples is None:
+        train_examples = selective_filter(cfg, model, tokenizer, train_examples)
     check_record_fields(spec, chain(train_examples, eval_examples))  # e.g. MODPO's other objectives' rewards
     if spec.output == "rewards":  # encoders read [CLS] prompt [SEP] response [SEP]
         train_examples = prepare_reward_examples(model, tokenizer, train_examples, cfg.max_length)

@@ -131,12 +131,24 @@ def reference_logps(model, examples, packing: Packing, use_cache: bool = True):
         return _cached_logps(model, examples, packing)
 
 
-def _cached_logps(model, examples, packing: Packing):
+def _cache_path(model, examples, packing: Packing):
     settings = packing.precision if packing.temperature == 1 else f"{packing.precision}|T={packing.temperature!r}"
     key = hashlib.blake2b(
         f"{weights_fingerprint(model)}|{examples_fingerprint(examples)}|{settings}".encode(), digest_size=16
     ).hexdigest()
-    path = cache_dir() / "ref_logps" / f"{key}.safetensors"
+    return cache_dir() / "ref_logps" / f"{key}.safetensors"
+
+
+def _store(path, seq_logps: torch.Tensor, token_logps: list[torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"seq_logps": seq_logps.contiguous(), "token_logps": torch.cat(token_logps).contiguous(),
+               "token_counts": torch.tensor([len(t) for t in token_logps])}, tmp)
+    os.replace(tmp, path)
+
+
+def _cached_logps(model, examples, packing: Packing):
+    path = _cache_path(model, examples, packing)
     if path.exists():
         try:
             stored = load_file(path)
@@ -146,9 +158,16 @@ def _cached_logps(model, examples, packing: Packing):
         except Exception as err:  # noqa: BLE001 - a broken cache file is recomputed, not fatal
             log.warning("reference cache %s unreadable (%s); recomputing", path, err)
     seq_logps, token_logps = score_examples(model, examples, packing)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"seq_logps": seq_logps.contiguous(), "token_logps": torch.cat(token_logps).contiguous(),
-               "token_counts": torch.tensor([len(t) for t in token_logps])}, tmp)
-    os.replace(tmp, path)
+    _store(path, seq_logps, token_logps)
     return seq_logps, token_logps
+
+
+def cache_subsets(model, examples, packing: Packing, subsets: list[list[int]], values) -> None:
+    """Store, for each subset (example indices), the cache entry a run on exactly examples[subset] under `model`
+    will look up, cut from `values` (seq_logps, token_logps) of the whole set: Selective DPO's fold runs and the
+    filtered run then read the reference instead of scoring it again."""
+    seq_logps, token_logps = values
+    with adapters_disabled(model):
+        for subset in subsets:
+            part = [examples[i] for i in subset]
+            _store(_cache_path(model, part, packing), seq_logps[subset], [token_logps[i] for i in subset])
