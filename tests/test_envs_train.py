@@ -148,7 +148,7 @@ def forked_rollout(k: int = 2):
 
 def round_context(method: str, tokenizer, trained=None, **options):
     spec = get_loss(ONLINE_METHODS[method].loss)
-    cfg = SimpleNamespace(mask_truncated=False, updates_per_round=1)
+    cfg = SimpleNamespace(mask_truncated=False, updates_per_round=1, turn_credit="conversation")
     policy = chat_model(tokenizer, seed=1) if trained is None else trained.policy
     scorer = Scorer(trained or policy, policy, Packing(4096, None, tokenizer.pad_token_id))
     return RoundContext(cfg, build_options(spec, options), scorer, None, RunningMoments(), None)

@@ -32,17 +32,20 @@ SEED_STRIDE = 7919  # each turn's generate calls are seeded apart, so turn 2 doe
 
 @dataclass
 class Segment:
-    """One sequence the learner trains on: ids, loss_mask 1 exactly on engine-sampled tokens, and the engine's
-    log-prob of each sampled token (0.0 elsewhere)."""
+    """One sequence the learner trains on: ids, loss_mask 1 exactly on engine-sampled tokens, the engine's
+    log-prob of each sampled token (0.0 elsewhere) and the assistant turn (0-based) it was sampled in (-1 elsewhere:
+    per-turn credit, online/turn_credit.py)."""
 
     ids: list[int]
     loss_mask: list[int]
     engine_logps: list[float]
+    turns: list[int] = field(default_factory=list)
 
-    def extend(self, ids: list[int], logps: list[float] | None = None) -> None:
+    def extend(self, ids: list[int], logps: list[float] | None = None, turn: int = -1) -> None:
         self.ids += ids
         self.loss_mask += [0 if logps is None else 1] * len(ids)
         self.engine_logps += [0.0] * len(ids) if logps is None else list(logps)
+        self.turns += [-1 if logps is None else turn] * len(ids)
 
 
 @dataclass
@@ -172,7 +175,7 @@ def _add_reply(run: _Run, tokenizer, ids: list[int], logps: list[float], end_ids
     sampled text itself, so the template re-renders it as it was sampled."""
     segment = run.trajectory.segments[-1]
     context_ids = list(segment.ids)
-    segment.extend(list(ids), logps)
+    segment.extend(list(ids), logps, run.trajectory.turns)
     body = ids[:-1] if ids and ids[-1] in end_ids else ids  # the template writes the end-of-turn itself
     text = _decode(tokenizer, body)
     run.context += _decode(tokenizer, ids)

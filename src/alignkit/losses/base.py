@@ -94,7 +94,7 @@ class LossInputs:
     rewards: torch.Tensor | None = None  # [B, k] the rollout's rewards of each sample
     old_logps: torch.Tensor | None = None  # [B, k] summed log-probs under pi_old
     old_token_logps: torch.Tensor | None = None  # [B, k, T]
-    advantages: torch.Tensor | None = None  # [B, k, T] per-token advantages (PPO's GAE)
+    advantages: torch.Tensor | None = None  # [B, k, T] per-token advantages (PPO's GAE; per-turn credit)
     returns: torch.Tensor | None = None  # [B, k, T] value targets
     values: torch.Tensor | None = None  # [B, k, T] value-head predictions (with gradient)
     old_values: torch.Tensor | None = None  # [B, k, T] the value head's predictions at rollout time

@@ -113,8 +113,6 @@ def _kl_metrics(logps: torch.Tensor, ref_logps: torch.Tensor | None, mask: torch
             for e in estimators}
 
 
-
-
 class _ReferenceIfKL(OffPolicyOptions):
     kl_coef: float = Field(0.0, ge=0, description="weight of the KL to the reference in the loss; 0: no KL term")
 
@@ -196,14 +194,20 @@ def _kl_term(per_token, inputs: LossInputs, logps, opts, name: str, weight: torc
     return per_token + opts.kl_coef * kl
 
 
+def _advantages(inputs: LossInputs, opts, device) -> torch.Tensor:
+    """inputs.advantages [B, k, T] where the rollout gives them (turn_credit per_turn), else group advantages [B, k, 1]."""
+    given = inputs.advantages
+    return given if given is not None else group_advantages(inputs.rewards.to(device), opts.scale_rewards)[..., None]
+
+
 def grpo_loss(inputs: LossInputs, opts: GRPOOptions) -> LossOutput:
     """l_{i,t} = -min(rho A_i, clip(rho, 1-e, 1+e_high) A_i) + kl_coef * k_t [* rho], rho = pi / pi_old per token (or
-    GSPO's sequence ratio s_i), k_t the kl_estimator (k3), rho on it with kl_bias_correction, A_i = group-relative advantage of sample i among its prompt's k samples; aggregated per
+    GSPO's sequence ratio s_i), k_t the kl_estimator (k3), rho on it with kl_bias_correction, A_i = group-relative advantage of sample i among its prompt's k samples (per token where the rollout gives advantages: per-turn credit); aggregated per
     `loss_aggregation`. DeepSeekMath, arXiv 2402.03300 (objective as transcribed in TRL's docs); Dr. GRPO, arXiv
     2503.20783; DAPO, arXiv 2503.14476; GSPO, arXiv 2507.18071."""
     logps, mask = inputs.token_logps, inputs.token_mask
     old = inputs.old_token_logps if inputs.old_token_logps is not None else logps.detach()
-    advantages = group_advantages(inputs.rewards.to(logps.device), opts.scale_rewards)[..., None]
+    advantages = _advantages(inputs, opts, logps.device)
     ratio = _ratio(logps, old, mask, opts.importance_sampling_level)
     eps_high = opts.epsilon_high or opts.epsilon
     per_token = clipped_surrogate(ratio, advantages, opts.epsilon, eps_high).expand_as(logps)
@@ -251,7 +255,7 @@ def cispo_loss(inputs: LossInputs, opts: CISPOOptions) -> LossOutput:
     its gradient, unlike the PPO clip; aggregated per `loss_aggregation` (the paper: token-mean)."""
     logps = inputs.token_logps
     old = inputs.old_token_logps if inputs.old_token_logps is not None else logps.detach()
-    advantages = group_advantages(inputs.rewards.to(logps.device), opts.scale_rewards)[..., None]
+    advantages = _advantages(inputs, opts, logps.device)
     ratio = torch.exp(logps - old)  # with its gradient for the KL's bias correction; the weights stop it
     weights = ratio.detach().clamp(min=opts.weight_min or None, max=opts.weight_max)
     per_token = -weights * advantages * logps

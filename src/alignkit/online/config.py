@@ -79,6 +79,11 @@ class OnlineConfig(OptimConfig):
     environment_reward: Literal["final", "sum"] = Field("final", description="environment: a conversation's reward, "
                                                         "its last turn's or the sum of its turns'; where the "
                                                         "environment gives none, `reward` scores the last answer")
+    turn_credit: Literal["conversation", "per_turn"] = Field(
+        "conversation", description="environment: conversation: every assistant token takes its conversation's "
+        "advantage; per_turn: each assistant turn's tokens take the advantage of that turn's return (its reward and "
+        "the later turns'), normalised over the group's conversations at the same turn index (docs/environments.md; "
+        "grpo, dapo, gspo, cispo, reinforce++; needs environment_reward: sum)")
     # Distillation (docs/distillation.md): methods opd and gkd.
     teacher: str | None = Field(None, description="opd / gkd: the frozen teacher (alias, directory or hub id) with the "
                                 "student's vocabulary; it may be larger")
@@ -148,6 +153,7 @@ def method_loss(cfg: OnlineConfig):
         raise ConfigError("overlong_cache", "shapes a single answer's length against sampling.max_new_tokens; a "
                                             "conversation's budget is max_length (a conversation cut by it counts as "
                                             "cut: missing_eos_penalty, mask_truncated)")
+    check_turn_credit(cfg, method)
     if (cfg.lmbda < 1 or cfg.seq_kd) and cfg.method != "gkd":
         raise ConfigError("lmbda" if cfg.lmbda < 1 else "seq_kd", f"GKD's mixing of student and teacher samples: "
                                                                   f"method gkd only, not {cfg.method}")
@@ -159,6 +165,24 @@ def method_loss(cfg: OnlineConfig):
         raise ConfigError("ref_update_every", "cannot be combined with lora (the reference is the base model with the "
                                               "adapters off); set 0")
     return spec, build_options(spec, cfg.loss_options)
+
+
+def check_turn_credit(cfg: OnlineConfig, method) -> None:
+    """Per-turn credit needs turns (an environment), turn rewards that sum to the conversation's, and a loss that
+    takes per-token advantages."""
+    if cfg.turn_credit == "conversation":
+        return
+    if cfg.environment is None:
+        raise ConfigError("turn_credit", "per_turn credits the assistant turns of multi-turn conversations: set an "
+                                         "environment, or leave turn_credit: conversation")
+    if cfg.environment_reward != "sum":
+        raise ConfigError("turn_credit", "per_turn credits each turn with its reward and the later turns', so a "
+                                         "conversation's reward must be the sum of its turns': set "
+                                         "environment_reward: sum")
+    if not method.turn_credit:
+        raise ConfigError("turn_credit", f"per_turn gives each token its turn's advantage, which {cfg.method} does "
+                          f"not take (rloo: one ratio per conversation; ppo: GAE from its value head): use grpo, "
+                          f"dapo, gspo, cispo or reinforce++, or turn_credit: conversation")
 
 
 def check_async(cfg: OnlineConfig, method, spec) -> None:

@@ -7,7 +7,10 @@ A conversation that forked (its template re-rendered earlier turns) trains on ev
 Rollout.forked, one example per record and level in the record's k slots, so each segment is a training sequence
 whose mask covers its own sampled tokens and which takes its conversation's reward (the group stays the record's k
 conversations). A conversation stopped by a limit counts as cut (finished False; mask_truncated drops it), as a
-sample cut at max_new_tokens does."""
+sample cut at max_new_tokens does.
+
+Each example also carries, for per-turn credit (online/turn_credit.py), the assistant turn of each trained token
+(extras["turns"]) and, on a record's first example, each conversation's per-turn returns (extras["turn_returns"])."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from alignkit.envs import EnvError, EnvironmentFactory, Limits, Trajectory, load
 from alignkit.envs.trajectory import Segment
 from alignkit.errors import ConfigError
 from alignkit.online.rollout import Rollout, RolloutShape, shaped_rewards
+from alignkit.online.turn_credit import turn_returns
 
 
 @dataclass
@@ -77,6 +81,9 @@ def environment_rollout(engine, tokenizer, records: list[dict], sampling: Sampli
     finished = torch.tensor(finished, dtype=torch.bool)
     rewards = shaped_rewards(_rewards(trajectories, records, k, setup.reward), finished,
                              [e.response_ids for e in examples], shape)
+    for b, example in enumerate(examples):  # per-turn credit (online/turn_credit.py) reads them
+        example.extras["turn_returns"] = [turn_returns(t.turn_rewards, r) for t, r in
+                                          zip(trajectories[b * k:(b + 1) * k], rewards[b].tolist())]
     total = sum(len(s) for e in examples + [e for parts in forked for e, _ in parts] for s in e.response_ids)
     rollout = Rollout([r.get("prompt") for r in records], texts, examples, rewards, finished, total, generated,
                       time.perf_counter() - tic, engine_logps, forked=forked if any(forked) else None)
@@ -115,7 +122,9 @@ def _level_examples(slots: list[Segment | None], max_length: int) -> list[tuple[
     masks = [[] if s is None else [bool(m) for m in s.loss_mask[start:][:room]] for s in slots]
     logps = torch.tensor([lp for s, mask in zip(slots, masks) if s is not None
                           for lp, m in zip(s.engine_logps[start:], mask) if m], dtype=torch.float32)
-    return [(TokenizedExample(list(present[0].ids[:start]), responses, response_loss_masks=masks), logps)]
+    turns = [[] if s is None else [t for t, m in zip(s.turns[start:], mask) if m] for s, mask in zip(slots, masks)]
+    return [(TokenizedExample(list(present[0].ids[:start]), responses, response_loss_masks=masks,
+                              extras={"turns": turns}), logps)]
 
 
 def _rewards(trajectories: list[Trajectory], records: list[dict], k: int, reward) -> list:

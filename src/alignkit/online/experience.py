@@ -20,12 +20,14 @@ from alignkit.losses.base import needs
 from alignkit.models.token_kl import pad_tokens
 from alignkit.online.advantages import (
     RunningMoments,
+    masked_whiten,
     normalise_scores,
     ppo_advantages,
     reinforce_pp_advantages,
 )
 from alignkit.online.rollout import Rollout, training_examples
 from alignkit.online.self_reward import consistency_weights, implicit_reward_agreement
+from alignkit.online.turn_credit import turn_credit_advantages, turn_credit_scores
 from alignkit.train.apo import extrapolated_logps
 from alignkit.train.packing import Packing
 from alignkit.train.ref_update import MovingReference
@@ -130,8 +132,13 @@ def _scored(rollout: Rollout, round_ctx: RoundContext, behaviour: bool, with_val
 
 def rl_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
     """GRPO / RLOO: behaviour log-probs only where a rollout feeds several updates (else the ratio is 1 and the
-    policy's own detached log-probs stand in, as TRL does)."""
-    return _scored(rollout, round_ctx, behaviour=round_ctx.cfg.updates_per_round > 1)
+    policy's own detached log-probs stand in, as TRL does). With turn_credit per_turn, each token's advantage is its
+    turn's (online/turn_credit.py), in place of the loss's group advantage of the conversations' rewards."""
+    experience = _scored(rollout, round_ctx, behaviour=round_ctx.cfg.updates_per_round > 1)
+    if round_ctx.cfg.turn_credit == "per_turn":
+        experience.per_token["advantages"] = turn_credit_advantages(
+            rollout.examples, experience.examples, training_examples(rollout)[2], round_ctx.opts.scale_rewards)
+    return experience
 
 
 def distill_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
@@ -148,13 +155,18 @@ def distill_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
 
 def reinforce_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
     """REINFORCE++: the group-centred rewards whitened over every trained token of the whole rollout (global, not per
-    micro-batch: the experience holds the round's every response)."""
-    experience = rl_experience(rollout, round_ctx)
+    micro-batch: the experience holds the round's every response); with turn_credit per_turn, each token's turn's
+    return centred on the group's returns of that turn index."""
+    experience = _scored(rollout, round_ctx, behaviour=round_ctx.cfg.updates_per_round > 1)
     examples = experience.examples
     _, mask = pad_flat([torch.zeros(sum(e.trained_lengths)) for e in examples], examples)
     if experience.trained is not None:
         mask = mask & experience.trained[..., None]
-    advantages = reinforce_pp_advantages(experience.per_response["rewards"], mask, round_ctx.opts.baseline)
+    if round_ctx.cfg.turn_credit == "per_turn":  # each token its turn's centred return, then the same whitening
+        scores = turn_credit_scores(rollout.examples, examples, training_examples(rollout)[2], round_ctx.opts.baseline)
+        advantages = masked_whiten(pad_flat(scores, examples)[0], mask)
+    else:
+        advantages = reinforce_pp_advantages(experience.per_response["rewards"], mask, round_ctx.opts.baseline)
     experience.per_token["advantages"] = split_flat(advantages, examples)
     return experience
 

@@ -27,14 +27,17 @@ class OnlineMethod:
     self_judge: bool = False  # the policy (or `judge`) scores the samples; CREAM compares consecutive iterations
     reference_every: int = 0  # default ref_update_every (0: the reference stays the starting policy)
     dynamic_sampling: bool = False  # default: groups whose rewards all tie are dropped and refilled (DAPO)
+    turn_credit: bool = False  # takes per-token advantages, so turn_credit per_turn (online/turn_credit.py)
 
 
 ONLINE_METHODS: dict[str, OnlineMethod] = {
-    "grpo": OnlineMethod("grpo", rl_experience, "arXiv 2402.03300"),
-    "dapo": OnlineMethod("dapo", rl_experience, "arXiv 2503.14476", dynamic_sampling=True),
-    "gspo": OnlineMethod("gspo", rl_experience, "arXiv 2507.18071"),
-    "cispo": OnlineMethod("cispo", rl_experience, "arXiv 2506.13585"),
-    "reinforce++": OnlineMethod("reinforce++", reinforce_experience, "arXiv 2501.03262"),
+    "grpo": OnlineMethod("grpo", rl_experience, "arXiv 2402.03300", turn_credit=True),
+    "dapo": OnlineMethod("dapo", rl_experience, "arXiv 2503.14476", dynamic_sampling=True,
+                         turn_credit=True),
+    "gspo": OnlineMethod("gspo", rl_experience, "arXiv 2507.18071", turn_credit=True),
+    "cispo": OnlineMethod("cispo", rl_experience, "arXiv 2506.13585", turn_credit=True),
+    "reinforce++": OnlineMethod("reinforce++", reinforce_experience, "arXiv 2501.03262",
+                                turn_credit=True),
     "rloo": OnlineMethod("rloo", rl_experience, "arXiv 2402.14740"),
     "ppo": OnlineMethod("ppo", ppo_experience, "arXiv 1707.06347, 2307.04964", value_head=True),
     "online-dpo": OnlineMethod("dpo", pair_experience, "arXiv 2402.04792", pairs=True),

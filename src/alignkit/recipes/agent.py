@@ -86,7 +86,10 @@ RATE_NAMES = {"success": "success", "first_all_met": "all met, attempt 1", "firs
 # environment are the job's). Settings from the pilot (benchmarks/agent_pilot.py, docs/agent_pilot.md).
 ONLINE = {"method": "grpo", "model": "smollm2-135m-instruct", "prompts": "set-by-the-job", "max_length": 768,
           # SCoRe's stage-II objective: r1 + r2 + alpha (r2 - r1), alpha 1 (envs/self_correction.py)
-          "environment_reward": "sum", "rounds": 12, "prompts_per_round": 5, "num_samples": 8,
+          "environment_reward": "sum",
+          # every assistant token takes its conversation's advantage; per_turn (--turn_credit per_turn): each attempt
+          # its own return, attempt 1 r1 + r2 + alpha (r2 - r1), attempt 2 r2 + alpha (r2 - r1) (online/turn_credit.py)
+          "turn_credit": "conversation", "rounds": 12, "prompts_per_round": 5, "num_samples": 8,
           "sampling": {"max_new_tokens": 48, "temperature": 1.0, "batch_size": 64, "engine_precision": "bf16"},
           "learning_rate": 5e-4, "lora": {"r": 16, "alpha": 32}, "precision": "bf16",
           # no KL term (with LoRA the reference is the adapters off); truncated IS against the bf16 engine
