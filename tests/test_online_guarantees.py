@@ -325,6 +325,23 @@ def test_a_resume_with_a_changed_config_is_refused_naming_the_keys(task, tmp_pat
     assert main(["online", "--config", config, "--log_every", "2"]) == 0  # bookkeeping keys may change
 
 
+def test_a_run_saved_before_a_key_existed_resumes_when_the_key_keeps_its_default(task, tmp_path, capsys):
+    model = copy.deepcopy(task.model)
+    model.save_pretrained(tmp_path / "model")
+    task.tokenizer.save_pretrained(tmp_path / "model")
+    write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts(64, seed=31)])
+    config = write_online_config(tmp_path, task, "run", rounds=3, prompts_per_round=4)
+    assert main(["online", "--config", config]) == 0
+    saved_path = tmp_path / "run" / "config.json"
+    saved = json.loads(saved_path.read_text())
+    del saved["turn_credit"], saved["sampling"]["top_k"]  # keys an older version did not write
+    saved_path.write_text(json.dumps(saved))
+    assert main(["online", "--config", config]) == 0  # absent = the default: the same run
+    saved_path.write_text(json.dumps(saved))
+    assert main(["online", "--config", config, "--top_k", "5"]) == 2  # absent is not "anything"
+    assert "changed: sampling.top_k" in capsys.readouterr().err.replace("\n", " ")
+
+
 def test_an_offline_resume_with_a_changed_config_is_refused(tmp_path, capsys):
     from alignkit.data.synthetic import VOCABULARY, preference_records
     from alignkit.models.tiny import build_tiny_model, build_word_tokenizer

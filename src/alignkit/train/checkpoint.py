@@ -149,15 +149,20 @@ RESUMABLE_KEYS = frozenset({"output_dir", "progress", "log_every", "save_every",
                             "run_name", "max_memory_gb", "release_memory", "teacher_cache"})
 
 
-def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two dumped configs, except RESUMABLE_KEYS."""
+def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "",
+                 defaults: dict[str, Any] | None = None) -> list[str]:
+    """Dotted keys whose values differ between two dumped configs, except RESUMABLE_KEYS. A key the saved config
+    lacks counts as its default (`defaults`, dumped like the configs): a run saved before the key existed ran with
+    the behaviour its default keeps."""
+    defaults = defaults or {}
     out = []
     for key in sorted(set(saved) | set(current)):
         if not prefix and key in RESUMABLE_KEYS:
             continue
-        a, b = saved.get(key), current.get(key)
+        a, b = saved.get(key, defaults.get(key)), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += changed_keys(a, b, prefix + key + ".")
+            nested = defaults.get(key)
+            out += changed_keys(a, b, prefix + key + ".", nested if isinstance(nested, dict) else None)
         elif _normalised(a) != _normalised(b):
             out.append(prefix + key)
     return out
@@ -165,6 +170,17 @@ def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "
 
 def _normalised(value):
     return [_normalised(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def config_defaults(cls) -> dict[str, Any]:
+    """The dumped default of each field of a pydantic config class that has one (nested sections as dicts)."""
+    out = {}
+    for name, field in cls.model_fields.items():
+        if field.is_required():
+            continue
+        value = field.get_default(call_default_factory=True)
+        out[name] = json.loads(json.dumps(value.model_dump() if hasattr(value, "model_dump") else value))
+    return out
 
 
 def check_resume(output_dir, cfg) -> None:
@@ -179,7 +195,7 @@ def check_resume(output_dir, cfg) -> None:
     except ValueError:
         raise ConfigError("output_dir", f"{saved_path} is not readable JSON; cannot check that this run may resume "
                                         "from its checkpoints (use a new output_dir)") from None
-    changed = changed_keys(saved, json.loads(json.dumps(cfg.model_dump())))
+    changed = changed_keys(saved, json.loads(json.dumps(cfg.model_dump())), defaults=config_defaults(type(cfg)))
     if changed:
         raise ConfigError(changed[0], f"differs from the run saved in {output_dir} (changed: {', '.join(changed)}); "
                                       "resuming would not continue that run: restore the saved values "
