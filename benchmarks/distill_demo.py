@@ -190,11 +190,25 @@ def write_results(args, summary: dict) -> None:
     text = ["# Distillation demo: SmolLM2-135M-Instruct → every other layer dropped", "",
             f"Command: `{settings['command']}`", "", *header, *lines, "",
             "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items() if k != "command"), "",
-            "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), ""]
+            "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), "",
+            *examples(args, evals, names)]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.with_suffix(".md").write_text("\n".join(text))
     plot(evals, names, args.results.with_suffix(".png"))
     print("\n".join(text))
+
+
+def examples(args, evals: dict, names: dict, shown: int = 3) -> list[str]:
+    """The first answer of each model to the first `shown` held-out prompts (newlines escaped)."""
+    _, prompts = split_prompts(args.seed, args.eval_prompts)
+    per_prompt = len(evals["cut"]["texts"]) // len(prompts)
+    lines = ["## Held-out answers (each model's first sample, temperature 1)", ""]
+    for i, prompt in enumerate(prompts[:shown]):
+        lines.append(f"**{prompt[-1]['content'] if isinstance(prompt, list) else prompt}**")
+        lines += [f"- {names[k]}: {json.dumps(run['texts'][i * per_prompt][:160], ensure_ascii=False)}"
+                  for k, run in evals.items()]
+        lines.append("")
+    return lines
 
 
 def plot(evals: dict, names: dict, path: Path) -> None:
