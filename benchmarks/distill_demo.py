@@ -183,11 +183,11 @@ def write_results(args, summary: dict) -> None:
     settings = {**summary["settings"], **run_counts(args.output_dir)}
     header = ["| model | KL(student ‖ teacher), nats/token (trained − cut [95% CI]) | teacher NLL of the samples, "
               "nats/token | teacher's reward | words | train s |", "|---|---|---|---|---|---|"]
-    names = {"teacher": "teacher (30 layers)", "cut": "cut student (15 layers), untrained",
+    names = {"teacher": "teacher (30 layers)", "cut": "cut student, untrained",
              "opd": "on-policy distillation (opd, λ 1)", "gkd": f"GKD (λ {args.gkd_lmbda}, β {args.gkd_beta}, seq_kd)",
              "sft": "SFT on teacher samples"}
     lines = [row(names[k], evals[k], gain.get(k), seconds.get(k)) for k in evals]
-    text = ["# Distillation demo: SmolLM2-135M-Instruct → every other layer dropped", "",
+    text = [f"# Distillation demo: SmolLM2-135M-Instruct → a student of its {settings['student'].split(' (')[0]}", "",
             f"Command: `{settings['command']}`", "", *header, *lines, "",
             "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items() if k != "command"), "",
             "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), "",
@@ -244,6 +244,8 @@ def parse_args():
     parser.add_argument("--num_samples", type=int, default=4, help="completions per prompt")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--drop_every", type=int, default=2,
+                        help="the student drops layers 1, 1 + n, 1 + 2n, ... (2: every other layer; 5: 6 of 30)")
     parser.add_argument("--lora_r", type=int, default=0, help="0: full fine-tuning")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--gkd_lmbda", type=float, default=0.5)
@@ -264,7 +266,8 @@ def main() -> None:
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = load_model_and_tokenizer(args.teacher)
-    cut = drop_layers(copy.deepcopy(teacher), range(0, teacher.config.num_hidden_layers, 2))
+    keep = [i for i in range(teacher.config.num_hidden_layers) if i % args.drop_every != 1 % args.drop_every]
+    cut = drop_layers(copy.deepcopy(teacher), keep)
     student_dir = out / "student_cut"
     cut.save_pretrained(student_dir)
     tokenizer.save_pretrained(student_dir)
@@ -289,7 +292,8 @@ def main() -> None:
     seconds["evaluation"] = time.perf_counter() - tic
     gain = {name: gains(evals[name], evals["cut"]) for name in trained}
     settings = {"command": "python " + " ".join(sys.argv), "teacher": args.teacher,
-                "student": f"layers 0, 2, ..., 28 of 30 ({parameter_count(cut) / 1e6:.1f}M of "
+                "student": f"layers {', '.join(map(str, keep))} of {teacher.config.num_hidden_layers} "
+                           f"({parameter_count(cut) / 1e6:.1f}M of "
                            f"{parameter_count(teacher) / 1e6:.1f}M parameters)",
                 "train prompts": len(train_prompts), "held-out prompts": len(eval_prompts),
                 "samples per method": args.rounds * args.prompts_per_round * args.num_samples,
