@@ -8,7 +8,7 @@ import pytest
 
 from alignkit.config import load_command_config
 from alignkit.errors import ConfigError
-from alignkit.recipes.rl import ONLINE, TYPES, RLConfig, training_reward
+from alignkit.recipes.rl import ONLINE, PROMPT_SETS, TYPES, RLConfig, training_reward
 from alignkit.recipes.stages import online_option_names
 from alignkit.rewards.verifiable.constraints import describe, describe_training, n_training_wordings
 from alignkit.rewards.verifiable.degenerate import DegenerateGuard
@@ -80,6 +80,12 @@ def test_a_record_not_in_the_training_wording_is_refused():
     reworded = next(r for r in record if any(wording_of(s, r["prompt"][0]["content"]) for s in r["constraints"]))
     with pytest.raises(ValueError, match="not a prompt_sets record in the training wording"):
         task_of(reworded)
+
+
+def test_the_shipped_training_set_is_varied_and_the_guard_is_on():
+    variety = PROMPT_SETS["variety"]
+    assert variety["wordings"] and set(variety["single_types"]).isdisjoint(TYPES)
+    assert isinstance(training_reward(RLConfig()), DegenerateGuard)
 
 
 def config(**overrides) -> RLConfig:

@@ -43,10 +43,15 @@ from alignkit.train.packing import pad_token_id
 # prompts, temperature 1): types the base model meets 5-60 % of the time, a signal and room to learn. Dropped:
 # exclude, max_sentences, min_words (>= 69 % already), lowercase, uppercase, paragraphs, quoted, json (<= 3 %), and,
 # though inside the band, min_sentences (it conflicts with max_words) and max_capital_words (59 %, at the top).
+# These pairs' types; min_words, exclude, max_sentences and min_sentences are trained alone (PROMPT_SETS's variety).
 TYPES = ("max_words", "include", "starts_with", "ends_with", "no_commas", "title", "placeholders", "bullets")
 # The shipped assets/rl_train.jsonl and rl_eval.jsonl: rewards.verifiable.prompts.write_prompt_sets(dir, TYPES,
 # **PROMPT_SETS) (a test regenerates and compares them).
-PROMPT_SETS = {"n_train": 512, "n_eval": 96, "seed": 0}
+# rl_train.jsonl's variety (prompts.vary_training): each instruction in one of its training wordings, and every 4th
+# record one constraint of a type the pairs leave out, so the policy does not trade those away.
+PROMPT_SETS = {"n_train": 512, "n_eval": 96, "seed": 0,
+               "variety": {"wordings": True, "single_types": ("min_words", "exclude", "max_sentences", "min_sentences"),
+                           "single_every": 4}}
 # The shipped assets/rl_eval_phrasings.jsonl: prompts.write_phrasing_set(dir, TYPES, **PHRASING_SET): every type of
 # the checkers, each instruction in a held-out phrasing, on held-out topics and combinations.
 PHRASING_SET = {"n": 96, "seed": PROMPT_SETS["seed"]}
@@ -88,7 +93,7 @@ class RLConfig(Strict):
     min_words: int = Field(5, ge=0, description="training reward 0 for answers shorter than this (a guard against "
                            "bare answers that game the checkers)")
     max_repeat: float = Field(0.3, ge=0, le=1, description="training reward 0 above this share of repeated bigrams")
-    flag_reward: float | None = Field(None, description="training reward of an answer with a degeneracy flag "
+    flag_reward: float | None = Field(0.0, description="training reward of an answer with a degeneracy flag "
                                       "(rewards/verifiable/degenerate.py DegenerateGuard); null: flags not used")
     kl_answers: int = Field(32, gt=1, description="answers sampled at temperature 1 for the KL to the start")
     seed: int = 0
