@@ -98,3 +98,20 @@ def test_per_turn_outcomes_on_hand_written_conversations():
     assert second == {"turn": 2, "reached": 0.75, "tool_call": 0.25, "malformed_call": 0.0, "succeeded": 0.25}
     rows = turn_rows({"turns_before": got["turns"], "turns_after": got["turns"][:1]})
     assert rows[1][1] == "100% -> 100%" and rows[2][1] == "75% -> 0%"
+
+
+def test_self_correction_trains_on_make_rls_pairs_in_their_training_wording():
+    """make agent's records are make rl's constraint pairs as the pilot had them: every training record has two
+    constraints, each in the checker's own wording (rl_train.jsonl's variety, other wordings and single constraints,
+    is make rl's choice, not this job's), and the held-out records are rl_eval.jsonl's."""
+    from alignkit.data.load import load_records
+    from alignkit.recipes.agent import AgentConfig, records_of
+    from alignkit.recipes.rl import shipped
+    from alignkit.rewards.verifiable.constraints import describe
+
+    train, held = records_of(AgentConfig(num_train=64, num_eval=8))
+    assert len(train) == 64 and all(len(r["constraints"]) == 2 for r in train)
+    assert all(describe(c) in r["prompt"][-1]["content"] for r in train for c in r["constraints"])
+    strip = [{k: v for k, v in r.items() if not k.startswith("_")}
+             for r in load_records(shipped("rl_eval.jsonl"), shape="prompts")[:8]]
+    assert [{k: v for k, v in r.items() if not k.startswith("_")} for r in held] == strip

@@ -35,8 +35,9 @@ from alignkit.eval.report import rich_table, write_html_report
 from alignkit.generate.engines import make_engine
 from alignkit.online.config import OnlineConfig
 from alignkit.online.run import OnlineInputs, run_online
-from alignkit.recipes.rl import shipped
+from alignkit.recipes.rl import PROMPT_SETS, TYPES, shipped
 from alignkit.recipes.stages import Stages, online_option_names, percent_ci, points_ci, with_recipe_defaults
+from alignkit.rewards.verifiable.prompts import prompt_sets
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,8 @@ class AgentConfig(Strict):
     model: str = "smollm2-135m-instruct"
     output_dir: str = "runs/agent"
     task: Literal["self-correction", "arithmetic"] = Field("self-correction", description="the environment")
-    num_train: int = Field(512, gt=0, description="training records: the first of the shipped constraint prompts, "
-                                                  "or generated problems")
+    num_train: int = Field(512, gt=0, description="training records: the first of make rl's constraint pairs in "
+                                                  "their training wording, or generated problems")
     num_eval: int = Field(96, gt=0, description="held-out records: the first of the shipped held-out prompts, or "
                                                 "generated problems")
     arithmetic_steps: int = Field(1, ge=1, le=2, description="arithmetic: 1 (a product) or 2 (then a sum or "
@@ -135,7 +136,9 @@ def records_of(cfg: AgentConfig) -> tuple[list[dict], list[dict]]:
     """(training, held-out) records: the shipped constraint prompt sets, or generated problems (seeded)."""
     if cfg.task == "arithmetic":
         return arithmetic_sets(cfg.num_train, cfg.num_eval, cfg.seed, cfg.arithmetic_steps)
-    train = load_records(shipped("rl_train.jsonl"), shape="prompts")[:cfg.num_train]
+    # make rl's pairs in their training wording, without rl_train.jsonl's variety (other wordings, single
+    # constraints): the self-correction pilot and the job's measured figures were made on these records
+    train = prompt_sets(TYPES, PROMPT_SETS["n_train"], PROMPT_SETS["n_eval"], PROMPT_SETS["seed"])[0][:cfg.num_train]
     return train, load_records(shipped("rl_eval.jsonl"), shape="prompts")[:cfg.num_eval]
 
 
