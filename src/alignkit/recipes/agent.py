@@ -1,6 +1,6 @@
 """The third main job: multi-turn RL on SmolLM2-135M-Instruct, on CPU, end to end, in one of the two shipped
 environments (the pilot chose self-correction: docs/agent_pilot.md):
-- `self-correction` (SCoRe): the shipped constraint prompts of `make rl`; attempt 1, the checkers' verdict as a user
+- `self-correction` (SCoRe): `make rl`'s constraint pairs (training wording) and held-out prompts; attempt 1, the checkers' verdict as a user
   turn naming each broken instruction, attempt 2; success: every constraint met on attempt 2;
 - `arithmetic`: generated word problems with the sandboxed `calculate` tool; success: the exact answer.
 
