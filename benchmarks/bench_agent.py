@@ -35,13 +35,14 @@ import os
 import platform
 import re
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # calculator_env, for both contenders' processes
+
+from contenders import print_result, run_in_own_process  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 WORK = Path(__file__).parent / "work"
@@ -339,19 +340,12 @@ def main() -> None:
     model_dir = Path(args.model_dir) if args.model_dir else warm_start(args)
     if args.one:
         result = (run_trl if args.one == "trl" else run_alignkit)(args, model_dir)
-        print("RESULT " + json.dumps(result))
+        print_result(result)
         return
     tic = time.perf_counter()
     rows = {}
     for name in args.contenders.split(","):
-        cmd = [sys.executable, __file__, "--one", name, *[x for k, v in vars(args).items()
-                                                        if k not in ("one", "contenders") and v is not None
-                                                        for x in (f"--{k.replace('_', '-')}", str(v))]]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-        if run.returncode or not lines:
-            raise SystemExit(f"{name} failed:\n{run.stderr[-4000:]}")
-        rows[name] = json.loads(lines[-1][len("RESULT "):])
+        rows[name] = run_in_own_process(__file__, name, args)
         print(name, rows[name], flush=True)
     import torch
     import trl

@@ -34,11 +34,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from contenders import print_result, run_in_own_process
 
 RESULTS = Path(__file__).parent / "results"
 WORK = Path(__file__).parent / "work" / "distill"
@@ -306,20 +307,13 @@ def main() -> None:
     args = parser.parse_args()
     teacher_dir, student_dir = student(args)
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args, teacher_dir, student_dir)))
+        print_result(run_one(args.one, args, teacher_dir, student_dir))
         return
     tic = time.perf_counter()
     rows, loads = {}, {}
     for name in args.contenders.split(","):
-        cmd = [sys.executable, __file__, "--one", name, *[x for k, v in vars(args).items()
-                                                        if k not in ("one", "contenders") and v is not None
-                                                        for x in (f"--{k.replace('_', '-')}", str(v))]]
         loads[name] = os.getloadavg()[0]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-        if run.returncode or not lines:
-            raise SystemExit(f"{name} failed:\n{run.stderr[-4000:]}")
-        rows[name] = json.loads(lines[-1][len("RESULT "):])
+        rows[name] = run_in_own_process(__file__, name, args)
         print(name, rows[name], flush=True)
     header = setup(args, teacher_dir, student_dir, loads, time.perf_counter() - tic)
     RESULTS.mkdir(exist_ok=True)

@@ -16,12 +16,13 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from importlib import resources
 from pathlib import Path
+
+from contenders import print_result, run_in_own_process
 
 RESULTS = Path(__file__).parent / "results"
 # alignkit: fp32 throughout (the fast engine's default); _bf16_engine: bf16 engine weights; _bf16: bf16 engine and
@@ -182,20 +183,13 @@ def main() -> None:
     if args.one:
         result = run_trl(args, args.one == "trl_bf16") if args.one.startswith("trl") else run_alignkit(
             args, *ALIGNKIT[args.one])
-        print("RESULT " + json.dumps(result))
+        print_result(result)
         return
     rows = {}
     if args.reuse and (RESULTS / "grpo.json").exists():  # keep contenders measured by an earlier run of this script
         rows = json.loads((RESULTS / "grpo.json").read_text())["contenders"]
     for name in args.contenders.split(","):
-        cmd = [sys.executable, __file__, "--one", name, *[x for k, v in vars(args).items()
-                                                        if k not in ("one", "contenders", "reuse")
-                                                        for x in (f"--{k.replace('_', '-')}", str(v))]]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-        if run.returncode or not lines:
-            raise SystemExit(f"{name} failed:\n{run.stderr[-4000:]}")
-        rows[name] = json.loads(lines[-1][len("RESULT "):])
+        rows[name] = run_in_own_process(__file__, name, args, skip=("reuse",))
         print(name, rows[name], flush=True)
     import torch
     import trl
