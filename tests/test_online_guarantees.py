@@ -310,13 +310,19 @@ def test_online_sigkill_at_a_random_round_then_resume_is_exact(task, tmp_path):
     assert_resumed_exactly(tmp_path / "killed", tmp_path / "straight", 8, killed_at)
 
 
-def test_a_resume_with_a_changed_config_is_refused_naming_the_keys(task, tmp_path, capsys):
+def three_round_run(task, tmp_path) -> str:
+    """A finished 3-round online run in tmp_path/run (checkpoints of rounds 1 and 2 left); its config file."""
     model = copy.deepcopy(task.model)
     model.save_pretrained(tmp_path / "model")
     task.tokenizer.save_pretrained(tmp_path / "model")
     write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts(64, seed=31)])
     config = write_online_config(tmp_path, task, "run", rounds=3, prompts_per_round=4)
-    assert main(["online", "--config", config]) == 0  # leaves the checkpoints of rounds 1 and 2
+    assert main(["online", "--config", config]) == 0
+    return config
+
+
+def test_a_resume_with_a_changed_config_is_refused_naming_the_keys(task, tmp_path, capsys):
+    config = three_round_run(task, tmp_path)
     saved = (tmp_path / "run" / "config.json").read_text()
     assert main(["online", "--config", config, "--kl_coef", "0.2", "--seed", "3", "--progress", "true"]) == 2
     err = capsys.readouterr().err.replace("\n", " ")
@@ -326,12 +332,7 @@ def test_a_resume_with_a_changed_config_is_refused_naming_the_keys(task, tmp_pat
 
 
 def test_a_run_saved_before_a_key_existed_resumes_when_the_key_keeps_its_default(task, tmp_path, capsys):
-    model = copy.deepcopy(task.model)
-    model.save_pretrained(tmp_path / "model")
-    task.tokenizer.save_pretrained(tmp_path / "model")
-    write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts(64, seed=31)])
-    config = write_online_config(tmp_path, task, "run", rounds=3, prompts_per_round=4)
-    assert main(["online", "--config", config]) == 0
+    config = three_round_run(task, tmp_path)
     saved_path = tmp_path / "run" / "config.json"
     saved = json.loads(saved_path.read_text())
     del saved["turn_credit"], saved["sampling"]["top_k"]  # keys an older version did not write
