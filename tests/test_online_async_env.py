@@ -1,0 +1,121 @@
+"""Async rollouts with a multi-turn environment: a tiny chat policy talks to a scripted tool environment (each turn
+answered by a tool message, 1 to 3 turns) while the learner trains. N = 0 is the synchronous run; with N = 1 every
+trained token carries version max(0, r - 1) and the environment's tokens carry no loss; a run stopped mid-way
+resumes to the uninterrupted run's metrics, conversations and weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkit.envs import Step
+from alignkit.online import OnlineInputs, online_config, run_online
+from alignkit.online import run as online_run
+from alignkit.online.producer import sampling_version
+from alignkit.online.rollout import training_examples
+from alignkit.train.logging import read_metrics
+from alignkit.train.reference import score_examples
+from envs_support import chat_model, chat_tokenizer
+from test_online_guarantees import crash_in_round, rollout_lines, without_timing
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ASYNC_KEYS = ("weight_version", "sampled_version", "staleness", "time/wait_s")
+QUESTIONS = ["what is two", "what is three", "what is five", "hello what", "the sum of two", "try the answer"]
+
+
+class ToolParity:
+    """A scripted tool environment: an answer with an odd number of words is answered by a tool message and the
+    conversation goes on (3 assistant turns at most); each answer is rewarded its length in words / 10."""
+
+    tools: list = []
+
+    def reset(self, row):
+        self.turns = 0
+        return list(row["prompt"])
+
+    def step(self, message):
+        self.turns += 1
+        words = len(message["content"].split())
+        done = words % 2 == 0 or self.turns >= 3
+        return Step([] if done else [{"role": "tool", "content": "5"}], words / 10, done, {})
+
+    def close(self):
+        pass
+
+
+def run(tmp_path, name: str, staleness: int | None, **overrides):
+    tokenizer = chat_tokenizer()
+    records = [{"prompt": [{"role": "user", "content": q}]} for q in QUESTIONS]
+    settings = dict(method="grpo", model="tiny", prompts="-", output_dir=str(tmp_path / name), rounds=4,
+                    prompts_per_round=2, num_samples=3, environment="test_online_async_env:ToolParity", max_turns=3,
+                    max_length=128, max_tokens_per_batch=1024, learning_rate=1e-3, eval_samples=1,
+                    eval_before_after=False, progress=False, seed=0,
+                    sampling={"max_new_tokens": 5, "engine": "fast", "temperature": 1.0})
+    settings.update(overrides)
+    if staleness is not None:
+        settings["async"] = {"max_staleness": staleness}
+    return run_online(online_config(settings), chat_model(tokenizer), tokenizer,
+                      OnlineInputs(records, records[:2], lambda prompts, texts: [0.0] * len(texts)))
+
+
+def test_staleness_zero_with_an_environment_equals_the_synchronous_run(tmp_path):
+    sync, zero = run(tmp_path, "sync", None, epochs=2), run(tmp_path, "zero", 0, epochs=2)
+    assert max(row["turns"] for row in sync.rounds) > 1  # conversations went on past their first answer
+    stripped = [{k: v for k, v in row.items() if k not in ASYNC_KEYS} for row in zero.rounds]
+    assert without_timing(stripped) == without_timing(sync.rounds)
+    assert rollout_lines(tmp_path / "zero") == rollout_lines(tmp_path / "sync")
+    for name, tensor in sync.model.state_dict().items():
+        assert torch.equal(zero.model.state_dict()[name], tensor), name
+
+
+def test_conversation_tokens_carry_their_version_and_environment_tokens_none(tmp_path, monkeypatch):
+    """With N = 1, round r's sampled tokens carry version max(0, r - 1), their engine log-probs are those of the policy
+    saved at that version, and the tool replies in between are in the sequences but carry no version and no loss."""
+    snapshots, rollouts, runs = {}, {}, []
+    real_learn, real_round = online_run.OnlineRun.learn, online_run.OnlineRun.round
+
+    def learn(self, experience, round_index):
+        runs.append(self)
+        snapshots[round_index] = {k: v.clone() for k, v in self.policy.state_dict().items()}
+        return real_learn(self, experience, round_index)
+
+    def round_(self, round_index):
+        row, rollout = real_round(self, round_index)
+        rollouts[round_index] = rollout
+        return row, rollout
+
+    monkeypatch.setattr(online_run.OnlineRun, "learn", learn)
+    monkeypatch.setattr(online_run.OnlineRun, "round", round_)
+    result = run(tmp_path, "async", 1)
+    assert [row["staleness"] for row in result.rounds] == [0, 1, 1, 1]
+    scorer, environment_tokens = chat_model(chat_tokenizer()), 0
+    for r, rollout in rollouts.items():
+        examples, engine_logps, _ = training_examples(rollout)
+        for example, versions in zip(examples, rollout.token_versions):
+            masks = example.response_loss_masks
+            assert len(versions) == sum(example.trained_lengths) == sum(sum(m) for m in masks)
+            assert set(versions.tolist()) == {sampling_version(r, 1)}
+            environment_tokens += sum(len(m) - sum(m) for m in masks)
+        scorer.load_state_dict(snapshots[sampling_version(r, 1)])
+        sampled_by = torch.cat(score_examples(scorer, examples, runs[0].packing)[1])
+        assert torch.allclose(sampled_by, torch.cat(engine_logps), atol=1e-4), f"round {r + 1}"
+        if r >= 2:  # the learner moved past the sampling version: its log-probs differ from the engine's
+            scorer.load_state_dict(snapshots[r])
+            current = torch.cat(score_examples(scorer, examples, runs[0].packing)[1])
+            assert (current - torch.cat(engine_logps)).abs().max() > 1e-3
+    assert environment_tokens > 0  # tool replies sat between the answers
+    assert all("engine_ratio_masked" in row for row in result.rounds)  # auto: decoupled
+
+
+def test_a_stopped_async_run_with_an_environment_resumes_exactly(tmp_path):
+    common = dict(rounds=4, save_every=1, keep_last=10, epochs=2)
+    run(tmp_path, "straight", 1, **common)
+    crash_in_round(3, lambda: run(tmp_path, "stopped", 1, **common))  # round 3 was sampled ahead
+    assert (tmp_path / "stopped" / "checkpoints" / "step-00000002" / "inflight_rollouts.pt").exists()
+    resumed = run(tmp_path, "stopped", 1, **common)
+    assert [row["round"] for row in resumed.rounds] == [3, 4]
+    assert without_timing(read_metrics(tmp_path / "stopped")) == without_timing(read_metrics(tmp_path / "straight"))
+    assert rollout_lines(tmp_path / "stopped") == rollout_lines(tmp_path / "straight")
+    final, expected = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("stopped", "straight"))
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
