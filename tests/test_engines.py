@@ -274,6 +274,30 @@ def test_fast_engine_weight_push_equals_reloading(task):
     assert pushed.ids == reloaded.ids and pushed.logprobs == reloaded.logprobs and pushed.ids != before.ids
 
 
+def test_fast_engine_keeps_one_copy_of_a_tied_embedding_and_head(task):
+    """A tied model's embedding and head are one matrix: the engine copies it once (a SmolLM2-sized vocabulary copy
+    saved), and samples as the untied copies did; an untied model keeps two."""
+    from alignkit.generate.engines import FastEngine
+    from alignkit.models.tiny import tiny_config
+
+    tied_config = tiny_config("llama", task.model.config.vocab_size)
+    tied_config.tie_word_embeddings = True
+    tied = type(task.model)(tied_config).eval()
+    assert tied.get_output_embeddings().weight is tied.model.embed_tokens.weight
+    ids = encode_prompts(task.tokenizer, prompts(4, seed=8))
+    cfg = SamplingOptions(max_new_tokens=8)
+    for precision in (None, "bf16"):
+        engine = FastEngine(tied, task.tokenizer, precision or "fp32")
+        assert engine.head.data_ptr() == engine.embed.data_ptr()
+        shared = engine.generate(ids, cfg, 2, 5)
+        engine.head = engine.head.clone()  # what the engine held before: two equal copies
+        separate = engine.generate(ids, cfg, 2, 5)
+        assert shared.ids == separate.ids and shared.logprobs == separate.logprobs
+    untied = FastEngine(task.model, task.tokenizer)
+    assert untied.head.data_ptr() != untied.embed.data_ptr()
+    torch.testing.assert_close(untied.head, task.model.get_output_embeddings().weight, rtol=0, atol=0)
+
+
 def test_fast_engine_sleeps_through_the_learner_and_wakes_with_the_new_weights(task, tmp_path, monkeypatch):
     """sleep() drops the engine's weight copies (the learner's peak does not carry them), generate refuses to run
     asleep, and the next update_weights brings it back: an online round scores and learns with the engine asleep."""

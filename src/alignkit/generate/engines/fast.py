@@ -117,7 +117,9 @@ class FastEngine:
         self.layers = [_Layer(layer, dtype) for layer in decoder.layers]
         self.embed = whole(decoder.embed_tokens.weight).detach().to(dtype, copy=True)
         self.norm = whole(decoder.norm.weight).detach().to(dtype, copy=True)
-        self.head = whole(model.get_output_embeddings().weight).detach().to(dtype, copy=True)
+        head = model.get_output_embeddings().weight
+        # tied (SmolLM2, Qwen2): one copy serves both, as in the policy itself
+        self.head = self.embed if head is decoder.embed_tokens.weight else whole(head).detach().to(dtype, copy=True)
         self.rotary = decoder.rotary_emb
         self.eps = config.rms_norm_eps
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
