@@ -47,7 +47,8 @@ class Environment(Protocol):
 
 
 class Limits(BaseModel):
-    """What one trajectory may spend; a trajectory that reaches a limit is flagged (Trajectory.limit)."""
+    """What one trajectory may spend (a trajectory that reaches a limit is flagged, Trajectory.limit), and how many
+    environment calls a rollout runs at once."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -59,6 +60,7 @@ class Limits(BaseModel):
     reward: Literal["final", "sum"] = "final"  # the trajectory's reward: the last turn's, or the sum over turns
     require_reward: bool = True  # a trajectory that ends with no reward is an error (False: the caller scores it)
     seed: int = 0  # of the first turn's sampling; turn t samples with seed + SEED_STRIDE * t
+    workers: int = Field(16, ge=1)  # threads that reset and step the environments of a turn at once (1: in turn)
 
 
 DEFAULT_LIMITS = Limits()

@@ -5,10 +5,15 @@ sampled. Each environment turn is appended as the continuation of the text so fa
 the new messages, the text already in the sequence must be a prefix of that rendering, and only the new text after
 it is tokenised (and masked). Earlier ids are never re-tokenised. Where the template re-renders earlier turns
 differently (one that drops earlier <think> blocks, or ends turns with a token the sampler did not emit), the
-trajectory forks: a new segment starts from the rendered context, and the fork is counted."""
+trajectory forks: a new segment starts from the rendered context, and the fork is counted.
+
+The environments of one turn are reset and stepped concurrently (Limits.workers threads), since a tool call mostly
+waits on I/O; their answers are applied in the rollouts' fixed order, so the trajectories are those of a sequential
+run."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from alignkit.data.template import render_chat
@@ -105,17 +110,22 @@ class _Run:
 def run_trajectories(engine, tokenizer, environments: list, rows: list[dict], sampling, limits: Limits = DEFAULT_LIMITS
                      ) -> list[Trajectory]:
     """One trajectory per (environment, row), all advanced together: each turn is one generate call per token cap
-    over the trajectories still running. Every environment is closed at the end, also on an error."""
+    over the trajectories still running, then every environment's step at once. Every environment is closed at the
+    end, also on an error (after every call in flight has returned)."""
     if len(environments) != len(rows):
         raise ValueError(f"{len(environments)} environments for {len(rows)} rows: give one environment per rollout")
     try:
-        runs = [_start(env, row, (i, _row_number(row, i)), tokenizer) for i, (env, row) in enumerate(zip(environments,
-                                                                                                          rows))]
-        for turn in range(limits.max_turns):
-            live = [run for run in runs if not run.ended]
-            if not live:
-                break
-            _take_turn(engine, tokenizer, live, sampling, limits, limits.seed + SEED_STRIDE * turn)
+        with EnvCalls(limits.workers) as calls:
+            places = [(i, _row_number(row, i)) for i, row in enumerate(rows)]
+            prompts = calls.results([calls.submit(checked_reset, env, row, number)
+                                     for env, row, (_, number) in zip(environments, rows, places)])
+            runs = [_start(env, messages, row, place, tokenizer)
+                    for env, messages, row, place in zip(environments, prompts, rows, places)]
+            for turn in range(limits.max_turns):
+                live = [run for run in runs if not run.ended]
+                if not live:
+                    break
+                _take_turn(engine, tokenizer, live, sampling, limits, (limits.seed + SEED_STRIDE * turn, calls))
         for run in runs:
             _finish(run, limits)
         return [run.trajectory for run in runs]
@@ -124,15 +134,45 @@ def run_trajectories(engine, tokenizer, environments: list, rows: list[dict], sa
             close_quietly(env)
 
 
+class EnvCalls:
+    """Runs environment calls (reset, step) on a bounded thread pool, or inline with one worker (the sequential run).
+    An async environment's coroutine runs on the shared event loop (envs/base.resolve), so those overlap as well."""
+
+    def __init__(self, workers: int):
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="alignkit-env-calls") if workers > 1 else None
+
+    def submit(self, call, *args) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(call, *args)
+        future = Future()
+        try:
+            future.set_result(call(*args))
+        except Exception as err:  # noqa: BLE001 - raised by results(), in the rollouts' order
+            future.set_exception(err)
+        return future
+
+    @staticmethod
+    def results(futures: list[Future]) -> list:
+        """Every call's result once all have returned; the first error in the given order is raised."""
+        wait(futures)
+        return [future.result() for future in futures]
+
+    def __enter__(self) -> EnvCalls:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _row_number(row: dict, i: int) -> int:
     return row.get("_row") or i + 1
 
 
-def _start(env, row: dict, place: tuple[int, int], tokenizer) -> _Run:
-    """Reset the environment and render its prompt once: with the tools through the template where it renders
+def _start(env, messages: list[dict], row: dict, place: tuple[int, int], tokenizer) -> _Run:
+    """Render the prompt an environment's reset gave once: with the tools through the template where it renders
     them, else with the default tool block in the system turn. place: (position, row number)."""
     position, index = place
-    messages = checked_reset(env, row, index)
     tools = list(getattr(env, "tools", None) or [])
     in_template = bool(tools) and template_supports_tools(tokenizer)
     rendered = messages if in_template or not tools else with_tool_block(messages, tools)
@@ -145,8 +185,10 @@ def _start(env, row: dict, place: tuple[int, int], tokenizer) -> _Run:
     return _Run(env, index, position, trajectory, list(rendered), template_tools, text)
 
 
-def _take_turn(engine, tokenizer, live: list[_Run], sampling, limits: Limits, seed: int) -> None:
-    """Sample one assistant turn for every live trajectory, then let each environment answer it."""
+def _take_turn(engine, tokenizer, live: list[_Run], sampling, limits: Limits, seeded: tuple[int, EnvCalls]) -> None:
+    """Sample one assistant turn for every live trajectory, then let each environment answer it: a chunk's steps
+    start as soon as it is sampled (while the next chunk samples), and their answers are added in a fixed order."""
+    seed, calls = seeded
     end_ids = stop_token_ids(tokenizer, sampling.stop_strings)
     caps: dict[int, list[_Run]] = {}
     for run in live:
@@ -159,6 +201,7 @@ def _take_turn(engine, tokenizer, live: list[_Run], sampling, limits: Limits, se
     for cap, group in caps.items():  # chunks of fixed positions, so a rollout's draws never depend on which others
         for run in group:            # still run (nor on how a round's rollouts are shared out over ranks)
             chunks.setdefault((cap, run.position // sampling.batch_size), []).append(run)
+    stepped, steps = [], []
     for (cap, _), group in chunks.items():
         generation = engine.generate([run.trajectory.segments[-1].ids for run in group],
                                      sampling.model_copy(update={"max_new_tokens": cap}), 1, seed + group[0].position)
@@ -167,7 +210,10 @@ def _take_turn(engine, tokenizer, live: list[_Run], sampling, limits: Limits, se
             message = _add_reply(run, tokenizer, ids, logps, end_ids)
             run.trajectory.cut_turns += generation.finish_reasons[i][0] == "length"
             _limit_tool_calls(run, message, limits)
-            _add_step(run, tokenizer, checked_step(run.env, message, run.index), limits)
+            stepped.append(run)
+            steps.append(calls.submit(checked_step, run.env, message, run.index))
+    for run, step in zip(stepped, calls.results(steps)):
+        _add_step(run, tokenizer, step, limits)
 
 
 def _add_reply(run: _Run, tokenizer, ids: list[int], logps: list[float], end_ids: list[int]) -> dict:

@@ -79,6 +79,8 @@ class OnlineConfig(OptimConfig):
     environment_reward: Literal["final", "sum"] = Field("final", description="environment: a conversation's reward, "
                                                         "its last turn's or the sum of its turns'; where the "
                                                         "environment gives none, `reward` scores the last answer")
+    env_workers: int = Field(16, ge=1, description="environment: environments reset and stepped at once (threads; a "
+                             "tool call mostly waits on I/O); the conversations are those of 1, the sequential run")
     turn_credit: Literal["conversation", "per_turn"] = Field(
         "conversation", description="environment: conversation: every assistant token takes its conversation's "
         "advantage; per_turn: each assistant turn's tokens take the advantage of that turn's return (its reward and "

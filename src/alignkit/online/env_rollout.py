@@ -42,7 +42,7 @@ class EnvironmentSetup:
         if cfg.environment is None:
             return None
         limits = Limits(max_turns=cfg.max_turns, max_tokens=cfg.max_length, reward=cfg.environment_reward,
-                        require_reward=False)
+                        require_reward=False, workers=cfg.env_workers)
         return cls(load_environment(cfg.environment, limits), limits, reward)
 
 

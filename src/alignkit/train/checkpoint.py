@@ -146,7 +146,8 @@ def _load_weights(model, weights: dict[str, torch.Tensor]) -> None:
 
 # Keys a resumed run may change: they do not change what is trained (the rest must equal the saved config).
 RESUMABLE_KEYS = frozenset({"output_dir", "progress", "log_every", "save_every", "keep_last", "eval_every", "report_to",
-                            "run_name", "max_memory_gb", "release_memory", "teacher_cache"})
+                            "run_name", "max_memory_gb", "release_memory", "teacher_cache",
+                            "env_workers"})
 
 
 def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "",
