@@ -8,7 +8,9 @@ uses the one-step problems, which a 135M model can learn to hand to the tool on 
 
 from __future__ import annotations
 
+import json
 import random
+import re
 
 from alignkit.envs.adapters import prompt_messages
 from alignkit.envs.base import DEFAULT_LIMITS, Limits, Step
@@ -79,6 +81,32 @@ def arithmetic_sets(n_train: int, n_eval: int, seed: int = 0, steps: int = 2) ->
         if record["prompt"][0]["content"] not in seen:
             held.append(record)
     return train, held
+
+
+def demonstration_problems(n: int, exclude: list[dict], seed: int = 0, steps: int = 2) -> list[dict]:
+    """n problems for worked demonstrations (a warm start), from their own seeded stream, none of whose questions
+    is among `exclude` (the training and held-out problems); cycling through the templates like the other sets."""
+    rng, taken = random.Random(seed + 2_000_029), {r["prompt"][-1]["content"] for r in exclude}
+    out: list[dict] = []
+    while len(out) < n:
+        record = make_problem(rng, len(out) % len(TEMPLATES[steps]), steps)
+        if record["prompt"][-1]["content"] not in taken:
+            taken.add(record["prompt"][-1]["content"])
+            out.append(record)
+    return out
+
+
+def worked_replies(record: dict) -> list[str]:
+    """The assistant turns of a worked solution: one calculate call with the problem's expression, in the format
+    the instruction shows, then the answer."""
+    question = record["prompt"][-1]["content"].removesuffix(INSTRUCTION)
+    numbers = [int(x) for x in re.findall(r"\d+", question)]
+    answer = int(record["answer"])
+    expression = f"{numbers[0]} * {numbers[1]}"
+    if len(numbers) > 2:
+        expression += f" {'-' if numbers[0] * numbers[1] - numbers[2] == answer else '+'} {numbers[2]}"
+    call = json.dumps({"name": "calculate", "arguments": {"expression": expression}})
+    return [f"<tool_call>{call}</tool_call>", f"The answer is {answer}."]
 
 
 class ArithmeticTools:

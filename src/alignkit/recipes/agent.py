@@ -26,7 +26,7 @@ from rich.markup import escape
 from alignkit.config import SamplingOptions, Strict, load_command_config
 from alignkit.data.load import load_records, write_jsonl_atomic
 from alignkit.envs import Limits, run_trajectories
-from alignkit.envs.arithmetic import ArithmeticTools, arithmetic_sets
+from alignkit.envs.arithmetic import ArithmeticTools, arithmetic_sets, demonstration_problems, worked_replies
 from alignkit.envs.self_correction import SelfCorrection
 from alignkit.errors import ConfigError
 from alignkit.eval.metrics import bootstrap_mean_ci
@@ -37,6 +37,7 @@ from alignkit.online.config import OnlineConfig
 from alignkit.online.run import OnlineInputs, run_online
 from alignkit.recipes.rl import PROMPT_SETS, TYPES, shipped
 from alignkit.recipes.stages import Stages, online_option_names, percent_ci, points_ci, with_recipe_defaults
+from alignkit.recipes.warm_start import WarmStart, demonstration_examples, run_warm_start
 from alignkit.rewards.verifiable.prompts import prompt_sets
 
 
@@ -117,7 +118,16 @@ class AgentConfig(Strict):
                                                 engine_precision="bf16"),
         description="the held-out conversations, before and after")
     eval_samples: int = Field(2, gt=0, description="conversations per held-out record")
+    warm_start: WarmStart | None = Field(None, description="SFT on worked conversations before the RL run "
+                                                           "(arithmetic; default there: on, else off)")
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warm_start_default(cls, values):
+        if isinstance(values, dict) and values.get("warm_start") is None:
+            values = {**values, "warm_start": {} if values.get("task") == "arithmetic" else {"examples": 0}}
+        return values
 
     @field_validator("online", mode="before")
     @classmethod
@@ -129,6 +139,9 @@ class AgentConfig(Strict):
         if self.online.prompts_per_round > self.num_train:
             raise ConfigError("num_train", f"{self.num_train} training records for {self.online.prompts_per_round} "
                                            f"per round: give at least prompts_per_round")
+        if self.task != "arithmetic" and self.warm_start.examples:
+            raise ConfigError("warm_start.examples", f"worked conversations exist for the arithmetic task only, not "
+                                                     f"{self.task}: set 0 or give --task arithmetic")
         return self
 
 
@@ -147,9 +160,12 @@ def converse(model, tokenizer, records: list[dict], cfg: AgentConfig) -> list:
     task = TASKS[cfg.task]
     engine = make_engine(model, tokenizer, cfg.eval_sampling)
     rows = [{**r, "_row": i + 1} for i, r in enumerate(records) for _ in range(cfg.eval_samples)]
-    limits = Limits(max_turns=task.max_turns, max_tokens=cfg.online.max_length, require_reward=False,
-                    reward=cfg.online.environment_reward, seed=cfg.seed + 17)
-    return run_trajectories(engine, tokenizer, [task.make() for _ in rows], rows, cfg.eval_sampling, limits)
+    return run_trajectories(engine, tokenizer, [task.make() for _ in rows], rows, cfg.eval_sampling, _limits(cfg))
+
+
+def _limits(cfg: AgentConfig) -> Limits:
+    return Limits(max_turns=TASKS[cfg.task].max_turns, max_tokens=cfg.online.max_length, require_reward=False,
+                  reward=cfg.online.environment_reward, seed=cfg.seed + 17)
 
 
 def outcomes(trajectories: list, task: Task) -> dict:
@@ -173,15 +189,43 @@ def _replies(trajectory) -> list[dict]:
     return [m for m in trajectory.messages if m["role"] == "assistant"]
 
 
-def compare(before: dict, after: dict) -> dict:
-    """Rates with bootstrap 95 % intervals, and the paired change (same records, same sample slots and seeds)."""
+def compare(before: dict, after: dict, warm: dict | None = None) -> dict:
+    """Rates with bootstrap 95 % intervals, and the paired changes (same records, same sample slots and seeds):
+    after - before, and with a warm start, after - warm start and warm start - before."""
     out = {"rates": {}}
     for key, values in before["rates"].items():
-        out["rates"][key] = {"before": bootstrap_mean_ci(values), "after": bootstrap_mean_ci(after["rates"][key]),
-                             "change": bootstrap_mean_ci([a - b for a, b in zip(after["rates"][key], values)])}
+        trained = after["rates"][key]
+        out["rates"][key] = {"before": bootstrap_mean_ci(values), "after": bootstrap_mean_ci(trained),
+                             "change": _paired(trained, values)}
+        if warm is not None:
+            started = warm["rates"][key]
+            out["rates"][key].update(warm_start=bootstrap_mean_ci(started),
+                                     change_over_warm_start=_paired(trained, started),
+                                     warm_start_change=_paired(started, values))
     out["turns_before"], out["turns_after"] = before["turns"], after["turns"]
     out["tool_errors_before"], out["tool_errors_after"] = before["tool_errors"], after["tool_errors"]
+    if warm is not None:
+        out["turns_warm_start"], out["tool_errors_warm_start"] = warm["turns"], warm["tool_errors"]
     return out
+
+
+def _paired(after: list[float], before: list[float]):
+    return bootstrap_mean_ci([a - b for a, b in zip(after, before)])
+
+
+def warm_start(model, tokenizer, cfg: AgentConfig, records: tuple[list[dict], list[dict]], stages: Stages):
+    """The warm-started model and its held-out conversations: SFT on cfg.warm_start.examples worked conversations
+    of problems outside both the training and the held-out records."""
+    task, (train, held), out = TASKS[cfg.task], records, Path(cfg.output_dir)
+    problems = demonstration_problems(cfg.warm_start.examples, train + held, cfg.seed, cfg.arithmetic_steps)
+    examples = demonstration_examples(tokenizer, problems, task.make, worked_replies, cfg.online.sampling,
+                                      _limits(cfg))
+    write_jsonl_atomic(out / "warm_start.jsonl", [{**p, "replies": worked_replies(p)} for p in problems])
+    settings, online = cfg.warm_start, cfg.online.model_copy(update={"model": cfg.model, "seed": cfg.seed})
+    model = stages.run(f"warm start: SFT on {len(examples)} worked conversations x {settings.epochs} epoch(s)",
+                       lambda: run_warm_start(model, tokenizer, examples, settings, online, out))
+    return model, stages.run("held-out conversations (warm start)", lambda: converse(model.eval(), tokenizer, held,
+                                                                                     cfg))
 
 
 def run_agent(config: str | Path | None = None, overrides: dict[str, Any] | None = None,
@@ -201,6 +245,9 @@ def run_agent(config: str | Path | None = None, overrides: dict[str, Any] | None
     model, tokenizer = stages.run("load model", lambda: load_model_and_tokenizer(cfg.model))
     initial = copy.deepcopy(model).eval()
     before = stages.run("held-out conversations (original)", lambda: converse(initial, tokenizer, held, cfg))
+    warm = None
+    if cfg.warm_start.examples:
+        model, warm = warm_start(model, tokenizer, cfg, (train, held), stages)
     online = cfg.online.model_copy(update={"model": cfg.model, "seed": cfg.seed, "output_dir": str(out / "online"),
                                            "prompts": str(out / "train.jsonl"), "eval_prompts": str(out / "eval.jsonl"),
                                            "environment": task.environment, "max_turns": task.max_turns})
@@ -208,31 +255,38 @@ def run_agent(config: str | Path | None = None, overrides: dict[str, Any] | None
                         f"x {online.num_samples} conversations",
                         lambda: run_online(online, model, tokenizer, OnlineInputs(train, held)))
     after = stages.run("held-out conversations (trained)", lambda: converse(result.model.eval(), tokenizer, held, cfg))
-    summary = compare(outcomes(before, task), outcomes(after, task))
+    summary = compare(outcomes(before, task), outcomes(after, task), outcomes(warm, task) if warm else None)
     summary.update(task=cfg.task, method=online.method, rounds=online.rounds, max_turns=task.max_turns,
                    conversations=online.rounds * online.prompts_per_round * online.num_samples,
-                   eval_conversations=len(before), timings_s=stages.seconds, run_s=time.perf_counter() - tic)
-    write_report(out, summary, (held, before, after), result.rounds, console)
+                   eval_conversations=len(before), warm_start=cfg.warm_start.model_dump(), timings_s=stages.seconds,
+                   run_s=time.perf_counter() - tic)
+    write_report(out, summary, (held, before, after, warm), result.rounds, console)
     return summary
 
 
 def result_rows(s: dict) -> list[list[str]]:
-    rows = [["metric (held-out)", "original", "trained", "change (95% CI)"]]
+    """Per rate: original, (warm start,) trained, and the paired changes with their intervals."""
+    warm = "turns_warm_start" in s
+    rows = [["metric (held-out)", "original", *(["warm start"] if warm else []), "trained",
+             "change (95% CI)" if not warm else "trained - original (95% CI)",
+             *(["trained - warm start (95% CI)"] if warm else [])]]
     for key, r in s["rates"].items():
-        rows.append([RATE_NAMES.get(key, key), percent_ci(r["before"]), percent_ci(r["after"]), points_ci(r["change"])])
-    rows.append(["tool errors per conversation", f"{s['tool_errors_before']:.2f}", f"{s['tool_errors_after']:.2f}",
-                 ""])
+        rows.append([RATE_NAMES.get(key, key), percent_ci(r["before"]),
+                     *([percent_ci(r["warm_start"])] if warm else []), percent_ci(r["after"]),
+                     points_ci(r["change"]), *([points_ci(r["change_over_warm_start"])] if warm else [])])
+    errors = [s["tool_errors_before"], *([s["tool_errors_warm_start"]] if warm else []), s["tool_errors_after"]]
+    rows.append(["tool errors per conversation", *(f"{e:.2f}" for e in errors), *([""] * (len(rows[0]) - 1
+                                                                                          - len(errors)))])
     return rows
 
 
 def turn_rows(s: dict) -> list[list[str]]:
-    """Per assistant turn, original -> trained: shares of all conversations."""
+    """Per assistant turn, original -> (warm start ->) trained: shares of all conversations."""
     rows = [["turn", "reached", "called a tool", "malformed call", "succeeded"]]
-    before, after = s["turns_before"], s["turns_after"]
-    for t in range(max(len(before), len(after))):
-        b = before[t] if t < len(before) else {}
-        a = after[t] if t < len(after) else {}
-        rows.append([str(t + 1)] + [f"{b.get(k, 0.0):.0%} -> {a.get(k, 0.0):.0%}"
+    sides = [s["turns_before"], *([s["turns_warm_start"]] if "turns_warm_start" in s else []), s["turns_after"]]
+    for t in range(max(map(len, sides))):
+        at = [side[t] if t < len(side) else {} for side in sides]
+        rows.append([str(t + 1)] + [" -> ".join(f"{x.get(k, 0.0):.0%}" for x in at)
                                     for k in ("reached", "tool_call", "malformed_call", "succeeded")])
     return rows
 
@@ -249,15 +303,18 @@ def conversation(trajectory) -> str:
 
 
 def write_report(out: Path, s: dict, conversations: tuple, rounds: list[dict], console: Console) -> None:
-    """conversations: (held-out records, the original's trajectories, the trained model's), [record][sample] flat."""
-    held, before, after = conversations
+    """conversations: (held-out records, the original's trajectories, the trained model's, the warm-started model's
+    or None), [record][sample] flat."""
+    held, before, after, warm = conversations
     rows, per_turn = result_rows(s), turn_rows(s)
     console.print(rich_table(f"SmolLM2-135M-Instruct, {s['method']} in {s['task']} ({s['conversations']} "
                              f"conversations, {s['run_s'] / 60:.1f} min)", rows))
-    console.print(rich_table("per assistant turn (share of held-out conversations, original -> trained)", per_turn))
+    console.print(rich_table("per assistant turn (share of held-out conversations, original -> "
+                             f"{'warm start -> ' if warm else ''}trained)", per_turn))
     k = len(before) // max(len(held), 1)
     examples = [{"record": held[i]["prompt"][-1]["content"], "original": conversation(before[i * k]),
-                 "trained": conversation(after[i * k])} for i in range(min(8, len(held)))]
+                 **({"warm start": conversation(warm[i * k])} if warm else {}), "trained": conversation(after[i * k])}
+                for i in range(min(8, len(held)))]
     for e in examples[:2]:
         console.print(f"[bold]{escape(e['record'])}[/]\n  original:\n{escape(e['original'])}"
                       f"\n  trained:\n{escape(e['trained'])}")
@@ -267,6 +324,7 @@ def write_report(out: Path, s: dict, conversations: tuple, rounds: list[dict], c
     (out / "summary.json").write_text(json.dumps(s, indent=2))
     write_jsonl_atomic(out / "conversations.jsonl",
                        [{"record": held[i // k], "original": b.messages, "original_reward": b.reward,
+                         **({"warm_start": warm[i].messages, "warm_start_reward": warm[i].reward} if warm else {}),
                          "trained": a.messages, "trained_reward": a.reward}
                         for i, (b, a) in enumerate(zip(before, after))])
     timing_rows = [["stage", "seconds"]] + [[name, f"{v:.1f}"] for name, v in s["timings_s"].items()]
