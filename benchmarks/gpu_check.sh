@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU readiness, in one go on a CUDA machine (< 8 minutes on one H100/H200): the GPU-marked tests (FlexAttention
-# training gradients, the vLLM engine, NCCL DDP with 2 ranks where 2 GPUs exist), then DPO and GRPO side by side with
-# TRL on SmolLM2. Every figure lands under $OUT (default runs/gpu_check). Usage: bash benchmarks/gpu_check.sh
+# GPU readiness, in one go on a CUDA machine (< 8 minutes on one H100/H200, then the Ray checks): the GPU-marked tests
+# (FlexAttention training gradients, the vLLM engine, NCCL DDP with 2 ranks where 2 GPUs exist), then DPO and GRPO side
+# by side with TRL on SmolLM2, then the Ray rollout-worker tests and a vLLM worker placed by Ray. Every figure lands
+# under $OUT (default runs/gpu_check). Usage: bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
@@ -28,5 +29,23 @@ timeout 240 $PY benchmarks/bench_dpo.py --model smollm2 --steps 5 > "$OUT/dpo.tx
 echo "dpo bench: rc=$?" >> "$OUT/summary.txt"
 timeout 240 $PY benchmarks/bench_grpo.py --steps 4 > "$OUT/grpo.txt" 2>&1
 echo "grpo bench: rc=$?" >> "$OUT/summary.txt"
+# 4. Ray: the rollout-worker tests (CPU, a local Ray of 2 CPUs), then the placement check on the GPU: GRPO on SmolLM2
+#    with one Ray rollout worker holding a vLLM engine in a {"CPU": 1, "GPU": 1} bundle, weights pushed through the
+#    object store (docs/distributed.md, "Online RL on Ray"). Skipped, and said so, where ray or vllm is missing.
+if $PY -c "import ray" 2>/dev/null; then
+  $PY -m pytest tests/test_online_ray.py -q -p no:cacheprovider > "$OUT/ray_tests.txt" 2>&1
+  echo "ray tests: rc=$?" >> "$OUT/summary.txt"
+else
+  echo "ray tests: skipped (no ray: pip install 'alignkit[ray]')" >> "$OUT/summary.txt"
+fi
+if $PY -c "import ray, vllm" 2>/dev/null; then
+  timeout 480 $PY -m alignkit.cli online --method grpo --model smollm2-135m-instruct \
+      --prompts src/alignkit/assets/align_prompts.jsonl --rounds 2 --prompts_per_round 8 --num_samples 4 \
+      --max_new_tokens 64 --engine vllm --ray.rollout_workers 1 --ray.placement STRICT_PACK \
+      --output_dir "$OUT/ray_vllm" --progress false > "$OUT/ray_vllm.txt" 2>&1
+  echo "ray placement + vllm worker online: rc=$?" >> "$OUT/summary.txt"
+else
+  echo "ray placement + vllm worker online: skipped (ray or vllm missing)" >> "$OUT/summary.txt"
+fi
 cp benchmarks/results/smollm2.* benchmarks/results/grpo.* "$OUT/" 2>/dev/null
 cat "$OUT/summary.txt"

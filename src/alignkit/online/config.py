@@ -22,6 +22,22 @@ class AsyncOptions(Strict):
                                "at most; 0: the synchronous run")
 
 
+class RayOptions(Strict):
+    """Rollout workers on Ray (docs/distributed.md, "Ray"): each worker samples its share of every generate call with
+    its own engine; the learner stays in the driver."""
+
+    rollout_workers: int = Field(1, ge=1, description="Ray actors that sample, one placement-group bundle each")
+    address: str | None = Field(None, description="null: start Ray on this machine; auto: join the cluster `ray "
+                                "start` made; ray://host:10001: Ray Client")
+    num_cpus_per_worker: float = Field(1, gt=0, description="CPUs in each worker's bundle (and its torch threads)")
+    num_gpus_per_worker: float | None = Field(None, ge=0, description="GPUs in each bundle (default: 1 with "
+                                              "sampling.engine vllm, else 0)")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray's placement-group strategy for the workers' bundles")
+    max_restarts: int = Field(3, ge=0, description="restarts of a worker that dies (its prompts are redone)")
+    placement_timeout_s: float = Field(120, gt=0, description="how long to wait for the cluster to fit the bundles")
+
+
 class OnlineConfig(OptimConfig):
     method: Literal[tuple(ONLINE_METHODS)]
     model: str = Field(description="the starting policy (usually SFT'd): alias, HF hub id or local directory")
@@ -97,6 +113,8 @@ class OnlineConfig(OptimConfig):
         None, validation_alias=AliasChoices("async", "async_rollouts"), description="key `async`: {max_staleness: N}"
         " samples the next rounds on a background thread while the learner trains (tool calls and rewards overlap "
         "learning); GRPO family, REINFORCE++, RLOO, PPO; one process")
+    ray: RayOptions | None = Field(None, description="{rollout_workers: N, address: auto, ...}: sample on Ray "
+                                   "actors (fast or vllm engine); absent: in this process")
     # Report.
     eval_before_after: bool = Field(True, description="sample the held-out prompts before and after for "
                                     "summary.json (off where a recipe runs its own evaluation)")
@@ -163,6 +181,7 @@ def method_loss(cfg: OnlineConfig):
         raise ConfigError("teacher", f"method {cfg.method} needs a teacher: a model with the student's vocabulary"
                           if spec.needs_teacher else f"method {cfg.method} has no teacher; leave teacher unset")
     check_async(cfg, method, spec)
+    check_ray(cfg)
     if cfg.lora is not None and cfg.reference_every:
         raise ConfigError("ref_update_every", "cannot be combined with lora (the reference is the base model with the "
                                               "adapters off); set 0")
@@ -203,6 +222,17 @@ def check_async(cfg: OnlineConfig, method, spec) -> None:
     if cfg.loss_options.get("engine_correction") == "none":
         raise ConfigError("loss_options.engine_correction", f"none leaves samples up to {staleness} versions stale "
                           "uncorrected (such runs fail to learn, silently); use auto (decoupled) or another mode")
+
+
+def check_ray(cfg: OnlineConfig) -> None:
+    """What Ray rollout workers cannot run with, named before anything is loaded."""
+    if cfg.ray is None:
+        return
+    if cfg.sampling.engine == "hf":
+        raise ConfigError("sampling.engine", "Ray workers sample with their own copy of the weights: fast (or auto) "
+                                             "or vllm; hf samples from the training model itself")
+    if cfg.sampling.engine == "vllm" and cfg.ray.num_gpus_per_worker == 0:
+        raise ConfigError("ray.num_gpus_per_worker", "a vllm worker needs a GPU: leave it unset (1) or set > 0")
 
 
 def _loss_option_names(values: dict) -> set[str]:

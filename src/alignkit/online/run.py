@@ -37,6 +37,7 @@ from alignkit.online.experience import RoundContext, Scorer
 from alignkit.online.learner import learn
 from alignkit.online.methods import ONLINE_METHODS
 from alignkit.online.producer import INFLIGHT_FILE, RolloutProducer
+from alignkit.online.ray_rollouts import RolloutCluster, rollout_engine
 from alignkit.online.rollout import Rollout, RolloutShape, stamp_version
 from alignkit.online.self_reward import judge_factory
 from alignkit.online.sharding import check_sharded_engine, check_sharded_setup
@@ -83,7 +84,8 @@ def run_online(cfg: OnlineConfig, model=None, tokenizer=None, inputs: OnlineInpu
     this; the result equals one process on the same rollouts."""
     ctx = init_distributed()
     try:
-        return OnlineRun(cfg, ctx, (model, tokenizer), inputs or OnlineInputs()).train()
+        with RolloutCluster.open(cfg, ctx) as cluster:  # Ray rollout workers (cfg.ray), else None
+            return OnlineRun(cfg, ctx, (model, tokenizer), inputs or OnlineInputs(), cluster).train()
     finally:
         shutdown(ctx)
 
@@ -188,7 +190,7 @@ class OnlineRun:
     PPO's value head), reward and references. Built in the order that fixes its random draws; `train` runs the
     rounds."""
 
-    def __init__(self, cfg: OnlineConfig, ctx, model_and_tokenizer: tuple, given: OnlineInputs):
+    def __init__(self, cfg: OnlineConfig, ctx, model_and_tokenizer: tuple, given: OnlineInputs, cluster=None):
         set_seed(cfg.seed)
         self.cfg, self.method = cfg, ONLINE_METHODS[cfg.method]
         spec, opts = method_loss(cfg)
@@ -221,7 +223,7 @@ class OnlineRun:
         self.trained = PolicyWithValueHead(self.policy) if self.method.value_head else self.policy
         groups = self.trained.parameter_groups(cfg.value_learning_rate) if self.method.value_head else None
         self.run.resume(cfg.rounds * cfg.updates_per_round, self.trained, groups)
-        self.engine = make_engine(self.policy, tokenizer, cfg.sampling)  # given new weights every round
+        self.engine = rollout_engine(self.policy, tokenizer, cfg.sampling, cluster)  # new weights every round
         self.staleness = cfg.async_rollouts.max_staleness if cfg.async_rollouts is not None else None
         self.loss = replace(self.loss, opts=engine_corrected(self.loss.opts, self.engine, bool(self.staleness)))
         # GKD's seq_kd rounds: the teacher samples (its engine keeps its weights)

@@ -144,10 +144,11 @@ def _load_weights(model, weights: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-# Keys a resumed run may change: they do not change what is trained (the rest must equal the saved config).
+# Keys a resumed run may change: they do not change what is trained (the rest must equal the saved config). ray:
+# Ray workers draw what one process draws.
 RESUMABLE_KEYS = frozenset({"output_dir", "progress", "log_every", "save_every", "keep_last", "eval_every", "report_to",
                             "run_name", "max_memory_gb", "release_memory", "teacher_cache",
-                            "env_workers"})
+                            "env_workers", "ray"})
 
 
 def changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "",
