@@ -7,6 +7,7 @@ weights; what Ray refuses, by name."""
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import sys
 
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from alignkit.cli import main
+from alignkit.data.load import write_jsonl_atomic
 from alignkit.errors import ConfigError
 from alignkit.models.tiny import build_tiny_model
 from alignkit.online import OnlineInputs, online_config, ray_rollouts, run_online
@@ -30,6 +32,7 @@ from test_online_guarantees import (
     without_timing,
     write_environment_config,
     write_environment_run,
+    write_online_config,
 )
 
 ray = pytest.importorskip("ray")
@@ -73,20 +76,30 @@ def one_process(task, tmp_path_factory):
 
 
 def spy_on_workers(monkeypatch) -> list:
-    """Every RayEngine the runs make; each records the worker index of every chunk it submits (engine.chunks)."""
-    engines, real_init, real_submit = [], ray_rollouts.RayEngine.__init__, ray_rollouts.RayEngine._submit
+    """Every RayEngine the runs make; each records the worker index of every chunk it submits (engine.chunks) and
+    the most chunks it had in flight at once (engine.most_in_flight)."""
+    engines = []
+    real_init, real_submit, real_result = (ray_rollouts.RayEngine.__init__, ray_rollouts.RayEngine._submit,
+                                           ray_rollouts.RayEngine._result)
 
     def init(self, *args):
         real_init(self, *args)
-        self.chunks = []
+        self.chunks, self.in_flight, self.most_in_flight = [], 0, 0
         engines.append(self)
 
     def submit(self, index, *args):
         self.chunks.append(index)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
         return real_submit(self, index, *args)
+
+    def result(self, *args):
+        self.in_flight -= 1
+        return real_result(self, *args)
 
     monkeypatch.setattr(ray_rollouts.RayEngine, "__init__", init)
     monkeypatch.setattr(ray_rollouts.RayEngine, "_submit", submit)
+    monkeypatch.setattr(ray_rollouts.RayEngine, "_result", result)
     return engines
 
 
@@ -168,10 +181,12 @@ def test_a_run_stopped_after_a_checkpoint_resumes_on_ray_exactly(task, tmp_path,
 
 
 @pytest.mark.slow
-def test_environment_rollouts_on_ray_from_the_command_line_equal_one_process(tmp_path):
+def test_environment_rollouts_on_ray_from_the_command_line_equal_one_process(tmp_path, monkeypatch):
     """PPO on conversations of 1 to 3 turns (envs_support's Parity, stepped in the driver): `--ray.rollout_workers 2`
-    on the command line, each turn's generate call split in chunks of 3 over the workers; the conversations, the
-    metrics and the final weights are one process's."""
+    on the command line; a turn's generate calls (chunks of 3 conversations) are all started before the first is
+    waited for, so both workers sample at once; the conversations, the metrics and the final weights are one
+    process's."""
+    engines = spy_on_workers(monkeypatch)
     write_environment_run(tmp_path)
     common = dict(rounds=2, save_every=0, environment="envs_support:Parity", max_tokens_per_batch=100,
                   sampling={"max_new_tokens": 8, "engine": "fast", "batch_size": 3})
@@ -181,8 +196,36 @@ def test_environment_rollouts_on_ray_from_the_command_line_equal_one_process(tmp
     assert rollout_lines(tmp_path / "ray") == rollout_lines(tmp_path / "single")
     theirs = without_timing(read_metrics(tmp_path / "single"))
     assert without_timing(read_metrics(tmp_path / "ray")) == theirs and any(r["turns"] > 1 for r in theirs)
+    assert engines[0].most_in_flight == 4 and set(engines[0].chunks) == {0, 1}  # 12 conversations, chunks of 3
     final, expected = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("ray", "single"))
     assert all(torch.allclose(final[k], expected[k], atol=1e-5, rtol=0) for k in expected)
+
+
+@pytest.mark.slow
+def test_a_learner_group_of_two_ray_ranks_equals_one_process(task, tmp_path, caplog):
+    """`--ray.learners 2 --ray.rollout_workers 0`: two Ray actors form a gloo group and run the torchrun ranks' DDP
+    step, each sampling its 4 of a round's 8 prompts; the rollouts are one process's, the losses and the final
+    weights to 1e-5 (as tests/test_online_guarantees.py checks torchrun's)."""
+    copy.deepcopy(task.model).save_pretrained(tmp_path / "model")
+    task.tokenizer.save_pretrained(tmp_path / "model")
+    write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts(64, seed=31)])
+    common = dict(rounds=3, prompts_per_round=8, epochs=1, minibatches=2, save_every=0, max_tokens_per_batch=200,
+                  sampling={"batch_size": 2})
+    assert main(["online", "--config", write_online_config(tmp_path, task, "single", **common)]) == 0
+    with caplog.at_level(logging.INFO, logger="alignkit.online"):
+        assert main(["online", "--config", write_online_config(tmp_path, task, "ray", **common), "--ray.learners",
+                     "2", "--ray.rollout_workers", "0"]) == 0
+    ranks = next(r.args[1] for r in caplog.records if r.getMessage().startswith("learner group"))
+    assert len(set(ranks)) == 2 and os.getpid() not in ranks  # two rank processes, neither the driver
+    assert rollout_lines(tmp_path / "ray") == rollout_lines(tmp_path / "single")
+    ours, theirs = read_metrics(tmp_path / "ray"), read_metrics(tmp_path / "single")
+    assert len(ours) == len(theirs) == 3
+    for a, b in zip(ours, theirs):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4, abs=1e-5)
+    final, expected = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("ray", "single"))
+    for key in expected:
+        torch.testing.assert_close(final[key], expected[key], rtol=0, atol=1e-5)
 
 
 # ---- refusals ----
@@ -194,6 +237,9 @@ def test_environment_rollouts_on_ray_from_the_command_line_equal_one_process(tmp
     (dict(ray={"rollout_workers": 0}), "ray.rollout_workers"),
     (dict(ray={"placement": "NEAR"}), "ray.placement"),
     (dict(ray={"workers": 2}), "ray.workers"),
+    (dict(ray={"rollout_workers": 0}), "ray.rollout_workers"),
+    (dict(ray={"learners": 2}), "ray.rollout_workers"),
+    (dict(ray={"learners": 2, "rollout_workers": 0}, **{"async": {"max_staleness": 1}}), "async.max_staleness"),
 ])
 def test_ray_refusals_name_the_key(tmp_path, bad, key):
     settings = {"ray": {}, **bad}

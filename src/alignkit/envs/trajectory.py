@@ -30,7 +30,7 @@ from alignkit.envs.base import (
     resolve,
 )
 from alignkit.envs.tools import parse_reply, template_supports_tools, with_tool_block
-from alignkit.generate.engines.base import stop_token_ids
+from alignkit.generate.engines.base import start_generate, stop_token_ids
 
 SEED_STRIDE = 7919  # each turn's generate calls are seeded apart, so turn 2 does not replay turn 1's draws
 
@@ -202,9 +202,11 @@ def _take_turn(engine, tokenizer, live: list[_Run], sampling, limits: Limits, se
         for run in group:            # still run (nor on how a round's rollouts are shared out over ranks)
             chunks.setdefault((cap, run.position // sampling.batch_size), []).append(run)
     stepped, steps = [], []
-    for (cap, _), group in chunks.items():
-        generation = engine.generate([run.trajectory.segments[-1].ids for run in group],
-                                     sampling.model_copy(update={"max_new_tokens": cap}), 1, seed + group[0].position)
+    started = [(group, start_generate(engine, [run.trajectory.segments[-1].ids for run in group],  # Ray: all at once
+                                      sampling.model_copy(update={"max_new_tokens": cap}), 1, seed + group[0].position))
+               for (cap, _), group in chunks.items()]
+    for group, sampled in started:
+        generation = sampled()
         for i, run in enumerate(group):
             ids, logps = generation.ids[i][0], generation.logprobs[i][0]
             message = _add_reply(run, tokenizer, ids, logps, end_ids)

@@ -26,7 +26,12 @@ class RayOptions(Strict):
     """Rollout workers on Ray (docs/distributed.md, "Ray"): each worker samples its share of every generate call with
     its own engine; the learner stays in the driver."""
 
-    rollout_workers: int = Field(1, ge=1, description="Ray actors that sample, one placement-group bundle each")
+    rollout_workers: int = Field(1, ge=0, description="Ray actors that sample, one placement-group bundle each; 0: "
+                                 "the learners sample (with learners >= 2)")
+    learners: int = Field(1, ge=1, description="learner ranks; >= 2: Ray actors forming a torch.distributed group "
+                          "(the `distributed` step, as under torchrun), each sampling its share itself")
+    num_cpus_per_learner: float = Field(1, gt=0, description="CPUs in each learner rank's bundle (and its threads)")
+    num_gpus_per_learner: float = Field(0, ge=0, description="GPUs in each learner rank's bundle")
     address: str | None = Field(None, description="null: start Ray on this machine; auto: join the cluster `ray "
                                 "start` made; ray://host:10001: Ray Client")
     num_cpus_per_worker: float = Field(1, gt=0, description="CPUs in each worker's bundle (and its torch threads)")
@@ -228,6 +233,16 @@ def check_ray(cfg: OnlineConfig) -> None:
     """What Ray rollout workers cannot run with, named before anything is loaded."""
     if cfg.ray is None:
         return
+    if cfg.ray.learners > 1:
+        if cfg.ray.rollout_workers:
+            raise ConfigError("ray.rollout_workers", "learners on Ray sample their own shares of a round (as torchrun "
+                                                     "ranks do); rollout workers beside them are not built yet: set 0")
+        if cfg.async_rollouts is not None and cfg.async_rollouts.max_staleness > 0:
+            raise ConfigError("async.max_staleness", "async rollouts run with the learner in one process; with "
+                                                     "ray.learners >= 2 set 0")
+        return
+    if cfg.ray.rollout_workers == 0:
+        raise ConfigError("ray.rollout_workers", "0 puts nothing on Ray with one learner: set >= 1, or learners >= 2")
     if cfg.sampling.engine == "hf":
         raise ConfigError("sampling.engine", "Ray workers sample with their own copy of the weights: fast (or auto) "
                                              "or vllm; hf samples from the training model itself")

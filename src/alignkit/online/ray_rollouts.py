@@ -15,6 +15,7 @@ import copy
 import logging
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -79,13 +80,14 @@ def join_generations(prompt_ids: list, parts: list[Generation]) -> Generation:
 
 class RayEngine:
     """The driver's engine: generate splits the call into sampling.batch_size chunks, dealt round-robin to the
-    workers; update_weights pushes the policy's trainable weights to every worker. `redone` counts the chunks
+    workers (across calls); update_weights pushes the policy's trainable weights to every worker. `redone` counts the chunks
     sampled again after a worker died."""
 
     def __init__(self, ray, workers: list, max_restarts: int):
         self.ray, self.workers, self.max_restarts = ray, workers, max_restarts
         self.name, self.exact_logprobs, _ = ray.get(workers[0].describe.remote())
         self.weights, self.version, self.redone = None, 0, 0  # version 0: the weights the workers were built with
+        self.dealt = 0  # chunks dealt so far: the next goes to worker dealt % N
 
     def update_weights(self, policy) -> None:
         self.weights, self.version = self.ray.put(trainable_weights(policy)), self.version + 1
@@ -96,13 +98,18 @@ class RayEngine:
                 log.warning("rollout worker %d died during the weight push", index)
 
     def generate(self, prompt_ids, sampling, num_samples: int = 1, seed: int = 0) -> Generation:
-        starts = range(0, len(prompt_ids), sampling.batch_size)
-        chunks = [(i % len(self.workers), prompt_ids[start:start + sampling.batch_size], seed + start)
-                  for i, start in enumerate(starts)]
+        return self.submit(prompt_ids, sampling, num_samples, seed)()
+
+    def submit(self, prompt_ids, sampling, num_samples: int = 1, seed: int = 0) -> Callable[[], Generation]:
+        """Start sampling now; the returned call waits for the Generation. Callers that make several generate calls
+        (an environment's turn, one per chunk) start them all, so every worker samples at once."""
+        chunks = []
+        for start in range(0, len(prompt_ids), sampling.batch_size):
+            chunks.append((self.dealt % len(self.workers), prompt_ids[start:start + sampling.batch_size], seed + start))
+            self.dealt += 1
         jobs = [self._submit(index, chunk, sampling, num_samples, chunk_seed) for index, chunk, chunk_seed in chunks]
-        parts = [self._result(job, index, (chunk, sampling, num_samples, chunk_seed))
-                 for job, (index, chunk, chunk_seed) in zip(jobs, chunks)]
-        return join_generations(prompt_ids, parts)
+        return lambda: join_generations(prompt_ids, [self._result(job, index, (chunk, sampling, num_samples, seed_))
+                                                     for job, (index, chunk, seed_) in zip(jobs, chunks)])
 
     def _submit(self, index: int, chunk, sampling, num_samples: int, seed: int):
         version = (self.version, [self.weights])  # in a list: the worker fetches the weights only if it lacks them
@@ -134,27 +141,17 @@ class RolloutCluster:
     """A run's Ray side: the connection, one placement group and the workers, started with the policy (engine)."""
 
     def __init__(self, ray, options, engine: str):
-        self.ray, self.options = ray, options
+        self.ray, self.options, self.workers = ray, options, []
         gpus = options.num_gpus_per_worker if options.num_gpus_per_worker is not None else float(engine == "vllm")
         self.bundle = {"CPU": options.num_cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-        from ray.util.placement_group import placement_group
-
-        self.group = placement_group([dict(self.bundle)] * options.rollout_workers, strategy=options.placement)
-        ready, _ = ray.wait([self.group.ready()], timeout=options.placement_timeout_s)
-        if not ready:
-            self.close()
-            raise ConfigError("ray.rollout_workers", f"the cluster has no room for {options.rollout_workers} "
-                              f"workers of {self.bundle} ({options.placement}) after {options.placement_timeout_s:g} "
-                              "s (`ray status` shows what it has): lower rollout_workers or num_cpus_per_worker, "
-                              "or add nodes")
-        self.workers: list = []
+        self.group = placed_group(ray, options, self.bundle, options.rollout_workers, "ray.rollout_workers")
 
     @classmethod
     @contextmanager
     def open(cls, cfg, ctx):
         """The run's cluster while the run lasts (None without a `ray:` section); a Ray this call started is shut
         down after, one a caller started (ray.init) is left running."""
-        if cfg.ray is None:
+        if cfg.ray is None or cfg.ray.rollout_workers == 0:  # (0: the learners on Ray sample, online/ray_learners)
             yield None
             return
         if ctx.enabled:
@@ -193,9 +190,24 @@ class RolloutCluster:
         return RayEngine(self.ray, self.workers, self.options.max_restarts)
 
     def close(self) -> None:
-        for worker in getattr(self, "workers", []):
+        for worker in self.workers:
             self.ray.kill(worker)
         self.ray.util.remove_placement_group(self.group)
+
+
+def placed_group(ray, options, bundle: dict, count: int, key: str):
+    """A ready placement group of `count` bundles (options.placement); a cluster without room for them is refused,
+    naming `key`, after options.placement_timeout_s."""
+    from ray.util.placement_group import placement_group
+
+    group = placement_group([dict(bundle)] * count, strategy=options.placement)
+    ready, _ = ray.wait([group.ready()], timeout=options.placement_timeout_s)
+    if not ready:
+        ray.util.remove_placement_group(group)
+        raise ConfigError(key, f"the cluster has no room for {count} bundles of {bundle} ({options.placement}) after "
+                               f"{options.placement_timeout_s:g} s (`ray status` shows what it has): ask for fewer or "
+                               "smaller bundles, or add nodes")
+    return group
 
 
 def rollout_engine(policy, tokenizer, sampling, cluster: RolloutCluster | None):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from alignkit.data.load import load_records
 from alignkit.errors import ConfigError
 from alignkit.generate.engines import make_engine, sleep_engine
 from alignkit.losses import build_options
@@ -37,6 +38,7 @@ from alignkit.online.experience import RoundContext, Scorer
 from alignkit.online.learner import learn
 from alignkit.online.methods import ONLINE_METHODS
 from alignkit.online.producer import INFLIGHT_FILE, RolloutProducer
+from alignkit.online.ray_learners import run_learner_group
 from alignkit.online.ray_rollouts import RolloutCluster, rollout_engine
 from alignkit.online.rollout import Rollout, RolloutShape, stamp_version
 from alignkit.online.self_reward import judge_factory
@@ -84,6 +86,8 @@ def run_online(cfg: OnlineConfig, model=None, tokenizer=None, inputs: OnlineInpu
     this; the result equals one process on the same rollouts."""
     ctx = init_distributed()
     try:
+        if cfg.ray is not None and cfg.ray.learners > 1 and not ctx.enabled:  # the ranks as Ray actors
+            return run_learner_group(cfg, (model, tokenizer), inputs or OnlineInputs())
         with RolloutCluster.open(cfg, ctx) as cluster:  # Ray rollout workers (cfg.ray), else None
             return OnlineRun(cfg, ctx, (model, tokenizer), inputs or OnlineInputs(), cluster).train()
     finally:
@@ -108,12 +112,6 @@ def check_online_setup(cfg: OnlineConfig, ctx) -> None:
                                            "from those the samples were drawn and scored with; online runs take 0")
 
 
-def _read_records(path) -> list[dict]:
-    from alignkit.data.load import load_records
-
-    return load_records(path, shape="prompts")
-
-
 def prompt_order(n: int, needed: int, seed: int) -> list[int]:
     """Prompt indices for every round: passes over the prompts, each in a new seeded order."""
     rng, order = random.Random(seed), []
@@ -126,13 +124,13 @@ def prompt_order(n: int, needed: int, seed: int) -> list[int]:
 
 def resolve_inputs(cfg: OnlineConfig, given: OnlineInputs) -> OnlineInputs:
     """The prompts, held-out prompts and reward of the run: given, else from the config."""
-    records = _read_records(cfg.prompts) if given.prompts is None else []
+    records = load_records(cfg.prompts, shape="prompts") if given.prompts is None else []
     # With an environment the whole record is the prompt: the environment reads its fields at reset.
     prompts_of = (lambda rs: list(rs)) if cfg.environment is not None else (lambda rs: [r["prompt"] for r in rs])
     prompts = given.prompts if given.prompts is not None else prompts_of(records)
     eval_prompts = given.eval_prompts
     if eval_prompts is None and cfg.eval_prompts:
-        eval_records = _read_records(cfg.eval_prompts)
+        eval_records = load_records(cfg.eval_prompts, shape="prompts")
         records, eval_prompts = records + eval_records, prompts_of(eval_records)
     if eval_prompts is None:
         eval_prompts = random.Random(cfg.seed).sample(prompts, min(64, len(prompts)))

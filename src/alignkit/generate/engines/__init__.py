@@ -11,6 +11,7 @@ from alignkit.generate.engines.base import (
     cut_at_stop,
     encode_prompts,
     prompt_texts,
+    start_generate,
     stop_index,
     stop_token_ids,
     truncate_at_stop,
@@ -45,5 +46,5 @@ def as_engine(generator, tokenizer, sampling=None) -> Engine:
 
 
 __all__ = ["Engine", "FastEngine", "Generation", "HFEngine", "as_engine", "cut_at_stop", "encode_prompts",
-           "fast_engine_supports", "make_engine", "prompt_texts", "sleep_engine", "stop_index", "stop_token_ids",
-           "truncate_at_stop"]
+           "fast_engine_supports", "make_engine", "prompt_texts", "sleep_engine", "start_generate", "stop_index",
+           "stop_token_ids", "truncate_at_stop"]

@@ -3,6 +3,8 @@ ends (an end token or a stop string)."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,6 +48,16 @@ class Engine(Protocol):
 
     def update_weights(self, model) -> None:
         """Called after every optimizer step with the trained policy."""
+
+
+def start_generate(engine, prompt_ids: list[list[int]], sampling, num_samples: int = 1,
+                   seed: int = 0) -> Callable[[], Generation]:
+    """A call that returns engine.generate(...)'s Generation. An engine that samples elsewhere (Ray rollout workers:
+    `submit`) starts now, so calls started one after another sample at once; any other samples when it is called."""
+    submit = getattr(engine, "submit", None)
+    if submit is not None:
+        return submit(prompt_ids, sampling, num_samples, seed)
+    return functools.partial(engine.generate, prompt_ids, sampling, num_samples, seed)
 
 
 def cut_at_stop(tokenizer, ids: list[int], end_ids: list[int], stop) -> tuple[list[int], str, bool]:
