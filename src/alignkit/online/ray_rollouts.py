@@ -44,10 +44,13 @@ def trainable_weights(policy) -> dict[str, torch.Tensor]:
 class RolloutWorker:
     """One rollout worker (a Ray actor): its copy of the policy and an engine on it, at a weight version."""
 
-    def __init__(self, policy, tokenizer, sampling, threads: int):
+    def __init__(self, policy: list, tokenizer, sampling, threads: int):
+        """policy: [the object ref of the policy], fetched here (a restart fetches it again; the driver holds it)."""
+        import ray
+
         torch.set_num_threads(threads)
-        self.policy, self.version = policy, 0
-        self.engine = make_engine(policy, tokenizer, sampling)
+        self.policy, self.version = ray.get(policy[0]), 0
+        self.engine = make_engine(self.policy, tokenizer, sampling)
 
     def describe(self) -> tuple[str, bool, int]:
         """(engine name, whether its log-probs are the trainer's, process id)."""
@@ -186,7 +189,7 @@ class RolloutCluster:
             placed = PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=index)
             self.workers.append(actor.options(
                 num_cpus=self.bundle["CPU"], num_gpus=self.bundle.get("GPU", 0), max_restarts=self.options.max_restarts,
-                max_task_retries=0, scheduling_strategy=placed).remote(self.policy_ref, tokenizer, sampling, threads))
+                max_task_retries=0, scheduling_strategy=placed).remote([self.policy_ref], tokenizer, sampling, threads))
         return RayEngine(self.ray, self.workers, self.options.max_restarts)
 
     def close(self) -> None:
