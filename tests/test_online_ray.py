@@ -36,6 +36,7 @@ from test_online_guarantees import (
 )
 
 ray = pytest.importorskip("ray")
+placement_group_table = pytest.importorskip("ray.util").placement_group_table
 pytestmark = pytest.mark.usefixtures("one_thread", "local_ray")
 TWO_WORKERS = {"rollout_workers": 2}
 ASYNC_KEYS = ("weight_version", "sampled_version", "staleness", "time/wait_s")
@@ -202,21 +203,27 @@ def test_environment_rollouts_on_ray_from_the_command_line_equal_one_process(tmp
 
 
 @pytest.mark.slow
-def test_a_learner_group_of_two_ray_ranks_equals_one_process(task, tmp_path, caplog):
-    """`--ray.learners 2 --ray.rollout_workers 0`: two Ray actors form a gloo group and run the torchrun ranks' DDP
-    step, each sampling its 4 of a round's 8 prompts; the rollouts are one process's, the losses and the final
-    weights to 1e-5 (as tests/test_online_guarantees.py checks torchrun's)."""
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_learner_group_of_two_ray_ranks_equals_one_process(task, tmp_path, caplog, workers):
+    """`--ray.learners 2`: two Ray actors form a gloo group and run the torchrun ranks' DDP step, each sampling its
+    4 of a round's 8 prompts itself (rollout_workers 0) or on a rollout worker of its own (1); the rollouts are one
+    process's, the losses and the final weights to 1e-5 (as tests/test_online_guarantees.py checks torchrun's)."""
     copy.deepcopy(task.model).save_pretrained(tmp_path / "model")
     task.tokenizer.save_pretrained(tmp_path / "model")
     write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts(64, seed=31)])
     common = dict(rounds=3, prompts_per_round=8, epochs=1, minibatches=2, save_every=0, max_tokens_per_batch=200,
                   sampling={"batch_size": 2})
     assert main(["online", "--config", write_online_config(tmp_path, task, "single", **common)]) == 0
+    groups_before = set(placement_group_table())
     with caplog.at_level(logging.INFO, logger="alignkit.online"):
         assert main(["online", "--config", write_online_config(tmp_path, task, "ray", **common), "--ray.learners",
-                     "2", "--ray.rollout_workers", "0"]) == 0
+                     "2", "--ray.rollout_workers", str(workers), "--ray.num_cpus_per_learner", "0.5",
+                     "--ray.num_cpus_per_worker", "0.5"]) == 0  # four bundles in 2 CPUs
     ranks = next(r.args[1] for r in caplog.records if r.getMessage().startswith("learner group"))
     assert len(set(ranks)) == 2 and os.getpid() not in ranks  # two rank processes, neither the driver
+    # the learners' group of two bundles, and each rank's own group of rollout workers
+    groups = [group for key, group in placement_group_table().items() if key not in groups_before]
+    assert sorted(len(group["bundles"]) for group in groups) == [1] * 2 * workers + [2]
     assert rollout_lines(tmp_path / "ray") == rollout_lines(tmp_path / "single")
     ours, theirs = read_metrics(tmp_path / "ray"), read_metrics(tmp_path / "single")
     assert len(ours) == len(theirs) == 3
@@ -238,7 +245,7 @@ def test_a_learner_group_of_two_ray_ranks_equals_one_process(task, tmp_path, cap
     (dict(ray={"placement": "NEAR"}), "ray.placement"),
     (dict(ray={"workers": 2}), "ray.workers"),
     (dict(ray={"rollout_workers": 0}), "ray.rollout_workers"),
-    (dict(ray={"learners": 2}), "ray.rollout_workers"),
+    (dict(ray={"learners": 2}, distributed="fsdp"), "distributed"),
     (dict(ray={"learners": 2, "rollout_workers": 0}, **{"async": {"max_staleness": 1}}), "async.max_staleness"),
 ])
 def test_ray_refusals_name_the_key(tmp_path, bad, key):

@@ -26,8 +26,8 @@ class RayOptions(Strict):
     """Rollout workers on Ray (docs/distributed.md, "Ray"): each worker samples its share of every generate call with
     its own engine; the learner stays in the driver."""
 
-    rollout_workers: int = Field(1, ge=0, description="Ray actors that sample, one placement-group bundle each; 0: "
-                                 "the learners sample (with learners >= 2)")
+    rollout_workers: int = Field(1, ge=0, description="Ray actors that sample, one placement-group bundle each (with "
+                                 "learners >= 2: per learner rank, for its share); 0: the learners sample themselves")
     learners: int = Field(1, ge=1, description="learner ranks; >= 2: Ray actors forming a torch.distributed group "
                           "(the `distributed` step, as under torchrun), each sampling its share itself")
     num_cpus_per_learner: float = Field(1, gt=0, description="CPUs in each learner rank's bundle (and its threads)")
@@ -233,16 +233,17 @@ def check_ray(cfg: OnlineConfig) -> None:
     """What Ray rollout workers cannot run with, named before anything is loaded."""
     if cfg.ray is None:
         return
-    if cfg.ray.learners > 1:
-        if cfg.ray.rollout_workers:
-            raise ConfigError("ray.rollout_workers", "learners on Ray sample their own shares of a round (as torchrun "
-                                                     "ranks do); rollout workers beside them are not built yet: set 0")
-        if cfg.async_rollouts is not None and cfg.async_rollouts.max_staleness > 0:
-            raise ConfigError("async.max_staleness", "async rollouts run with the learner in one process; with "
-                                                     "ray.learners >= 2 set 0")
-        return
+    if cfg.ray.learners > 1 and cfg.async_rollouts is not None and cfg.async_rollouts.max_staleness > 0:
+        raise ConfigError("async.max_staleness", "async rollouts run with the learner in one process; with "
+                                                 "ray.learners >= 2 set 0")
     if cfg.ray.rollout_workers == 0:
-        raise ConfigError("ray.rollout_workers", "0 puts nothing on Ray with one learner: set >= 1, or learners >= 2")
+        if cfg.ray.learners == 1:
+            raise ConfigError("ray.rollout_workers", "0 puts nothing on Ray with one learner: set >= 1, or learners "
+                                                     ">= 2")
+        return
+    if cfg.ray.learners > 1 and cfg.distributed == "fsdp":
+        raise ConfigError("distributed", "rollout workers beside a learner group load whole weights, which FSDP2 "
+                                         "shards: use ddp, or ray.rollout_workers 0 (each rank samples itself)")
     if cfg.sampling.engine == "hf":
         raise ConfigError("sampling.engine", "Ray workers sample with their own copy of the weights: fast (or auto) "
                                              "or vllm; hf samples from the training model itself")

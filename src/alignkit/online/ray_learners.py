@@ -1,8 +1,8 @@
 """The learner group on Ray (`ray: {learners: L, rollout_workers: 0}`): L Ray actors, one placement-group bundle each,
 that are the ranks torchrun would start. Each gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT
 (rank 0's node and a free port there) and runs run_online as a torchrun rank does: torch.distributed (gloo on CPU,
-nccl on GPUs) through train/distributed.py, each rank sampling its share of a round with its own engine, the shared
-DDP / FSDP2 step. Ray only places and starts the processes; no communication of its own. The driver waits and
+nccl on GPUs) through train/distributed.py, each rank sampling its share of a round with its own engine (or its own
+rollout workers), the shared DDP / FSDP2 step. Ray only places and starts the processes; no communication of its own. The driver waits and
 returns rank 0's result."""
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ class LearnerRank:
 
 
 def run_learner_group(cfg, model_and_tokenizer: tuple, inputs):
-    """cfg.ray.learners ranks on Ray; rank 0's OnlineResult. The ranks run cfg without its ray section (each is a
-    torchrun-style rank: it samples its share itself)."""
+    """cfg.ray.learners ranks on Ray; rank 0's OnlineResult. Each rank samples its share of a round itself, or
+    with rollout_workers Ray workers of its own (online/ray_rollouts)."""
     ray, options = import_ray(), cfg.ray
     started = not ray.is_initialized()
     if started:
@@ -64,9 +64,8 @@ def run_learner_group(cfg, model_and_tokenizer: tuple, inputs):
         threads = str(max(1, int(options.num_cpus_per_learner)))
         common = {"WORLD_SIZE": str(options.learners), "LOCAL_RANK": "0", "MASTER_ADDR": master,
                   "MASTER_PORT": str(port), "OMP_NUM_THREADS": threads}
-        rank_cfg = cfg.model_copy(update={"ray": None})
         shared = ray.put((model_and_tokenizer, inputs))  # one copy in the object store for every rank
-        jobs = [rank.run.remote(rank_cfg, shared, {**common, "RANK": str(index)}) for index, rank in enumerate(ranks)]
+        jobs = [rank.run.remote(cfg, shared, {**common, "RANK": str(index)}) for index, rank in enumerate(ranks)]
         done = ray.get(jobs)
         log.info("learner group: %d ranks ran in processes %s (rank 0 on %s)", len(done), [pid for pid, _ in done],
                  master)

@@ -153,15 +153,16 @@ class RolloutCluster:
     @contextmanager
     def open(cls, cfg, ctx):
         """The run's cluster while the run lasts (None without a `ray:` section); a Ray this call started is shut
-        down after, one a caller started (ray.init) is left running."""
+        down after, one a caller started (ray.init) is left running. In a learner rank on Ray (online/ray_learners)
+        each rank has rollout_workers of its own, for its share of every round."""
         if cfg.ray is None or cfg.ray.rollout_workers == 0:  # (0: the learners on Ray sample, online/ray_learners)
             yield None
             return
-        if ctx.enabled:
-            raise ConfigError("ray", "the learner runs in the Ray driver's process: start alignkit online once, not "
-                                     "under torchrun")
         ray = import_ray()
         started = not ray.is_initialized()
+        if ctx.enabled and (started or ray.get_runtime_context().get_actor_id() is None):  # not a rank on Ray
+            raise ConfigError("ray", "rollout workers beside several learner ranks need the ranks started on Ray: "
+                                     "set ray.learners instead of running torchrun")
         if started:
             ray.init(address=cfg.ray.address, include_dashboard=False)
         cluster = None
