@@ -203,11 +203,12 @@ def test_environment_rollouts_on_ray_from_the_command_line_equal_one_process(tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 1])
-def test_a_learner_group_of_two_ray_ranks_equals_one_process(task, tmp_path, caplog, workers):
-    """`--ray.learners 2`: two Ray actors form a gloo group and run the torchrun ranks' DDP step, each sampling its
-    4 of a round's 8 prompts itself (rollout_workers 0) or on a rollout worker of its own (1); the rollouts are one
-    process's, the losses and the final weights to 1e-5 (as tests/test_online_guarantees.py checks torchrun's)."""
+def test_a_learner_group_of_two_ray_ranks_equals_one_process(task, tmp_path, caplog):
+    """`--ray.learners 2 --ray.rollout_workers 1`: two Ray actors form a gloo group and run the torchrun ranks' DDP
+    step, each sampling its 4 of a round's 8 prompts on a rollout worker of its own; the rollouts are one process's,
+    the losses and the final weights to 1e-5 (as tests/test_online_guarantees.py checks torchrun's). (With
+    rollout_workers 0 each rank samples itself, which is torchrun's path.)"""
+    workers = 1
     copy.deepcopy(task.model).save_pretrained(tmp_path / "model")
     task.tokenizer.save_pretrained(tmp_path / "model")
     write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts(64, seed=31)])
