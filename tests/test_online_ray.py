@@ -121,6 +121,21 @@ def exit_worker(worker_self):
 
 
 @pytest.mark.slow
+def test_lora_on_two_workers_equals_one_process(task, tmp_path, monkeypatch):
+    """A LoRA policy: the workers hold the adapted model, only the adapters travel each push, and the run is one
+    process's."""
+    lora = dict(lora={"r": 4, "alpha": 8, "save": "adapter"}, learning_rate=5e-3)
+    straight = run(task, tmp_path / "one", **lora)
+    pushed = []
+    real_put = ray.put
+    monkeypatch.setattr(ray, "put", lambda value, **kw: pushed.append(value) or real_put(value, **kw))
+    result = run(task, tmp_path / "ray", TWO_WORKERS, **lora)
+    assert_same_run(result, straight, tmp_path / "ray", tmp_path / "one")
+    weights = [value for value in pushed if isinstance(value, dict)]
+    assert len(weights) == 3 and all(names and all("lora_" in n for n in names) for names in map(list, weights))
+
+
+@pytest.mark.slow
 def test_a_worker_killed_mid_round_is_restarted_and_its_chunk_redone(task, tmp_path, one_process, monkeypatch):
     """Worker 1 dies in round 2, with its chunk queued behind the death: Ray restarts it, the chunk is redone with
     the round's weights (version 1; the restart rebuilt the worker at version 0), and the run equals one process."""
