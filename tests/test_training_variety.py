@@ -82,9 +82,18 @@ def test_a_record_not_in_the_training_wording_is_refused():
         task_of(reworded)
 
 
-def test_the_shipped_training_set_is_varied_and_the_guard_is_on():
-    variety = PROMPT_SETS["variety"]
-    assert variety["wordings"] and set(variety["single_types"]).isdisjoint(TYPES)
+def test_the_shipped_training_set_is_in_the_checkers_wording_and_the_guard_is_on():
+    """The pilots chose the flag guard without the variety (docs/online.md): every shipped training record is a
+    prompt_sets pair in the checkers' own wording, and the job's reward is guarded."""
+    import json
+
+    from alignkit.recipes.rl import shipped
+
+    assert PROMPT_SETS["variety"] is None
+    with open(shipped("rl_train.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    assert records == prompt_sets(TYPES, PROMPT_SETS["n_train"], PROMPT_SETS["n_eval"], PROMPT_SETS["seed"])[0]
+    assert all(len(r["constraints"]) == 2 for r in records)
     assert isinstance(training_reward(RLConfig()), DegenerateGuard)
 
 
