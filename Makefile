@@ -22,8 +22,9 @@ align: setup
 rl: setup
 	$(BIN)/alignkit rl --output_dir runs/rl
 
+# make agent TASK=arithmetic: the tool-use task (a warm start on worked tool calls, then GRPO), in runs/agent-arithmetic
 agent: setup
-	$(BIN)/alignkit agent --output_dir runs/agent
+	$(BIN)/alignkit agent $(if $(TASK),--task $(TASK) --output_dir runs/agent-$(TASK),--output_dir runs/agent)
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -2,7 +2,8 @@
 environments (the pilot chose self-correction: docs/agent_pilot.md):
 - `self-correction` (SCoRe): `make rl`'s constraint pairs (training wording) and held-out prompts; attempt 1, the checkers' verdict as a user
   turn naming each broken instruction, attempt 2; success: every constraint met on attempt 2;
-- `arithmetic`: generated word problems with the sandboxed `calculate` tool; success: the exact answer.
+- `arithmetic`: generated word problems with the sandboxed `calculate` tool; success: the exact answer. The RL run
+  starts from a warm start, SFT on worked tool-call conversations (recipes/warm_start.py).
 
 -> `alignkit online` (GRPO) where every sample is a conversation with the environment -> the held-out records
 (constraint combinations and topics, or numbers, training never saw), talked through by the original and the trained
