@@ -9,6 +9,8 @@ given to both tools as a reward function (TRL's environment cannot see the model
 
 from __future__ import annotations
 
+import time
+
 from alignkit.envs.sandbox import calculate as sandboxed_calculate
 from alignkit.rewards.verifiable.math import MathAnswer
 
@@ -38,3 +40,19 @@ def exact_answer(completions, answer, **kwargs) -> list[float]:
         last = next((m.get("content") or "" for m in reversed(completion) if m["role"] == "assistant"), "")
         scores.append(CHECKER.score_one(str(reference), last))
     return scores
+
+
+class SlowCalculatorEnv(CalculatorEnv):
+    """CalculatorEnv whose tool call first waits tool_seconds, as a call to a remote service would (bench_async.py's
+    I/O-bound setting; the wait is a sleep, so concurrent calls overlap)."""
+
+    tool_seconds = 0.2
+
+    def calculate(self, expression: str) -> str:
+        """Evaluate an arithmetic expression exactly.
+
+        Args:
+            expression: The expression, e.g. "37 * 24 - 150". Numbers, + - * / // % ** and parentheses only.
+        """
+        time.sleep(self.tool_seconds)
+        return super().calculate(expression)
