@@ -22,7 +22,8 @@ align: setup
 rl: setup
 	$(BIN)/alignkit rl --output_dir runs/rl
 
-# make agent TASK=arithmetic: the tool-use task (a warm start on worked tool calls, then GRPO), in runs/agent-arithmetic
+# make agent: the tool-use task (a warm start on worked tool calls, then GRPO); make agent TASK=self-correction:
+# SCoRe's two attempts with the checkers' feedback, in runs/agent-self-correction
 agent: setup
 	$(BIN)/alignkit agent $(if $(TASK),--task $(TASK) --output_dir runs/agent-$(TASK),--output_dir runs/agent)
 

@@ -38,7 +38,7 @@ def replies(messages):
 
 @pytest.mark.slow
 def test_self_correction_summary_recomputes_from_its_conversations(task, tmp_path):
-    summary = run_agent(overrides=tiny(task, tmp_path))
+    summary = run_agent(overrides=tiny(task, tmp_path, task="self-correction"))
     saved = saved_and_report(tmp_path, summary)
     for side, when in (("original", "before"), ("trained", "after")):
         first, second = [], []
@@ -110,7 +110,7 @@ def test_self_correction_trains_on_make_rls_pairs_in_their_training_wording():
     from alignkit.recipes.rl import shipped
     from alignkit.rewards.verifiable.constraints import describe
 
-    train, held = records_of(AgentConfig(num_train=64, num_eval=8))
+    train, held = records_of(AgentConfig(task="self-correction", num_train=64, num_eval=8))
     assert len(train) == 64 and all(len(r["constraints"]) == 2 for r in train)
     assert all(describe(c) in r["prompt"][-1]["content"] for r in train for c in r["constraints"])
     strip = [{k: v for k, v in r.items() if not k.startswith("_")}

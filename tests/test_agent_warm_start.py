@@ -176,7 +176,7 @@ def reply_nll(model, examples) -> float:
     ({"task": "arithmetic", "warm_start": {"learning_rate": "fast"}}, "warm_start.learning_rate"),
     ({"task": "arithmetic", "warm_start": {"examples_per_step": 0}}, "warm_start.examples_per_step"),
     ({"task": "arithmetic", "warm_start": {"exampels": 8}}, "warm_start.exampels"),
-    ({"warm_start": {"examples": 8}}, "warm_start.examples"),
+    ({"task": "self-correction", "warm_start": {"examples": 8}}, "warm_start.examples"),
 ])
 def test_bad_warm_start_settings_are_refused_by_name(overrides, key):
     from alignkit.config import load_command_config
@@ -186,7 +186,21 @@ def test_bad_warm_start_settings_are_refused_by_name(overrides, key):
     assert key in str(err.value)
 
 
-def test_warm_start_defaults_on_for_arithmetic_only():
-    assert AgentConfig(task="arithmetic").warm_start.examples > 0
-    assert AgentConfig().warm_start.examples == 0
+def test_each_task_takes_its_own_defaults_and_a_key_given_wins():
+    """make agent runs arithmetic (warm start on, 8 rounds x 4 records, 64 held-out problems); self-correction keeps
+    its 12 x 5 and 96 held-out prompts with no warm start; any key given replaces the task's default."""
+    from alignkit.config import load_command_config
+    from alignkit.recipes.agent import ONLINE, online_option_names
+
+    arithmetic = AgentConfig()
+    assert arithmetic.task == "arithmetic" and arithmetic.warm_start.examples > 0 and arithmetic.num_eval == 64
+    assert (arithmetic.online.rounds, arithmetic.online.prompts_per_round) == (8, 4)
+    correction = AgentConfig(task="self-correction")
+    assert correction.warm_start.examples == 0 and correction.num_eval == 96
+    assert (correction.online.rounds, correction.online.prompts_per_round) == (ONLINE["rounds"],
+                                                                                 ONLINE["prompts_per_round"])
     assert AgentConfig(task="arithmetic", warm_start={"examples": 0}).warm_start.examples == 0
+    given = load_command_config(AgentConfig, None, {"rounds": 3, "num_eval": 10, "prompts_per_round": 2},
+                                online_option_names(ONLINE))
+    assert (given.online.rounds, given.online.prompts_per_round, given.num_eval) == (3, 2, 10)
+    assert given.online.num_samples == ONLINE["num_samples"]
