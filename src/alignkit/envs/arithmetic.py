@@ -4,7 +4,8 @@ number is exactly the problem's (rewards/verifiable/math.py reads it), else 0.
 
 Problems have two steps (a product, then a sum or difference, over two- and three-digit numbers) or one (the product
 alone): easy to state, hard to do in one's head for a small model, one calculate call away from right. `make agent`
-uses the one-step problems, which a 135M model can learn to hand to the tool on 2 cores (docs/agent_pilot.md)."""
+uses the one-step problems: after a warm start on worked calls a 135M model learns to hand them to the tool on 2
+cores (docs/agent_pilot.md)."""
 
 from __future__ import annotations
 
