@@ -66,6 +66,20 @@ def rollout_lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
 
 
+def assert_matches_one_process(out: Path, single: Path, rounds: int = 3) -> None:
+    """A run spread over processes (DDP ranks, Ray workers) against the one-process run: the same rollouts, the loss and
+    gradient norm of every round, and the final weights, to float tolerance."""
+    assert rollout_lines(out) == rollout_lines(single)
+    ours, theirs = read_metrics(out), read_metrics(single)
+    assert len(ours) == len(theirs) == rounds
+    for a, b in zip(ours, theirs):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4, abs=1e-5)
+    final, expected = (load_file(d / "final" / "model.safetensors") for d in (out, single))
+    for key in expected:
+        torch.testing.assert_close(final[key], expected[key], rtol=0, atol=1e-5)
+
+
 # ---- the schedule, the optimizer, the guards, precision, checkpointing ----
 
 
@@ -416,15 +430,7 @@ def test_online_ddp_two_processes_equal_one(task, tmp_path):
                           str(tmp_path / "worker.py"), ddp], env=env, capture_output=True, text=True, timeout=300)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]
     assert main(["online", "--config", write_online_config(tmp_path, task, "single", **common)]) == 0
-    assert rollout_lines(tmp_path / "ddp") == rollout_lines(tmp_path / "single")  # the same rollouts
-    ours, theirs = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "single")
-    assert len(ours) == len(theirs) == 3
-    for a, b in zip(ours, theirs):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4, abs=1e-5)
-    final, expected = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("ddp", "single"))
-    for key in expected:
-        torch.testing.assert_close(final[key], expected[key], rtol=0, atol=1e-5)
+    assert_matches_one_process(tmp_path / "ddp", tmp_path / "single")
 
 
 @pytest.mark.parametrize("method", ["grpo", "dapo"])
