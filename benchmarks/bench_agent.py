@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # calculator_env, for both contenders' processes
 
-from contenders import print_result, run_in_own_process  # noqa: E402
+from contenders import machine, print_result, run_in_own_process  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 WORK = Path(__file__).parent / "work"
@@ -352,7 +351,7 @@ def main() -> None:
 
     warm = ({"examples": 0, "epochs": 0, "seconds": 0.0} if args.model_dir else
             json.loads((WORK / "smollm2-calc" / "warm_start.json").read_text()))
-    header = {"model": args.model, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    header = {"model": args.model, "machine": machine(),
               "torch": torch.__version__, "trl": trl.__version__, "threads": args.threads, "prompts": args.prompts,
               "k": args.k, "max_turns": args.max_turns, "completion_tokens": args.completion_tokens,
               "steps": args.steps, "runs": 1, "contenders_seconds": time.perf_counter() - tic,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # calculator_env, bench_agent, bench_grpo: in every process
 
-from contenders import print_result, run_in_own_process  # noqa: E402
+from contenders import machine, print_result, run_in_own_process  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MODES = {"sync": None, "async1": 1, "async4": 4}
@@ -214,7 +213,7 @@ def main() -> None:
 def write(rows: dict, args) -> None:
     import torch
 
-    header = {"model": args.model, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    header = {"model": args.model, "machine": machine(),
               "torch": torch.__version__, "command": "python benchmarks/bench_async.py " + " ".join(sys.argv[1:]),
               "load_1min": os.getloadavg()[0],
               **{k: v for k, v in vars(args).items() if k not in ("one", "contenders", "out", "reuse")}}

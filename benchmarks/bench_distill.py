@@ -33,13 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from contenders import print_result, run_in_own_process
+from contenders import machine, print_result, run_in_own_process
 
 RESULTS = Path(__file__).parent / "results"
 WORK = Path(__file__).parent / "work" / "distill"
@@ -281,7 +280,7 @@ def setup(args, teacher_dir: Path, student_dir: Path, loads: dict, seconds: floa
     layers = AutoConfig.from_pretrained(student_dir).num_hidden_layers
     teacher_layers = AutoConfig.from_pretrained(teacher_dir).num_hidden_layers
     return {"teacher": args.model, "student_layers": layers,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "machine": machine(),
             "torch": torch.__version__, "trl": trl.__version__, "threads": args.threads, "prompts": args.prompts,
             "k": args.k, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "beta": args.beta,
             "lr": args.lr, "steps": args.steps, "runs": 1,

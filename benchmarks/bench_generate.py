@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from importlib import resources
 from pathlib import Path
+
+from contenders import machine
 
 RESULTS = Path(__file__).parent / "results"
 CONTENDERS = [("hf", "fp32"), ("fast", "fp32"), ("hf", "bf16"), ("fast", "bf16")]
@@ -163,7 +164,7 @@ def main() -> None:
     checks = exactness(args.model, args.threads)
     import torch
 
-    header = {"model": args.model, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    header = {"model": args.model, "machine": machine(),
               "torch": torch.__version__, "threads": args.threads, "new_tokens": args.new_tokens,
               "repeats": args.repeats, "command": "python benchmarks/bench_generate.py " + " ".join(sys.argv[1:])}
     RESULTS.mkdir(exist_ok=True)

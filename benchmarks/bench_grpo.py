@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from contenders import print_result, run_in_own_process
+from contenders import machine, print_result, run_in_own_process
 
 RESULTS = Path(__file__).parent / "results"
 # alignkit: fp32 throughout (the fast engine's default); _bf16_engine: bf16 engine weights; _bf16: bf16 engine and
@@ -194,7 +193,7 @@ def main() -> None:
     import torch
     import trl
 
-    header = {"model": args.model, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    header = {"model": args.model, "machine": machine(),
               "torch": torch.__version__, "trl": trl.__version__, "threads": args.threads, "prompts": args.prompts,
               "k": args.k, "new_tokens": args.new_tokens, "steps": args.steps,
               "command": "python benchmarks/bench_grpo.py " + " ".join(sys.argv[1:])}
