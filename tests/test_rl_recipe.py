@@ -11,7 +11,8 @@ import math
 import pytest
 
 from alignkit.errors import DataError
-from alignkit.recipes.rl import answer_flags, degeneracy, flagged_examples, run_rl
+from alignkit.recipes.rl import answer_flags, degeneracy, run_rl
+from alignkit.recipes.rl_report import flagged_examples
 from alignkit.rewards.verifiable.constraints import CHECKERS, check_all
 from alignkit.rewards.verifiable.degenerate import FLAGS, flagged
 

@@ -1,7 +1,8 @@
 """The second main job: RL with verifiable rewards on SmolLM2-135M-Instruct, on CPU, end to end.
 
 shipped constraint prompts (rewards/verifiable/prompts.py: a topic x a combination of two instruction-following
-constraints) -> `alignkit online` (GRPO by default) with the fraction of constraints met as the reward -> the
+constraints) -> optionally a warm start, SFT on the model's own answers that pass (recipes/raft.py) -> `alignkit
+online` (GRPO by default) with the fraction of constraints met as the reward -> the
 held-out prompts, whose constraint combinations and topics training never saw, answered by the original and the
 trained model -> all-met compliance and mean fraction met with bootstrap intervals, compliance per constraint type,
 words, distinct-2, KL to the start, then the share of answers with degeneracy flags (rewards/verifiable/degenerate.py)
@@ -12,7 +13,6 @@ curves and examples."""
 from __future__ import annotations
 
 import copy
-import json
 import time
 from importlib import resources
 from pathlib import Path
@@ -20,23 +20,22 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 from rich.console import Console
-from rich.markup import escape
 
 from alignkit.config import SamplingOptions, Strict, load_command_config
-from alignkit.data.load import load_records, write_jsonl_atomic
+from alignkit.data.load import load_records
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError
 from alignkit.eval.fluency import mean_token_nll
 from alignkit.eval.kl import example_log_ratios, kl_packing, kl_summary
 from alignkit.eval.metrics import bootstrap_mean_ci, distinct_n, mean_words
-from alignkit.eval.plots import plot_curves
-from alignkit.eval.report import rich_table, write_html_report
 from alignkit.generate.sample import sample_with_counts
 from alignkit.online.config import OnlineConfig
 from alignkit.online.run import OnlineInputs, run_online
-from alignkit.recipes.stages import Stages, online_option_names, percent_ci, points_ci, with_recipe_defaults
+from alignkit.recipes.raft import OwnAnswersWarmStart, check_prompts, own_answers_warm_start
+from alignkit.recipes.rl_report import write_report
+from alignkit.recipes.stages import Stages, online_option_names, with_recipe_defaults
 from alignkit.rewards.verifiable.constraints import ConstraintReward, check_all, validate_constraints
-from alignkit.rewards.verifiable.degenerate import FLAGS, DegenerateGuard, flagged, prompt_text
+from alignkit.rewards.verifiable.degenerate import FLAGS, DegenerateGuard, flagged
 from alignkit.train.packing import pad_token_id
 
 # Kept after the pilot (benchmarks/rl_pilot.py, results/rl_pilot.md: base compliance per type on single-constraint
@@ -92,6 +91,10 @@ class RLConfig(Strict):
     max_repeat: float = Field(0.3, ge=0, le=1, description="training reward 0 above this share of repeated bigrams")
     flag_reward: float | None = Field(0.0, description="training reward of an answer with a degeneracy flag "
                                       "(rewards/verifiable/degenerate.py DegenerateGuard); null: flags not used")
+    warm_start: OwnAnswersWarmStart = Field(default_factory=OwnAnswersWarmStart,
+                                            description="before GRPO, SFT on the starting model's own answers to "
+                                                        "training prompts that meet every constraint unflagged "
+                                                        "(recipes/raft.py); prompts 0: none")
     kl_answers: int = Field(32, gt=1, description="answers sampled at temperature 1 for the KL to the start")
     seed: int = 0
 
@@ -198,6 +201,7 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
     train_path, eval_path = cfg.online.prompts, cfg.eval_prompts or shipped("rl_eval.jsonl")
     train_records, eval_records = load_records(train_path, shape="prompts"), load_records(eval_path, shape="prompts")
     reward = training_reward(cfg).bind(train_records + eval_records)  # every constraints field validated before anything is written
+    check_prompts(cfg.warm_start, len(train_records))
     phrasing_records = load_records(cfg.eval_phrasings or shipped("rl_eval_phrasings.jsonl"), shape="prompts")
     ConstraintReward().bind(phrasing_records)  # validated too, outside the training reward's table
     out = Path(cfg.output_dir)
@@ -214,6 +218,10 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
     before_texts, before_examples = stages.run("answer held-out prompts (original)",
                                                lambda: answer(model, tokenizer, eval_prompts, eval_sampling,
                                                               cfg.eval_samples, eval_seed))
+    warm = None
+    if cfg.warm_start.prompts:
+        model, counts = own_answers_warm_start(model, tokenizer, train_records, cfg, stages, out)
+        warm = copy.deepcopy(model).eval() if cfg.warm_start.evaluate else None, counts
     online = cfg.online.model_copy(update={"model": cfg.model, "seed": cfg.seed, "output_dir": str(out / "online")})
     result = stages.run(f"{online.method}: {online.rounds} rounds x {online.prompts_per_round} prompts x "
                         f"{online.num_samples} samples",
@@ -235,7 +243,10 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
     summary.update(degeneracy(*flags), **nll)
     summary["phrasings"], phrasing_answers = held_out_phrasings((initial, trained), tokenizer, phrasing_records, cfg,
                                                                 stages)
-    summary["total_s"] = time.perf_counter() - tic  # run_s and the held-out-phrasings answers
+    if warm is not None:
+        sets = {"held_out": (eval_records, before_texts), "phrasings": (phrasing_records, phrasing_answers[1])}
+        summary["warm_start"] = warm_start_figures(*warm, tokenizer, sets, cfg, stages)
+    summary["total_s"] = time.perf_counter() - tic  # run_s and the held-out-phrasings answers (and warm start's)
     write_report(out, summary, (eval_records, before_texts, after_texts, *flags), result.rounds, console,
                  phrasing_answers)
     return summary
@@ -255,117 +266,19 @@ def held_out_phrasings(models: tuple, tokenizer, records: list[dict], cfg: RLCon
     return part, (records, *texts, *flags)
 
 
-def _result_rows(s: dict) -> list[list[str]]:
-    return [
-        ["metric (held-out combinations)", "original", "trained", "change (95% CI)"],
-        ["all constraints met", percent_ci(s["all_met_before"]), percent_ci(s["all_met_after"]), points_ci(s["all_met_change"])],
-        ["fraction of constraints met", percent_ci(s["fraction_before"]), percent_ci(s["fraction_after"]),
-         points_ci(s["fraction_change"])],
-        ["mean words per answer", f"{s['words_before']:.1f}", f"{s['words_after']:.1f}", ""],
-        ["distinct-2", f"{s['distinct2_before']:.3f}", f"{s['distinct2_after']:.3f}",
-         f"{s['distinct2_after'] / max(s['distinct2_before'], 1e-9) - 1:+.1%}"],
-        ["KL to the start (nats / answer)", "", f"{s['kl_to_start']:.2f} ± {s['kl_to_start_sem']:.2f}", ""],
-        ["answers with a degeneracy flag", f"{s['flagged']['any'][0]:.1%}", f"{s['flagged']['any'][1]:.1%}",
-         points_ci(s["flagged_any_change"])],
-        ["fluency: NLL under the start (nats / token)", f"{s['fluency_nll_before']:.3f}",
-         f"{s['fluency_nll_after']:.3f}", f"{s['fluency_nll_after'] / s['fluency_nll_before'] - 1:+.1%}"],
-    ]
-
-
-def phrasing_rows(p: dict) -> list[list[str]]:
-    return [["metric (held-out phrasings)", "original", "trained", "change (95% CI)"],
-            ["all constraints met", percent_ci(p["all_met_before"]), percent_ci(p["all_met_after"]), points_ci(p["all_met_change"])],
-            ["fraction of constraints met", percent_ci(p["fraction_before"]), percent_ci(p["fraction_after"]),
-             points_ci(p["fraction_change"])],
-            ["answers with a degeneracy flag", f"{p['flagged']['any'][0]:.1%}", f"{p['flagged']['any'][1]:.1%}",
-             points_ci(p["flagged_any_change"])]]
-
-
-def phrasing_tables(p: dict, answers: tuple) -> dict[str, list[list[str]]]:
-    """The held-out-phrasings tables: results, per type, per flag, and the first answers of each model."""
-    records, before, after = answers[:3]
-    return {"Held-out phrasings": phrasing_rows(p),
-            "Per constraint type (held-out phrasings)": [["constraint type", "original", "trained"]] + [
-                [k, f"{b:.1%}", f"{a:.1%}"] for k, (b, a) in sorted(p["by_type"].items())],
-            "Degeneracy flags (held-out phrasings)": [["degeneracy flag", "original", "trained"]] + [
-                [k, f"{b:.1%}", f"{a:.1%}"] for k, (b, a) in p["flagged"].items()],
-            "Examples (held-out phrasings)": [["prompt", "original", "trained"]] + [
-                [r["prompt"][-1]["content"], b[0], a[0]] for r, b, a in list(zip(records, before, after))[:6]]}
-
-
-def write_answers(path: Path, answers: tuple) -> None:
-    """answers (records, the original's answers, the trained model's, their flags) as JSONL, one line a prompt."""
-    write_jsonl_atomic(path, [{"prompt": r["prompt"], "constraints": r["constraints"], "original": b, "trained": a,
-                               "original_flags": fb, "trained_flags": fa} for r, b, a, fb, fa in zip(*answers)])
-
-
-def flagged_examples(answers: tuple, n_trained: int = 6, n_original: int = 3) -> list[list[str]]:
-    """The first flagged answers of each model, in prompt order: model, prompt, answer, flags."""
-    records, before, after, flags_before, flags_after = answers
-    rows = [["model", "prompt", "answer", "flags"]]
-    for name, texts, flags, n in (("trained", after, flags_after, n_trained),
-                                  ("original", before, flags_before, n_original)):
-        hits = [[name, prompt_text(r["prompt"]), t, ", ".join(f)] for r, group, fs in zip(records, texts, flags)
-                for t, f in zip(group, fs) if f]
-        rows += hits[:n] or [[name, "", "(none flagged)", ""]]
-    return rows
-
-
-def write_report(out: Path, s: dict, answers: tuple, rounds: list[dict], console: Console,
-                 phrasing_answers: tuple) -> None:
-    """answers: (held-out records, the original's answers, the trained model's, and each answer's degeneracy
-    flags: the original's, the trained model's), aligned by prompt; phrasing_answers: the same for the
-    held-out-phrasings prompts."""
-    records, before, after = answers[:3]
-    rows = _result_rows(s)
-    type_rows = [["constraint type", "original", "trained"]] + [
-        [k, f"{b:.1%}", f"{a:.1%}"] for k, (b, a) in sorted(s["by_type"].items())]
-    flag_rows = [["degeneracy flag", "original", "trained"]] + [
-        [k, f"{b:.1%}", f"{a:.1%}"] for k, (b, a) in s["flagged"].items()]
-    console.print(rich_table(f"SmolLM2-135M-Instruct, {s['method']} on verifiable constraint rewards "
-                             f"({s['samples']} samples, {s['total_s'] / 60:.1f} min)", rows))
-    console.print(rich_table("compliance per constraint type (held-out)", type_rows))
-    console.print(rich_table("share of held-out answers with each degeneracy flag", flag_rows))
-    phrasings = phrasing_tables(s["phrasings"], phrasing_answers)
-    for caption in ("Held-out phrasings", "Per constraint type (held-out phrasings)"):
-        console.print(rich_table(f"{caption} ({s['phrasings']['prompts']} prompts: every type, wordings training "
-                                 f"never saw)" if caption == "Held-out phrasings" else caption, phrasings[caption]))
-    examples = [{"prompt": r["prompt"][-1]["content"], "original": b[0], "trained": a[0]}
-                for r, b, a in list(zip(records, before, after))[:8]]
-    for e in examples[:3]:
-        console.print(f"[bold]{escape(e['prompt'])}[/]\n  original: {escape(e['original'])}\n"
-                      f"  trained:  {escape(e['trained'])}")
-    curves = [{"step": r["round"], **r} for r in rounds]
-    images = [plot_curves({"train": curves}, ["rollout_reward", "entropy", "response_length"], out / "curves.png",
-                          "rollout reward, sampled-token entropy, response length (tokens) per round"),
-              _type_bars(out / "per_type.png", s["by_type"])]
-    (out / "summary.json").write_text(json.dumps(s, indent=2))
-    write_answers(out / "answers.jsonl", answers)
-    write_answers(out / "answers_phrasings.jsonl", phrasing_answers)
-    timing_rows = [["stage", "seconds"]] + [[k, f"{v:.1f}"] for k, v in s["timings_s"].items()]
-    write_html_report(out / "report.html", f"alignkit rl: SmolLM2-135M-Instruct before and after {s['method']}",
-                      {"Held-out results": rows, "Per constraint type": type_rows, "Degeneracy flags (share of "
-                       "held-out answers)": flag_rows, "Flagged answers": flagged_examples(answers), **phrasings,
-                       "Time": timing_rows}, images, examples)
-    console.print(f"report: {out / 'report.html'}  (numbers: {out / 'summary.json'})")
-
-
-def _type_bars(path: Path, by_type: dict) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = sorted(by_type)
-    fig, ax = plt.subplots(figsize=(7, 3.4))
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [by_type[n][0] for n in names], 0.4, label="original")
-    ax.bar([i + 0.2 for i in x], [by_type[n][1] or 0.0 for n in names], 0.4, label="trained")
-    ax.set_xticks(list(x), names, rotation=30, ha="right")
-    ax.set_ylabel("share met (held-out)")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def warm_start_figures(model, counts: dict, tokenizer, sets: dict, cfg: RLConfig, stages: Stages) -> dict:
+    """The warm start's counts and settings and, where model is given (the warm-started model, kept before GRPO),
+    its answers to each set {name: (records, the original's answers)} against the original's, sampled as the
+    original's were (same sampling, seed and count): compliance and flags as compare and degeneracy give them."""
+    part = {**counts, "settings": cfg.warm_start.model_dump()}
+    if model is None:
+        return part
+    for name, (records, before) in sets.items():
+        prompts = [r["prompt"] for r in records]
+        stage = "answer held-out prompts" if name == "held_out" else "answer held-out phrasings"
+        texts = stages.run(f"{stage} (warm start)",
+                           lambda p=prompts: answer(model, tokenizer, p, cfg.eval_sampling, cfg.eval_samples,
+                                                    cfg.seed + 17)[0])
+        part[name] = compare(compliance(records, before), compliance(records, texts))
+        part[name].update(degeneracy(answer_flags(records, before), answer_flags(records, texts)))
+    return part

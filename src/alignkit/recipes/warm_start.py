@@ -1,8 +1,11 @@
-"""The agent job's warm start: SFT on a few worked conversations before RL (the cold start on demonstrations of
-DeepSeek-R1, ToolRL and ReTool), for the arithmetic task, whose untrained model never writes a well-formed tool call.
-Each conversation is played through the environment (envs/demonstrations.py), so its tokens are exactly those of a
-rollout that wrote the same replies; the loss falls on the assistant turns only (the rollout's loss mask). LoRA
-through the one training loop, merged, so the RL run adds its own adapters on the warm-started weights."""
+"""The warm starts' SFT before RL, LoRA through the one training loop, merged, so the RL run adds its own adapters on
+the warm-started weights (SFTSettings, run_warm_start): the agent job's, on worked conversations (below), and `alignkit
+rl`'s, on the model's own passing answers (recipes/raft.py).
+
+The agent job's cold start on demonstrations (DeepSeek-R1, ToolRL, ReTool), for the arithmetic task, whose untrained
+model never writes a well-formed tool call: each conversation is played through the environment
+(envs/demonstrations.py), so its tokens are exactly those of a rollout that wrote the same replies; the loss falls on
+the assistant turns only (the rollout's loss mask)."""
 
 from __future__ import annotations
 
@@ -15,13 +18,19 @@ from alignkit.data import TokenizedExample
 from alignkit.envs.demonstrations import demonstration
 
 
-class WarmStart(Strict):
-    examples: int = Field(32, ge=0, description="worked conversations, on problems disjoint from the training and "
-                                                "held-out records; 0: no warm start")
-    epochs: int = Field(1, gt=0, description="passes over the worked conversations")
+class SFTSettings(Strict):
+    """The warm start's SFT, whatever its examples (worked conversations here, the model's own passing answers in
+    recipes/raft.py)."""
+
+    epochs: int = Field(1, gt=0, description="passes over the examples")
     learning_rate: float = Field(5e-4, gt=0.0, description="the SFT's learning rate (LoRA with the RL run's r and "
                                                            "alpha)")
-    examples_per_step: int = Field(4, gt=0, description="worked conversations per optimizer step")
+    examples_per_step: int = Field(4, gt=0, description="examples per optimizer step")
+
+
+class WarmStart(SFTSettings):
+    examples: int = Field(32, ge=0, description="worked conversations, on problems disjoint from the training and "
+                                                "held-out records; 0: no warm start")
 
 
 def as_example(trajectory, row: int) -> TokenizedExample:
@@ -48,7 +57,7 @@ def demonstration_examples(tokenizer, records: list[dict], make_env, replies, sa
     return examples
 
 
-def warm_start_config(settings: WarmStart, online, examples: list[TokenizedExample], out: Path) -> dict:
+def warm_start_config(settings: SFTSettings, online, examples: list[TokenizedExample], out: Path) -> dict:
     """The SFT run's config: the RL run's model, LoRA shape, precision and seed."""
     longest = max(e.num_tokens for e in examples)
     return {"loss": "sft", "model": online.model, "train_data": str(out / "warm_start.jsonl"),
@@ -59,7 +68,7 @@ def warm_start_config(settings: WarmStart, online, examples: list[TokenizedExamp
             "progress": False, "save_every": 0}
 
 
-def run_warm_start(model, tokenizer, examples: list[TokenizedExample], settings: WarmStart, online, out: Path):
+def run_warm_start(model, tokenizer, examples: list[TokenizedExample], settings: SFTSettings, online, out: Path):
     """SFT of `model` on the examples; the trained model, LoRA merged."""
     from alignkit.train.loop import train
 
