@@ -6,6 +6,9 @@ trains; a run stopped mid-way resumes to the uninterrupted run's weights; what a
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -13,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from alignkit.cli import main
+from alignkit.data.load import write_jsonl_atomic
 from alignkit.errors import ConfigError
 from alignkit.losses.offpolicy import resolve_correction
 from alignkit.losses.online import GRPOOptions, RLOOOptions, grpo_loss
@@ -24,7 +29,14 @@ from alignkit.online.rollout import training_examples
 from alignkit.train.logging import read_metrics
 from alignkit.train.reference import score_examples
 from synthetic_task import SENTIMENT, prompts
-from test_online_guarantees import crash_in_round, rollout_lines, values, without_timing
+from test_online_guarantees import (
+    assert_matches_one_process,
+    crash_in_round,
+    rollout_lines,
+    values,
+    without_timing,
+    write_online_config,
+)
 from test_online_math import grpo_inputs, rollout_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -209,3 +221,63 @@ def test_a_stopped_async_run_resumes_to_the_uninterrupted_runs_weights(task, tmp
     final, expected = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("stopped", "straight"))
     assert all(torch.equal(final[k], expected[k]) for k in expected)
     assert straight.summary["reward_final"] == resumed.summary["reward_final"]
+
+
+# ---- under torchrun ----
+
+CRASHING_WORKER = '''
+import os
+import sys
+import threading
+import torch.distributed as dist
+from alignkit.cli import main
+from alignkit.online import run as online_run
+
+crash = int(os.environ.get("CRASH_IN_ROUND", "0"))
+learn = online_run.OnlineRun.learn
+
+def crashing(self, experience, round_index):
+    if round_index + 1 == crash:
+        raise RuntimeError("stopped on purpose")
+    return learn(self, experience, round_index)
+
+online_run.OnlineRun.learn = crashing
+gather = online_run.sampling.gather_objects
+
+def checked_gather(value, ctx, group=None):  # a collective off the main thread must not share the learner's group
+    if group is None and threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("the producer thread gathered on the default group")
+    return gather(value, ctx, group)
+
+online_run.sampling.gather_objects = checked_gather
+dist.init_process_group("gloo")
+code = main(["online", "--config", sys.argv[1]])
+dist.destroy_process_group()
+raise SystemExit(code)
+'''
+
+
+@pytest.mark.slow
+def test_async_under_torchrun_stopped_and_resumed_equals_one_process(task, tmp_path):
+    """Two ranks, max_staleness 1: the producer thread's exchange of the ranks' shares runs on a group of its own
+    beside the learner's gradient all-reduce. Stopped in round 3 (round 3 already sampled ahead, in the checkpoint)
+    and resumed, the run equals the uninterrupted one-process async run: rollouts, losses, final weights."""
+    model = copy.deepcopy(task.model)
+    model.save_pretrained(tmp_path / "model")
+    task.tokenizer.save_pretrained(tmp_path / "model")
+    write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts(64, seed=31)])
+    common = dict(rounds=4, prompts_per_round=8, epochs=1, minibatches=2, save_every=1, keep_last=10,
+                  max_tokens_per_batch=200, sampling={"batch_size": 2}, **{"async": {"max_staleness": 1}})
+    ddp = write_online_config(tmp_path, task, "ddp", **common)
+    (tmp_path / "worker.py").write_text(CRASHING_WORKER)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              str(tmp_path / "worker.py"), ddp]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    stopped = subprocess.run(launch, env={**env, "CRASH_IN_ROUND": "3"}, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode != 0 and "stopped on purpose" in stopped.stderr + stopped.stdout
+    assert (tmp_path / "ddp" / "checkpoints" / "step-00000002" / "inflight_rollouts.pt").exists()
+    resumed = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    assert main(["online", "--config", write_online_config(tmp_path, task, "single", **common)]) == 0
+    assert [row["staleness"] for row in read_metrics(tmp_path / "ddp")] == [0, 1, 1, 1]
+    assert_matches_one_process(tmp_path / "ddp", tmp_path / "single", rounds=4)

@@ -233,9 +233,6 @@ def check_ray(cfg: OnlineConfig) -> None:
     """What Ray rollout workers cannot run with, named before anything is loaded."""
     if cfg.ray is None:
         return
-    if cfg.ray.learners > 1 and cfg.async_rollouts is not None and cfg.async_rollouts.max_staleness > 0:
-        raise ConfigError("async.max_staleness", "async rollouts run with the learner in one process; with "
-                                                 "ray.learners >= 2 set 0")
     if cfg.ray.rollout_workers == 0:
         if cfg.ray.learners == 1:
             raise ConfigError("ray.rollout_workers", "0 puts nothing on Ray with one learner: set >= 1, or learners "

@@ -44,7 +44,7 @@ from alignkit.online.rollout import Rollout, RolloutShape, stamp_version
 from alignkit.online.self_reward import judge_factory
 from alignkit.online.sharding import check_sharded_engine, check_sharded_setup
 from alignkit.online.summary import append_rollouts, sample_kl, summarize
-from alignkit.train.distributed import init_distributed, is_sharded, shutdown
+from alignkit.train.distributed import init_distributed, is_sharded, shutdown, side_group
 from alignkit.train.memory import trim_freed_memory
 from alignkit.train.method import Method
 from alignkit.train.packing import Packing
@@ -101,9 +101,6 @@ def check_online_setup(cfg: OnlineConfig, ctx) -> None:
                                                "an equal share of a round's prompts")
     if ctx.enabled and cfg.distributed == "fsdp":
         check_sharded_setup(cfg)
-    if ctx.enabled and cfg.async_rollouts is not None and cfg.async_rollouts.max_staleness > 0:
-        raise ConfigError("async.max_staleness", "async rollouts run in one process for now (the sampling thread's "
-                                                 "gathers would interleave with the learner's collectives); set 0")
     if cfg.sampling.temperature <= 0:
         raise ConfigError("sampling.temperature", "online runs sample at a temperature > 0: greedy samples have no "
                           "distribution the learner could score (TRL refuses it too), and a prompt's k samples tie")
@@ -235,6 +232,8 @@ class OnlineRun:
         # whole rollout, so all take part in every forward)
         scored = self.run.train_model if is_sharded(self.run.train_model) else self.trained
         self.scorer = Scorer(scored, self.policy, self.packing)
+        # async: the producer thread exchanges the ranks' shares on a group of its own (the learner's is busy)
+        self.rollout_group = side_group(ctx) if self.staleness is not None else None
         self.producer = None if self.staleness is None else RolloutProducer(
             self.collect, cfg.rounds, self.staleness, self._saved_inflight())
 

@@ -96,7 +96,7 @@ def sharded_rollout(online, prompts: list, round_index: int, refill: int = 0) ->
     shape = RolloutShape(cfg.num_samples, cfg.max_length, cfg.missing_eos_penalty, overlong, seed)
     local = rollout_of(online.engine_for(round_index), online.tokenizer, prompts[first:first + share], online.environments or reward,
                        cfg.sampling, shape)
-    return join_rollouts(gather_objects(local, ctx)) if ctx.enabled else local
+    return join_rollouts(gather_objects(local, ctx, online.rollout_group)) if ctx.enabled else local
 
 
 def rollout_of(model, tokenizer, prompts: list, source, sampling: SamplingOptions, shape: RolloutShape) -> Rollout:

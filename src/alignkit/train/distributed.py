@@ -121,13 +121,20 @@ def sum_over_ranks(values: dict[str, float], ctx: Dist) -> dict[str, float]:
     return total
 
 
-def gather_objects(value, ctx: Dist) -> list:
-    """[value of rank 0, value of rank 1, ...] on every rank."""
+def gather_objects(value, ctx: Dist, group=None) -> list:
+    """[value of rank 0, value of rank 1, ...] on every rank (over `group`, default: the whole world)."""
     if not ctx.enabled:
         return [value]
     gathered = [None] * ctx.world_size
-    dist.all_gather_object(gathered, value)
+    dist.all_gather_object(gathered, value, group=group)
     return gathered
+
+
+def side_group(ctx: Dist):
+    """A second gloo group over all ranks, for collectives a background thread issues (async rollouts' exchange)
+    while the main thread's run on the default group: each group keeps its own order, so the two never interleave.
+    Every rank must call this, at the same point. None in one process."""
+    return dist.new_group(backend="gloo") if ctx.enabled else None
 
 
 def total_norm(grad_norm) -> torch.Tensor:
