@@ -348,12 +348,33 @@ def test_packed_forward_module_returns_response_logprobs(tiny_models):
     examples = random_examples(4, 2, seed=8)
     batch = pack(examples, max_tokens_per_row=2 * max(e.num_tokens for e in examples), pad_token_id=PAD_ID)
     with torch.no_grad():
-        token_logps, seq_logps, lengths, values = PackedForward(model)(batch, chunk_size=4)
+        token_logps, seq_logps, lengths, values, divergence = PackedForward(model)(batch, chunk_size=4)
         expected = response_logprobs(model, batch, chunk_size=4)
     torch.testing.assert_close(token_logps, expected.token_logps, rtol=0, atol=0)
     torch.testing.assert_close(seq_logps, expected.seq_logps, rtol=0, atol=0)
     torch.testing.assert_close(lengths, expected.lengths, rtol=0, atol=0)
-    assert values is None and seq_logps.data_ptr() != expected.seq_logps.data_ptr()
+    assert values is None and divergence is None and seq_logps.data_ptr() != expected.seq_logps.data_ptr()
+
+
+def test_a_divergence_fn_sees_the_response_tokens_hidden_states_and_head_inside_the_module(tiny_models):
+    """What distillation hands the wrapped module (train/teacher.py): a function of each response token's last
+    hidden state and the head, taken in the module's forward so DDP / FSDP2 reduce its gradient with the rest."""
+    model = tiny_models("llama", "packed_sdpa")
+    examples = random_examples(4, 2, seed=8)
+    batch = pack(examples, max_tokens_per_row=2 * max(e.num_tokens for e in examples), pad_token_id=PAD_ID)
+
+    def logsumexp(hidden, head):
+        return torch.logsumexp(hidden @ head.weight.T, dim=-1)
+
+    out = response_logprobs(PackedForward(model), batch, chunk_size=4, divergence_fn=logsumexp)
+    with torch.no_grad():  # each response run alone, its logits at the positions that predict its tokens
+        per_seq = {b * 2 + j: model(torch.tensor([e.prompt_ids + r])).logits[0, len(e.prompt_ids) - 1:-1]
+                   for b, e in enumerate(examples) for j, r in enumerate(e.response_ids)}
+    expected = torch.cat([per_seq[s] for s in torch.unique_consecutive(batch.token_seq).tolist()])
+    torch.testing.assert_close(out.divergence.detach(), torch.logsumexp(expected, -1), rtol=0, atol=1e-4)
+    assert len(out.divergence) == len(out.token_logps)
+    out.divergence.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 # ---- the packer's boundaries and defaults ----

@@ -21,6 +21,7 @@ class ResponseLogProbs:
     seq_logps: torch.Tensor  # [B, k] summed over each response's tokens
     lengths: torch.Tensor  # [B, k] token counts
     values: torch.Tensor | None = None  # [N] a value head's V(s_t) per response token, in the same order
+    divergence: torch.Tensor | None = None  # [N] the caller's per-token term of the same forward (train/teacher.py)
 
     def padded(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs as [B, k, T_max] (0 where masked) and the bool mask."""
@@ -202,29 +203,33 @@ def packed_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
 
 
 class PackedForward(torch.nn.Module):
-    """response_logprobs as a module's forward, so DDP and FSDP2 see (and hook) every training forward.
-    The output is a tuple (token_logps, seq_logps, lengths) so their hooks find the tensors."""
+    """response_logprobs as a module's forward, so DDP and FSDP2 see (and hook) every training forward, a
+    distillation divergence included (it is taken inside, so its gradient is reduced with the rest).
+    The output is a tuple (token_logps, seq_logps, lengths, values, divergence) so their hooks find the tensors."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: PackedBatch, chunk_size: int = 1024, temperature: float = 1.0):
-        out = response_logprobs(self.model, batch, chunk_size, temperature)
+    def forward(self, batch: PackedBatch, chunk_size: int = 1024, temperature: float = 1.0, divergence_fn=None):
+        out = response_logprobs(self.model, batch, chunk_size, temperature, divergence_fn)
         # clone: FSDP2 hooks must not see a view
-        return out.token_logps, out.seq_logps.clone(), out.lengths, out.values
+        return out.token_logps, out.seq_logps.clone(), out.lengths, out.values, out.divergence
 
 
 def _wraps_packed_forward(model) -> bool:
     return isinstance(model, PackedForward) or isinstance(getattr(model, "module", None), PackedForward)
 
 
-def response_logprobs(model, batch: PackedBatch, chunk_size: int = 1024, temperature: float = 1.0) -> ResponseLogProbs:
+def response_logprobs(model, batch: PackedBatch, chunk_size: int = 1024, temperature: float = 1.0,
+                      divergence_fn=None) -> ResponseLogProbs:
     """Per-token and per-sequence log-probs of every response token in the batch (prompt tokens get none), of the
     policy at `temperature` (its logits divided by it). `model` is a causal LM, a peft model, a PolicyWithValueHead
-    (values from the same hidden states), or a PackedForward around one of them (bare, DDP-wrapped or FSDP2-sharded)."""
+    (values from the same hidden states), or a PackedForward around one of them (bare, DDP-wrapped or FSDP2-sharded).
+    divergence_fn(hidden [N, H], head) -> [N]: a per-token term of the same hidden states and output head (a
+    distillation divergence, train/teacher.py), returned as .divergence."""
     if _wraps_packed_forward(model):
-        return ResponseLogProbs(*model(batch, chunk_size, temperature))
+        return ResponseLogProbs(*model(batch, chunk_size, temperature, divergence_fn))
     value_head = model.value_head if isinstance(model, PolicyWithValueHead) else None
     model = model.policy if value_head is not None else model
     hidden = packed_hidden_states(model, batch)
@@ -239,4 +244,5 @@ def response_logprobs(model, batch: PackedBatch, chunk_size: int = 1024, tempera
         0, batch.token_seq.to(device), token_logps)
     shape = (batch.num_examples, batch.num_responses)
     values = value_head(selected) if value_head is not None else None
-    return ResponseLogProbs(token_logps, seq_logps.view(shape), batch.seq_lengths.to(device), values)
+    divergence = divergence_fn(selected, head) if divergence_fn is not None else None
+    return ResponseLogProbs(token_logps, seq_logps.view(shape), batch.seq_lengths.to(device), values, divergence)

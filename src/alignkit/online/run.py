@@ -24,7 +24,6 @@ from safetensors.torch import load_model, save_model
 from alignkit.data.load import load_records
 from alignkit.errors import ConfigError
 from alignkit.generate.engines import make_engine, sleep_engine
-from alignkit.losses import build_options
 from alignkit.losses.base import needs
 from alignkit.losses.offpolicy import resolve_correction
 from alignkit.models.inference import frozen_copy
@@ -141,13 +140,10 @@ def resolve_inputs(cfg: OnlineConfig, given: OnlineInputs) -> OnlineInputs:
 
 
 def online_teacher(cfg: OnlineConfig, spec, model, tokenizer, ctx):
-    """Distillation's frozen teacher (None for other methods), loaded and checked against the student; GKD's
-    divergence runs inside the learner's forward, which DDP does not wrap yet."""
+    """Distillation's frozen teacher (None for other methods), loaded and checked against the student; a whole copy
+    on every rank (GKD's divergence is taken inside the learner's forward, which DDP and FSDP2 wrap)."""
     if not spec.needs_teacher:
         return None
-    if ctx.enabled and "teacher" in needs(build_options(spec, cfg.loss_options)):
-        raise ConfigError("distributed", f"method {cfg.method} compares the student with the teacher inside the "
-                                         "learner's forward: one process for now (opd runs under torchrun)")
     teacher = load_teacher(cfg.teacher, model, tokenizer, cfg.precision)
     return teacher.to(ctx.device) if ctx.device is not None else teacher
 

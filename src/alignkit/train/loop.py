@@ -183,9 +183,9 @@ def offline_teachers(cfg: TrainConfig, method: Method, model, tokenizer, ctx: Di
                                                "teacher with its own tokenizer needs loss uld")
     if "teacher" not in wanted:
         return method
-    if ctx.enabled:
-        raise ConfigError("distributed", f"loss '{cfg.loss}' compares the student with its teacher inside the "
-                                         "forward: one process for now")
+    if ctx.enabled and "cross_tokenizer" in wanted:  # its distances are taken outside the module DDP wraps
+        raise ConfigError("distributed", f"loss '{cfg.loss}' (the teacher's own tokenisation) runs in one process "
+                                         "for now; gkd, dckd and adpa run under torchrun")
     device = ctx.device if ctx.device is not None else next(model.parameters()).device
     if cfg.teacher_tokenizer == "own":  # ULD: any vocabulary; the examples are re-tokenised for it
         teacher, teacher_tokenizer = open_teacher(cfg.teacher)
@@ -208,10 +208,10 @@ def open_teacher_cache(cfg: TrainConfig, method: Method, data: OfflineData, pack
                              packing.precision)
 
 
-def use_teacher_cache(cache: TeacherCache, method: Method, data: OfflineData, packing: Packing) -> Method:
-    """The examples with their cached teacher top-k (built now where the cache is new) and the method reading
-    them: the teacher no longer runs in the steps, and is let go."""
-    sets = cache.fill(method.teacher, method.opts, {"train": data.train, "eval": data.eval}, packing)
+def use_teacher_cache(cache: TeacherCache, method: Method, data: OfflineData, packing: Packing, ctx: Dist) -> Method:
+    """The examples with their cached teacher top-k (built now where the cache is new: on every rank, written by
+    rank 0) and the method reading them: the teacher no longer runs in the steps, and is let go."""
+    sets = cache.fill(method.teacher, method.opts, {"train": data.train, "eval": data.eval}, packing, ctx.is_main)
     data.train, data.eval = sets["train"], sets["eval"]
     return replace(method, teacher=None, teacher_topk=True)
 
@@ -238,7 +238,7 @@ def _train(cfg: TrainConfig, model, tokenizer, ctx: Dist, examples=None) -> Trai
     teacher_cache = open_teacher_cache(cfg, method, data, packing)
     run.open()  # only now, with config, data and plan checked, is anything written
     if teacher_cache is not None:
-        method = use_teacher_cache(teacher_cache, method, data, packing)
+        method = use_teacher_cache(teacher_cache, method, data, packing, ctx)
 
     training = OfflineTraining(run, method, data, packing, offline_reference(model, cfg, method.live_reference),
                                CarriedState(method.spec))  # the carried state: a stateful loss's (BCO's shift)

@@ -15,14 +15,7 @@ from alignkit.losses.divergence import (
     chunked_divergence,
     teacher_topk,
 )
-from alignkit.models.logprobs import (
-    KEEP_PROBS_BYTES,
-    ChunkedTokenLogps,
-    ChunkSettings,
-    ResponseLogProbs,
-    _compute_dtype,
-    packed_hidden_states,
-)
+from alignkit.models.logprobs import ResponseLogProbs, response_logprobs
 from alignkit.models.teacher import teacher_hidden
 
 
@@ -46,19 +39,15 @@ def logprobs_and_divergence(model, batch: PackedBatch, teachers: tuple, opts, ch
                             temperature: float = 1.0) -> tuple[ResponseLogProbs, torch.Tensor]:
     """(the policy's response log-probs at `temperature`, as response_logprobs; the divergence [N] to the teacher at
     each response token: the generalized JSD with (beta, temperature) = opts.divergence(), or ADPA's expected
-    advantage where teachers holds a reference), both differentiable through the policy."""
-    hidden = packed_hidden_states(model, batch)
-    device = hidden.device
-    selected = hidden[batch.token_rows.to(device), batch.token_pred_positions.to(device)]
-    head = model.get_output_embeddings()
-    settings = ChunkSettings(chunk_size, _compute_dtype(selected), KEEP_PROBS_BYTES, temperature)
-    token_logps = ChunkedTokenLogps.apply(selected, head.weight, head.bias, batch.token_targets.to(device), settings)
+    advantage where teachers holds a reference), both differentiable through the policy. The teacher runs first,
+    without gradients; the divergence is taken inside the policy's forward (response_logprobs), so under DDP or
+    FSDP2 its gradient is reduced with the log-probs' in the same backward."""
     target = teacher_target(teachers, batch, opts, chunk_size)
     beta, divergence_temperature = opts.divergence()
-    divergence = chunked_divergence(selected, head.weight, head.bias, target,
-                                    DistillSettings(beta, divergence_temperature, chunk_size))
-    num_seq = batch.num_examples * batch.num_responses
-    seq_logps = torch.zeros(num_seq, dtype=token_logps.dtype, device=device).index_add(
-        0, batch.token_seq.to(device), token_logps)
-    shape = (batch.num_examples, batch.num_responses)
-    return ResponseLogProbs(token_logps, seq_logps.view(shape), batch.seq_lengths.to(device)), divergence
+    settings = DistillSettings(beta, divergence_temperature, chunk_size)
+
+    def divergence(selected: torch.Tensor, head) -> torch.Tensor:
+        return chunked_divergence(selected, head.weight, head.bias, target, settings)
+
+    out = response_logprobs(model, batch, chunk_size, temperature, divergence)
+    return out, out.divergence

@@ -137,20 +137,22 @@ class TeacherCache:
         identity = cache_identity(teacher, opts, examples, precision)
         return cls(Path(path), identity, cache_state(Path(path), identity))
 
-    def fill(self, teacher, opts, examples: dict[str, list[TokenizedExample]],
-             packing: Packing) -> dict[str, list[TokenizedExample]]:
+    def fill(self, teacher, opts, examples: dict[str, list[TokenizedExample]], packing: Packing,
+             write: bool = True) -> dict[str, list[TokenizedExample]]:
         """The examples of each set with their teacher top-k: read from the directory, or scored with the teacher
-        and written there (the manifest last, so an interrupted build is rebuilt)."""
+        and written there (the manifest last, so an interrupted build is rebuilt). write: False on the other ranks
+        of a torchrun, which score the same values in memory while rank 0 writes them."""
         if self.ready:
             return {name: with_topk(examples[name], load_set(self.path, name, examples[name]) if examples[name]
                                     else []) for name in SETS}
+        out = {name: with_topk(examples[name], score_topk(teacher, examples[name], packing, opts)
+                               if examples[name] else []) for name in SETS}
+        if not write:
+            return out
         self.path.mkdir(parents=True, exist_ok=True)
-        out = {}
         for name in SETS:
-            values = score_topk(teacher, examples[name], packing, opts) if examples[name] else []
-            if values:
-                save_set(self.path, name, values)
-            out[name] = with_topk(examples[name], values)
+            if out[name]:
+                save_set(self.path, name, [e.extras[TOPK] for e in out[name]])
         tmp = self.path / f"{MANIFEST}.tmp{os.getpid()}"
         tmp.write_text(json.dumps(self.identity, indent=1), encoding="utf-8")
         os.replace(tmp, self.path / MANIFEST)
