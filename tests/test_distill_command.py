@@ -133,7 +133,7 @@ def test_bad_setups_are_refused_before_anything_is_written(task, setup, tmp_path
     write_jsonl_atomic(tmp_path / "number.jsonl", [rows[0], {"prompt": rows[1]["prompt"], "completion": 5}])
     cases = [
         (dict(loss="opd", lmbda=0.5), ConfigError, r"'lmbda': opd scores the student's own samples"),
-        (dict(loss="uld", lmbda=0.5), ConfigError, r"'loss': uld runs on the dataset's completions only"),
+        (dict(loss="uld", lmbda=0.5), ConfigError, r"'loss': uld runs on the student's samples \(lmbda 1\) or on the dataset's"),
         (dict(train_data=None, prompts=str(setup / "sft.jsonl")), ConfigError, r"'train_data': lmbda < 1 without"),
         (dict(prompts=str(setup / "sft.jsonl")), ConfigError, r"'prompts': rounds that read completions take"),
         (dict(epochs=2), ConfigError, r"'epochs': read by offline training \(lmbda 0 without seq_kd\) only"),

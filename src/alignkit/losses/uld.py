@@ -61,10 +61,13 @@ class ULDOptions(LossOptions):
 
 
 def uld_loss(inputs: LossInputs, opts: ULDOptions) -> LossOutput:
-    """l = (1/|G|) sum_g sum_r |sort(q_S,g)_r - sort(q_T,g)_r| over the groups of the (first) response, as TRL's
-    ULDLoss (per sequence: sum over groups / their number; the loop means over examples)."""
+    """l = (1/|G|) sum_g sum_r |sort(q_S,g)_r - sort(q_T,g)_r| over the groups of each response, as TRL's ULDLoss
+    (per sequence: sum over groups / their number; the loop means over examples), and an example's loss the mean over
+    its responses that have groups (offline: its one completion; online: a prompt's k samples)."""
     if inputs.group_divergence is None or inputs.group_mask is None:
         raise ValueError("uld needs the per-group distances to a teacher (group_divergence); give a `teacher`")
-    distance, mask = inputs.group_divergence[:, 0], inputs.group_mask[:, 0].to(inputs.group_divergence.dtype)
-    losses = (distance * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    return losses, {"distill/uld": losses.detach(), "distill/groups": mask.sum(-1)}
+    distance, mask = inputs.group_divergence, inputs.group_mask.to(inputs.group_divergence.dtype)
+    per_response = (distance * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [B, k]
+    present = (mask.sum(-1) > 0).to(per_response.dtype)
+    losses = (per_response * present).sum(-1) / present.sum(-1).clamp(min=1)
+    return losses, {"distill/uld": losses.detach(), "distill/groups": mask.sum((-2, -1))}

@@ -107,9 +107,11 @@ class OnlineConfig(OptimConfig):
         "advantage; per_turn: each assistant turn's tokens take the advantage of that turn's return (its reward and "
         "the later turns'), normalised over the group's conversations at the same turn index (docs/environments.md; "
         "grpo, dapo, gspo, cispo, reinforce++; needs environment_reward: sum)")
-    # Distillation (docs/distillation.md): methods opd and gkd.
-    teacher: str | None = Field(None, description="opd / gkd: the frozen teacher (alias, directory or hub id) with the "
-                                "student's vocabulary; it may be larger")
+    # Distillation (docs/distillation.md): methods opd, gkd and uld.
+    teacher: str | None = Field(None, description="opd / gkd / uld: the frozen teacher (alias, directory or hub id) "
+                                "with the student's vocabulary (uld: any, with teacher_tokenizer own); it may be larger")
+    teacher_tokenizer: Literal["shared", "own"] = Field("shared", description="own: the teacher keeps its own "
+                                                        "tokenizer and vocabulary (method uld)")
     lmbda: float = Field(1.0, ge=0, le=1, description="gkd: the share of rounds the student samples (GKD's lambda); "
                          "the others are the teacher's samples (seq_kd) or the prompt records' completions")
     seq_kd: bool = Field(False, description="gkd: rounds the student does not sample are the teacher's samples; "
@@ -185,12 +187,23 @@ def method_loss(cfg: OnlineConfig):
     if spec.needs_teacher != (cfg.teacher is not None):
         raise ConfigError("teacher", f"method {cfg.method} needs a teacher: a model with the student's vocabulary"
                           if spec.needs_teacher else f"method {cfg.method} has no teacher; leave teacher unset")
+    check_uld(cfg)
     check_async(cfg, method, spec)
     check_ray(cfg)
     if cfg.lora is not None and cfg.reference_every:
         raise ConfigError("ref_update_every", "cannot be combined with lora (the reference is the base model with the "
                                               "adapters off); set 0")
     return spec, build_options(spec, cfg.loss_options)
+
+
+def check_uld(cfg: OnlineConfig) -> None:
+    """A teacher with its own tokenizer is method uld's alone, and uld re-tokenises single answers only."""
+    if cfg.teacher_tokenizer == "own" and cfg.method != "uld":
+        raise ConfigError("teacher_tokenizer", f"method {cfg.method} compares distributions over one vocabulary; a "
+                                               "teacher with its own tokenizer needs method uld")
+    if cfg.method == "uld" and cfg.environment is not None:
+        raise ConfigError("environment", "uld re-tokenises each answer for the teacher; conversations (environment "
+                                         "turns, the student's chat template around them) are not: use opd or gkd")
 
 
 def check_turn_credit(cfg: OnlineConfig, method) -> None:

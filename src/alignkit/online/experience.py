@@ -29,6 +29,7 @@ from alignkit.online.rollout import Rollout, training_examples
 from alignkit.online.self_reward import consistency_weights, implicit_reward_agreement
 from alignkit.online.turn_credit import turn_credit_advantages, turn_credit_scores
 from alignkit.train.apo import extrapolated_logps
+from alignkit.train.cross_teacher import with_teacher_tokens
 from alignkit.train.packing import Packing
 from alignkit.train.ref_update import MovingReference
 from alignkit.train.reference import Reference, reference_logps, score_examples
@@ -93,6 +94,7 @@ class RoundContext:
     prompt_pool: list = field(default_factory=list)  # every training prompt (dynamic sampling refills from it)
     metrics: dict[str, float] = field(default_factory=dict)
     teacher: object = None  # distillation's frozen teacher
+    tokenizers: tuple = ()  # uld: (the student's tokenizer, the teacher's)
 
     @property
     def reference(self):
@@ -150,6 +152,14 @@ def distill_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
     seq_logps, token_logps = round_ctx.scorer.reference(round_ctx.teacher, experience.examples)  # forked segments too
     experience.per_token["teacher_token_logps"] = token_logps
     experience.metrics["teacher_logp"] = float(seq_logps.mean())
+    return experience
+
+
+def uld_experience(rollout: Rollout, round_ctx: RoundContext) -> Experience:
+    """On-policy ULD (GOLD's on-policy mode): GRPO's experience with each sample also in the teacher's tokenisation,
+    aligned to the student's (data/crosstok.py); the teacher runs on those tokens in the learner's forward."""
+    experience = rl_experience(rollout, round_ctx)
+    experience.examples = with_teacher_tokens(experience.examples, *round_ctx.tokenizers)
     return experience
 
 

@@ -14,6 +14,7 @@ from alignkit.online.experience import (
     ppo_experience,
     reinforce_experience,
     rl_experience,
+    uld_experience,
 )
 
 
@@ -45,6 +46,8 @@ ONLINE_METHODS: dict[str, OnlineMethod] = {
     # or GKD's divergence over the vocabulary on the student's samples (TRL's DistillationTrainer: beta 1).
     "opd": OnlineMethod("opd", distill_experience, "Thinking Machines 2025, on-policy distillation"),
     "gkd": OnlineMethod("gkd", rl_experience, "arXiv 2306.13649"),
+    # ULD on the student's samples toward a teacher of any vocabulary (TRL's GOLD, on-policy): teacher_tokenizer own
+    "uld": OnlineMethod("uld", uld_experience, "arXiv 2402.12030"),
     "self-reward": OnlineMethod("dpo", pair_experience, "arXiv 2401.10020", pairs=True, self_judge=True,
                                 reference_every=1),
 }

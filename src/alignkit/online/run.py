@@ -27,7 +27,7 @@ from alignkit.generate.engines import make_engine, sleep_engine
 from alignkit.losses.base import needs
 from alignkit.losses.offpolicy import resolve_correction
 from alignkit.models.inference import frozen_copy
-from alignkit.models.teacher import load_teacher
+from alignkit.models.teacher import load_teacher, open_teacher
 from alignkit.models.value_head import PolicyWithValueHead
 from alignkit.online import mixing, sampling
 from alignkit.online.advantages import RunningMoments
@@ -41,7 +41,7 @@ from alignkit.online.ray_learners import run_learner_group
 from alignkit.online.ray_rollouts import RolloutCluster, rollout_engine
 from alignkit.online.rollout import Rollout, RolloutShape, stamp_version
 from alignkit.online.self_reward import judge_factory
-from alignkit.online.sharding import check_sharded_engine, check_sharded_setup
+from alignkit.online.sharding import check_distributed_setup, check_sharded_engine
 from alignkit.online.summary import append_rollouts, sample_kl, summarize
 from alignkit.train.distributed import init_distributed, is_sharded, shutdown, side_group
 from alignkit.train.memory import trim_freed_memory
@@ -98,8 +98,7 @@ def check_online_setup(cfg: OnlineConfig, ctx) -> None:
     if ctx.enabled and cfg.prompts_per_round % ctx.world_size:
         raise ConfigError("prompts_per_round", f"must be a multiple of the {ctx.world_size} processes: each samples "
                                                "an equal share of a round's prompts")
-    if ctx.enabled and cfg.distributed == "fsdp":
-        check_sharded_setup(cfg)
+    check_distributed_setup(cfg, ctx)
     if cfg.sampling.temperature <= 0:
         raise ConfigError("sampling.temperature", "online runs sample at a temperature > 0: greedy samples have no "
                           "distribution the learner could score (TRL refuses it too), and a prompt's k samples tie")
@@ -139,13 +138,18 @@ def resolve_inputs(cfg: OnlineConfig, given: OnlineInputs) -> OnlineInputs:
     return OnlineInputs(prompts, eval_prompts, reward, given.judge, given.completions)
 
 
-def online_teacher(cfg: OnlineConfig, spec, model, tokenizer, ctx):
-    """Distillation's frozen teacher (None for other methods), loaded and checked against the student; a whole copy
-    on every rank (GKD's divergence is taken inside the learner's forward, which DDP and FSDP2 wrap)."""
+def online_teacher(cfg: OnlineConfig, spec, model, tokenizer, ctx) -> tuple:
+    """(distillation's frozen teacher, the tokenizer of its tokenisation: uld only), (None, None) for other methods;
+    loaded and checked against the student; a whole copy on every rank (GKD's divergence is taken inside the
+    learner's forward, which DDP and FSDP2 wrap)."""
     if not spec.needs_teacher:
-        return None
-    teacher = load_teacher(cfg.teacher, model, tokenizer, cfg.precision)
-    return teacher.to(ctx.device) if ctx.device is not None else teacher
+        return None, None
+    if cfg.teacher_tokenizer == "own":  # uld: any vocabulary; each round's samples are re-tokenised for it
+        teacher, own = open_teacher(cfg.teacher)
+        teacher = frozen_copy(teacher, cfg.precision)
+    else:
+        teacher, own = load_teacher(cfg.teacher, model, tokenizer, cfg.precision), tokenizer
+    return teacher.to(ctx.device) if ctx.device is not None else teacher, own if cfg.method == "uld" else None
 
 
 def engine_corrected(opts, engine, stale: bool = False):
@@ -195,7 +199,7 @@ class OnlineRun:
 
             model, tokenizer = load_model_and_tokenizer(cfg.model)
         check_sharded_engine(cfg, model, ctx)
-        self.teacher = online_teacher(cfg, spec, model, tokenizer, ctx)  # refused before anything is written
+        self.teacher, teacher_tokens = online_teacher(cfg, spec, model, tokenizer, ctx)  # refused before writing
         self.completions = mixing.dataset_examples(cfg, tokenizer, self.prompts, None if given.prompts is not None
                                                    else cfg.prompts, inputs.completions)  # GKD's dataset rounds
         self.tokenizer, self.run = tokenizer, Run(cfg, ctx, tokenizer)
@@ -206,7 +210,7 @@ class OnlineRun:
         # the learner reads chunk size and temperature from the same packing as the scorers
         self.packing = replace(Packing.from_config(cfg, tokenizer), temperature=cfg.sampling.temperature)
         self.loss = Method(spec, opts, self.packing.chunk_size, temperature=self.packing.temperature,
-                           teacher=self.teacher if "teacher" in needs(opts) else None)
+                           teacher=self.teacher if "teacher" in needs(opts) else None, teacher_tokenizer=teacher_tokens)
         if ctx.device is not None:
             model.to(ctx.device)  # before the reference copies are made
         self.references, self.initial = online_references(model, cfg, self.method.self_judge)
@@ -297,7 +301,7 @@ class OnlineRun:
         if self.references is not None:
             self.references.follow(round_index, self.policy)
         round_ctx = RoundContext(cfg, self.loss.opts, self.scorer, self.references, self.moments, self.judge_for,
-                                 self.prompts, teacher=self.teacher)
+                                 self.prompts, teacher=self.teacher, tokenizers=(self.tokenizer, self.loss.teacher_tokenizer))
         cpu = time.process_time()
         rollout, metrics = self.sample(round_index)
         tic = time.perf_counter()

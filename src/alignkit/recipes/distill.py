@@ -30,7 +30,7 @@ console = Console(stderr=True)
 # Keys read by one kind of run only: the rounds of the online loop, the epochs of offline training.
 ONLINE_KEYS = ("prompts", "eval_prompts", "reward", "rounds", "prompts_per_round", "num_samples", "sampling",
                "num_iterations", "minibatches", "eval_before_after", "eval_samples")
-OFFLINE_KEYS = ("eval_data", "epochs", "max_steps", "grad_accum", "teacher_tokenizer", "teacher_cache")
+OFFLINE_KEYS = ("eval_data", "epochs", "max_steps", "grad_accum", "teacher_cache")
 
 
 def _online(name: str):
@@ -47,7 +47,8 @@ class DistillConfig(OptimConfig):
                          "student's, except with loss uld and teacher_tokenizer: own")
     loss: Literal["gkd", "opd", "uld"] = Field("gkd", description="gkd: generalized JSD over the vocabulary (any "
                                                "lmbda); opd: the teacher's log-probs of the student's samples as the "
-                                               "advantage (lmbda 1); uld: cross-tokenizer, on completions (lmbda 0)")
+                                               "advantage (lmbda 1); uld: cross-tokenizer, on-policy (lmbda 1) or on "
+                                               "completions (lmbda 0)")
     lmbda: float = Field(0.5, ge=0, le=1, description="the share of batches (rounds) the student samples (GKD's "
                          "lambda; TRL's default 0.5); 1: on-policy; 0 without seq_kd: the dataset's completions")
     seq_kd: bool = Field(False, description="batches the student does not sample are the teacher's samples "
@@ -91,8 +92,9 @@ def check_modes(cfg: DistillConfig) -> DistillConfig:
     """What each loss and mode needs, named in one line before anything is loaded."""
     if cfg.loss == "opd" and cfg.lmbda < 1:
         raise ConfigError("lmbda", "opd scores the student's own samples (on-policy, lmbda 1); mixed batches: loss gkd")
-    if cfg.loss == "uld" and not offline(cfg):
-        raise ConfigError("loss", "uld runs on the dataset's completions only (lmbda 0 without seq_kd); use gkd")
+    if cfg.loss == "uld" and not offline(cfg) and (cfg.lmbda < 1 or cfg.seq_kd):
+        raise ConfigError("loss", "uld runs on the student's samples (lmbda 1) or on the dataset's completions (lmbda 0 "
+                                  "without seq_kd), not mixed; use gkd")
     reads_completions = cfg.lmbda < 1 and not cfg.seq_kd
     if reads_completions and cfg.train_data is None:
         raise ConfigError("train_data", "lmbda < 1 without seq_kd trains on the dataset's completions: give records "
@@ -119,12 +121,12 @@ def distill_config(config=None, overrides: dict[str, Any] | None = None) -> Dist
 
 def _shared(cfg: DistillConfig) -> dict[str, Any]:
     values = cfg.model_dump()
-    keys = (*OptimConfig.model_fields, "model", "teacher", "max_length", "loss_options")
+    keys = (*OptimConfig.model_fields, "model", "teacher", "teacher_tokenizer", "max_length", "loss_options")
     return {key: values[key] for key in keys}
 
 
 def online_config_of(cfg: DistillConfig) -> OnlineConfig:
-    """The online run: method gkd|opd, its rounds drawn by lmbda and seq_kd."""
+    """The online run: method gkd|opd|uld, its rounds drawn by lmbda and seq_kd."""
     values = cfg.model_dump()
     prompts = values["prompts"] if values["prompts"] is not None else values["train_data"]
     online = {key: values[key] for key in ONLINE_KEYS if key != "prompts"}
@@ -163,7 +165,7 @@ def command_help() -> str:
 
     notes = ["loss options: those of the loss (`alignkit gkd --help`, opd, uld), as --loss_options.NAME or just "
              "--NAME (--beta 0.5).",
-             "modes: lmbda 1 (on-policy: online gkd or opd), 0 without seq_kd (offline: train --loss gkd|uld on "
+             "modes: lmbda 1 (on-policy: online gkd, opd or uld), 0 without seq_kd (offline: train --loss gkd|uld on "
              "train_data), in between (one online run, each round drawn: student samples with probability lmbda, "
              "else the teacher's samples with seq_kd, else train_data's completions; metrics student_sampled, "
              "teacher_sampled, dataset_completions). docs/distillation.md."]

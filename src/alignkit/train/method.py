@@ -59,8 +59,9 @@ class Method:
         tokenisation (ULD); None where the teacher, if any, runs as it is."""
         if self.teacher_topk:
             return cached_topk([data[i] for i in indices], self.opts.tail)
-        if "cross_tokenizer" in needs(self.opts):
-            return [data[i].extras[CROSS] for i in indices]
+        if "cross_tokenizer" in needs(self.opts):  # offline: a list of examples; online: an Experience
+            examples = data.examples if hasattr(data, "examples") else data
+            return [examples[i].extras[CROSS] for i in indices]
         return None
 
     def pack(self, examples: list[TokenizedExample], indices: list[int], packing: Packing) -> PackedBatch:
