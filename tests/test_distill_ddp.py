@@ -1,7 +1,8 @@
 """Distillation under torchrun (two gloo processes on CPU): the teacher's divergence is taken inside the module DDP
 wraps, so its gradient is reduced once with the rest. Offline gkd (also with a teacher cache and under FSDP2), dckd
 and adpa, online gkd and a mixed `alignkit distill` run log one process's numbers and end with its weights; uld is
-refused by name. One torchrun launch runs every scenario (tests/distributed_worker.py)."""
+refused by name; a mixed run's dataset rounds read a teacher cache built under two processes. One torchrun launch
+runs every scenario (tests/distributed_worker.py)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ def online_values(root: Path) -> dict[str, tuple[str, dict]]:
                                   **common)),
         "seq_kd": ("distill", dict(prompts=str(root / "prompts.jsonl"), lmbda=0.5, seq_kd=True, beta=0.5,
                                    seed=mixed_seed(True), **common)),
+        "mixed_cache": ("distill", dict(train_data=str(root / "sft.jsonl"), lmbda=0.5, beta=0.5, top_k=4,
+                                        teacher_cache=str(root / "mixed_topk"), seed=mixed_seed(False), **common)),
     }
 
 
@@ -114,13 +117,16 @@ def test_a_teacher_cache_under_two_processes_is_written_once_and_equals_the_live
     assert_same_metrics(root, "two_gkd_topk", "one_gkd_topk", atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gkd_online", "mixed", "seq_kd", "gkd_online_fsdp"])
+@pytest.mark.parametrize("name", ["gkd_online", "mixed", "seq_kd", "gkd_online_fsdp", "mixed_cache"])
 def test_online_distillation_under_two_processes_equals_one(ddp, name):
+    """mixed_cache: the dataset rounds read a teacher cache the two ranks built (rank 0 wrote it), against one
+    process with the live teacher."""
     root, job = ddp
     job.outcomes(f"two_{name}", 0)
     single = name.removesuffix("_fsdp")
     if not (root / f"one_{single}").exists():
         command, values = online_values(root)[single]
+        values = {k: v for k, v in values.items() if k != "teacher_cache"}
         assert main([command, "--config", write_config(root, f"one_{single}", values, offline=False)]) == 0
     assert rollout_lines(root / f"two_{name}") == rollout_lines(root / f"one_{single}")
     ours, theirs = read_metrics(root / f"two_{name}"), read_metrics(root / f"one_{single}")
@@ -131,8 +137,10 @@ def test_online_distillation_under_two_processes_equals_one(ddp, name):
             if not key.startswith(TIMING) and isinstance(value, (int, float)):
                 assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, a["round"], key)
     assert_same_final(root, f"two_{name}", f"one_{single}", atol=1e-5)
-    if name in ("mixed", "seq_kd"):  # both kinds of round ran under two processes
+    if name in ("mixed", "seq_kd", "mixed_cache"):  # both kinds of round ran under two processes
         assert {row["student_sampled"] for row in ours} == {0.0, 1.0}
+    if name == "mixed_cache":
+        assert sorted(p.name for p in (root / "mixed_topk").iterdir()) == ["manifest.json", "train.safetensors"]
 
 
 def test_uld_is_refused_under_torchrun_by_name(ddp):

@@ -116,6 +116,9 @@ class OnlineConfig(OptimConfig):
                          "the others are the teacher's samples (seq_kd) or the prompt records' completions")
     seq_kd: bool = Field(False, description="gkd: rounds the student does not sample are the teacher's samples; "
                          "false: the `completion` of each prompt record (online/mixing.py)")
+    teacher_cache: str | None = Field(None, description="gkd with lmbda < 1 without seq_kd, and loss_options.top_k: "
+                                      "a directory for the teacher's top-k of the records' completions, built once and "
+                                      "read by the dataset rounds (train/teacher_cache.py)")
     async_rollouts: AsyncOptions | None = Field(
         None, validation_alias=AliasChoices("async", "async_rollouts"), description="key `async`: {max_staleness: N}"
         " samples the next rounds on a background thread while the learner trains (tool calls and rewards overlap "

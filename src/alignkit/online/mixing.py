@@ -3,7 +3,8 @@ sampled by the student (probability lmbda), else sampled by the teacher (seq_kd)
 the round's prompts. The draw is seeded by the round, so a resumed run draws the same sources.
 
 A dataset round trains on the records' completions tokenised exactly as offline training tokenises them
-(`alignkit train --loss gkd`): the same examples, one response per prompt, nothing generated."""
+(`alignkit train --loss gkd`): the same examples, one response per prompt, nothing generated. With `teacher_cache`
+their teacher top-k is read from disk (built once, train/teacher_cache.py), so the teacher runs in sampled rounds only."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from alignkit.data import ExampleSettings, TokenizedExample, prepare_examples
 from alignkit.errors import ConfigError, DataError
 from alignkit.online.rollout import Rollout
 from alignkit.online.sampling import student_samples
+from alignkit.train.teacher_cache import TeacherCache, check_cache_options
 
 SOURCES = ("student", "teacher", "dataset")
 
@@ -70,3 +72,26 @@ def dataset_rollout(examples: list[TokenizedExample], prompts: list, reward, tok
     finished = torch.ones(len(examples), 1, dtype=torch.bool)
     return Rollout(list(prompts), texts, list(examples), rewards.view(-1, 1), finished, 0, 0.0,
                    time.perf_counter() - tic)
+
+
+def open_teacher_cache(cfg, teacher, opts, completions: list[TokenizedExample] | None) -> TeacherCache | None:
+    """cfg.teacher_cache checked against this run, before anything is written: it serves the dataset rounds of a gkd
+    run with top_k (a sampled round's responses are new every round), and a directory built for other records,
+    another teacher, k, temperature or precision is refused."""
+    if cfg.teacher_cache is None:
+        return None
+    if completions is None:
+        raise ConfigError("teacher_cache", f"holds the teacher's top-k of the records' completions, read by the "
+                                           f"dataset rounds of a gkd run (lmbda < 1 without seq_kd); method "
+                                           f"{cfg.method} with lmbda {cfg.lmbda} and seq_kd {cfg.seq_kd} has no "
+                                           "dataset rounds: leave it unset")
+    check_cache_options("teacher_cache", cfg.method, opts, None)
+    return TeacherCache.open(cfg.teacher_cache, teacher, opts, {"train": completions, "eval": []}, cfg.precision)
+
+
+def with_teacher_topk(cache: TeacherCache | None, completions, teacher, opts, packing, ctx):
+    """The records' completions, each carrying the teacher's top-k from the cache (scored now where the cache is new:
+    on every rank, written by rank 0); the learner reads it in dataset rounds (train/method.Method.teacher_data)."""
+    if cache is None:
+        return completions
+    return cache.fill(teacher, opts, {"train": completions, "eval": []}, packing, ctx.is_main)["train"]

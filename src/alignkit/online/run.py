@@ -202,6 +202,7 @@ class OnlineRun:
         self.teacher, teacher_tokens = online_teacher(cfg, spec, model, tokenizer, ctx)  # refused before writing
         self.completions = mixing.dataset_examples(cfg, tokenizer, self.prompts, None if given.prompts is not None
                                                    else cfg.prompts, inputs.completions)  # GKD's dataset rounds
+        cache = mixing.open_teacher_cache(cfg, self.teacher, opts, self.completions)  # their teacher top-k on disk
         self.tokenizer, self.run = tokenizer, Run(cfg, ctx, tokenizer)
         self.run.open()  # a resume is checked before anything is written
         self.judge_for = judge_factory(cfg, tokenizer, inputs.judge) if self.method.self_judge else None
@@ -209,6 +210,7 @@ class OnlineRun:
         # the learner, the behaviour scorer and the reference score at the sampling temperature (TRL: logits / T):
         # the learner reads chunk size and temperature from the same packing as the scorers
         self.packing = replace(Packing.from_config(cfg, tokenizer), temperature=cfg.sampling.temperature)
+        self.completions = mixing.with_teacher_topk(cache, self.completions, self.teacher, opts, self.packing, ctx)
         self.loss = Method(spec, opts, self.packing.chunk_size, temperature=self.packing.temperature,
                            teacher=self.teacher if "teacher" in needs(opts) else None, teacher_tokenizer=teacher_tokens)
         if ctx.device is not None:

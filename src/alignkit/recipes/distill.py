@@ -30,7 +30,7 @@ console = Console(stderr=True)
 # Keys read by one kind of run only: the rounds of the online loop, the epochs of offline training.
 ONLINE_KEYS = ("prompts", "eval_prompts", "reward", "rounds", "prompts_per_round", "num_samples", "sampling",
                "num_iterations", "minibatches", "eval_before_after", "eval_samples")
-OFFLINE_KEYS = ("eval_data", "epochs", "max_steps", "grad_accum", "teacher_cache")
+OFFLINE_KEYS = ("eval_data", "epochs", "max_steps", "grad_accum")
 
 
 def _online(name: str):
@@ -80,7 +80,9 @@ class DistillConfig(OptimConfig):
     max_steps: int | None = _offline("max_steps")
     grad_accum: int = _offline("grad_accum")
     teacher_tokenizer: Literal["shared", "own"] = _offline("teacher_tokenizer")
-    teacher_cache: str | None = _offline("teacher_cache")
+    teacher_cache: str | None = Field(None, description="with top_k: the teacher's top-k of train_data's completions "
+                                      "on disk, built once, then read instead of running the teacher (lmbda 0, or the "
+                                      "dataset rounds of a mixed run)")
 
 
 def offline(cfg: DistillConfig) -> bool:
@@ -121,7 +123,8 @@ def distill_config(config=None, overrides: dict[str, Any] | None = None) -> Dist
 
 def _shared(cfg: DistillConfig) -> dict[str, Any]:
     values = cfg.model_dump()
-    keys = (*OptimConfig.model_fields, "model", "teacher", "teacher_tokenizer", "max_length", "loss_options")
+    keys = (*OptimConfig.model_fields, "model", "teacher", "teacher_tokenizer", "max_length", "loss_options",
+            "teacher_cache")
     return {key: values[key] for key in keys}
 
 

@@ -18,7 +18,7 @@ from alignkit.train.cross_teacher import CROSS
 from alignkit.train.loss_inputs import add_record_fields, logprob_inputs
 from alignkit.train.packing import Packing
 from alignkit.train.reference import Reference
-from alignkit.train.teacher_cache import cached_topk
+from alignkit.train.teacher_cache import TOPK, cached_topk
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,13 @@ class Method:
         return uses_ref_model(self.spec, self.opts)
 
     def teacher_data(self, data, indices: list[int]):
-        """What the examples data[indices] carry for the teacher (offline): its cached top-k, or its own
-        tokenisation (ULD); None where the teacher, if any, runs as it is."""
-        if self.teacher_topk:
-            return cached_topk([data[i] for i in indices], self.opts.tail)
-        if "cross_tokenizer" in needs(self.opts):  # offline: a list of examples; online: an Experience
-            examples = data.examples if hasattr(data, "examples") else data
+        """What the examples data[indices] carry for the teacher (data: a list of examples or an online Experience):
+        its cached top-k (offline, or a mixed run's dataset round), or its own tokenisation (ULD); None where the
+        teacher, if any, runs as it is."""
+        examples = getattr(data, "examples", data)
+        if self.teacher_topk or self.teacher is not None and all(TOPK in examples[i].extras for i in indices):
+            return cached_topk([examples[i] for i in indices], self.opts.tail)
+        if "cross_tokenizer" in needs(self.opts):
             return [examples[i].extras[CROSS] for i in indices]
         return None
 
