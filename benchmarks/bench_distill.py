@@ -43,7 +43,13 @@ from contenders import machine, print_result, run_in_own_process
 RESULTS = Path(__file__).parent / "results"
 WORK = Path(__file__).parent / "work" / "distill"
 PROMPTS = Path(__file__).parents[1] / "src" / "alignkit" / "assets" / "align_prompts.jsonl"
-CONTENDERS = ("trl_distill", "trl_gkd", "alignkit_gkd", "alignkit_opd")
+CONTENDERS = ("trl_distill", "trl_gkd", "alignkit_gkd", "alignkit_opd", "alignkit_opd_lean", "trl_distill_bf16",
+              "alignkit_opd_bf16")
+# the same step with less held at once: RMSNorm/SwiGLU recomputed, 1024-token micro-batches, freed blocks returned
+LEAN = {"selective_recompute": True, "max_tokens_per_batch": 1024, "release_memory": True}
+# alignkit contender -> (loss, config keys beyond the shared settings)
+ALIGNKIT = {"alignkit_gkd": ("gkd", {}), "alignkit_opd": ("opd", {}), "alignkit_opd_lean": ("opd", LEAN),
+            "alignkit_opd_bf16": ("opd", {**LEAN, "precision": "bf16", "engine_precision": "bf16"})}
 BASELINE = "trl_distill"
 
 
@@ -92,11 +98,11 @@ def _models(args, teacher_dir: Path, student_dir: Path):
     return load(student_dir), load(teacher_dir), tokenizer
 
 
-def _trl_common(args) -> dict:
+def _trl_common(args, bf16: bool = False) -> dict:
     return {"output_dir": tempfile.mkdtemp(), "per_device_train_batch_size": args.prompts * args.k,
             "temperature": args.temperature, "beta": args.beta, "learning_rate": args.lr,
             "lr_scheduler_type": "constant", "max_grad_norm": 1.0, "max_steps": args.steps + 1, "logging_steps": 1,
-            "report_to": "none", "use_cpu": True, "bf16": False, "gradient_checkpointing": False,
+            "report_to": "none", "use_cpu": True, "bf16": bf16, "gradient_checkpointing": False,
             "save_strategy": "no", "seed": 0, "dataloader_num_workers": 0}
 
 
@@ -133,13 +139,13 @@ def _trl_result(args, clock, logs: list[dict], tokens: list[float]) -> dict:
             "warmup_divergence": logs[0]["loss"], "losses": [e["loss"] for e in logs]}
 
 
-def run_trl_distill(args, teacher_dir: Path, student_dir: Path) -> dict:
+def run_trl_distill(args, teacher_dir: Path, student_dir: Path, bf16: bool = False) -> dict:
     from datasets import Dataset
     from trl import DistillationConfig, DistillationTrainer
 
     model, teacher, tokenizer = _models(args, teacher_dir, student_dir)
     rows = [{"prompt": r["prompt"]} for r in prompts(args.prompts * (args.steps + 1)) for _ in range(args.k)]
-    config = DistillationConfig(**_trl_common(args), max_completion_length=args.max_new_tokens, top_k=0, top_p=1.0,
+    config = DistillationConfig(**_trl_common(args, bf16), max_completion_length=args.max_new_tokens, top_k=0, top_p=1.0,
                                 shuffle_dataset=False)
     clock = _clock()
     trainer = DistillationTrainer(model=model, teacher_model=teacher, args=config,
@@ -184,7 +190,7 @@ def run_trl_gkd(args, teacher_dir: Path, student_dir: Path) -> dict:
     return _trl_result(args, clock, logs, tokens)
 
 
-def run_alignkit(args, teacher_dir: Path, student_dir: Path, loss: str) -> dict:
+def run_alignkit(args, teacher_dir: Path, student_dir: Path, loss: str, extra: dict) -> dict:
     import torch
 
     from alignkit.online.run import OnlineRun
@@ -214,7 +220,7 @@ def run_alignkit(args, teacher_dir: Path, student_dir: Path, loss: str) -> dict:
         "output_dir": str(work / "run"), "rounds": args.steps + 1, "prompts_per_round": args.prompts,
         "num_samples": args.k, "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature},
         "learning_rate": args.lr, "lr_schedule": "constant", "max_grad_norm": 1.0, "precision": "fp32",
-        "eval_before_after": False, "progress": False, "report_to": ["jsonl"], "seed": 0, **options})
+        "eval_before_after": False, "progress": False, "report_to": ["jsonl"], "seed": 0, **options, **extra})
     timed = result.rounds[1:]
     step_s = [b - a for a, b in zip(marks, marks[1:])][1:]  # without the warm-up round
     divergence = next(key for key in result.rounds[0] if key.endswith(("distill/divergence", "distill/reverse_kl")))
@@ -227,11 +233,11 @@ def run_alignkit(args, teacher_dir: Path, student_dir: Path, loss: str) -> dict:
 
 
 def run_one(name: str, args, teacher_dir: Path, student_dir: Path) -> dict:
-    if name == "trl_distill":
-        return run_trl_distill(args, teacher_dir, student_dir)
+    if name.startswith("trl_distill"):
+        return run_trl_distill(args, teacher_dir, student_dir, bf16=name.endswith("bf16"))
     if name == "trl_gkd":
         return run_trl_gkd(args, teacher_dir, student_dir)
-    return run_alignkit(args, teacher_dir, student_dir, name.removeprefix("alignkit_"))
+    return run_alignkit(args, teacher_dir, student_dir, *ALIGNKIT[name])
 
 
 def markdown(rows: dict, header: dict) -> str:
@@ -240,7 +246,8 @@ def markdown(rows: dict, header: dict) -> str:
              f"{header['student_layers']}-layer cut)", "",
              f"{header['machine']}; torch {header['torch']}, {header['threads']} threads; {header['prompts']} prompts "
              f"x {header['k']} samples per step, {header['max_new_tokens']} new tokens at most, temperature "
-             f"{header['temperature']}, beta {header['beta']}, lr {header['lr']} constant, fp32, full fine-tuning, "
+             f"{header['temperature']}, beta {header['beta']}, lr {header['lr']} constant, fp32 (the _bf16 contenders: bf16 "
+             f"autocast, TRL's bf16=True; alignkit's engine and teacher weights in bf16 too), full fine-tuning, "
              f"no gradient checkpointing, no vLLM (TRL samples with transformers generate, alignkit with its fast "
              f"engine); 1 warm-up step, {header['steps']} timed, each contender in its own process, one run. "
              f"Student: {header['student']}. Command: `{header['command']}`", "",
@@ -259,13 +266,20 @@ def markdown(rows: dict, header: dict) -> str:
               "divergence: the loss of the warm-up step before any update (trl_distill: the logged loss; trl_gkd: "
               "the logged loss rescaled to a per-sampled-token mean, since transformers divides it by the count of "
               "the dataset's answer tokens, which the samples replace; alignkit_gkd: distill/divergence; "
-              "alignkit_opd: distill/reverse_kl, the k1 estimate on the sampled tokens). Target (issue 31): "
+              "alignkit_opd: distill/reverse_kl, the k1 estimate on the sampled tokens). _lean: "
+              "selective_recompute, max_tokens_per_batch 1024, release_memory (the same step, less held at once). "
+              "Target (issue 31): "
               f">= 3x {BASELINE}'s samples/s at <= 0.5x its peak RSS.", ""]
     for name, r in rows.items():
         if "time_split" in r:
             split = ", ".join(f"{part} {100 * share:.0f}%" for part, share in r["time_split"].items())
             lines.append(f"- {name}'s timed steps: {split} (alignkit's per-round timers; score: the teacher's "
                          f"log-probs and the experience)")
+    for ours, theirs in (("alignkit_opd_bf16", "trl_distill_bf16"),):
+        if ours in rows and theirs in rows:
+            a, b = rows[ours], rows[theirs]
+            lines.append(f"- like for like in bf16: {ours} {a['samples_per_s'] / b['samples_per_s']:.2f}x {theirs}'s "
+                         f"samples/s at {a['peak_rss_gb'] / b['peak_rss_gb']:.2f}x its peak RSS")
     loads = ", ".join(f"{name} {load:.1f}" for name, load in header["load_1min_before"].items())
     lines.append(f"- 1-minute load average before each contender: {loads} ({header['machine']})")
     return "\n".join(lines) + "\n"
