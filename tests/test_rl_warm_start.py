@@ -142,6 +142,24 @@ def test_without_a_warm_start_grpo_starts_from_the_loaded_weights(task, tmp_path
     assert all(torch.equal(seen["rl_start"][k], loaded[k]) for k in loaded)
 
 
+def test_the_answers_are_sampled_with_the_runs_sampling_or_the_temperature_given(task, tmp_path, monkeypatch):
+    train, used = easy_prompts(tmp_path / "train.jsonl"), []
+    sample_with_counts = raft.sample_with_counts
+
+    def recording(model, tokenizer, prompts, sampling, num_samples, seed):
+        used.append((sampling, num_samples, len(prompts)))
+        return sample_with_counts(model, tokenizer, prompts, sampling, num_samples, seed)
+
+    monkeypatch.setattr(raft, "sample_with_counts", recording)
+    for temperature in (None, 0.5):
+        warm = {"prompts": 6, "samples_per_prompt": 2, "temperature": temperature, "evaluate": False}
+        summary = run_rl(overrides=tiny(task, tmp_path / str(temperature), train, warm_start=warm))
+        sampling, num_samples, prompts = used[-1]
+        assert (num_samples, prompts) == (2, 6) and sampling.max_new_tokens == 6
+        assert sampling.temperature == (1.0 if temperature is None else 0.5)
+        assert "held_out" not in summary["warm_start"] and summary["warm_start"]["answers"] == 12
+
+
 @pytest.mark.parametrize(("overrides", "key"), [
     ({"warm_start": {"prompts": -1}}, "warm_start.prompts"),
     ({"warm_start": {"samples_per_prompt": 0}}, "warm_start.samples_per_prompt"),
@@ -152,6 +170,8 @@ def test_without_a_warm_start_grpo_starts_from_the_loaded_weights(task, tmp_path
     ({"warm_start": {"examples_per_step": 0}}, "warm_start.examples_per_step"),
     ({"warm_start": {"evaluate": "sometimes"}}, "warm_start.evaluate"),
     ({"warm_start": {"samples": 8}}, "warm_start.samples"),
+    ({"warm_start": {"temperature": 0}}, "warm_start.temperature"),
+    ({"warm_start": {"temperature": float("nan")}}, "warm_start.temperature"),
 ])
 def test_bad_warm_start_settings_are_refused_by_name(overrides, key):
     with pytest.raises(ConfigError) as err:

@@ -23,6 +23,8 @@ class OwnAnswersWarmStart(SFTSettings):
     prompts: int = Field(0, ge=0, description="training prompts answered (the first of the training file); 0: no "
                                               "warm start")
     samples_per_prompt: int = Field(8, gt=0, description="answers sampled per prompt (the run's sampling, seeded)")
+    temperature: float | None = Field(None, gt=0.0, description="the answers' sampling temperature; null: the run's "
+                                                                "(online.sampling)")
     keep_per_prompt: int = Field(1, gt=0, description="at most this many distinct passing answers kept per prompt")
     evaluate: bool = Field(True, description="also answer the held-out prompts and phrasings with the warm-started "
                                              "model (last, so no other figure moves)")
@@ -72,6 +74,8 @@ def own_answers_warm_start(model, tokenizer, records: list[dict], cfg, stages, o
     check_prompts(settings, len(records))
     chosen = records[:settings.prompts]
     sampling = cfg.online.sampling
+    if settings.temperature is not None:
+        sampling = sampling.model_copy(update={"temperature": settings.temperature})
     generation = stages.run(f"warm start: {settings.samples_per_prompt} answers to each of {len(chosen)} training "
                             f"prompts", lambda: sample_with_counts(model, tokenizer, [r["prompt"] for r in chosen],
                                                                    sampling, settings.samples_per_prompt,
