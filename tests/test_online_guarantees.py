@@ -183,6 +183,29 @@ def test_bf16_online_run_scores_its_reference_and_kl_under_autocast(task, tmp_pa
     assert math.isfinite(result.summary["kl_to_start"]) and math.isfinite(result.rounds[0]["loss"])
 
 
+def test_no_reference_copy_is_held_where_nothing_reads_one(task, tmp_path, monkeypatch):
+    """kl_coef 0 and eval_before_after false: no loss term and no summary KL read a reference, so the run makes no
+    frozen copy of the policy (TRL loads no ref model at beta 0), and trains exactly as the run that holds one."""
+    made = []
+
+    def made_with(read=None):
+        def references(model, cfg, self_judge=False, read_=True):
+            made.append(online_references(model, cfg, self_judge, read_ if read is None else read))
+            return made[-1]
+        return references
+
+    monkeypatch.setattr(online_run, "online_references", made_with())
+    run(task, "grpo", tmp_path / "lean", rounds=2, kl_coef=0.0, eval_before_after=False)
+    run(task, "grpo", tmp_path / "kl", rounds=1, kl_coef=0.05, eval_before_after=False)
+    run(task, "grpo", tmp_path / "summary", rounds=1, kl_coef=0.0)  # the summary's KL to the start
+    monkeypatch.setattr(online_run, "online_references", made_with(read=True))  # as before: always a copy
+    run(task, "grpo", tmp_path / "held", rounds=2, kl_coef=0.0, eval_before_after=False)
+    assert made[0] == (None, None) and all(refs[0] is not None for refs in made[1:])
+    assert without_timing(read_metrics(tmp_path / "lean")) == without_timing(read_metrics(tmp_path / "held"))
+    final, expected = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("lean", "held"))
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
 def test_log_every_means_the_same_online_every_nth_round_and_the_last(task, tmp_path):
     result = run(task, "grpo", tmp_path, rounds=3, log_every=2)
     assert [r["step"] for r in read_metrics(tmp_path)] == [2, 3]  # as offline: every 2nd step, and the last

@@ -107,16 +107,6 @@ def check_online_setup(cfg: OnlineConfig, ctx) -> None:
                                            "from those the samples were drawn and scored with; online runs take 0")
 
 
-def prompt_order(n: int, needed: int, seed: int) -> list[int]:
-    """Prompt indices for every round: passes over the prompts, each in a new seeded order."""
-    rng, order = random.Random(seed), []
-    while len(order) < needed:
-        permutation = list(range(n))
-        rng.shuffle(permutation)
-        order += permutation
-    return order[:needed]
-
-
 def resolve_inputs(cfg: OnlineConfig, given: OnlineInputs) -> OnlineInputs:
     """The prompts, held-out prompts and reward of the run: given, else from the config."""
     records = load_records(cfg.prompts, shape="prompts") if given.prompts is None else []
@@ -168,12 +158,13 @@ def engine_corrected(opts, engine, stale: bool = False):
     return resolved
 
 
-def online_references(model, cfg: OnlineConfig, self_judge: bool = False):
+def online_references(model, cfg: OnlineConfig, self_judge: bool = False, read: bool = True):
     """(the reference, the starting policy for the summary's KL): frozen copies of `model` (bf16 linear weights in
     a bf16 run: the same log-probs under autocast); the reference moves every ref_update_every rounds, keeping the
     one it replaced where APO or a self-judge (CREAM) compares consecutive rounds. Under LoRA (None, None): the
-    reference is the base, the policy with its adapters off."""
-    if cfg.lora is not None:
+    reference is the base, the policy with its adapters off. (None, None) too where nothing reads them (`read`
+    false: no KL term, no pairs, no moving reference, and eval_before_after false): no copy is held."""
+    if cfg.lora is not None or not (read or cfg.eval_before_after or cfg.reference_every):
         return None, None
     keep = bool(cfg.reference_every) and (cfg.apo_alpha > 0 or self_judge)
     reference = MovingReference(model, cfg.reference_every, keep_previous=keep, precision=cfg.precision)
@@ -215,7 +206,8 @@ class OnlineRun:
                            teacher=self.teacher if "teacher" in needs(opts) else None, teacher_tokenizer=teacher_tokens)
         if ctx.device is not None:
             model.to(ctx.device)  # before the reference copies are made
-        self.references, self.initial = online_references(model, cfg, self.method.self_judge)
+        read = "reference" in needs(opts) or self.method.pairs or self.method.self_judge
+        self.references, self.initial = online_references(model, cfg, self.method.self_judge, read)
         self.policy = self.run.prepare(model)  # device, attention, gradient checkpointing, LoRA
         self.trained = PolicyWithValueHead(self.policy) if self.method.value_head else self.policy
         groups = self.trained.parameter_groups(cfg.value_learning_rate) if self.method.value_head else None
@@ -229,7 +221,7 @@ class OnlineRun:
         self.moments = RunningMoments()  # PPO's reward normalisation (a checkpoint's, on resume)
         self.before = self._restore()
         self.run.open_log(cfg.rounds, "rollouts.jsonl")
-        self.order = prompt_order(len(self.prompts), cfg.rounds * cfg.prompts_per_round, cfg.seed)
+        self.order = sampling.prompt_order(len(self.prompts), cfg.rounds * cfg.prompts_per_round, cfg.seed)
         # FSDP2: the scorers call the sharded module, which gathers each layer as it runs (every rank scores the
         # whole rollout, so all take part in every forward)
         scored = self.run.train_model if is_sharded(self.run.train_model) else self.trained

@@ -61,6 +61,16 @@ def refill_prompts(pool: list, count: int, seed: int, round_index: int, refill: 
     return [pool[rng.randrange(len(pool))] for _ in range(count)]
 
 
+def prompt_order(n: int, needed: int, seed: int) -> list[int]:
+    """Prompt indices for every round: passes over the prompts, each in a new seeded order."""
+    rng, order = random.Random(seed), []
+    while len(order) < needed:
+        permutation = list(range(n))
+        rng.shuffle(permutation)
+        order += permutation
+    return order[:needed]
+
+
 def collect_rollout(online, prompts: list, round_index: int) -> tuple[Rollout, dict]:
     """The round's rollout and what users watch in it: the share of groups whose rewards all tie (no signal for a
     group-relative advantage), the sampled tokens' entropy estimate, response length, the share cut short. With
