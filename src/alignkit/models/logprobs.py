@@ -21,7 +21,8 @@ class ResponseLogProbs:
     seq_logps: torch.Tensor  # [B, k] summed over each response's tokens
     lengths: torch.Tensor  # [B, k] token counts
     values: torch.Tensor | None = None  # [N] a value head's V(s_t) per response token, in the same order
-    divergence: torch.Tensor | None = None  # [N] the caller's per-token term of the same forward (train/teacher.py)
+    divergence: torch.Tensor | None = None  # the caller's term of the same forward: [N] per token (train/teacher.py)
+    # or [B * k, G] per aligned group (train/cross_teacher.py)
 
     def padded(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs as [B, k, T_max] (0 where masked) and the bool mask."""
@@ -226,8 +227,8 @@ def response_logprobs(model, batch: PackedBatch, chunk_size: int = 1024, tempera
     """Per-token and per-sequence log-probs of every response token in the batch (prompt tokens get none), of the
     policy at `temperature` (its logits divided by it). `model` is a causal LM, a peft model, a PolicyWithValueHead
     (values from the same hidden states), or a PackedForward around one of them (bare, DDP-wrapped or FSDP2-sharded).
-    divergence_fn(hidden [N, H], head) -> [N]: a per-token term of the same hidden states and output head (a
-    distillation divergence, train/teacher.py), returned as .divergence."""
+    divergence_fn(hidden [N, H], head) -> a tensor: a term of the same hidden states and output head (a distillation
+    divergence: per token, train/teacher.py, or per aligned group, train/cross_teacher.py), returned as .divergence."""
     if _wraps_packed_forward(model):
         return ResponseLogProbs(*model(batch, chunk_size, temperature, divergence_fn))
     value_head = model.value_head if isinstance(model, PolicyWithValueHead) else None

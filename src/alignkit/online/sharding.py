@@ -14,8 +14,6 @@ def check_distributed_setup(cfg: OnlineConfig, ctx) -> None:
     """The keys a run under torchrun (or a Ray learner group) refuses, checked from the config alone."""
     if not ctx.enabled:
         return
-    if cfg.method == "uld":  # as offline: its distances are taken outside the module DDP wraps
-        raise ConfigError("distributed", "method uld (the teacher's own tokenisation) runs in one process for now")
     if cfg.distributed == "fsdp":
         check_sharded_setup(cfg)
 

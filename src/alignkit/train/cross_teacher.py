@@ -13,14 +13,7 @@ from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import DataError
 from alignkit.losses.divergence import head_logps
 from alignkit.losses.uld import group_distances
-from alignkit.models.logprobs import (
-    KEEP_PROBS_BYTES,
-    ChunkedTokenLogps,
-    ChunkSettings,
-    ResponseLogProbs,
-    _compute_dtype,
-    packed_hidden_states,
-)
+from alignkit.models.logprobs import ResponseLogProbs, response_logprobs
 from alignkit.models.teacher import teacher_hidden
 
 CROSS = "cross_tokenized"  # the key of each example's extras that holds its CrossTokenized
@@ -61,32 +54,37 @@ def logprobs_and_groups(model, batch: PackedBatch, method,
                         crossed: list[CrossTokenized]) -> tuple[ResponseLogProbs, torch.Tensor, torch.Tensor]:
     """(the policy's response log-probs at method.temperature; the ULD distance [B, k, G] at each aligned group,
     with the policy's gradient; its mask [B, k, G]). method: train/method.Method (its teacher, options, chunk size);
-    crossed: each batch example's CrossTokenized, in batch order."""
-    opts = method.opts
-    hidden = packed_hidden_states(model, batch)
-    device = hidden.device
-    selected = hidden[batch.token_rows.to(device), batch.token_pred_positions.to(device)]
-    head = model.get_output_embeddings()
-    targets = batch.token_targets.to(device)
-    settings = ChunkSettings(method.chunk_size, _compute_dtype(selected), KEEP_PROBS_BYTES, method.temperature)
-    token_logps = ChunkedTokenLogps.apply(selected, head.weight, head.bias, targets, settings)
+    crossed: each batch example's CrossTokenized, in batch order. The teacher runs first, without gradients; the
+    distances are taken inside the policy's forward (response_logprobs' divergence_fn), so under DDP or FSDP2 their
+    gradient is reduced with the rest of the wrapped module's backward, once."""
     num_seq = batch.num_examples * batch.num_responses
-    student = per_sequence(head_logps(selected, head.weight, head.bias, opts.temperature), batch.token_seq, num_seq)
-    student_ids = per_sequence(targets, batch.token_seq, num_seq)
-    teacher_out, teacher_ids = teacher_logps(method.teacher, crossed, opts.temperature)
-    distances = []
-    for seq in range(num_seq):
-        groups = crossed[seq // batch.num_responses].groups[seq % batch.num_responses]
-        if not groups[0]:  # nothing both tokenisations spell (an empty response)
-            distances.append(student[seq].new_zeros(0))
-            continue
-        distances.append(group_distances(student[seq], teacher_out[seq].to(device), groups,
-                                         (student_ids[seq], teacher_ids[seq].to(device))))
+    groups = [crossed[seq // batch.num_responses].groups[seq % batch.num_responses] for seq in range(num_seq)]
+    teacher = teacher_logps(method.teacher, crossed, method.opts.temperature)
+
+    def distances(selected: torch.Tensor, head) -> torch.Tensor:
+        return group_distance_rows(selected, head, batch, teacher, groups, method.opts.temperature)
+
+    out = response_logprobs(model, batch, method.chunk_size, method.temperature, distances)
+    padded = out.divergence
+    counts = torch.tensor([len(g[0]) for g in groups], device=padded.device)  # no groups: an empty response
+    mask = torch.arange(padded.shape[-1], device=padded.device)[None] < counts[:, None]
+    shape = (batch.num_examples, batch.num_responses, padded.shape[-1])
+    return out, padded.view(shape), mask.view(shape)
+
+
+def group_distance_rows(selected: torch.Tensor, head, batch: PackedBatch, teacher: tuple, groups: list,
+                        temperature: float) -> torch.Tensor:
+    """[B * k, G]: each sequence's ULD distance at its aligned groups, zero-padded to the most groups (at least 1).
+    selected: the policy's hidden states at the response tokens' predicting positions, head: its output head;
+    teacher: teacher_logps' (log-probs, token ids) per sequence; groups: each sequence's (student groups, teacher
+    groups); temperature: the distillation temperature (both models' logits)."""
+    device, num_seq = selected.device, len(groups)
+    student = per_sequence(head_logps(selected, head.weight, head.bias, temperature), batch.token_seq, num_seq)
+    student_ids = per_sequence(batch.token_targets.to(device), batch.token_seq, num_seq)
+    teacher_out, teacher_ids = teacher
+    distances = [group_distances(student[seq], teacher_out[seq].to(device), groups[seq],
+                                 (student_ids[seq], teacher_ids[seq].to(device)))
+                 if groups[seq][0] else student[seq].new_zeros(0)  # nothing both tokenisations spell
+                 for seq in range(num_seq)]
     width = max([len(d) for d in distances] + [1])
-    padded = torch.stack([torch.nn.functional.pad(d, (0, width - len(d))) for d in distances])
-    mask = torch.arange(width, device=device)[None] < torch.tensor([len(d) for d in distances], device=device)[:, None]
-    seq_logps = torch.zeros(num_seq, dtype=token_logps.dtype, device=device).index_add(
-        0, batch.token_seq.to(device), token_logps)
-    shape = (batch.num_examples, batch.num_responses)
-    out = ResponseLogProbs(token_logps, seq_logps.view(shape), batch.seq_lengths.to(device))
-    return out, padded.view(*shape, width), mask.view(*shape, width)
+    return torch.stack([torch.nn.functional.pad(d, (0, width - len(d))) for d in distances])

@@ -183,9 +183,6 @@ def offline_teachers(cfg: TrainConfig, method: Method, model, tokenizer, ctx: Di
                                                "teacher with its own tokenizer needs loss uld")
     if "teacher" not in wanted:
         return method
-    if ctx.enabled and "cross_tokenizer" in wanted:  # its distances are taken outside the module DDP wraps
-        raise ConfigError("distributed", f"loss '{cfg.loss}' (the teacher's own tokenisation) runs in one process "
-                                         "for now; gkd, dckd and adpa run under torchrun")
     device = ctx.device if ctx.device is not None else next(model.parameters()).device
     if cfg.teacher_tokenizer == "own":  # ULD: any vocabulary; the examples are re-tokenised for it
         teacher, teacher_tokenizer = open_teacher(cfg.teacher)
