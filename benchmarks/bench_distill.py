@@ -45,8 +45,8 @@ WORK = Path(__file__).parent / "work" / "distill"
 PROMPTS = Path(__file__).parents[1] / "src" / "alignkit" / "assets" / "align_prompts.jsonl"
 CONTENDERS = ("trl_distill", "trl_gkd", "alignkit_gkd", "alignkit_opd", "alignkit_opd_lean", "trl_distill_bf16",
               "alignkit_opd_bf16")
-# the same step with less held at once: RMSNorm/SwiGLU recomputed, 1024-token micro-batches, freed blocks returned
-LEAN = {"selective_recompute": True, "max_tokens_per_batch": 1024, "release_memory": True}
+# the same step with less held at once: RMSNorm/SwiGLU recomputed, 512-token micro-batches, freed blocks returned
+LEAN = {"selective_recompute": True, "max_tokens_per_batch": 512, "release_memory": True}
 # alignkit contender -> (loss, config keys beyond the shared settings)
 ALIGNKIT = {"alignkit_gkd": ("gkd", {}), "alignkit_opd": ("opd", {}), "alignkit_opd_lean": ("opd", LEAN),
             "alignkit_opd_bf16": ("opd", {**LEAN, "precision": "bf16", "engine_precision": "bf16"})}
@@ -267,7 +267,7 @@ def markdown(rows: dict, header: dict) -> str:
               "the logged loss rescaled to a per-sampled-token mean, since transformers divides it by the count of "
               "the dataset's answer tokens, which the samples replace; alignkit_gkd: distill/divergence; "
               "alignkit_opd: distill/reverse_kl, the k1 estimate on the sampled tokens). _lean: "
-              "selective_recompute, max_tokens_per_batch 1024, release_memory (the same step, less held at once). "
+              "selective_recompute, max_tokens_per_batch 512, release_memory (the same step, less held at once). "
               "Target (issue 31): "
               f">= 3x {BASELINE}'s samples/s at <= 0.5x its peak RSS.", ""]
     for name, r in rows.items():
