@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import dpo_contenders as contenders
+from contenders import cpu
 
 RESULTS_DIR = contenders.BENCH_DIR / "results"
 MODELS = {"llama58m": None, "smollm2": "smollm2-135m-instruct"}
@@ -163,14 +164,7 @@ def machine_info() -> dict:
     import transformers
     import trl
 
-    model_name = platform.processor()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model_name = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return {"cpu": model_name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu()[0], "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}

@@ -28,19 +28,26 @@ def run_in_own_process(script: str, name: str, args, skip: tuple[str, ...] = ())
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def cpu() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags, from /proc/cpuinfo (elsewhere: the platform's name, no flags)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
 def machine() -> str:
     """The CPU's model name, its bf16 units and core count. bf16 timings move with the CPU: the same commit's bf16
     GRPO step took 5.9 s on 2026-12-02's machine and 8.2-8.7 s on 2026-12-07's (AMD EPYC, avx512_bf16)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
+    model, flags = cpu()
     bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
     return f"{model}, {os.cpu_count()} cores, bf16 units: {', '.join(bf16) or 'none'}"
