@@ -42,6 +42,13 @@ def load_teacher(path: str, student, student_tokenizer=None, precision: str = "f
     return frozen_copy(model, precision)
 
 
+def load_own_teacher(path: str, precision: str = "fp32"):
+    """(the frozen teacher at `path`, its own tokenizer): a teacher of any vocabulary (loss uld,
+    teacher_tokenizer: own), so nothing is checked against the student."""
+    model, tokenizer = open_teacher(path)
+    return frozen_copy(model, precision), tokenizer
+
+
 def open_teacher(path: str, key: str = "teacher"):
     """(model, tokenizer) at `path`, unchecked and not yet frozen; a path that does not load is a ConfigError."""
     from alignkit.models.resolve import load_model_and_tokenizer

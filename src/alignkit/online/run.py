@@ -27,7 +27,7 @@ from alignkit.generate.engines import make_engine, sleep_engine
 from alignkit.losses.base import needs
 from alignkit.losses.offpolicy import resolve_correction
 from alignkit.models.inference import frozen_copy
-from alignkit.models.teacher import load_teacher, open_teacher
+from alignkit.models.teacher import load_own_teacher, load_teacher
 from alignkit.models.value_head import PolicyWithValueHead
 from alignkit.online import mixing, sampling
 from alignkit.online.advantages import RunningMoments
@@ -135,8 +135,7 @@ def online_teacher(cfg: OnlineConfig, spec, model, tokenizer, ctx) -> tuple:
     if not spec.needs_teacher:
         return None, None
     if cfg.teacher_tokenizer == "own":  # uld: any vocabulary; each round's samples are re-tokenised for it
-        teacher, own = open_teacher(cfg.teacher)
-        teacher = frozen_copy(teacher, cfg.precision)
+        teacher, own = load_own_teacher(cfg.teacher, cfg.precision)
     else:
         teacher, own = load_teacher(cfg.teacher, model, tokenizer, cfg.precision), tokenizer
     return teacher.to(ctx.device) if ctx.device is not None else teacher, own if cfg.method == "uld" else None

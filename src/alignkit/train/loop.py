@@ -16,9 +16,9 @@ from alignkit.config import TrainConfig
 from alignkit.errors import AlignkitError, ConfigError
 from alignkit.losses.base import needs
 from alignkit.models.attention import attention_implementation, loadable_attention
-from alignkit.models.inference import eval_mode, frozen_copy
+from alignkit.models.inference import eval_mode
 from alignkit.models.logprobs import response_logprobs
-from alignkit.models.teacher import load_teacher, open_teacher
+from alignkit.models.teacher import load_own_teacher, load_teacher
 from alignkit.train.cross_teacher import with_teacher_tokens
 from alignkit.train.distributed import Dist, init_distributed, shard_steps, shutdown
 from alignkit.train.loss_inputs import CarriedState, check_method_setup, mean_trained_lengths
@@ -185,9 +185,8 @@ def offline_teachers(cfg: TrainConfig, method: Method, model, tokenizer, ctx: Di
         return method
     device = ctx.device if ctx.device is not None else next(model.parameters()).device
     if cfg.teacher_tokenizer == "own":  # ULD: any vocabulary; the examples are re-tokenised for it
-        teacher, teacher_tokenizer = open_teacher(cfg.teacher)
-        return replace(method, teacher=frozen_copy(teacher, cfg.precision).to(device),
-                       teacher_tokenizer=teacher_tokenizer)
+        teacher, teacher_tokenizer = load_own_teacher(cfg.teacher, cfg.precision)
+        return replace(method, teacher=teacher.to(device), teacher_tokenizer=teacher_tokenizer)
     teachers = [load_teacher(name, model, tokenizer, cfg.precision, key).to(device) if name is not None else None
                 for key, name in (("teacher", cfg.teacher), ("teacher_reference", cfg.teacher_reference))]
     own_tokens = tokenizer if "cross_tokenizer" in wanted else None  # ULD with the student's own tokenizer
