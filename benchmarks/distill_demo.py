@@ -84,7 +84,7 @@ def teacher_samples(args, teacher, tokenizer, train_prompts: list, out: Path) ->
     from alignkit.data.load import write_jsonl_atomic
     from alignkit.generate.engines import encode_prompts
     from alignkit.generate.sample import sample_with_counts
-    from alignkit.online.run import prompt_order
+    from alignkit.online.sampling import prompt_order
 
     order = prompt_order(len(train_prompts), args.rounds * args.prompts_per_round, args.seed)
     prompts = [train_prompts[i] for i in order]
@@ -232,6 +232,16 @@ def plot(evals: dict, names: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def probe_sequences(args, teacher, tokenizer, train_prompts: list, count: int = 32) -> list[list[int]]:
+    """The teacher's own answers (prompt and answer ids) to the first `count` training prompts, seeded: the text the
+    block choice measures the layers on (training prompts only, so the held-out ones stay unseen)."""
+    from alignkit.generate.sample import sample_with_counts
+
+    generation = sample_with_counts(teacher, tokenizer, train_prompts[:count], sampling_options(args), 1,
+                                    args.seed).extra["generation"]
+    return [list(prompt) + list(group[0]) for prompt, group in zip(generation.prompt_ids, generation.ids)]
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", default="smollm2-135m-instruct")
@@ -246,6 +256,10 @@ def parse_args():
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--drop_every", type=int, default=2,
                         help="the student drops layers 1, 1 + n, 1 + 2n, ... (2: every other layer; 5: 6 of 30)")
+    parser.add_argument("--drop_block", type=int, default=0,
+                        help="instead, drop the block of n consecutive layers that changes its input least on the "
+                             "teacher's own answers to the training prompts (alignkit.models.cut.most_similar_block, "
+                             "Gromov et al. 2024); 0: use --drop_every")
     parser.add_argument("--lora_r", type=int, default=0, help="0: full fine-tuning")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--gkd_lmbda", type=float, default=0.5)
@@ -260,18 +274,21 @@ def main() -> None:
     args = parse_args()
     if args.render_only:
         return write_results(args, json.loads((args.output_dir / "summary.json").read_text()))
-    from alignkit.models.cut import drop_layers
+    from alignkit.models.cut import drop_layers, most_similar_block
     from alignkit.models.resolve import load_model_and_tokenizer
 
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = load_model_and_tokenizer(args.teacher)
-    keep = [i for i in range(teacher.config.num_hidden_layers) if i % args.drop_every != 1 % args.drop_every]
+    train_prompts, eval_prompts = split_prompts(args.seed, args.eval_prompts)
+    if args.drop_block:
+        keep = most_similar_block(teacher, probe_sequences(args, teacher, tokenizer, train_prompts), args.drop_block)
+    else:
+        keep = [i for i in range(teacher.config.num_hidden_layers) if i % args.drop_every != 1 % args.drop_every]
     cut = drop_layers(copy.deepcopy(teacher), keep)
     student_dir = out / "student_cut"
     cut.save_pretrained(student_dir)
     tokenizer.save_pretrained(student_dir)
-    train_prompts, eval_prompts = split_prompts(args.seed, args.eval_prompts)
     from alignkit.data.load import write_jsonl_atomic
 
     train_file = out / "train_prompts.jsonl"

@@ -57,3 +57,73 @@ def test_bad_keep_is_refused_by_name(keep):
     with pytest.raises(ValueError, match="drop_layers: keep must be"):
         drop_layers(model, keep)
     assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
+
+
+def _reference_distances(model, sequences, n):
+    """NumPy transcription of Gromov et al.'s eq. 7 on HF's own hidden states (the final norm's weight set to 1, so
+    the last state differs from the last block's output by a per-token scale only, which the angle ignores)."""
+    import numpy as np
+
+    per_start = []
+    with torch.no_grad():
+        states = [np.stack([h[0].double().numpy() for h in model(torch.tensor([s]), output_hidden_states=True)
+                            .hidden_states]) for s in sequences]
+    for start in range(model.config.num_hidden_layers - n + 1):
+        angles = []
+        for x in states:
+            a, b = x[start], x[start + n]
+            cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+            angles.extend(np.arccos(np.clip(cos, -1, 1)) / np.pi)
+        per_start.append(np.mean(angles))
+    return np.array(per_start)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_block_distances_match_the_papers_formula(n):
+    from alignkit.models.cut import block_distances
+
+    model = build_tiny_model("llama", 40, layers=5).eval()
+    with torch.no_grad():
+        model.model.norm.weight.fill_(1.0)
+    sequences = [[2, 7, 9, 11, 5], [3, 3, 8], [1, 4, 6, 8, 10, 12, 14]]
+    ours = block_distances(model, sequences, n)
+    assert ours.shape == (5 - n + 1,)
+    assert torch.allclose(ours.double(), torch.from_numpy(_reference_distances(model, sequences, n)), atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_most_similar_block_drops_the_layers_that_do_nothing(family):
+    """Layers whose attention and MLP outputs are zeroed pass their input through: that block is at distance 0, it
+    is the one dropped, and the cut model computes exactly what the full one did."""
+    from alignkit.models.cut import block_distances, decoder_layers, most_similar_block
+
+    model = build_tiny_model(family, 40, layers=5).eval()
+    with torch.no_grad():
+        for layer in list(decoder_layers(model))[2:4]:
+            for name, module in layer.named_modules():
+                if name.split(".")[-1] in ("o_proj", "down_proj", "c_proj") and hasattr(module, "weight"):
+                    module.weight.zero_()
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+    sequences = [[2, 7, 9, 11, 5], [3, 3, 8, 1]]
+    distances = block_distances(model, sequences, 2)
+    others = torch.cat([distances[:2], distances[3:]])
+    assert float(distances[2]) < 1e-6 < float(others.min())
+    keep = most_similar_block(model, sequences, 2)
+    assert keep == [0, 1, 4]
+    ids = torch.tensor([sequences[0]])
+    with torch.no_grad():
+        full = model(ids).logits
+        cut = drop_layers(copy.deepcopy(model), keep)(ids).logits
+    assert torch.allclose(full, cut, atol=1e-5)
+
+
+def test_block_distances_refuse_bad_input():
+    from alignkit.models.cut import block_distances
+
+    model = build_tiny_model("llama", 40, layers=3)
+    for n in (0, 3):
+        with pytest.raises(ValueError, match="n must be in"):
+            block_distances(model, [[1, 2]], n)
+    with pytest.raises(ValueError, match="non-empty"):
+        block_distances(model, [[]], 1)
