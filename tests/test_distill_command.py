@@ -15,7 +15,7 @@ from alignkit.data.load import write_jsonl_atomic
 from alignkit.data.synthetic import sft_records
 from alignkit.errors import ConfigError, DataError
 from alignkit.online.mixing import round_source
-from alignkit.recipes.distill import run_distill
+from alignkit.recipes.distill import distill_config, online_config_of, run_distill
 from alignkit.train.logging import read_metrics
 from synthetic_task import aligned_model
 from test_online_guarantees import crash_in_round, without_timing
@@ -127,6 +127,15 @@ def test_a_mixed_run_resumes_to_the_uninterrupted_run(task, setup, tmp_path):
     assert without_timing(read_metrics(tmp_path / "crashed")) == straight
 
 
+def test_sampled_rounds_take_the_online_runs_async_and_ray_keys(task, setup, tmp_path):
+    """`alignkit distill --async.max_staleness 1 --ray.rollout_workers 2` reach the online run as `alignkit online`
+    reads them (the Ray learner group runs it: tests/test_online_ray.py)."""
+    keys = values(task, setup, tmp_path, lmbda=1.0, **{"async": {"max_staleness": 1}, "ray": {"rollout_workers": 2}})
+    online = online_config_of(distill_config(None, keys))
+    assert online.async_rollouts.max_staleness == 1 and online.ray.rollout_workers == 2
+    assert online_config_of(distill_config(None, values(task, setup, tmp_path, lmbda=1.0))).ray is None
+
+
 def test_bad_setups_are_refused_before_anything_is_written(task, setup, tmp_path):
     rows = sft_records(4, seed=3)
     write_jsonl_atomic(tmp_path / "no_completion.jsonl", [*rows[:2], {"prompt": rows[2]["prompt"]}, rows[3]])
@@ -138,6 +147,10 @@ def test_bad_setups_are_refused_before_anything_is_written(task, setup, tmp_path
         (dict(prompts=str(setup / "sft.jsonl")), ConfigError, r"'prompts': rounds that read completions take"),
         (dict(epochs=2), ConfigError, r"'epochs': read by offline training \(lmbda 0 without seq_kd\) only"),
         (dict(lmbda=0.0), ConfigError, r"'rounds': read by sampled rounds"),
+        (dict(lmbda=0.0, rounds=None, prompts_per_round=None, num_samples=None, eval_before_after=None,
+              max_new_tokens=None,
+              ray={"rollout_workers": 1}), ConfigError, r"'ray': read by sampled rounds"),
+        (dict(lmbda=1.0, **{"async": {"max_staleness": -1}}), ConfigError, r"async"),
         (dict(lmbda=1.0, train_data=None), ConfigError, r"'prompts': the rounds sample from prompt records"),
         (dict(teacher=None), ConfigError, r"'teacher'"),
         (dict(lmbda=2.0), ConfigError, r"'lmbda'"),

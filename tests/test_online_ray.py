@@ -247,6 +247,32 @@ def test_a_learner_group_of_two_ray_ranks_equals_one_process(task, tmp_path, cap
     assert_matches_one_process(tmp_path / "ray", tmp_path / "single")
 
 
+@pytest.mark.slow
+def test_on_policy_cross_tokenizer_distillation_in_a_ray_learner_group_equals_one_process(task, tmp_path):
+    """`alignkit distill --loss uld --lmbda 1 --teacher_tokenizer own --ray.learners 2`: each rank samples its half
+    of a round on a rollout worker of its own, re-tokenises it for the teacher (its own BPE tokenizer) and takes the ULD distances inside the module
+    DDP wraps, as under torchrun (tests/test_distill_ddp.py); rollouts, per-round loss and gradient norm, and final
+    weights equal one process's."""
+    import yaml
+
+    from test_distill_ddp import online_values, save_bpe_teacher
+
+    for name, model in (("student", task.model), ("teacher", task.model)):
+        model.save_pretrained(tmp_path / name)
+        task.tokenizer.save_pretrained(tmp_path / name)
+    save_bpe_teacher(tmp_path / "bpe_teacher")
+    write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts(24, seed=31)])
+    command, values = online_values(tmp_path)["uld_online"]
+    for name in ("single", "ray"):
+        config = {"model": str(tmp_path / "student"), "output_dir": str(tmp_path / name), "progress": False,
+                  **values}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    assert main([command, "--config", str(tmp_path / "single.yaml")]) == 0
+    assert main([command, "--config", str(tmp_path / "ray.yaml"), "--ray.learners", "2", "--ray.rollout_workers", "1",
+                 "--ray.num_cpus_per_learner", "0.5", "--ray.num_cpus_per_worker", "0.5"]) == 0
+    assert_matches_one_process(tmp_path / "ray", tmp_path / "single")
+
+
 # ---- refusals ----
 
 

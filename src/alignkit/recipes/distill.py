@@ -24,12 +24,12 @@ from alignkit.config import (
 )
 from alignkit.errors import ConfigError
 from alignkit.losses import build_options, get_loss, loss_option_names
-from alignkit.online.config import OnlineConfig
+from alignkit.online.config import AsyncOptions, OnlineConfig, RayOptions
 
 console = Console(stderr=True)
 # Keys read by one kind of run only: the rounds of the online loop, the epochs of offline training.
 ONLINE_KEYS = ("prompts", "eval_prompts", "reward", "rounds", "prompts_per_round", "num_samples", "sampling",
-               "num_iterations", "minibatches", "eval_before_after", "eval_samples")
+               "num_iterations", "minibatches", "eval_before_after", "eval_samples", "async_rollouts", "ray")
 OFFLINE_KEYS = ("eval_data", "epochs", "max_steps", "grad_accum")
 
 
@@ -74,6 +74,8 @@ class DistillConfig(OptimConfig):
     minibatches: int = _online("minibatches")
     eval_before_after: bool = _online("eval_before_after")
     eval_samples: int = _online("eval_samples")
+    async_rollouts: AsyncOptions | None = _online("async_rollouts")
+    ray: RayOptions | None = _online("ray")
     # Offline training's (lmbda 0 without seq_kd).
     eval_data: str | DataSource | None = _offline("eval_data")
     epochs: int = _offline("epochs")
