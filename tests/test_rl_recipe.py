@@ -11,7 +11,7 @@ import math
 import pytest
 
 from alignkit.errors import DataError
-from alignkit.recipes.rl import answer_flags, degeneracy, run_rl
+from alignkit.recipes.rl import TYPES, answer_flags, compliance, constraint_types, degeneracy, run_rl
 from alignkit.recipes.rl_report import flagged_examples
 from alignkit.rewards.verifiable.constraints import CHECKERS, check_all
 from alignkit.rewards.verifiable.degenerate import FLAGS, flagged
@@ -68,6 +68,11 @@ def check_phrasings(part: dict, out) -> None:
         flags = [flagged(t, a["constraints"], a["prompt"]) for a in answers for t in a[side]]
         assert flags == [f for a in answers for f in a[f"{side}_flags"]]
         assert part["flagged"]["any"][0 if when == "before" else 1] == pytest.approx(sum(map(bool, flags)) / len(flags))
+        # the ceiling: the shipped training file's types (rl.TYPES) counted as met
+        ceiling = [all(ok for spec, ok in zip(a["constraints"], check_all(a["constraints"], t))
+                       if spec["type"] not in TYPES) for a in answers for t in a[side]]
+        assert part[f"ceiling_{when}"][0] == pytest.approx(sum(ceiling) / len(ceiling))
+        assert part[f"ceiling_{when}"][0] >= part[f"all_met_{when}"][0]
     change = [a - b for a, b in zip(per_answer["after"][0], per_answer["before"][0])]
     assert part["all_met_change"][0] == pytest.approx(sum(change) / len(change))
 
@@ -86,6 +91,18 @@ def check_flags_and_fluency(summary: dict, answers: list[dict]) -> None:
     assert change[1] <= change[0] <= change[2]
     for key in ("fluency_nll_before", "fluency_nll_after"):
         assert math.isfinite(summary[key]) and summary[key] > 0
+
+
+def test_the_ceiling_counts_only_the_types_training_never_rewarded():
+    """Answers to "at most 5 words, all lowercase" with max_words trained and lowercase not: the ceiling is the
+    share meeting lowercase (max_words counted as met), all-met the share meeting both."""
+    record = {"prompt": "p", "constraints": [{"type": "max_words", "n": 5}, {"type": "lowercase"}]}
+    texts = [["all good here", "this one is lowercase but far too long", "Short But Upper", "Long And Upper Words Here Too"]]
+    figures = compliance([record], texts, frozenset({"max_words"}))
+    assert figures["all_met"] == [1.0, 0.0, 0.0, 0.0] and figures["ceiling"] == [1.0, 1.0, 0.0, 0.0]
+    assert compliance([record], texts, frozenset({"max_words", "lowercase"}))["ceiling"] == [1.0] * 4
+    assert "ceiling" not in compliance([record], texts)
+    assert constraint_types([record, {"constraints": [{"type": "title"}]}]) == {"max_words", "lowercase", "title"}
 
 
 def test_flagged_shares_and_examples_on_hand_written_answers():

@@ -140,25 +140,34 @@ def kl_to_start(trained, initial, tokenizer, prompts: list, cfg: RLConfig) -> di
                                          kl_packing(pad_token_id(tokenizer), cfg.online.precision)))
 
 
-def compliance(records: list[dict], texts: list[list[str]]) -> dict:
-    """Per answer: all constraints met (0/1) and the fraction met; per constraint type: the share met."""
-    all_met, fraction, by_type = [], [], {}
+def compliance(records: list[dict], texts: list[list[str]], trained_types: frozenset | None = None) -> dict:
+    """Per answer: all constraints met (0/1), the fraction met and, given the trained types, the ceiling (all met if
+    every constraint of a trained type were: only the other types' count, so its mean bounds what perfecting the
+    trained types could reach); per constraint type: the share met."""
+    all_met, fraction, ceiling, by_type = [], [], [], {}
     for record, group in zip(records, texts):
         for text in group:
             met = check_all(record["constraints"], text)
             all_met.append(float(all(met)))
             fraction.append(sum(met) / len(met))
+            ceiling.append(float(all(ok for spec, ok in zip(record["constraints"], met)
+                                     if spec["type"] not in (trained_types or ()))))
             for spec, ok in zip(record["constraints"], met):
                 by_type.setdefault(spec["type"], []).append(float(ok))
     flat = [t for group in texts for t in group]
-    return {"all_met": all_met, "fraction": fraction, "by_type": {k: sum(v) / len(v) for k, v in by_type.items()},
-            "words": mean_words(flat), "distinct2": distinct_n(flat, 2)}
+    out = {"all_met": all_met, "fraction": fraction, "by_type": {k: sum(v) / len(v) for k, v in by_type.items()},
+           "words": mean_words(flat), "distinct2": distinct_n(flat, 2)}
+    return out if trained_types is None else {**out, "ceiling": ceiling}
+
+
+def constraint_types(records: list[dict]) -> frozenset:
+    return frozenset(spec["type"] for record in records for spec in record["constraints"])
 
 
 def compare(before: dict, after: dict) -> dict:
     """Rates with bootstrap 95 % intervals, and the paired change (same prompts, same sample slots)."""
     out = {}
-    for key in ("all_met", "fraction"):
+    for key in [key for key in ("all_met", "fraction", "ceiling") if key in before]:
         out[f"{key}_before"] = bootstrap_mean_ci(before[key])
         out[f"{key}_after"] = bootstrap_mean_ci(after[key])
         out[f"{key}_change"] = bootstrap_mean_ci([a - b for a, b in zip(after[key], before[key])])
@@ -242,7 +251,7 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
     flags = answer_flags(eval_records, before_texts), answer_flags(eval_records, after_texts)
     summary.update(degeneracy(*flags), **nll)
     summary["phrasings"], phrasing_answers = held_out_phrasings((initial, trained), tokenizer, phrasing_records, cfg,
-                                                                stages)
+                                                                stages, constraint_types(train_records))
     if warm is not None:
         sets = {"held_out": (eval_records, before_texts), "phrasings": (phrasing_records, phrasing_answers[1])}
         summary["warm_start"] = warm_start_figures(*warm, tokenizer, sets, cfg, stages)
@@ -252,16 +261,18 @@ def run_rl(config: str | Path | None = None, overrides: dict[str, Any] | None = 
     return summary
 
 
-def held_out_phrasings(models: tuple, tokenizer, records: list[dict], cfg: RLConfig, stages: Stages) -> tuple:
+def held_out_phrasings(models: tuple, tokenizer, records: list[dict], cfg: RLConfig, stages: Stages,
+                       trained_types: frozenset) -> tuple:
     """The (original, trained) models' answers to the held-out-phrasings prompts, sampled as the held-out prompts
     are (same sampling, seed and count), after every other stage so no figure before moves: (summary part with
-    compliance and flag shares as the held-out ones have them, (records, before, after, flags before, after))."""
+    compliance and flag shares as the held-out ones have them, and the ceiling over trained_types, (records,
+    before, after, flags before, after))."""
     prompts, seed = [r["prompt"] for r in records], cfg.seed + 17
     texts = [stages.run(f"answer held-out phrasings ({name})",
                         lambda m=m: answer(m, tokenizer, prompts, cfg.eval_sampling, cfg.eval_samples, seed)[0])
              for name, m in zip(("original", "trained"), models)]
     flags = [answer_flags(records, side) for side in texts]
-    part = compare(compliance(records, texts[0]), compliance(records, texts[1]))
+    part = compare(*(compliance(records, side, trained_types) for side in texts))
     part.update(degeneracy(*flags), prompts=len(records), answers=len(records) * cfg.eval_samples)
     return part, (records, *texts, *flags)
 

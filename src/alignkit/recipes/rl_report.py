@@ -34,12 +34,14 @@ def _result_rows(s: dict) -> list[list[str]]:
 
 
 def phrasing_rows(p: dict) -> list[list[str]]:
+    ceiling = [["ceiling: all met if every trained type were", percent_ci(p["ceiling_before"]),
+                percent_ci(p["ceiling_after"]), points_ci(p["ceiling_change"])]] if "ceiling_before" in p else []
     return [["metric (held-out phrasings)", "original", "trained", "change (95% CI)"],
             ["all constraints met", percent_ci(p["all_met_before"]), percent_ci(p["all_met_after"]), points_ci(p["all_met_change"])],
             ["fraction of constraints met", percent_ci(p["fraction_before"]), percent_ci(p["fraction_after"]),
              points_ci(p["fraction_change"])],
             ["answers with a degeneracy flag", f"{p['flagged']['any'][0]:.1%}", f"{p['flagged']['any'][1]:.1%}",
-             points_ci(p["flagged_any_change"])]]
+             points_ci(p["flagged_any_change"])]] + ceiling
 
 
 def phrasing_tables(p: dict, answers: tuple) -> dict[str, list[list[str]]]:
