@@ -280,7 +280,9 @@ class FastEngine:
             if int(done.sum()) * 4 >= len(live):  # a quarter has ended: drop them (copying the caches costs a step)
                 keep = ~done
                 live, tokens, next_position, done = live[keep], tokens[keep], next_position[keep], done[keep]
-                caches = [[(kc[keep], vc[keep]) for kc, vc in model_caches] for model_caches in caches]
+                for model_caches in caches:  # layer by layer, so the old and new caches overlap by one layer only
+                    for i, (kc, vc) in enumerate(model_caches):
+                        model_caches[i] = (kc[keep], vc[keep])
                 key_bias = key_bias[keep]
             hiddens = [e._forward(tokens[:, None], next_position[:, None], c, P + t, key_bias[:, :P + t + 1], rope)[:, -1]
                        for e, c, rope in zip(engines, caches, ropes)]
