@@ -10,6 +10,7 @@ from typing import Any
 from alignkit.errors import ConfigError
 from alignkit.losses import loss_option_names
 from alignkit.online.config import loss_name_of
+from alignkit.train.memory import trim_freed_memory
 
 
 class Stages:
@@ -20,6 +21,7 @@ class Stages:
         start = time.perf_counter()
         self.console.print(f"[bold]{name}[/] ...")
         value = fn()
+        trim_freed_memory()  # what the stage freed (a sampling batch's KV cache) leaves the next stage's peak
         self.seconds[name] = time.perf_counter() - start
         return value
 
