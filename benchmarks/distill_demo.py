@@ -1,6 +1,8 @@
 """Distillation on a real model: can distillation recover what dropping layers lost? Teacher: SmolLM2-135M-Instruct
-(its base, not `make align`'s output). Student: the teacher with every other decoder layer dropped (15 of 30, weights
-copied; embeddings, norm and head kept: alignkit.models.cut.drop_layers). Three ways to train the student, at equal
+(its base, not `make align`'s output). Student: the teacher without the block of 6 consecutive decoder layers that
+changes its input least on the teacher's own answers (Gromov et al. 2024: alignkit.models.cut.most_similar_block; 24
+of 30 kept, weights copied; embeddings, norm and head kept: alignkit.models.cut.drop_layers), or with --drop_block 0
+every n-th layer dropped (--drop_every). Three ways to train the student, at equal
 samples (each sees rounds x prompts_per_round x num_samples completions of the same training prompts, in as many
 optimizer steps, at the same learning rate):
 
@@ -253,13 +255,14 @@ def parse_args():
     parser.add_argument("--prompts_per_round", type=int, default=8)
     parser.add_argument("--num_samples", type=int, default=4, help="completions per prompt")
     parser.add_argument("--max_new_tokens", type=int, default=32)
-    parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--learning_rate", type=float, default=2e-5)
+    parser.add_argument("--drop_block", type=int, default=6,
+                        help="drop the block of n consecutive layers that changes its input least on the teacher's own "
+                             "answers to the training prompts (alignkit.models.cut.most_similar_block, Gromov et al. "
+                             "2024); 0: use --drop_every")
     parser.add_argument("--drop_every", type=int, default=2,
-                        help="the student drops layers 1, 1 + n, 1 + 2n, ... (2: every other layer; 5: 6 of 30)")
-    parser.add_argument("--drop_block", type=int, default=0,
-                        help="instead, drop the block of n consecutive layers that changes its input least on the "
-                             "teacher's own answers to the training prompts (alignkit.models.cut.most_similar_block, "
-                             "Gromov et al. 2024); 0: use --drop_every")
+                        help="with --drop_block 0, the student drops layers 1, 1 + n, 1 + 2n, ... (2: every other "
+                             "layer; 5: 6 of 30)")
     parser.add_argument("--lora_r", type=int, default=0, help="0: full fine-tuning")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--gkd_lmbda", type=float, default=0.5)
