@@ -122,7 +122,7 @@ class OnlineConfig(OptimConfig):
     async_rollouts: AsyncOptions | None = Field(
         None, validation_alias=AliasChoices("async", "async_rollouts"), description="key `async`: {max_staleness: N}"
         " samples the next rounds on a background thread while the learner trains (tool calls and rewards overlap "
-        "learning); GRPO family, REINFORCE++, RLOO, PPO; one process")
+        "learning); GRPO family, REINFORCE++, RLOO, PPO, opd; one process, torchrun or a Ray learner group")
     ray: RayOptions | None = Field(None, description="{rollout_workers: N, address: auto, ...}: sample on Ray "
                                    "actors (fast or vllm engine); absent: in this process")
     # Report.
