@@ -58,7 +58,8 @@ def block_distances(model: nn.Module, sequences: Sequence[Sequence[int]], n: int
     hooks.append(layers[-1].register_forward_hook(lambda module, args, output: states.append(
         (output[0] if isinstance(output, tuple) else output).detach())))
     totals, tokens = torch.zeros(len(layers) - n + 1, dtype=torch.float64), 0
-    device = next(model.parameters()).device
+    device, training = next(model.parameters()).device, model.training
+    model.eval()  # dropout off: the distances are of the model itself
     try:
         with torch.no_grad():
             for ids in sequences:
@@ -69,6 +70,7 @@ def block_distances(model: nn.Module, sequences: Sequence[Sequence[int]], n: int
                 totals += (torch.arccos(cosine) / math.pi).sum(-1).cpu()
                 tokens += len(ids)
     finally:
+        model.train(training)
         for hook in hooks:
             hook.remove()
     return (totals / tokens).float()
