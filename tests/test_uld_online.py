@@ -16,7 +16,6 @@ from alignkit.errors import ConfigError
 from alignkit.losses.uld import group_distances
 from alignkit.online import OnlineInputs, online_config, run_online
 from alignkit.online import run as online_run
-from alignkit.online.sharding import check_distributed_setup
 from alignkit.recipes.distill import distill_config
 from alignkit.train.cross_teacher import CROSS
 from alignkit.train.distributed import Dist
@@ -120,4 +119,4 @@ def test_uld_mixed_is_refused_and_torchrun_is_not(cross_setup, tmp_path):  # noq
         distill_config({"model": "tiny", "teacher": "t", "loss": "uld", "lmbda": 0.5, "train_data": "d.jsonl"})
     assert err.value.key == "loss"
     cfg = online_config(values(cross_setup, tmp_path))
-    check_distributed_setup(cfg, Dist(rank=0, world_size=2))  # runs: tests/test_distill_ddp.py, uld_online
+    online_run.check_online_setup(cfg, Dist(rank=0, world_size=2))  # runs: tests/test_distill_ddp.py, uld_online

@@ -41,7 +41,7 @@ from alignkit.online.ray_learners import run_learner_group
 from alignkit.online.ray_rollouts import RolloutCluster, rollout_engine
 from alignkit.online.rollout import Rollout, RolloutShape, stamp_version
 from alignkit.online.self_reward import judge_factory
-from alignkit.online.sharding import check_distributed_setup, check_sharded_engine
+from alignkit.online.sharding import check_sharded_engine, check_sharded_setup
 from alignkit.online.summary import append_rollouts, sample_kl, summarize
 from alignkit.train.distributed import init_distributed, is_sharded, shutdown, side_group
 from alignkit.train.memory import trim_freed_memory
@@ -98,7 +98,8 @@ def check_online_setup(cfg: OnlineConfig, ctx) -> None:
     if ctx.enabled and cfg.prompts_per_round % ctx.world_size:
         raise ConfigError("prompts_per_round", f"must be a multiple of the {ctx.world_size} processes: each samples "
                                                "an equal share of a round's prompts")
-    check_distributed_setup(cfg, ctx)
+    if ctx.enabled and cfg.distributed == "fsdp":
+        check_sharded_setup(cfg)
     if cfg.sampling.temperature <= 0:
         raise ConfigError("sampling.temperature", "online runs sample at a temperature > 0: greedy samples have no "
                           "distribution the learner could score (TRL refuses it too), and a prompt's k samples tie")

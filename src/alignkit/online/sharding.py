@@ -10,14 +10,6 @@ from alignkit.online.config import OnlineConfig
 from alignkit.online.methods import ONLINE_METHODS
 
 
-def check_distributed_setup(cfg: OnlineConfig, ctx) -> None:
-    """The keys a run under torchrun (or a Ray learner group) refuses, checked from the config alone."""
-    if not ctx.enabled:
-        return
-    if cfg.distributed == "fsdp":
-        check_sharded_setup(cfg)
-
-
 def check_sharded_setup(cfg: OnlineConfig) -> None:
     """The keys an FSDP2 online run refuses, checked from the config alone."""
     method = ONLINE_METHODS[cfg.method]
