@@ -22,9 +22,6 @@ class EnvError(AlignkitError):
         where = f"environment {env}" + (f", row {row}" if row is not None else "")
         super().__init__(f"{where}: {reason}; {hint}")
 
-    def __reduce__(self):  # raised in a Ray rollout worker, it reaches the driver as itself
-        return type(self), (self.env, self.row, self.reason, self.hint)
-
 
 class Step(NamedTuple):
     """What step returns; a NamedTuple, so `messages, reward, done, info = env.step(msg)` works as well."""
