@@ -104,6 +104,20 @@ def test_teacher_loads_frozen_in_the_run_precision(tmp_path):
                load_teacher(path, student, TOKENIZER).modules() if isinstance(m, torch.nn.Linear))
 
 
+
+def test_teacher_attends_as_the_run_does(tmp_path):
+    """The teacher takes the run's attention (packed_sdpa: no dense mask) and scores the packed batch as the
+    dense-mask sdpa teacher does."""
+    student = tiny_llama(0)
+    path = save(tiny_llama(1, hidden=48), tmp_path / "teacher")
+    examples, batch = pairs_batch(tmp_path)
+    packed = load_teacher(path, student, TOKENIZER, attention="packed_sdpa")
+    dense = load_teacher(path, student, TOKENIZER, attention="sdpa")
+    assert packed.config._attn_implementation == "packed_sdpa" and dense.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        torch.testing.assert_close(response_logprobs(packed, batch).token_logps,
+                                   response_logprobs(dense, batch).token_logps, rtol=0, atol=1e-5)
+
 def test_teacher_refusals_name_the_key(tmp_path):
     student = tiny_llama(0)
     with pytest.raises(ConfigError, match=r"^config key 'teacher': the teacher does not load: .*missing.*no such"):

@@ -8,6 +8,7 @@ import torch
 
 from alignkit.data.pack import PackedBatch
 from alignkit.errors import AlignkitError, ConfigError
+from alignkit.models.attention import set_attention
 from alignkit.models.inference import frozen_copy
 from alignkit.models.logprobs import packed_hidden_states
 
@@ -33,20 +34,28 @@ def check_teacher(teacher, student, teacher_tokenizer=None, student_tokenizer=No
                                    "teacher_tokenizer: own")
 
 
-def load_teacher(path: str, student, student_tokenizer=None, precision: str = "fp32", key: str = "teacher"):
+def load_teacher(path: str, student, student_tokenizer=None, precision: str = "fp32", key: str = "teacher",
+                 attention: str = "sdpa"):
     """The frozen, eval-mode teacher at `path` (an alias, directory or hub id), checked against the student; in a
-    bf16 run its linear weights are bf16 (as the reference's: models/inference.frozen_copy). A path that does not
-    load is a ConfigError naming `key`."""
+    bf16 run its linear weights are bf16 (as the reference's: models/inference.frozen_copy), and it attends as the
+    student does (the run's `attention`: packed_sdpa skips the dense mask). A path that does not load is a
+    ConfigError naming `key`."""
     model, tokenizer = open_teacher(path, key)
     check_teacher(model, student, tokenizer, student_tokenizer, key)
-    return frozen_copy(model, precision)
+    return frozen_teacher(model, precision, attention)
 
 
-def load_own_teacher(path: str, precision: str = "fp32"):
+def load_own_teacher(path: str, precision: str = "fp32", attention: str = "sdpa"):
     """(the frozen teacher at `path`, its own tokenizer): a teacher of any vocabulary (loss uld,
     teacher_tokenizer: own), so nothing is checked against the student."""
     model, tokenizer = open_teacher(path)
-    return frozen_copy(model, precision), tokenizer
+    return frozen_teacher(model, precision, attention), tokenizer
+
+
+def frozen_teacher(model, precision: str, attention: str):
+    teacher = frozen_copy(model, precision)
+    set_attention(teacher, attention)
+    return teacher
 
 
 def open_teacher(path: str, key: str = "teacher"):
@@ -62,12 +71,6 @@ def open_teacher(path: str, key: str = "teacher"):
         raise ConfigError(key, f"{path!r} does not load as a causal LM ({reason}); give a model alias, a local "
                                "model directory or a hub id") from None
     return model, tokenizer
-
-
-def teacher_model(model, student, precision: str = "fp32", key: str = "teacher"):
-    """A teacher given in memory: checked like a loaded one, frozen (a copy: the caller's model is left as it is)."""
-    check_teacher(model, student, key=key)
-    return frozen_copy(model, precision)
 
 
 @torch.no_grad()

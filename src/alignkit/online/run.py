@@ -136,9 +136,9 @@ def online_teacher(cfg: OnlineConfig, spec, model, tokenizer, ctx) -> tuple:
     if not spec.needs_teacher:
         return None, None
     if cfg.teacher_tokenizer == "own":  # uld: any vocabulary; each round's samples are re-tokenised for it
-        teacher, own = load_own_teacher(cfg.teacher, cfg.precision)
+        teacher, own = load_own_teacher(cfg.teacher, cfg.precision, cfg.attention)
     else:
-        teacher, own = load_teacher(cfg.teacher, model, tokenizer, cfg.precision), tokenizer
+        teacher, own = load_teacher(cfg.teacher, model, tokenizer, cfg.precision, attention=cfg.attention), tokenizer
     return teacher.to(ctx.device) if ctx.device is not None else teacher, own if cfg.method == "uld" else None
 
 

@@ -185,9 +185,9 @@ def offline_teachers(cfg: TrainConfig, method: Method, model, tokenizer, ctx: Di
         return method
     device = ctx.device if ctx.device is not None else next(model.parameters()).device
     if cfg.teacher_tokenizer == "own":  # ULD: any vocabulary; the examples are re-tokenised for it
-        teacher, teacher_tokenizer = load_own_teacher(cfg.teacher, cfg.precision)
+        teacher, teacher_tokenizer = load_own_teacher(cfg.teacher, cfg.precision, cfg.attention)
         return replace(method, teacher=teacher.to(device), teacher_tokenizer=teacher_tokenizer)
-    teachers = [load_teacher(name, model, tokenizer, cfg.precision, key).to(device) if name is not None else None
+    teachers = [load_teacher(name, model, tokenizer, cfg.precision, key, cfg.attention).to(device) if name is not None else None
                 for key, name in (("teacher", cfg.teacher), ("teacher_reference", cfg.teacher_reference))]
     own_tokens = tokenizer if "cross_tokenizer" in wanted else None  # ULD with the student's own tokenizer
     return replace(method, teacher=teachers[0], teacher_reference=teachers[1], teacher_tokenizer=own_tokens)
