@@ -4,6 +4,7 @@ Ray rollout workers.
     python benchmarks/bench_async.py               # SmolLM2-135M-Instruct: sync, async 1, async 4 on both settings
     python benchmarks/bench_async.py --model tiny  # a random tiny Llama with SmolLM2's tokenizer: a quick check
     python benchmarks/bench_async.py --contenders io-ray_sync,io-ray_async1 --reuse   # add contenders to the table
+    python benchmarks/bench_async.py --contenders compute-sync,compute-async2,compute-async2p --out async_partial
 
 Two settings, each contender (sync, max_staleness 1, max_staleness 4) in its own process, the same seed, prompts and
 number of rounds:
@@ -42,7 +43,10 @@ RESULTS = Path(__file__).parent / "results"
 MODES = {"sync": None, "async1": 1, "async4": 4}
 MODES.update({f"ray_{mode}": staleness for mode, staleness in list(MODES.items())})  # sampled by Ray rollout workers
 SETTINGS = ("io", "compute")
-CONTENDERS = tuple(f"{setting}-{mode}" for setting in SETTINGS for mode in MODES)
+# compute only: partial rollouts (async2p: max_staleness 2, each round in 2 segments) split single answers
+PARTIAL = {"async2": 2, "async2p": 2}
+CONTENDERS = (tuple(f"{setting}-{mode}" for setting in SETTINGS for mode in MODES)
+              + tuple(f"compute-{mode}" for mode in PARTIAL))
 
 
 def tiny_model(tokenizer):
@@ -116,12 +120,12 @@ def run_contender(args, name: str) -> dict:
         return out
 
     online_run.OnlineRun.train, online_run.OnlineRun.round = train, round_
-    staleness = MODES[mode]
+    staleness = {**MODES, **PARTIAL}[mode]
     cfg = online_config({
         "method": "grpo", "model": args.model, "prompts": "-", "output_dir": tempfile.mkdtemp(), "rounds": args.rounds,
         "num_samples": args.k, "temperature": 1.0, "kl_coef": 0.04, "learning_rate": 1e-6, "eval_before_after": False,
         "progress": False, "max_tokens_per_batch": 4096, "seed": 0, "env_workers": 16, **values,
-        **({"async": {"max_staleness": staleness}} if staleness is not None else {}),
+        **({"async": {"max_staleness": staleness, "partial": mode.endswith("p")}} if staleness is not None else {}),
         **({"ray": {"rollout_workers": args.ray_workers, "num_cpus_per_worker": 1}} if mode.startswith("ray_") else
            {})})
     result = run_online(cfg, model, tokenizer, inputs)

@@ -20,6 +20,9 @@ class AsyncOptions(Strict):
 
     max_staleness: int = Field(1, ge=0, description="how many weight versions the rollouts run ahead of the learner "
                                "at most; 0: the synchronous run")
+    partial: bool = Field(False, description="partial rollouts: each round sampled in max_staleness segments of "
+                          "tokens, segment j of round r by version max(0, r - N + j), so a response keeps its prefix "
+                          "across a weight push and its later tokens come from newer weights (needs max_staleness >= 2)")
 
 
 class RayOptions(Strict):
@@ -230,6 +233,8 @@ def check_turn_credit(cfg: OnlineConfig, method) -> None:
 def check_async(cfg: OnlineConfig, method, spec) -> None:
     """What async rollouts (max_staleness > 0) cannot run with, named before anything is loaded."""
     staleness = cfg.async_rollouts.max_staleness if cfg.async_rollouts is not None else 0
+    if cfg.async_rollouts is not None and cfg.async_rollouts.partial:
+        check_partial(cfg)
     if staleness == 0:
         return
     if method.pairs or method.self_judge or not issubclass(spec.options, OffPolicyOptions):
@@ -243,6 +248,25 @@ def check_async(cfg: OnlineConfig, method, spec) -> None:
     if cfg.loss_options.get("engine_correction") == "none":
         raise ConfigError("loss_options.engine_correction", f"none leaves samples up to {staleness} versions stale "
                           "uncorrected (such runs fail to learn, silently); use auto (decoupled) or another mode")
+
+
+def check_partial(cfg: OnlineConfig) -> None:
+    """What partial rollouts cannot run with (yet), named before anything is loaded."""
+    refused = [
+        ("async.max_staleness", cfg.async_rollouts.max_staleness < 2, "partial rollouts split round r between the "
+         "versions r - N .. r - 1, and with max_staleness < 2 there is at most one: set >= 2, or partial false"),
+        ("environment", cfg.environment is not None, "multi-turn conversations are sampled whole; partial rollouts "
+         "split single answers only"),
+        ("ray", cfg.ray is not None, "partial rollouts run in one process (the engine that holds each version); "
+         "leave ray unset"),
+        ("dynamic_sampling", cfg.dynamic, "a refill would be sampled by a later version than the round it fills; "
+         "set dynamic_sampling false"),
+        ("lmbda", cfg.lmbda < 1, "mixed rounds (teacher or dataset responses) are not sampled by the student's "
+         "versions; partial rollouts need lmbda 1"),
+    ]
+    for key, bad, why in refused:
+        if bad:
+            raise ConfigError(key, f"async.partial: {why}")
 
 
 def check_ray(cfg: OnlineConfig) -> None:

@@ -18,7 +18,7 @@ import torch
 from alignkit.config import SamplingOptions
 from alignkit.data.tokenize import TokenizedExample
 from alignkit.errors import ConfigError
-from alignkit.generate.engines import as_engine, encode_prompts
+from alignkit.generate.engines import Generation, as_engine, encode_prompts
 from alignkit.rewards.shaping import soft_overlong_penalty
 
 
@@ -58,8 +58,8 @@ def training_examples(rollout: Rollout) -> tuple[list[TokenizedExample], list[to
 
 
 def stamp_version(rollout: Rollout, version: int) -> Rollout:
-    """Every token of the rollout sampled with the weights of `version` (a rollout is never split across a weight
-    push: partial rollouts are not built)."""
+    """Every token of the rollout sampled with the weights of `version` (a whole-round rollout; partial rollouts
+    record each token's version as they sample: online/partial.py)."""
     examples = training_examples(rollout)[0]
     rollout.token_versions = [torch.full((sum(e.trained_lengths),), version, dtype=torch.long) for e in examples]
     return rollout
@@ -113,17 +113,28 @@ def generate_rollout(generator, tokenizer, prompts: list, reward, sampling: Samp
                      shape: RolloutShape) -> Rollout:
     """Sample shape.num_samples responses per prompt with `generator` (an engine, or the policy for the hf engine),
     score them with `reward` (reward(prompts, responses) -> floats) and keep their token ids."""
-    num_samples, max_length = shape.num_samples, shape.max_length
     tic = time.perf_counter()
+    prompt_ids = encoded_prompts(tokenizer, prompts, shape.max_length)
+    generation = as_engine(generator, tokenizer, sampling).generate(prompt_ids, sampling, shape.num_samples, shape.seed)
+    return rollout_from_generation(prompts, generation, reward, shape, time.perf_counter() - tic)
+
+
+def encoded_prompts(tokenizer, prompts: list, max_length: int) -> list[list[int]]:
+    """The prompts' token ids; a prompt that leaves no room for a response within max_length is refused."""
     prompt_ids = encode_prompts(tokenizer, prompts)
     too_long = next((i for i, ids in enumerate(prompt_ids) if len(ids) >= max_length), None)
     if too_long is not None:
         raise ConfigError("max_length", f"prompt {too_long + 1} of the round has {len(prompt_ids[too_long])} tokens, "
                                         f"leaving no room for a response within max_length {max_length}")
-    generation = as_engine(generator, tokenizer, sampling).generate(prompt_ids, sampling, num_samples, shape.seed)
-    generated = time.perf_counter() - tic
+    return prompt_ids
+
+
+def rollout_from_generation(prompts: list, generation: Generation, reward, shape: RolloutShape,
+                            generate_seconds: float) -> Rollout:
+    """The rollout of one Generation of the prompts: responses cut to max_length, scored by `reward`."""
+    max_length = shape.max_length
     examples, engine_logps, finished = [], [], []
-    for ids, samples, logps, reasons in zip(prompt_ids, generation.ids, generation.logprobs,
+    for ids, samples, logps, reasons in zip(generation.prompt_ids, generation.ids, generation.logprobs,
                                             generation.finish_reasons):
         room = max_length - len(ids)
         examples.append(TokenizedExample(list(ids), [s[:room] for s in samples]))
@@ -135,7 +146,7 @@ def generate_rollout(generator, tokenizer, prompts: list, reward, sampling: Samp
                   [text for group in generation.texts for text in group])
     rewards = shaped_rewards(flat, finished, generation.ids, shape)
     total = sum(len(s) for example in examples for s in example.response_ids)
-    return Rollout(list(prompts), generation.texts, examples, rewards, finished, total, generated,
+    return Rollout(list(prompts), generation.texts, examples, rewards, finished, total, generate_seconds,
                    time.perf_counter() - tic, engine_logps)
 
 

@@ -29,7 +29,7 @@ from alignkit.losses.offpolicy import resolve_correction
 from alignkit.models.inference import frozen_copy
 from alignkit.models.teacher import load_own_teacher, load_teacher
 from alignkit.models.value_head import PolicyWithValueHead
-from alignkit.online import mixing, sampling
+from alignkit.online import mixing, partial, sampling
 from alignkit.online.advantages import RunningMoments
 from alignkit.online.config import OnlineConfig, command_help, method_loss, online_config
 from alignkit.online.env_rollout import EnvironmentSetup
@@ -100,6 +100,9 @@ def check_online_setup(cfg: OnlineConfig, ctx) -> None:
                                                "an equal share of a round's prompts")
     if ctx.enabled and cfg.distributed == "fsdp":
         check_sharded_setup(cfg)
+    if ctx.enabled and cfg.async_rollouts is not None and cfg.async_rollouts.partial:
+        raise ConfigError("async.partial", f"partial rollouts run in one process for now, not {ctx.world_size}: set "
+                                           "partial false under torchrun")
     if cfg.sampling.temperature <= 0:
         raise ConfigError("sampling.temperature", "online runs sample at a temperature > 0: greedy samples have no "
                           "distribution the learner could score (TRL refuses it too), and a prompt's k samples tie")
@@ -228,8 +231,9 @@ class OnlineRun:
         self.scorer = Scorer(scored, self.policy, self.packing)
         # async: the producer thread exchanges the ranks' shares on a group of its own (the learner's is busy)
         self.rollout_group = side_group(ctx) if self.staleness is not None else None
+        self.segments = self.staleness if cfg.async_rollouts is not None and cfg.async_rollouts.partial else 1
         self.producer = None if self.staleness is None else RolloutProducer(
-            self.collect, cfg.rounds, self.staleness, self._saved_inflight())
+            self.collect_segment, cfg.rounds, self.staleness, self._saved_inflight(), self.segments)
 
     def _saved_inflight(self) -> dict | None:
         """The rounds a checkpoint had sampled ahead of the learner (async), trained as they were sampled."""
@@ -338,6 +342,26 @@ class OnlineRun:
             metrics.update(mixing.source_metrics(source))
             rollout.engine_logps = rollout.engine_logps if source == "student" else None
         return rollout, metrics
+
+    def collect_segment(self, round_index: int, segment: int, state):
+        """The producer's job: a whole round (collect), or with partial rollouts its next segment of tokens, sampled
+        by the engine's current weights; the last segment gives the round's (rollout, metrics)."""
+        if self.segments == 1:
+            return self.collect(round_index)
+        cfg = self.cfg
+        shape = RolloutShape(cfg.num_samples, cfg.max_length, cfg.missing_eos_penalty, sampling.overlong_of(cfg),
+                             sampling.round_seed(cfg, round_index) + 104_729 * segment)
+        if state is None:
+            start = round_index * cfg.prompts_per_round
+            state = partial.begin_round(self.tokenizer, [self.prompts[i] for i in
+                                                         self.order[start:start + cfg.prompts_per_round]], shape)
+        version = self.producer.version_of(round_index, segment)
+        partial.sample_segment(self.engine, self.tokenizer, state, cfg.sampling, self.segments, shape.seed, version)
+        if segment < self.segments - 1:
+            return state
+        reward = self.judge_for(self.policy) if self.judge_for is not None else self.reward
+        rollout = partial.finish_round(state, reward, shape)
+        return rollout, sampling.round_metrics(rollout)
 
     def sample(self, round_index: int) -> tuple[Rollout, dict]:
         """The round's rollout, each token stamped with the weight version that sampled it: this round's

@@ -80,7 +80,7 @@ def collect_rollout(online, prompts: list, round_index: int) -> tuple[Rollout, d
     cfg = online.cfg
     rollout = sharded_rollout(online, prompts, round_index)
     tied = tied_groups(rollout.rewards)
-    metrics = {"zero_std_share": float(tied.float().mean()), **rollout_stats(rollout), **rollout.stats}
+    metrics = round_metrics(rollout)
     if not cfg.dynamic:
         return rollout, metrics
     kept, refills = untied(rollout, tied), 0
@@ -93,6 +93,20 @@ def collect_rollout(online, prompts: list, round_index: int) -> tuple[Rollout, d
     return kept, {**metrics, "refills": refills, "kept_groups": kept.rewards.shape[0]}
 
 
+def round_metrics(rollout: Rollout) -> dict:
+    return {"zero_std_share": float(tied_groups(rollout.rewards).float().mean()), **rollout_stats(rollout),
+            **rollout.stats}
+
+
+def round_seed(cfg, round_index: int, refill: int = 0, first: int = 0) -> int:
+    """The seed of a round's generate call: by the round, the refill and its first prompt's place in the round."""
+    return cfg.seed + 10_007 * (round_index + 1) + 7_919 * refill + first
+
+
+def overlong_of(cfg) -> tuple | None:
+    return (cfg.sampling.max_new_tokens, cfg.overlong_cache, cfg.overlong_penalty) if cfg.overlong_cache else None
+
+
 def sharded_rollout(online, prompts: list, round_index: int, refill: int = 0) -> Rollout:
     """This rank's contiguous share of the prompts, sampled and scored, then every rank's shares joined in order.
     Each generate call is seeded by its first prompt's place in the round, so the samples are those one process
@@ -100,10 +114,9 @@ def sharded_rollout(online, prompts: list, round_index: int, refill: int = 0) ->
     cfg, ctx = online.cfg, online.run.ctx
     share = len(prompts) // ctx.world_size
     first = ctx.rank * share
-    seed = cfg.seed + 10_007 * (round_index + 1) + 7_919 * refill + first
     reward = online.judge_for(online.policy) if online.judge_for is not None else online.reward
-    overlong = (cfg.sampling.max_new_tokens, cfg.overlong_cache, cfg.overlong_penalty) if cfg.overlong_cache else None
-    shape = RolloutShape(cfg.num_samples, cfg.max_length, cfg.missing_eos_penalty, overlong, seed)
+    shape = RolloutShape(cfg.num_samples, cfg.max_length, cfg.missing_eos_penalty, overlong_of(cfg),
+                         round_seed(cfg, round_index, refill, first))
     local = rollout_of(online.engine_for(round_index), online.tokenizer, prompts[first:first + share], online.environments or reward,
                        cfg.sampling, shape)
     return join_rollouts(gather_objects(local, ctx, online.rollout_group)) if ctx.enabled else local

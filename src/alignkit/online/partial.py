@@ -1,0 +1,107 @@
+"""Partial rollouts (`async: {max_staleness: N, partial: true}`): a round's responses are sampled in N segments of
+tokens, segment j of round r with the weights of version max(0, r - N + j). A response in flight across a weight
+push keeps its prefix; its later tokens are sampled by the newer weights, which re-read the prefix (as vLLM does
+after a weight update) and record their own log-probs, so each token's behaviour log-prob is its sampler's.
+
+The switch points are token counts, not moments: the run does not depend on thread timing. A checkpoint keeps the
+rounds part-sampled (a PartialRound: the tokens so far, their log-probs and versions), and a resumed run samples
+their next segments from there with the weights the uninterrupted run used."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from alignkit.config import SamplingOptions
+from alignkit.generate.engines import Generation, cut_at_stop, stop_token_ids
+from alignkit.online.rollout import (
+    Rollout,
+    RolloutShape,
+    encoded_prompts,
+    rollout_from_generation,
+    training_examples,
+)
+
+
+def segment_version(round_index: int, segment: int, max_staleness: int) -> int:
+    """The weight version that samples segment `segment` of round `round_index` (0-based)."""
+    return max(0, round_index - max_staleness + segment)
+
+
+def segment_tokens(max_new_tokens: int, segments: int, segment: int) -> int:
+    """New tokens segment `segment` of `segments` may add (max_new_tokens split as evenly as integers allow)."""
+    bound = [max_new_tokens * j // segments for j in range(segments + 1)]
+    return bound[segment + 1] - bound[segment]
+
+
+@dataclass
+class PartialRound:
+    """A round's samples so far, prompt-major ([prompt][sample] flattened): their tokens, the engine's log-probs
+    and the weight version of each token, their text (cut before a stop string), whether each stopped, and the
+    tokens each cost."""
+
+    prompts: list
+    prompt_ids: list[list[int]]
+    num_samples: int
+    rows: list[list[int]]
+    logps: list[list[float]]
+    versions: list[list[int]]
+    texts: list[str]
+    stopped: list[bool]
+    generated: list[int]
+    seconds: float = 0.0
+    segments_done: int = 0
+
+
+def begin_round(tokenizer, prompts: list, shape: RolloutShape) -> PartialRound:
+    n = len(prompts) * shape.num_samples
+    return PartialRound(list(prompts), encoded_prompts(tokenizer, prompts, shape.max_length), shape.num_samples,
+                        [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [""] * n, [False] * n,
+                        [0] * n)
+
+
+def sample_segment(engine, tokenizer, state: PartialRound, sampling: SamplingOptions, segments: int, seed: int,
+                   version: int) -> None:
+    """Extend every sample that has not stopped by the next segment's tokens, sampled by `engine` (holding the
+    weights of `version`) from its prompt and its tokens so far. Stop strings are matched on the whole response, so
+    one that straddles two segments still ends it."""
+    tic, k = time.perf_counter(), state.num_samples
+    tokens = segment_tokens(sampling.max_new_tokens, segments, state.segments_done)
+    live = [i for i, stopped in enumerate(state.stopped) if not stopped]
+    if live and tokens:
+        options = sampling.model_copy(update={"max_new_tokens": tokens})
+        if state.segments_done == 0:  # k samples of each prompt, the prompt's prefill shared by them
+            out = engine.generate(state.prompt_ids, options, k, seed)
+        else:
+            out = engine.generate([state.prompt_ids[i // k] + state.rows[i] for i in live], options, 1, seed)
+        flat = [(ids, logps, cost) for group in zip(out.ids, out.logprobs, out.generated) for ids, logps, cost in
+                zip(*group)]
+        end_ids = stop_token_ids(tokenizer, sampling.stop_strings)
+        for i, (ids, logps, cost) in zip(live, flat):
+            state.rows[i] += ids
+            state.logps[i] += logps
+            state.versions[i] += [version] * len(ids)
+            state.generated[i] += cost
+            kept, state.texts[i], state.stopped[i] = cut_at_stop(tokenizer, state.rows[i], end_ids,
+                                                                 sampling.stop_strings)
+            del state.rows[i][len(kept):], state.logps[i][len(kept):], state.versions[i][len(kept):]
+    state.segments_done += 1
+    state.seconds += time.perf_counter() - tic
+
+
+def finish_round(state: PartialRound, reward, shape: RolloutShape) -> Rollout:
+    """The round's rollout once its last segment is sampled, scored as a whole-round rollout is, with each token's
+    weight version."""
+    k = state.num_samples
+    column = lambda values: [values[b * k:(b + 1) * k] for b in range(len(state.prompts))]  # noqa: E731
+    generation = Generation(state.prompt_ids, column(state.rows), column(state.logps),
+                            column(["stop" if stopped else "length" for stopped in state.stopped]),
+                            column(state.texts), column(state.generated))
+    rollout = rollout_from_generation(state.prompts, generation, reward, shape, state.seconds)
+    versions = column(state.versions)
+    rollout.token_versions = [
+        torch.tensor([v for sample, n in zip(versions[b], example.trained_lengths) for v in sample[:n]],
+                     dtype=torch.long) for b, example in enumerate(training_examples(rollout)[0])]
+    return rollout
