@@ -40,7 +40,7 @@ from test_online_guarantees import (
 from test_online_math import grpo_inputs, rollout_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ASYNC_KEYS = ("weight_version", "sampled_version", "staleness", "time/wait_s")
+ASYNC_KEYS = ("weight_version", "sampled_version", "staleness", "token_staleness", "time/wait_s")
 
 
 def run(task, out, staleness: int | None, reward=SENTIMENT, **overrides):

@@ -17,10 +17,10 @@ from alignkit.online.rollout import training_examples
 from alignkit.train.logging import read_metrics
 from alignkit.train.reference import score_examples
 from envs_support import chat_model, chat_tokenizer
+from test_online_async import ASYNC_KEYS
 from test_online_guarantees import crash_in_round, rollout_lines, without_timing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ASYNC_KEYS = ("weight_version", "sampled_version", "staleness", "time/wait_s")
 QUESTIONS = ["what is two", "what is three", "what is five", "hello what", "the sum of two", "try the answer"]
 
 

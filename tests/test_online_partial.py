@@ -80,6 +80,7 @@ def test_every_token_is_sampled_by_its_segments_version(task, tmp_path, monkeypa
     first = segment_tokens(12, staleness, 0)
     online, scorer_model, split_seen = runs[0], copy.deepcopy(task.model), False
     assert [row["staleness"] for row in result.rounds] == [min(r, staleness) for r in range(rounds)]
+    assert all(row["token_staleness"] < row["staleness"] for row in result.rounds[staleness:])  # fresher tails
     for r, rollout in rollouts.items():
         examples, engine_logps, _ = training_examples(rollout)
         expected = [torch.tensor([max(0, r - staleness + (t >= first)) for n in e.trained_lengths for t in range(n)])

@@ -40,7 +40,6 @@ ray = pytest.importorskip("ray")
 placement_group_table = pytest.importorskip("ray.util").placement_group_table
 pytestmark = pytest.mark.usefixtures("one_thread", "local_ray")
 TWO_WORKERS = {"rollout_workers": 2}
-ASYNC_KEYS = ("weight_version", "sampled_version", "staleness", "time/wait_s")
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,6 @@ from alignkit.online.rollout import (
 )
 
 
-def segment_version(round_index: int, segment: int, max_staleness: int) -> int:
-    """The weight version that samples segment `segment` of round `round_index` (0-based)."""
-    return max(0, round_index - max_staleness + segment)
-
-
 def segment_tokens(max_new_tokens: int, segments: int, segment: int) -> int:
     """New tokens segment `segment` of `segments` may add (max_new_tokens split as evenly as integers allow)."""
     bound = [max_new_tokens * j // segments for j in range(segments + 1)]

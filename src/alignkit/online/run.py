@@ -373,9 +373,13 @@ class OnlineRun:
         tic = time.perf_counter()
         self.producer.start(round_index)  # the weights are version round_index now
         rollout, metrics = self.producer.take(round_index)
-        sampled = min((int(v.min()) for v in rollout.token_versions if len(v)), default=round_index)
+        versions = torch.cat(rollout.token_versions) if rollout.token_versions else torch.zeros(0)
+        sampled = int(versions.min()) if len(versions) else round_index
+        # token_staleness: the mean over the round's tokens (below staleness where partial rollouts freshen the tails)
+        mean = float(round_index - versions.float().mean()) if len(versions) else 0.0
         return rollout, {**metrics, "weight_version": round_index, "sampled_version": sampled,
-                         "staleness": round_index - sampled, "time/wait_s": time.perf_counter() - tic}
+                         "staleness": round_index - sampled, "token_staleness": mean,
+                         "time/wait_s": time.perf_counter() - tic}
 
     def learn(self, experience, round_index: int) -> dict:
         return learn(self.run.stepper, self.loss, self.packing, experience, self.cfg, round_index)
