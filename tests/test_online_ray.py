@@ -181,6 +181,17 @@ def test_async_rollouts_on_ray_keep_the_bound_and_equal_one_process(task, tmp_pa
 
 
 @pytest.mark.slow
+def test_partial_rollouts_on_ray_equal_one_process(task, tmp_path):
+    """max_staleness 2 with partial rollouts: each segment's generate call is split over the workers, which hold
+    the segment's version; the run equals the one-process partial run."""
+    common = {"rounds": 4, "eval_before_after": False, "async": {"max_staleness": 2, "partial": True}}
+    straight = run(task, tmp_path / "one", **common)
+    result = run(task, tmp_path / "ray", TWO_WORKERS, **common)
+    assert [row["token_staleness"] < row["staleness"] for row in result.rounds[2:]] == [True, True]
+    assert_same_run(result, straight, tmp_path / "ray", tmp_path / "one")
+
+
+@pytest.mark.slow
 def test_a_run_stopped_after_a_checkpoint_resumes_on_ray_exactly(task, tmp_path, one_process):
     """Stopped in round 3 (checkpoints after rounds 1 and 2), resumed on Ray (`ray` may change on a resume): the
     workers start from the checkpoint's weights, and the metrics, rollouts and final weights are the uninterrupted
