@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,6 +49,35 @@ def run(task, out, staleness: int | None, reward=SENTIMENT, **overrides):
     cfg = online_config(values("grpo", out, **{"rounds": 4, **extra, **overrides}))
     return run_online(cfg, copy.deepcopy(task.model), task.tokenizer,
                       OnlineInputs(prompts(64, seed=31), prompts(8, seed=32), reward))
+
+
+def record_versions(monkeypatch) -> tuple[dict, dict, list]:
+    """(snapshots, rollouts, runs), filled as the next run goes: the policy's weights at each version v (before round
+    v's update), each round's rollout, and the OnlineRun itself."""
+    snapshots, rollouts, runs = {}, {}, []
+    real_learn, real_round = online_run.OnlineRun.learn, online_run.OnlineRun.round
+
+    def learn(self, experience, round_index):
+        runs.append(self)
+        snapshots[round_index] = {k: v.clone() for k, v in self.policy.state_dict().items()}
+        return real_learn(self, experience, round_index)
+
+    def round_(self, round_index):
+        row, rollout = real_round(self, round_index)
+        rollouts[round_index] = rollout
+        return row, rollout
+
+    monkeypatch.setattr(online_run.OnlineRun, "learn", learn)
+    monkeypatch.setattr(online_run.OnlineRun, "round", round_)
+    return snapshots, rollouts, runs
+
+
+def assert_resumed_as_straight(stopped: Path, straight: Path) -> None:
+    """A stopped-and-resumed run's metrics, rollouts and final weights are the uninterrupted run's."""
+    assert without_timing(read_metrics(stopped)) == without_timing(read_metrics(straight))
+    assert rollout_lines(stopped) == rollout_lines(straight)
+    final, expected = (load_file(out / "final" / "model.safetensors") for out in (stopped, straight))
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
 # ---- the loss ----
@@ -145,25 +175,12 @@ def test_staleness_zero_equals_the_synchronous_run(task, tmp_path):
 def test_every_token_is_sampled_by_its_scheduled_version_within_the_bound(task, tmp_path, monkeypatch):
     """Round r's tokens carry version max(0, r - N) >= r - N, and their engine log-probs are those of the policy
     saved at that version (not the learner's current one, once they differ)."""
-    staleness, rounds, snapshots, rollouts, runs = 2, 5, {}, {}, []
-    real_learn, real_round = online_run.OnlineRun.learn, online_run.OnlineRun.round
-
-    def learn(self, experience, round_index):
-        runs.append(self)
-        snapshots[round_index] = copy.deepcopy(self.policy.state_dict())  # version round_index: before its update
-        return real_learn(self, experience, round_index)
-
-    def round_(self, round_index):
-        row, rollout = real_round(self, round_index)
-        rollouts[round_index] = (row, rollout)
-        return row, rollout
-
-    monkeypatch.setattr(online_run.OnlineRun, "learn", learn)
-    monkeypatch.setattr(online_run.OnlineRun, "round", round_)
+    staleness, rounds = 2, 5
+    snapshots, rollouts, runs = record_versions(monkeypatch)
     result = run(task, tmp_path / "async", staleness, rounds=rounds, eval_before_after=False)
     online, scorer_model = runs[0], copy.deepcopy(task.model)
     assert [row["staleness"] for row in result.rounds] == [min(r, staleness) for r in range(rounds)]
-    for r, (_, rollout) in rollouts.items():
+    for r, rollout in rollouts.items():
         versions = torch.cat(rollout.token_versions)
         assert len(versions) == rollout.generated_tokens
         assert int(versions.min()) >= r - staleness and set(versions.tolist()) == {sampling_version(r, staleness)}
@@ -216,10 +233,7 @@ def test_a_stopped_async_run_resumes_to_the_uninterrupted_runs_weights(task, tmp
     assert (tmp_path / "stopped" / "checkpoints" / "step-00000003" / "inflight_rollouts.pt").exists()
     resumed = run(task, tmp_path / "stopped", 2, **common)
     assert [row["round"] for row in resumed.rounds] == [4, 5]
-    assert without_timing(read_metrics(tmp_path / "stopped")) == without_timing(read_metrics(tmp_path / "straight"))
-    assert rollout_lines(tmp_path / "stopped") == rollout_lines(tmp_path / "straight")
-    final, expected = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("stopped", "straight"))
-    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    assert_resumed_as_straight(tmp_path / "stopped", tmp_path / "straight")
     assert straight.summary["reward_final"] == resumed.summary["reward_final"]
 
 
@@ -229,6 +243,7 @@ CRASHING_WORKER = '''
 import os
 import sys
 import threading
+from pathlib import Path
 import torch.distributed as dist
 from alignkit.cli import main
 from alignkit.online import run as online_run

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from alignkit.envs import Step
 from alignkit.online import OnlineInputs, online_config, run_online
-from alignkit.online import run as online_run
 from alignkit.online.producer import sampling_version
 from alignkit.online.rollout import training_examples
-from alignkit.train.logging import read_metrics
 from alignkit.train.reference import score_examples
 from envs_support import chat_model, chat_tokenizer
-from test_online_async import ASYNC_KEYS
+from test_online_async import ASYNC_KEYS, assert_resumed_as_straight, record_versions
 from test_online_guarantees import crash_in_round, rollout_lines, without_timing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,21 +69,7 @@ def test_staleness_zero_with_an_environment_equals_the_synchronous_run(tmp_path)
 def test_conversation_tokens_carry_their_version_and_environment_tokens_none(tmp_path, monkeypatch):
     """With N = 1, round r's sampled tokens carry version max(0, r - 1), their engine log-probs are those of the policy
     saved at that version, and the tool replies in between are in the sequences but carry no version and no loss."""
-    snapshots, rollouts, runs = {}, {}, []
-    real_learn, real_round = online_run.OnlineRun.learn, online_run.OnlineRun.round
-
-    def learn(self, experience, round_index):
-        runs.append(self)
-        snapshots[round_index] = {k: v.clone() for k, v in self.policy.state_dict().items()}
-        return real_learn(self, experience, round_index)
-
-    def round_(self, round_index):
-        row, rollout = real_round(self, round_index)
-        rollouts[round_index] = rollout
-        return row, rollout
-
-    monkeypatch.setattr(online_run.OnlineRun, "learn", learn)
-    monkeypatch.setattr(online_run.OnlineRun, "round", round_)
+    snapshots, rollouts, runs = record_versions(monkeypatch)
     result = run(tmp_path, "async", 1)
     assert [row["staleness"] for row in result.rounds] == [0, 1, 1, 1]
     scorer, environment_tokens = chat_model(chat_tokenizer()), 0
@@ -115,7 +98,4 @@ def test_a_stopped_async_run_with_an_environment_resumes_exactly(tmp_path):
     assert (tmp_path / "stopped" / "checkpoints" / "step-00000002" / "inflight_rollouts.pt").exists()
     resumed = run(tmp_path, "stopped", 1, **common)
     assert [row["round"] for row in resumed.rounds] == [3, 4]
-    assert without_timing(read_metrics(tmp_path / "stopped")) == without_timing(read_metrics(tmp_path / "straight"))
-    assert rollout_lines(tmp_path / "stopped") == rollout_lines(tmp_path / "straight")
-    final, expected = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("stopped", "straight"))
-    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    assert_resumed_as_straight(tmp_path / "stopped", tmp_path / "straight")

@@ -9,22 +9,20 @@ import copy
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from alignkit.config import SamplingOptions
 from alignkit.errors import ConfigError
 from alignkit.generate.engines import Generation
 from alignkit.models.tiny import build_word_tokenizer
 from alignkit.online import OnlineInputs, online_config, run_online
-from alignkit.online import run as online_run
 from alignkit.online.config import method_loss
 from alignkit.online.partial import PartialRound, begin_round, finish_round, sample_segment, segment_tokens
 from alignkit.online.producer import RolloutProducer
 from alignkit.online.rollout import RolloutShape, training_examples
-from alignkit.train.logging import read_metrics
 from alignkit.train.reference import score_examples
 from synthetic_task import SENTIMENT, prompts
-from test_online_guarantees import crash_in_round, rollout_lines, values, without_timing
+from test_online_async import assert_resumed_as_straight, record_versions
+from test_online_guarantees import crash_in_round, values
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,21 +59,8 @@ def test_segments_are_queued_by_their_version_oldest_round_first():
 def test_every_token_is_sampled_by_its_segments_version(task, tmp_path, monkeypatch):
     """A response's first segment_tokens(.., 0) tokens carry version max(0, r - N), the rest max(0, r - N + 1), and
     each token's engine log-prob is that of the policy saved at its version."""
-    staleness, rounds, snapshots, rollouts, runs = 2, 5, {}, {}, []
-    real_learn, real_round = online_run.OnlineRun.learn, online_run.OnlineRun.round
-
-    def learn(self, experience, round_index):
-        runs.append(self)
-        snapshots[round_index] = copy.deepcopy(self.policy.state_dict())  # version round_index
-        return real_learn(self, experience, round_index)
-
-    def round_(self, round_index):
-        row, rollout = real_round(self, round_index)
-        rollouts[round_index] = rollout
-        return row, rollout
-
-    monkeypatch.setattr(online_run.OnlineRun, "learn", learn)
-    monkeypatch.setattr(online_run.OnlineRun, "round", round_)
+    staleness, rounds = 2, 5
+    snapshots, rollouts, runs = record_versions(monkeypatch)
     result = run(task, tmp_path / "partial", staleness, rounds=rounds, eval_before_after=False, max_new_tokens=12)
     first = segment_tokens(12, staleness, 0)
     online, scorer_model, split_seen = runs[0], copy.deepcopy(task.model), False
@@ -137,10 +122,7 @@ def test_a_stopped_partial_run_resumes_to_the_uninterrupted_runs_weights(task, t
     assert isinstance(inflight[4], PartialRound) and inflight[4].segments_done == 1  # round 5: one segment of two
     resumed = run(task, tmp_path / "stopped", 2, **common)
     assert [row["round"] for row in resumed.rounds] == [4, 5]
-    assert without_timing(read_metrics(tmp_path / "stopped")) == without_timing(read_metrics(tmp_path / "straight"))
-    assert rollout_lines(tmp_path / "stopped") == rollout_lines(tmp_path / "straight")
-    final, expected = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("stopped", "straight"))
-    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    assert_resumed_as_straight(tmp_path / "stopped", tmp_path / "straight")
     assert straight.summary["reward_final"] == resumed.summary["reward_final"]
 
 
