@@ -29,6 +29,15 @@ timeout 240 $PY benchmarks/bench_dpo.py --model smollm2 --steps 5 > "$OUT/dpo.tx
 echo "dpo bench: rc=$?" >> "$OUT/summary.txt"
 timeout 240 $PY benchmarks/bench_grpo.py --steps 4 > "$OUT/grpo.txt" 2>&1
 echo "grpo bench: rc=$?" >> "$OUT/summary.txt"
+# 3b. Partial rollouts on vLLM: each round in 2 segments, the second continued from the first's tokens after a weight
+#     push (online/partial.py); the log shows token_staleness below staleness from round 3.
+if $PY -c "import vllm" 2>/dev/null; then
+  timeout 300 $PY -m alignkit.cli online --method grpo --model smollm2-135m-instruct \
+      --prompts src/alignkit/assets/align_prompts.jsonl --rounds 4 --prompts_per_round 8 --num_samples 4 \
+      --max_new_tokens 64 --engine vllm --async.max_staleness 2 --async.partial true \
+      --output_dir "$OUT/vllm_partial" --progress false > "$OUT/vllm_partial.txt" 2>&1
+  echo "vllm partial rollouts: rc=$?" >> "$OUT/summary.txt"
+fi
 # 4. Ray: the rollout-worker tests (CPU, a local Ray of 2 CPUs), then the placement check on the GPU: GRPO on SmolLM2
 #    with one Ray rollout worker holding a vLLM engine in a {"CPU": 1, "GPU": 1} bundle, weights pushed through the
 #    object store (docs/distributed.md, "Online RL on Ray"). Skipped, and said so, where ray or vllm is missing.
