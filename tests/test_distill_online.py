@@ -86,8 +86,12 @@ def test_distillation_brings_the_student_toward_the_teacher(task, tmp_path, teac
     assert result.summary["reward_final"] > result.summary["reward_start"]
 
 
-def test_opd_crash_and_resume_is_exact(task, tmp_path, teacher_dir):
-    common = dict(rounds=4, save_every=1, keep_last=5, eval_before_after=False)
+@pytest.mark.parametrize("asynchronous", [None, {"max_staleness": 2, "partial": True}], ids=["sync", "partial"])
+def test_opd_crash_and_resume_is_exact(task, tmp_path, teacher_dir, asynchronous):
+    """Also with partial rollouts (each round in two segments, the later one by the next version): stopped in round
+    3 with round 4 half-sampled in the checkpoint."""
+    common = dict(rounds=4, save_every=1, keep_last=5, eval_before_after=False,
+                  **({"async": asynchronous} if asynchronous else {}))
     run(task, "opd", tmp_path / "straight", teacher_dir, **common)
     crash_in_round(3, lambda: run(task, "opd", tmp_path / "crashed", teacher_dir, **common))
     resumed = run(task, "opd", tmp_path / "crashed", teacher_dir, **common)
