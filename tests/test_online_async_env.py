@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignkit.envs import Step
+from alignkit.envs import EnvError, Step
 from alignkit.online import OnlineInputs, online_config, run_online
 from alignkit.online.producer import sampling_version
 from alignkit.online.rollout import training_examples
@@ -99,3 +99,59 @@ def test_a_stopped_async_run_with_an_environment_resumes_exactly(tmp_path):
     resumed = run(tmp_path, "stopped", 1, **common)
     assert [row["round"] for row in resumed.rounds] == [3, 4]
     assert_resumed_as_straight(tmp_path / "stopped", tmp_path / "straight")
+
+
+PARTIAL = {"async": {"max_staleness": 2, "partial": True}}
+
+
+def test_partial_conversations_carry_each_turns_segment_version(tmp_path, monkeypatch):
+    """Partial rollouts with an environment (N = 2, 3 turns: turn 1 in the first segment, turns 2-3 in the second):
+    each trained token carries the version of its turn's segment, and its engine log-prob is that version's."""
+    snapshots, rollouts, runs = record_versions(monkeypatch)
+    result = run(tmp_path, "partial", None, rounds=5, **PARTIAL)
+    scorer, crossed = chat_model(chat_tokenizer()), False
+    for r, rollout in rollouts.items():
+        examples, engine_logps, _ = training_examples(rollout)
+        for example, versions in zip(examples, rollout.token_versions):
+            turns = torch.tensor([t for ts in example.extras["turns"] for t in ts])
+            assert torch.equal(versions, torch.clamp(r - 2 + (turns >= 1).long(), min=0)), f"round {r + 1}"
+        versions, sampled = torch.cat(rollout.token_versions), torch.cat(engine_logps)
+        crossed |= len(set(versions.tolist())) == 2
+        for version in set(versions.tolist()):
+            scorer.load_state_dict(snapshots[version])
+            scored = torch.cat(score_examples(scorer, examples, runs[0].packing)[1])
+            assert torch.allclose(scored[versions == version], sampled[versions == version], atol=1e-4)
+    assert crossed and all(row["token_staleness"] < 2 for row in result.rounds[2:])
+
+
+def test_a_stopped_partial_run_with_an_environment_replays_and_resumes_exactly(tmp_path):
+    """The checkpoint keeps round 4's first turns without their environments; the resumed run rebuilds each
+    environment by replaying its turns, then samples the rest as the uninterrupted run did."""
+    common = dict(rounds=4, save_every=1, keep_last=10, epochs=2, **PARTIAL)
+    run(tmp_path, "straight", None, **common)
+    crash_in_round(3, lambda: run(tmp_path, "stopped", None, **common))
+    resumed = run(tmp_path, "stopped", None, **common)
+    assert [row["round"] for row in resumed.rounds] == [3, 4]
+    assert_resumed_as_straight(tmp_path / "stopped", tmp_path / "straight")
+
+
+class Drifting(ToolParity):
+    """ToolParity whose tool answers change from one instance to the next: a replay cannot rebuild it."""
+
+    made = 0
+
+    def reset(self, row):
+        Drifting.made += 1
+        self.instance = Drifting.made
+        return super().reset(row)
+
+    def step(self, message):
+        step = super().step(message)
+        return step._replace(messages=[{**m, "content": str(self.instance)} for m in step.messages])
+
+
+def test_resuming_a_partial_run_whose_environment_answers_otherwise_names_it(tmp_path):
+    common = dict(rounds=4, save_every=1, keep_last=10, environment="test_online_async_env:Drifting", **PARTIAL)
+    crash_in_round(3, lambda: run(tmp_path, "stopped", None, **common))
+    with pytest.raises(EnvError, match="answered differently from the first time"):
+        run(tmp_path, "stopped", None, **common)

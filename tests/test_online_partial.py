@@ -128,7 +128,6 @@ def test_a_stopped_partial_run_resumes_to_the_uninterrupted_runs_weights(task, t
 
 @pytest.mark.parametrize("bad, key", [
     (dict(max_staleness=1), "async.max_staleness"),
-    (dict(environment="alignkit.envs.calculator:CalculatorEnv"), "environment"),
     (dict(ray={"rollout_workers": 0, "learners": 2}), "ray.learners"),
     (dict(dynamic_sampling=True), "dynamic_sampling"),
 ])

@@ -115,23 +115,61 @@ def run_trajectories(engine, tokenizer, environments: list, rows: list[dict], sa
     if len(environments) != len(rows):
         raise ValueError(f"{len(environments)} environments for {len(rows)} rows: give one environment per rollout")
     try:
-        with EnvCalls(limits.workers) as calls:
-            places = [(i, _row_number(row, i)) for i, row in enumerate(rows)]
-            prompts = calls.results([calls.submit(checked_reset, env, row, number)
-                                     for env, row, (_, number) in zip(environments, rows, places)])
-            runs = [_start(env, messages, row, place, tokenizer)
-                    for env, messages, row, place in zip(environments, prompts, rows, places)]
-            for turn in range(limits.max_turns):
-                live = [run for run in runs if not run.ended]
-                if not live:
-                    break
-                _take_turn(engine, tokenizer, live, sampling, limits, (limits.seed + SEED_STRIDE * turn, calls))
-        for run in runs:
-            _finish(run, limits)
-        return [run.trajectory for run in runs]
+        runs = start_trajectories(tokenizer, environments, rows, limits)
+        advance_trajectories(engine, tokenizer, runs, sampling, limits, range(limits.max_turns))
+        return finish_trajectories(runs, limits)
     finally:
         for env in environments:
             close_quietly(env)
+
+
+def start_trajectories(tokenizer, environments: list, rows: list[dict], limits: Limits) -> list[_Run]:
+    """Every environment reset (at once) and its prompt rendered: the trajectories before their first turn."""
+    with EnvCalls(limits.workers) as calls:
+        places = [(i, _row_number(row, i)) for i, row in enumerate(rows)]
+        prompts = calls.results([calls.submit(checked_reset, env, row, number)
+                                 for env, row, (_, number) in zip(environments, rows, places)])
+    return [_start(env, messages, row, place, tokenizer)
+            for env, messages, row, place in zip(environments, prompts, rows, places)]
+
+
+def advance_trajectories(engine, tokenizer, runs: list[_Run], sampling, limits: Limits, turns: range) -> None:
+    """Turns `turns` (0-based, each seeded by its number) of every trajectory still running."""
+    with EnvCalls(limits.workers) as calls:
+        for turn in turns:
+            live = [run for run in runs if not run.ended]
+            if not live:
+                break
+            _take_turn(engine, tokenizer, live, sampling, limits, (limits.seed + SEED_STRIDE * turn, calls))
+
+
+def finish_trajectories(runs: list[_Run], limits: Limits) -> list[Trajectory]:
+    for run in runs:
+        _finish(run, limits)
+    return [run.trajectory for run in runs]
+
+
+def replay_environment(env, run: _Run) -> None:
+    """Bring a fresh environment to where `run`'s conversation stands (partial rollouts, on resume: a checkpoint keeps
+    the conversations, not their environments): reset it with the row, step it with each recorded assistant message,
+    and check every answer against the recorded one. An environment that answers otherwise cannot be resumed
+    exactly: an EnvError says so."""
+    trajectory = run.trajectory
+    why = ("partial rollouts resume an environment by replaying its turns: it must answer a row and the same "
+           "messages alike (or set async.partial false)")
+    recorded, prompt = trajectory.messages, checked_reset(env, trajectory.row, run.index)
+    if prompt != recorded[:len(prompt)]:
+        raise EnvError(trajectory.env, run.index, "replayed to resume a part-sampled conversation, reset gave "
+                       "another prompt", why)
+    at = len(prompt)
+    for turn, reward in enumerate(trajectory.turn_rewards):
+        step = checked_step(env, recorded[at], run.index)  # the assistant message as the environment first saw it
+        at += 1
+        if step.messages != recorded[at:at + len(step.messages)] or step.reward != reward:
+            raise EnvError(trajectory.env, run.index, f"replayed to resume a part-sampled conversation, turn "
+                           f"{turn + 1} was answered differently from the first time", why)
+        at += len(step.messages)
+    run.env = env
 
 
 class EnvCalls:

@@ -21,8 +21,9 @@ class AsyncOptions(Strict):
     max_staleness: int = Field(1, ge=0, description="how many weight versions the rollouts run ahead of the learner "
                                "at most; 0: the synchronous run")
     partial: bool = Field(False, description="partial rollouts: each round sampled in max_staleness segments of "
-                          "tokens, segment j of round r by version max(0, r - N + j), so a response keeps its prefix "
-                          "across a weight push and its later tokens come from newer weights (needs max_staleness >= 2)")
+                          "tokens (with an environment: of turns), segment j of round r by version max(0, r - N + j), "
+                          "so a response keeps its prefix across a weight push and its later tokens come from newer "
+                          "weights (needs max_staleness >= 2)")
 
 
 class RayOptions(Strict):
@@ -255,8 +256,6 @@ def check_partial(cfg: OnlineConfig) -> None:
     refused = [
         ("async.max_staleness", cfg.async_rollouts.max_staleness < 2, "partial rollouts split round r between the "
          "versions r - N .. r - 1, and with max_staleness < 2 there is at most one: set >= 2, or partial false"),
-        ("environment", cfg.environment is not None, "multi-turn conversations are sampled whole; partial rollouts "
-         "split single answers only"),
         ("ray.learners", cfg.ray is not None and cfg.ray.learners > 1, "partial rollouts run in one learner "
          "process (its rollout workers may be on Ray): set learners 1"),
         ("dynamic_sampling", cfg.dynamic, "a refill would be sampled by a later version than the round it fills; "

@@ -49,18 +49,31 @@ class EnvironmentSetup:
 def environment_rollout(engine, tokenizer, records: list[dict], sampling: SamplingOptions, shape: RolloutShape,
                         setup: EnvironmentSetup) -> Rollout:
     """shape.num_samples conversations per record, each with its own environment instance."""
-    k = shape.num_samples
     tic = time.perf_counter()
-    # each record's number rides in its rows, so its errors name one row wherever they arise
+    rows = conversation_rows(records, shape.num_samples)
+    envs = [setup.factory.make(row, row["_row"]) for row in rows]
+    trajectories = run_trajectories(engine, tokenizer, envs, rows, sampling, round_limits(setup, shape))
+    return trajectories_rollout(records, trajectories, shape, setup, time.perf_counter() - tic)
+
+
+def conversation_rows(records: list[dict], k: int) -> list[dict]:
+    """Each record k times, its 1-based number in `_row` (so its errors name one row wherever they arise)."""
     numbered = [record if record.get("_row") else {**record, "_row": b + 1} for b, record in enumerate(records)]
-    rows = [record for record in numbered for _ in range(k)]
-    numbers = [row["_row"] for row in rows]
-    envs = [setup.factory.make(row, number) for row, number in zip(rows, numbers)]
-    # shape.seed is seeded by the first record's place in the round, so seed * k + j counts conversations from the
-    # round's start: a rank's share draws what one process draws (trajectory.run_trajectories)
-    trajectories = run_trajectories(engine, tokenizer, envs, rows, sampling,
-                                    setup.limits.model_copy(update={"seed": shape.seed * k}))
-    generated = time.perf_counter() - tic
+    return [record for record in numbered for _ in range(k)]
+
+
+def round_limits(setup: EnvironmentSetup, shape: RolloutShape) -> Limits:
+    """The limits of a round's conversations, seeded by the round: shape.seed is seeded by the first record's place in
+    the round, so seed * k + j counts conversations from the round's start (a rank's share draws what one process
+    draws: trajectory.run_trajectories)."""
+    return setup.limits.model_copy(update={"seed": shape.seed * shape.num_samples})
+
+
+def trajectories_rollout(records: list[dict], trajectories: list[Trajectory], shape: RolloutShape,
+                         setup: EnvironmentSetup, generated: float) -> Rollout:
+    """The rollout of the records' finished conversations (k per record, in order)."""
+    k = shape.num_samples
+    numbers = [t.row["_row"] for t in trajectories]
     unanswered = next((i for i, t in enumerate(trajectories) if t.turns == 0), None)
     if unanswered is not None:
         raise ConfigError("max_length", f"the prompt of record {numbers[unanswered]} ({trajectories[unanswered].env}) "

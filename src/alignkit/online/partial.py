@@ -1,21 +1,32 @@
 """Partial rollouts (`async: {max_staleness: N, partial: true}`): a round's responses are sampled in N segments of
-tokens, segment j of round r with the weights of version max(0, r - N + j). A response in flight across a weight
-push keeps its prefix; its later tokens are sampled by the newer weights, which re-read the prefix (as vLLM does
-after a weight update) and record their own log-probs, so each token's behaviour log-prob is its sampler's.
+tokens (with an environment: of assistant turns), segment j of round r with the weights of version
+max(0, r - N + j). A response in flight across a weight push keeps its prefix; its later tokens are sampled by the
+newer weights, which re-read the prefix (as vLLM does after a weight update) and record their own log-probs, so each
+token's behaviour log-prob is its sampler's.
 
-The switch points are token counts, not moments: the run does not depend on thread timing. A checkpoint keeps the
-rounds part-sampled (a PartialRound: the tokens so far, their log-probs and versions), and a resumed run samples
-their next segments from there with the weights the uninterrupted run used."""
+The switch points are token or turn counts, not moments: the run does not depend on thread timing. A checkpoint
+keeps the rounds part-sampled (their tokens, log-probs and versions so far; conversations without their
+environments, which are rebuilt by replaying their turns), and a resumed run samples their next segments with the
+weights the uninterrupted run used."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from alignkit.config import SamplingOptions
+from alignkit.envs import Limits
+from alignkit.envs.base import close_quietly
+from alignkit.envs.trajectory import (
+    advance_trajectories,
+    finish_trajectories,
+    replay_environment,
+    start_trajectories,
+)
 from alignkit.generate.engines import Generation, cut_at_stop, stop_token_ids
+from alignkit.online.env_rollout import conversation_rows, round_limits, trajectories_rollout
 from alignkit.online.rollout import (
     Rollout,
     RolloutShape,
@@ -100,3 +111,74 @@ def finish_round(state: PartialRound, reward, shape: RolloutShape) -> Rollout:
         torch.tensor([v for sample, n in zip(versions[b], example.trained_lengths) for v in sample[:n]],
                      dtype=torch.long) for b, example in enumerate(training_examples(rollout)[0])]
     return rollout
+
+
+@dataclass
+class PartialConversations:
+    """A round's multi-turn conversations so far (k per record): the trajectories in progress with their
+    environments. A checkpoint keeps the conversations without the environments; the next segment rebuilds each by
+    replaying its recorded turns (envs.trajectory.replay_environment)."""
+
+    records: list[dict]
+    runs: list  # envs.trajectory._Run
+    limits: Limits
+    seconds: float = 0.0
+    segments_done: int = 0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "runs": [replace(run, env=None) for run in self.runs]}
+
+
+def segment_turns(max_turns: int, segments: int, segment: int) -> range:
+    """The assistant turns (0-based) segment `segment` of `segments` samples: max_turns split as evenly as integers
+    allow."""
+    return range(max_turns * segment // segments, max_turns * (segment + 1) // segments)
+
+
+def begin_conversations(tokenizer, records: list[dict], shape: RolloutShape, setup) -> PartialConversations:
+    """The round's environments made and reset, before the first turn (setup: the run's EnvironmentSetup)."""
+    rows = conversation_rows(records, shape.num_samples)
+    envs = [setup.factory.make(row, row["_row"]) for row in rows]
+    limits = round_limits(setup, shape)
+    try:
+        return PartialConversations(list(records), start_trajectories(tokenizer, envs, rows, limits), limits)
+    except BaseException:
+        close_environments(envs)
+        raise
+
+
+def sample_turns(engine, tokenizer, state: PartialConversations, sampling: SamplingOptions, segments: int,
+                 setup) -> None:
+    """The next segment's turns of every conversation still going, sampled by `engine`; environments dropped by a
+    checkpoint are rebuilt first (replayed)."""
+    tic = time.perf_counter()
+    try:
+        for run in state.runs:
+            if run.env is None:
+                replay_environment(setup.factory.make(run.trajectory.row, run.index), run)
+        turns = segment_turns(state.limits.max_turns, segments, state.segments_done)
+        advance_trajectories(engine, tokenizer, state.runs, sampling, state.limits, turns)
+    except BaseException:
+        close_environments([run.env for run in state.runs])
+        raise
+    state.segments_done += 1
+    state.seconds += time.perf_counter() - tic
+
+
+def finish_conversations(state: PartialConversations, shape: RolloutShape, setup, version_of_turn) -> Rollout:
+    """The round's rollout once its last segment is sampled, with each trained token's weight version (that of the
+    segment its turn belongs to: version_of_turn(turn)); every environment closed."""
+    try:
+        trajectories = finish_trajectories(state.runs, state.limits)
+    finally:
+        close_environments([run.env for run in state.runs])
+    rollout = trajectories_rollout(state.records, trajectories, shape, setup, state.seconds)
+    rollout.token_versions = [torch.tensor([version_of_turn(t) for turns in example.extras["turns"] for t in turns],
+                                           dtype=torch.long) for example in training_examples(rollout)[0]]
+    return rollout
+
+
+def close_environments(envs: list) -> None:
+    for env in envs:
+        if env is not None:
+            close_quietly(env)

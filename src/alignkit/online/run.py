@@ -351,16 +351,25 @@ class OnlineRun:
         cfg = self.cfg
         shape = RolloutShape(cfg.num_samples, cfg.max_length, cfg.missing_eos_penalty, sampling.overlong_of(cfg),
                              sampling.round_seed(cfg, round_index) + 104_729 * segment)
-        if state is None:
-            start = round_index * cfg.prompts_per_round
-            state = partial.begin_round(self.tokenizer, [self.prompts[i] for i in
-                                                         self.order[start:start + cfg.prompts_per_round]], shape)
-        version = self.producer.version_of(round_index, segment)
-        partial.sample_segment(self.engine, self.tokenizer, state, cfg.sampling, self.segments, shape.seed, version)
+        start, setup = round_index * cfg.prompts_per_round, self.environments
+        batch = [self.prompts[i] for i in self.order[start:start + cfg.prompts_per_round]]
+        if setup is not None:  # conversations: a segment of turns
+            state = state or partial.begin_conversations(self.tokenizer, batch, shape, setup)
+            partial.sample_turns(self.engine, self.tokenizer, state, cfg.sampling, self.segments, setup)
+        else:  # single answers: a segment of tokens
+            state = state or partial.begin_round(self.tokenizer, batch, shape)
+            partial.sample_segment(self.engine, self.tokenizer, state, cfg.sampling, self.segments, shape.seed,
+                                   self.producer.version_of(round_index, segment))
         if segment < self.segments - 1:
             return state
-        reward = self.judge_for(self.policy) if self.judge_for is not None else self.reward
-        rollout = partial.finish_round(state, reward, shape)
+        if setup is not None:
+            turn_segment = {t: j for j in range(self.segments) for t in partial.segment_turns(cfg.max_turns,
+                                                                                              self.segments, j)}
+            rollout = partial.finish_conversations(
+                state, shape, setup, lambda turn: self.producer.version_of(round_index, turn_segment[turn]))
+        else:
+            reward = self.judge_for(self.policy) if self.judge_for is not None else self.reward
+            rollout = partial.finish_round(state, reward, shape)
         return rollout, sampling.round_metrics(rollout)
 
     def sample(self, round_index: int) -> tuple[Rollout, dict]:
