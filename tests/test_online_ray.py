@@ -208,15 +208,17 @@ def test_a_run_stopped_after_a_checkpoint_resumes_on_ray_exactly(task, tmp_path,
 
 
 @pytest.mark.slow
-def test_environment_rollouts_on_ray_from_the_command_line_equal_one_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("partial", [False, True], ids=["whole", "partial"])
+def test_environment_rollouts_on_ray_from_the_command_line_equal_one_process(tmp_path, monkeypatch, partial):
     """PPO on conversations of 1 to 3 turns (envs_support's Parity, stepped in the driver): `--ray.rollout_workers 2`
     on the command line; a turn's generate calls (chunks of 3 conversations) are all started before the first is
     waited for, so both workers sample at once; the conversations, the metrics and the final weights are one
-    process's."""
+    process's. Also with partial rollouts (max_staleness 2: each round's turns in two segments, two versions)."""
     engines = spy_on_workers(monkeypatch)
     write_environment_run(tmp_path)
-    common = dict(rounds=2, save_every=0, environment="envs_support:Parity", max_tokens_per_batch=100,
-                  sampling={"max_new_tokens": 8, "engine": "fast", "batch_size": 3})
+    common = dict(rounds=4 if partial else 2, save_every=0, environment="envs_support:Parity",
+                  max_tokens_per_batch=100, sampling={"max_new_tokens": 8, "engine": "fast", "batch_size": 3},
+                  **({"async": {"max_staleness": 2, "partial": True}} if partial else {}))
     assert main(["online", "--config", write_environment_config(tmp_path, "single", **common)]) == 0
     assert main(["online", "--config", write_environment_config(tmp_path, "ray", **common),
                  "--ray.rollout_workers", "2"]) == 0
@@ -224,6 +226,8 @@ def test_environment_rollouts_on_ray_from_the_command_line_equal_one_process(tmp
     theirs = without_timing(read_metrics(tmp_path / "single"))
     assert without_timing(read_metrics(tmp_path / "ray")) == theirs and any(r["turns"] > 1 for r in theirs)
     assert engines[0].most_in_flight == 4 and set(engines[0].chunks) == {0, 1}  # 12 conversations, chunks of 3
+    if partial:
+        assert theirs[3]["token_staleness"] < theirs[3]["staleness"] == 2  # round 4's later turns: version 1
     final, expected = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("ray", "single"))
     assert all(torch.allclose(final[k], expected[k], atol=1e-5, rtol=0) for k in expected)
 
