@@ -5,6 +5,7 @@ Ray rollout workers.
     python benchmarks/bench_async.py --model tiny  # a random tiny Llama with SmolLM2's tokenizer: a quick check
     python benchmarks/bench_async.py --contenders io-ray_sync,io-ray_async1 --reuse   # add contenders to the table
     python benchmarks/bench_async.py --contenders compute-sync,compute-async2,compute-async2p --out async_partial
+    python benchmarks/bench_async.py --contenders io-sync,io-async2,io-async2p --out async_partial_io
 
 Two settings, each contender (sync, max_staleness 1, max_staleness 4) in its own process, the same seed, prompts and
 number of rounds:
@@ -43,10 +44,9 @@ RESULTS = Path(__file__).parent / "results"
 MODES = {"sync": None, "async1": 1, "async4": 4}
 MODES.update({f"ray_{mode}": staleness for mode, staleness in list(MODES.items())})  # sampled by Ray rollout workers
 SETTINGS = ("io", "compute")
-# compute only: partial rollouts (async2p: max_staleness 2, each round in 2 segments) split single answers
+# partial rollouts (async2p: max_staleness 2, each round in 2 segments: of tokens, or of turns with the environment)
 PARTIAL = {"async2": 2, "async2p": 2}
-CONTENDERS = (tuple(f"{setting}-{mode}" for setting in SETTINGS for mode in MODES)
-              + tuple(f"compute-{mode}" for mode in PARTIAL))
+CONTENDERS = tuple(f"{setting}-{mode}" for setting in SETTINGS for mode in (*MODES, *PARTIAL))
 
 
 def tiny_model(tokenizer):

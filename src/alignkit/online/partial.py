@@ -135,6 +135,10 @@ def segment_turns(max_turns: int, segments: int, segment: int) -> range:
     return range(max_turns * segment // segments, max_turns * (segment + 1) // segments)
 
 
+def segment_of_turn(max_turns: int, segments: int, turn: int) -> int:
+    return next(j for j in range(segments) if turn in segment_turns(max_turns, segments, j))
+
+
 def begin_conversations(tokenizer, records: list[dict], shape: RolloutShape, setup) -> PartialConversations:
     """The round's environments made and reset, before the first turn (setup: the run's EnvironmentSetup)."""
     rows = conversation_rows(records, shape.num_samples)

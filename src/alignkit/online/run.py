@@ -344,8 +344,8 @@ class OnlineRun:
         return rollout, metrics
 
     def collect_segment(self, round_index: int, segment: int, state):
-        """The producer's job: a whole round (collect), or with partial rollouts its next segment of tokens, sampled
-        by the engine's current weights; the last segment gives the round's (rollout, metrics)."""
+        """The producer's job: a whole round (collect), or with partial rollouts its next segment of tokens (of turns
+        with an environment), sampled by the engine's current weights; the last gives the round's (rollout, metrics)."""
         if self.segments == 1:
             return self.collect(round_index)
         cfg = self.cfg
@@ -363,10 +363,8 @@ class OnlineRun:
         if segment < self.segments - 1:
             return state
         if setup is not None:
-            turn_segment = {t: j for j in range(self.segments) for t in partial.segment_turns(cfg.max_turns,
-                                                                                              self.segments, j)}
-            rollout = partial.finish_conversations(
-                state, shape, setup, lambda turn: self.producer.version_of(round_index, turn_segment[turn]))
+            rollout = partial.finish_conversations(state, shape, setup, lambda turn: self.producer.version_of(
+                round_index, partial.segment_of_turn(cfg.max_turns, self.segments, turn)))
         else:
             reward = self.judge_for(self.policy) if self.judge_for is not None else self.reward
             rollout = partial.finish_round(state, reward, shape)
