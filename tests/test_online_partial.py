@@ -101,9 +101,9 @@ def test_a_stop_string_across_two_segments_ends_the_response():
     sampling = SamplingOptions(max_new_tokens=6, stop=["beta gamma"])
     shape = RolloutShape(2, 64, None, None, 0)
     engine = ScriptedEngine(tokenizer, ["alpha beta", "gamma delta", "omega omega"])
-    state = begin_round(tokenizer, ["omega"], shape)
+    state = begin_round(tokenizer, ["omega"], shape, segments=3)
     for segment in range(3):
-        sample_segment(engine, tokenizer, state, sampling, 3, seed=segment, version=segment)
+        sample_segment(engine, tokenizer, state, sampling, seed=segment, version=segment)
     assert engine.calls == [(1, 2, 2), (2, 1, 2)]  # the third segment had no live row to sample
     assert state.stopped == [True, True]
     rollout = finish_round(state, lambda ps, ts: [0.0] * len(ts), shape)

@@ -26,6 +26,7 @@ from alignkit.envs.trajectory import (
     start_trajectories,
 )
 from alignkit.generate.engines import Generation, cut_at_stop, stop_token_ids
+from alignkit.online import sampling
 from alignkit.online.env_rollout import conversation_rows, round_limits, trajectories_rollout
 from alignkit.online.rollout import (
     Rollout,
@@ -57,24 +58,25 @@ class PartialRound:
     texts: list[str]
     stopped: list[bool]
     generated: list[int]
+    segments: int
     seconds: float = 0.0
     segments_done: int = 0
 
 
-def begin_round(tokenizer, prompts: list, shape: RolloutShape) -> PartialRound:
+def begin_round(tokenizer, prompts: list, shape: RolloutShape, segments: int) -> PartialRound:
     n = len(prompts) * shape.num_samples
     return PartialRound(list(prompts), encoded_prompts(tokenizer, prompts, shape.max_length), shape.num_samples,
                         [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [""] * n, [False] * n,
-                        [0] * n)
+                        [0] * n, segments)
 
 
-def sample_segment(engine, tokenizer, state: PartialRound, sampling: SamplingOptions, segments: int, seed: int,
+def sample_segment(engine, tokenizer, state: PartialRound, sampling: SamplingOptions, seed: int,
                    version: int) -> None:
     """Extend every sample that has not stopped by the next segment's tokens, sampled by `engine` (holding the
     weights of `version`) from its prompt and its tokens so far. Stop strings are matched on the whole response, so
     one that straddles two segments still ends it."""
     tic, k = time.perf_counter(), state.num_samples
-    tokens = segment_tokens(sampling.max_new_tokens, segments, state.segments_done)
+    tokens = segment_tokens(sampling.max_new_tokens, state.segments, state.segments_done)
     live = [i for i, stopped in enumerate(state.stopped) if not stopped]
     if live and tokens:
         options = sampling.model_copy(update={"max_new_tokens": tokens})
@@ -186,3 +188,29 @@ def close_environments(envs: list) -> None:
     for env in envs:
         if env is not None:
             close_quietly(env)
+
+
+def collect_segment(online, round_index: int, segment: int, state):
+    """The producer's job with partial rollouts: the next segment of round `round_index` of the run (online:
+    online/run.OnlineRun), of tokens or (with an environment) of turns, sampled by the engine's current weights;
+    after the last segment, the round's (rollout, metrics)."""
+    cfg, segments, version_of = online.cfg, online.segments, online.producer.version_of
+    shape = sampling.round_shape(cfg, sampling.round_seed(cfg, round_index) + 104_729 * segment)
+    start, setup = round_index * cfg.prompts_per_round, online.environments
+    batch = [online.prompts[i] for i in online.order[start:start + cfg.prompts_per_round]]
+    if setup is not None:  # conversations: a segment of turns
+        state = state or begin_conversations(online.tokenizer, batch, shape, setup)
+        sample_turns(online.engine, online.tokenizer, state, cfg.sampling, segments, setup)
+    else:  # single answers: a segment of tokens
+        state = state or begin_round(online.tokenizer, batch, shape, segments)
+        sample_segment(online.engine, online.tokenizer, state, cfg.sampling, shape.seed,
+                       version_of(round_index, segment))
+    if segment < segments - 1:
+        return state
+    if setup is not None:
+        rollout = finish_conversations(state, shape, setup, lambda turn: version_of(
+            round_index, segment_of_turn(cfg.max_turns, segments, turn)))
+    else:
+        reward = online.judge_for(online.policy) if online.judge_for is not None else online.reward
+        rollout = finish_round(state, reward, shape)
+    return rollout, sampling.round_metrics(rollout)

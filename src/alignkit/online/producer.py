@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import torch
+
 from alignkit.online.rollout import Rollout, stamp_version
 
 INFLIGHT_FILE = "inflight_rollouts.pt"  # in a checkpoint: the rounds sampled ahead of it
@@ -25,6 +27,16 @@ INFLIGHT_FILE = "inflight_rollouts.pt"  # in a checkpoint: the rounds sampled ah
 def sampling_version(round_index: int, max_staleness: int) -> int:
     """The weight version that samples round `round_index` (0-based): max(0, r - N)."""
     return max(0, round_index - max_staleness)
+
+
+def version_metrics(rollout: Rollout, round_index: int) -> dict:
+    """The round's weight_version (the learner's), sampled_version (its oldest token's), staleness and
+    token_staleness (the mean over its tokens: below staleness where partial rollouts sample the tails later)."""
+    versions = torch.cat(rollout.token_versions) if rollout.token_versions else torch.zeros(0)
+    sampled = int(versions.min()) if len(versions) else round_index
+    mean = float(round_index - versions.float().mean()) if len(versions) else 0.0
+    return {"weight_version": round_index, "sampled_version": sampled, "staleness": round_index - sampled,
+            "token_staleness": mean}
 
 
 class RolloutProducer:

@@ -36,7 +36,7 @@ from alignkit.online.env_rollout import EnvironmentSetup
 from alignkit.online.experience import RoundContext, Scorer
 from alignkit.online.learner import learn
 from alignkit.online.methods import ONLINE_METHODS
-from alignkit.online.producer import INFLIGHT_FILE, RolloutProducer
+from alignkit.online.producer import INFLIGHT_FILE, RolloutProducer, version_metrics
 from alignkit.online.ray_learners import run_learner_group
 from alignkit.online.ray_rollouts import RolloutCluster, rollout_engine
 from alignkit.online.rollout import Rollout, RolloutShape, stamp_version
@@ -344,31 +344,10 @@ class OnlineRun:
         return rollout, metrics
 
     def collect_segment(self, round_index: int, segment: int, state):
-        """The producer's job: a whole round (collect), or with partial rollouts its next segment of tokens (of turns
-        with an environment), sampled by the engine's current weights; the last gives the round's (rollout, metrics)."""
+        """The producer's job: a whole round (collect), or with partial rollouts its next segment (online/partial)."""
         if self.segments == 1:
             return self.collect(round_index)
-        cfg = self.cfg
-        shape = RolloutShape(cfg.num_samples, cfg.max_length, cfg.missing_eos_penalty, sampling.overlong_of(cfg),
-                             sampling.round_seed(cfg, round_index) + 104_729 * segment)
-        start, setup = round_index * cfg.prompts_per_round, self.environments
-        batch = [self.prompts[i] for i in self.order[start:start + cfg.prompts_per_round]]
-        if setup is not None:  # conversations: a segment of turns
-            state = state or partial.begin_conversations(self.tokenizer, batch, shape, setup)
-            partial.sample_turns(self.engine, self.tokenizer, state, cfg.sampling, self.segments, setup)
-        else:  # single answers: a segment of tokens
-            state = state or partial.begin_round(self.tokenizer, batch, shape)
-            partial.sample_segment(self.engine, self.tokenizer, state, cfg.sampling, self.segments, shape.seed,
-                                   self.producer.version_of(round_index, segment))
-        if segment < self.segments - 1:
-            return state
-        if setup is not None:
-            rollout = partial.finish_conversations(state, shape, setup, lambda turn: self.producer.version_of(
-                round_index, partial.segment_of_turn(cfg.max_turns, self.segments, turn)))
-        else:
-            reward = self.judge_for(self.policy) if self.judge_for is not None else self.reward
-            rollout = partial.finish_round(state, reward, shape)
-        return rollout, sampling.round_metrics(rollout)
+        return partial.collect_segment(self, round_index, segment, state)
 
     def sample(self, round_index: int) -> tuple[Rollout, dict]:
         """The round's rollout, each token stamped with the weight version that sampled it: this round's
@@ -380,13 +359,7 @@ class OnlineRun:
         tic = time.perf_counter()
         self.producer.start(round_index)  # the weights are version round_index now
         rollout, metrics = self.producer.take(round_index)
-        versions = torch.cat(rollout.token_versions) if rollout.token_versions else torch.zeros(0)
-        sampled = int(versions.min()) if len(versions) else round_index
-        # token_staleness: the mean over the round's tokens (below staleness where partial rollouts freshen the tails)
-        mean = float(round_index - versions.float().mean()) if len(versions) else 0.0
-        return rollout, {**metrics, "weight_version": round_index, "sampled_version": sampled,
-                         "staleness": round_index - sampled, "token_staleness": mean,
-                         "time/wait_s": time.perf_counter() - tic}
+        return rollout, {**metrics, **version_metrics(rollout, round_index), "time/wait_s": time.perf_counter() - tic}
 
     def learn(self, experience, round_index: int) -> dict:
         return learn(self.run.stepper, self.loss, self.packing, experience, self.cfg, round_index)

@@ -103,8 +103,10 @@ def round_seed(cfg, round_index: int, refill: int = 0, first: int = 0) -> int:
     return cfg.seed + 10_007 * (round_index + 1) + 7_919 * refill + first
 
 
-def overlong_of(cfg) -> tuple | None:
-    return (cfg.sampling.max_new_tokens, cfg.overlong_cache, cfg.overlong_penalty) if cfg.overlong_cache else None
+def round_shape(cfg, seed: int) -> RolloutShape:
+    """A training round's rollout shape (k samples, max_length, the reward shaping), with the generate call's seed."""
+    overlong = (cfg.sampling.max_new_tokens, cfg.overlong_cache, cfg.overlong_penalty) if cfg.overlong_cache else None
+    return RolloutShape(cfg.num_samples, cfg.max_length, cfg.missing_eos_penalty, overlong, seed)
 
 
 def sharded_rollout(online, prompts: list, round_index: int, refill: int = 0) -> Rollout:
@@ -115,8 +117,7 @@ def sharded_rollout(online, prompts: list, round_index: int, refill: int = 0) ->
     share = len(prompts) // ctx.world_size
     first = ctx.rank * share
     reward = online.judge_for(online.policy) if online.judge_for is not None else online.reward
-    shape = RolloutShape(cfg.num_samples, cfg.max_length, cfg.missing_eos_penalty, overlong_of(cfg),
-                         round_seed(cfg, round_index, refill, first))
+    shape = round_shape(cfg, round_seed(cfg, round_index, refill, first))
     local = rollout_of(online.engine_for(round_index), online.tokenizer, prompts[first:first + share], online.environments or reward,
                        cfg.sampling, shape)
     return join_rollouts(gather_objects(local, ctx, online.rollout_group)) if ctx.enabled else local
