@@ -19,6 +19,7 @@ from alignkit.online.config import method_loss
 from alignkit.online.partial import PartialRound, begin_round, finish_round, sample_segment, segment_tokens
 from alignkit.online.producer import RolloutProducer
 from alignkit.online.rollout import RolloutShape, training_examples
+from alignkit.train.distributed import Dist
 from alignkit.train.reference import score_examples
 from synthetic_task import SENTIMENT, prompts
 from test_online_async import assert_resumed_as_straight, record_versions
@@ -103,14 +104,13 @@ def test_a_stop_string_across_two_segments_ends_the_response():
     engine = ScriptedEngine(tokenizer, ["alpha beta", "gamma delta", "omega omega"])
     state = begin_round(tokenizer, ["omega"], shape, segments=3)
     for segment in range(3):
-        sample_segment(engine, tokenizer, state, sampling, seed=segment, version=segment)
+        sample_segment(engine, tokenizer, state, sampling, seed=segment)
     assert engine.calls == [(1, 2, 2), (2, 1, 2)]  # the third segment had no live row to sample
     assert state.stopped == [True, True]
     rollout = finish_round(state, lambda ps, ts: [0.0] * len(ts), shape)
     assert rollout.texts == [["alpha", "alpha"]] and bool(rollout.finished.all())
     # kept: up to the token where the stop string starts (beta), as in one whole generate call
     assert [e.response_ids for e in rollout.examples] == [[tokenizer("alpha beta")["input_ids"]] * 2]
-    assert [v.tolist() for v in rollout.token_versions] == [[0, 0, 0, 0]]
 
 
 def test_a_stopped_partial_run_resumes_to_the_uninterrupted_runs_weights(task, tmp_path):
@@ -119,7 +119,8 @@ def test_a_stopped_partial_run_resumes_to_the_uninterrupted_runs_weights(task, t
     crash_in_round(4, lambda: run(task, tmp_path / "stopped", 2, **common))
     inflight = torch.load(tmp_path / "stopped" / "checkpoints" / "step-00000003" / "inflight_rollouts.pt",
                           weights_only=False)
-    assert isinstance(inflight[4], PartialRound) and inflight[4].segments_done == 1  # round 5: one segment of two
+    part = inflight["ranks"][0][4]  # one rank's share (one process: all of it)
+    assert isinstance(part, PartialRound) and part.segments_done == 1  # round 5: one segment of two
     resumed = run(task, tmp_path / "stopped", 2, **common)
     assert [row["round"] for row in resumed.rounds] == [4, 5]
     assert_resumed_as_straight(tmp_path / "stopped", tmp_path / "straight")
@@ -128,7 +129,6 @@ def test_a_stopped_partial_run_resumes_to_the_uninterrupted_runs_weights(task, t
 
 @pytest.mark.parametrize("bad, key", [
     (dict(max_staleness=1), "async.max_staleness"),
-    (dict(ray={"rollout_workers": 0, "learners": 2}), "ray.learners"),
     (dict(dynamic_sampling=True), "dynamic_sampling"),
 ])
 def test_partial_refusals_name_the_key(tmp_path, bad, key):
@@ -136,3 +136,12 @@ def test_partial_refusals_name_the_key(tmp_path, bad, key):
     with pytest.raises(ConfigError) as err:
         method_loss(online_config(values("grpo", tmp_path, **settings)))
     assert err.value.key == key
+
+
+def test_a_checkpoint_keeps_each_ranks_share_and_refuses_another_world_size():
+    saved = {"ranks": [{4: "rank 0's share"}, {4: "rank 1's share"}]}
+    assert RolloutProducer.restored(saved, Dist(rank=1, world_size=2)) == {4: "rank 1's share"}
+    assert RolloutProducer.restored({4: "a whole round"}, Dist(rank=1, world_size=2)) == {4: "a whole round"}
+    with pytest.raises(ConfigError) as err:
+        RolloutProducer.restored(saved, Dist())
+    assert err.value.key == "async.partial" and "2 ranks" in str(err.value)

@@ -233,8 +233,9 @@ def test_environment_rollouts_on_ray_from_the_command_line_equal_one_process(tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("staleness", [None, 1])
-def test_a_learner_group_of_two_ray_ranks_equals_one_process(task, tmp_path, caplog, staleness):
+@pytest.mark.parametrize("asynchronous", [None, {"max_staleness": 1}, {"max_staleness": 2, "partial": True}],
+                         ids=["sync", "async", "partial"])
+def test_a_learner_group_of_two_ray_ranks_equals_one_process(task, tmp_path, caplog, asynchronous):
     """`--ray.learners 2 --ray.rollout_workers 1`: two Ray actors form a gloo group and run the torchrun ranks' DDP
     step, each sampling its 4 of a round's 8 prompts on a rollout worker of its own; the rollouts are one process's,
     the losses and the final weights to 1e-5 (as tests/test_online_guarantees.py checks torchrun's). (With
@@ -245,7 +246,7 @@ def test_a_learner_group_of_two_ray_ranks_equals_one_process(task, tmp_path, cap
     task.tokenizer.save_pretrained(tmp_path / "model")
     write_jsonl_atomic(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts(64, seed=31)])
     common = dict(rounds=3, prompts_per_round=8, epochs=1, minibatches=2, save_every=0, max_tokens_per_batch=200,
-                  sampling={"batch_size": 2}, **({"async": {"max_staleness": staleness}} if staleness else {}))
+                  sampling={"batch_size": 2}, **({"async": asynchronous} if asynchronous else {}))
     assert main(["online", "--config", write_online_config(tmp_path, task, "single", **common)]) == 0
     groups_before = set(placement_group_table())
     with caplog.at_level(logging.INFO, logger="alignkit.online"):
@@ -257,7 +258,8 @@ def test_a_learner_group_of_two_ray_ranks_equals_one_process(task, tmp_path, cap
     # the learners' group of two bundles, and each rank's own group of rollout workers
     groups = [group for key, group in placement_group_table().items() if key not in groups_before]
     assert sorted(len(group["bundles"]) for group in groups) == [1] * 2 * workers + [2]
-    assert [row.get("staleness", 0) for row in read_metrics(tmp_path / "ray")] == [0, 1, 1] if staleness else [0] * 3
+    n = asynchronous["max_staleness"] if asynchronous else 0
+    assert [row.get("staleness", 0) for row in read_metrics(tmp_path / "ray")] == [min(r, n) for r in range(3)]
     assert_matches_one_process(tmp_path / "ray", tmp_path / "single")
 
 

@@ -256,8 +256,6 @@ def check_partial(cfg: OnlineConfig) -> None:
     refused = [
         ("async.max_staleness", cfg.async_rollouts.max_staleness < 2, "partial rollouts split round r between the "
          "versions r - N .. r - 1, and with max_staleness < 2 there is at most one: set >= 2, or partial false"),
-        ("ray.learners", cfg.ray is not None and cfg.ray.learners > 1, "partial rollouts run in one learner "
-         "process (its rollout workers may be on Ray): set learners 1"),
         ("dynamic_sampling", cfg.dynamic, "a refill would be sampled by a later version than the round it fills; "
          "set dynamic_sampling false"),
         ("lmbda", cfg.lmbda < 1, "mixed rounds (teacher or dataset responses) are not sampled by the student's "

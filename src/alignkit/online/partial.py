@@ -11,6 +11,7 @@ weights the uninterrupted run used."""
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, replace
 
@@ -32,9 +33,11 @@ from alignkit.online.rollout import (
     Rollout,
     RolloutShape,
     encoded_prompts,
+    join_rollouts,
     rollout_from_generation,
     training_examples,
 )
+from alignkit.train.distributed import gather_objects
 
 
 def segment_tokens(max_new_tokens: int, segments: int, segment: int) -> int:
@@ -45,16 +48,14 @@ def segment_tokens(max_new_tokens: int, segments: int, segment: int) -> int:
 
 @dataclass
 class PartialRound:
-    """A round's samples so far, prompt-major ([prompt][sample] flattened): their tokens, the engine's log-probs
-    and the weight version of each token, their text (cut before a stop string), whether each stopped, and the
-    tokens each cost."""
+    """A round's samples so far, prompt-major ([prompt][sample] flattened): their tokens, the engine's log-probs,
+    their text (cut before a stop string), whether each stopped, and the tokens each cost."""
 
     prompts: list
     prompt_ids: list[list[int]]
     num_samples: int
     rows: list[list[int]]
     logps: list[list[float]]
-    versions: list[list[int]]
     texts: list[str]
     stopped: list[bool]
     generated: list[int]
@@ -66,52 +67,68 @@ class PartialRound:
 def begin_round(tokenizer, prompts: list, shape: RolloutShape, segments: int) -> PartialRound:
     n = len(prompts) * shape.num_samples
     return PartialRound(list(prompts), encoded_prompts(tokenizer, prompts, shape.max_length), shape.num_samples,
-                        [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [""] * n, [False] * n,
-                        [0] * n, segments)
+                        [[] for _ in range(n)], [[] for _ in range(n)], [""] * n, [False] * n, [0] * n, segments)
 
 
-def sample_segment(engine, tokenizer, state: PartialRound, sampling: SamplingOptions, seed: int,
-                   version: int) -> None:
-    """Extend every sample that has not stopped by the next segment's tokens, sampled by `engine` (holding the
-    weights of `version`) from its prompt and its tokens so far. Stop strings are matched on the whole response, so
-    one that straddles two segments still ends it."""
+def sample_segment(engine, tokenizer, state: PartialRound, sampling: SamplingOptions, seed: int) -> None:
+    """Extend every sample that has not stopped by the next segment's tokens, sampled by `engine` from its prompt
+    and its tokens so far. A later segment samples each group of batch_size prompts' rows in a call of its own,
+    seeded by the group's first prompt, so a row's draws do not depend on how a round is shared out over ranks (as
+    the first segment's chunks). Stop strings are matched on the whole response, so one that straddles two segments
+    still ends it; a response that has not stopped has every segment's full count of tokens."""
     tic, k = time.perf_counter(), state.num_samples
     tokens = segment_tokens(sampling.max_new_tokens, state.segments, state.segments_done)
     live = [i for i, stopped in enumerate(state.stopped) if not stopped]
-    if live and tokens:
-        options = sampling.model_copy(update={"max_new_tokens": tokens})
-        if state.segments_done == 0:  # k samples of each prompt, the prompt's prefill shared by them
-            out = engine.generate(state.prompt_ids, options, k, seed)
-        else:
-            out = engine.generate([state.prompt_ids[i // k] + state.rows[i] for i in live], options, 1, seed)
-        flat = [(ids, logps, cost) for group in zip(out.ids, out.logprobs, out.generated) for ids, logps, cost in
-                zip(*group)]
-        end_ids = stop_token_ids(tokenizer, sampling.stop_strings)
-        for i, (ids, logps, cost) in zip(live, flat):
+    options = sampling.model_copy(update={"max_new_tokens": max(tokens, 1)})
+    if not (live and tokens):
+        calls = []
+    elif state.segments_done == 0:  # k samples of each prompt, the prompt's prefill shared by them
+        calls = [(live, engine.generate(state.prompt_ids, options, k, seed))]
+    else:
+        groups: dict[int, list[int]] = {}
+        for i in live:
+            groups.setdefault(i // (k * sampling.batch_size), []).append(i)
+        calls = [(rows, engine.generate([state.prompt_ids[i // k] + state.rows[i] for i in rows], options, 1,
+                                        seed + group * sampling.batch_size)) for group, rows in groups.items()]
+    end_ids = stop_token_ids(tokenizer, sampling.stop_strings)
+    for rows, out in calls:
+        flat = [sample for group in zip(out.ids, out.logprobs, out.generated) for sample in zip(*group)]
+        for i, (ids, logps, cost) in zip(rows, flat):
             state.rows[i] += ids
             state.logps[i] += logps
-            state.versions[i] += [version] * len(ids)
             state.generated[i] += cost
             kept, state.texts[i], state.stopped[i] = cut_at_stop(tokenizer, state.rows[i], end_ids,
                                                                  sampling.stop_strings)
-            del state.rows[i][len(kept):], state.logps[i][len(kept):], state.versions[i][len(kept):]
+            del state.rows[i][len(kept):], state.logps[i][len(kept):]
     state.segments_done += 1
     state.seconds += time.perf_counter() - tic
 
 
 def finish_round(state: PartialRound, reward, shape: RolloutShape) -> Rollout:
-    """The round's rollout once its last segment is sampled, scored as a whole-round rollout is, with each token's
-    weight version."""
+    """The round's rollout once its last segment is sampled, scored as a whole-round rollout is."""
     k = state.num_samples
     column = lambda values: [values[b * k:(b + 1) * k] for b in range(len(state.prompts))]  # noqa: E731
     generation = Generation(state.prompt_ids, column(state.rows), column(state.logps),
                             column(["stop" if stopped else "length" for stopped in state.stopped]),
                             column(state.texts), column(state.generated))
-    rollout = rollout_from_generation(state.prompts, generation, reward, shape, state.seconds)
-    versions = column(state.versions)
+    return rollout_from_generation(state.prompts, generation, reward, shape, state.seconds)
+
+
+def stamp_token_segments(rollout: Rollout, max_new_tokens: int, segments: int, version_of_segment) -> Rollout:
+    """Each single answer's tokens with the version of the segment that sampled them (by position: a response that
+    went on took each segment's full count)."""
+    bounds = [max_new_tokens * j // segments for j in range(1, segments)]
     rollout.token_versions = [
-        torch.tensor([v for sample, n in zip(versions[b], example.trained_lengths) for v in sample[:n]],
-                     dtype=torch.long) for b, example in enumerate(training_examples(rollout)[0])]
+        torch.tensor([version_of_segment(bisect.bisect_right(bounds, t)) for n in example.trained_lengths
+                      for t in range(n)], dtype=torch.long) for example in training_examples(rollout)[0]]
+    return rollout
+
+
+def stamp_turn_segments(rollout: Rollout, max_turns: int, segments: int, version_of_segment) -> Rollout:
+    """Each conversation's trained tokens with the version of the segment their turn belongs to."""
+    rollout.token_versions = [
+        torch.tensor([version_of_segment(segment_of_turn(max_turns, segments, t)) for turns in example.extras["turns"]
+                      for t in turns], dtype=torch.long) for example in training_examples(rollout)[0]]
     return rollout
 
 
@@ -171,17 +188,13 @@ def sample_turns(engine, tokenizer, state: PartialConversations, sampling: Sampl
     state.seconds += time.perf_counter() - tic
 
 
-def finish_conversations(state: PartialConversations, shape: RolloutShape, setup, version_of_turn) -> Rollout:
-    """The round's rollout once its last segment is sampled, with each trained token's weight version (that of the
-    segment its turn belongs to: version_of_turn(turn)); every environment closed."""
+def finish_conversations(state: PartialConversations, shape: RolloutShape, setup) -> Rollout:
+    """The round's rollout once its last segment is sampled; every environment closed."""
     try:
         trajectories = finish_trajectories(state.runs, state.limits)
     finally:
         close_environments([run.env for run in state.runs])
-    rollout = trajectories_rollout(state.records, trajectories, shape, setup, state.seconds)
-    rollout.token_versions = [torch.tensor([version_of_turn(t) for turns in example.extras["turns"] for t in turns],
-                                           dtype=torch.long) for example in training_examples(rollout)[0]]
-    return rollout
+    return trajectories_rollout(state.records, trajectories, shape, setup, state.seconds)
 
 
 def close_environments(envs: list) -> None:
@@ -192,25 +205,31 @@ def close_environments(envs: list) -> None:
 
 def collect_segment(online, round_index: int, segment: int, state):
     """The producer's job with partial rollouts: the next segment of round `round_index` of the run (online:
-    online/run.OnlineRun), of tokens or (with an environment) of turns, sampled by the engine's current weights;
-    after the last segment, the round's (rollout, metrics)."""
-    cfg, segments, version_of = online.cfg, online.segments, online.producer.version_of
-    shape = sampling.round_shape(cfg, sampling.round_seed(cfg, round_index) + 104_729 * segment)
-    start, setup = round_index * cfg.prompts_per_round, online.environments
-    batch = [online.prompts[i] for i in online.order[start:start + cfg.prompts_per_round]]
+    online/run.OnlineRun), of tokens or (with an environment) of turns, sampled by the engine's current weights, each
+    rank its share of the prompts; after the last segment, the round's (rollout, metrics), the ranks' shares joined
+    and every token stamped with its segment's version."""
+    cfg, ctx, segments, setup = online.cfg, online.run.ctx, online.segments, online.environments
+    share = cfg.prompts_per_round // ctx.world_size
+    first = round_index * cfg.prompts_per_round + ctx.rank * share
+    batch = [online.prompts[i] for i in online.order[first:first + share]]
+    shape = sampling.round_shape(cfg, sampling.round_seed(cfg, round_index, first=ctx.rank * share)
+                                 + 104_729 * segment)
     if setup is not None:  # conversations: a segment of turns
         state = state or begin_conversations(online.tokenizer, batch, shape, setup)
         sample_turns(online.engine, online.tokenizer, state, cfg.sampling, segments, setup)
     else:  # single answers: a segment of tokens
         state = state or begin_round(online.tokenizer, batch, shape, segments)
-        sample_segment(online.engine, online.tokenizer, state, cfg.sampling, shape.seed,
-                       version_of(round_index, segment))
+        sample_segment(online.engine, online.tokenizer, state, cfg.sampling, shape.seed)
     if segment < segments - 1:
         return state
     if setup is not None:
-        rollout = finish_conversations(state, shape, setup, lambda turn: version_of(
-            round_index, segment_of_turn(cfg.max_turns, segments, turn)))
+        rollout = finish_conversations(state, shape, setup)
     else:
         reward = online.judge_for(online.policy) if online.judge_for is not None else online.reward
         rollout = finish_round(state, reward, shape)
+    if ctx.enabled:
+        rollout = join_rollouts(gather_objects(rollout, ctx, online.rollout_group))
+    version = lambda j: online.producer.version_of(round_index, j)  # noqa: E731
+    rollout = (stamp_turn_segments(rollout, cfg.max_turns, segments, version) if setup is not None else
+               stamp_token_segments(rollout, cfg.sampling.max_new_tokens, segments, version))
     return rollout, sampling.round_metrics(rollout)

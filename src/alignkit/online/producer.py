@@ -19,7 +19,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from alignkit.errors import ConfigError
 from alignkit.online.rollout import Rollout, stamp_version
+from alignkit.train.distributed import gather_objects
 
 INFLIGHT_FILE = "inflight_rollouts.pt"  # in a checkpoint: the rounds sampled ahead of it
 
@@ -94,6 +96,22 @@ class RolloutProducer:
         """The rounds sampled (or part-sampled) and not yet trained (after a drain: all of them), for a checkpoint."""
         self.drain()
         return {round_index: job.result() for round_index, job in sorted(self.jobs.items())}
+
+    def checkpoint(self, ctx) -> dict:
+        """What a checkpoint keeps of the rounds sampled ahead: whole rounds are alike on every rank (joined); rounds
+        part-sampled by partial rollouts are each rank's own share, so every rank's are kept, by rank."""
+        pending = self.pending()
+        return pending if self.segments == 1 else {"ranks": gather_objects(pending, ctx)}
+
+    @staticmethod
+    def restored(saved: dict | None, ctx) -> dict | None:
+        """This rank's rounds sampled ahead, as `checkpoint` kept them."""
+        if saved is None or "ranks" not in saved:
+            return saved
+        if len(saved["ranks"]) != ctx.world_size:
+            raise ConfigError("async.partial", f"the checkpoint holds part-sampled rounds of {len(saved['ranks'])} "
+                                               f"ranks, each its share; resume it on as many, not {ctx.world_size}")
+        return saved["ranks"][ctx.rank]
 
     def close(self) -> None:
         """Stop: queued segments not started are cancelled, a running one is waited for."""

@@ -100,9 +100,6 @@ def check_online_setup(cfg: OnlineConfig, ctx) -> None:
                                                "an equal share of a round's prompts")
     if ctx.enabled and cfg.distributed == "fsdp":
         check_sharded_setup(cfg)
-    if ctx.enabled and cfg.async_rollouts is not None and cfg.async_rollouts.partial:
-        raise ConfigError("async.partial", f"partial rollouts run in one process for now, not {ctx.world_size}: set "
-                                           "partial false under torchrun")
     if cfg.sampling.temperature <= 0:
         raise ConfigError("sampling.temperature", "online runs sample at a temperature > 0: greedy samples have no "
                           "distribution the learner could score (TRL refuses it too), and a prompt's k samples tie")
@@ -238,7 +235,8 @@ class OnlineRun:
     def _saved_inflight(self) -> dict | None:
         """The rounds a checkpoint had sampled ahead of the learner (async), trained as they were sampled."""
         path = self.run.resumed.path / INFLIGHT_FILE if self.run.resumed is not None else None
-        return torch.load(path, weights_only=False) if path is not None and path.exists() else None
+        saved = torch.load(path, weights_only=False) if path is not None and path.exists() else None
+        return RolloutProducer.restored(saved, self.run.ctx)
 
     def source(self, round_index: int) -> str:
         """GKD's seeded draw of the round's responses (online/mixing.py): student, teacher or dataset."""
@@ -369,7 +367,7 @@ class OnlineRun:
         if self.method.value_head:
             extra[VALUE_HEAD_FILE] = self.trained.value_head
         if self.producer is not None:
-            extra[INFLIGHT_FILE] = self.producer.pending()
+            extra[INFLIGHT_FILE] = self.producer.checkpoint(self.run.ctx)
         self.run.save(done, {"before": self.before, "moments": asdict(self.moments),
                              "has_previous": self.references is not None and self.references.has_previous}, extra)
 
