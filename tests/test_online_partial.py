@@ -16,7 +16,7 @@ from alignkit.generate.engines import Generation
 from alignkit.models.tiny import build_word_tokenizer
 from alignkit.online import OnlineInputs, online_config, run_online
 from alignkit.online.config import method_loss
-from alignkit.online.partial import PartialRound, begin_round, finish_round, sample_segment, segment_tokens
+from alignkit.online.partial import PartialRound, begin_round, finish_round, sample_segment, segment_span
 from alignkit.online.producer import RolloutProducer
 from alignkit.online.rollout import RolloutShape, training_examples
 from alignkit.train.distributed import Dist
@@ -58,12 +58,12 @@ def test_segments_are_queued_by_their_version_oldest_round_first():
 
 
 def test_every_token_is_sampled_by_its_segments_version(task, tmp_path, monkeypatch):
-    """A response's first segment_tokens(.., 0) tokens carry version max(0, r - N), the rest max(0, r - N + 1), and
+    """A response's first len(segment_span(.., 0)) tokens carry version max(0, r - N), the rest max(0, r - N + 1), and
     each token's engine log-prob is that of the policy saved at its version."""
     staleness, rounds = 2, 5
     snapshots, rollouts, runs = record_versions(monkeypatch)
     result = run(task, tmp_path / "partial", staleness, rounds=rounds, eval_before_after=False, max_new_tokens=12)
-    first = segment_tokens(12, staleness, 0)
+    first = len(segment_span(12, staleness, 0))
     online, scorer_model, split_seen = runs[0], copy.deepcopy(task.model), False
     assert [row["staleness"] for row in result.rounds] == [min(r, staleness) for r in range(rounds)]
     assert all(row["token_staleness"] < row["staleness"] for row in result.rounds[staleness:])  # fresher tails

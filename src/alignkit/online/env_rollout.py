@@ -50,23 +50,20 @@ def environment_rollout(engine, tokenizer, records: list[dict], sampling: Sampli
                         setup: EnvironmentSetup) -> Rollout:
     """shape.num_samples conversations per record, each with its own environment instance."""
     tic = time.perf_counter()
-    rows = conversation_rows(records, shape.num_samples)
-    envs = [setup.factory.make(row, row["_row"]) for row in rows]
-    trajectories = run_trajectories(engine, tokenizer, envs, rows, sampling, round_limits(setup, shape))
+    rows, envs, limits = round_conversations(records, shape, setup)
+    trajectories = run_trajectories(engine, tokenizer, envs, rows, sampling, limits)
     return trajectories_rollout(records, trajectories, shape, setup, time.perf_counter() - tic)
 
 
-def conversation_rows(records: list[dict], k: int) -> list[dict]:
-    """Each record k times, its 1-based number in `_row` (so its errors name one row wherever they arise)."""
+def round_conversations(records: list[dict], shape: RolloutShape, setup: EnvironmentSetup) -> tuple[list, list, Limits]:
+    """(rows, environments, limits) of a round's conversations: each record k times with its 1-based number in `_row`
+    (so its errors name one row wherever they arise), an environment per row, and the limits seeded by the round
+    (shape.seed is seeded by the first record's place in the round, so seed * k + j counts conversations from the
+    round's start: a rank's share draws what one process draws, trajectory.run_trajectories)."""
     numbered = [record if record.get("_row") else {**record, "_row": b + 1} for b, record in enumerate(records)]
-    return [record for record in numbered for _ in range(k)]
-
-
-def round_limits(setup: EnvironmentSetup, shape: RolloutShape) -> Limits:
-    """The limits of a round's conversations, seeded by the round: shape.seed is seeded by the first record's place in
-    the round, so seed * k + j counts conversations from the round's start (a rank's share draws what one process
-    draws: trajectory.run_trajectories)."""
-    return setup.limits.model_copy(update={"seed": shape.seed * shape.num_samples})
+    rows = [record for record in numbered for _ in range(shape.num_samples)]
+    envs = [setup.factory.make(row, row["_row"]) for row in rows]
+    return rows, envs, setup.limits.model_copy(update={"seed": shape.seed * shape.num_samples})
 
 
 def trajectories_rollout(records: list[dict], trajectories: list[Trajectory], shape: RolloutShape,

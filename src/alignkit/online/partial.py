@@ -11,7 +11,6 @@ weights the uninterrupted run used."""
 
 from __future__ import annotations
 
-import bisect
 import time
 from dataclasses import dataclass, replace
 
@@ -28,22 +27,25 @@ from alignkit.envs.trajectory import (
 )
 from alignkit.generate.engines import Generation, cut_at_stop, stop_token_ids
 from alignkit.online import sampling
-from alignkit.online.env_rollout import conversation_rows, round_limits, trajectories_rollout
+from alignkit.online.env_rollout import round_conversations, trajectories_rollout
 from alignkit.online.rollout import (
     Rollout,
     RolloutShape,
     encoded_prompts,
-    join_rollouts,
     rollout_from_generation,
     training_examples,
 )
-from alignkit.train.distributed import gather_objects
 
 
-def segment_tokens(max_new_tokens: int, segments: int, segment: int) -> int:
-    """New tokens segment `segment` of `segments` may add (max_new_tokens split as evenly as integers allow)."""
-    bound = [max_new_tokens * j // segments for j in range(segments + 1)]
-    return bound[segment + 1] - bound[segment]
+def segment_span(total: int, segments: int, segment: int) -> range:
+    """The positions (a response's token positions, or a conversation's assistant turns, 0-based) segment `segment`
+    of `segments` samples: `total` split as evenly as integers allow."""
+    return range(total * segment // segments, total * (segment + 1) // segments)
+
+
+def segment_of(total: int, segments: int, position: int) -> int:
+    """The segment that samples `position` (segment_span's inverse)."""
+    return next(j for j in range(segments) if position < total * (j + 1) // segments)
 
 
 @dataclass
@@ -77,7 +79,7 @@ def sample_segment(engine, tokenizer, state: PartialRound, sampling: SamplingOpt
     the first segment's chunks). Stop strings are matched on the whole response, so one that straddles two segments
     still ends it; a response that has not stopped has every segment's full count of tokens."""
     tic, k = time.perf_counter(), state.num_samples
-    tokens = segment_tokens(sampling.max_new_tokens, state.segments, state.segments_done)
+    tokens = len(segment_span(sampling.max_new_tokens, state.segments, state.segments_done))
     live = [i for i, stopped in enumerate(state.stopped) if not stopped]
     options = sampling.model_copy(update={"max_new_tokens": max(tokens, 1)})
     if not (live and tokens):
@@ -114,21 +116,15 @@ def finish_round(state: PartialRound, reward, shape: RolloutShape) -> Rollout:
     return rollout_from_generation(state.prompts, generation, reward, shape, state.seconds)
 
 
-def stamp_token_segments(rollout: Rollout, max_new_tokens: int, segments: int, version_of_segment) -> Rollout:
-    """Each single answer's tokens with the version of the segment that sampled them (by position: a response that
-    went on took each segment's full count)."""
-    bounds = [max_new_tokens * j // segments for j in range(1, segments)]
-    rollout.token_versions = [
-        torch.tensor([version_of_segment(bisect.bisect_right(bounds, t)) for n in example.trained_lengths
-                      for t in range(n)], dtype=torch.long) for example in training_examples(rollout)[0]]
-    return rollout
-
-
-def stamp_turn_segments(rollout: Rollout, max_turns: int, segments: int, version_of_segment) -> Rollout:
-    """Each conversation's trained tokens with the version of the segment their turn belongs to."""
-    rollout.token_versions = [
-        torch.tensor([version_of_segment(segment_of_turn(max_turns, segments, t)) for turns in example.extras["turns"]
-                      for t in turns], dtype=torch.long) for example in training_examples(rollout)[0]]
+def stamp_segments(rollout: Rollout, total: int, segments: int, version_of_segment, by_turn: bool) -> Rollout:
+    """Each trained token with the version of the segment that sampled it: by its position in its response (single
+    answers: a response that went on took each segment's full count of tokens, total = max_new_tokens), or by its
+    assistant turn (conversations, total = max_turns)."""
+    rollout.token_versions = [torch.tensor(
+        [version_of_segment(segment_of(total, segments, position)) for position in
+         ([t for turns in example.extras["turns"] for t in turns] if by_turn else
+          [t for n in example.trained_lengths for t in range(n)])], dtype=torch.long)
+        for example in training_examples(rollout)[0]]
     return rollout
 
 
@@ -148,21 +144,9 @@ class PartialConversations:
         return {**self.__dict__, "runs": [replace(run, env=None) for run in self.runs]}
 
 
-def segment_turns(max_turns: int, segments: int, segment: int) -> range:
-    """The assistant turns (0-based) segment `segment` of `segments` samples: max_turns split as evenly as integers
-    allow."""
-    return range(max_turns * segment // segments, max_turns * (segment + 1) // segments)
-
-
-def segment_of_turn(max_turns: int, segments: int, turn: int) -> int:
-    return next(j for j in range(segments) if turn in segment_turns(max_turns, segments, j))
-
-
 def begin_conversations(tokenizer, records: list[dict], shape: RolloutShape, setup) -> PartialConversations:
     """The round's environments made and reset, before the first turn (setup: the run's EnvironmentSetup)."""
-    rows = conversation_rows(records, shape.num_samples)
-    envs = [setup.factory.make(row, row["_row"]) for row in rows]
-    limits = round_limits(setup, shape)
+    rows, envs, limits = round_conversations(records, shape, setup)
     try:
         return PartialConversations(list(records), start_trajectories(tokenizer, envs, rows, limits), limits)
     except BaseException:
@@ -179,7 +163,7 @@ def sample_turns(engine, tokenizer, state: PartialConversations, sampling: Sampl
         for run in state.runs:
             if run.env is None:
                 replay_environment(setup.factory.make(run.trajectory.row, run.index), run)
-        turns = segment_turns(state.limits.max_turns, segments, state.segments_done)
+        turns = segment_span(state.limits.max_turns, segments, state.segments_done)
         advance_trajectories(engine, tokenizer, state.runs, sampling, state.limits, turns)
     except BaseException:
         close_environments([run.env for run in state.runs])
@@ -208,12 +192,11 @@ def collect_segment(online, round_index: int, segment: int, state):
     online/run.OnlineRun), of tokens or (with an environment) of turns, sampled by the engine's current weights, each
     rank its share of the prompts; after the last segment, the round's (rollout, metrics), the ranks' shares joined
     and every token stamped with its segment's version."""
-    cfg, ctx, segments, setup = online.cfg, online.run.ctx, online.segments, online.environments
-    share = cfg.prompts_per_round // ctx.world_size
-    first = round_index * cfg.prompts_per_round + ctx.rank * share
-    batch = [online.prompts[i] for i in online.order[first:first + share]]
-    shape = sampling.round_shape(cfg, sampling.round_seed(cfg, round_index, first=ctx.rank * share)
-                                 + 104_729 * segment)
+    cfg, segments, setup = online.cfg, online.segments, online.environments
+    start = round_index * cfg.prompts_per_round
+    first, batch = sampling.rank_share(online, [online.prompts[i] for i in
+                                                online.order[start:start + cfg.prompts_per_round]])
+    shape = sampling.round_shape(cfg, sampling.round_seed(cfg, round_index, first=first) + 104_729 * segment)
     if setup is not None:  # conversations: a segment of turns
         state = state or begin_conversations(online.tokenizer, batch, shape, setup)
         sample_turns(online.engine, online.tokenizer, state, cfg.sampling, segments, setup)
@@ -225,11 +208,9 @@ def collect_segment(online, round_index: int, segment: int, state):
     if setup is not None:
         rollout = finish_conversations(state, shape, setup)
     else:
-        reward = online.judge_for(online.policy) if online.judge_for is not None else online.reward
-        rollout = finish_round(state, reward, shape)
-    if ctx.enabled:
-        rollout = join_rollouts(gather_objects(rollout, ctx, online.rollout_group))
-    version = lambda j: online.producer.version_of(round_index, j)  # noqa: E731
-    rollout = (stamp_turn_segments(rollout, cfg.max_turns, segments, version) if setup is not None else
-               stamp_token_segments(rollout, cfg.sampling.max_new_tokens, segments, version))
+        rollout = finish_round(state, sampling.round_reward(online), shape)
+    rollout = sampling.joined_over_ranks(online, rollout)
+    total = cfg.max_turns if setup is not None else cfg.sampling.max_new_tokens
+    rollout = stamp_segments(rollout, total, segments, lambda j: online.producer.version_of(round_index, j),
+                             by_turn=setup is not None)
     return rollout, sampling.round_metrics(rollout)

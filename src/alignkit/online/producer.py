@@ -60,7 +60,7 @@ class RolloutProducer:
 
     def version_of(self, round_index: int, segment: int) -> int:
         """The weight version that samples the segment: max(0, r - N + j)."""
-        return max(0, round_index - self.max_staleness + segment)
+        return sampling_version(round_index + segment, self.max_staleness)
 
     def start(self, version: int) -> None:
         """Queue every segment the schedule gives to `version` that is not queued yet (at version 0: rounds 0..N),

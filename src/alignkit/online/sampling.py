@@ -79,11 +79,10 @@ def collect_rollout(online, prompts: list, round_index: int) -> tuple[Rollout, d
     the round trains on the groups kept. online: the run (online/run.OnlineRun)."""
     cfg = online.cfg
     rollout = sharded_rollout(online, prompts, round_index)
-    tied = tied_groups(rollout.rewards)
     metrics = round_metrics(rollout)
     if not cfg.dynamic:
         return rollout, metrics
-    kept, refills = untied(rollout, tied), 0
+    kept, refills = untied(rollout, tied_groups(rollout.rewards)), 0
     while kept.rewards.shape[0] < len(prompts) and refills < cfg.max_refills:
         refills += 1
         fresh = refill_prompts(online.prompts, len(prompts), cfg.seed, round_index, refills)
@@ -113,14 +112,30 @@ def sharded_rollout(online, prompts: list, round_index: int, refill: int = 0) ->
     """This rank's contiguous share of the prompts, sampled and scored, then every rank's shares joined in order.
     Each generate call is seeded by its first prompt's place in the round, so the samples are those one process
     draws (when the share is a multiple of sampling.batch_size)."""
-    cfg, ctx = online.cfg, online.run.ctx
-    share = len(prompts) // ctx.world_size
-    first = ctx.rank * share
-    reward = online.judge_for(online.policy) if online.judge_for is not None else online.reward
+    cfg = online.cfg
+    first, share = rank_share(online, prompts)
     shape = round_shape(cfg, round_seed(cfg, round_index, refill, first))
-    local = rollout_of(online.engine_for(round_index), online.tokenizer, prompts[first:first + share], online.environments or reward,
-                       cfg.sampling, shape)
+    local = rollout_of(online.engine_for(round_index), online.tokenizer, share,
+                       online.environments or round_reward(online), cfg.sampling, shape)
+    return joined_over_ranks(online, local)
+
+
+def rank_share(online, prompts: list) -> tuple[int, list]:
+    """(its first prompt's place, this rank's contiguous share of a round's prompts)."""
+    ctx = online.run.ctx
+    size = len(prompts) // ctx.world_size
+    return ctx.rank * size, prompts[ctx.rank * size:(ctx.rank + 1) * size]
+
+
+def joined_over_ranks(online, local: Rollout) -> Rollout:
+    """Every rank's share of a round, joined in rank order (on the producer's own group under async)."""
+    ctx = online.run.ctx
     return join_rollouts(gather_objects(local, ctx, online.rollout_group)) if ctx.enabled else local
+
+
+def round_reward(online):
+    """What scores a round's answers: the run's reward, or (self-rewarding) the judge of the policy as it is now."""
+    return online.judge_for(online.policy) if online.judge_for is not None else online.reward
 
 
 def rollout_of(model, tokenizer, prompts: list, source, sampling: SamplingOptions, shape: RolloutShape) -> Rollout:
