@@ -44,12 +44,15 @@ RESULTS = Path(__file__).parent / "results"
 WORK = Path(__file__).parent / "work" / "distill"
 PROMPTS = Path(__file__).parents[1] / "src" / "alignkit" / "assets" / "align_prompts.jsonl"
 CONTENDERS = ("trl_distill", "trl_gkd", "alignkit_gkd", "alignkit_opd", "alignkit_opd_lean", "trl_distill_bf16",
-              "alignkit_opd_bf16")
+              "alignkit_opd_bf16", "alignkit_opd_bf16_m", "alignkit_opd_bf16_m1024")
 # the same step with less held at once: RMSNorm/SwiGLU recomputed, 512-token micro-batches, freed blocks returned
 LEAN = {"selective_recompute": True, "max_tokens_per_batch": 512, "release_memory": True}
 # alignkit contender -> (loss, config keys beyond the shared settings)
 ALIGNKIT = {"alignkit_gkd": ("gkd", {}), "alignkit_opd": ("opd", {}), "alignkit_opd_lean": ("opd", LEAN),
             "alignkit_opd_bf16": ("opd", {**LEAN, "precision": "bf16", "engine_precision": "bf16"})}
+# _m: and AdamW's moments in bf16; _m1024: and 1024-token micro-batches (fewer passes, more held at once)
+ALIGNKIT["alignkit_opd_bf16_m"] = ("opd", {**ALIGNKIT["alignkit_opd_bf16"][1], "adam_moments": "bf16"})
+ALIGNKIT["alignkit_opd_bf16_m1024"] = ("opd", {**ALIGNKIT["alignkit_opd_bf16_m"][1], "max_tokens_per_batch": 1024})
 BASELINE = "trl_distill"
 
 
@@ -267,7 +270,8 @@ def markdown(rows: dict, header: dict) -> str:
               "the logged loss rescaled to a per-sampled-token mean, since transformers divides it by the count of "
               "the dataset's answer tokens, which the samples replace; alignkit_gkd: distill/divergence; "
               "alignkit_opd: distill/reverse_kl, the k1 estimate on the sampled tokens). _lean: "
-              "selective_recompute, max_tokens_per_batch 512, release_memory (the same step, less held at once). "
+              "selective_recompute, max_tokens_per_batch 512, release_memory (the same step, less held at once); _m: "
+              "and adam_moments bf16 (AdamW's two moments held in bf16); _m1024: and 1024-token micro-batches. "
               "Target (issue 31): "
               f">= 3x {BASELINE}'s samples/s at <= 0.5x its peak RSS.", ""]
     for name, r in rows.items():
@@ -275,7 +279,7 @@ def markdown(rows: dict, header: dict) -> str:
             split = ", ".join(f"{part} {100 * share:.0f}%" for part, share in r["time_split"].items())
             lines.append(f"- {name}'s timed steps: {split} (alignkit's per-round timers; score: the teacher's "
                          f"log-probs and the experience)")
-    for ours, theirs in (("alignkit_opd_bf16", "trl_distill_bf16"),):
+    for ours, theirs in ((name, "trl_distill_bf16") for name in rows if name.startswith("alignkit_opd_bf16")):
         if ours in rows and theirs in rows:
             a, b = rows[ours], rows[theirs]
             lines.append(f"- like for like in bf16: {ours} {a['samples_per_s'] / b['samples_per_s']:.2f}x {theirs}'s "
@@ -316,6 +320,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps (after 1 warm-up step)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--out", default="distill", help="results/<out>.md and .json")
     parser.add_argument("--one", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     teacher_dir, student_dir = student(args)
@@ -330,8 +335,8 @@ def main() -> None:
         print(name, rows[name], flush=True)
     header = setup(args, teacher_dir, student_dir, loads, time.perf_counter() - tic)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "distill.json").write_text(json.dumps({"setup": header, "contenders": rows}, indent=2))
-    (RESULTS / "distill.md").write_text(markdown(rows, header))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"setup": header, "contenders": rows}, indent=2))
+    (RESULTS / f"{args.out}.md").write_text(markdown(rows, header))
     print(markdown(rows, header))
 
 

@@ -28,11 +28,13 @@ RESULTS = Path(__file__).parent / "results"
 # bf16 autocast training
 # trl_bf16: TRL's bf16=True (autocast), the like-for-like anchor of alignkit_bf16
 # alignkit_bf16_lean: alignkit_bf16 with selective_recompute (RMSNorm and SwiGLU keep only their inputs; no gradient
-# checkpointing: every matmul output is kept)
-CONTENDERS = ("trl", "alignkit", "alignkit_bf16_engine", "alignkit_bf16", "alignkit_bf16_lean", "trl_bf16")
-# alignkit contender -> (engine precision, training precision, selective_recompute)
-ALIGNKIT = {"alignkit": ("fp32", "fp32", False), "alignkit_bf16_engine": ("bf16", "fp32", False),
-            "alignkit_bf16": ("bf16", "bf16", False), "alignkit_bf16_lean": ("bf16", "bf16", True)}
+# checkpointing: every matmul output is kept); _lean_m: and AdamW's moments in bf16 (adam_moments: bf16)
+CONTENDERS = ("trl", "alignkit", "alignkit_bf16_engine", "alignkit_bf16", "alignkit_bf16_lean",
+              "alignkit_bf16_lean_m", "trl_bf16")
+# alignkit contender -> (engine precision, training precision, selective_recompute, adam_moments)
+ALIGNKIT = {"alignkit": ("fp32", "fp32", False, "fp32"), "alignkit_bf16_engine": ("bf16", "fp32", False, "fp32"),
+            "alignkit_bf16": ("bf16", "bf16", False, "fp32"), "alignkit_bf16_lean": ("bf16", "bf16", True, "fp32"),
+            "alignkit_bf16_lean_m": ("bf16", "bf16", True, "bf16")}
 
 
 def prompts(n: int) -> list:
@@ -97,7 +99,8 @@ def run_trl(args, bf16: bool = False) -> dict:
             "peak_rss_gb": peak_rss_gb(), "rewards": rewards[1:], "split": None}
 
 
-def run_alignkit(args, engine_precision: str, precision: str = "fp32", selective: bool = False) -> dict:
+def run_alignkit(args, engine_precision: str, precision: str = "fp32", selective: bool = False,
+                 moments: str = "fp32") -> dict:
     import torch
 
     from alignkit.online import OnlineInputs, online_config, run_online
@@ -111,7 +114,7 @@ def run_alignkit(args, engine_precision: str, precision: str = "fp32", selective
         "prompts_per_round": args.prompts, "num_samples": args.k, "max_new_tokens": args.new_tokens,
         "temperature": 1.0, "kl_coef": 0.04, "learning_rate": 1e-6, "eval_samples": 1, "progress": False,
         "max_length": 2048, "engine_precision": engine_precision, "precision": precision,
-        "max_tokens_per_batch": args.max_tokens_per_batch, "selective_recompute": selective})
+        "max_tokens_per_batch": args.max_tokens_per_batch, "selective_recompute": selective, "adam_moments": moments})
     reward = FunctionReward(lambda prompt, response: vader_scores([response])[0], name="vader")
     result = run_online(cfg, inputs=OnlineInputs(prompts(args.prompts * steps), prompts(1), reward))
     timed = result.rounds[1:]

@@ -87,6 +87,9 @@ class OptimConfig(Strict):
                                 "(TRL's warmup_ratio); the larger of the two wins")
     weight_decay: float = Field(0.0, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_moments: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype of AdamW's two moments: bf16 halves the optimizer state (DeepSeek-V3's low-precision "
+                            "optimizer states), the update still computed in fp32; not with distributed: fsdp")
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0

@@ -131,7 +131,7 @@ def plan_for_memory(model, steps, examples, method: Method, cfg: TrainConfig, to
 
     model.train()
     per_token = memory.activation_bytes_per_token(model, forward, len(tokenizer))
-    tokens = memory.micro_batch_tokens(cfg.max_memory_gb, model, per_token)
+    tokens = memory.micro_batch_tokens(cfg.max_memory_gb, model, per_token, 2 if cfg.adam_moments == "bf16" else 4)
     planned = memory.split_to_budget(steps, examples, tokens)
     log.info("max_memory_gb %.2f: %.0f KB kept per token, micro-batches of at most %d tokens (%d forward/backward "
              "passes per step on average, was %d)", cfg.max_memory_gb, per_token / 1e3, tokens,

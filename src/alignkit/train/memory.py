@@ -62,11 +62,12 @@ def trim_freed_memory() -> bool:
 HEADROOM = 1.25  # backward's transient activation gradients and the vocabulary chunk, over what is kept
 
 
-def static_bytes(model) -> int:
-    """Weights (all), plus a gradient and AdamW's exp_avg and exp_avg_sq per trainable parameter (fp32 moments)."""
+def static_bytes(model, moment_bytes: int = 4) -> int:
+    """Weights (all), plus a gradient and AdamW's exp_avg and exp_avg_sq per trainable parameter (moment_bytes each:
+    4 in fp32, 2 with adam_moments: bf16)."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return weights + sum(p.numel() * (p.element_size() + 8) for p in trainable)
+    return weights + sum(p.numel() * (p.element_size() + 2 * moment_bytes) for p in trainable)
 
 
 class SavedBytes:
@@ -114,9 +115,9 @@ def activation_bytes_per_token(model, forward, vocab_size: int, probe_tokens: in
     return saved.bytes / batch.num_tokens
 
 
-def micro_batch_tokens(max_memory_gb: float, model, per_token: float) -> int:
+def micro_batch_tokens(max_memory_gb: float, model, per_token: float, moment_bytes: int = 4) -> int:
     """Tokens one forward/backward may carry under the budget."""
-    budget, fixed = max_memory_gb * 1e9, static_bytes(model)
+    budget, fixed = max_memory_gb * 1e9, static_bytes(model, moment_bytes)
     tokens = int((budget - fixed) / (HEADROOM * per_token))
     if tokens < 1:
         raise ConfigError("max_memory_gb", f"{max_memory_gb} GB: the weights, gradients and optimizer state alone "

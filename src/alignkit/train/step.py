@@ -17,6 +17,7 @@ from alignkit.errors import ConfigError
 from alignkit.models.attention import set_attention
 from alignkit.models.lora import apply_lora
 from alignkit.models.saved_tensors import training_forward
+from alignkit.train.bf16_moments import Bf16MomentsAdamW
 from alignkit.train.distributed import Dist, gradient_sync, sum_over_ranks, total_norm
 from alignkit.train.guards import nonfinite_reason, skip_or_abort
 
@@ -79,9 +80,15 @@ def make_optimizer(groups: list, cfg: OptimConfig, ctx: Dist) -> torch.optim.Ada
     """AdamW over parameter groups (a list of tensors is one group), with torch's fused kernel where it applies
     (CPU/CUDA tensors; FSDP2's sharded parameters keep the default): one pass over each parameter and no
     temporaries, where the default CPU path makes ~6 passes and allocates two parameter-sized temporaries, which
-    made the optimizer step ~5x slower on CPU. A group may carry its own lr (PPO's value head)."""
+    made the optimizer step ~5x slower on CPU. A group may carry its own lr (PPO's value head). adam_moments bf16:
+    train/bf16_moments.py."""
     if groups and isinstance(groups[0], torch.Tensor):
         groups = [{"params": groups}]
+    if cfg.adam_moments == "bf16":
+        if ctx.enabled and cfg.distributed == "fsdp":
+            raise ConfigError("adam_moments", "bf16 moments are kept per whole parameter; FSDP2's sharded parameters "
+                                              "are not offered them: use fp32, or distributed: ddp")
+        return Bf16MomentsAdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     params = [p for group in groups for p in group["params"]]
     fused = not (ctx.enabled and cfg.distributed == "fsdp") and all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
