@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from alignkit.config import OptimConfig
-from alignkit.errors import ConfigError
 from alignkit.train import bf16_moments, loop, memory
 from alignkit.train.bf16_moments import Bf16MomentsAdamW
 from alignkit.train.distributed import Dist
@@ -128,13 +127,11 @@ def test_a_state_dict_round_trip_keeps_the_moments_bf16_and_the_updates_exact():
     assert torch.equal(resumed, straight)
 
 
-def test_the_config_picks_it_and_refuses_it_under_fsdp():
+def test_the_config_picks_it():
+    """Two ranks, DDP and FSDP2: tests/test_distributed.py::test_an_option_under_two_processes_equals_one."""
     params = [torch.nn.Parameter(torch.zeros(4))]
     assert type(make_optimizer(params, OptimConfig(adam_moments="bf16"), Dist())) is Bf16MomentsAdamW
     assert type(make_optimizer(params, OptimConfig(), Dist())) is torch.optim.AdamW
-    two_ranks = Dist(rank=0, world_size=2)
-    with pytest.raises(ConfigError, match="adam_moments"):
-        make_optimizer(params, OptimConfig(adam_moments="bf16", distributed="fsdp"), two_ranks)
     with pytest.raises(ValueError, match="adam_moments"):
         OptimConfig(adam_moments="fp16")
     with pytest.raises(ValueError, match="amsgrad"):

@@ -242,6 +242,8 @@ def option_runs(root: Path) -> dict[str, dict]:
         "lora": dict(lora=LORA, learning_rate=2e-2),
         "ckpt_ddp": dict(gradient_checkpointing=True),
         "ckpt_fsdp": dict(gradient_checkpointing=True, distributed="fsdp"),
+        "moments_ddp": dict(adam_moments="bf16"),
+        "moments_fsdp": dict(adam_moments="bf16", distributed="fsdp", save_every=1),
         "eval": dict(eval_data=str(root / "heldout.jsonl"), eval_every=2),
     }
 
@@ -271,8 +273,12 @@ def options(setup):
         {"prompt": r["prompt"], "completion": r["rejected"], "label": 0})])
     write_jsonl_atomic(root / "heldout.jsonl", preference_records(6, seed=9))
     write_jsonl_atomic(root / "prompts.jsonl", [{"prompt": r["prompt"]} for r in pairs[:8]])
-    scenarios = {f"two_{name}": "train:" + write_config(root, f"two_{name}", **values)
-                 for name, values in option_runs(root).items()}
+    scenarios = {}
+    for name, values in option_runs(root).items():
+        config = write_config(root, f"two_{name}", **values)
+        if name == "moments_fsdp":  # crashed in step 3, resumed from step 2's sharded bf16 moments
+            scenarios[f"two_{name}_crash"] = f"train:{config}@3"
+        scenarios[f"two_{name}"] = f"train:{config}"
     scenarios["two_bco"] = "train:" + write_config(root, "two_bco", **bco_values(root))
     for name, (command, values, _) in REFUSED.items():
         config = online_config(root) if command == "online" else write_config(root, f"refused_{name}", **values)
@@ -281,15 +287,27 @@ def options(setup):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["lora", "ckpt_ddp", "ckpt_fsdp", "eval"])
+@pytest.mark.parametrize("name", ["lora", "ckpt_ddp", "ckpt_fsdp", "moments_ddp", "moments_fsdp", "eval"])
 def test_an_option_under_two_processes_equals_one(setup, options, monkeypatch, name):
     root = setup
     monkeypatch.setenv("ALIGNKIT_CACHE", str(root / "cache"))
     options.outcomes(f"two_{name}", 0)
     values = option_runs(root)[name]
-    reference = {k: v for k, v in values.items() if k not in ("distributed", "gradient_checkpointing")}
+    reference = {k: v for k, v in values.items() if k not in ("distributed", "gradient_checkpointing", "save_every")}
     one_process(write_config(root, f"one_{name}", **reference))
     assert_same_metrics(root, f"two_{name}", f"one_{name}", atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_with_bf16_moments_resumed_from_its_checkpoint(setup, options):
+    """Its end equals one process's: test_an_option_under_two_processes_equals_one[moments_fsdp]."""
+    options.outcomes("two_moments_fsdp_crash", "crashed")
+    stderr = "".join(o["stderr"] for o in options.outcomes("two_moments_fsdp", 0))
+    assert stderr.count("resumed from") == 2 and "step-00000002 (step 2)" in stderr
+    # the step after the resume saved bf16 moments again (a load casts them to the weights' fp32)
+    saved = torch.load(setup / "two_moments_fsdp" / "checkpoints" / "step-00000003" / "trainer.pt", weights_only=True)
+    moments = [s[k] for s in saved["optimizer"]["state"].values() for k in ("exp_avg", "exp_avg_sq")]
+    assert moments and all(m.dtype == torch.bfloat16 for m in moments)
 
 
 @pytest.mark.slow

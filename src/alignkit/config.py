@@ -89,7 +89,7 @@ class OptimConfig(Strict):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_moments: Literal["fp32", "bf16"] = Field(
         "fp32", description="dtype of AdamW's two moments: bf16 halves the optimizer state (DeepSeek-V3's low-precision "
-                            "optimizer states), the update still computed in fp32; not with distributed: fsdp")
+                            "optimizer states), the update still computed in fp32")
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0

@@ -2,11 +2,12 @@
 trains (arXiv 2412.19437, §3.3.3, "Low-Precision Optimizer States"). The update itself is torch's own fused
 AdamW in fp32: each parameter is taken in chunks, its moments widened to fp32 for the chunk, updated with the
 weights, and rounded back (to nearest). AdamW is elementwise, so chunking changes nothing, and only one chunk's
-fp32 moments exist at a time."""
+fp32 moments exist at a time. Under FSDP2 each rank updates its own shards (DTensor's local tensors) the same way."""
 
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam
 
 CHUNK = 1 << 20  # elements per chunk (8 MB of fp32 moments); a multiple of any vector width, so bit-exact
@@ -40,12 +41,13 @@ class Bf16MomentsAdamW(torch.optim.AdamW):
             state["step"] = torch.tensor(0.0)
             for key in MOMENTS:
                 state[key] = torch.zeros_like(param, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
-        if not (param.is_contiguous() and param.grad.is_contiguous()):
-            raise ValueError("Bf16MomentsAdamW needs contiguous parameters and gradients")
-        flat = param.view(-1), param.grad.view(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+        tensors = [_local(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
+        if not all(t.is_contiguous() for t in tensors):
+            raise ValueError("Bf16MomentsAdamW needs contiguous parameters, gradients and moments")
+        flat = [t.view(-1) for t in tensors]
         fused = param.device.type in ("cpu", "cuda")
         beta1, beta2 = group["betas"]
-        for start in range(0, param.numel(), CHUNK):
+        for start in range(0, flat[0].numel(), CHUNK):
             weights, grad, exp_avg, exp_avg_sq = (t[start:start + CHUNK] for t in flat)
             wide = exp_avg.float(), exp_avg_sq.float()
             # the kernel counts the step itself: each chunk starts from the steps done so far
@@ -63,3 +65,8 @@ class Bf16MomentsAdamW(torch.optim.AdamW):
             for key in MOMENTS:
                 if key in state:
                     state[key] = state[key].to(torch.bfloat16)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP2) tensor's own shard, which in-place updates reach; a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

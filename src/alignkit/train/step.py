@@ -85,9 +85,6 @@ def make_optimizer(groups: list, cfg: OptimConfig, ctx: Dist) -> torch.optim.Ada
     if groups and isinstance(groups[0], torch.Tensor):
         groups = [{"params": groups}]
     if cfg.adam_moments == "bf16":
-        if ctx.enabled and cfg.distributed == "fsdp":
-            raise ConfigError("adam_moments", "bf16 moments are kept per whole parameter; FSDP2's sharded parameters "
-                                              "are not offered them: use fp32, or distributed: ddp")
         return Bf16MomentsAdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     params = [p for group in groups for p in group["params"]]
     fused = not (ctx.enabled and cfg.distributed == "fsdp") and all(p.device.type in ("cpu", "cuda") for p in params)
