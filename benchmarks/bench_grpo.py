@@ -28,13 +28,18 @@ RESULTS = Path(__file__).parent / "results"
 # bf16 autocast training
 # trl_bf16: TRL's bf16=True (autocast), the like-for-like anchor of alignkit_bf16
 # alignkit_bf16_lean: alignkit_bf16 with selective_recompute (RMSNorm and SwiGLU keep only their inputs; no gradient
-# checkpointing: every matmul output is kept); _lean_m: and AdamW's moments in bf16 (adam_moments: bf16)
+# checkpointing: every matmul output is kept); _lean_m: and AdamW's moments in bf16 (adam_moments: bf16); _lean_m1024:
+# and 1024-token micro-batches
 CONTENDERS = ("trl", "alignkit", "alignkit_bf16_engine", "alignkit_bf16", "alignkit_bf16_lean",
-              "alignkit_bf16_lean_m", "trl_bf16")
-# alignkit contender -> (engine precision, training precision, selective_recompute, adam_moments)
-ALIGNKIT = {"alignkit": ("fp32", "fp32", False, "fp32"), "alignkit_bf16_engine": ("bf16", "fp32", False, "fp32"),
-            "alignkit_bf16": ("bf16", "bf16", False, "fp32"), "alignkit_bf16_lean": ("bf16", "bf16", True, "fp32"),
-            "alignkit_bf16_lean_m": ("bf16", "bf16", True, "bf16")}
+              "alignkit_bf16_lean_m", "alignkit_bf16_lean_m1024", "trl_bf16")
+# alignkit contender -> (engine precision, training precision, selective_recompute, adam_moments, micro-batch tokens
+# (None: --max-tokens-per-batch))
+ALIGNKIT = {"alignkit": ("fp32", "fp32", False, "fp32", None),
+            "alignkit_bf16_engine": ("bf16", "fp32", False, "fp32", None),
+            "alignkit_bf16": ("bf16", "bf16", False, "fp32", None),
+            "alignkit_bf16_lean": ("bf16", "bf16", True, "fp32", None),
+            "alignkit_bf16_lean_m": ("bf16", "bf16", True, "bf16", None),
+            "alignkit_bf16_lean_m1024": ("bf16", "bf16", True, "bf16", 1024)}
 
 
 def prompts(n: int) -> list:
@@ -100,7 +105,7 @@ def run_trl(args, bf16: bool = False) -> dict:
 
 
 def run_alignkit(args, engine_precision: str, precision: str = "fp32", selective: bool = False,
-                 moments: str = "fp32") -> dict:
+                 moments: str = "fp32", max_tokens: int | None = None) -> dict:
     import torch
 
     from alignkit.online import OnlineInputs, online_config, run_online
@@ -114,7 +119,8 @@ def run_alignkit(args, engine_precision: str, precision: str = "fp32", selective
         "prompts_per_round": args.prompts, "num_samples": args.k, "max_new_tokens": args.new_tokens,
         "temperature": 1.0, "kl_coef": 0.04, "learning_rate": 1e-6, "eval_samples": 1, "progress": False,
         "max_length": 2048, "engine_precision": engine_precision, "precision": precision,
-        "max_tokens_per_batch": args.max_tokens_per_batch, "selective_recompute": selective, "adam_moments": moments})
+        "max_tokens_per_batch": max_tokens or args.max_tokens_per_batch, "selective_recompute": selective,
+        "adam_moments": moments})
     reward = FunctionReward(lambda prompt, response: vader_scores([response])[0], name="vader")
     result = run_online(cfg, inputs=OnlineInputs(prompts(args.prompts * steps), prompts(1), reward))
     timed = result.rounds[1:]
@@ -127,7 +133,7 @@ def run_alignkit(args, engine_precision: str, precision: str = "fp32", selective
 
 
 def markdown(rows: dict, header: dict) -> str:
-    trl = rows["trl"]
+    trl = rows.get("trl")
     lines = [f"# Online GRPO: alignkit against TRL {header['trl']} GRPOTrainer ({header['model']})", "",
              f"{header['machine']}; torch {header['torch']}, {header['threads']} threads; {header['prompts']} prompts x "
              f"k = {header['k']} per step, <= {header['new_tokens']} new tokens, temperature 1, beta 0.04, lr 1e-6, "
@@ -142,9 +148,10 @@ def markdown(rows: dict, header: dict) -> str:
         cells = [f"{100 * split[p]:.0f}%" if p in split else "–" for p in ("generate", "score", "learner")]
         like = (f"{r['samples_per_s'] / trl_bf16['samples_per_s']:.2f}x, {r['peak_rss_gb'] / trl_bf16['peak_rss_gb']:.2f}x"
                 if trl_bf16 else "–")
-        lines.append(f"| {name} | {r['s_per_step']:.2f} | {r['samples_per_s']:.2f} | "
-                     f"{r['samples_per_s'] / trl['samples_per_s']:.2f}x | {r['peak_rss_gb']:.2f} GB | "
-                     f"{r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}x | {like} | {' | '.join(cells)} | "
+        speed, rss = ((f"{r['samples_per_s'] / trl['samples_per_s']:.2f}x", f"{r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}x")
+                      if trl else ("–", "–"))  # a run without the fp32 anchor
+        lines.append(f"| {name} | {r['s_per_step']:.2f} | {r['samples_per_s']:.2f} | {speed} | "
+                     f"{r['peak_rss_gb']:.2f} GB | {rss} | {like} | {' | '.join(cells)} | "
                      f"{sum(r['rewards']) / len(r['rewards']):+.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -180,6 +187,7 @@ def main() -> None:
                         help="alignkit's learner micro-batch (the step's gradient is the same at any size)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--reuse", action="store_true", help="keep the other contenders of results/grpo.json")
+    parser.add_argument("--out", default="grpo", help="results/<out>.md, .json and .png")
     parser.add_argument("--one", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -188,8 +196,8 @@ def main() -> None:
         print_result(result)
         return
     rows = {}
-    if args.reuse and (RESULTS / "grpo.json").exists():  # keep contenders measured by an earlier run of this script
-        rows = json.loads((RESULTS / "grpo.json").read_text())["contenders"]
+    if args.reuse and (RESULTS / f"{args.out}.json").exists():  # keep contenders an earlier run measured
+        rows = json.loads((RESULTS / f"{args.out}.json").read_text())["contenders"]
     for name in args.contenders.split(","):
         rows[name] = run_in_own_process(__file__, name, args, skip=("reuse",))
         print(name, rows[name], flush=True)
@@ -201,9 +209,9 @@ def main() -> None:
               "k": args.k, "new_tokens": args.new_tokens, "steps": args.steps,
               "command": "python benchmarks/bench_grpo.py " + " ".join(sys.argv[1:])}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "grpo.json").write_text(json.dumps({"setup": header, "contenders": rows}, indent=2))
-    (RESULTS / "grpo.md").write_text(markdown(rows, header))
-    plot(rows, RESULTS / "grpo.png")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"setup": header, "contenders": rows}, indent=2))
+    (RESULTS / f"{args.out}.md").write_text(markdown(rows, header))
+    plot(rows, RESULTS / f"{args.out}.png")
     print(markdown(rows, header))
 
 

@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--max-tokens-per-batch", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--release", action="store_true", help="release_memory: true")
+    parser.add_argument("--selective", action="store_true", help="selective_recompute: true")
+    parser.add_argument("--evaluate", action="store_true", help="the held-out evaluation before and after (bench_grpo's)")
+    parser.add_argument("--adam-moments", default="fp32", help="adam_moments: fp32 or bf16")
     parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the vocabulary projection")
     parser.add_argument("--keep-probs-mb", type=int, default=None,
                         help="models.logprobs.KEEP_PROBS_BYTES in MiB (0: the backward recomputes the head)")
@@ -58,8 +61,8 @@ def main() -> None:
         "rounds": args.rounds, "prompts_per_round": 4, "num_samples": 4, "max_new_tokens": 64, "temperature": 1.0,
         "kl_coef": 0.04, "learning_rate": 1e-6, "eval_samples": 1, "progress": False, "max_length": 2048,
         "engine_precision": args.engine_precision, "precision": args.precision,
-        "max_tokens_per_batch": args.max_tokens_per_batch, "evaluate": False, "release_memory": args.release or None,
-        "chunk_size": args.chunk_size})
+        "max_tokens_per_batch": args.max_tokens_per_batch, "evaluate": args.evaluate, "release_memory": args.release or None,
+        "chunk_size": args.chunk_size, "selective_recompute": args.selective, "adam_moments": args.adam_moments})
     reward = FunctionReward(lambda prompt, response: vader_scores([response])[0], name="vader")
     phases.mark("setup")
     result = run.run_online(cfg, inputs=run.OnlineInputs(prompts(4 * args.rounds), prompts(1), reward))
