@@ -44,7 +44,8 @@ RESULTS = Path(__file__).parent / "results"
 WORK = Path(__file__).parent / "work" / "distill"
 PROMPTS = Path(__file__).parents[1] / "src" / "alignkit" / "assets" / "align_prompts.jsonl"
 CONTENDERS = ("trl_distill", "trl_gkd", "alignkit_gkd", "alignkit_opd", "alignkit_opd_lean", "trl_distill_bf16",
-              "alignkit_opd_bf16", "alignkit_opd_bf16_m", "alignkit_opd_bf16_m1024")
+              "alignkit_opd_bf16", "alignkit_opd_bf16_m", "alignkit_opd_bf16_m1024", "alignkit_opd_bf16_m_keep",
+              "alignkit_opd_bf16_m_full")
 # the same step with less held at once: RMSNorm/SwiGLU recomputed, 512-token micro-batches, freed blocks returned
 LEAN = {"selective_recompute": True, "max_tokens_per_batch": 512, "release_memory": True}
 # alignkit contender -> (loss, config keys beyond the shared settings)
@@ -53,6 +54,10 @@ ALIGNKIT = {"alignkit_gkd": ("gkd", {}), "alignkit_opd": ("opd", {}), "alignkit_
 # _m: and AdamW's moments in bf16; _m1024: and 1024-token micro-batches (fewer passes, more held at once)
 ALIGNKIT["alignkit_opd_bf16_m"] = ("opd", {**ALIGNKIT["alignkit_opd_bf16"][1], "adam_moments": "bf16"})
 ALIGNKIT["alignkit_opd_bf16_m1024"] = ("opd", {**ALIGNKIT["alignkit_opd_bf16_m"][1], "max_tokens_per_batch": 1024})
+# _m_keep: _m with glibc's heap kept (release_memory false); _m_full: _m with every activation kept (no selective
+# recomputation): what the bf16 moments' savings could buy back in speed
+ALIGNKIT["alignkit_opd_bf16_m_keep"] = ("opd", {**ALIGNKIT["alignkit_opd_bf16_m"][1], "release_memory": False})
+ALIGNKIT["alignkit_opd_bf16_m_full"] = ("opd", {**ALIGNKIT["alignkit_opd_bf16_m"][1], "selective_recompute": False})
 BASELINE = "trl_distill"
 
 

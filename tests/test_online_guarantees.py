@@ -271,8 +271,9 @@ def crash_in_round(n: int, start_run) -> None:
         online_run.OnlineRun.learn = real
 
 
-def test_ppo_crash_and_resume_restores_value_head_moments_and_optimizer(task, tmp_path):
-    common = dict(rounds=4, save_every=1, epochs=2, keep_last=5)
+@pytest.mark.parametrize("adam_moments", ["fp32", "bf16"])  # bf16: the value head's own group too
+def test_ppo_crash_and_resume_restores_value_head_moments_and_optimizer(task, tmp_path, adam_moments):
+    common = dict(rounds=4, save_every=1, epochs=2, keep_last=5, adam_moments=adam_moments)
     straight = run(task, "ppo", tmp_path / "straight", **common)
     crash_in_round(3, lambda: run(task, "ppo", tmp_path / "crashed", **common))
     assert sorted(p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir()) == ["step-00000001",
@@ -285,6 +286,9 @@ def test_ppo_crash_and_resume_restores_value_head_moments_and_optimizer(task, tm
     final, expected = (load_file(tmp_path / n / "final" / "model.safetensors") for n in ("crashed", "straight"))
     assert all(torch.equal(final[k], expected[k]) for k in expected)
     assert resumed.summary["reward_start"] == straight.summary["reward_start"]  # the saved starting evaluation
+    saved = torch.load(tmp_path / "crashed" / "checkpoints" / "step-00000003" / "trainer.pt", weights_only=True)
+    dtypes = {state[key].dtype for state in saved["optimizer"]["state"].values() for key in ("exp_avg", "exp_avg_sq")}
+    assert dtypes == {torch.bfloat16 if adam_moments == "bf16" else torch.float32}
 
 
 def write_online_config(root: Path, task, name: str, **overrides) -> str:
