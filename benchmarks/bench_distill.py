@@ -45,7 +45,7 @@ WORK = Path(__file__).parent / "work" / "distill"
 PROMPTS = Path(__file__).parents[1] / "src" / "alignkit" / "assets" / "align_prompts.jsonl"
 CONTENDERS = ("trl_distill", "trl_gkd", "alignkit_gkd", "alignkit_opd", "alignkit_opd_lean", "trl_distill_bf16",
               "alignkit_opd_bf16", "alignkit_opd_bf16_m", "alignkit_opd_bf16_m1024", "alignkit_opd_bf16_m_keep",
-              "alignkit_opd_bf16_m_full")
+              "alignkit_opd_bf16_m_full", "alignkit_opd_bf16_m_fast")
 # the same step with less held at once: RMSNorm/SwiGLU recomputed, 512-token micro-batches, freed blocks returned
 LEAN = {"selective_recompute": True, "max_tokens_per_batch": 512, "release_memory": True}
 # alignkit contender -> (loss, config keys beyond the shared settings)
@@ -58,6 +58,8 @@ ALIGNKIT["alignkit_opd_bf16_m1024"] = ("opd", {**ALIGNKIT["alignkit_opd_bf16_m"]
 # recomputation): what the bf16 moments' savings could buy back in speed
 ALIGNKIT["alignkit_opd_bf16_m_keep"] = ("opd", {**ALIGNKIT["alignkit_opd_bf16_m"][1], "release_memory": False})
 ALIGNKIT["alignkit_opd_bf16_m_full"] = ("opd", {**ALIGNKIT["alignkit_opd_bf16_m"][1], "selective_recompute": False})
+# _m_fast: both (bf16, bf16 moments, 512-token micro-batches, nothing recomputed, the heap kept)
+ALIGNKIT["alignkit_opd_bf16_m_fast"] = ("opd", {**ALIGNKIT["alignkit_opd_bf16_m_full"][1], "release_memory": False})
 BASELINE = "trl_distill"
 
 
