@@ -51,6 +51,7 @@ def main() -> None:
 
     if args.keep_probs_mb is not None:
         logprobs.KEEP_PROBS_BYTES = args.keep_probs_mb * 2**20
+    run.OnlineRun.round = phases.wrap("round, other", run.OnlineRun.round)  # so "setup" is only what runs outside
     run.sampling.collect_rollout = phases.wrap("rollout", run.sampling.collect_rollout)
     run.OnlineRun.learn = phases.wrap("learn", run.OnlineRun.learn)
     fast.FastEngine.update_weights = phases.wrap("engine update", fast.FastEngine.update_weights)
