@@ -13,8 +13,10 @@ PY=${PY:-.venv/bin/python}
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.device_count(), 'GPUs')"
   $PY -c "import vllm; print('vllm', vllm.__version__)" 2>&1 | tail -1
 } > "$OUT/machine.txt" 2>&1
-# 1. The tests that need a GPU (they skip on CPU): FlexAttention gradients, the vLLM engine against the fake's flow.
-$PY -m pytest tests/test_attention.py tests/test_engines.py -k "cuda or flex or vllm" -p no:cacheprovider \
+# 1. The tests that need a GPU (they skip on CPU): FlexAttention gradients, the vLLM engine against the fake's flow,
+#    bf16-moment AdamW on the fused CUDA kernel.
+$PY -m pytest tests/test_attention.py tests/test_engines.py tests/test_bf16_moments.py -k "cuda or flex or vllm" \
+    -p no:cacheprovider \
     > "$OUT/gpu_tests.txt" 2>&1; echo "gpu tests: rc=$?" >> "$OUT/summary.txt"
 # 2. NCCL DDP, 2 ranks, where 2 GPUs exist: offline DPO and online GRPO on SmolLM2 under torchrun (the equality
 #    tests themselves run on CPU with gloo in CI).

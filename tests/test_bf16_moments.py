@@ -54,25 +54,31 @@ def numpy_adamw(p, grads, round_moments: bool):
     return p, m, v
 
 
-def run_torch(shape, grads, chunk, monkeypatch):
+def run_torch(shape, grads, chunk, monkeypatch, device="cpu"):
     monkeypatch.setattr(bf16_moments, "CHUNK", chunk)
-    param = torch.nn.Parameter(torch.from_numpy(np.linspace(-1, 1, int(np.prod(shape)), dtype=np.float32)).view(shape))
+    start = torch.from_numpy(np.linspace(-1, 1, int(np.prod(shape)), dtype=np.float32)).view(shape)
+    param = torch.nn.Parameter(start.to(device))
     opt = Bf16MomentsAdamW([param], lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     for g in grads:
-        param.grad = torch.from_numpy(g.astype(np.float32)).view(shape)
+        param.grad = torch.from_numpy(g.astype(np.float32)).view(shape).to(device)
         opt.step()
     state = opt.state[param]
-    return param.detach().numpy().ravel(), state["exp_avg"], state["exp_avg_sq"]
+    return param.detach().cpu().numpy().ravel(), state["exp_avg"].cpu(), state["exp_avg_sq"].cpu()
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                        reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])  # CUDA: torch's fused CUDA kernel under the same chunks
 @pytest.mark.parametrize("shape", [(1000,), (37, 13)])
-def test_equals_numpy_adamw_with_bf16_rounded_moments(shape, monkeypatch):
+def test_equals_numpy_adamw_with_bf16_rounded_moments(shape, device, monkeypatch):
     rng = np.random.default_rng(0)
     n = int(np.prod(shape))
     grads = [rng.normal(size=n).astype(np.float32) * 10.0 ** rng.integers(-3, 1) for _ in range(6)]
     start = np.linspace(-1, 1, n, dtype=np.float32)
     # a chunk of 64 elements: several chunks per parameter, so a step counted per chunk would show
-    params, exp_avg, exp_avg_sq = run_torch(shape, grads, 64, monkeypatch)
+    params, exp_avg, exp_avg_sq = run_torch(shape, grads, 64, monkeypatch, device)
     assert exp_avg.dtype == exp_avg_sq.dtype == torch.bfloat16
     ref_p, ref_m, ref_v = numpy_adamw(start, grads, round_moments=True)
     wide_p, _, _ = numpy_adamw(start, grads, round_moments=False)

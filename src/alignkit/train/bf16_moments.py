@@ -38,7 +38,7 @@ class Bf16MomentsAdamW(torch.optim.AdamW):
     def _update(self, param: torch.Tensor, group: dict) -> None:
         state = self.state[param]
         if not state:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)  # fused CUDA: on the device
             for key in MOMENTS:
                 state[key] = torch.zeros_like(param, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
         tensors = [_local(t) for t in (param, param.grad, state["exp_avg"], state["exp_avg_sq"])]
