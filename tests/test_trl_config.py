@@ -72,6 +72,17 @@ def test_keys_with_no_meaning_are_named_together_with_what_to_do():
     assert plain.report_to == ["jsonl"] and plain.max_tokens_per_batch == 4096
 
 
+def test_adam_beta2_alone_is_not_lost_and_optim_maps_or_is_refused():
+    base = {"model_name_or_path": "tiny", "train_data": "x.jsonl"}
+    assert build_config("dpo", {**base, "adam_beta2": 0.95}, {}).adam_betas == (0.9, 0.95)
+    assert build_config("dpo", {**base, "adam_beta1": 0.8, "adam_beta2": 0.95}, {}).adam_betas == (0.8, 0.95)
+    assert build_config("dpo", {**base, "adam_beta1": 0.8}, {}).adam_betas == (0.8, 0.999)
+    for adamw in ("adamw_torch", "adamw_torch_fused"):  # alignkit's own optimizer: nothing to set
+        assert build_config("dpo", {**base, "optim": adamw}, {}).adam_moments == "fp32"
+    with pytest.raises(ConfigError, match="optim.*adamw_8bit.*adam_moments: bf16"):
+        build_config("dpo", {**base, "optim": "adamw_8bit"}, {})
+
+
 def test_a_trl_dpo_yaml_trains_on_a_local_dataset_folder(task, tmp_path, one_thread):
     import datasets
 

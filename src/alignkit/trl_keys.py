@@ -162,6 +162,20 @@ def _betas(value, values, command, max_length):
     return [("adam_betas", (values.get("adam_beta1", 0.9), values.get("adam_beta2", 0.999)))]
 
 
+def _beta2(value, values, command, max_length):  # alone it sets adam_betas too; with adam_beta1, that rule does
+    return [] if "adam_beta1" in values else _betas(value, values, command, max_length)
+
+
+TRL_ADAMW = ("adamw_torch", "adamw_torch_fused")  # TRL's `optim` values that are alignkit's own optimizer
+
+
+def _optim(value, values, command, max_length):
+    if value in TRL_ADAMW:
+        return []  # alignkit steps with torch's AdamW (its fused kernel) always
+    raise ConfigError("optim", f"{value!r}: alignkit trains with torch's AdamW only ({', '.join(TRL_ADAMW)}); "
+                               "remove the key, and set adam_moments: bf16 for half the optimizer state")
+
+
 def _skip(value, values, command, max_length):  # read by another key's rule
     return []
 
@@ -184,7 +198,7 @@ TRL_KEYS = {
     "gradient_accumulation_steps": _same("grad_accum"), "num_train_epochs": _epochs, "max_steps": _max_steps,
     "learning_rate": _same("learning_rate"), "lr_scheduler_type": _schedule, "warmup_ratio": _same("warmup_ratio"),
     "warmup_steps": _same("warmup_steps"), "weight_decay": _same("weight_decay"),
-    "max_grad_norm": _same("max_grad_norm"), "adam_beta1": _betas, "adam_beta2": _skip, "beta": _beta,
+    "max_grad_norm": _same("max_grad_norm"), "adam_beta1": _betas, "adam_beta2": _beta2, "beta": _beta,
     "loss_type": _loss_type, "max_length": _same("max_length"), "max_prompt_length": _same("max_prompt_length"),
     "bf16": _bf16, "gradient_checkpointing": _same("gradient_checkpointing"), "logging_steps": _same("log_every"),
     "save_steps": _same("save_every"), "save_total_limit": _same("keep_last"), "output_dir": _same("output_dir"),
@@ -195,4 +209,5 @@ TRL_KEYS = {
     "epsilon": _same("loss_options.epsilon"), "epsilon_high": _same("loss_options.epsilon_high"),
     "num_iterations": _same("num_iterations"), "scale_rewards": _same("loss_options.scale_rewards"),
     "mask_truncated_completions": _same("mask_truncated"), "label_smoothing": _same("loss_options.label_smoothing"),
+    "optim": _optim,
 }
