@@ -33,12 +33,18 @@ timeout 240 $PY benchmarks/bench_grpo.py --steps 4 > "$OUT/grpo.txt" 2>&1
 echo "grpo bench: rc=$?" >> "$OUT/summary.txt"
 # 3b. Partial rollouts on vLLM: each round in 2 segments, the second continued from the first's tokens after a weight
 #     push (online/partial.py); the log shows token_staleness below staleness from round 3.
+# vllm_grpo NAME SECONDS LABEL ARGS...: online GRPO on SmolLM2 with the vLLM engine (8 prompts x 4 per round, 64 new
+# tokens), its log in $OUT/NAME.txt and its exit code in the summary under LABEL
+vllm_grpo() {
+  local name=$1 seconds=$2 label=$3
+  shift 3
+  timeout "$seconds" $PY -m alignkit.cli online --method grpo --model smollm2-135m-instruct \
+      --prompts src/alignkit/assets/align_prompts.jsonl --prompts_per_round 8 --num_samples 4 --max_new_tokens 64 \
+      --engine vllm "$@" --output_dir "$OUT/$name" --progress false > "$OUT/$name.txt" 2>&1
+  echo "$label: rc=$?" >> "$OUT/summary.txt"
+}
 if $PY -c "import vllm" 2>/dev/null; then
-  timeout 300 $PY -m alignkit.cli online --method grpo --model smollm2-135m-instruct \
-      --prompts src/alignkit/assets/align_prompts.jsonl --rounds 4 --prompts_per_round 8 --num_samples 4 \
-      --max_new_tokens 64 --engine vllm --async.max_staleness 2 --async.partial true \
-      --output_dir "$OUT/vllm_partial" --progress false > "$OUT/vllm_partial.txt" 2>&1
-  echo "vllm partial rollouts: rc=$?" >> "$OUT/summary.txt"
+  vllm_grpo vllm_partial 300 "vllm partial rollouts" --rounds 4 --async.max_staleness 2 --async.partial true
 fi
 # 4. Ray: the rollout-worker tests (CPU, a local Ray of 2 CPUs), then the placement check on the GPU: GRPO on SmolLM2
 #    with one Ray rollout worker holding a vLLM engine in a {"CPU": 1, "GPU": 1} bundle, weights pushed through the
@@ -50,11 +56,8 @@ else
   echo "ray tests: skipped (no ray: pip install 'alignkit[ray]')" >> "$OUT/summary.txt"
 fi
 if $PY -c "import ray, vllm" 2>/dev/null; then
-  timeout 480 $PY -m alignkit.cli online --method grpo --model smollm2-135m-instruct \
-      --prompts src/alignkit/assets/align_prompts.jsonl --rounds 2 --prompts_per_round 8 --num_samples 4 \
-      --max_new_tokens 64 --engine vllm --ray.rollout_workers 1 --ray.placement STRICT_PACK \
-      --output_dir "$OUT/ray_vllm" --progress false > "$OUT/ray_vllm.txt" 2>&1
-  echo "ray placement + vllm worker online: rc=$?" >> "$OUT/summary.txt"
+  vllm_grpo ray_vllm 480 "ray placement + vllm worker online" --rounds 2 --ray.rollout_workers 1 \
+      --ray.placement STRICT_PACK
 else
   echo "ray placement + vllm worker online: skipped (ray or vllm missing)" >> "$OUT/summary.txt"
 fi

@@ -170,6 +170,12 @@ def close_quietly(env) -> None:
             pass
 
 
+def close_all(envs) -> None:
+    """close_quietly each (None, an environment a checkpoint dropped, is skipped: it has no close)."""
+    for env in envs:
+        close_quietly(env)
+
+
 def _short(value, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -25,7 +25,7 @@ from alignkit.envs.base import (
     check_reward,
     checked_reset,
     checked_step,
-    close_quietly,
+    close_all,
     describe,
     resolve,
 )
@@ -119,8 +119,7 @@ def run_trajectories(engine, tokenizer, environments: list, rows: list[dict], sa
         advance_trajectories(engine, tokenizer, runs, sampling, limits, range(limits.max_turns))
         return finish_trajectories(runs, limits)
     finally:
-        for env in environments:
-            close_quietly(env)
+        close_all(environments)
 
 
 def start_trajectories(tokenizer, environments: list, rows: list[dict], limits: Limits) -> list[_Run]:

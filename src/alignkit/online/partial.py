@@ -18,7 +18,7 @@ import torch
 
 from alignkit.config import SamplingOptions
 from alignkit.envs import Limits
-from alignkit.envs.base import close_quietly
+from alignkit.envs.base import close_all
 from alignkit.envs.trajectory import (
     advance_trajectories,
     finish_trajectories,
@@ -150,7 +150,7 @@ def begin_conversations(tokenizer, records: list[dict], shape: RolloutShape, set
     try:
         return PartialConversations(list(records), start_trajectories(tokenizer, envs, rows, limits), limits)
     except BaseException:
-        close_environments(envs)
+        close_all(envs)
         raise
 
 
@@ -166,7 +166,7 @@ def sample_turns(engine, tokenizer, state: PartialConversations, sampling: Sampl
         turns = segment_span(state.limits.max_turns, segments, state.segments_done)
         advance_trajectories(engine, tokenizer, state.runs, sampling, state.limits, turns)
     except BaseException:
-        close_environments([run.env for run in state.runs])
+        close_all([run.env for run in state.runs])
         raise
     state.segments_done += 1
     state.seconds += time.perf_counter() - tic
@@ -177,14 +177,8 @@ def finish_conversations(state: PartialConversations, shape: RolloutShape, setup
     try:
         trajectories = finish_trajectories(state.runs, state.limits)
     finally:
-        close_environments([run.env for run in state.runs])
+        close_all([run.env for run in state.runs])
     return trajectories_rollout(state.records, trajectories, shape, setup, state.seconds)
-
-
-def close_environments(envs: list) -> None:
-    for env in envs:
-        if env is not None:
-            close_quietly(env)
 
 
 def collect_segment(online, round_index: int, segment: int, state):
