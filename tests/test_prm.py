@@ -209,7 +209,9 @@ def test_prm_spec_command_and_reload(tmp_path, tokenizer):
     out = tmp_path / "run"
     assert main(["prm", "--model", str(model_dir), "--train_data", str(data), "--output_dir", str(out),
                  "--step_separator", ";", "--learning_rate", "0.001"]) == 0
-    assert (out / "final" / "prm.json").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (out / "final" / "prm.json").exists() and len((out / "epochs.jsonl").read_text().splitlines()) == 1
+    rows = len(load_stepwise(str(data), tokenizer, StepSettings(SEP)))
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == -(-rows // 8)  # a line per optimizer step
     reward = load_reward(f"prm:{out / 'final'}", aggregate="min")
     assert isinstance(reward, ProcessRewardScorer) and reward.settings.step_separator == ";"
     text = candidate(make_problem(random.Random(1), 2)).text(SEP)
@@ -220,6 +222,57 @@ def test_prm_spec_command_and_reload(tmp_path, tokenizer):
     with pytest.raises(ConfigError, match="aggregate"):
         load_reward(f"prm:{out / 'final'}", aggregate="mean")
     assert main(["prm", "--model", str(model_dir), "--train_data", str(data), "--epochs", "0"]) == 2
+
+
+def test_prm_training_stopped_and_resumed_equals_the_straight_run(tmp_path, tokenizer, monkeypatch):
+    """alignkit prm on the shared run lifecycle: stopped after a checkpoint in mid-epoch and run again, it ends with
+    the straight run's weights, step losses and epoch records (the batches are a function of the epoch, the
+    optimizer, schedule and RNG come back from the checkpoint)."""
+    import alignkit.train.step as step_module
+
+    records = stepwise_records(0, 24, (1, 2), 2, 10, 1)
+
+    def run(out, **extra):
+        cfg = PRMConfig(model="tiny", train_data=records, step_separator=SEP, epochs=2, batch_size=8,
+                        learning_rate=1e-3, lr_schedule="cosine", output_dir=str(out), report_to=["jsonl"],
+                        progress=False, **extra)
+        return train_prm(cfg, build_tiny_prm("llama", len(tokenizer), seed=0), tokenizer)
+
+    straight = run(tmp_path / "straight")
+    original, calls = step_module.Stepper.step, []
+
+    def stop_at_fifth(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(step_module.Stepper, "step", stop_at_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "stopped", save_every=2)
+    monkeypatch.setattr(step_module.Stepper, "step", original)
+    saved = sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").glob("step-*"))
+    assert saved == ["step-00000002", "step-00000004"]
+    resumed = run(tmp_path / "stopped", save_every=2)
+    steps = -(-len(load_stepwise(records, tokenizer, StepSettings(SEP))) // 8)
+    assert steps > 4  # the stop falls inside the second epoch
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses(tmp_path / "stopped")) == 2 * steps
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
+    assert resumed.history == straight.history and len(resumed.history) == 2
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_prm_refuses_embedding_noise(tmp_path, tokenizer):
+    cfg = PRMConfig(model="tiny", train_data=stepwise_records(0, 4), step_separator=SEP, neftune_alpha=5.0,
+                    output_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="neftune_alpha"):
+        train_prm(cfg, build_tiny_prm("llama", len(tokenizer), seed=0), tokenizer)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
