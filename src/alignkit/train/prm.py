@@ -61,7 +61,8 @@ class PRMResult:
 def batch_loss(model, examples: list[StepExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean loss over the batch's labelled steps, p(good) of each step, its label)."""
     logits, labels, _ = labelled_logits(model, [e.input_ids for e in examples], [e.labels for e in examples], pad_id)
-    return prm_loss(logits.float(), labels).mean(), step_scores(logits.float()).detach(), labels
+    logits = logits.float()  # bf16 under autocast: the loss in fp32
+    return prm_loss(logits, labels).mean(), step_scores(logits).detach(), labels
 
 
 @torch.no_grad()
@@ -121,13 +122,12 @@ def _train_prm(cfg: PRMConfig, model, tokenizer, ctx) -> PRMResult:
     history = _read_epochs(run.out_dir) if run.start else []
     epoch_loss = run.saved.get("epoch_loss", 0.0)  # the resumed epoch's losses so far
     run.train_model.train()
-    batches: dict[int, list[list[int]]] = {}
     try:
         for step in range(run.start, total):
             epoch, index = divmod(step, per_epoch)
-            if epoch not in batches:
-                batches = {epoch: epoch_rows(len(train_set), cfg.batch_size, cfg.seed, epoch)}
-            rows = batches[epoch][index]
+            if index == 0 or step == run.start:
+                batches = epoch_rows(len(train_set), cfg.batch_size, cfg.seed, epoch)
+            rows = batches[index]
 
             def forward(indices, rows=rows):
                 loss, _, _ = batch_loss(run.train_model, [train_set[rows[i]] for i in indices], pad_id)
